@@ -1,0 +1,440 @@
+//! Wire messages and framing. This is the part that decodes peer input, so
+//! it is the part fuzzing targets: no input may make it panic or allocate
+//! past the frame limit.
+//!
+//! Messages are Protocol Buffers encoded by `prost` (derived here by hand, so
+//! no code generator runs at build time); the schema is documented in
+//! `PROTOCOL.md`. A frame is a 4-byte little-endian length followed by that
+//! many bytes of one encoded message. Chunk payloads travel as
+//! [`bytes::Bytes`]: decoding slices the frame buffer instead of copying, and
+//! [`encode_chunk_frame`] puts a payload on the wire without copying it.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message;
+
+/// Protocol version spoken by this build. A peer with another version is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// ALPN token of the protocol inside TLS.
+pub const ALPN: &[u8] = b"nightpass/1";
+
+/// Largest control frame (hello, manifest parts, acks, verify hashes).
+pub const MAX_CONTROL_FRAME: usize = 4 << 20;
+
+/// Largest data frame: the largest chunk plus room for the header fields.
+pub const MAX_DATA_FRAME: usize = (64 << 20) + 4096;
+
+/// Hashes per manifest or verify part (512 KiB of hashes).
+pub const HASHES_PER_PART: usize = 16384;
+
+/// What a session is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Mode {
+    /// Not set: refused.
+    Unspecified = 0,
+    /// A replication pass.
+    Sync = 1,
+    /// A verify: the receiver reads its target fresh and streams hashes.
+    Verify = 2,
+}
+
+/// Why a receiver refused a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum RefuseCode {
+    /// Unknown reason (a newer peer).
+    Unspecified = 0,
+    /// Incompatible protocol version.
+    Version = 1,
+    /// The volume name is not exported.
+    UnknownVolume = 2,
+    /// Another sender holds the volume, or the device is mounted or open elsewhere.
+    InUse = 3,
+    /// The target is smaller than the source.
+    TooSmall = 4,
+    /// The requested chunk size differs from the volume's.
+    ChunkSize = 5,
+    /// The request is malformed.
+    BadRequest = 6,
+    /// The receiver failed to open or read its target.
+    Io = 7,
+}
+
+/// How a chunk's payload is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Encoding {
+    /// The payload is the chunk's bytes.
+    Raw = 0,
+    /// The payload is a zstd frame of the chunk's bytes.
+    Zstd = 1,
+    /// The chunk is all zeros; no payload.
+    Zero = 2,
+}
+
+/// A manifest summary as carried on the wire.
+#[derive(Clone, PartialEq, Message)]
+pub struct WireSummary {
+    /// Target volume instance id (16 bytes) or empty when none is known.
+    #[prost(bytes = "vec", tag = "1")]
+    pub volume_id: Vec<u8>,
+    /// Commit counter.
+    #[prost(uint64, tag = "2")]
+    pub generation: u64,
+    /// Root hash (32 bytes) or empty.
+    #[prost(bytes = "vec", tag = "3")]
+    pub root: Vec<u8>,
+}
+
+/// Sender → receiver, first message on the control stream.
+#[derive(Clone, PartialEq, Message)]
+pub struct Hello {
+    /// The sender's [`PROTOCOL_VERSION`].
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// Exported volume name.
+    #[prost(string, tag = "2")]
+    pub volume: String,
+    /// Sync or verify.
+    #[prost(enumeration = "Mode", tag = "3")]
+    pub mode: i32,
+    /// Size of the source in bytes.
+    #[prost(uint64, tag = "4")]
+    pub source_size: u64,
+    /// Chunk size the sender proposes.
+    #[prost(uint32, tag = "5")]
+    pub chunk_size: u32,
+    /// True when the operator chose the chunk size (a mismatch is then refused);
+    /// false when the receiver's existing chunk size should be kept.
+    #[prost(bool, tag = "6")]
+    pub chunk_size_explicit: bool,
+    /// What the sender believes the target holds.
+    #[prost(message, optional, tag = "7")]
+    pub known: Option<WireSummary>,
+}
+
+/// Receiver → sender: the session is accepted.
+#[derive(Clone, PartialEq, Message)]
+pub struct Welcome {
+    /// The receiver's [`PROTOCOL_VERSION`].
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// Size of the target in bytes.
+    #[prost(uint64, tag = "2")]
+    pub target_size: u64,
+    /// Chunk size in force for this session.
+    #[prost(uint32, tag = "3")]
+    pub chunk_size: u32,
+    /// The receiver's manifest summary.
+    #[prost(message, optional, tag = "4")]
+    pub summary: Option<WireSummary>,
+}
+
+/// Receiver → sender: the session is refused; the connection closes after it.
+#[derive(Clone, PartialEq, Message)]
+pub struct Refusal {
+    /// Machine-readable reason.
+    #[prost(enumeration = "RefuseCode", tag = "1")]
+    pub code: i32,
+    /// Operator-readable explanation.
+    #[prost(string, tag = "2")]
+    pub message: String,
+}
+
+/// Sender → receiver: send me your manifest table.
+#[derive(Clone, PartialEq, Message)]
+pub struct ManifestRequest {}
+
+/// A run of consecutive chunk hashes (manifest entries or fresh verify hashes).
+#[derive(Clone, PartialEq, Message)]
+pub struct HashRun {
+    /// Index of the first chunk.
+    #[prost(uint64, tag = "1")]
+    pub first: u64,
+    /// Concatenated 32-byte hashes.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub hashes: Bytes,
+    /// True on the last run of the series.
+    #[prost(bool, tag = "3")]
+    pub last: bool,
+}
+
+/// Receiver → sender: these chunks are durable and recorded.
+#[derive(Clone, PartialEq, Message)]
+pub struct Ack {
+    /// Chunk indices, in any order.
+    #[prost(uint64, repeated, tag = "1")]
+    pub indices: Vec<u64>,
+    /// The receiver's manifest generation after recording them.
+    #[prost(uint64, tag = "2")]
+    pub generation: u64,
+}
+
+/// Sender → receiver: every data stream is finished.
+#[derive(Clone, PartialEq, Message)]
+pub struct Finish {
+    /// Number of chunk frames sent in this session.
+    #[prost(uint64, tag = "1")]
+    pub chunks_sent: u64,
+}
+
+/// Receiver → sender: everything is durable; the final summary.
+#[derive(Clone, PartialEq, Message)]
+pub struct Done {
+    /// The receiver's manifest summary after the last commit.
+    #[prost(message, optional, tag = "1")]
+    pub summary: Option<WireSummary>,
+}
+
+/// Sender → receiver after a verify: these chunks differ; forget them.
+#[derive(Clone, PartialEq, Message)]
+pub struct Forget {
+    /// Chunk indices to mark unknown.
+    #[prost(uint64, repeated, tag = "1")]
+    pub indices: Vec<u64>,
+}
+
+/// Receiver → sender: the session ends with an error.
+#[derive(Clone, PartialEq, Message)]
+pub struct Failure {
+    /// Operator-readable explanation.
+    #[prost(string, tag = "1")]
+    pub message: String,
+}
+
+/// Every message of the control stream.
+#[derive(Clone, PartialEq, Message)]
+pub struct Control {
+    /// The message.
+    #[prost(oneof = "control::Msg", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    pub msg: Option<control::Msg>,
+}
+
+/// The variants of [`Control`].
+pub mod control {
+    /// One control message.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Msg {
+        /// See [`super::Hello`].
+        #[prost(message, tag = "1")]
+        Hello(super::Hello),
+        /// See [`super::Welcome`].
+        #[prost(message, tag = "2")]
+        Welcome(super::Welcome),
+        /// See [`super::Refusal`].
+        #[prost(message, tag = "3")]
+        Refusal(super::Refusal),
+        /// See [`super::ManifestRequest`].
+        #[prost(message, tag = "4")]
+        ManifestRequest(super::ManifestRequest),
+        /// Manifest entries, receiver → sender.
+        #[prost(message, tag = "5")]
+        ManifestPart(super::HashRun),
+        /// See [`super::Ack`].
+        #[prost(message, tag = "6")]
+        Ack(super::Ack),
+        /// See [`super::Finish`].
+        #[prost(message, tag = "7")]
+        Finish(super::Finish),
+        /// See [`super::Done`].
+        #[prost(message, tag = "8")]
+        Done(super::Done),
+        /// Fresh hashes of the target, receiver → sender, in verify mode.
+        #[prost(message, tag = "9")]
+        VerifyPart(super::HashRun),
+        /// See [`super::Forget`].
+        #[prost(message, tag = "10")]
+        Forget(super::Forget),
+    }
+}
+
+impl Control {
+    /// Wraps a message.
+    pub fn new(msg: control::Msg) -> Self {
+        Control { msg: Some(msg) }
+    }
+}
+
+/// One chunk on a data stream.
+#[derive(Clone, PartialEq, Message)]
+pub struct Chunk {
+    /// Chunk index.
+    #[prost(uint64, tag = "1")]
+    pub index: u64,
+    /// BLAKE3 of the chunk's uncompressed bytes (32 bytes).
+    #[prost(bytes = "vec", tag = "2")]
+    pub hash: Vec<u8>,
+    /// Payload encoding.
+    #[prost(enumeration = "Encoding", tag = "3")]
+    pub encoding: i32,
+    /// Uncompressed length of the chunk.
+    #[prost(uint32, tag = "4")]
+    pub len: u32,
+    /// Payload; always encoded last (see [`encode_chunk_frame`]).
+    #[prost(bytes = "bytes", tag = "15")]
+    pub payload: Bytes,
+}
+
+/// Errors decoding frames from a peer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    /// A frame announces more bytes than allowed.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge {
+        /// announced length
+        len: usize,
+        /// limit in force
+        max: usize,
+    },
+    /// The bytes are not a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A control frame without a message.
+    #[error("empty control message")]
+    Empty,
+}
+
+impl From<prost::DecodeError> for WireError {
+    fn from(e: prost::DecodeError) -> Self {
+        WireError::Malformed(e.to_string())
+    }
+}
+
+/// Encodes a message as one frame: length prefix, then the message.
+pub fn encode_frame<M: Message>(msg: &M) -> Bytes {
+    let len = msg.encoded_len();
+    let mut b = BytesMut::with_capacity(4 + len);
+    b.put_u32_le(len as u32);
+    msg.encode(&mut b).expect("BytesMut grows as needed");
+    b.freeze()
+}
+
+/// Encodes a chunk frame as two buffers, the header and the payload, so the
+/// payload goes on the wire without being copied. `chunk.payload` is ignored;
+/// `payload` is appended as field 15, exactly as prost would encode it.
+pub fn encode_chunk_frame(chunk: &Chunk, payload: Bytes) -> [Bytes; 2] {
+    let head = Chunk {
+        payload: Bytes::new(),
+        ..chunk.clone()
+    };
+    let head_len = head.encoded_len();
+    let key = (15u64 << 3) | 2;
+    let tail_len = prost::encoding::encoded_len_varint(key)
+        + prost::encoding::encoded_len_varint(payload.len() as u64);
+    let total = head_len + tail_len + payload.len();
+    let mut b = BytesMut::with_capacity(4 + head_len + tail_len);
+    b.put_u32_le(total as u32);
+    head.encode(&mut b).expect("BytesMut grows as needed");
+    prost::encoding::encode_varint(key, &mut b);
+    prost::encoding::encode_varint(payload.len() as u64, &mut b);
+    [b.freeze(), payload]
+}
+
+/// Reads a frame's length prefix and checks it against `max`.
+pub fn frame_len(prefix: [u8; 4], max: usize) -> Result<usize, WireError> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > max {
+        return Err(WireError::FrameTooLarge { len, max });
+    }
+    Ok(len)
+}
+
+/// Decodes a control message from a frame body.
+pub fn decode_control(body: Bytes) -> Result<control::Msg, WireError> {
+    Control::decode(body)?.msg.ok_or(WireError::Empty)
+}
+
+/// Decodes a chunk from a frame body (zero-copy: the payload slices `body`).
+pub fn decode_chunk(body: Bytes) -> Result<Chunk, WireError> {
+    Ok(Chunk::decode(body)?)
+}
+
+/// Splits a buffer of length-prefixed frames, for tests and fuzzing: returns
+/// the frame bodies that are complete and the error of the first bad prefix.
+pub fn split_frames(mut buf: Bytes, max: usize) -> (Vec<Bytes>, Option<WireError>) {
+    let mut out = Vec::new();
+    while buf.len() >= 4 {
+        let prefix = [buf[0], buf[1], buf[2], buf[3]];
+        let len = match frame_len(prefix, max) {
+            Ok(l) => l,
+            Err(e) => return (out, Some(e)),
+        };
+        if buf.len() < 4 + len {
+            break;
+        }
+        buf.advance(4);
+        out.push(buf.split_to(len));
+    }
+    (out, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn control_round_trip() {
+        let hello = Control::new(control::Msg::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            volume: "filer01".into(),
+            mode: Mode::Sync as i32,
+            source_size: 1 << 30,
+            chunk_size: 65536,
+            chunk_size_explicit: true,
+            known: Some(WireSummary {
+                volume_id: vec![1; 16],
+                generation: 4,
+                root: vec![2; 32],
+            }),
+        }));
+        let frame = encode_frame(&hello);
+        let (frames, err) = split_frames(frame, MAX_CONTROL_FRAME);
+        assert!(err.is_none());
+        assert_eq!(frames.len(), 1);
+        assert_eq!(decode_control(frames[0].clone()).unwrap(), hello.msg.unwrap());
+    }
+
+    #[test]
+    fn chunk_frame_matches_prost_encoding() {
+        let payload = Bytes::from(vec![7u8; 100_000]);
+        let c = Chunk {
+            index: 42,
+            hash: vec![5; 32],
+            encoding: Encoding::Zstd as i32,
+            len: 65536,
+            payload: payload.clone(),
+        };
+        let [head, body] = encode_chunk_frame(&c, payload);
+        let mut joined = head.to_vec();
+        joined.extend_from_slice(&body);
+        assert_eq!(joined, encode_frame(&c).to_vec());
+        let (frames, _) = split_frames(Bytes::from(joined), MAX_DATA_FRAME);
+        assert_eq!(decode_chunk(frames[0].clone()).unwrap(), c);
+    }
+
+    #[test]
+    fn oversized_frame_refused() {
+        let mut b = BytesMut::new();
+        b.put_u32_le(MAX_CONTROL_FRAME as u32 + 1);
+        let (_, err) = split_frames(b.freeze(), MAX_CONTROL_FRAME);
+        assert!(matches!(err, Some(WireError::FrameTooLarge { .. })));
+    }
+
+    #[test]
+    fn empty_control_refused() {
+        assert_eq!(decode_control(Bytes::new()), Err(WireError::Empty));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let b = Bytes::from(bytes);
+            let (frames, _) = split_frames(b.clone(), MAX_CONTROL_FRAME);
+            for f in frames { let _ = decode_control(f.clone()); let _ = decode_chunk(f); }
+            let _ = decode_control(b.clone());
+            let _ = decode_chunk(b);
+        }
+    }
+}
