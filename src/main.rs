@@ -1,1 +1,43 @@
-fn main(){}
+//! The `nightpass` binary: parse, run, map errors to exit statuses.
+//! Everything else lives in the library.
+
+use clap::Parser;
+use nightpass::cli::Cli;
+use nightpass::commands;
+use nightpass::error::Error;
+
+fn main() {
+    // A closed stdout (e.g. `| head`) must end us quietly, not with a panic.
+    // SAFETY: restoring the default disposition of SIGPIPE has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    let json = cli.json;
+    // `serve` shuts down gracefully on its own signals; everything else stops at once.
+    let own_signals = matches!(cli.command, nightpass::cli::Command::Serve(_));
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            commands::report_error(json, &Error::Io(format!("cannot start the runtime: {e}")));
+            std::process::exit(3);
+        }
+    };
+    let code = rt.block_on(async {
+        tokio::select! {
+            r = commands::run(cli) => match r {
+                Ok(code) => code,
+                Err(e) => {
+                    commands::report_error(json, &e);
+                    e.exit_code()
+                }
+            },
+            _ = tokio::signal::ctrl_c(), if !own_signals => {
+                commands::report_error(json, &Error::Interrupted);
+                130
+            }
+        }
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    std::process::exit(code);
+}

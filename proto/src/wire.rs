@@ -129,6 +129,9 @@ pub struct Welcome {
     /// The receiver's manifest summary.
     #[prost(message, optional, tag = "4")]
     pub summary: Option<WireSummary>,
+    /// True when the target is a block device (which may be larger than the source).
+    #[prost(bool, tag = "5")]
+    pub target_is_block: bool,
 }
 
 /// Receiver → sender: the session is refused; the connection closes after it.
@@ -187,12 +190,13 @@ pub struct Done {
     pub summary: Option<WireSummary>,
 }
 
-/// Sender → receiver after a verify: these chunks differ; forget them.
+/// Sender → receiver after a verify: these byte ranges differ; forget every
+/// manifest entry that overlaps them.
 #[derive(Clone, PartialEq, Message)]
 pub struct Forget {
-    /// Chunk indices to mark unknown.
+    /// Flattened `(offset, length)` pairs in bytes.
     #[prost(uint64, repeated, tag = "1")]
-    pub indices: Vec<u64>,
+    pub ranges: Vec<u64>,
 }
 
 /// Receiver → sender: the session ends with an error.
@@ -207,7 +211,7 @@ pub struct Failure {
 #[derive(Clone, PartialEq, Message)]
 pub struct Control {
     /// The message.
-    #[prost(oneof = "control::Msg", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    #[prost(oneof = "control::Msg", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
     pub msg: Option<control::Msg>,
 }
 
@@ -246,6 +250,9 @@ pub mod control {
         /// See [`super::Forget`].
         #[prost(message, tag = "10")]
         Forget(super::Forget),
+        /// See [`super::Failure`].
+        #[prost(message, tag = "11")]
+        Failure(super::Failure),
     }
 }
 

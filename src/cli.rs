@@ -1,0 +1,352 @@
+//! Command-line flags (clap) and their validation into typed settings.
+//!
+//! Parsing happens in two steps, as in ripgrep: clap turns words into raw
+//! flags, then the `parse_*` functions and `*Args::settings` turn those into
+//! typed values (`ChunkSize`, byte counts, durations, pinned fingerprints), so
+//! that nothing below this module handles an unchecked string.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use nightpass_proto::chunk::ChunkSize;
+
+use crate::error::{Error, Result};
+use crate::hash::ScanOptions;
+use crate::state::default_state_dir;
+use crate::transport::{default_identity_dir, parse_fingerprint, RemoteVolume, Tuning};
+
+/// nightpass: move live storage servers between datacentres at block level.
+#[derive(Debug, Parser)]
+#[command(name = "nightpass", version, about, long_about = None)]
+pub struct Cli {
+    /// One JSON object per line on stdout, and nothing else there.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress bars and no summaries (errors still go to stderr).
+    #[arg(long, global = true)]
+    pub quiet: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create this machine's identity and print its fingerprint.
+    Keygen {
+        /// Identity directory [default: $NIGHTPASS_HOME/identity or ~/.config/nightpass/identity].
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// Replace an existing identity.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print this machine's fingerprint.
+    Fingerprint {
+        /// Identity directory.
+        #[arg(long)]
+        identity: Option<PathBuf>,
+    },
+    /// Receive volumes: export NAME=PATH pairs to the allowed senders.
+    Serve(ServeArgs),
+    /// One delta pass: send the chunks that differ from what the target holds.
+    Sync(SyncArgs),
+    /// Compare source and target by fresh checksums; list differing ranges.
+    Verify(SyncArgs),
+    /// Pass history and forecast from the state directory.
+    Status {
+        /// Only volumes copied from this source.
+        source: Option<PathBuf>,
+        /// Sender state directory.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// A self-contained run of the whole job on generated data.
+    Demo {
+        /// Size of the generated volume.
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        size: u64,
+    },
+}
+
+/// `serve` flags.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address and port to listen on (UDP).
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// An exported volume, NAME=PATH (repeatable).
+    #[arg(long = "volume", required = true)]
+    pub volumes: Vec<String>,
+    /// Fingerprint of a sender allowed in (repeatable).
+    #[arg(long = "allow")]
+    pub allow: Vec<String>,
+    /// File of allowed fingerprints, one per line (# comments allowed).
+    #[arg(long)]
+    pub allow_file: Option<PathBuf>,
+    /// Identity directory.
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
+    /// Receiver state directory [default: $NIGHTPASS_HOME/state or ~/.local/state/nightpass].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    /// QUIC tuning.
+    pub quic: QuicArgs,
+}
+
+/// QUIC tuning flags.
+#[derive(Debug, Args, Clone)]
+pub struct QuicArgs {
+    /// Congestion control: cubic or bbr.
+    #[arg(long, default_value = "cubic", value_parser = ["cubic", "bbr"])]
+    pub congestion: String,
+    /// Flow-control window per connection (size it for bandwidth × delay).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub quic_window: u64,
+}
+
+impl QuicArgs {
+    /// Typed tuning.
+    pub fn tuning(&self) -> Tuning {
+        Tuning {
+            stream_window: (self.quic_window / 4).max(1 << 20),
+            conn_window: self.quic_window,
+            bbr: self.congestion == "bbr",
+        }
+    }
+}
+
+/// Flags of the sender's commands.
+#[derive(Debug, Args, Clone)]
+pub struct SyncArgs {
+    /// Source volume: a block device or an image file.
+    pub source: PathBuf,
+    /// Destination: HOST:PORT/NAME (or, for verify, a local path).
+    pub dest: String,
+    /// Identity directory.
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
+    /// Sender state directory.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Fingerprint of the receiver (required when DEST is remote).
+    #[arg(long)]
+    pub server_fingerprint: Option<String>,
+    /// Limit chunk payload bytes sent per second (e.g. 100M).
+    #[arg(long, value_parser = parse_size)]
+    pub bwlimit: Option<u64>,
+    /// Limit source reads in bytes per second, to spare a production disk.
+    #[arg(long, value_parser = parse_size)]
+    pub read_limit: Option<u64>,
+    /// Chunk size, a power of two from 4K to 64M; effective on a volume's first pass.
+    #[arg(long, value_parser = parse_chunk_size)]
+    pub chunk_size: Option<ChunkSize>,
+    /// Parallel QUIC data streams.
+    #[arg(long, default_value_t = 4)]
+    pub streams: usize,
+    /// Drop source pages from the page cache behind the reader.
+    #[arg(long)]
+    pub drop_cache: bool,
+    #[command(flatten)]
+    /// QUIC tuning.
+    pub quic: QuicArgs,
+}
+
+impl SyncArgs {
+    /// The identity directory in force.
+    pub fn identity_dir(&self) -> PathBuf {
+        self.identity.clone().unwrap_or_else(default_identity_dir)
+    }
+
+    /// The state directory in force.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(default_state_dir)
+    }
+
+    /// The remote destination and its pinned fingerprint.
+    pub fn remote(&self) -> Result<(RemoteVolume, String)> {
+        let dest = RemoteVolume::parse(&self.dest).ok_or_else(|| {
+            Error::input(format!(
+                "'{}' is not a remote volume (expected HOST:PORT/NAME, e.g. 10.0.0.2:7400/filer01)",
+                self.dest
+            ))
+        })?;
+        let fp = self.server_fingerprint.as_deref().ok_or_else(|| {
+            Error::input(format!(
+                "--server-fingerprint is required for {dest}: nightpass talks only to a receiver whose fingerprint it was given"
+            ))
+        })?;
+        Ok((dest, parse_fingerprint(fp)?))
+    }
+
+    /// Reader settings.
+    pub fn scan(&self) -> ScanOptions {
+        ScanOptions {
+            workers: 0,
+            read_limit: self.read_limit,
+            drop_cache: self.drop_cache,
+        }
+    }
+}
+
+impl ServeArgs {
+    /// Exported volumes by name.
+    pub fn volume_map(&self) -> Result<HashMap<String, PathBuf>> {
+        let mut out = HashMap::new();
+        for v in &self.volumes {
+            let (name, path) = v
+                .split_once('=')
+                .ok_or_else(|| Error::input(format!("--volume '{v}' is not NAME=PATH")))?;
+            let ok = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !ok {
+                return Err(Error::input(format!(
+                    "volume name '{name}' may use only letters, digits, '-', '_' and '.'"
+                )));
+            }
+            if path.is_empty() {
+                return Err(Error::input(format!("--volume '{v}' has no path")));
+            }
+            if out.insert(name.to_string(), PathBuf::from(path)).is_some() {
+                return Err(Error::input(format!("volume '{name}' is exported twice")));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Allowed sender fingerprints.
+    pub fn allowed(&self) -> Result<HashSet<String>> {
+        let mut out = HashSet::new();
+        for a in &self.allow {
+            out.insert(parse_fingerprint(a)?);
+        }
+        if let Some(f) = &self.allow_file {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| Error::input(format!("cannot read --allow-file {}: {e}", f.display())))?;
+            for line in text.lines() {
+                let line = line.split('#').next().unwrap_or("").trim();
+                if !line.is_empty() {
+                    out.insert(parse_fingerprint(line)?);
+                }
+            }
+        }
+        if out.is_empty() {
+            return Err(Error::input(
+                "no sender is allowed: give --allow FINGERPRINT or --allow-file FILE (there is no unauthenticated mode)",
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// Parses a size: `65536`, `64K`, `64KiB`, `1.5G`, `2T` (powers of 1024).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
+    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        "T" | "TB" | "TIB" => 1 << 40,
+        _ => return Err(format!("'{s}' has an unknown unit (use K, M, G or T)")),
+    };
+    let v = n * mult as f64;
+    if !(0.0..1.8e19).contains(&v) {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(v.round() as u64)
+}
+
+/// Parses a chunk size into a [`ChunkSize`].
+pub fn parse_chunk_size(s: &str) -> std::result::Result<ChunkSize, String> {
+    ChunkSize::new(parse_size(s)?).map_err(|e| e.to_string())
+}
+
+/// Parses a duration: `90s`, `45m`, `6h`, `1h30m`, `500ms`, or plain seconds.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let t = s.trim();
+    if let Ok(n) = t.parse::<f64>() {
+        return Ok(Duration::from_secs_f64(n.max(0.0)));
+    }
+    let mut total = 0f64;
+    let mut num = String::new();
+    let mut chars = t.chars().peekable();
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration"))?;
+        num.clear();
+        let unit = if c == 'm' && chars.peek() == Some(&'s') {
+            chars.next();
+            0.001
+        } else {
+            match c {
+                's' => 1.0,
+                'm' => 60.0,
+                'h' => 3600.0,
+                'd' => 86400.0,
+                _ => return Err(format!("'{s}' is not a duration (use e.g. 90s, 45m, 1h30m)")),
+            }
+        };
+        total += n * unit;
+        any = true;
+    }
+    if !num.is_empty() || !any {
+        return Err(format!("'{s}' is not a duration (use e.g. 90s, 45m, 1h30m)"));
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("100M"), Ok(100 << 20));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(parse_chunk_size("64K").unwrap().bytes(), 65536);
+        assert!(parse_chunk_size("3K").is_err());
+        assert!(parse_chunk_size("128M").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("45m"), Ok(Duration::from_secs(2700)));
+        assert_eq!(parse_duration("6h"), Ok(Duration::from_secs(21600)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("1h30").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

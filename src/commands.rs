@@ -1,0 +1,116 @@
+//! One function per subcommand: glue between typed settings and the library.
+//!
+//! Returns the exit status of a negative answer (1) as `Ok(1)`; failures are
+//! `Err` and map to their own statuses in `main.rs`.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::cli::{Cli, Command, ServeArgs, SyncArgs};
+use crate::error::{Error, Result};
+use crate::progress::{Human, JsonLines, Progress};
+use crate::receiver::{self, ServeConfig};
+use crate::sender::{self, SyncConfig};
+use crate::state::default_state_dir;
+use crate::transport::{default_identity_dir, Identity};
+
+/// The reporter the flags ask for.
+pub fn reporter(cli: &Cli) -> Arc<dyn Progress> {
+    if cli.json {
+        Arc::new(JsonLines::default())
+    } else {
+        Arc::new(Human::new(cli.quiet))
+    }
+}
+
+/// Runs the parsed command line; `Ok(status)` on a completed command.
+pub async fn run(cli: Cli) -> Result<i32> {
+    let progress = reporter(&cli);
+    match cli.command {
+        Command::Keygen { identity, force } => {
+            let dir = identity.unwrap_or_else(default_identity_dir);
+            let id = Identity::generate(&dir, force)?;
+            println!("{}", id.fingerprint());
+            Ok(0)
+        }
+        Command::Fingerprint { identity } => {
+            let dir = identity.unwrap_or_else(default_identity_dir);
+            println!("{}", Identity::load(&dir)?.fingerprint());
+            Ok(0)
+        }
+        Command::Serve(args) => serve(args).await,
+        Command::Sync(args) => {
+            let cfg = sync_config(&args, "sync")?;
+            let id = Identity::load(&args.identity_dir())?;
+            sender::run_pass(&cfg, &id, progress).await?;
+            Ok(0)
+        }
+        Command::Verify(args) => crate::verify::run(&args, progress).await,
+        Command::Status { source, state_dir } => {
+            let dir = state_dir.unwrap_or_else(default_state_dir);
+            crate::sender::status(&dir, source.as_deref(), progress.as_ref())?;
+            Ok(0)
+        }
+        Command::Demo { size } => {
+            crate::demo::run(size, progress).await?;
+            Ok(0)
+        }
+    }
+}
+
+/// Typed pass settings from the flags.
+pub fn sync_config(args: &SyncArgs, kind: &'static str) -> Result<SyncConfig> {
+    let (dest, fp) = args.remote()?;
+    if args.streams == 0 || args.streams > 32 {
+        return Err(Error::input("--streams must be between 1 and 32"));
+    }
+    Ok(SyncConfig {
+        source: args.source.clone(),
+        dest,
+        server_fingerprint: fp,
+        state_dir: args.state_dir(),
+        chunk_size: args.chunk_size,
+        streams: args.streams,
+        bwlimit: args.bwlimit,
+        scan: args.scan(),
+        tuning: args.quic.tuning(),
+        kind,
+    })
+}
+
+async fn serve(args: ServeArgs) -> Result<i32> {
+    let cfg = ServeConfig {
+        listen: args.listen,
+        volumes: args.volume_map()?,
+        allowed: args.allowed()?,
+        state_dir: args.state_dir.clone().unwrap_or_else(default_state_dir),
+        tuning: args.quic.tuning(),
+    };
+    let id = Identity::load(&args.identity.clone().unwrap_or_else(default_identity_dir))?;
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        eprintln!("shutting down: finishing durable writes");
+    };
+    receiver::serve(
+        cfg,
+        id,
+        |addr, fp| eprintln!("listening on {addr} fingerprint {fp}"),
+        shutdown,
+    )
+    .await?;
+    Ok(0)
+}
+
+/// Prints an error as CLI.md asks: text on stderr, and an `error` event on
+/// stdout in JSON mode.
+pub fn report_error(json: bool, e: &Error) {
+    eprintln!("nightpass: error: {e}");
+    if json {
+        println!("{}", json!({"event": "error", "message": e.to_string(), "exit_code": e.exit_code()}));
+    }
+}

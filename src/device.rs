@@ -1,0 +1,256 @@
+//! Volumes: block devices and image files, opened, sized, read and written.
+//!
+//! Owns every system call on volume data and all `unsafe` of the crate
+//! (ioctls). A block device's size comes from the `BLKGETSIZE64` ioctl, never
+//! from metadata (which reports 0). Targets that are block devices are opened
+//! with `O_EXCL`, which the kernel refuses with `EBUSY` while the device is
+//! mounted or held exclusively by another program (device-mapper, md, another
+//! nightpass). Image files are locked with `flock` for the same purpose.
+//! Must not know about chunks, manifests or the network.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+
+mod ioctl {
+    nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+    nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
+}
+use ioctl::{blkgetsize64, blkzeroout};
+
+/// Takes an exclusive, non-blocking `flock` on `file`; false when another
+/// open file description holds one. Released when the file is closed.
+pub fn lock_exclusive(file: &File) -> bool {
+    // SAFETY: flock takes a valid descriptor (owned by `file`, alive for the
+    // call) and an integer operation; it touches no memory of ours.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// What a volume path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A block device.
+    Block,
+    /// A regular (image) file.
+    File,
+}
+
+/// An open volume.
+#[derive(Debug)]
+pub struct Volume {
+    file: File,
+    path: PathBuf,
+    kind: Kind,
+    size: u64,
+}
+
+/// How a target was found when opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// It existed.
+    Existing,
+    /// It was missing and has been created sparse (so it reads as zeros).
+    New,
+}
+
+fn kind_of(path: &Path, file: &File) -> Result<Kind> {
+    let ft = file.metadata().ctx(path.display())?.file_type();
+    if ft.is_block_device() {
+        Ok(Kind::Block)
+    } else if ft.is_file() {
+        Ok(Kind::File)
+    } else {
+        Err(Error::input(format!(
+            "{} is neither a block device nor a regular file",
+            path.display()
+        )))
+    }
+}
+
+fn size_of(path: &Path, file: &File, kind: Kind) -> Result<u64> {
+    match kind {
+        Kind::File => Ok(file.metadata().ctx(path.display())?.len()),
+        Kind::Block => {
+            let mut size = 0u64;
+            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
+            // points at a live local.
+            unsafe { blkgetsize64(file.as_raw_fd(), &mut size) }
+                .map_err(|e| Error::io(format!("{}: BLKGETSIZE64", path.display()), e.into()))?;
+            Ok(size)
+        }
+    }
+}
+
+impl Volume {
+    /// Opens a source read-only. A missing or unreadable source is bad input.
+    pub fn open_source(path: &Path) -> Result<Volume> {
+        let file = File::open(path).map_err(|e| {
+            Error::input(format!("cannot open source {}: {e}", path.display()))
+        })?;
+        let kind = kind_of(path, &file)?;
+        let size = size_of(path, &file, kind)?;
+        Ok(Volume {
+            file,
+            path: path.to_owned(),
+            kind,
+            size,
+        })
+    }
+
+    /// Opens a target read-write and exclusively, creating a missing image
+    /// file sparse at `size`. Refuses a target smaller than `size`, and one
+    /// that is mounted or in use.
+    pub fn open_target(path: &Path, size: u64) -> Result<(Volume, Created)> {
+        let mut created = Created::Existing;
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_EXCL)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .ctx(format!("cannot create target {}", path.display()))?;
+                created = Created::New;
+                f
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(Error::input(format!(
+                    "target {} is in use (mounted, or held open exclusively by another program)",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(Error::io(format!("cannot open target {}", path.display()), e)),
+        };
+        let kind = kind_of(path, &file)?;
+        if kind == Kind::File {
+            if !lock_exclusive(&file) {
+                return Err(Error::input(format!(
+                    "target {} is in use by another nightpass process",
+                    path.display()
+                )));
+            }
+            if created == Created::New {
+                file.set_len(size).ctx(format!("cannot size target {}", path.display()))?;
+            }
+        }
+        let actual = size_of(path, &file, kind)?;
+        if actual < size {
+            if created == Created::New {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(Error::input(format!(
+                "target {} ({actual} bytes) is smaller than the source ({size} bytes)",
+                path.display()
+            )));
+        }
+        Ok((
+            Volume {
+                file,
+                path: path.to_owned(),
+                kind,
+                size: actual,
+            },
+            created,
+        ))
+    }
+
+    /// Opens an existing volume read-only for verification (no exclusivity:
+    /// verify reads while others may hold it).
+    pub fn open_for_verify(path: &Path) -> Result<Volume> {
+        Self::open_source(path)
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Block device or file.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            Error::io(
+                format!("read of {} at offset {offset}", self.path.display()),
+                e,
+            )
+        })
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file.write_all_at(buf, offset).map_err(|e| {
+            Error::io(
+                format!("write to {} at offset {offset}", self.path.display()),
+                e,
+            )
+        })
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros: `BLKZEROOUT` on devices,
+    /// hole punching on files, plain zero writes where neither works.
+    pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        let fd = self.file.as_raw_fd();
+        let done = match self.kind {
+            Kind::Block => {
+                let range = [offset, len];
+                // SAFETY: BLKZEROOUT reads two u64 (offset, length) through the
+                // pointer, which points at a live local array.
+                unsafe { blkzeroout(fd, &range) }.is_ok()
+            }
+            Kind::File => nix::fcntl::fallocate(
+                fd,
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset as i64,
+                len as i64,
+            )
+            .is_ok(),
+        };
+        if !done {
+            let zeros = vec![0u8; len.min(1 << 20) as usize];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(zeros.len() as u64) as usize;
+                self.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable (`fdatasync`).
+    pub fn sync_data(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .ctx(format!("fdatasync of {}", self.path.display()))
+    }
+
+    /// Tells the kernel the range will not be needed again soon, so a pass
+    /// over a production disk does not evict its page cache.
+    pub fn drop_cache(&self, offset: u64, len: u64) {
+        let _ = nix::fcntl::posix_fadvise(
+            self.file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+    }
+}

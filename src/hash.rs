@@ -1,0 +1,233 @@
+//! The read-and-hash pipeline: one reader thread doing large sequential
+//! reads, and one hashing worker per core, joined by bounded queues.
+//!
+//! The reader reads blocks of `max(chunk size, 4 MiB)` into fresh buffers and
+//! hands each block to the workers; a worker cuts it into chunks (zero-copy
+//! `Bytes` slices), hashes each with BLAKE3 (SIMD, one thread per chunk: per
+//! BLAKE3's own docs, multithreading a single hash does not pay below 128 KiB,
+//! and parallelism across blocks keeps every core busy anyway), and runs the
+//! caller's `work` on it (the sender compares and compresses there; verify
+//! only keeps the hash). Results leave through a bounded channel, block by
+//! block, in completion order with a sequence number for callers that need
+//! order. Memory in flight is bounded by the queue depths: about
+//! `2 × workers + 2` blocks.
+//!
+//! Owns no sockets and no manifests.
+
+use std::sync::mpsc::{sync_channel, Receiver as StdReceiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nightpass_proto::chunk::Geometry;
+use nightpass_proto::manifest::{self, Hash};
+
+use crate::device::Volume;
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+
+/// One chunk as read and hashed.
+#[derive(Debug, Clone)]
+pub struct Scanned {
+    /// Chunk index.
+    pub index: u64,
+    /// BLAKE3 of its bytes.
+    pub hash: Hash,
+    /// Its bytes.
+    pub data: Bytes,
+    /// True when every byte is zero.
+    pub zero: bool,
+}
+
+/// The results of one block, in chunk order.
+#[derive(Debug)]
+pub struct Block<T> {
+    /// Block sequence number (0, 1, …) in volume order.
+    pub seq: u64,
+    /// Results of the block's chunks for which `work` returned `Some`.
+    pub items: Vec<T>,
+}
+
+/// Scan settings.
+#[derive(Debug, Clone)]
+pub struct ScanOptions {
+    /// Hashing threads; 0 = one per core.
+    pub workers: usize,
+    /// Limit on source reads in bytes per second.
+    pub read_limit: Option<u64>,
+    /// Drop read pages from the page cache behind the reader.
+    pub drop_cache: bool,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        ScanOptions {
+            workers: 0,
+            read_limit: None,
+            drop_cache: false,
+        }
+    }
+}
+
+/// Figures of a finished scan.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScanStats {
+    /// Bytes read.
+    pub bytes: u64,
+    /// Seconds the reader was busy (not waiting for workers or consumers).
+    pub busy_s: f64,
+}
+
+/// A running scan: the results and the reader's outcome.
+pub struct Scan<T> {
+    /// Blocks of results; an `Err` ends the stream.
+    pub rx: tokio::sync::mpsc::Receiver<Result<Block<T>>>,
+    /// The reader thread.
+    pub reader: std::thread::JoinHandle<Result<ScanStats>>,
+}
+
+impl<T> Scan<T> {
+    /// Waits for the reader thread and returns its figures.
+    pub fn finish(self) -> Result<ScanStats> {
+        self.reader
+            .join()
+            .map_err(|_| Error::Io("reader thread panicked".into()))?
+    }
+}
+
+/// Number of hashing workers to use.
+pub fn worker_count(requested: usize) -> usize {
+    if requested > 0 {
+        requested
+    } else {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    }
+}
+
+/// Zero-chunk hashes for a geometry: (full chunk, last chunk).
+fn zero_hashes(g: &Geometry) -> (Hash, Hash) {
+    let full = manifest::zero_hash(g.chunk_size().usize());
+    let last = match g.chunk_count() {
+        0 => full,
+        n => manifest::zero_hash(g.chunk_len(n - 1).expect("last chunk exists")),
+    };
+    (full, last)
+}
+
+/// Starts scanning chunks `first..geometry.chunk_count()` of `vol`.
+pub fn scan<T, F>(
+    vol: Arc<Volume>,
+    geometry: Geometry,
+    first: u64,
+    opts: ScanOptions,
+    work: F,
+    progress: Arc<dyn Progress>,
+) -> Scan<T>
+where
+    T: Send + 'static,
+    F: Fn(Scanned) -> Option<T> + Send + Sync + 'static,
+{
+    let workers = worker_count(opts.workers);
+    let chunk = geometry.chunk_size().bytes();
+    let block = chunk.max(4 << 20);
+    let per_block = block / chunk;
+    let (btx, brx) = sync_channel::<(u64, u64, Bytes)>(workers + 1);
+    let (otx, orx) = tokio::sync::mpsc::channel::<Result<Block<T>>>(workers + 1);
+    let brx = Arc::new(Mutex::new(brx));
+    let work = Arc::new(work);
+    let zeros = zero_hashes(&geometry);
+    for _ in 0..workers {
+        let brx: Arc<Mutex<StdReceiver<(u64, u64, Bytes)>>> = brx.clone();
+        let otx = otx.clone();
+        let work = work.clone();
+        let progress = progress.clone();
+        std::thread::spawn(move || loop {
+            let next = brx.lock().expect("not poisoned").recv();
+            let Ok((seq, first_index, data)) = next else { return };
+            let mut items = Vec::new();
+            let mut off = 0usize;
+            let mut index = first_index;
+            while off < data.len() {
+                let len = (data.len() - off).min(chunk as usize);
+                let bytes = data.slice(off..off + len);
+                let hash = *blake3::hash(&bytes).as_bytes();
+                let zero = hash == zeros.0 || hash == zeros.1;
+                if let Some(t) = work(Scanned {
+                    index,
+                    hash,
+                    data: bytes,
+                    zero,
+                }) {
+                    items.push(t);
+                }
+                off += len;
+                index += 1;
+            }
+            progress.scanned(data.len() as u64);
+            if otx.blocking_send(Ok(Block { seq, items })).is_err() {
+                return;
+            }
+        });
+    }
+    let reader = std::thread::spawn(move || -> Result<ScanStats> {
+        let start = Instant::now();
+        let mut waited = Duration::ZERO;
+        let mut bytes = 0u64;
+        let mut index = first;
+        let mut seq = 0u64;
+        let count = geometry.chunk_count();
+        while index < count {
+            let off = index * chunk;
+            let len = (geometry.size() - off).min(block) as usize;
+            let mut buf = vec![0u8; len];
+            if let Err(e) = vol.read_exact_at(&mut buf, off) {
+                let _ = otx.blocking_send(Err(Error::Io(e.to_string())));
+                return Err(e);
+            }
+            if opts.drop_cache {
+                vol.drop_cache(off, len as u64);
+            }
+            bytes += len as u64;
+            if let Some(limit) = opts.read_limit {
+                let due = Duration::from_secs_f64(bytes as f64 / limit as f64);
+                let el = start.elapsed();
+                if due > el {
+                    std::thread::sleep(due - el);
+                    waited += due - el;
+                }
+            }
+            let t = Instant::now();
+            if btx.send((seq, index, Bytes::from(buf))).is_err() {
+                break;
+            }
+            waited += t.elapsed();
+            index += per_block;
+            seq += 1;
+        }
+        drop(btx);
+        Ok(ScanStats {
+            bytes,
+            busy_s: (start.elapsed() - waited).as_secs_f64(),
+        })
+    });
+    Scan { rx: orx, reader }
+}
+
+/// Hashes every chunk of `vol` fresh and returns the hashes in index order
+/// (verify mode; 32 bytes per chunk are kept).
+pub fn hash_all(
+    vol: Arc<Volume>,
+    geometry: Geometry,
+    opts: ScanOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<Vec<u8>> {
+    let mut scan = scan(vol, geometry, 0, opts, |s| Some((s.index, s.hash)), progress);
+    let mut table = vec![0u8; geometry.chunk_count() as usize * manifest::ENTRY_LEN];
+    while let Some(block) = scan.rx.blocking_recv() {
+        for (i, h) in block?.items {
+            manifest::set_entry(&mut table, i, &h);
+        }
+    }
+    scan.finish()?;
+    Ok(table)
+}

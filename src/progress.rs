@@ -1,0 +1,262 @@
+//! Progress and events: a trait the library reports through, and its
+//! implementations. The library never prints; the binary picks a reporter:
+//! [`Human`] (indicatif bars on a terminal and a summary), [`JsonLines`] (one
+//! JSON object per line on stdout, nothing else), or [`Quiet`].
+
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{json, Value};
+
+/// What a pass reports at its start.
+#[derive(Debug, Clone)]
+pub struct PassStart {
+    /// Destination as the operator named it.
+    pub volume: String,
+    /// Pass number for this volume (1 = first).
+    pub pass: u64,
+    /// Source size.
+    pub size_bytes: u64,
+    /// Chunk size in force.
+    pub chunk_size: u64,
+}
+
+/// What a pass reports at its end.
+#[derive(Debug, Clone)]
+pub struct PassEnd {
+    /// As at the start.
+    pub start: PassStart,
+    /// Bytes read and hashed.
+    pub scanned_bytes: u64,
+    /// Chunks sent.
+    pub changed_chunks: u64,
+    /// Uncompressed bytes of the chunks sent.
+    pub changed_bytes: u64,
+    /// Chunk payload bytes put on the wire.
+    pub sent_bytes: u64,
+    /// Chunks sent as zero markers.
+    pub zero_chunks: u64,
+    /// Wall time.
+    pub duration_s: f64,
+    /// Forecast of a frozen final pass, when the journal allows one.
+    pub forecast_final_pass_s: Option<f64>,
+    /// Root hash of the target's manifest after the pass (hex).
+    pub root: String,
+}
+
+impl PassEnd {
+    /// The `pass_end` JSON event.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "event": "pass_end",
+            "volume": self.start.volume,
+            "pass": self.start.pass,
+            "size_bytes": self.start.size_bytes,
+            "chunk_size": self.start.chunk_size,
+            "scanned_bytes": self.scanned_bytes,
+            "changed_chunks": self.changed_chunks,
+            "changed_bytes": self.changed_bytes,
+            "zero_chunks": self.zero_chunks,
+            "sent_bytes": self.sent_bytes,
+            "duration_s": (self.duration_s * 1000.0).round() / 1000.0,
+            "forecast_final_pass_s": self.forecast_final_pass_s.map(|f| (f * 100.0).round() / 100.0),
+            "root": self.root,
+        })
+    }
+}
+
+/// Receives what long-running work has to say.
+pub trait Progress: Send + Sync {
+    /// A pass begins.
+    fn pass_start(&self, s: &PassStart);
+    /// More bytes were read and hashed.
+    fn scanned(&self, bytes: u64);
+    /// More payload bytes went on the wire.
+    fn sent(&self, bytes: u64);
+    /// A pass ended.
+    fn pass_end(&self, e: &PassEnd);
+    /// Any other event (verify_end, cutover_end, converge decisions…): a JSON
+    /// object with an `"event"` field, and the human sentence for it.
+    fn event(&self, json: &Value, human: &str);
+    /// A note for humans only (JSON mode drops it).
+    fn note(&self, human: &str);
+    /// Long work other than a pass begins (verify): a bar of `total` bytes.
+    fn begin(&self, _label: &str, _total: u64) {}
+    /// That work ended.
+    fn finish(&self) {}
+}
+
+/// Says nothing.
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn pass_start(&self, _: &PassStart) {}
+    fn scanned(&self, _: u64) {}
+    fn sent(&self, _: u64) {}
+    fn pass_end(&self, _: &PassEnd) {}
+    fn event(&self, _: &Value, _: &str) {}
+    fn note(&self, _: &str) {}
+}
+
+/// One JSON object per line on stdout.
+#[derive(Debug, Default)]
+pub struct JsonLines {
+    out: Mutex<()>,
+}
+
+impl JsonLines {
+    fn emit(&self, v: &Value) {
+        let _g = self.out.lock();
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, "{v}");
+        let _ = o.flush();
+    }
+}
+
+impl Progress for JsonLines {
+    fn pass_start(&self, s: &PassStart) {
+        self.emit(&json!({
+            "event": "pass_start",
+            "volume": s.volume,
+            "pass": s.pass,
+            "size_bytes": s.size_bytes,
+            "chunk_size": s.chunk_size,
+        }));
+    }
+    fn scanned(&self, _: u64) {}
+    fn sent(&self, _: u64) {}
+    fn pass_end(&self, e: &PassEnd) {
+        self.emit(&e.to_json());
+    }
+    fn event(&self, json: &Value, _: &str) {
+        self.emit(json);
+    }
+    fn note(&self, _: &str) {}
+}
+
+/// Progress bars on a terminal (stderr), summaries on stdout.
+pub struct Human {
+    multi: MultiProgress,
+    bars: Mutex<Option<(ProgressBar, ProgressBar)>>,
+    quiet: bool,
+}
+
+impl std::fmt::Debug for Human {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Human")
+    }
+}
+
+impl Human {
+    /// Bars only when stderr is a terminal and not `quiet`.
+    pub fn new(quiet: bool) -> Self {
+        let target = if !quiet && std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        Human {
+            multi: MultiProgress::with_draw_target(target),
+            bars: Mutex::new(None),
+            quiet,
+        }
+    }
+
+    fn say(&self, text: &str) {
+        if self.quiet {
+            return;
+        }
+        let _ = self.multi.suspend(|| {
+            let mut o = std::io::stdout().lock();
+            writeln!(o, "{text}")
+        });
+    }
+}
+
+/// Formats bytes for humans (binary units).
+pub fn human_bytes(b: u64) -> String {
+    indicatif::BinaryBytes(b).to_string()
+}
+
+impl Progress for Human {
+    fn pass_start(&self, s: &PassStart) {
+        let style = ProgressStyle::with_template(
+            "{prefix:>8} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> ");
+        let scan = self.multi.add(ProgressBar::new(s.size_bytes).with_style(style));
+        scan.set_prefix("scanned");
+        let sent_style = ProgressStyle::with_template("{prefix:>8} {bytes} {binary_bytes_per_sec}")
+            .expect("valid template");
+        let sent = self.multi.add(ProgressBar::new(0).with_style(sent_style));
+        sent.set_prefix("sent");
+        *self.bars.lock().expect("not poisoned") = Some((scan, sent));
+        self.say(&format!(
+            "pass {} of {}: {} in chunks of {}",
+            s.pass,
+            s.volume,
+            human_bytes(s.size_bytes),
+            human_bytes(s.chunk_size)
+        ));
+    }
+    fn scanned(&self, bytes: u64) {
+        if let Some((scan, _)) = &*self.bars.lock().expect("not poisoned") {
+            scan.inc(bytes);
+        }
+    }
+    fn sent(&self, bytes: u64) {
+        if let Some((_, sent)) = &*self.bars.lock().expect("not poisoned") {
+            sent.inc(bytes);
+        }
+    }
+    fn pass_end(&self, e: &PassEnd) {
+        if let Some((a, b)) = self.bars.lock().expect("not poisoned").take() {
+            a.finish_and_clear();
+            b.finish_and_clear();
+        }
+        let rate = e.scanned_bytes as f64 / e.duration_s.max(1e-6);
+        let forecast = match e.forecast_final_pass_s {
+            Some(f) => format!(" A frozen final pass now would take about {f:.1} s."),
+            None => " No forecast yet: it needs a second pass to measure the change rate.".into(),
+        };
+        self.say(&format!(
+            "pass {} of {} done in {:.2} s: scanned {} at {}/s, {} chunks changed ({}, {} of them zero), {} sent.{}",
+            e.start.pass,
+            e.start.volume,
+            e.duration_s,
+            human_bytes(e.scanned_bytes),
+            human_bytes(rate as u64),
+            e.changed_chunks,
+            human_bytes(e.changed_bytes),
+            e.zero_chunks,
+            human_bytes(e.sent_bytes),
+            forecast
+        ));
+    }
+    fn event(&self, _: &Value, human: &str) {
+        self.say(human);
+    }
+    fn begin(&self, label: &str, total: u64) {
+        let style = ProgressStyle::with_template(
+            "{prefix:>8} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> ");
+        let bar = self.multi.add(ProgressBar::new(total).with_style(style));
+        bar.set_prefix(label.to_string());
+        *self.bars.lock().expect("not poisoned") = Some((bar, ProgressBar::hidden()));
+    }
+    fn finish(&self) {
+        if let Some((a, b)) = self.bars.lock().expect("not poisoned").take() {
+            a.finish_and_clear();
+            b.finish_and_clear();
+        }
+    }
+    fn note(&self, human: &str) {
+        self.say(human);
+    }
+}

@@ -1,0 +1,783 @@
+//! The receiver: the serve loop, volume exports, sessions and the writer.
+//!
+//! Owns the target side of a session. Per connection: the control stream
+//! carries the handshake, manifest exchange, acknowledgements and the end of
+//! the pass; data arrives on unidirectional streams, one chunk per frame.
+//! Every chunk is checked before anything is written: index inside the
+//! volume, length equal to the chunk's, payload decoding to exactly that
+//! length, BLAKE3 equal to the announced hash. Verified chunks go to one
+//! writer thread per session, which commits them in batches:
+//!
+//! 1. entries about to be overwritten are set to UNKNOWN and msynced,
+//! 2. the data is written (`pwrite`, or `BLKZEROOUT`/hole punching for zero chunks),
+//! 3. `fdatasync` of the target,
+//! 4. the new entries are set and msynced,
+//! 5. the batch is acknowledged to the sender.
+//!
+//! So the manifest is never ahead of the data, even across a crash at any
+//! point. The receiver writes only to the exported paths and only below the
+//! source size it accepted, which the target was checked to hold.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use nightpass_proto::chunk::{ChunkSize, Geometry};
+use nightpass_proto::manifest::{self, Hash, Summary, UNKNOWN};
+use nightpass_proto::wire::{self, control::Msg, Encoding, Mode, RefuseCode};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::device::{Created, Volume};
+use crate::error::{Error, Result};
+use crate::hash::{self, ScanOptions};
+use crate::progress::Quiet;
+use crate::state::{self, Fill, ManifestFile};
+use crate::transport::{self, Identity, Tuning};
+
+/// Receiver settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Exported volumes: name → path.
+    pub volumes: HashMap<String, PathBuf>,
+    /// Fingerprints of the senders allowed in.
+    pub allowed: HashSet<String>,
+    /// Where manifests and journals live.
+    pub state_dir: PathBuf,
+    /// QUIC tuning.
+    pub tuning: Tuning,
+}
+
+/// Bytes of verified chunks a writer batches before one durable commit.
+const BATCH_BYTES: usize = 32 << 20;
+/// Chunks per batch at most.
+const BATCH_CHUNKS: usize = 2048;
+/// How long a writer lingers for more chunks before committing a small batch.
+const LINGER: Duration = Duration::from_millis(5);
+
+struct Shared {
+    cfg: ServeConfig,
+    busy: Mutex<HashSet<String>>,
+    writers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+/// Holds a volume for one session; released on drop.
+struct BusyGuard {
+    shared: Arc<Shared>,
+    name: String,
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.shared.busy.lock().expect("not poisoned").remove(&self.name);
+    }
+}
+
+/// A session refusal: sent to the peer, then the connection closes.
+struct Refuse(RefuseCode, String);
+
+impl From<Error> for Refuse {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Input(m) => Refuse(RefuseCode::BadRequest, m),
+            other => Refuse(RefuseCode::Io, other.to_string()),
+        }
+    }
+}
+
+/// Runs the receiver until `shutdown` resolves. `ready` is called once with
+/// the bound address and this receiver's fingerprint.
+pub async fn serve(
+    cfg: ServeConfig,
+    identity: Identity,
+    ready: impl FnOnce(SocketAddr, &str),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    if cfg.allowed.is_empty() {
+        return Err(Error::input("no sender is allowed: give --allow or --allow-file"));
+    }
+    if cfg.volumes.is_empty() {
+        return Err(Error::input("no volume is exported: give --volume NAME=PATH"));
+    }
+    let ep = transport::server_endpoint(&identity, cfg.allowed.clone(), cfg.listen, &cfg.tuning)?;
+    let local = ep
+        .local_addr()
+        .map_err(|e| Error::io("listening socket", e))?;
+    ready(local, &identity.fingerprint());
+    let shared = Arc::new(Shared {
+        cfg,
+        busy: Mutex::new(HashSet::new()),
+        writers: Mutex::new(Vec::new()),
+    });
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            incoming = ep.accept() => {
+                let Some(incoming) = incoming else { break };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let remote = incoming.remote_address();
+                    match incoming.await {
+                        Ok(conn) => {
+                            if let Err(e) = session(shared, conn.clone()).await {
+                                eprintln!("session from {remote} ended with an error: {e}");
+                                conn.close(1u32.into(), e.to_string().as_bytes());
+                            }
+                        }
+                        Err(e) => eprintln!("connection from {remote} failed during the handshake: {e}"),
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    ep.close(0u32.into(), b"receiver shutting down");
+    // Finish durable writes: every writer commits its batch and stops.
+    let writers: Vec<_> = shared.writers.lock().expect("not poisoned").drain(..).collect();
+    for w in writers {
+        let _ = tokio::task::spawn_blocking(move || w.join()).await;
+    }
+    ep.wait_idle().await;
+    Ok(())
+}
+
+fn summary_to_wire(s: &Summary) -> wire::WireSummary {
+    wire::WireSummary {
+        volume_id: s.volume_id.to_vec(),
+        generation: s.generation,
+        root: s.root.to_vec(),
+    }
+}
+
+async fn refuse(send: &mut quinn::SendStream, conn: &quinn::Connection, r: Refuse) -> Result<()> {
+    eprintln!("refused a session: {}", r.1);
+    let _ = transport::send_control(
+        send,
+        Msg::Refusal(wire::Refusal {
+            code: r.0 as i32,
+            message: r.1.clone(),
+        }),
+    )
+    .await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    Ok(())
+}
+
+async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
+    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(30), conn.accept_bi())
+        .await
+        .map_err(|_| Error::Peer("no control stream within 30 s".into()))?
+        .map_err(|e| Error::Network(format!("control stream: {e}")))?;
+    let hello = match transport::recv_control(&mut recv).await? {
+        Some(Msg::Hello(h)) => h,
+        Some(_) => return Err(Error::Peer("first message was not a hello".into())),
+        None => return Ok(()),
+    };
+    let accepted = accept(&shared, &hello);
+    let (guard, path) = match accepted {
+        Ok(x) => x,
+        Err(r) => return refuse(&mut send, &conn, r).await,
+    };
+    match Mode::try_from(hello.mode) {
+        Ok(Mode::Sync) => sync_session(shared, conn, send, recv, hello, guard, path).await,
+        Ok(Mode::Verify) => verify_session(shared, conn, send, recv, hello, guard, path).await,
+        _ => refuse(&mut send, &conn, Refuse(RefuseCode::BadRequest, "unknown session mode".into())).await,
+    }
+}
+
+fn accept(shared: &Arc<Shared>, hello: &wire::Hello) -> std::result::Result<(BusyGuard, PathBuf), Refuse> {
+    if hello.version != wire::PROTOCOL_VERSION {
+        return Err(Refuse(
+            RefuseCode::Version,
+            format!(
+                "protocol version {} is not supported by this receiver (it speaks {}); run the same nightpass release on both sides",
+                hello.version,
+                wire::PROTOCOL_VERSION
+            ),
+        ));
+    }
+    let Some(path) = shared.cfg.volumes.get(&hello.volume).cloned() else {
+        return Err(Refuse(
+            RefuseCode::UnknownVolume,
+            format!("volume '{}' is not exported by this receiver", hello.volume),
+        ));
+    };
+    if !shared.busy.lock().expect("not poisoned").insert(hello.volume.clone()) {
+        return Err(Refuse(
+            RefuseCode::InUse,
+            format!("volume '{}' is in use by another sender's session", hello.volume),
+        ));
+    }
+    Ok((
+        BusyGuard {
+            shared: shared.clone(),
+            name: hello.volume.clone(),
+        },
+        path,
+    ))
+}
+
+fn volume_dir(shared: &Shared, name: &str) -> PathBuf {
+    shared.cfg.state_dir.join("volumes").join(state::key_for(name))
+}
+
+/// Opens the manifest that describes `target`, or starts a new one.
+fn open_manifest(
+    dir: &Path,
+    name: &str,
+    target: &Path,
+    created: Created,
+    source_size: u64,
+    chunk: ChunkSize,
+    explicit: bool,
+) -> std::result::Result<ManifestFile, Refuse> {
+    let mpath = dir.join("manifest");
+    let bind_path = dir.join("target");
+    let canonical = target.canonicalize().unwrap_or_else(|_| target.to_owned());
+    let bound = std::fs::read_to_string(&bind_path).ok().map(PathBuf::from) == Some(canonical.clone());
+    let existing = if created == Created::New || !bound {
+        None
+    } else {
+        match ManifestFile::open(&mpath)? {
+            Some(Ok(m)) => Some(m),
+            Some(Err(e)) => {
+                eprintln!("volume '{name}': manifest cannot be trusted ({e}); starting from nothing known");
+                None
+            }
+            None => None,
+        }
+    };
+    let chunk = match &existing {
+        Some(m) => {
+            let have = m.geometry().chunk_size();
+            if explicit && have != chunk {
+                return Err(Refuse(
+                    RefuseCode::ChunkSize,
+                    format!(
+                        "volume '{name}' was first copied with chunk size {have}; a pass with chunk size {chunk} would re-chunk it. Drop --chunk-size to keep {have}, or remove the receiver's state of this volume to start over"
+                    ),
+                ));
+            }
+            if m.geometry().size() == source_size {
+                return Ok(existing.expect("matched Some"));
+            }
+            eprintln!(
+                "volume '{name}': source size changed from {} to {source_size} bytes; starting from nothing known",
+                m.geometry().size()
+            );
+            have
+        }
+        None => chunk,
+    };
+    drop(existing);
+    let geometry = Geometry::new(source_size, chunk).map_err(|e| Refuse(RefuseCode::BadRequest, e.to_string()))?;
+    let fill = if created == Created::New { Fill::Zeros } else { Fill::Unknown };
+    let m = ManifestFile::create(&mpath, geometry, rand::random(), fill)?;
+    state::write_atomic(&bind_path, canonical.to_string_lossy().as_bytes())?;
+    Ok(m)
+}
+
+/// One verified chunk on its way to the writer, or the end-of-pass request.
+enum WriterMsg {
+    Chunk { index: u64, hash: Hash, data: Option<Bytes> },
+    Finalize { expected: u64, reply: oneshot::Sender<Result<Summary>> },
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn sync_session(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    hello: wire::Hello,
+    guard: BusyGuard,
+    path: PathBuf,
+) -> Result<()> {
+    if hello.source_size == 0 {
+        return refuse(&mut send, &conn, Refuse(RefuseCode::BadRequest, "the source is empty (0 bytes): nothing to copy".into())).await;
+    }
+    let chunk = match ChunkSize::new(u64::from(hello.chunk_size)) {
+        Ok(c) => c,
+        Err(e) => return refuse(&mut send, &conn, Refuse(RefuseCode::ChunkSize, e.to_string())).await,
+    };
+    let size = hello.source_size;
+    let opened = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || Volume::open_target(&path, size))
+            .await
+            .map_err(|_| Error::Io("open task failed".into()))?
+    };
+    let (volume, created) = match opened {
+        Ok(v) => v,
+        Err(e) => return refuse(&mut send, &conn, e.into()).await,
+    };
+    let dir = volume_dir(&shared, &hello.volume);
+    let mut manifest = match open_manifest(&dir, &hello.volume, &path, created, size, chunk, hello.chunk_size_explicit) {
+        Ok(m) => m,
+        Err(r) => return refuse(&mut send, &conn, r).await,
+    };
+    let summary = manifest.summary_now()?;
+    let geometry = manifest.geometry();
+    transport::send_control(
+        &mut send,
+        Msg::Welcome(wire::Welcome {
+            version: wire::PROTOCOL_VERSION,
+            target_size: volume.size(),
+            chunk_size: geometry.chunk_size().bytes() as u32,
+            summary: Some(summary_to_wire(&summary)),
+            target_is_block: volume.kind() == crate::device::Kind::Block,
+        }),
+    )
+    .await?;
+
+    // Control replies and acks leave through one task that owns the send stream.
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Msg>(64);
+    let ctl_task = tokio::spawn(async move {
+        while let Some(m) = ctl_rx.recv().await {
+            transport::send_control(&mut send, m).await?;
+        }
+        let _ = send.finish();
+        Ok::<_, Error>(send)
+    });
+
+    // The writer thread owns the target, the manifest and the volume's busy slot.
+    let (wtx, wrx) = sync_channel::<WriterMsg>(64);
+    let writer_ctl = ctl_tx.clone();
+    let name = hello.volume.clone();
+    let (table_tx, table_rx) = std::sync::mpsc::channel::<oneshot::Sender<Vec<u8>>>();
+    let writer = std::thread::spawn(move || {
+        let _guard = guard;
+        if let Err(e) = writer_loop(&volume, &mut manifest, wrx, table_rx, &writer_ctl) {
+            eprintln!("volume '{name}': writer stopped: {e}");
+            let _ = writer_ctl.blocking_send(Msg::Failure(wire::Failure {
+                message: format!("receiver failed writing volume '{name}': {e}"),
+            }));
+        }
+    });
+    shared.writers.lock().expect("not poisoned").push(writer);
+
+    // Data streams.
+    let data_conn = conn.clone();
+    let data_wtx = wtx.clone();
+    let data_task = tokio::spawn(async move {
+        let mut streams = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                s = data_conn.accept_uni() => match s {
+                    Ok(s) => { streams.spawn(data_stream(s, geometry, data_wtx.clone())); }
+                    Err(_) => break,
+                },
+                Some(r) = streams.join_next(), if !streams.is_empty() => {
+                    if let Ok(Err(e)) = r {
+                        data_conn.close(2u32.into(), e.to_string().as_bytes());
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        while let Some(r) = streams.join_next().await {
+            if let Ok(Err(e)) = r {
+                return Err(e);
+            }
+        }
+        Ok(())
+    });
+
+    let result = async {
+        loop {
+            match transport::recv_control(&mut recv).await? {
+                None => return Ok(()),
+                Some(Msg::ManifestRequest(_)) => {
+                    let (tx, rx) = oneshot::channel();
+                    table_tx.send(tx).map_err(|_| Error::Io("writer stopped".into()))?;
+                    let table = rx.await.map_err(|_| Error::Io("writer stopped".into()))?;
+                    send_hash_runs(&ctl_tx, Bytes::from(table), false).await?;
+                }
+                Some(Msg::Finish(f)) => {
+                    let (tx, rx) = oneshot::channel();
+                    let w = wtx.clone();
+                    tokio::task::spawn_blocking(move || w.send(WriterMsg::Finalize { expected: f.chunks_sent, reply: tx }))
+                        .await
+                        .map_err(|_| Error::Io("writer stopped".into()))?
+                        .map_err(|_| Error::Io("writer stopped".into()))?;
+                    let s = rx.await.map_err(|_| Error::Io("writer stopped before the end of the pass".into()))??;
+                    ctl_tx
+                        .send(Msg::Done(wire::Done { summary: Some(summary_to_wire(&s)) }))
+                        .await
+                        .map_err(|_| Error::Network("control stream closed".into()))?;
+                }
+                Some(other) => return Err(Error::Peer(format!("unexpected control message: {}", msg_name(&other)))),
+            }
+        }
+    }
+    .await;
+    drop(wtx);
+    drop(ctl_tx);
+    if let Err(e) = result {
+        conn.close(1u32.into(), e.to_string().as_bytes());
+        data_task.abort();
+        return Err(e);
+    }
+    let _ = ctl_task.await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+    data_task.abort();
+    Ok(())
+}
+
+/// Name of a control message, for errors.
+pub fn msg_name(m: &Msg) -> &'static str {
+    match m {
+        Msg::Hello(_) => "hello",
+        Msg::Welcome(_) => "welcome",
+        Msg::Refusal(_) => "refusal",
+        Msg::ManifestRequest(_) => "manifest request",
+        Msg::ManifestPart(_) => "manifest part",
+        Msg::Ack(_) => "ack",
+        Msg::Finish(_) => "finish",
+        Msg::Done(_) => "done",
+        Msg::VerifyPart(_) => "verify part",
+        Msg::Forget(_) => "forget",
+        Msg::Failure(_) => "failure",
+    }
+}
+
+/// Sends a table of hashes as runs of [`wire::HASHES_PER_PART`].
+async fn send_hash_runs(ctl: &mpsc::Sender<Msg>, table: Bytes, verify: bool) -> Result<()> {
+    let per = wire::HASHES_PER_PART * manifest::ENTRY_LEN;
+    let mut off = 0usize;
+    loop {
+        let end = (off + per).min(table.len());
+        let run = wire::HashRun {
+            first: (off / manifest::ENTRY_LEN) as u64,
+            hashes: table.slice(off..end),
+            last: end == table.len(),
+        };
+        let msg = if verify { Msg::VerifyPart(run) } else { Msg::ManifestPart(run) };
+        ctl.send(msg).await.map_err(|_| Error::Network("control stream closed".into()))?;
+        if end == table.len() {
+            return Ok(());
+        }
+        off = end;
+    }
+}
+
+/// Reads, checks and forwards the chunks of one data stream.
+async fn data_stream(mut s: quinn::RecvStream, geometry: Geometry, wtx: SyncSender<WriterMsg>) -> Result<()> {
+    let max = geometry.chunk_size().usize() + 4096;
+    while let Some(body) = transport::read_frame(&mut s, max).await? {
+        let wtx = wtx.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let msg = check_chunk(body, &geometry)?;
+            wtx.send(msg).map_err(|_| Error::Io("writer stopped".into()))
+        })
+        .await
+        .map_err(|_| Error::Io("chunk check task failed".into()))??;
+    }
+    Ok(())
+}
+
+/// Decodes and verifies one chunk frame. Nothing unverified leaves this function.
+fn check_chunk(body: Bytes, geometry: &Geometry) -> Result<WriterMsg> {
+    let c = wire::decode_chunk(body).map_err(|e| Error::Peer(format!("bad chunk frame: {e}")))?;
+    let Some(len) = geometry.chunk_len(c.index) else {
+        return Err(Error::Peer(format!(
+            "chunk {} lies past the end of the volume ({} chunks); nothing written",
+            c.index,
+            geometry.chunk_count()
+        )));
+    };
+    if c.len as usize != len {
+        return Err(Error::Peer(format!(
+            "chunk {} announces {} bytes, but it is {len} bytes long; nothing written",
+            c.index, c.len
+        )));
+    }
+    let hash: Hash = c
+        .hash
+        .as_slice()
+        .try_into()
+        .map_err(|_| Error::Peer(format!("chunk {} carries a hash of {} bytes", c.index, c.hash.len())))?;
+    let data = match Encoding::try_from(c.encoding) {
+        Ok(Encoding::Raw) => Some(c.payload),
+        Ok(Encoding::Zstd) => {
+            let out = zstd::bulk::decompress(&c.payload, len)
+                .map_err(|e| Error::Peer(format!("chunk {} does not decompress: {e}", c.index)))?;
+            Some(Bytes::from(out))
+        }
+        Ok(Encoding::Zero) => None,
+        Err(_) => return Err(Error::Peer(format!("chunk {} has an unknown encoding", c.index))),
+    };
+    let actual = match &data {
+        Some(d) if d.len() != len => {
+            return Err(Error::Peer(format!(
+                "chunk {} payload is {} bytes, expected {len}; nothing written",
+                c.index,
+                d.len()
+            )))
+        }
+        Some(d) => *blake3::hash(d).as_bytes(),
+        None => manifest::zero_hash(len),
+    };
+    if actual != hash {
+        return Err(Error::Peer(format!(
+            "chunk {} failed its hash check (corrupted in transit or a faulty sender); nothing of it was written",
+            c.index
+        )));
+    }
+    Ok(WriterMsg::Chunk { index: c.index, hash, data })
+}
+
+fn writer_loop(
+    volume: &Volume,
+    manifest: &mut ManifestFile,
+    rx: std::sync::mpsc::Receiver<WriterMsg>,
+    table_rx: std::sync::mpsc::Receiver<oneshot::Sender<Vec<u8>>>,
+    ctl: &mpsc::Sender<Msg>,
+) -> Result<()> {
+    let geometry = manifest.geometry();
+    let mut committed = 0u64;
+    let mut finalize: Option<(u64, oneshot::Sender<Result<Summary>>)> = None;
+    let mut batch: Vec<(u64, Hash, Option<Bytes>)> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut closed = false;
+    loop {
+        while let Ok(reply) = table_rx.try_recv() {
+            let _ = reply.send(manifest.table().to_vec());
+        }
+        let timeout = if batch.is_empty() { Duration::from_millis(50) } else { LINGER };
+        match rx.recv_timeout(timeout) {
+            Ok(WriterMsg::Chunk { index, hash, data }) => {
+                batch_bytes += data.as_ref().map_or(0, |d| d.len());
+                batch.push((index, hash, data));
+                while batch_bytes < BATCH_BYTES && batch.len() < BATCH_CHUNKS {
+                    match rx.try_recv() {
+                        Ok(WriterMsg::Chunk { index, hash, data }) => {
+                            batch_bytes += data.as_ref().map_or(0, |d| d.len());
+                            batch.push((index, hash, data));
+                        }
+                        Ok(WriterMsg::Finalize { expected, reply }) => finalize = Some((expected, reply)),
+                        Err(_) => break,
+                    }
+                }
+                if batch_bytes < BATCH_BYTES && batch.len() < BATCH_CHUNKS && finalize.is_none() {
+                    continue; // linger for more before paying for a durable commit
+                }
+            }
+            Ok(WriterMsg::Finalize { expected, reply }) => finalize = Some((expected, reply)),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => closed = true,
+        }
+        if !batch.is_empty() {
+            batch_bytes = 0;
+            let indices = commit_batch(volume, manifest, &geometry, std::mem::take(&mut batch))?;
+            committed += indices.len() as u64;
+            let generation = manifest.header().generation;
+            if ctl.blocking_send(Msg::Ack(wire::Ack { indices, generation })).is_err() {
+                closed = true;
+            }
+        }
+        if let Some((expected, _)) = &finalize {
+            if committed >= *expected {
+                let (expected, reply) = finalize.take().expect("checked Some");
+                let result = if committed == expected {
+                    manifest.summary_now()
+                } else {
+                    Err(Error::Peer(format!(
+                        "sender announced {expected} chunks but {committed} arrived"
+                    )))
+                };
+                let _ = reply.send(result);
+            }
+        }
+        if closed {
+            manifest.summary_now()?;
+            return Ok(());
+        }
+    }
+}
+
+/// Commits one batch durably (see the module docs) and returns its indices.
+fn commit_batch(
+    volume: &Volume,
+    manifest: &mut ManifestFile,
+    geometry: &Geometry,
+    batch: Vec<(u64, Hash, Option<Bytes>)>,
+) -> Result<Vec<u64>> {
+    let mut invalidated = false;
+    for (index, _, _) in &batch {
+        if manifest.entry(*index) != UNKNOWN {
+            manifest.set(*index, &UNKNOWN);
+            invalidated = true;
+        }
+    }
+    if invalidated {
+        manifest.flush_table()?;
+    }
+    for (index, _, data) in &batch {
+        let range = geometry.range(*index).expect("index checked against geometry");
+        match data {
+            Some(d) => volume.write_all_at(d, range.start)?,
+            None => volume.zero_range(range.start, range.end - range.start)?,
+        }
+    }
+    volume.sync_data()?;
+    for (index, hash, _) in &batch {
+        manifest.set(*index, hash);
+    }
+    manifest.flush_table()?;
+    Ok(batch.into_iter().map(|(i, _, _)| i).collect())
+}
+
+async fn verify_session(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    hello: wire::Hello,
+    guard: BusyGuard,
+    path: PathBuf,
+) -> Result<()> {
+    let chunk = match ChunkSize::new(u64::from(hello.chunk_size)) {
+        Ok(c) => c,
+        Err(e) => return refuse(&mut send, &conn, Refuse(RefuseCode::ChunkSize, e.to_string())).await,
+    };
+    let volume = match Volume::open_for_verify(&path) {
+        Ok(v) => Arc::new(v),
+        Err(e) => return refuse(&mut send, &conn, e.into()).await,
+    };
+    // Both sides hash the common extent, so their chunks line up.
+    let extent = volume.size().min(hello.source_size);
+    let geometry = Geometry::new(extent, chunk).map_err(|e| Error::input(e.to_string()))?;
+    transport::send_control(
+        &mut send,
+        Msg::Welcome(wire::Welcome {
+            version: wire::PROTOCOL_VERSION,
+            target_size: volume.size(),
+            chunk_size: chunk.bytes() as u32,
+            summary: None,
+            target_is_block: volume.kind() == crate::device::Kind::Block,
+        }),
+    )
+    .await?;
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Msg>(16);
+    let ctl_task = tokio::spawn(async move {
+        while let Some(m) = ctl_rx.recv().await {
+            transport::send_control(&mut send, m).await?;
+        }
+        let _ = send.finish();
+        Ok::<_, Error>(send)
+    });
+    // Stream fresh hashes of the target in order, run by run.
+    let mut scan = hash::scan(
+        volume,
+        geometry,
+        0,
+        ScanOptions::default(),
+        |s| Some((s.index, s.hash)),
+        Arc::new(Quiet),
+    );
+    let mut pending: std::collections::BTreeMap<u64, Vec<(u64, Hash)>> = Default::default();
+    let mut next_seq = 0u64;
+    let mut run: Vec<u8> = Vec::new();
+    let mut run_first = 0u64;
+    while let Some(block) = scan.rx.recv().await {
+        let block = block?;
+        pending.insert(block.seq, block.items);
+        while let Some(items) = pending.remove(&next_seq) {
+            next_seq += 1;
+            for (i, h) in items {
+                if run.is_empty() {
+                    run_first = i;
+                }
+                run.extend_from_slice(&h);
+                if run.len() >= wire::HASHES_PER_PART * manifest::ENTRY_LEN {
+                    let hashes = Bytes::from(std::mem::take(&mut run));
+                    ctl_tx
+                        .send(Msg::VerifyPart(wire::HashRun { first: run_first, hashes, last: false }))
+                        .await
+                        .map_err(|_| Error::Network("control stream closed".into()))?;
+                }
+            }
+        }
+    }
+    tokio::task::spawn_blocking(move || scan.finish())
+        .await
+        .map_err(|_| Error::Io("reader failed".into()))??;
+    ctl_tx
+        .send(Msg::VerifyPart(wire::HashRun {
+            first: run_first,
+            hashes: Bytes::from(run),
+            last: true,
+        }))
+        .await
+        .map_err(|_| Error::Network("control stream closed".into()))?;
+    // The sender may ask us to forget ranges that differ.
+    loop {
+        match transport::recv_control(&mut recv).await? {
+            None => break,
+            Some(Msg::Forget(f)) => {
+                let dir = volume_dir(&shared, &hello.volume);
+                let n = forget_ranges(&dir, &path, &f.ranges)?;
+                if n > 0 {
+                    eprintln!("volume '{}': verify found differences; {n} manifest entries marked unknown", hello.volume);
+                }
+                ctl_tx
+                    .send(Msg::Done(wire::Done { summary: None }))
+                    .await
+                    .map_err(|_| Error::Network("control stream closed".into()))?;
+            }
+            Some(other) => return Err(Error::Peer(format!("unexpected control message: {}", msg_name(&other)))),
+        }
+    }
+    drop(ctl_tx);
+    drop(guard);
+    let _ = ctl_task.await;
+    Ok(())
+}
+
+/// Marks every manifest entry overlapping the byte ranges unknown; returns how many changed.
+pub fn forget_ranges(dir: &Path, target: &Path, ranges: &[u64]) -> Result<u64> {
+    let canonical = target.canonicalize().unwrap_or_else(|_| target.to_owned());
+    let bound = std::fs::read_to_string(dir.join("target")).ok().map(PathBuf::from) == Some(canonical);
+    if !bound {
+        return Ok(0);
+    }
+    let mut m = match ManifestFile::open(&dir.join("manifest"))? {
+        Some(Ok(m)) => m,
+        _ => return Ok(0),
+    };
+    let n = forget_in(&mut m, ranges);
+    if n > 0 {
+        let root = m.current_root();
+        let g = m.header().generation + 1;
+        m.commit(g, root)?;
+    }
+    Ok(n)
+}
+
+/// Marks entries of `m` overlapping `(offset, length)` pairs unknown, in memory.
+pub fn forget_in(m: &mut ManifestFile, ranges: &[u64]) -> u64 {
+    let g = m.geometry();
+    let mut n = 0;
+    for pair in ranges.chunks_exact(2) {
+        let (off, len) = (pair[0], pair[1]);
+        if len == 0 {
+            continue;
+        }
+        let Some(first) = g.chunk_of(off) else { continue };
+        let last = g.chunk_of(off.saturating_add(len - 1).min(g.size().saturating_sub(1))).unwrap_or(first);
+        for i in first..=last {
+            if m.entry(i) != UNKNOWN {
+                m.set(i, &UNKNOWN);
+                n += 1;
+            }
+        }
+    }
+    n
+}

@@ -1,0 +1,647 @@
+//! The sender: drives one pass from the source side.
+//!
+//! Owns the sender's view of the target (its manifest under
+//! `state/targets/<dest>/`) and the pass journal. A pass: open the source,
+//! connect and handshake, reconcile manifests (adopt the receiver's table when
+//! the summaries disagree), then run the pipeline
+//! `reader → hashers (compare, compress) → N data streams`, while a task
+//! applies acknowledgements to our manifest. Only acknowledged chunks are
+//! recorded; at the end both sides' roots must agree. There is no per-chunk
+//! round trip: the data streams never wait for acknowledgements.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use nightpass_proto::chunk::{ChunkSize, Geometry};
+use nightpass_proto::manifest::{self, Hash, Summary};
+use nightpass_proto::plan::{self, CompressPolicy, PassFigures};
+use nightpass_proto::wire::{self, control::Msg, Encoding, Mode};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::device::Volume;
+use crate::error::{Error, Result};
+use crate::hash::{self, ScanOptions, Scanned};
+use crate::progress::{PassEnd, PassStart, Progress};
+use crate::receiver::msg_name;
+use crate::state::{self, Fill, ManifestFile};
+use crate::transport::{self, Identity, RemoteVolume, Tuning};
+
+/// Settings of a pass.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// Source volume path.
+    pub source: PathBuf,
+    /// Destination volume.
+    pub dest: RemoteVolume,
+    /// Pinned fingerprint of the receiver.
+    pub server_fingerprint: String,
+    /// Sender state directory.
+    pub state_dir: PathBuf,
+    /// Chunk size the operator asked for, if any.
+    pub chunk_size: Option<ChunkSize>,
+    /// Parallel data streams.
+    pub streams: usize,
+    /// Limit on payload bytes per second.
+    pub bwlimit: Option<u64>,
+    /// Reader settings.
+    pub scan: ScanOptions,
+    /// QUIC settings.
+    pub tuning: Tuning,
+    /// Journal label: "sync", "converge" or "cutover".
+    pub kind: &'static str,
+}
+
+/// One chunk leaving on a data stream.
+struct Outgoing {
+    index: u64,
+    hash: Hash,
+    encoding: Encoding,
+    len: u32,
+    payload: Bytes,
+}
+
+#[derive(Default)]
+struct Counters {
+    chunks: AtomicU64,
+    changed_bytes: AtomicU64,
+    sent_bytes: AtomicU64,
+    zero_chunks: AtomicU64,
+}
+
+/// Paces payload bytes to a rate.
+struct Pacer {
+    limit: u64,
+    start: Instant,
+    sent: Mutex<u64>,
+}
+
+impl Pacer {
+    async fn pace(&self, n: u64) {
+        let due = {
+            let mut s = self.sent.lock().expect("not poisoned");
+            *s += n;
+            Duration::from_secs_f64(*s as f64 / self.limit as f64)
+        };
+        let el = self.start.elapsed();
+        if due > el {
+            tokio::time::sleep(due - el).await;
+        }
+    }
+}
+
+thread_local! {
+    static POLICY: RefCell<CompressPolicy> = RefCell::new(CompressPolicy::new());
+}
+
+/// Decides what to send for a scanned chunk; runs on the hashing threads.
+fn plan_chunk(s: Scanned, known: &[u8]) -> Option<Outgoing> {
+    if manifest::entry(known, s.index) == s.hash {
+        return None;
+    }
+    let len = s.data.len() as u32;
+    if s.zero {
+        return Some(Outgoing {
+            index: s.index,
+            hash: s.hash,
+            encoding: Encoding::Zero,
+            len,
+            payload: Bytes::new(),
+        });
+    }
+    let compressed = POLICY.with(|p| {
+        let mut p = p.borrow_mut();
+        if !p.should_try() {
+            return None;
+        }
+        let c = zstd::bulk::compress(&s.data, 1).ok()?;
+        p.record(s.data.len(), c.len());
+        CompressPolicy::pays(s.data.len(), c.len()).then_some(c)
+    });
+    Some(match compressed {
+        Some(c) => Outgoing {
+            index: s.index,
+            hash: s.hash,
+            encoding: Encoding::Zstd,
+            len,
+            payload: Bytes::from(c),
+        },
+        None => Outgoing {
+            index: s.index,
+            hash: s.hash,
+            encoding: Encoding::Raw,
+            len,
+            payload: s.data,
+        },
+    })
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Where the sender keeps its state for `dest`.
+pub fn target_dir(state_dir: &std::path::Path, dest: &RemoteVolume) -> PathBuf {
+    state_dir.join("targets").join(state::key_for(&dest.to_string()))
+}
+
+/// The journal's pass records as forecast inputs, oldest first.
+pub fn journal_figures(records: &[serde_json::Value]) -> Vec<PassFigures> {
+    records
+        .iter()
+        .filter(|r| r["event"] == "pass")
+        .map(|r| PassFigures {
+            start_unix_s: r["start_unix_s"].as_f64().unwrap_or(0.0),
+            duration_s: r["duration_s"].as_f64().unwrap_or(0.0),
+            size_bytes: r["size_bytes"].as_u64().unwrap_or(0),
+            scanned_bytes: r["scanned_bytes"].as_u64().unwrap_or(0),
+            changed_chunks: r["changed_chunks"].as_u64().unwrap_or(0),
+            changed_bytes: r["changed_bytes"].as_u64().unwrap_or(0),
+            read_busy_s: r["read_busy_s"].as_f64().unwrap_or(0.0),
+            first: r["first"].as_bool().unwrap_or(false),
+        })
+        .collect()
+}
+
+fn parse_summary(w: Option<wire::WireSummary>) -> Result<Summary> {
+    let w = w.ok_or_else(|| Error::Peer("receiver sent no manifest summary".into()))?;
+    Ok(Summary {
+        volume_id: w
+            .volume_id
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Peer("receiver sent a volume id of the wrong length".into()))?,
+        generation: w.generation,
+        root: w
+            .root
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Peer("receiver sent a root hash of the wrong length".into()))?,
+    })
+}
+
+/// A connected, accepted session.
+pub struct Session {
+    /// The QUIC endpoint (kept so the close reaches the peer).
+    pub endpoint: quinn::Endpoint,
+    /// The connection.
+    pub conn: quinn::Connection,
+    /// Control stream, send half.
+    pub send: quinn::SendStream,
+    /// Control stream, receive half.
+    pub recv: quinn::RecvStream,
+    /// The receiver's answer.
+    pub welcome: wire::Welcome,
+}
+
+/// Connects to `dest` and performs the handshake for `hello`.
+pub async fn open_session(
+    id: &Identity,
+    dest: &RemoteVolume,
+    server_fp: &str,
+    tuning: &Tuning,
+    hello: wire::Hello,
+) -> Result<Session> {
+    let addr = dest.resolve().await?;
+    let (endpoint, conn) = transport::connect(id, addr, server_fp, tuning).await?;
+    let our_fp = id.fingerprint();
+    let attempt = async {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| transport::explain(&e, addr, &our_fp))?;
+        transport::send_control(&mut send, Msg::Hello(hello)).await?;
+        match transport::recv_control(&mut recv).await? {
+            Some(Msg::Welcome(w)) => {
+                if w.version != wire::PROTOCOL_VERSION {
+                    return Err(Error::input(format!(
+                        "receiver at {dest} speaks protocol version {}, this sender {}",
+                        w.version,
+                        wire::PROTOCOL_VERSION
+                    )));
+                }
+                Ok((send, recv, w))
+            }
+            Some(Msg::Refusal(r)) => Err(Error::input(format!("receiver at {} refused: {}", dest.host_port, r.message))),
+            Some(other) => Err(Error::Peer(format!("receiver answered the hello with a {}", msg_name(&other)))),
+            None => Err(Error::Network(format!("receiver at {} closed the session without an answer", dest.host_port))),
+        }
+    };
+    match attempt.await {
+        Ok((send, recv, welcome)) => Ok(Session {
+            endpoint,
+            conn,
+            send,
+            recv,
+            welcome,
+        }),
+        Err(e) => match conn.close_reason() {
+            Some(reason @ (quinn::ConnectionError::ConnectionClosed(_) | quinn::ConnectionError::TransportError(_))) => {
+                Err(transport::explain(&reason, addr, &our_fp))
+            }
+            _ => Err(e),
+        },
+    }
+}
+
+/// Fetches the receiver's manifest table.
+async fn fetch_table(s: &mut Session, geometry: &Geometry) -> Result<Vec<u8>> {
+    transport::send_control(&mut s.send, Msg::ManifestRequest(wire::ManifestRequest {})).await?;
+    let mut table = vec![0u8; geometry.chunk_count() as usize * manifest::ENTRY_LEN];
+    loop {
+        match transport::recv_control(&mut s.recv).await? {
+            Some(Msg::ManifestPart(run)) => {
+                let start = (run.first as usize).checked_mul(manifest::ENTRY_LEN);
+                let end = start.and_then(|st| st.checked_add(run.hashes.len()));
+                match (start, end) {
+                    (Some(st), Some(en)) if en <= table.len() && run.hashes.len() % manifest::ENTRY_LEN == 0 => {
+                        table[st..en].copy_from_slice(&run.hashes)
+                    }
+                    _ => return Err(Error::Peer("receiver sent a manifest part outside the volume".into())),
+                }
+                if run.last {
+                    return Ok(table);
+                }
+            }
+            Some(other) => return Err(Error::Peer(format!("expected a manifest part, got a {}", msg_name(&other)))),
+            None => return Err(Error::Network("receiver closed the session during the manifest exchange".into())),
+        }
+    }
+}
+
+async fn ack_loop(
+    mut recv: quinn::RecvStream,
+    ours: Arc<Mutex<ManifestFile>>,
+    inflight: Arc<Mutex<HashMap<u64, Hash>>>,
+) -> Result<Summary> {
+    loop {
+        match transport::recv_control(&mut recv).await? {
+            Some(Msg::Ack(a)) => {
+                let mut m = ours.lock().expect("not poisoned");
+                let mut inf = inflight.lock().expect("not poisoned");
+                for i in a.indices {
+                    match inf.remove(&i) {
+                        Some(h) => m.set(i, &h),
+                        None => return Err(Error::Peer(format!("receiver acknowledged chunk {i}, which was not sent"))),
+                    }
+                }
+            }
+            Some(Msg::Done(d)) => return parse_summary(d.summary),
+            Some(Msg::Failure(f)) => return Err(Error::Io(f.message)),
+            Some(other) => return Err(Error::Peer(format!("unexpected {} during the pass", msg_name(&other)))),
+            None => return Err(Error::Network("receiver closed the control stream before the end of the pass".into())),
+        }
+    }
+}
+
+async fn stream_task(
+    conn: quinn::Connection,
+    mut rx: mpsc::Receiver<Outgoing>,
+    inflight: Arc<Mutex<HashMap<u64, Hash>>>,
+    counters: Arc<Counters>,
+    pacer: Option<Arc<Pacer>>,
+    progress: Arc<dyn Progress>,
+) -> Result<()> {
+    let mut s = conn
+        .open_uni()
+        .await
+        .map_err(|e| Error::Network(format!("cannot open a data stream: {e}")))?;
+    while let Some(o) = rx.recv().await {
+        if let Some(p) = &pacer {
+            p.pace(o.payload.len() as u64).await;
+        }
+        inflight.lock().expect("not poisoned").insert(o.index, o.hash);
+        let n = o.payload.len() as u64;
+        let head = wire::Chunk {
+            index: o.index,
+            hash: o.hash.to_vec(),
+            encoding: o.encoding as i32,
+            len: o.len,
+            payload: Bytes::new(),
+        };
+        let mut bufs = wire::encode_chunk_frame(&head, o.payload);
+        transport::write_bufs(&mut s, &mut bufs).await?;
+        counters.chunks.fetch_add(1, Ordering::Relaxed);
+        counters.changed_bytes.fetch_add(u64::from(o.len), Ordering::Relaxed);
+        counters.sent_bytes.fetch_add(n, Ordering::Relaxed);
+        if o.encoding == Encoding::Zero {
+            counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
+        }
+        progress.sent(n);
+    }
+    s.finish().map_err(|e| Error::Network(format!("data stream: {e}")))?;
+    Ok(())
+}
+
+/// Runs one pass and returns its report.
+pub async fn run_pass(cfg: &SyncConfig, id: &Identity, progress: Arc<dyn Progress>) -> Result<PassEnd> {
+    let source = cfg.source.clone();
+    let vol = Arc::new(Volume::open_source(&source)?);
+    let size = vol.size();
+    if size == 0 {
+        return Err(Error::input(format!(
+            "source {} is empty (0 bytes): nothing to copy",
+            source.display()
+        )));
+    }
+    let dir = target_dir(&cfg.state_dir, &cfg.dest);
+    let mpath = dir.join("manifest");
+    let mut ours = match ManifestFile::open(&mpath)? {
+        Some(Ok(m)) => Some(m),
+        Some(Err(e)) => {
+            progress.note(&format!("our manifest of {} cannot be trusted ({e}); rebuilding it from the receiver's", cfg.dest));
+            None
+        }
+        None => None,
+    };
+    let have = ours.as_ref().map(|m| m.geometry().chunk_size());
+    let (chunk, explicit) = match (cfg.chunk_size, have) {
+        (Some(c), Some(h)) if c != h => {
+            return Err(Error::input(format!(
+                "{} was first copied with chunk size {h}; a pass with chunk size {c} would re-chunk it. Drop --chunk-size to keep {h}",
+                cfg.dest
+            )))
+        }
+        (Some(c), _) => (c, true),
+        (None, Some(h)) => (h, false),
+        (None, None) => (ChunkSize::DEFAULT, false),
+    };
+    let hello = wire::Hello {
+        version: wire::PROTOCOL_VERSION,
+        volume: cfg.dest.name.clone(),
+        mode: Mode::Sync as i32,
+        source_size: size,
+        chunk_size: chunk.bytes() as u32,
+        chunk_size_explicit: explicit,
+        known: ours.as_ref().map(|m| {
+            let s = m.header().summary();
+            wire::WireSummary {
+                volume_id: s.volume_id.to_vec(),
+                generation: s.generation,
+                root: s.root.to_vec(),
+            }
+        }),
+    };
+    let mut session = open_session(id, &cfg.dest, &cfg.server_fingerprint, &cfg.tuning, hello).await?;
+    let chunk = ChunkSize::new(u64::from(session.welcome.chunk_size))
+        .map_err(|e| Error::Peer(format!("receiver chose an invalid chunk size: {e}")))?;
+    let geometry = Geometry::new(size, chunk).map_err(|e| Error::input(e.to_string()))?;
+    let theirs = parse_summary(session.welcome.summary.clone())?;
+
+    // Reconcile: trust our view only when it is exactly the receiver's.
+    let agree = ours
+        .as_ref()
+        .is_some_and(|m| m.geometry() == geometry && m.header().summary() == theirs);
+    if !agree {
+        let table = fetch_table(&mut session, &geometry).await?;
+        if manifest::root(&geometry, &table) != theirs.root {
+            return Err(Error::Peer("the receiver's manifest does not match its own root hash".into()));
+        }
+        drop(ours.take());
+        let mut m = ManifestFile::create(&mpath, geometry, theirs.volume_id, Fill::Unknown)?;
+        m.replace_table(&table);
+        m.commit(theirs.generation, theirs.root)?;
+        ours = Some(m);
+    }
+    let ours = ours.expect("set above");
+    let journal_path = dir.join("journal.jsonl");
+    let journal = state::read_journal(&journal_path);
+    let pass_no = journal.iter().filter(|r| r["event"] == "pass").count() as u64 + 1;
+    let start = PassStart {
+        volume: cfg.dest.to_string(),
+        pass: pass_no,
+        size_bytes: size,
+        chunk_size: chunk.bytes(),
+    };
+    progress.pass_start(&start);
+    let started = Instant::now();
+    let start_unix = now_unix();
+
+    let known = Arc::new(ours.table().to_vec());
+    let ours = Arc::new(Mutex::new(ours));
+    let inflight: Arc<Mutex<HashMap<u64, Hash>>> = Arc::default();
+    let counters: Arc<Counters> = Arc::default();
+    let pacer = cfg.bwlimit.map(|limit| {
+        Arc::new(Pacer {
+            limit,
+            start: Instant::now(),
+            sent: Mutex::new(0),
+        })
+    });
+    let scan_known = known.clone();
+    let mut scan = hash::scan(
+        vol,
+        geometry,
+        0,
+        cfg.scan.clone(),
+        move |s| plan_chunk(s, &scan_known),
+        progress.clone(),
+    );
+    let Session {
+        endpoint,
+        conn,
+        mut send,
+        recv,
+        ..
+    } = session;
+    let ack_task = tokio::spawn(ack_loop(recv, ours.clone(), inflight.clone()));
+    tokio::pin!(ack_task);
+    let streams = cfg.streams.max(1);
+    let dispatch = async {
+        let mut txs = Vec::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..streams {
+            let (tx, rx) = mpsc::channel::<Outgoing>(8);
+            txs.push(tx);
+            tasks.spawn(stream_task(
+                conn.clone(),
+                rx,
+                inflight.clone(),
+                counters.clone(),
+                pacer.clone(),
+                progress.clone(),
+            ));
+        }
+        let mut next = 0usize;
+        let mut failed: Option<Error> = None;
+        'blocks: while let Some(block) = scan.rx.recv().await {
+            let block = match block {
+                Ok(b) => b,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            for o in block.items {
+                if txs[next % streams].send(o).await.is_err() {
+                    break 'blocks;
+                }
+                next += 1;
+            }
+        }
+        drop(txs);
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(_) => failed = failed.or(Some(Error::Network("a data stream task failed".into()))),
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(counters.chunks.load(Ordering::Relaxed)),
+        }
+    };
+    let sent_chunks = tokio::select! {
+        r = dispatch => r?,
+        r = &mut ack_task => {
+            return Err(match r {
+                Ok(Err(e)) => e,
+                _ => Error::Network("receiver ended the session before the pass finished".into()),
+            });
+        }
+    };
+    let stats = tokio::task::spawn_blocking(move || scan.finish())
+        .await
+        .map_err(|_| Error::Io("reader thread failed".into()))??;
+    transport::send_control(&mut send, Msg::Finish(wire::Finish { chunks_sent: sent_chunks })).await?;
+    let done = match ack_task.await {
+        Ok(r) => r?,
+        Err(_) => return Err(Error::Network("acknowledgement task failed".into())),
+    };
+    if !inflight.lock().expect("not poisoned").is_empty() {
+        return Err(Error::Peer("the receiver ended the pass with chunks unacknowledged".into()));
+    }
+    let root = {
+        let mut m = ours.lock().expect("not poisoned");
+        let root = m.current_root();
+        if root != done.root {
+            m.flush_table()?;
+            return Err(Error::Peer(format!(
+                "after the pass the receiver's manifest root {} differs from ours {}; the next pass will rebuild our view from the receiver",
+                manifest::to_hex(&done.root),
+                manifest::to_hex(&root)
+            )));
+        }
+        m.set_volume_id(done.volume_id);
+        m.commit(done.generation, root)?;
+        root
+    };
+    let _ = send.finish();
+    conn.close(0u32.into(), b"pass complete");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+
+    let duration_s = started.elapsed().as_secs_f64();
+    let changed_bytes = counters.changed_bytes.load(Ordering::Relaxed);
+    let record = json!({
+        "event": "pass",
+        "kind": cfg.kind,
+        "source": cfg.source.display().to_string(),
+        "volume": cfg.dest.to_string(),
+        "pass": pass_no,
+        "first": pass_no == 1,
+        "start_unix_s": start_unix,
+        "duration_s": duration_s,
+        "size_bytes": size,
+        "chunk_size": chunk.bytes(),
+        "scanned_bytes": stats.bytes,
+        "read_busy_s": stats.busy_s,
+        "changed_chunks": sent_chunks,
+        "changed_bytes": changed_bytes,
+        "sent_bytes": counters.sent_bytes.load(Ordering::Relaxed),
+        "zero_chunks": counters.zero_chunks.load(Ordering::Relaxed),
+        "read_rate_bps": stats.bytes as f64 / stats.busy_s.max(1e-6),
+        "send_rate_bps": counters.sent_bytes.load(Ordering::Relaxed) as f64 / duration_s.max(1e-6),
+        "root": manifest::to_hex(&root),
+    });
+    state::append_journal(&journal_path, &record)?;
+    let mut all = journal;
+    all.push(record);
+    let forecast = plan::forecast(&journal_figures(&all), now_unix()).map(|f| f.total_s);
+    let end = PassEnd {
+        start,
+        scanned_bytes: stats.bytes,
+        changed_chunks: sent_chunks,
+        changed_bytes,
+        sent_bytes: counters.sent_bytes.load(Ordering::Relaxed),
+        zero_chunks: counters.zero_chunks.load(Ordering::Relaxed),
+        duration_s,
+        forecast_final_pass_s: forecast,
+        root: manifest::to_hex(&root),
+    };
+    progress.pass_end(&end);
+    Ok(end)
+}
+
+/// Prints the pass history and the current forecast of every volume in the
+/// sender state directory (only those copied from `source`, when given).
+pub fn status(state_dir: &std::path::Path, source: Option<&std::path::Path>, progress: &dyn Progress) -> Result<()> {
+    let targets = state_dir.join("targets");
+    let mut dirs: Vec<_> = std::fs::read_dir(&targets)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    let want = source.map(|s| s.display().to_string());
+    let mut any = false;
+    for dir in dirs {
+        let records = state::read_journal(&dir.join("journal.jsonl"));
+        let passes: Vec<_> = records.iter().filter(|r| r["event"] == "pass").collect();
+        let Some(last) = passes.last() else { continue };
+        if let Some(w) = &want {
+            if last["source"].as_str() != Some(w.as_str()) {
+                continue;
+            }
+        }
+        any = true;
+        let forecast = plan::forecast(&journal_figures(&records), now_unix());
+        let mut text = format!(
+            "{} (source {})\n  pass kind      duration  scanned     changed     sent\n",
+            last["volume"].as_str().unwrap_or("?"),
+            last["source"].as_str().unwrap_or("?")
+        );
+        for p in &passes {
+            text.push_str(&format!(
+                "  {:<4} {:<9} {:>7.1}s  {:<11} {:<11} {}\n",
+                p["pass"],
+                p["kind"].as_str().unwrap_or("?"),
+                p["duration_s"].as_f64().unwrap_or(0.0),
+                crate::progress::human_bytes(p["scanned_bytes"].as_u64().unwrap_or(0)),
+                crate::progress::human_bytes(p["changed_bytes"].as_u64().unwrap_or(0)),
+                crate::progress::human_bytes(p["sent_bytes"].as_u64().unwrap_or(0)),
+            ));
+        }
+        text.push_str(&match forecast {
+            Some(f) => format!(
+                "  forecast of a frozen final pass now: {:.1} s (scan {:.1} s, send {:.1} s of {} changed at {}/s)",
+                f.total_s,
+                f.scan_s,
+                f.send_s,
+                crate::progress::human_bytes(f.pending_bytes as u64),
+                crate::progress::human_bytes(f.change_rate_bps as u64)
+            ),
+            None => "  forecast: needs at least two passes".into(),
+        });
+        progress.event(
+            &json!({
+                "event": "status",
+                "volume": last["volume"],
+                "source": last["source"],
+                "passes": passes,
+                "forecast_final_pass_s": forecast.map(|f| f.total_s),
+            }),
+            &text,
+        );
+    }
+    if !any {
+        progress.note(&format!("no passes recorded in {}", state_dir.display()));
+    }
+    Ok(())
+}

@@ -1,0 +1,294 @@
+//! State directories: memory-mapped manifests and the pass journal.
+//!
+//! Owns every file under a state directory. A sender keeps, per destination,
+//! `targets/<key>/manifest` (its view of what the target provably holds) and
+//! `journal.jsonl`; a receiver keeps, per exported volume,
+//! `volumes/<name>/manifest`, `target` (the path the manifest describes) and
+//! `journal.jsonl`. Manifests are created crash-safely (temp file, fsync,
+//! rename, fsync of the directory) and then updated in place under the
+//! ordering rules written in `nightpass_proto::manifest`. Each manifest is
+//! `flock`ed while open so two processes never share one.
+//!
+//! Sharp edge: the table is memory-mapped. Truncating a manifest file under a
+//! running nightpass would make its next access fault (SIGBUS); the lock keeps
+//! other nightpass processes away, and operators must not edit these files.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+use nightpass_proto::chunk::Geometry;
+use nightpass_proto::manifest::{self, Hash, Header, ManifestError, Summary, HEADER_LEN};
+
+use crate::error::{Error, IoContext, Result};
+
+/// The default state directory: `$NIGHTPASS_HOME/state`, else `~/.local/state/nightpass`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(h) = std::env::var_os("NIGHTPASS_HOME") {
+        return PathBuf::from(h).join("state");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".local/state/nightpass")
+}
+
+/// Turns a destination such as `10.0.0.2:7400/filer01` into a directory name.
+pub fn key_for(dest: &str) -> String {
+    dest.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .collect()
+}
+
+/// Writes `bytes` to `path` crash-safely: temp file, fsync, rename, fsync dir.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).ctx(format!("create {}", dir.display()))?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp).ctx(format!("create {}", tmp.display()))?;
+        f.write_all(bytes).ctx(format!("write {}", tmp.display()))?;
+        f.sync_all().ctx(format!("fsync {}", tmp.display()))?;
+    }
+    fs::rename(&tmp, path).ctx(format!("rename to {}", path.display()))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(format!("fsync directory {}", dir.display()))
+}
+
+/// How a new manifest's entries start.
+#[derive(Debug, Clone, Copy)]
+pub enum Fill {
+    /// Nothing is proven: every entry unknown.
+    Unknown,
+    /// The target reads as zeros (a freshly created sparse file).
+    Zeros,
+}
+
+/// An open, locked, memory-mapped manifest.
+#[derive(Debug)]
+pub struct ManifestFile {
+    path: PathBuf,
+    _file: File,
+    map: MmapMut,
+    header: Header,
+}
+
+impl ManifestFile {
+    /// Creates (replacing any old one) a manifest for `geometry`.
+    pub fn create(path: &Path, geometry: Geometry, volume_id: [u8; 16], fill: Fill) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).ctx(format!("create {}", dir.display()))?;
+        let tmp = path.with_extension("new");
+        let mut table = vec![0u8; (geometry.chunk_count() as usize) * manifest::ENTRY_LEN];
+        if let Fill::Zeros = fill {
+            let full = manifest::zero_hash(geometry.chunk_size().usize());
+            for i in 0..geometry.chunk_count() {
+                let len = geometry.chunk_len(i).expect("index below count");
+                let h = if len == geometry.chunk_size().usize() {
+                    full
+                } else {
+                    manifest::zero_hash(len)
+                };
+                manifest::set_entry(&mut table, i, &h);
+            }
+        }
+        let header = Header {
+            geometry,
+            generation: 1,
+            volume_id,
+            root: manifest::root(&geometry, &table),
+        };
+        {
+            let mut f = File::create(&tmp).ctx(format!("create {}", tmp.display()))?;
+            f.write_all(&header.encode()).ctx(format!("write {}", tmp.display()))?;
+            f.write_all(&table).ctx(format!("write {}", tmp.display()))?;
+            f.sync_all().ctx(format!("fsync {}", tmp.display()))?;
+        }
+        fs::rename(&tmp, path).ctx(format!("rename to {}", path.display()))?;
+        sync_dir(dir)?;
+        match Self::open(path)? {
+            Some(Ok(m)) => Ok(m),
+            Some(Err(e)) => Err(Error::Io(format!("{}: just written but unreadable: {e}", path.display()))),
+            None => Err(Error::Io(format!("{}: vanished after creation", path.display()))),
+        }
+    }
+
+    /// Opens and locks a manifest. `None` when missing; `Some(Err)` when it
+    /// exists but cannot be trusted (corrupt, truncated, another format).
+    #[allow(clippy::type_complexity)]
+    pub fn open(path: &Path) -> Result<Option<std::result::Result<Self, ManifestError>>> {
+        let file = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(path.display(), e)),
+        };
+        if !crate::device::lock_exclusive(&file) {
+            return Err(Error::input(format!(
+                "{} is in use by another nightpass process",
+                path.display()
+            )));
+        }
+        let len = file.metadata().ctx(path.display())?.len();
+        if len < HEADER_LEN as u64 {
+            return Ok(Some(Err(ManifestError::Truncated(len as usize))));
+        }
+        // SAFETY: the file is locked against other nightpass processes and
+        // never truncated while mapped (see the module docs).
+        let map = unsafe { MmapMut::map_mut(&file) }.ctx(format!("mmap {}", path.display()))?;
+        let header = match Header::decode(&map[..HEADER_LEN]) {
+            Ok(h) => h,
+            Err(e) => return Ok(Some(Err(e))),
+        };
+        if let Err(e) = header.check_file_len(len) {
+            return Ok(Some(Err(e)));
+        }
+        Ok(Some(Ok(ManifestFile {
+            path: path.to_owned(),
+            _file: file,
+            map,
+            header,
+        })))
+    }
+
+    /// The header as last committed.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Volume and chunk size.
+    pub fn geometry(&self) -> Geometry {
+        self.header.geometry
+    }
+
+    /// The table of entries.
+    pub fn table(&self) -> &[u8] {
+        &self.map[HEADER_LEN..]
+    }
+
+    /// Entry `index`.
+    pub fn entry(&self, index: u64) -> Hash {
+        manifest::entry(self.table(), index)
+    }
+
+    /// Sets entry `index` in memory; durable after [`Self::flush_table`].
+    pub fn set(&mut self, index: u64, hash: &Hash) {
+        manifest::set_entry(&mut self.map[HEADER_LEN..], index, hash);
+    }
+
+    /// Replaces the whole table (the sender adopting the receiver's view).
+    pub fn replace_table(&mut self, table: &[u8]) {
+        self.map[HEADER_LEN..].copy_from_slice(table);
+    }
+
+    /// Makes table changes durable (msync).
+    pub fn flush_table(&self) -> Result<()> {
+        self.map.flush().ctx(format!("msync {}", self.path.display()))
+    }
+
+    /// Root hash of the table as it is now.
+    pub fn current_root(&self) -> Hash {
+        manifest::root(&self.header.geometry, self.table())
+    }
+
+    /// The summary as of now: the header's, with the root recomputed and the
+    /// generation bumped if the table moved past the last header commit.
+    pub fn summary_now(&mut self) -> Result<Summary> {
+        let root = self.current_root();
+        if root != self.header.root {
+            let g = self.header.generation + 1;
+            self.commit(g, root)?;
+        }
+        Ok(self.header.summary())
+    }
+
+    /// Durably records `generation` and `root` in the header, after the table.
+    pub fn commit(&mut self, generation: u64, root: Hash) -> Result<()> {
+        self.flush_table()?;
+        self.header.generation = generation;
+        self.header.root = root;
+        self.map[..HEADER_LEN].copy_from_slice(&self.header.encode());
+        self.map
+            .flush_range(0, HEADER_LEN)
+            .ctx(format!("msync {}", self.path.display()))
+    }
+
+    /// Sets the volume id recorded in the header (committed with the next commit).
+    pub fn set_volume_id(&mut self, id: [u8; 16]) {
+        self.header.volume_id = id;
+    }
+}
+
+/// Appends one JSON record to a journal file and makes it durable.
+///
+/// A crash can leave a torn last line; readers skip lines that do not parse.
+pub fn append_journal(path: &Path, record: &serde_json::Value) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).ctx(format!("create {}", dir.display()))?;
+    }
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .ctx(format!("open {}", path.display()))?;
+    let mut line = serde_json::to_vec(record).expect("JSON values serialize");
+    line.push(b'\n');
+    f.write_all(&line).ctx(format!("append {}", path.display()))?;
+    f.sync_data().ctx(format!("fsync {}", path.display()))
+}
+
+/// Reads every complete record of a journal (none when it is missing).
+pub fn read_journal(path: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nightpass_proto::chunk::ChunkSize;
+
+    #[test]
+    fn create_open_commit_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        let g = Geometry::new(100_000, ChunkSize::new(4096).unwrap()).unwrap();
+        let mut m = ManifestFile::create(&p, g, [1; 16], Fill::Zeros).unwrap();
+        assert_eq!(m.entry(24), manifest::zero_hash(100_000 - 24 * 4096));
+        m.set(3, &[7; 32]);
+        let root = m.current_root();
+        m.commit(5, root).unwrap();
+        drop(m);
+        let m = ManifestFile::open(&p).unwrap().unwrap().unwrap();
+        assert_eq!(m.header().generation, 5);
+        assert_eq!(m.entry(3), [7; 32]);
+        assert_eq!(m.header().root, m.current_root());
+    }
+
+    #[test]
+    fn truncated_manifest_is_untrusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        let g = Geometry::new(100_000, ChunkSize::new(4096).unwrap()).unwrap();
+        drop(ManifestFile::create(&p, g, [1; 16], Fill::Unknown).unwrap());
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(HEADER_LEN as u64 + 64).unwrap();
+        assert!(matches!(ManifestFile::open(&p).unwrap(), Some(Err(ManifestError::TableLength { .. }))));
+    }
+
+    #[test]
+    fn second_open_is_refused_while_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        let g = Geometry::new(4096, ChunkSize::new(4096).unwrap()).unwrap();
+        let _m = ManifestFile::create(&p, g, [1; 16], Fill::Unknown).unwrap();
+        let e = ManifestFile::open(&p).unwrap_err();
+        assert!(e.to_string().contains("in use"));
+    }
+}

@@ -1,0 +1,509 @@
+//! QUIC endpoints, TLS identities, fingerprint pinning and the authorized list.
+//!
+//! Owns everything about who may talk to whom. An identity is a directory
+//! holding `key.der` (PKCS#8, mode 0600) and `cert.der` (a self-signed
+//! certificate). Its fingerprint is `np1-` followed by the unpadded lowercase
+//! base32 of SHA-256 of the certificate's DER bytes. Both sides present
+//! certificates (mutual TLS 1.3) and each checks the other's fingerprint
+//! against what the operator pinned; no CA, name or date is consulted, and
+//! there is no unauthenticated mode.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nightpass_proto::wire::ALPN;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::error::{Error, IoContext, Result};
+
+/// The name both sides put in and expect from certificates; not checked, only pinned fingerprints are.
+pub const SERVER_NAME: &str = "nightpass";
+
+/// A TLS identity: certificate and private key.
+#[derive(Debug)]
+pub struct Identity {
+    cert: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+}
+
+/// The default identity directory: `$NIGHTPASS_HOME/identity`, else `~/.config/nightpass/identity`.
+pub fn default_identity_dir() -> PathBuf {
+    if let Some(h) = std::env::var_os("NIGHTPASS_HOME") {
+        return PathBuf::from(h).join("identity");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".config/nightpass/identity")
+}
+
+/// The fingerprint of a DER certificate.
+pub fn fingerprint_of(cert_der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert_der);
+    format!(
+        "np1-{}",
+        data_encoding::BASE32_NOPAD.encode(digest.as_ref()).to_ascii_lowercase()
+    )
+}
+
+/// Checks the shape of a fingerprint an operator typed or pasted.
+pub fn parse_fingerprint(s: &str) -> Result<String> {
+    let t = s.trim().to_ascii_lowercase();
+    let ok = t.len() == 56
+        && t.starts_with("np1-")
+        && t[4..].bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
+    if ok {
+        Ok(t)
+    } else {
+        Err(Error::input(format!(
+            "'{s}' is not a nightpass fingerprint (expected np1- followed by 52 base32 characters)"
+        )))
+    }
+}
+
+impl Identity {
+    /// Creates a new identity in `dir`; refuses to overwrite one unless `force`.
+    pub fn generate(dir: &Path, force: bool) -> Result<Identity> {
+        let key_path = dir.join("key.der");
+        let cert_path = dir.join("cert.der");
+        if !force && (key_path.exists() || cert_path.exists()) {
+            return Err(Error::input(format!(
+                "an identity already exists in {} (use --force to replace it; peers that pinned it will refuse the new one)",
+                dir.display()
+            )));
+        }
+        fs::create_dir_all(dir).ctx(format!("create {}", dir.display()))?;
+        let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
+            .map_err(|e| Error::Io(format!("generate certificate: {e}")))?;
+        let key = ck.key_pair.serialize_der();
+        let cert = ck.cert.der().to_vec();
+        let _ = fs::remove_file(&key_path);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)
+            .ctx(format!("create {}", key_path.display()))?;
+        f.write_all(&key).ctx(format!("write {}", key_path.display()))?;
+        f.sync_all().ctx(format!("fsync {}", key_path.display()))?;
+        crate::state::write_atomic(&cert_path, &cert)?;
+        Ok(Identity {
+            cert: CertificateDer::from(cert),
+            key: PrivatePkcs8KeyDer::from(key),
+        })
+    }
+
+    /// Loads the identity in `dir`.
+    pub fn load(dir: &Path) -> Result<Identity> {
+        let read = |name: &str| {
+            fs::read(dir.join(name)).map_err(|e| {
+                Error::input(format!(
+                    "cannot read identity {} ({e}); create one with 'nightpass keygen --identity {}'",
+                    dir.join(name).display(),
+                    dir.display()
+                ))
+            })
+        };
+        Ok(Identity {
+            key: PrivatePkcs8KeyDer::from(read("key.der")?),
+            cert: CertificateDer::from(read("cert.der")?),
+        })
+    }
+
+    /// This identity's fingerprint.
+    pub fn fingerprint(&self) -> String {
+        fingerprint_of(&self.cert)
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Client side: accepts exactly one server fingerprint.
+#[derive(Debug)]
+struct PinnedServer {
+    expected: String,
+    seen: Arc<Mutex<Option<String>>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let fp = fingerprint_of(end_entity);
+        let ok = fp == self.expected;
+        *self.seen.lock().expect("not poisoned") = Some(fp);
+        if ok {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Server side: accepts only client certificates whose fingerprint is allowed.
+#[derive(Debug)]
+struct AllowedClients {
+    allowed: HashSet<String>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for AllowedClients {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
+        let fp = fingerprint_of(end_entity);
+        if self.allowed.contains(&fp) {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            eprintln!("refused a sender: fingerprint {fp} is not authorized (not in --allow)");
+            Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Transport tuning shared by both sides.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Per-stream receive window in bytes.
+    pub stream_window: u64,
+    /// Per-connection receive and send window in bytes.
+    pub conn_window: u64,
+    /// Use BBR instead of CUBIC.
+    pub bbr: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            stream_window: 16 << 20,
+            conn_window: 64 << 20,
+            bbr: false,
+        }
+    }
+}
+
+fn transport_config(t: &Tuning) -> Arc<quinn::TransportConfig> {
+    let mut c = quinn::TransportConfig::default();
+    let w = |v: u64| quinn::VarInt::from_u64(v).unwrap_or(quinn::VarInt::MAX);
+    c.stream_receive_window(w(t.stream_window))
+        .receive_window(w(t.conn_window))
+        .send_window(t.conn_window)
+        .max_concurrent_uni_streams(64u32.into())
+        .max_concurrent_bidi_streams(4u32.into())
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(Duration::from_secs(60)).expect("60 s fits"),
+        ));
+    if t.bbr {
+        c.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    }
+    Arc::new(c)
+}
+
+fn key_der(id: &Identity) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(id.key.clone_key())
+}
+
+/// A receiver's endpoint, accepting only `allowed` senders.
+pub fn server_endpoint(
+    id: &Identity,
+    allowed: HashSet<String>,
+    listen: SocketAddr,
+    tuning: &Tuning,
+) -> Result<quinn::Endpoint> {
+    let provider = provider();
+    let verifier = Arc::new(AllowedClients {
+        allowed,
+        provider: provider.clone(),
+    });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Io(format!("TLS setup: {e}")))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![id.cert.clone()], key_der(id))
+        .map_err(|e| Error::input(format!("identity key or certificate is invalid: {e}")))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| Error::Io(format!("QUIC TLS setup: {e}")))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport_config(tuning));
+    quinn::Endpoint::server(cfg, listen).map_err(|e| Error::input(format!("cannot listen on {listen}: {e}")))
+}
+
+/// A sender's connection to a receiver whose fingerprint is `expected`.
+pub async fn connect(
+    id: &Identity,
+    addr: SocketAddr,
+    expected: &str,
+    tuning: &Tuning,
+) -> Result<(quinn::Endpoint, quinn::Connection)> {
+    let provider = provider();
+    let seen = Arc::new(Mutex::new(None));
+    let verifier = Arc::new(PinnedServer {
+        expected: expected.to_string(),
+        seen: seen.clone(),
+        provider: provider.clone(),
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Io(format!("TLS setup: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(vec![id.cert.clone()], key_der(id))
+        .map_err(|e| Error::input(format!("identity key or certificate is invalid: {e}")))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| Error::Io(format!("QUIC TLS setup: {e}")))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport_config(tuning));
+    let bind: SocketAddr = if addr.is_ipv6() {
+        "[::]:0".parse().expect("literal")
+    } else {
+        "0.0.0.0:0".parse().expect("literal")
+    };
+    let mut ep = quinn::Endpoint::client(bind).ctx("bind UDP socket")?;
+    ep.set_default_client_config(cfg);
+    let connecting = ep
+        .connect(addr, SERVER_NAME)
+        .map_err(|e| Error::Network(format!("cannot connect to {addr}: {e}")))?;
+    match tokio::time::timeout(Duration::from_secs(20), connecting).await {
+        Err(_) => Err(Error::Network(format!(
+            "no answer from a receiver at {addr} within 20 s"
+        ))),
+        Ok(Ok(c)) => Ok((ep, c)),
+        Ok(Err(e)) => {
+            let fp = seen.lock().expect("not poisoned").clone();
+            match fp {
+                Some(fp) if fp != expected => Err(Error::input(format!(
+                    "receiver at {addr} presented fingerprint {fp}, but --server-fingerprint pins {expected}: refusing to talk to it"
+                ))),
+                _ => Err(explain(&e, addr, &id.fingerprint())),
+            }
+        }
+    }
+}
+
+/// Turns a connection error into an operator's message, recognising a
+/// receiver that refused our identity.
+pub fn explain(e: &quinn::ConnectionError, addr: SocketAddr, our_fp: &str) -> Error {
+    let crypto_code = match e {
+        quinn::ConnectionError::ConnectionClosed(c) => Some(u64::from(c.error_code)),
+        quinn::ConnectionError::TransportError(t) => Some(u64::from(t.code)),
+        _ => None,
+    };
+    match crypto_code {
+        Some(c) if (0x100..0x200).contains(&c) => Error::input(format!(
+            "receiver at {addr} refused the TLS handshake: our fingerprint {our_fp} is not authorized there (the receiver must list it with --allow); TLS alert {}",
+            c - 0x100
+        )),
+        _ => match e {
+            quinn::ConnectionError::ApplicationClosed(a) => Error::Network(format!(
+                "receiver at {addr} closed the session: {}",
+                String::from_utf8_lossy(&a.reason)
+            )),
+            quinn::ConnectionError::TimedOut => Error::Network(format!("connection to {addr} timed out")),
+            other => Error::Network(format!("connection to {addr} failed: {other}")),
+        },
+    }
+}
+
+/// Reads one frame body of at most `max` bytes; `None` at a clean end of stream.
+pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Option<bytes::Bytes>> {
+    let mut prefix = [0u8; 4];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        // The peer closed the whole connection with the success code between frames.
+        Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(
+            quinn::ConnectionError::ApplicationClosed(a),
+        ))) if a.error_code == quinn::VarInt::from_u32(0) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(n)) => {
+            return Err(Error::Peer(format!("stream ended inside a frame header ({n} of 4 bytes)")))
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(read_error(e)),
+    }
+    let len = nightpass_proto::wire::frame_len(prefix, max).map_err(|e| Error::Peer(e.to_string()))?;
+    let mut body = vec![0u8; len];
+    match recv.read_exact(&mut body).await {
+        Ok(()) => Ok(Some(bytes::Bytes::from(body))),
+        Err(quinn::ReadExactError::FinishedEarly(n)) => Err(Error::Peer(format!(
+            "stream ended inside a frame ({n} of {len} bytes)"
+        ))),
+        Err(quinn::ReadExactError::ReadError(e)) => Err(read_error(e)),
+    }
+}
+
+fn read_error(e: quinn::ReadError) -> Error {
+    match e {
+        quinn::ReadError::ConnectionLost(c) => match c {
+            quinn::ConnectionError::ApplicationClosed(a) => Error::Network(format!(
+                "peer closed the session: {}",
+                String::from_utf8_lossy(&a.reason)
+            )),
+            other => Error::Network(format!("connection lost: {other}")),
+        },
+        other => Error::Network(format!("stream read failed: {other}")),
+    }
+}
+
+/// Writes buffers (one or more, forming one frame) to a stream.
+pub async fn write_bufs(send: &mut quinn::SendStream, bufs: &mut [bytes::Bytes]) -> Result<()> {
+    send.write_all_chunks(bufs).await.map_err(|e| match e {
+        quinn::WriteError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(a)) => Error::Network(format!(
+            "peer closed the session: {}",
+            String::from_utf8_lossy(&a.reason)
+        )),
+        other => Error::Network(format!("stream write failed: {other}")),
+    })
+}
+
+/// Writes one control message as a frame.
+pub async fn send_control(send: &mut quinn::SendStream, msg: nightpass_proto::wire::control::Msg) -> Result<()> {
+    let frame = nightpass_proto::wire::encode_frame(&nightpass_proto::wire::Control::new(msg));
+    write_bufs(send, &mut [frame]).await
+}
+
+/// Reads one control message; `None` at a clean end of stream.
+pub async fn recv_control(recv: &mut quinn::RecvStream) -> Result<Option<nightpass_proto::wire::control::Msg>> {
+    match read_frame(recv, nightpass_proto::wire::MAX_CONTROL_FRAME).await? {
+        None => Ok(None),
+        Some(body) => nightpass_proto::wire::decode_control(body)
+            .map(Some)
+            .map_err(|e| Error::Peer(format!("bad control message: {e}"))),
+    }
+}
+
+/// A volume exported by a receiver: `HOST:PORT/NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteVolume {
+    /// `HOST:PORT` as given (`[::1]:7400` keeps its brackets).
+    pub host_port: String,
+    /// Exported volume name.
+    pub name: String,
+}
+
+impl RemoteVolume {
+    /// Parses `HOST:PORT/NAME`; `None` when `s` does not have that shape
+    /// (then it is a local path).
+    pub fn parse(s: &str) -> Option<RemoteVolume> {
+        if s.starts_with('/') || s.starts_with('.') {
+            return None;
+        }
+        let (hp, name) = s.split_once('/')?;
+        let (host, port) = hp.rsplit_once(':')?;
+        if host.is_empty() || port.parse::<u16>().is_err() || name.is_empty() || name.contains('/') {
+            return None;
+        }
+        Some(RemoteVolume {
+            host_port: hp.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Resolves the host to a socket address.
+    pub async fn resolve(&self) -> Result<SocketAddr> {
+        tokio::net::lookup_host(&self.host_port)
+            .await
+            .map_err(|e| Error::Network(format!("cannot resolve {}: {e}", self.host_port)))?
+            .next()
+            .ok_or_else(|| Error::Network(format!("{} resolves to no address", self.host_port)))
+    }
+}
+
+impl std::fmt::Display for RemoteVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.host_port, self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_volume_shapes() {
+        let r = RemoteVolume::parse("10.1.2.3:7400/filer01").unwrap();
+        assert_eq!((r.host_port.as_str(), r.name.as_str()), ("10.1.2.3:7400", "filer01"));
+        assert_eq!(RemoteVolume::parse("[::1]:7400/f").unwrap().host_port, "[::1]:7400");
+        assert!(RemoteVolume::parse("localhost:7400/f").is_some());
+        assert!(RemoteVolume::parse("/dev/loop3").is_none());
+        assert!(RemoteVolume::parse("images/a.img").is_none());
+        assert!(RemoteVolume::parse("host:99999/x").is_none());
+    }
+
+    #[test]
+    fn fingerprint_shape() {
+        let fp = fingerprint_of(b"certificate bytes");
+        assert!(parse_fingerprint(&fp).is_ok());
+        assert!(parse_fingerprint("np1-short").is_err());
+        assert_eq!(parse_fingerprint(&fp.to_uppercase().replace("NP1-", "np1-")).unwrap(), fp);
+    }
+}

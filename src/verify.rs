@@ -1,0 +1,293 @@
+//! Verify-only mode: compare source and target by fresh checksums.
+//!
+//! Trusts no manifest. Both sides read and hash their bytes fresh, in
+//! parallel: locally in two reader pipelines, remotely with the receiver
+//! hashing its target while we hash the source, so only hashes cross the
+//! network. Differing chunks are coalesced into byte ranges. When a remote
+//! verify finds differences it asks the receiver to forget the manifest
+//! entries overlapping them, so the next `sync` resends exactly those chunks
+//! (our own view is then rebuilt from the receiver's, since their summaries
+//! no longer agree).
+//!
+//! Sizes: both sides are compared over their common extent. A target block
+//! device larger than the source is normal (devices come in fixed sizes) and
+//! only the source's extent is judged; any other size difference is reported
+//! and ends with exit status 2.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use nightpass_proto::chunk::{ChunkSize, Geometry};
+use nightpass_proto::manifest::ENTRY_LEN;
+use nightpass_proto::plan::coalesce;
+use nightpass_proto::wire::{self, control::Msg, Mode};
+use serde_json::json;
+
+use crate::cli::SyncArgs;
+use crate::device::{Kind, Volume};
+use crate::error::{Error, Result};
+use crate::hash::{self, ScanOptions};
+use crate::progress::{human_bytes, Progress};
+use crate::receiver::msg_name;
+use crate::sender::{open_session, target_dir};
+use crate::state::ManifestFile;
+use crate::transport::{self, Identity, RemoteVolume};
+
+/// Most ranges listed in `verify_end`.
+pub const MAX_LISTED_RANGES: usize = 1000;
+
+/// The outcome of a comparison.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Comparison {
+    /// Source size.
+    pub source_size: u64,
+    /// Target size.
+    pub target_size: u64,
+    /// Chunk size used.
+    pub chunk_size: u64,
+    /// Indices of differing chunks in the compared extent.
+    pub mismatched: Vec<u64>,
+    /// Differing byte ranges, coalesced.
+    pub ranges: Vec<(u64, u64)>,
+    /// True when the size difference itself is a defect (not a larger target device).
+    pub size_defect: bool,
+}
+
+impl Comparison {
+    /// True when the target is a faithful copy.
+    pub fn identical(&self) -> bool {
+        self.mismatched.is_empty() && !self.size_defect
+    }
+}
+
+fn compare(geometry: &Geometry, a: &[u8], b: &[u8]) -> (Vec<u64>, Vec<(u64, u64)>) {
+    let mismatched: Vec<u64> = (0..geometry.chunk_count())
+        .filter(|&i| {
+            let o = i as usize * ENTRY_LEN;
+            a.get(o..o + ENTRY_LEN) != b.get(o..o + ENTRY_LEN)
+        })
+        .collect();
+    let ranges = coalesce(geometry, &mismatched);
+    (mismatched, ranges)
+}
+
+fn chunk_for(args: &SyncArgs, remote: Option<&RemoteVolume>) -> ChunkSize {
+    if let Some(c) = args.chunk_size {
+        return c;
+    }
+    if let Some(r) = remote {
+        let p = target_dir(&args.state_dir(), r).join("manifest");
+        if let Ok(Some(Ok(m))) = ManifestFile::open(&p) {
+            return m.geometry().chunk_size();
+        }
+    }
+    ChunkSize::DEFAULT
+}
+
+/// Runs `nightpass verify`; returns 0 identical, 1 differences.
+pub async fn run(args: &SyncArgs, progress: Arc<dyn Progress>) -> Result<i32> {
+    let started = Instant::now();
+    let source = Arc::new(Volume::open_source(&args.source)?);
+    let remote = RemoteVolume::parse(&args.dest);
+    let chunk = chunk_for(args, remote.as_ref());
+    let cmp = match &remote {
+        Some(_) => {
+            let (dest, fp) = args.remote()?;
+            let id = Identity::load(&args.identity_dir())?;
+            verify_remote(source, &dest, &fp, &id, chunk, args, progress.clone()).await?
+        }
+        None => {
+            let target = Volume::open_for_verify(Path::new(&args.dest))?;
+            let scan = args.scan();
+            let p = progress.clone();
+            tokio::task::spawn_blocking(move || verify_local(source, target, chunk, scan, p))
+                .await
+                .map_err(|_| Error::Io("verify task failed".into()))??
+        }
+    };
+    progress.finish();
+    report(&cmp, started.elapsed().as_secs_f64(), progress.as_ref());
+    if cmp.size_defect {
+        return Err(Error::input(format!(
+            "source and target sizes differ ({} vs {} bytes); the common extent was compared and reported above",
+            cmp.source_size, cmp.target_size
+        )));
+    }
+    Ok(if cmp.identical() { 0 } else { 1 })
+}
+
+fn report(cmp: &Comparison, duration_s: f64, progress: &dyn Progress) {
+    let listed: Vec<[u64; 2]> = cmp.ranges.iter().take(MAX_LISTED_RANGES).map(|&(o, l)| [o, l]).collect();
+    let event = json!({
+        "event": "verify_end",
+        "identical": cmp.identical(),
+        "mismatched_chunks": cmp.mismatched.len(),
+        "mismatched_ranges": listed,
+        "mismatched_range_count": cmp.ranges.len(),
+        "source_size": cmp.source_size,
+        "target_size": cmp.target_size,
+        "chunk_size": cmp.chunk_size,
+        "duration_s": (duration_s * 1000.0).round() / 1000.0,
+    });
+    let mut human = if cmp.identical() {
+        format!(
+            "identical: {} compared in chunks of {} in {:.2} s",
+            human_bytes(cmp.source_size.min(cmp.target_size)),
+            human_bytes(cmp.chunk_size),
+            duration_s
+        )
+    } else {
+        let mut s = format!(
+            "DIFFERENT: {} chunks differ in {} ranges",
+            cmp.mismatched.len(),
+            cmp.ranges.len()
+        );
+        for (o, l) in cmp.ranges.iter().take(20) {
+            s.push_str(&format!("\n  offset {o} length {l}"));
+        }
+        if cmp.ranges.len() > 20 {
+            s.push_str(&format!("\n  … and {} more (use --json for up to {MAX_LISTED_RANGES})", cmp.ranges.len() - 20));
+        }
+        s
+    };
+    if cmp.source_size != cmp.target_size {
+        human.push_str(&format!(
+            "\nsizes differ: source {} bytes, target {} bytes",
+            cmp.source_size, cmp.target_size
+        ));
+    }
+    progress.event(&event, &human);
+}
+
+fn size_defect(source: u64, target: u64, target_is_block: bool) -> bool {
+    source != target && !(target_is_block && target > source)
+}
+
+/// Compares two local volumes, reading both in parallel.
+pub fn verify_local(
+    source: Arc<Volume>,
+    target: Volume,
+    chunk: ChunkSize,
+    scan: ScanOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<Comparison> {
+    let extent = source.size().min(target.size());
+    let geometry = Geometry::new(extent, chunk).map_err(|e| Error::input(e.to_string()))?;
+    let (ssize, tsize, tblock) = (source.size(), target.size(), target.kind() == Kind::Block);
+    progress.begin("verified", extent * 2);
+    let target = Arc::new(target);
+    let half = ScanOptions {
+        workers: (hash::worker_count(scan.workers) / 2).max(1),
+        ..scan
+    };
+    let (p2, h2) = (progress.clone(), half.clone());
+    let t = std::thread::spawn(move || hash::hash_all(target, geometry, h2, p2));
+    let a = hash::hash_all(source, geometry, half, progress)?;
+    let b = t.join().map_err(|_| Error::Io("target reader panicked".into()))??;
+    let (mismatched, ranges) = compare(&geometry, &a, &b);
+    Ok(Comparison {
+        source_size: ssize,
+        target_size: tsize,
+        chunk_size: chunk.bytes(),
+        mismatched,
+        ranges,
+        size_defect: size_defect(ssize, tsize, tblock),
+    })
+}
+
+async fn verify_remote(
+    source: Arc<Volume>,
+    dest: &RemoteVolume,
+    fp: &str,
+    id: &Identity,
+    chunk: ChunkSize,
+    args: &SyncArgs,
+    progress: Arc<dyn Progress>,
+) -> Result<Comparison> {
+    let hello = wire::Hello {
+        version: wire::PROTOCOL_VERSION,
+        volume: dest.name.clone(),
+        mode: Mode::Verify as i32,
+        source_size: source.size(),
+        chunk_size: chunk.bytes() as u32,
+        chunk_size_explicit: true,
+        known: None,
+    };
+    let mut s = open_session(id, dest, fp, &args.quic.tuning(), hello).await?;
+    let tsize = s.welcome.target_size;
+    let extent = source.size().min(tsize);
+    let geometry = Geometry::new(extent, chunk).map_err(|e| Error::input(e.to_string()))?;
+    progress.begin("verified", extent);
+    let ssize = source.size();
+    let scan = args.scan();
+    let p = progress.clone();
+    let ours = tokio::task::spawn_blocking(move || hash::hash_all(source, geometry, scan, p));
+    let mut theirs = vec![0u8; geometry.chunk_count() as usize * ENTRY_LEN];
+    loop {
+        match transport::recv_control(&mut s.recv).await? {
+            Some(Msg::VerifyPart(run)) => {
+                let start = (run.first as usize).checked_mul(ENTRY_LEN);
+                let end = start.and_then(|st| st.checked_add(run.hashes.len()));
+                match (start, end) {
+                    (Some(st), Some(en)) if en <= theirs.len() && run.hashes.len() % ENTRY_LEN == 0 => {
+                        theirs[st..en].copy_from_slice(&run.hashes)
+                    }
+                    _ => return Err(Error::Peer("receiver sent verify hashes outside the volume".into())),
+                }
+                if run.last {
+                    break;
+                }
+            }
+            Some(other) => return Err(Error::Peer(format!("expected verify hashes, got a {}", msg_name(&other)))),
+            None => return Err(Error::Network("receiver closed the session during verify".into())),
+        }
+    }
+    let ours = ours.await.map_err(|_| Error::Io("source reader failed".into()))??;
+    let (mismatched, ranges) = compare(&geometry, &ours, &theirs);
+    if !ranges.is_empty() {
+        let flat: Vec<u64> = ranges.iter().flat_map(|&(o, l)| [o, l]).collect();
+        transport::send_control(&mut s.send, Msg::Forget(wire::Forget { ranges: flat })).await?;
+        match transport::recv_control(&mut s.recv).await? {
+            Some(Msg::Done(_)) => {}
+            _ => return Err(Error::Network("receiver did not confirm forgetting the differing chunks".into())),
+        }
+    }
+    let _ = s.send.finish();
+    s.conn.close(0u32.into(), b"verify complete");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.endpoint.wait_idle()).await;
+    Ok(Comparison {
+        source_size: ssize,
+        target_size: tsize,
+        chunk_size: chunk.bytes(),
+        mismatched,
+        ranges,
+        size_defect: size_defect(ssize, tsize, s.welcome.target_is_block),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_finds_and_coalesces() {
+        let g = Geometry::new(5 * 4096, ChunkSize::new(4096).unwrap()).unwrap();
+        let a = vec![0u8; 5 * 32];
+        let mut b = a.clone();
+        b[32] = 1;
+        b[64] = 1;
+        b[4 * 32 + 5] = 1;
+        let (m, r) = compare(&g, &a, &b);
+        assert_eq!(m, vec![1, 2, 4]);
+        assert_eq!(r, vec![(4096, 8192), (4 * 4096, 4096)]);
+    }
+
+    #[test]
+    fn larger_target_device_is_no_defect() {
+        assert!(!size_defect(100, 200, true));
+        assert!(size_defect(100, 200, false));
+        assert!(size_defect(200, 100, true));
+        assert!(!size_defect(100, 100, false));
+    }
+}
