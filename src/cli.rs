@@ -57,6 +57,10 @@ pub enum Command {
     Sync(SyncArgs),
     /// Compare source and target by fresh checksums; list differing ranges.
     Verify(SyncArgs),
+    /// Repeat passes until a frozen final pass is forecast to fit the window.
+    Converge(ConvergeArgs),
+    /// Freeze the source, run the final pass, prove the target identical, thaw.
+    Cutover(CutoverArgs),
     /// Pass history and forecast from the state directory.
     Status {
         /// Only volumes copied from this source.
@@ -97,6 +101,80 @@ pub struct ServeArgs {
     #[command(flatten)]
     /// QUIC tuning.
     pub quic: QuicArgs,
+}
+
+/// `converge` flags.
+#[derive(Debug, Args)]
+pub struct ConvergeArgs {
+    #[command(flatten)]
+    /// The pass flags.
+    pub sync: SyncArgs,
+    /// The night window the frozen final pass must fit (e.g. 45m).
+    #[arg(long, value_parser = parse_duration)]
+    pub window: Duration,
+    /// Stop after this many passes.
+    #[arg(long, default_value_t = 10)]
+    pub max_passes: u32,
+    /// Pause between passes.
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub interval: Duration,
+    /// Safety margin: forecast × margin must fit the window.
+    #[arg(long, default_value_t = 1.5)]
+    pub margin: f64,
+}
+
+/// `cutover` flags.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("freeze").required(true).args(["fsfreeze", "lvm_snapshot", "pre", "assume_frozen"])))]
+pub struct CutoverArgs {
+    #[command(flatten)]
+    /// The pass flags.
+    pub sync: SyncArgs,
+    /// Freeze the filesystem mounted here (it must live on SOURCE).
+    #[arg(long, value_name = "MOUNTPOINT")]
+    pub fsfreeze: Option<PathBuf>,
+    /// SOURCE is an LVM logical volume: pass from a snapshot of it.
+    #[arg(long)]
+    pub lvm_snapshot: bool,
+    /// Copy-on-write space of the LVM snapshot.
+    #[arg(long, default_value = "10G", requires = "lvm_snapshot")]
+    pub snapshot_size: String,
+    /// The operator's stop command (sh -c), run before the final pass.
+    #[arg(long, requires = "post")]
+    pub pre: Option<String>,
+    /// The operator's restart command, run after the pass in every case.
+    #[arg(long, requires = "pre")]
+    pub post: Option<String>,
+    /// The operator has stopped every writer.
+    #[arg(long)]
+    pub assume_frozen: bool,
+    /// Abort the pass and thaw when frozen longer than this (exit 3).
+    #[arg(long, value_parser = parse_duration)]
+    pub max_freeze: Option<Duration>,
+    /// Prove the target identical by fresh reads (full), or skip that (none).
+    #[arg(long, default_value = "full", value_parser = ["full", "none"])]
+    pub verify: String,
+}
+
+impl CutoverArgs {
+    /// The freeze method chosen.
+    pub fn method(&self) -> crate::freeze::Method {
+        use crate::freeze::Method;
+        if let Some(mp) = &self.fsfreeze {
+            Method::Fsfreeze(mp.clone())
+        } else if self.lvm_snapshot {
+            Method::LvmSnapshot {
+                size: self.snapshot_size.clone(),
+            }
+        } else if let (Some(pre), Some(post)) = (&self.pre, &self.post) {
+            Method::Hooks {
+                pre: pre.clone(),
+                post: post.clone(),
+            }
+        } else {
+            Method::AssumeFrozen
+        }
+    }
 }
 
 /// QUIC tuning flags.

@@ -47,6 +47,30 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Verify(args) => crate::verify::run(&args, progress).await,
+        Command::Converge(args) => {
+            let cfg = sync_config(&args.sync, "converge")?;
+            let id = Identity::load(&args.sync.identity_dir())?;
+            if !(args.margin >= 1.0) {
+                return Err(Error::input("--margin must be at least 1.0"));
+            }
+            let cc = crate::cutover::ConvergeConfig {
+                window: args.window,
+                max_passes: args.max_passes.max(1),
+                interval: args.interval,
+                margin: args.margin,
+            };
+            crate::cutover::converge(&cfg, &cc, &id, progress).await
+        }
+        Command::Cutover(args) => {
+            let cfg = sync_config(&args.sync, "cutover")?;
+            let id = Identity::load(&args.sync.identity_dir())?;
+            let cc = crate::cutover::CutoverConfig {
+                method: args.method(),
+                max_freeze: args.max_freeze,
+                prove: args.verify == "full",
+            };
+            crate::cutover::cutover(&cfg, &cc, &id, progress).await
+        }
         Command::Status { source, state_dir } => {
             let dir = state_dir.unwrap_or_else(default_state_dir);
             crate::sender::status(&dir, source.as_deref(), progress.as_ref())?;
@@ -76,6 +100,7 @@ pub fn sync_config(args: &SyncArgs, kind: &'static str) -> Result<SyncConfig> {
         scan: args.scan(),
         tuning: args.quic.tuning(),
         kind,
+        read_from: None,
     })
 }
 

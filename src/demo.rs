@@ -153,6 +153,7 @@ pub async fn run(size: u64, progress: Arc<dyn Progress>) -> Result<()> {
         scan: ScanOptions::default(),
         tuning: Tuning::default(),
         kind,
+        read_from: None,
     };
     let mut ends = Vec::new();
     ends.push(sender::run_pass(&pass("sync"), &sender_id, progress.clone()).await?);

@@ -92,6 +92,18 @@ impl Volume {
         })?;
         let kind = kind_of(path, &file)?;
         let size = size_of(path, &file, kind)?;
+        if kind == Kind::Block {
+            // A filesystem mounted from this device writes file data around
+            // the device's own page cache, which can therefore hold stale
+            // copies of blocks from an earlier read. Drop them so every read
+            // of a pass comes from the device.
+            let _ = nix::fcntl::posix_fadvise(
+                file.as_raw_fd(),
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+        }
         Ok(Volume {
             file,
             path: path.to_owned(),

@@ -34,9 +34,11 @@
 
 pub mod cli;
 pub mod commands;
+pub mod cutover;
 pub mod demo;
 pub mod device;
 pub mod error;
+pub mod freeze;
 pub mod hash;
 pub mod progress;
 pub mod receiver;

@@ -6,6 +6,15 @@ use nightpass::cli::Cli;
 use nightpass::commands;
 use nightpass::error::Error;
 
+async fn sigterm() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
 fn main() {
     // A closed stdout (e.g. `| head`) must end us quietly, not with a panic.
     // SAFETY: restoring the default disposition of SIGPIPE has no preconditions.
@@ -32,9 +41,14 @@ fn main() {
                     e.exit_code()
                 }
             },
+            // Dropping the command's future runs its guards: a frozen source is thawed.
             _ = tokio::signal::ctrl_c(), if !own_signals => {
                 commands::report_error(json, &Error::Interrupted);
                 130
+            }
+            _ = sigterm(), if !own_signals => {
+                commands::report_error(json, &Error::Interrupted);
+                143
             }
         }
     });

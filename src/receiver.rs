@@ -179,19 +179,28 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
         Some(_) => return Err(Error::Peer("first message was not a hello".into())),
         None => return Ok(()),
     };
-    let accepted = accept(&shared, &hello);
+    let exclusive = hello.mode == Mode::Sync as i32;
+    let accepted = accept(&shared, &hello, exclusive);
     let (guard, path) = match accepted {
         Ok(x) => x,
         Err(r) => return refuse(&mut send, &conn, r).await,
     };
     match Mode::try_from(hello.mode) {
-        Ok(Mode::Sync) => sync_session(shared, conn, send, recv, hello, guard, path).await,
-        Ok(Mode::Verify) => verify_session(shared, conn, send, recv, hello, guard, path).await,
+        Ok(Mode::Sync) => match guard {
+            Some(guard) => sync_session(shared, conn, send, recv, hello, guard, path).await,
+            None => Err(Error::Io("sync session without the volume".into())),
+        },
+        Ok(Mode::Verify) => verify_session(shared, conn, send, recv, hello, path).await,
+        Ok(Mode::Record) => record_session(shared, conn, send, recv, hello).await,
         _ => refuse(&mut send, &conn, Refuse(RefuseCode::BadRequest, "unknown session mode".into())).await,
     }
 }
 
-fn accept(shared: &Arc<Shared>, hello: &wire::Hello) -> std::result::Result<(BusyGuard, PathBuf), Refuse> {
+fn accept(
+    shared: &Arc<Shared>,
+    hello: &wire::Hello,
+    exclusive: bool,
+) -> std::result::Result<(Option<BusyGuard>, PathBuf), Refuse> {
     if hello.version != wire::PROTOCOL_VERSION {
         return Err(Refuse(
             RefuseCode::Version,
@@ -208,19 +217,23 @@ fn accept(shared: &Arc<Shared>, hello: &wire::Hello) -> std::result::Result<(Bus
             format!("volume '{}' is not exported by this receiver", hello.volume),
         ));
     };
-    if !shared.busy.lock().expect("not poisoned").insert(hello.volume.clone()) {
+    if !exclusive {
+        return Ok((None, path));
+    }
+    Ok((Some(take_volume(shared, &hello.volume)?), path))
+}
+
+fn take_volume(shared: &Arc<Shared>, name: &str) -> std::result::Result<BusyGuard, Refuse> {
+    if !shared.busy.lock().expect("not poisoned").insert(name.to_string()) {
         return Err(Refuse(
             RefuseCode::InUse,
-            format!("volume '{}' is in use by another sender's session", hello.volume),
+            format!("volume '{name}' is in use by another sender's session"),
         ));
     }
-    Ok((
-        BusyGuard {
-            shared: shared.clone(),
-            name: hello.volume.clone(),
-        },
-        path,
-    ))
+    Ok(BusyGuard {
+        shared: shared.clone(),
+        name: name.to_string(),
+    })
 }
 
 fn volume_dir(shared: &Shared, name: &str) -> PathBuf {
@@ -444,6 +457,7 @@ pub fn msg_name(m: &Msg) -> &'static str {
         Msg::VerifyPart(_) => "verify part",
         Msg::Forget(_) => "forget",
         Msg::Failure(_) => "failure",
+        Msg::Mark(_) => "mark",
     }
 }
 
@@ -638,9 +652,8 @@ async fn verify_session(
     shared: Arc<Shared>,
     conn: quinn::Connection,
     mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
     hello: wire::Hello,
-    guard: BusyGuard,
     path: PathBuf,
 ) -> Result<()> {
     let chunk = match ChunkSize::new(u64::from(hello.chunk_size)) {
@@ -673,6 +686,27 @@ async fn verify_session(
         let _ = send.finish();
         Ok::<_, Error>(send)
     });
+    if !hello.ranges.is_empty() {
+        let v = volume.clone();
+        let ranges = hello.ranges.clone();
+        let runs = tokio::task::spawn_blocking(move || hash_ranges(&v, &geometry, &ranges))
+            .await
+            .map_err(|_| Error::Io("hash task failed".into()))??;
+        let n = runs.len();
+        for (k, (first, hashes)) in runs.into_iter().enumerate() {
+            ctl_tx
+                .send(Msg::VerifyPart(wire::HashRun { first, hashes: Bytes::from(hashes), last: k + 1 == n }))
+                .await
+                .map_err(|_| Error::Network("control stream closed".into()))?;
+        }
+        if n == 0 {
+            ctl_tx
+                .send(Msg::VerifyPart(wire::HashRun { first: 0, hashes: Bytes::new(), last: true }))
+                .await
+                .map_err(|_| Error::Network("control stream closed".into()))?;
+        }
+        return finish_verify(shared, recv, ctl_tx, ctl_task, &hello, &path).await;
+    }
     // Stream fresh hashes of the target in order, run by run.
     let mut scan = hash::scan(
         volume,
@@ -717,13 +751,72 @@ async fn verify_session(
         }))
         .await
         .map_err(|_| Error::Network("control stream closed".into()))?;
-    // The sender may ask us to forget ranges that differ.
+    finish_verify(shared, recv, ctl_tx, ctl_task, &hello, &path).await
+}
+
+/// Hashes the chunks overlapping byte ranges, fresh; returns runs of consecutive chunks.
+fn hash_ranges(volume: &Volume, geometry: &Geometry, ranges: &[u64]) -> Result<Vec<(u64, Vec<u8>)>> {
+    let mut wanted = std::collections::BTreeSet::new();
+    for pair in ranges.chunks_exact(2) {
+        if pair[1] == 0 || geometry.size() == 0 {
+            continue;
+        }
+        let Some(first) = geometry.chunk_of(pair[0]) else { continue };
+        let end = pair[0].saturating_add(pair[1] - 1).min(geometry.size() - 1);
+        let last = geometry.chunk_of(end).unwrap_or(first);
+        if last - first > geometry.chunk_count() {
+            return Err(Error::Peer("verify range out of bounds".into()));
+        }
+        wanted.extend(first..=last);
+    }
+    volume.drop_cache(0, volume.size());
+    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut buf = vec![0u8; geometry.chunk_size().usize()];
+    for i in wanted {
+        let r = geometry.range(i).expect("index below count");
+        let b = &mut buf[..(r.end - r.start) as usize];
+        volume.read_exact_at(b, r.start)?;
+        let h = blake3::hash(b);
+        match runs.last_mut() {
+            Some((first, hs)) if *first + (hs.len() / manifest::ENTRY_LEN) as u64 == i => hs.extend_from_slice(h.as_bytes()),
+            _ => runs.push((i, h.as_bytes().to_vec())),
+        }
+    }
+    Ok(runs)
+}
+
+type CtlTask = tokio::task::JoinHandle<Result<quinn::SendStream>>;
+
+/// The end of a verify session: the sender may ask us to forget ranges that differ.
+async fn finish_verify(
+    shared: Arc<Shared>,
+    mut recv: quinn::RecvStream,
+    ctl_tx: mpsc::Sender<Msg>,
+    ctl_task: CtlTask,
+    hello: &wire::Hello,
+    path: &Path,
+) -> Result<()> {
     loop {
         match transport::recv_control(&mut recv).await? {
             None => break,
             Some(Msg::Forget(f)) => {
                 let dir = volume_dir(&shared, &hello.volume);
-                let n = forget_ranges(&dir, &path, &f.ranges)?;
+                // Wait for a sync session that is just ending to let go of the volume.
+                let mut guard = None;
+                for _ in 0..100 {
+                    if let Ok(g) = take_volume(&shared, &hello.volume) {
+                        guard = Some(g);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let Some(_guard) = guard else {
+                    return Err(Error::Io(format!("volume '{}' stayed in use; cannot forget ranges", hello.volume)));
+                };
+                let (d, p, r) = (dir.clone(), path.to_owned(), f.ranges.clone());
+                let n = tokio::task::spawn_blocking(move || forget_ranges(&d, &p, &r))
+                    .await
+                    .map_err(|_| Error::Io("forget task failed".into()))??;
                 if n > 0 {
                     eprintln!("volume '{}': verify found differences; {n} manifest entries marked unknown", hello.volume);
                 }
@@ -736,9 +829,50 @@ async fn verify_session(
         }
     }
     drop(ctl_tx);
-    drop(guard);
     let _ = ctl_task.await;
     Ok(())
+}
+
+/// Records a cutover's consistency point in the volume's journal.
+async fn record_session(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    hello: wire::Hello,
+) -> Result<()> {
+    transport::send_control(
+        &mut send,
+        Msg::Welcome(wire::Welcome {
+            version: wire::PROTOCOL_VERSION,
+            ..Default::default()
+        }),
+    )
+    .await?;
+    match transport::recv_control(&mut recv).await? {
+        Some(Msg::Mark(m)) => {
+            let dir = volume_dir(&shared, &hello.volume);
+            state::append_journal(
+                &dir.join("journal.jsonl"),
+                &serde_json::json!({
+                    "event": "cutover",
+                    "volume": hello.volume,
+                    "consistency_point": m.consistency_point,
+                    "freeze_unix_s": m.freeze_unix_s,
+                    "frozen_s": m.frozen_s,
+                }),
+            )?;
+            eprintln!(
+                "volume '{}': cutover complete, consistency point {}",
+                hello.volume, m.consistency_point
+            );
+            transport::send_control(&mut send, Msg::Done(wire::Done { summary: None })).await?;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+            Ok(())
+        }
+        _ => Err(Error::Peer("record session without a mark".into())),
+    }
 }
 
 /// Marks every manifest entry overlapping the byte ranges unknown; returns how many changed.

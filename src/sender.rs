@@ -55,6 +55,8 @@ pub struct SyncConfig {
     pub tuning: Tuning,
     /// Journal label: "sync", "converge" or "cutover".
     pub kind: &'static str,
+    /// Read this path instead of `source` (an LVM snapshot of it).
+    pub read_from: Option<PathBuf>,
 }
 
 /// One chunk leaving on a data stream.
@@ -343,7 +345,18 @@ async fn stream_task(
 
 /// Runs one pass and returns its report.
 pub async fn run_pass(cfg: &SyncConfig, id: &Identity, progress: Arc<dyn Progress>) -> Result<PassEnd> {
-    let source = cfg.source.clone();
+    Ok(run_pass_collecting(cfg, id, progress, false).await?.0)
+}
+
+/// Runs one pass; with `collect`, also returns the hash of every source
+/// chunk as read in this pass (a table of 32-byte entries), for the cutover's proof.
+pub async fn run_pass_collecting(
+    cfg: &SyncConfig,
+    id: &Identity,
+    progress: Arc<dyn Progress>,
+    collect: bool,
+) -> Result<(PassEnd, Option<Vec<u8>>)> {
+    let source = cfg.read_from.clone().unwrap_or_else(|| cfg.source.clone());
     let vol = Arc::new(Volume::open_source(&source)?);
     let size = vol.size();
     if size == 0 {
@@ -381,6 +394,7 @@ pub async fn run_pass(cfg: &SyncConfig, id: &Identity, progress: Arc<dyn Progres
         source_size: size,
         chunk_size: chunk.bytes() as u32,
         chunk_size_explicit: explicit,
+        ranges: Vec::new(),
         known: ours.as_ref().map(|m| {
             let s = m.header().summary();
             wire::WireSummary {
@@ -437,12 +451,20 @@ pub async fn run_pass(cfg: &SyncConfig, id: &Identity, progress: Arc<dyn Progres
         })
     });
     let scan_known = known.clone();
+    let collected: Option<Arc<Mutex<Vec<u8>>>> =
+        collect.then(|| Arc::new(Mutex::new(vec![0u8; geometry.chunk_count() as usize * manifest::ENTRY_LEN])));
+    let sink = collected.clone();
     let mut scan = hash::scan(
         vol,
         geometry,
         0,
         cfg.scan.clone(),
-        move |s| plan_chunk(s, &scan_known),
+        move |s| {
+            if let Some(t) = &sink {
+                manifest::set_entry(&mut t.lock().expect("not poisoned"), s.index, &s.hash);
+            }
+            plan_chunk(s, &scan_known)
+        },
         progress.clone(),
     );
     let Session {
@@ -578,7 +600,8 @@ pub async fn run_pass(cfg: &SyncConfig, id: &Identity, progress: Arc<dyn Progres
         root: manifest::to_hex(&root),
     };
     progress.pass_end(&end);
-    Ok(end)
+    let table = collected.map(|t| std::mem::take(&mut *t.lock().expect("not poisoned")));
+    Ok((end, table))
 }
 
 /// Prints the pass history and the current forecast of every volume in the

@@ -61,7 +61,8 @@ impl Comparison {
     }
 }
 
-fn compare(geometry: &Geometry, a: &[u8], b: &[u8]) -> (Vec<u64>, Vec<(u64, u64)>) {
+/// Compares two hash tables over `geometry`: differing chunk indices and their coalesced byte ranges.
+pub fn compare(geometry: &Geometry, a: &[u8], b: &[u8]) -> (Vec<u64>, Vec<(u64, u64)>) {
     let mismatched: Vec<u64> = (0..geometry.chunk_count())
         .filter(|&i| {
             let o = i as usize * ENTRY_LEN;
@@ -196,42 +197,46 @@ pub fn verify_local(
     })
 }
 
-async fn verify_remote(
-    source: Arc<Volume>,
+/// Opens a verify session: the receiver starts reading and hashing its
+/// target fresh, all of it or only the chunks overlapping `ranges`
+/// (flattened offset/length pairs). Returns the session and the geometry of
+/// the compared extent; collect the hashes with [`receive_hashes`].
+pub async fn open_verify(
+    id: &Identity,
     dest: &RemoteVolume,
     fp: &str,
-    id: &Identity,
+    tuning: &crate::transport::Tuning,
+    source_size: u64,
     chunk: ChunkSize,
-    args: &SyncArgs,
-    progress: Arc<dyn Progress>,
-) -> Result<Comparison> {
+    ranges: Vec<u64>,
+) -> Result<(crate::sender::Session, Geometry)> {
     let hello = wire::Hello {
         version: wire::PROTOCOL_VERSION,
         volume: dest.name.clone(),
         mode: Mode::Verify as i32,
-        source_size: source.size(),
+        source_size,
         chunk_size: chunk.bytes() as u32,
         chunk_size_explicit: true,
         known: None,
+        ranges,
     };
-    let mut s = open_session(id, dest, fp, &args.quic.tuning(), hello).await?;
-    let tsize = s.welcome.target_size;
-    let extent = source.size().min(tsize);
+    let session = open_session(id, dest, fp, tuning, hello).await?;
+    let extent = source_size.min(session.welcome.target_size);
     let geometry = Geometry::new(extent, chunk).map_err(|e| Error::input(e.to_string()))?;
-    progress.begin("verified", extent);
-    let ssize = source.size();
-    let scan = args.scan();
-    let p = progress.clone();
-    let ours = tokio::task::spawn_blocking(move || hash::hash_all(source, geometry, scan, p));
-    let mut theirs = vec![0u8; geometry.chunk_count() as usize * ENTRY_LEN];
+    Ok((session, geometry))
+}
+
+/// Receives the target's fresh hashes into a table (entries not requested stay zero).
+pub async fn receive_hashes(session: &mut crate::sender::Session, geometry: &Geometry) -> Result<Vec<u8>> {
+    let mut table = vec![0u8; geometry.chunk_count() as usize * ENTRY_LEN];
     loop {
-        match transport::recv_control(&mut s.recv).await? {
+        match transport::recv_control(&mut session.recv).await? {
             Some(Msg::VerifyPart(run)) => {
                 let start = (run.first as usize).checked_mul(ENTRY_LEN);
                 let end = start.and_then(|st| st.checked_add(run.hashes.len()));
                 match (start, end) {
-                    (Some(st), Some(en)) if en <= theirs.len() && run.hashes.len() % ENTRY_LEN == 0 => {
-                        theirs[st..en].copy_from_slice(&run.hashes)
+                    (Some(st), Some(en)) if en <= table.len() && run.hashes.len() % ENTRY_LEN == 0 => {
+                        table[st..en].copy_from_slice(&run.hashes)
                     }
                     _ => return Err(Error::Peer("receiver sent verify hashes outside the volume".into())),
                 }
@@ -243,8 +248,11 @@ async fn verify_remote(
             None => return Err(Error::Network("receiver closed the session during verify".into())),
         }
     }
-    let ours = ours.await.map_err(|_| Error::Io("source reader failed".into()))??;
-    let (mismatched, ranges) = compare(&geometry, &ours, &theirs);
+    Ok(table)
+}
+
+/// Asks the receiver to forget `ranges`, then ends the session.
+pub async fn forget_and_close(mut s: crate::sender::Session, ranges: &[(u64, u64)]) -> Result<()> {
     if !ranges.is_empty() {
         let flat: Vec<u64> = ranges.iter().flat_map(|&(o, l)| [o, l]).collect();
         transport::send_control(&mut s.send, Msg::Forget(wire::Forget { ranges: flat })).await?;
@@ -256,13 +264,38 @@ async fn verify_remote(
     let _ = s.send.finish();
     s.conn.close(0u32.into(), b"verify complete");
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.endpoint.wait_idle()).await;
+    Ok(())
+}
+
+async fn verify_remote(
+    source: Arc<Volume>,
+    dest: &RemoteVolume,
+    fp: &str,
+    id: &Identity,
+    chunk: ChunkSize,
+    args: &SyncArgs,
+    progress: Arc<dyn Progress>,
+) -> Result<Comparison> {
+    let ssize = source.size();
+    let (mut session, geometry) =
+        open_verify(id, dest, fp, &args.quic.tuning(), ssize, chunk, Vec::new()).await?;
+    // Both sides read at once: the receiver its target, we the source.
+    progress.begin("verified", geometry.size());
+    let (scan, p) = (args.scan(), progress.clone());
+    let ours = tokio::task::spawn_blocking(move || hash::hash_all(source, geometry, scan, p));
+    let theirs = receive_hashes(&mut session, &geometry).await?;
+    let ours = ours.await.map_err(|_| Error::Io("source reader failed".into()))??;
+    let (mismatched, ranges) = compare(&geometry, &ours, &theirs);
+    let tsize = session.welcome.target_size;
+    let is_block = session.welcome.target_is_block;
+    forget_and_close(session, &ranges).await?;
     Ok(Comparison {
         source_size: ssize,
         target_size: tsize,
         chunk_size: chunk.bytes(),
         mismatched,
         ranges,
-        size_defect: size_defect(ssize, tsize, s.welcome.target_is_block),
+        size_defect: size_defect(ssize, tsize, is_block),
     })
 }
 

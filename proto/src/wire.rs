@@ -37,6 +37,8 @@ pub enum Mode {
     Sync = 1,
     /// A verify: the receiver reads its target fresh and streams hashes.
     Verify = 2,
+    /// Records a cutover's consistency point in the receiver's journal.
+    Record = 3,
 }
 
 /// Why a receiver refused a session.
@@ -112,6 +114,9 @@ pub struct Hello {
     /// What the sender believes the target holds.
     #[prost(message, optional, tag = "7")]
     pub known: Option<WireSummary>,
+    /// Verify mode: flattened `(offset, length)` byte ranges to hash; empty = all.
+    #[prost(uint64, repeated, tag = "8")]
+    pub ranges: Vec<u64>,
 }
 
 /// Receiver → sender: the session is accepted.
@@ -199,6 +204,20 @@ pub struct Forget {
     pub ranges: Vec<u64>,
 }
 
+/// Sender → receiver in record mode: a cutover's consistency point.
+#[derive(Clone, PartialEq, Message)]
+pub struct Mark {
+    /// Root hash (hex) of the final manifest.
+    #[prost(string, tag = "1")]
+    pub consistency_point: String,
+    /// When the freeze began, seconds since the Unix epoch.
+    #[prost(double, tag = "2")]
+    pub freeze_unix_s: f64,
+    /// Seconds the source stayed frozen.
+    #[prost(double, tag = "3")]
+    pub frozen_s: f64,
+}
+
 /// Receiver → sender: the session ends with an error.
 #[derive(Clone, PartialEq, Message)]
 pub struct Failure {
@@ -211,7 +230,7 @@ pub struct Failure {
 #[derive(Clone, PartialEq, Message)]
 pub struct Control {
     /// The message.
-    #[prost(oneof = "control::Msg", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
+    #[prost(oneof = "control::Msg", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12")]
     pub msg: Option<control::Msg>,
 }
 
@@ -253,6 +272,9 @@ pub mod control {
         /// See [`super::Failure`].
         #[prost(message, tag = "11")]
         Failure(super::Failure),
+        /// See [`super::Mark`].
+        #[prost(message, tag = "12")]
+        Mark(super::Mark),
     }
 }
 
@@ -395,6 +417,7 @@ mod tests {
                 generation: 4,
                 root: vec![2; 32],
             }),
+            ranges: vec![0, 4096],
         }));
         let frame = encode_frame(&hello);
         let (frames, err) = split_frames(frame, MAX_CONTROL_FRAME);
