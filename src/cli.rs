@@ -281,7 +281,9 @@ impl ServeArgs {
                 .split_once('=')
                 .ok_or_else(|| Error::input(format!("--volume '{v}' is not NAME=PATH")))?;
             let ok = !name.is_empty()
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
             if !ok {
                 return Err(Error::input(format!(
                     "volume name '{name}' may use only letters, digits, '-', '_' and '.'"
@@ -304,8 +306,9 @@ impl ServeArgs {
             out.insert(parse_fingerprint(a)?);
         }
         if let Some(f) = &self.allow_file {
-            let text = std::fs::read_to_string(f)
-                .map_err(|e| Error::input(format!("cannot read --allow-file {}: {e}", f.display())))?;
+            let text = std::fs::read_to_string(f).map_err(|e| {
+                Error::input(format!("cannot read --allow-file {}: {e}", f.display()))
+            })?;
             for line in text.lines() {
                 let line = line.split('#').next().unwrap_or("").trim();
                 if !line.is_empty() {
@@ -365,7 +368,9 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
             num.push(c);
             continue;
         }
-        let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration"))?;
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("'{s}' is not a duration"))?;
         num.clear();
         let unit = if c == 'm' && chars.peek() == Some(&'s') {
             chars.next();
@@ -376,14 +381,20 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
                 'm' => 60.0,
                 'h' => 3600.0,
                 'd' => 86400.0,
-                _ => return Err(format!("'{s}' is not a duration (use e.g. 90s, 45m, 1h30m)")),
+                _ => {
+                    return Err(format!(
+                        "'{s}' is not a duration (use e.g. 90s, 45m, 1h30m)"
+                    ))
+                }
             }
         };
         total += n * unit;
         any = true;
     }
     if !num.is_empty() || !any {
-        return Err(format!("'{s}' is not a duration (use e.g. 90s, 45m, 1h30m)"));
+        return Err(format!(
+            "'{s}' is not a duration (use e.g. 90s, 45m, 1h30m)"
+        ));
     }
     Ok(Duration::from_secs_f64(total))
 }

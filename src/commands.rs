@@ -50,7 +50,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Converge(args) => {
             let cfg = sync_config(&args.sync, "converge")?;
             let id = Identity::load(&args.sync.identity_dir())?;
-            if !(args.margin >= 1.0) {
+            if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));
             }
             let cc = crate::cutover::ConvergeConfig {
@@ -114,7 +114,8 @@ async fn serve(args: ServeArgs) -> Result<i32> {
     };
     let id = Identity::load(&args.identity.clone().unwrap_or_else(default_identity_dir))?;
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
@@ -136,6 +137,9 @@ async fn serve(args: ServeArgs) -> Result<i32> {
 pub fn report_error(json: bool, e: &Error) {
     eprintln!("nightpass: error: {e}");
     if json {
-        println!("{}", json!({"event": "error", "message": e.to_string(), "exit_code": e.exit_code()}));
+        println!(
+            "{}",
+            json!({"event": "error", "message": e.to_string(), "exit_code": e.exit_code()})
+        );
     }
 }

@@ -51,7 +51,11 @@ fn now_unix() -> f64 {
 pub fn stopped_shrinking(changed: &[u64]) -> bool {
     let n = changed.len();
     n >= 3 && {
-        let (a, b, c) = (changed[n - 3] as f64, changed[n - 2] as f64, changed[n - 1] as f64);
+        let (a, b, c) = (
+            changed[n - 3] as f64,
+            changed[n - 2] as f64,
+            changed[n - 1] as f64,
+        );
         b > 0.9 * a && c > 0.9 * b
     }
 }
@@ -130,17 +134,24 @@ pub struct CutoverConfig {
 const REPAIR_ROUNDS: usize = 3;
 
 /// The frozen pass and its proof; returns the final pass.
-async fn frozen_pass(cfg: &SyncConfig, id: &Identity, progress: Arc<dyn Progress>, prove: bool) -> Result<PassEnd> {
+async fn frozen_pass(
+    cfg: &SyncConfig,
+    id: &Identity,
+    progress: Arc<dyn Progress>,
+    prove: bool,
+) -> Result<PassEnd> {
     if !prove {
         return sender::run_pass(cfg, id, progress).await;
     }
-    let size = crate::device::Volume::open_source(cfg.read_from.as_deref().unwrap_or(&cfg.source))?.size();
+    let size =
+        crate::device::Volume::open_source(cfg.read_from.as_deref().unwrap_or(&cfg.source))?.size();
     let chunk = match ManifestFile::open(&target_dir(&cfg.state_dir, &cfg.dest).join("manifest"))? {
         Some(Ok(m)) => m.geometry().chunk_size(),
         _ => cfg.chunk_size.unwrap_or(ChunkSize::DEFAULT),
     };
     let fp = cfg.server_fingerprint.as_str();
-    let (mut vs, geometry) = open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, Vec::new()).await?;
+    let (mut vs, geometry) =
+        open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, Vec::new()).await?;
     let (theirs, pass) = tokio::try_join!(
         receive_hashes(&mut vs, &geometry),
         sender::run_pass_collecting(cfg, id, progress.clone(), true)
@@ -148,7 +159,9 @@ async fn frozen_pass(cfg: &SyncConfig, id: &Identity, progress: Arc<dyn Progress
     forget_and_close(vs, &[]).await?;
     let (mut end, ours) = (pass.0, pass.1.unwrap_or_default());
     if end.start.chunk_size != chunk.bytes() || geometry.size() != size {
-        return Err(Error::Io("the proof's geometry does not match the pass".into()));
+        return Err(Error::Io(
+            "the proof's geometry does not match the pass".into(),
+        ));
     }
     let (_, mut suspects) = compare(&geometry, &ours, &theirs);
     let mut ours = ours;
@@ -208,7 +221,11 @@ async fn record_on_receiver(cfg: &SyncConfig, id: &Identity, mark: wire::Mark) -
     transport::send_control(&mut s.send, Msg::Mark(mark)).await?;
     match transport::recv_control(&mut s.recv).await? {
         Some(Msg::Done(_)) => {}
-        _ => return Err(Error::Network("receiver did not confirm recording the consistency point".into())),
+        _ => {
+            return Err(Error::Network(
+                "receiver did not confirm recording the consistency point".into(),
+            ))
+        }
     }
     let _ = s.send.finish();
     s.conn.close(0u32.into(), b"recorded");
@@ -218,13 +235,22 @@ async fn record_on_receiver(cfg: &SyncConfig, id: &Identity, mark: wire::Mark) -
 
 /// Freeze, final pass, proof, thaw; returns 0 when the target is identical
 /// to the frozen source.
-pub async fn cutover(cfg: &SyncConfig, cc: &CutoverConfig, id: &Identity, progress: Arc<dyn Progress>) -> Result<i32> {
+pub async fn cutover(
+    cfg: &SyncConfig,
+    cc: &CutoverConfig,
+    id: &Identity,
+    progress: Arc<dyn Progress>,
+) -> Result<i32> {
     let dir = target_dir(&cfg.state_dir, &cfg.dest);
     let journal = dir.join("journal.jsonl");
-    let forecast = nightpass_proto::plan::forecast(&journal_figures(&state::read_journal(&journal)), now_unix());
+    let forecast = nightpass_proto::plan::forecast(
+        &journal_figures(&state::read_journal(&journal)),
+        now_unix(),
+    );
     match forecast {
         Some(f) => progress.note(&format!("forecast of the frozen pass: {:.1} s", f.total_s)),
-        None => progress.note("no forecast: fewer than two passes recorded; the frozen pass may be long"),
+        None => progress
+            .note("no forecast: fewer than two passes recorded; the frozen pass may be long"),
     }
     let freeze_unix = now_unix();
     let started = Instant::now();

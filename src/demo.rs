@@ -43,7 +43,16 @@ fn generate(path: &Path, size: u64, rng: &mut rand::rngs::StdRng) -> Result<()> 
         .open(path)
         .ctx(format!("create {}", path.display()))?;
     f.set_len(size).ctx("size the sample volume")?;
-    let words = ["invoice", "customer", "index.php", "<div class=\"row\">", "SELECT * FROM", "2026-11-21", "mail", "backup"];
+    let words = [
+        "invoice",
+        "customer",
+        "index.php",
+        "<div class=\"row\">",
+        "SELECT * FROM",
+        "2026-11-21",
+        "mail",
+        "backup",
+    ];
     let mut buf = vec![0u8; MIB as usize];
     let mut off = 0;
     while off < size {
@@ -67,7 +76,8 @@ fn generate(path: &Path, size: u64, rng: &mut rand::rngs::StdRng) -> Result<()> 
             off += n as u64;
             continue;
         }
-        f.write_all_at(&buf[..n], off).ctx("write the sample volume")?;
+        f.write_all_at(&buf[..n], off)
+            .ctx("write the sample volume")?;
         off += n as u64;
     }
     f.sync_all().ctx("fsync the sample volume")
@@ -75,7 +85,10 @@ fn generate(path: &Path, size: u64, rng: &mut rand::rngs::StdRng) -> Result<()> 
 
 /// Changes the volume as a filer's users would; returns a description.
 fn churn(path: &Path, size: u64, rng: &mut rand::rngs::StdRng, scale: u64) -> Result<String> {
-    let f = OpenOptions::new().write(true).open(path).ctx(format!("open {}", path.display()))?;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .ctx(format!("open {}", path.display()))?;
     let mut block = vec![0u8; 4096];
     let writes = 40 * scale;
     for _ in 0..writes {
@@ -90,7 +103,8 @@ fn churn(path: &Path, size: u64, rng: &mut rand::rngs::StdRng, scale: u64) -> Re
     f.write_all_at(&data, at).ctx("write")?;
     let deleted = (MIB * scale).min(size / 8);
     let del_at = rng.gen_range(0..(size - deleted) / 4096) * 4096;
-    f.write_all_at(&vec![0u8; deleted as usize], del_at).ctx("write")?;
+    f.write_all_at(&vec![0u8; deleted as usize], del_at)
+        .ctx("write")?;
     f.sync_all().ctx("fsync")?;
     Ok(format!(
         "{writes} scattered 4 KiB writes, a new {} file, a deleted {} file",
@@ -110,7 +124,11 @@ pub async fn run(size: u64, progress: Arc<dyn Progress>) -> Result<()> {
     let source = tmp.0.join("filer01.img");
     let target = tmp.0.join("filer01-copy.img");
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6e69676874);
-    progress.note(&format!("generating a {} sample volume in {}", human_bytes(size), base.display()));
+    progress.note(&format!(
+        "generating a {} sample volume in {}",
+        human_bytes(size),
+        base.display()
+    ));
     generate(&source, size, &mut rng)?;
 
     let sender_id = Identity::generate(&tmp.0.join("sender-identity"), false)?;
@@ -138,7 +156,9 @@ pub async fn run(size: u64, progress: Arc<dyn Progress>) -> Result<()> {
     let addr = ready_rx
         .await
         .map_err(|_| Error::Io("the demo receiver did not start".into()))?;
-    progress.note(&format!("receiver listening on {addr} (fingerprint {server_fp})"));
+    progress.note(&format!(
+        "receiver listening on {addr} (fingerprint {server_fp})"
+    ));
     let pass = |kind| SyncConfig {
         source: source.clone(),
         dest: RemoteVolume {
@@ -169,9 +189,11 @@ pub async fn run(size: u64, progress: Arc<dyn Progress>) -> Result<()> {
         let t = Volume::open_for_verify(&target)?;
         let p = progress.clone();
         let chunk = nightpass_proto::chunk::ChunkSize::DEFAULT;
-        tokio::task::spawn_blocking(move || crate::verify::verify_local(s, t, chunk, ScanOptions::default(), p))
-            .await
-            .map_err(|_| Error::Io("verify task failed".into()))??
+        tokio::task::spawn_blocking(move || {
+            crate::verify::verify_local(s, t, chunk, ScanOptions::default(), p)
+        })
+        .await
+        .map_err(|_| Error::Io("verify task failed".into()))??
     };
     progress.finish();
     let mut table = String::from("pass  scanned     changed chunks  sent        seconds\n");
@@ -195,7 +217,10 @@ pub async fn run(size: u64, progress: Arc<dyn Progress>) -> Result<()> {
         &table,
     );
     if !cmp.identical() {
-        return Err(Error::Io(format!("demo copy differs in {} chunks", cmp.mismatched.len())));
+        return Err(Error::Io(format!(
+            "demo copy differs in {} chunks",
+            cmp.mismatched.len()
+        )));
     }
     Ok(())
 }

@@ -87,9 +87,8 @@ fn size_of(path: &Path, file: &File, kind: Kind) -> Result<u64> {
 impl Volume {
     /// Opens a source read-only. A missing or unreadable source is bad input.
     pub fn open_source(path: &Path) -> Result<Volume> {
-        let file = File::open(path).map_err(|e| {
-            Error::input(format!("cannot open source {}: {e}", path.display()))
-        })?;
+        let file = File::open(path)
+            .map_err(|e| Error::input(format!("cannot open source {}: {e}", path.display())))?;
         let kind = kind_of(path, &file)?;
         let size = size_of(path, &file, kind)?;
         if kind == Kind::Block {
@@ -140,7 +139,12 @@ impl Volume {
                     path.display()
                 )))
             }
-            Err(e) => return Err(Error::io(format!("cannot open target {}", path.display()), e)),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("cannot open target {}", path.display()),
+                    e,
+                ))
+            }
         };
         let kind = kind_of(path, &file)?;
         if kind == Kind::File {
@@ -151,7 +155,8 @@ impl Volume {
                 )));
             }
             if created == Created::New {
-                file.set_len(size).ctx(format!("cannot size target {}", path.display()))?;
+                file.set_len(size)
+                    .ctx(format!("cannot size target {}", path.display()))?;
             }
         }
         let actual = size_of(path, &file, kind)?;

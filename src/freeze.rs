@@ -92,21 +92,28 @@ pub fn run_hook(what: &str, cmd: &str) -> Result<()> {
     if status.success() {
         Ok(())
     } else {
-        Err(Error::Io(format!("{what} command '{cmd}' failed with {status}")))
+        Err(Error::Io(format!(
+            "{what} command '{cmd}' failed with {status}"
+        )))
     }
 }
 
 /// Checks that the filesystem mounted at `mountpoint` lives on the block device `source`.
 pub fn check_mount_on_source(mountpoint: &Path, source: &Path) -> Result<()> {
-    let src = std::fs::metadata(source).map_err(|e| Error::input(format!("cannot stat {}: {e}", source.display())))?;
+    let src = std::fs::metadata(source)
+        .map_err(|e| Error::input(format!("cannot stat {}: {e}", source.display())))?;
     if !src.file_type().is_block_device() {
         return Err(Error::input(format!(
             "--fsfreeze needs SOURCE to be the block device the filesystem is mounted from; {} is not a block device",
             source.display()
         )));
     }
-    let mp = std::fs::metadata(mountpoint)
-        .map_err(|e| Error::input(format!("cannot stat mount point {}: {e}", mountpoint.display())))?;
+    let mp = std::fs::metadata(mountpoint).map_err(|e| {
+        Error::input(format!(
+            "cannot stat mount point {}: {e}",
+            mountpoint.display()
+        ))
+    })?;
     if mp.dev() != src.rdev() {
         return Err(Error::input(format!(
             "the filesystem at {} does not live on {}: refusing to freeze one thing and copy another",
@@ -135,7 +142,10 @@ fn lv_name(source: &Path) -> Result<String> {
     let mut words = text.split_whitespace();
     match (words.next(), words.next()) {
         (Some(vg), Some(lv)) => Ok(format!("{vg}/{lv}")),
-        _ => Err(Error::input(format!("lvs gave no volume group for {}", source.display()))),
+        _ => Err(Error::input(format!(
+            "lvs gave no volume group for {}",
+            source.display()
+        ))),
     }
 }
 
@@ -176,14 +186,14 @@ impl FreezeGuard {
             }
             Method::Fsfreeze(mp) => {
                 check_mount_on_source(mp, source)?;
-                let dir = std::fs::File::open(mp)
-                    .map_err(|e| Error::input(format!("cannot open mount point {}: {e}", mp.display())))?;
+                let dir = std::fs::File::open(mp).map_err(|e| {
+                    Error::input(format!("cannot open mount point {}: {e}", mp.display()))
+                })?;
                 let mut arg: libc::c_int = 0;
                 // SAFETY: FIFREEZE on a valid directory descriptor; the int
                 // argument points at a live local.
-                unsafe { ioctl::fifreeze(dir.as_raw_fd(), &mut arg) }.map_err(|e| {
-                    Error::Io(format!("FIFREEZE of {} failed: {e}", mp.display()))
-                })?;
+                unsafe { ioctl::fifreeze(dir.as_raw_fd(), &mut arg) }
+                    .map_err(|e| Error::Io(format!("FIFREEZE of {} failed: {e}", mp.display())))?;
                 (Undo::Thaw(dir, mp.clone()), source.to_owned())
             }
             Method::LvmSnapshot { size } => {
@@ -207,7 +217,10 @@ impl FreezeGuard {
                         String::from_utf8_lossy(&out.stderr).trim()
                     )));
                 }
-                (Undo::RemoveSnapshot(format!("{vg}/{name}")), PathBuf::from(format!("/dev/{vg}/{name}")))
+                (
+                    Undo::RemoveSnapshot(format!("{vg}/{name}")),
+                    PathBuf::from(format!("/dev/{vg}/{name}")),
+                )
             }
         };
         Ok(FreezeGuard {
@@ -236,7 +249,13 @@ impl FreezeGuard {
                 // SAFETY: FITHAW on the descriptor FIFREEZE was issued on.
                 unsafe { ioctl::fithaw(dir.as_raw_fd(), &mut arg) }
                     .map(|_| ())
-                    .map_err(|e| Error::Io(format!("FITHAW of {} failed: {e}; thaw by hand: fsfreeze -u {}", mp.display(), mp.display())))
+                    .map_err(|e| {
+                        Error::Io(format!(
+                            "FITHAW of {} failed: {e}; thaw by hand: fsfreeze -u {}",
+                            mp.display(),
+                            mp.display()
+                        ))
+                    })
             }
             Some(Undo::RemoveSnapshot(name)) => {
                 let st = Command::new("lvremove")
@@ -246,7 +265,9 @@ impl FreezeGuard {
                 if st.success() {
                     Ok(())
                 } else {
-                    Err(Error::Io(format!("lvremove -y {name} failed: remove the snapshot by hand")))
+                    Err(Error::Io(format!(
+                        "lvremove -y {name} failed: remove the snapshot by hand"
+                    )))
                 }
             }
             Some(Undo::Post(cmd)) => run_hook("--post", &cmd),
@@ -270,7 +291,14 @@ mod tests {
     fn lvcreate_command_is_a_snapshot_of_the_lv() {
         assert_eq!(
             lvcreate_args("vg0/filer01", "snap", "10G"),
-            ["--snapshot", "--size", "10G", "--name", "snap", "vg0/filer01"]
+            [
+                "--snapshot",
+                "--size",
+                "10G",
+                "--name",
+                "snap",
+                "vg0/filer01"
+            ]
         );
     }
 
@@ -283,7 +311,10 @@ mod tests {
             post: format!("touch {}", marker.display()),
         };
         let e = FreezeGuard::freeze(&method, Path::new("/dev/null")).unwrap_err();
-        assert!(e.to_string().contains("--pre command 'exit 3' failed"), "{e}");
+        assert!(
+            e.to_string().contains("--pre command 'exit 3' failed"),
+            "{e}"
+        );
         assert!(marker.exists(), "--post must run after a failed --pre");
     }
 
@@ -299,7 +330,11 @@ mod tests {
             eprintln!("SKIP: LVM tools are installed; the missing-tools path cannot be shown");
             return;
         }
-        let e = FreezeGuard::freeze(&Method::LvmSnapshot { size: "1G".into() }, Path::new("/dev/null")).unwrap_err();
+        let e = FreezeGuard::freeze(
+            &Method::LvmSnapshot { size: "1G".into() },
+            Path::new("/dev/null"),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("needs the LVM tools"), "{e}");
         assert_eq!(e.exit_code(), 2);
     }

@@ -49,7 +49,7 @@ pub struct Block<T> {
 }
 
 /// Scan settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ScanOptions {
     /// Hashing threads; 0 = one per core.
     pub workers: usize,
@@ -57,16 +57,6 @@ pub struct ScanOptions {
     pub read_limit: Option<u64>,
     /// Drop read pages from the page cache behind the reader.
     pub drop_cache: bool,
-}
-
-impl Default for ScanOptions {
-    fn default() -> Self {
-        ScanOptions {
-            workers: 0,
-            read_limit: None,
-            drop_cache: false,
-        }
-    }
 }
 
 /// Figures of a finished scan.
@@ -100,7 +90,9 @@ pub fn worker_count(requested: usize) -> usize {
     if requested > 0 {
         requested
     } else {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
     }
 }
 
@@ -143,7 +135,9 @@ where
         let progress = progress.clone();
         std::thread::spawn(move || loop {
             let next = brx.lock().expect("not poisoned").recv();
-            let Ok((seq, first_index, data)) = next else { return };
+            let Ok((seq, first_index, data)) = next else {
+                return;
+            };
             let mut items = Vec::new();
             let mut off = 0usize;
             let mut index = first_index;
@@ -221,7 +215,14 @@ pub fn hash_all(
     opts: ScanOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<Vec<u8>> {
-    let mut scan = scan(vol, geometry, 0, opts, |s| Some((s.index, s.hash)), progress);
+    let mut scan = scan(
+        vol,
+        geometry,
+        0,
+        opts,
+        |s| Some((s.index, s.hash)),
+        progress,
+    );
     let mut table = vec![0u8; geometry.chunk_count() as usize * manifest::ENTRY_LEN];
     while let Some(block) = scan.rx.blocking_recv() {
         for (i, h) in block?.items {

@@ -25,7 +25,10 @@ fn main() {
     let json = cli.json;
     // `serve` shuts down gracefully on its own signals; everything else stops at once.
     let own_signals = matches!(cli.command, nightpass::cli::Command::Serve(_));
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             commands::report_error(json, &Error::Io(format!("cannot start the runtime: {e}")));

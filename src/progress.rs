@@ -188,7 +188,9 @@ impl Progress for Human {
         )
         .expect("valid template")
         .progress_chars("=> ");
-        let scan = self.multi.add(ProgressBar::new(s.size_bytes).with_style(style));
+        let scan = self
+            .multi
+            .add(ProgressBar::new(s.size_bytes).with_style(style));
         scan.set_prefix("scanned");
         let sent_style = ProgressStyle::with_template("{prefix:>8} {bytes} {binary_bytes_per_sec}")
             .expect("valid template");

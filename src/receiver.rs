@@ -74,7 +74,11 @@ struct BusyGuard {
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.shared.busy.lock().expect("not poisoned").remove(&self.name);
+        self.shared
+            .busy
+            .lock()
+            .expect("not poisoned")
+            .remove(&self.name);
     }
 }
 
@@ -99,10 +103,14 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     if cfg.allowed.is_empty() {
-        return Err(Error::input("no sender is allowed: give --allow or --allow-file"));
+        return Err(Error::input(
+            "no sender is allowed: give --allow or --allow-file",
+        ));
     }
     if cfg.volumes.is_empty() {
-        return Err(Error::input("no volume is exported: give --volume NAME=PATH"));
+        return Err(Error::input(
+            "no volume is exported: give --volume NAME=PATH",
+        ));
     }
     let ep = transport::server_endpoint(&identity, cfg.allowed.clone(), cfg.listen, &cfg.tuning)?;
     let local = ep
@@ -138,7 +146,12 @@ pub async fn serve(
     }
     ep.close(0u32.into(), b"receiver shutting down");
     // Finish durable writes: every writer commits its batch and stops.
-    let writers: Vec<_> = shared.writers.lock().expect("not poisoned").drain(..).collect();
+    let writers: Vec<_> = shared
+        .writers
+        .lock()
+        .expect("not poisoned")
+        .drain(..)
+        .collect();
     for w in writers {
         let _ = tokio::task::spawn_blocking(move || w.join()).await;
     }
@@ -192,7 +205,14 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
         },
         Ok(Mode::Verify) => verify_session(shared, conn, send, recv, hello, path).await,
         Ok(Mode::Record) => record_session(shared, conn, send, recv, hello).await,
-        _ => refuse(&mut send, &conn, Refuse(RefuseCode::BadRequest, "unknown session mode".into())).await,
+        _ => {
+            refuse(
+                &mut send,
+                &conn,
+                Refuse(RefuseCode::BadRequest, "unknown session mode".into()),
+            )
+            .await
+        }
     }
 }
 
@@ -224,7 +244,12 @@ fn accept(
 }
 
 fn take_volume(shared: &Arc<Shared>, name: &str) -> std::result::Result<BusyGuard, Refuse> {
-    if !shared.busy.lock().expect("not poisoned").insert(name.to_string()) {
+    if !shared
+        .busy
+        .lock()
+        .expect("not poisoned")
+        .insert(name.to_string())
+    {
         return Err(Refuse(
             RefuseCode::InUse,
             format!("volume '{name}' is in use by another sender's session"),
@@ -237,7 +262,11 @@ fn take_volume(shared: &Arc<Shared>, name: &str) -> std::result::Result<BusyGuar
 }
 
 fn volume_dir(shared: &Shared, name: &str) -> PathBuf {
-    shared.cfg.state_dir.join("volumes").join(state::key_for(name))
+    shared
+        .cfg
+        .state_dir
+        .join("volumes")
+        .join(state::key_for(name))
 }
 
 /// Opens the manifest that describes `target`, or starts a new one.
@@ -253,7 +282,8 @@ fn open_manifest(
     let mpath = dir.join("manifest");
     let bind_path = dir.join("target");
     let canonical = target.canonicalize().unwrap_or_else(|_| target.to_owned());
-    let bound = std::fs::read_to_string(&bind_path).ok().map(PathBuf::from) == Some(canonical.clone());
+    let bound =
+        std::fs::read_to_string(&bind_path).ok().map(PathBuf::from) == Some(canonical.clone());
     let existing = if created == Created::New || !bound {
         None
     } else {
@@ -289,8 +319,13 @@ fn open_manifest(
         None => chunk,
     };
     drop(existing);
-    let geometry = Geometry::new(source_size, chunk).map_err(|e| Refuse(RefuseCode::BadRequest, e.to_string()))?;
-    let fill = if created == Created::New { Fill::Zeros } else { Fill::Unknown };
+    let geometry = Geometry::new(source_size, chunk)
+        .map_err(|e| Refuse(RefuseCode::BadRequest, e.to_string()))?;
+    let fill = if created == Created::New {
+        Fill::Zeros
+    } else {
+        Fill::Unknown
+    };
     let m = ManifestFile::create(&mpath, geometry, rand::random(), fill)?;
     state::write_atomic(&bind_path, canonical.to_string_lossy().as_bytes())?;
     Ok(m)
@@ -298,8 +333,15 @@ fn open_manifest(
 
 /// One verified chunk on its way to the writer, or the end-of-pass request.
 enum WriterMsg {
-    Chunk { index: u64, hash: Hash, data: Option<Bytes> },
-    Finalize { expected: u64, reply: oneshot::Sender<Result<Summary>> },
+    Chunk {
+        index: u64,
+        hash: Hash,
+        data: Option<Bytes>,
+    },
+    Finalize {
+        expected: u64,
+        reply: oneshot::Sender<Result<Summary>>,
+    },
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -313,11 +355,26 @@ async fn sync_session(
     path: PathBuf,
 ) -> Result<()> {
     if hello.source_size == 0 {
-        return refuse(&mut send, &conn, Refuse(RefuseCode::BadRequest, "the source is empty (0 bytes): nothing to copy".into())).await;
+        return refuse(
+            &mut send,
+            &conn,
+            Refuse(
+                RefuseCode::BadRequest,
+                "the source is empty (0 bytes): nothing to copy".into(),
+            ),
+        )
+        .await;
     }
     let chunk = match ChunkSize::new(u64::from(hello.chunk_size)) {
         Ok(c) => c,
-        Err(e) => return refuse(&mut send, &conn, Refuse(RefuseCode::ChunkSize, e.to_string())).await,
+        Err(e) => {
+            return refuse(
+                &mut send,
+                &conn,
+                Refuse(RefuseCode::ChunkSize, e.to_string()),
+            )
+            .await
+        }
     };
     let size = hello.source_size;
     let opened = {
@@ -331,7 +388,15 @@ async fn sync_session(
         Err(e) => return refuse(&mut send, &conn, e.into()).await,
     };
     let dir = volume_dir(&shared, &hello.volume);
-    let mut manifest = match open_manifest(&dir, &hello.volume, &path, created, size, chunk, hello.chunk_size_explicit) {
+    let mut manifest = match open_manifest(
+        &dir,
+        &hello.volume,
+        &path,
+        created,
+        size,
+        chunk,
+        hello.chunk_size_explicit,
+    ) {
         Ok(m) => m,
         Err(r) => return refuse(&mut send, &conn, r).await,
     };
@@ -408,24 +473,40 @@ async fn sync_session(
                 None => return Ok(()),
                 Some(Msg::ManifestRequest(_)) => {
                     let (tx, rx) = oneshot::channel();
-                    table_tx.send(tx).map_err(|_| Error::Io("writer stopped".into()))?;
+                    table_tx
+                        .send(tx)
+                        .map_err(|_| Error::Io("writer stopped".into()))?;
                     let table = rx.await.map_err(|_| Error::Io("writer stopped".into()))?;
                     send_hash_runs(&ctl_tx, Bytes::from(table), false).await?;
                 }
                 Some(Msg::Finish(f)) => {
                     let (tx, rx) = oneshot::channel();
                     let w = wtx.clone();
-                    tokio::task::spawn_blocking(move || w.send(WriterMsg::Finalize { expected: f.chunks_sent, reply: tx }))
-                        .await
-                        .map_err(|_| Error::Io("writer stopped".into()))?
-                        .map_err(|_| Error::Io("writer stopped".into()))?;
-                    let s = rx.await.map_err(|_| Error::Io("writer stopped before the end of the pass".into()))??;
+                    tokio::task::spawn_blocking(move || {
+                        w.send(WriterMsg::Finalize {
+                            expected: f.chunks_sent,
+                            reply: tx,
+                        })
+                    })
+                    .await
+                    .map_err(|_| Error::Io("writer stopped".into()))?
+                    .map_err(|_| Error::Io("writer stopped".into()))?;
+                    let s = rx.await.map_err(|_| {
+                        Error::Io("writer stopped before the end of the pass".into())
+                    })??;
                     ctl_tx
-                        .send(Msg::Done(wire::Done { summary: Some(summary_to_wire(&s)) }))
+                        .send(Msg::Done(wire::Done {
+                            summary: Some(summary_to_wire(&s)),
+                        }))
                         .await
                         .map_err(|_| Error::Network("control stream closed".into()))?;
                 }
-                Some(other) => return Err(Error::Peer(format!("unexpected control message: {}", msg_name(&other)))),
+                Some(other) => {
+                    return Err(Error::Peer(format!(
+                        "unexpected control message: {}",
+                        msg_name(&other)
+                    )))
+                }
             }
         }
     }
@@ -472,8 +553,14 @@ async fn send_hash_runs(ctl: &mpsc::Sender<Msg>, table: Bytes, verify: bool) -> 
             hashes: table.slice(off..end),
             last: end == table.len(),
         };
-        let msg = if verify { Msg::VerifyPart(run) } else { Msg::ManifestPart(run) };
-        ctl.send(msg).await.map_err(|_| Error::Network("control stream closed".into()))?;
+        let msg = if verify {
+            Msg::VerifyPart(run)
+        } else {
+            Msg::ManifestPart(run)
+        };
+        ctl.send(msg)
+            .await
+            .map_err(|_| Error::Network("control stream closed".into()))?;
         if end == table.len() {
             return Ok(());
         }
@@ -482,13 +569,18 @@ async fn send_hash_runs(ctl: &mpsc::Sender<Msg>, table: Bytes, verify: bool) -> 
 }
 
 /// Reads, checks and forwards the chunks of one data stream.
-async fn data_stream(mut s: quinn::RecvStream, geometry: Geometry, wtx: SyncSender<WriterMsg>) -> Result<()> {
+async fn data_stream(
+    mut s: quinn::RecvStream,
+    geometry: Geometry,
+    wtx: SyncSender<WriterMsg>,
+) -> Result<()> {
     let max = geometry.chunk_size().usize() + 4096;
     while let Some(body) = transport::read_frame(&mut s, max).await? {
         let wtx = wtx.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
             let msg = check_chunk(body, &geometry)?;
-            wtx.send(msg).map_err(|_| Error::Io("writer stopped".into()))
+            wtx.send(msg)
+                .map_err(|_| Error::Io("writer stopped".into()))
         })
         .await
         .map_err(|_| Error::Io("chunk check task failed".into()))??;
@@ -512,11 +604,13 @@ fn check_chunk(body: Bytes, geometry: &Geometry) -> Result<WriterMsg> {
             c.index, c.len
         )));
     }
-    let hash: Hash = c
-        .hash
-        .as_slice()
-        .try_into()
-        .map_err(|_| Error::Peer(format!("chunk {} carries a hash of {} bytes", c.index, c.hash.len())))?;
+    let hash: Hash = c.hash.as_slice().try_into().map_err(|_| {
+        Error::Peer(format!(
+            "chunk {} carries a hash of {} bytes",
+            c.index,
+            c.hash.len()
+        ))
+    })?;
     let data = match Encoding::try_from(c.encoding) {
         Ok(Encoding::Raw) => Some(c.payload),
         Ok(Encoding::Zstd) => {
@@ -525,7 +619,12 @@ fn check_chunk(body: Bytes, geometry: &Geometry) -> Result<WriterMsg> {
             Some(Bytes::from(out))
         }
         Ok(Encoding::Zero) => None,
-        Err(_) => return Err(Error::Peer(format!("chunk {} has an unknown encoding", c.index))),
+        Err(_) => {
+            return Err(Error::Peer(format!(
+                "chunk {} has an unknown encoding",
+                c.index
+            )))
+        }
     };
     let actual = match &data {
         Some(d) if d.len() != len => {
@@ -544,7 +643,11 @@ fn check_chunk(body: Bytes, geometry: &Geometry) -> Result<WriterMsg> {
             c.index
         )));
     }
-    Ok(WriterMsg::Chunk { index: c.index, hash, data })
+    Ok(WriterMsg::Chunk {
+        index: c.index,
+        hash,
+        data,
+    })
 }
 
 fn writer_loop(
@@ -564,7 +667,11 @@ fn writer_loop(
         while let Ok(reply) = table_rx.try_recv() {
             let _ = reply.send(manifest.table().to_vec());
         }
-        let timeout = if batch.is_empty() { Duration::from_millis(50) } else { LINGER };
+        let timeout = if batch.is_empty() {
+            Duration::from_millis(50)
+        } else {
+            LINGER
+        };
         match rx.recv_timeout(timeout) {
             Ok(WriterMsg::Chunk { index, hash, data }) => {
                 batch_bytes += data.as_ref().map_or(0, |d| d.len());
@@ -575,7 +682,9 @@ fn writer_loop(
                             batch_bytes += data.as_ref().map_or(0, |d| d.len());
                             batch.push((index, hash, data));
                         }
-                        Ok(WriterMsg::Finalize { expected, reply }) => finalize = Some((expected, reply)),
+                        Ok(WriterMsg::Finalize { expected, reply }) => {
+                            finalize = Some((expected, reply))
+                        }
                         Err(_) => break,
                     }
                 }
@@ -592,7 +701,13 @@ fn writer_loop(
             let indices = commit_batch(volume, manifest, &geometry, std::mem::take(&mut batch))?;
             committed += indices.len() as u64;
             let generation = manifest.header().generation;
-            if ctl.blocking_send(Msg::Ack(wire::Ack { indices, generation })).is_err() {
+            if ctl
+                .blocking_send(Msg::Ack(wire::Ack {
+                    indices,
+                    generation,
+                }))
+                .is_err()
+            {
                 closed = true;
             }
         }
@@ -634,7 +749,9 @@ fn commit_batch(
         manifest.flush_table()?;
     }
     for (index, _, data) in &batch {
-        let range = geometry.range(*index).expect("index checked against geometry");
+        let range = geometry
+            .range(*index)
+            .expect("index checked against geometry");
         match data {
             Some(d) => volume.write_all_at(d, range.start)?,
             None => volume.zero_range(range.start, range.end - range.start)?,
@@ -658,7 +775,14 @@ async fn verify_session(
 ) -> Result<()> {
     let chunk = match ChunkSize::new(u64::from(hello.chunk_size)) {
         Ok(c) => c,
-        Err(e) => return refuse(&mut send, &conn, Refuse(RefuseCode::ChunkSize, e.to_string())).await,
+        Err(e) => {
+            return refuse(
+                &mut send,
+                &conn,
+                Refuse(RefuseCode::ChunkSize, e.to_string()),
+            )
+            .await
+        }
     };
     let volume = match Volume::open_for_verify(&path) {
         Ok(v) => Arc::new(v),
@@ -695,13 +819,21 @@ async fn verify_session(
         let n = runs.len();
         for (k, (first, hashes)) in runs.into_iter().enumerate() {
             ctl_tx
-                .send(Msg::VerifyPart(wire::HashRun { first, hashes: Bytes::from(hashes), last: k + 1 == n }))
+                .send(Msg::VerifyPart(wire::HashRun {
+                    first,
+                    hashes: Bytes::from(hashes),
+                    last: k + 1 == n,
+                }))
                 .await
                 .map_err(|_| Error::Network("control stream closed".into()))?;
         }
         if n == 0 {
             ctl_tx
-                .send(Msg::VerifyPart(wire::HashRun { first: 0, hashes: Bytes::new(), last: true }))
+                .send(Msg::VerifyPart(wire::HashRun {
+                    first: 0,
+                    hashes: Bytes::new(),
+                    last: true,
+                }))
                 .await
                 .map_err(|_| Error::Network("control stream closed".into()))?;
         }
@@ -733,7 +865,11 @@ async fn verify_session(
                 if run.len() >= wire::HASHES_PER_PART * manifest::ENTRY_LEN {
                     let hashes = Bytes::from(std::mem::take(&mut run));
                     ctl_tx
-                        .send(Msg::VerifyPart(wire::HashRun { first: run_first, hashes, last: false }))
+                        .send(Msg::VerifyPart(wire::HashRun {
+                            first: run_first,
+                            hashes,
+                            last: false,
+                        }))
                         .await
                         .map_err(|_| Error::Network("control stream closed".into()))?;
                 }
@@ -755,13 +891,19 @@ async fn verify_session(
 }
 
 /// Hashes the chunks overlapping byte ranges, fresh; returns runs of consecutive chunks.
-fn hash_ranges(volume: &Volume, geometry: &Geometry, ranges: &[u64]) -> Result<Vec<(u64, Vec<u8>)>> {
+fn hash_ranges(
+    volume: &Volume,
+    geometry: &Geometry,
+    ranges: &[u64],
+) -> Result<Vec<(u64, Vec<u8>)>> {
     let mut wanted = std::collections::BTreeSet::new();
     for pair in ranges.chunks_exact(2) {
         if pair[1] == 0 || geometry.size() == 0 {
             continue;
         }
-        let Some(first) = geometry.chunk_of(pair[0]) else { continue };
+        let Some(first) = geometry.chunk_of(pair[0]) else {
+            continue;
+        };
         let end = pair[0].saturating_add(pair[1] - 1).min(geometry.size() - 1);
         let last = geometry.chunk_of(end).unwrap_or(first);
         if last - first > geometry.chunk_count() {
@@ -778,7 +920,9 @@ fn hash_ranges(volume: &Volume, geometry: &Geometry, ranges: &[u64]) -> Result<V
         volume.read_exact_at(b, r.start)?;
         let h = blake3::hash(b);
         match runs.last_mut() {
-            Some((first, hs)) if *first + (hs.len() / manifest::ENTRY_LEN) as u64 == i => hs.extend_from_slice(h.as_bytes()),
+            Some((first, hs)) if *first + (hs.len() / manifest::ENTRY_LEN) as u64 == i => {
+                hs.extend_from_slice(h.as_bytes())
+            }
             _ => runs.push((i, h.as_bytes().to_vec())),
         }
     }
@@ -811,7 +955,10 @@ async fn finish_verify(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 let Some(_guard) = guard else {
-                    return Err(Error::Io(format!("volume '{}' stayed in use; cannot forget ranges", hello.volume)));
+                    return Err(Error::Io(format!(
+                        "volume '{}' stayed in use; cannot forget ranges",
+                        hello.volume
+                    )));
                 };
                 let (d, p, r) = (dir.clone(), path.to_owned(), f.ranges.clone());
                 let n = tokio::task::spawn_blocking(move || forget_ranges(&d, &p, &r))
@@ -825,7 +972,12 @@ async fn finish_verify(
                     .await
                     .map_err(|_| Error::Network("control stream closed".into()))?;
             }
-            Some(other) => return Err(Error::Peer(format!("unexpected control message: {}", msg_name(&other)))),
+            Some(other) => {
+                return Err(Error::Peer(format!(
+                    "unexpected control message: {}",
+                    msg_name(&other)
+                )))
+            }
         }
     }
     drop(ctl_tx);
@@ -878,7 +1030,10 @@ async fn record_session(
 /// Marks every manifest entry overlapping the byte ranges unknown; returns how many changed.
 pub fn forget_ranges(dir: &Path, target: &Path, ranges: &[u64]) -> Result<u64> {
     let canonical = target.canonicalize().unwrap_or_else(|_| target.to_owned());
-    let bound = std::fs::read_to_string(dir.join("target")).ok().map(PathBuf::from) == Some(canonical);
+    let bound = std::fs::read_to_string(dir.join("target"))
+        .ok()
+        .map(PathBuf::from)
+        == Some(canonical);
     if !bound {
         return Ok(0);
     }
@@ -904,8 +1059,12 @@ pub fn forget_in(m: &mut ManifestFile, ranges: &[u64]) -> u64 {
         if len == 0 {
             continue;
         }
-        let Some(first) = g.chunk_of(off) else { continue };
-        let last = g.chunk_of(off.saturating_add(len - 1).min(g.size().saturating_sub(1))).unwrap_or(first);
+        let Some(first) = g.chunk_of(off) else {
+            continue;
+        };
+        let last = g
+            .chunk_of(off.saturating_add(len - 1).min(g.size().saturating_sub(1)))
+            .unwrap_or(first);
         for i in first..=last {
             if m.entry(i) != UNKNOWN {
                 m.set(i, &UNKNOWN);

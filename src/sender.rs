@@ -152,7 +152,9 @@ fn now_unix() -> f64 {
 
 /// Where the sender keeps its state for `dest`.
 pub fn target_dir(state_dir: &std::path::Path, dest: &RemoteVolume) -> PathBuf {
-    state_dir.join("targets").join(state::key_for(&dest.to_string()))
+    state_dir
+        .join("targets")
+        .join(state::key_for(&dest.to_string()))
 }
 
 /// The journal's pass records as forecast inputs, oldest first.
@@ -232,9 +234,18 @@ pub async fn open_session(
                 }
                 Ok((send, recv, w))
             }
-            Some(Msg::Refusal(r)) => Err(Error::input(format!("receiver at {} refused: {}", dest.host_port, r.message))),
-            Some(other) => Err(Error::Peer(format!("receiver answered the hello with a {}", msg_name(&other)))),
-            None => Err(Error::Network(format!("receiver at {} closed the session without an answer", dest.host_port))),
+            Some(Msg::Refusal(r)) => Err(Error::input(format!(
+                "receiver at {} refused: {}",
+                dest.host_port, r.message
+            ))),
+            Some(other) => Err(Error::Peer(format!(
+                "receiver answered the hello with a {}",
+                msg_name(&other)
+            ))),
+            None => Err(Error::Network(format!(
+                "receiver at {} closed the session without an answer",
+                dest.host_port
+            ))),
         }
     };
     match attempt.await {
@@ -246,9 +257,10 @@ pub async fn open_session(
             welcome,
         }),
         Err(e) => match conn.close_reason() {
-            Some(reason @ (quinn::ConnectionError::ConnectionClosed(_) | quinn::ConnectionError::TransportError(_))) => {
-                Err(transport::explain(&reason, addr, &our_fp))
-            }
+            Some(
+                reason @ (quinn::ConnectionError::ConnectionClosed(_)
+                | quinn::ConnectionError::TransportError(_)),
+            ) => Err(transport::explain(&reason, addr, &our_fp)),
             _ => Err(e),
         },
     }
@@ -264,17 +276,32 @@ async fn fetch_table(s: &mut Session, geometry: &Geometry) -> Result<Vec<u8>> {
                 let start = (run.first as usize).checked_mul(manifest::ENTRY_LEN);
                 let end = start.and_then(|st| st.checked_add(run.hashes.len()));
                 match (start, end) {
-                    (Some(st), Some(en)) if en <= table.len() && run.hashes.len() % manifest::ENTRY_LEN == 0 => {
+                    (Some(st), Some(en))
+                        if en <= table.len() && run.hashes.len() % manifest::ENTRY_LEN == 0 =>
+                    {
                         table[st..en].copy_from_slice(&run.hashes)
                     }
-                    _ => return Err(Error::Peer("receiver sent a manifest part outside the volume".into())),
+                    _ => {
+                        return Err(Error::Peer(
+                            "receiver sent a manifest part outside the volume".into(),
+                        ))
+                    }
                 }
                 if run.last {
                     return Ok(table);
                 }
             }
-            Some(other) => return Err(Error::Peer(format!("expected a manifest part, got a {}", msg_name(&other)))),
-            None => return Err(Error::Network("receiver closed the session during the manifest exchange".into())),
+            Some(other) => {
+                return Err(Error::Peer(format!(
+                    "expected a manifest part, got a {}",
+                    msg_name(&other)
+                )))
+            }
+            None => {
+                return Err(Error::Network(
+                    "receiver closed the session during the manifest exchange".into(),
+                ))
+            }
         }
     }
 }
@@ -292,14 +319,27 @@ async fn ack_loop(
                 for i in a.indices {
                     match inf.remove(&i) {
                         Some(h) => m.set(i, &h),
-                        None => return Err(Error::Peer(format!("receiver acknowledged chunk {i}, which was not sent"))),
+                        None => {
+                            return Err(Error::Peer(format!(
+                                "receiver acknowledged chunk {i}, which was not sent"
+                            )))
+                        }
                     }
                 }
             }
             Some(Msg::Done(d)) => return parse_summary(d.summary),
             Some(Msg::Failure(f)) => return Err(Error::Io(f.message)),
-            Some(other) => return Err(Error::Peer(format!("unexpected {} during the pass", msg_name(&other)))),
-            None => return Err(Error::Network("receiver closed the control stream before the end of the pass".into())),
+            Some(other) => {
+                return Err(Error::Peer(format!(
+                    "unexpected {} during the pass",
+                    msg_name(&other)
+                )))
+            }
+            None => {
+                return Err(Error::Network(
+                    "receiver closed the control stream before the end of the pass".into(),
+                ))
+            }
         }
     }
 }
@@ -320,7 +360,10 @@ async fn stream_task(
         if let Some(p) = &pacer {
             p.pace(o.payload.len() as u64).await;
         }
-        inflight.lock().expect("not poisoned").insert(o.index, o.hash);
+        inflight
+            .lock()
+            .expect("not poisoned")
+            .insert(o.index, o.hash);
         let n = o.payload.len() as u64;
         let head = wire::Chunk {
             index: o.index,
@@ -332,19 +375,26 @@ async fn stream_task(
         let mut bufs = wire::encode_chunk_frame(&head, o.payload);
         transport::write_bufs(&mut s, &mut bufs).await?;
         counters.chunks.fetch_add(1, Ordering::Relaxed);
-        counters.changed_bytes.fetch_add(u64::from(o.len), Ordering::Relaxed);
+        counters
+            .changed_bytes
+            .fetch_add(u64::from(o.len), Ordering::Relaxed);
         counters.sent_bytes.fetch_add(n, Ordering::Relaxed);
         if o.encoding == Encoding::Zero {
             counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
         }
         progress.sent(n);
     }
-    s.finish().map_err(|e| Error::Network(format!("data stream: {e}")))?;
+    s.finish()
+        .map_err(|e| Error::Network(format!("data stream: {e}")))?;
     Ok(())
 }
 
 /// Runs one pass and returns its report.
-pub async fn run_pass(cfg: &SyncConfig, id: &Identity, progress: Arc<dyn Progress>) -> Result<PassEnd> {
+pub async fn run_pass(
+    cfg: &SyncConfig,
+    id: &Identity,
+    progress: Arc<dyn Progress>,
+) -> Result<PassEnd> {
     Ok(run_pass_collecting(cfg, id, progress, false).await?.0)
 }
 
@@ -370,7 +420,10 @@ pub async fn run_pass_collecting(
     let mut ours = match ManifestFile::open(&mpath)? {
         Some(Ok(m)) => Some(m),
         Some(Err(e)) => {
-            progress.note(&format!("our manifest of {} cannot be trusted ({e}); rebuilding it from the receiver's", cfg.dest));
+            progress.note(&format!(
+                "our manifest of {} cannot be trusted ({e}); rebuilding it from the receiver's",
+                cfg.dest
+            ));
             None
         }
         None => None,
@@ -404,7 +457,8 @@ pub async fn run_pass_collecting(
             }
         }),
     };
-    let mut session = open_session(id, &cfg.dest, &cfg.server_fingerprint, &cfg.tuning, hello).await?;
+    let mut session =
+        open_session(id, &cfg.dest, &cfg.server_fingerprint, &cfg.tuning, hello).await?;
     let chunk = ChunkSize::new(u64::from(session.welcome.chunk_size))
         .map_err(|e| Error::Peer(format!("receiver chose an invalid chunk size: {e}")))?;
     let geometry = Geometry::new(size, chunk).map_err(|e| Error::input(e.to_string()))?;
@@ -417,7 +471,9 @@ pub async fn run_pass_collecting(
     if !agree {
         let table = fetch_table(&mut session, &geometry).await?;
         if manifest::root(&geometry, &table) != theirs.root {
-            return Err(Error::Peer("the receiver's manifest does not match its own root hash".into()));
+            return Err(Error::Peer(
+                "the receiver's manifest does not match its own root hash".into(),
+            ));
         }
         drop(ours.take());
         let mut m = ManifestFile::create(&mpath, geometry, theirs.volume_id, Fill::Unknown)?;
@@ -451,8 +507,13 @@ pub async fn run_pass_collecting(
         })
     });
     let scan_known = known.clone();
-    let collected: Option<Arc<Mutex<Vec<u8>>>> =
-        collect.then(|| Arc::new(Mutex::new(vec![0u8; geometry.chunk_count() as usize * manifest::ENTRY_LEN])));
+    let collected: Option<Arc<Mutex<Vec<u8>>>> = collect.then(|| {
+        Arc::new(Mutex::new(vec![
+            0u8;
+            geometry.chunk_count() as usize
+                * manifest::ENTRY_LEN
+        ]))
+    });
     let sink = collected.clone();
     let mut scan = hash::scan(
         vol,
@@ -514,7 +575,9 @@ pub async fn run_pass_collecting(
             match r {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => failed = failed.or(Some(e)),
-                Err(_) => failed = failed.or(Some(Error::Network("a data stream task failed".into()))),
+                Err(_) => {
+                    failed = failed.or(Some(Error::Network("a data stream task failed".into())))
+                }
             }
         }
         match failed {
@@ -534,13 +597,21 @@ pub async fn run_pass_collecting(
     let stats = tokio::task::spawn_blocking(move || scan.finish())
         .await
         .map_err(|_| Error::Io("reader thread failed".into()))??;
-    transport::send_control(&mut send, Msg::Finish(wire::Finish { chunks_sent: sent_chunks })).await?;
+    transport::send_control(
+        &mut send,
+        Msg::Finish(wire::Finish {
+            chunks_sent: sent_chunks,
+        }),
+    )
+    .await?;
     let done = match ack_task.await {
         Ok(r) => r?,
         Err(_) => return Err(Error::Network("acknowledgement task failed".into())),
     };
     if !inflight.lock().expect("not poisoned").is_empty() {
-        return Err(Error::Peer("the receiver ended the pass with chunks unacknowledged".into()));
+        return Err(Error::Peer(
+            "the receiver ended the pass with chunks unacknowledged".into(),
+        ));
     }
     let root = {
         let mut m = ours.lock().expect("not poisoned");
@@ -606,7 +677,11 @@ pub async fn run_pass_collecting(
 
 /// Prints the pass history and the current forecast of every volume in the
 /// sender state directory (only those copied from `source`, when given).
-pub fn status(state_dir: &std::path::Path, source: Option<&std::path::Path>, progress: &dyn Progress) -> Result<()> {
+pub fn status(
+    state_dir: &std::path::Path,
+    source: Option<&std::path::Path>,
+    progress: &dyn Progress,
+) -> Result<()> {
     let targets = state_dir.join("targets");
     let mut dirs: Vec<_> = std::fs::read_dir(&targets)
         .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())

@@ -35,7 +35,13 @@ pub fn default_state_dir() -> PathBuf {
 /// Turns a destination such as `10.0.0.2:7400/filer01` into a directory name.
 pub fn key_for(dest: &str) -> String {
     dest.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -79,7 +85,12 @@ pub struct ManifestFile {
 
 impl ManifestFile {
     /// Creates (replacing any old one) a manifest for `geometry`.
-    pub fn create(path: &Path, geometry: Geometry, volume_id: [u8; 16], fill: Fill) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        geometry: Geometry,
+        volume_id: [u8; 16],
+        fill: Fill,
+    ) -> Result<Self> {
         let dir = path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).ctx(format!("create {}", dir.display()))?;
         let tmp = path.with_extension("new");
@@ -104,16 +115,24 @@ impl ManifestFile {
         };
         {
             let mut f = File::create(&tmp).ctx(format!("create {}", tmp.display()))?;
-            f.write_all(&header.encode()).ctx(format!("write {}", tmp.display()))?;
-            f.write_all(&table).ctx(format!("write {}", tmp.display()))?;
+            f.write_all(&header.encode())
+                .ctx(format!("write {}", tmp.display()))?;
+            f.write_all(&table)
+                .ctx(format!("write {}", tmp.display()))?;
             f.sync_all().ctx(format!("fsync {}", tmp.display()))?;
         }
         fs::rename(&tmp, path).ctx(format!("rename to {}", path.display()))?;
         sync_dir(dir)?;
         match Self::open(path)? {
             Some(Ok(m)) => Ok(m),
-            Some(Err(e)) => Err(Error::Io(format!("{}: just written but unreadable: {e}", path.display()))),
-            None => Err(Error::Io(format!("{}: vanished after creation", path.display()))),
+            Some(Err(e)) => Err(Error::Io(format!(
+                "{}: just written but unreadable: {e}",
+                path.display()
+            ))),
+            None => Err(Error::Io(format!(
+                "{}: vanished after creation",
+                path.display()
+            ))),
         }
     }
 
@@ -186,7 +205,9 @@ impl ManifestFile {
 
     /// Makes table changes durable (msync).
     pub fn flush_table(&self) -> Result<()> {
-        self.map.flush().ctx(format!("msync {}", self.path.display()))
+        self.map
+            .flush()
+            .ctx(format!("msync {}", self.path.display()))
     }
 
     /// Root hash of the table as it is now.
@@ -236,7 +257,8 @@ pub fn append_journal(path: &Path, record: &serde_json::Value) -> Result<()> {
         .ctx(format!("open {}", path.display()))?;
     let mut line = serde_json::to_vec(record).expect("JSON values serialize");
     line.push(b'\n');
-    f.write_all(&line).ctx(format!("append {}", path.display()))?;
+    f.write_all(&line)
+        .ctx(format!("append {}", path.display()))?;
     f.sync_data().ctx(format!("fsync {}", path.display()))
 }
 
@@ -279,7 +301,10 @@ mod tests {
         drop(ManifestFile::create(&p, g, [1; 16], Fill::Unknown).unwrap());
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.set_len(HEADER_LEN as u64 + 64).unwrap();
-        assert!(matches!(ManifestFile::open(&p).unwrap(), Some(Err(ManifestError::TableLength { .. }))));
+        assert!(matches!(
+            ManifestFile::open(&p).unwrap(),
+            Some(Err(ManifestError::TableLength { .. }))
+        ));
     }
 
     #[test]

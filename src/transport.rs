@@ -50,7 +50,9 @@ pub fn fingerprint_of(cert_der: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, cert_der);
     format!(
         "np1-{}",
-        data_encoding::BASE32_NOPAD.encode(digest.as_ref()).to_ascii_lowercase()
+        data_encoding::BASE32_NOPAD
+            .encode(digest.as_ref())
+            .to_ascii_lowercase()
     )
 }
 
@@ -59,7 +61,9 @@ pub fn parse_fingerprint(s: &str) -> Result<String> {
     let t = s.trim().to_ascii_lowercase();
     let ok = t.len() == 56
         && t.starts_with("np1-")
-        && t[4..].bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
+        && t[4..]
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
     if ok {
         Ok(t)
     } else {
@@ -92,7 +96,8 @@ impl Identity {
             .mode(0o600)
             .open(&key_path)
             .ctx(format!("create {}", key_path.display()))?;
-        f.write_all(&key).ctx(format!("write {}", key_path.display()))?;
+        f.write_all(&key)
+            .ctx(format!("write {}", key_path.display()))?;
         f.sync_all().ctx(format!("fsync {}", key_path.display()))?;
         crate::state::write_atomic(&cert_path, &cert)?;
         Ok(Identity {
@@ -151,7 +156,9 @@ impl ServerCertVerifier for PinnedServer {
         if ok {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
         }
     }
 
@@ -161,7 +168,12 @@ impl ServerCertVerifier for PinnedServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -170,11 +182,18 @@ impl ServerCertVerifier for PinnedServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -201,7 +220,9 @@ impl ClientCertVerifier for AllowedClients {
             Ok(ClientCertVerified::assertion())
         } else {
             eprintln!("refused a sender: fingerprint {fp} is not authorized (not in --allow)");
-            Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
         }
     }
 
@@ -211,7 +232,12 @@ impl ClientCertVerifier for AllowedClients {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -220,11 +246,18 @@ impl ClientCertVerifier for AllowedClients {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -295,7 +328,8 @@ pub fn server_endpoint(
         .map_err(|e| Error::Io(format!("QUIC TLS setup: {e}")))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport_config(tuning));
-    quinn::Endpoint::server(cfg, listen).map_err(|e| Error::input(format!("cannot listen on {listen}: {e}")))
+    quinn::Endpoint::server(cfg, listen)
+        .map_err(|e| Error::input(format!("cannot listen on {listen}: {e}")))
 }
 
 /// A sender's connection to a receiver whose fingerprint is `expected`.
@@ -386,11 +420,14 @@ pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Opti
             quinn::ConnectionError::ApplicationClosed(a),
         ))) if a.error_code == quinn::VarInt::from_u32(0) => return Ok(None),
         Err(quinn::ReadExactError::FinishedEarly(n)) => {
-            return Err(Error::Peer(format!("stream ended inside a frame header ({n} of 4 bytes)")))
+            return Err(Error::Peer(format!(
+                "stream ended inside a frame header ({n} of 4 bytes)"
+            )))
         }
         Err(quinn::ReadExactError::ReadError(e)) => return Err(read_error(e)),
     }
-    let len = nightpass_proto::wire::frame_len(prefix, max).map_err(|e| Error::Peer(e.to_string()))?;
+    let len =
+        nightpass_proto::wire::frame_len(prefix, max).map_err(|e| Error::Peer(e.to_string()))?;
     let mut body = vec![0u8; len];
     match recv.read_exact(&mut body).await {
         Ok(()) => Ok(Some(bytes::Bytes::from(body))),
@@ -417,22 +454,29 @@ fn read_error(e: quinn::ReadError) -> Error {
 /// Writes buffers (one or more, forming one frame) to a stream.
 pub async fn write_bufs(send: &mut quinn::SendStream, bufs: &mut [bytes::Bytes]) -> Result<()> {
     send.write_all_chunks(bufs).await.map_err(|e| match e {
-        quinn::WriteError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(a)) => Error::Network(format!(
-            "peer closed the session: {}",
-            String::from_utf8_lossy(&a.reason)
-        )),
+        quinn::WriteError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(a)) => {
+            Error::Network(format!(
+                "peer closed the session: {}",
+                String::from_utf8_lossy(&a.reason)
+            ))
+        }
         other => Error::Network(format!("stream write failed: {other}")),
     })
 }
 
 /// Writes one control message as a frame.
-pub async fn send_control(send: &mut quinn::SendStream, msg: nightpass_proto::wire::control::Msg) -> Result<()> {
+pub async fn send_control(
+    send: &mut quinn::SendStream,
+    msg: nightpass_proto::wire::control::Msg,
+) -> Result<()> {
     let frame = nightpass_proto::wire::encode_frame(&nightpass_proto::wire::Control::new(msg));
     write_bufs(send, &mut [frame]).await
 }
 
 /// Reads one control message; `None` at a clean end of stream.
-pub async fn recv_control(recv: &mut quinn::RecvStream) -> Result<Option<nightpass_proto::wire::control::Msg>> {
+pub async fn recv_control(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<nightpass_proto::wire::control::Msg>> {
     match read_frame(recv, nightpass_proto::wire::MAX_CONTROL_FRAME).await? {
         None => Ok(None),
         Some(body) => nightpass_proto::wire::decode_control(body)
@@ -459,7 +503,8 @@ impl RemoteVolume {
         }
         let (hp, name) = s.split_once('/')?;
         let (host, port) = hp.rsplit_once(':')?;
-        if host.is_empty() || port.parse::<u16>().is_err() || name.is_empty() || name.contains('/') {
+        if host.is_empty() || port.parse::<u16>().is_err() || name.is_empty() || name.contains('/')
+        {
             return None;
         }
         Some(RemoteVolume {
@@ -491,8 +536,14 @@ mod tests {
     #[test]
     fn remote_volume_shapes() {
         let r = RemoteVolume::parse("10.1.2.3:7400/filer01").unwrap();
-        assert_eq!((r.host_port.as_str(), r.name.as_str()), ("10.1.2.3:7400", "filer01"));
-        assert_eq!(RemoteVolume::parse("[::1]:7400/f").unwrap().host_port, "[::1]:7400");
+        assert_eq!(
+            (r.host_port.as_str(), r.name.as_str()),
+            ("10.1.2.3:7400", "filer01")
+        );
+        assert_eq!(
+            RemoteVolume::parse("[::1]:7400/f").unwrap().host_port,
+            "[::1]:7400"
+        );
         assert!(RemoteVolume::parse("localhost:7400/f").is_some());
         assert!(RemoteVolume::parse("/dev/loop3").is_none());
         assert!(RemoteVolume::parse("images/a.img").is_none());
@@ -504,6 +555,9 @@ mod tests {
         let fp = fingerprint_of(b"certificate bytes");
         assert!(parse_fingerprint(&fp).is_ok());
         assert!(parse_fingerprint("np1-short").is_err());
-        assert_eq!(parse_fingerprint(&fp.to_uppercase().replace("NP1-", "np1-")).unwrap(), fp);
+        assert_eq!(
+            parse_fingerprint(&fp.to_uppercase().replace("NP1-", "np1-")).unwrap(),
+            fp
+        );
     }
 }

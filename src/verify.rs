@@ -119,7 +119,12 @@ pub async fn run(args: &SyncArgs, progress: Arc<dyn Progress>) -> Result<i32> {
 }
 
 fn report(cmp: &Comparison, duration_s: f64, progress: &dyn Progress) {
-    let listed: Vec<[u64; 2]> = cmp.ranges.iter().take(MAX_LISTED_RANGES).map(|&(o, l)| [o, l]).collect();
+    let listed: Vec<[u64; 2]> = cmp
+        .ranges
+        .iter()
+        .take(MAX_LISTED_RANGES)
+        .map(|&(o, l)| [o, l])
+        .collect();
     let event = json!({
         "event": "verify_end",
         "identical": cmp.identical(),
@@ -148,7 +153,10 @@ fn report(cmp: &Comparison, duration_s: f64, progress: &dyn Progress) {
             s.push_str(&format!("\n  offset {o} length {l}"));
         }
         if cmp.ranges.len() > 20 {
-            s.push_str(&format!("\n  … and {} more (use --json for up to {MAX_LISTED_RANGES})", cmp.ranges.len() - 20));
+            s.push_str(&format!(
+                "\n  … and {} more (use --json for up to {MAX_LISTED_RANGES})",
+                cmp.ranges.len() - 20
+            ));
         }
         s
     };
@@ -185,7 +193,9 @@ pub fn verify_local(
     let (p2, h2) = (progress.clone(), half.clone());
     let t = std::thread::spawn(move || hash::hash_all(target, geometry, h2, p2));
     let a = hash::hash_all(source, geometry, half, progress)?;
-    let b = t.join().map_err(|_| Error::Io("target reader panicked".into()))??;
+    let b = t
+        .join()
+        .map_err(|_| Error::Io("target reader panicked".into()))??;
     let (mismatched, ranges) = compare(&geometry, &a, &b);
     Ok(Comparison {
         source_size: ssize,
@@ -227,7 +237,10 @@ pub async fn open_verify(
 }
 
 /// Receives the target's fresh hashes into a table (entries not requested stay zero).
-pub async fn receive_hashes(session: &mut crate::sender::Session, geometry: &Geometry) -> Result<Vec<u8>> {
+pub async fn receive_hashes(
+    session: &mut crate::sender::Session,
+    geometry: &Geometry,
+) -> Result<Vec<u8>> {
     let mut table = vec![0u8; geometry.chunk_count() as usize * ENTRY_LEN];
     loop {
         match transport::recv_control(&mut session.recv).await? {
@@ -235,17 +248,32 @@ pub async fn receive_hashes(session: &mut crate::sender::Session, geometry: &Geo
                 let start = (run.first as usize).checked_mul(ENTRY_LEN);
                 let end = start.and_then(|st| st.checked_add(run.hashes.len()));
                 match (start, end) {
-                    (Some(st), Some(en)) if en <= table.len() && run.hashes.len() % ENTRY_LEN == 0 => {
+                    (Some(st), Some(en))
+                        if en <= table.len() && run.hashes.len() % ENTRY_LEN == 0 =>
+                    {
                         table[st..en].copy_from_slice(&run.hashes)
                     }
-                    _ => return Err(Error::Peer("receiver sent verify hashes outside the volume".into())),
+                    _ => {
+                        return Err(Error::Peer(
+                            "receiver sent verify hashes outside the volume".into(),
+                        ))
+                    }
                 }
                 if run.last {
                     break;
                 }
             }
-            Some(other) => return Err(Error::Peer(format!("expected verify hashes, got a {}", msg_name(&other)))),
-            None => return Err(Error::Network("receiver closed the session during verify".into())),
+            Some(other) => {
+                return Err(Error::Peer(format!(
+                    "expected verify hashes, got a {}",
+                    msg_name(&other)
+                )))
+            }
+            None => {
+                return Err(Error::Network(
+                    "receiver closed the session during verify".into(),
+                ))
+            }
         }
     }
     Ok(table)
@@ -258,7 +286,11 @@ pub async fn forget_and_close(mut s: crate::sender::Session, ranges: &[(u64, u64
         transport::send_control(&mut s.send, Msg::Forget(wire::Forget { ranges: flat })).await?;
         match transport::recv_control(&mut s.recv).await? {
             Some(Msg::Done(_)) => {}
-            _ => return Err(Error::Network("receiver did not confirm forgetting the differing chunks".into())),
+            _ => {
+                return Err(Error::Network(
+                    "receiver did not confirm forgetting the differing chunks".into(),
+                ))
+            }
         }
     }
     let _ = s.send.finish();
@@ -284,7 +316,9 @@ async fn verify_remote(
     let (scan, p) = (args.scan(), progress.clone());
     let ours = tokio::task::spawn_blocking(move || hash::hash_all(source, geometry, scan, p));
     let theirs = receive_hashes(&mut session, &geometry).await?;
-    let ours = ours.await.map_err(|_| Error::Io("source reader failed".into()))??;
+    let ours = ours
+        .await
+        .map_err(|_| Error::Io("source reader failed".into()))??;
     let (mismatched, ranges) = compare(&geometry, &ours, &theirs);
     let tsize = session.welcome.target_size;
     let is_block = session.welcome.target_is_block;

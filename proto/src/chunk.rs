@@ -136,7 +136,10 @@ mod tests {
     fn chunk_size_bounds() {
         assert!(ChunkSize::new(4096).is_ok());
         assert!(ChunkSize::new(64 << 20).is_ok());
-        assert_eq!(ChunkSize::new(2048), Err(ChunkError::InvalidChunkSize(2048)));
+        assert_eq!(
+            ChunkSize::new(2048),
+            Err(ChunkError::InvalidChunkSize(2048))
+        );
         assert!(ChunkSize::new(128 << 20).is_err());
         assert!(ChunkSize::new(65537).is_err());
         assert!(ChunkSize::new(0).is_err());

@@ -219,7 +219,7 @@ pub fn set_entry(table: &mut [u8], index: u64, hash: &Hash) {
 
 /// The hash of `len` zero bytes, the entry of an all-zero chunk.
 pub fn zero_hash(len: usize) -> Hash {
-    const ZEROS: [u8; 65536] = [0u8; 65536];
+    static ZEROS: [u8; 65536] = [0u8; 65536];
     let mut h = blake3::Hasher::new();
     let mut left = len;
     while left > 0 {
@@ -251,7 +251,10 @@ mod tests {
 
     #[test]
     fn magic_is_derived_from_its_description() {
-        assert_eq!(&blake3::hash(MAGIC_SOURCE.as_bytes()).as_bytes()[..8], &MAGIC);
+        assert_eq!(
+            &blake3::hash(MAGIC_SOURCE.as_bytes()).as_bytes()[..8],
+            &MAGIC
+        );
     }
 
     #[test]
@@ -264,7 +267,10 @@ mod tests {
     #[test]
     fn corrupt_or_truncated_header_refused() {
         let b = header().encode();
-        assert_eq!(Header::decode(&b[..100]), Err(ManifestError::Truncated(100)));
+        assert_eq!(
+            Header::decode(&b[..100]),
+            Err(ManifestError::Truncated(100))
+        );
         let mut bad = b;
         bad[0] ^= 1;
         assert_eq!(Header::decode(&bad), Err(ManifestError::BadMagic));

@@ -423,7 +423,10 @@ mod tests {
         let (frames, err) = split_frames(frame, MAX_CONTROL_FRAME);
         assert!(err.is_none());
         assert_eq!(frames.len(), 1);
-        assert_eq!(decode_control(frames[0].clone()).unwrap(), hello.msg.unwrap());
+        assert_eq!(
+            decode_control(frames[0].clone()).unwrap(),
+            hello.msg.unwrap()
+        );
     }
 
     #[test]
