@@ -230,6 +230,9 @@ pub struct SyncArgs {
     /// Drop source pages from the page cache behind the reader.
     #[arg(long)]
     pub drop_cache: bool,
+    /// Keep reconnecting this long after the link is lost, then fail (exit 3); 0 fails at once.
+    #[arg(long, value_parser = parse_duration, default_value = "3m")]
+    pub retry_for: Duration,
     #[command(flatten)]
     /// QUIC tuning.
     pub quic: QuicArgs,

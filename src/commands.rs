@@ -101,6 +101,7 @@ pub fn sync_config(args: &SyncArgs, kind: &'static str) -> Result<SyncConfig> {
         tuning: args.quic.tuning(),
         kind,
         read_from: None,
+        retry_for: args.retry_for,
     })
 }
 

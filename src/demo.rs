@@ -174,6 +174,7 @@ pub async fn run(size: u64, progress: Arc<dyn Progress>) -> Result<()> {
         tuning: Tuning::default(),
         kind,
         read_from: None,
+        retry_for: std::time::Duration::ZERO,
     };
     let mut ends = Vec::new();
     ends.push(sender::run_pass(&pass("sync"), &sender_id, progress.clone()).await?);

@@ -60,9 +60,15 @@ const BATCH_CHUNKS: usize = 2048;
 /// How long a writer lingers for more chunks before committing a small batch.
 const LINGER: Duration = Duration::from_millis(5);
 
+/// Who holds a volume: the pass and its connection.
+struct Holder {
+    pass_id: Vec<u8>,
+    conn: Option<quinn::Connection>,
+}
+
 struct Shared {
     cfg: ServeConfig,
-    busy: Mutex<HashSet<String>>,
+    busy: Mutex<HashMap<String, Holder>>,
     writers: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -119,7 +125,7 @@ pub async fn serve(
     ready(local, &identity.fingerprint());
     let shared = Arc::new(Shared {
         cfg,
-        busy: Mutex::new(HashSet::new()),
+        busy: Mutex::new(HashMap::new()),
         writers: Mutex::new(Vec::new()),
     });
     tokio::pin!(shutdown);
@@ -193,7 +199,10 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
         None => return Ok(()),
     };
     let exclusive = hello.mode == Mode::Sync as i32;
-    let accepted = accept(&shared, &hello, exclusive);
+    if exclusive && hello.resumes {
+        supersede(&shared, &hello).await;
+    }
+    let accepted = accept(&shared, &hello, exclusive, &conn);
     let (guard, path) = match accepted {
         Ok(x) => x,
         Err(r) => return refuse(&mut send, &conn, r).await,
@@ -216,10 +225,39 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
     }
 }
 
+/// A sender resuming a pass after a lost link: end that pass's old session
+/// (its connection is presumed dead) and wait for its writer to let go.
+async fn supersede(shared: &Arc<Shared>, hello: &wire::Hello) {
+    let old = {
+        let busy = shared.busy.lock().expect("not poisoned");
+        busy.get(&hello.volume)
+            .filter(|h| !hello.pass_id.is_empty() && h.pass_id == hello.pass_id)
+            .and_then(|h| h.conn.clone())
+    };
+    let Some(old) = old else { return };
+    eprintln!(
+        "volume '{}': the sender resumed its pass; ending its previous session",
+        hello.volume
+    );
+    old.close(3u32.into(), b"superseded by the resumed session");
+    for _ in 0..300 {
+        if !shared
+            .busy
+            .lock()
+            .expect("not poisoned")
+            .contains_key(&hello.volume)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn accept(
     shared: &Arc<Shared>,
     hello: &wire::Hello,
     exclusive: bool,
+    conn: &quinn::Connection,
 ) -> std::result::Result<(Option<BusyGuard>, PathBuf), Refuse> {
     if hello.version != wire::PROTOCOL_VERSION {
         return Err(Refuse(
@@ -240,21 +278,27 @@ fn accept(
     if !exclusive {
         return Ok((None, path));
     }
-    Ok((Some(take_volume(shared, &hello.volume)?), path))
+    let holder = Holder {
+        pass_id: hello.pass_id.clone(),
+        conn: Some(conn.clone()),
+    };
+    Ok((Some(take_volume(shared, &hello.volume, holder)?), path))
 }
 
-fn take_volume(shared: &Arc<Shared>, name: &str) -> std::result::Result<BusyGuard, Refuse> {
-    if !shared
-        .busy
-        .lock()
-        .expect("not poisoned")
-        .insert(name.to_string())
-    {
+fn take_volume(
+    shared: &Arc<Shared>,
+    name: &str,
+    holder: Holder,
+) -> std::result::Result<BusyGuard, Refuse> {
+    let mut busy = shared.busy.lock().expect("not poisoned");
+    if busy.contains_key(name) {
         return Err(Refuse(
             RefuseCode::InUse,
             format!("volume '{name}' is in use by another sender's session"),
         ));
     }
+    busy.insert(name.to_string(), holder);
+    drop(busy);
     Ok(BusyGuard {
         shared: shared.clone(),
         name: name.to_string(),
@@ -430,7 +474,11 @@ async fn sync_session(
     let name = hello.volume.clone();
     let (table_tx, table_rx) = std::sync::mpsc::channel::<oneshot::Sender<Vec<u8>>>();
     let writer = std::thread::spawn(move || {
+        // Declared first so it is dropped last: the volume is free again only
+        // once the target and the manifest (and its lock) are closed.
         let _guard = guard;
+        let mut manifest = manifest;
+        let volume = volume;
         if let Err(e) = writer_loop(&volume, &mut manifest, wrx, table_rx, &writer_ctl) {
             eprintln!("volume '{name}': writer stopped: {e}");
             let _ = writer_ctl.blocking_send(Msg::Failure(wire::Failure {
@@ -948,7 +996,11 @@ async fn finish_verify(
                 // Wait for a sync session that is just ending to let go of the volume.
                 let mut guard = None;
                 for _ in 0..100 {
-                    if let Ok(g) = take_volume(&shared, &hello.volume) {
+                    let holder = Holder {
+                        pass_id: Vec::new(),
+                        conn: None,
+                    };
+                    if let Ok(g) = take_volume(&shared, &hello.volume, holder) {
                         guard = Some(g);
                         break;
                     }

@@ -57,6 +57,8 @@ pub struct SyncConfig {
     pub kind: &'static str,
     /// Read this path instead of `source` (an LVM snapshot of it).
     pub read_from: Option<PathBuf>,
+    /// How long to keep reconnecting after the link is lost (0 = fail at once).
+    pub retry_for: Duration,
 }
 
 /// One chunk leaving on a data stream.
@@ -347,7 +349,6 @@ async fn ack_loop(
 async fn stream_task(
     conn: quinn::Connection,
     mut rx: mpsc::Receiver<Outgoing>,
-    inflight: Arc<Mutex<HashMap<u64, Hash>>>,
     counters: Arc<Counters>,
     pacer: Option<Arc<Pacer>>,
     progress: Arc<dyn Progress>,
@@ -360,10 +361,6 @@ async fn stream_task(
         if let Some(p) = &pacer {
             p.pace(o.payload.len() as u64).await;
         }
-        inflight
-            .lock()
-            .expect("not poisoned")
-            .insert(o.index, o.hash);
         let n = o.payload.len() as u64;
         let head = wire::Chunk {
             index: o.index,
@@ -398,8 +395,25 @@ pub async fn run_pass(
     Ok(run_pass_collecting(cfg, id, progress, false).await?.0)
 }
 
+/// How one attempt at a pass ended when the link failed.
+struct Interrupted {
+    error: Error,
+    /// First chunk index not known to be done: the pass resumes there.
+    resume_at: u64,
+}
+
+/// What an attempt that reached the end of the pass brings back.
+struct AttemptDone {
+    root: Hash,
+}
+
 /// Runs one pass; with `collect`, also returns the hash of every source
 /// chunk as read in this pass (a table of 32-byte entries), for the cutover's proof.
+///
+/// A lost link does not end the pass: the sender reconnects with backoff for
+/// up to `retry_for`, re-reads the receiver's manifest (which holds every
+/// chunk made durable before the loss) and resumes the scan at the first
+/// chunk not known to be done.
 pub async fn run_pass_collecting(
     cfg: &SyncConfig,
     id: &Identity,
@@ -440,64 +454,10 @@ pub async fn run_pass_collecting(
         (None, Some(h)) => (h, false),
         (None, None) => (ChunkSize::DEFAULT, false),
     };
-    let hello = wire::Hello {
-        version: wire::PROTOCOL_VERSION,
-        volume: cfg.dest.name.clone(),
-        mode: Mode::Sync as i32,
-        source_size: size,
-        chunk_size: chunk.bytes() as u32,
-        chunk_size_explicit: explicit,
-        ranges: Vec::new(),
-        known: ours.as_ref().map(|m| {
-            let s = m.header().summary();
-            wire::WireSummary {
-                volume_id: s.volume_id.to_vec(),
-                generation: s.generation,
-                root: s.root.to_vec(),
-            }
-        }),
-    };
-    let mut session =
-        open_session(id, &cfg.dest, &cfg.server_fingerprint, &cfg.tuning, hello).await?;
-    let chunk = ChunkSize::new(u64::from(session.welcome.chunk_size))
-        .map_err(|e| Error::Peer(format!("receiver chose an invalid chunk size: {e}")))?;
-    let geometry = Geometry::new(size, chunk).map_err(|e| Error::input(e.to_string()))?;
-    let theirs = parse_summary(session.welcome.summary.clone())?;
-
-    // Reconcile: trust our view only when it is exactly the receiver's.
-    let agree = ours
-        .as_ref()
-        .is_some_and(|m| m.geometry() == geometry && m.header().summary() == theirs);
-    if !agree {
-        let table = fetch_table(&mut session, &geometry).await?;
-        if manifest::root(&geometry, &table) != theirs.root {
-            return Err(Error::Peer(
-                "the receiver's manifest does not match its own root hash".into(),
-            ));
-        }
-        drop(ours.take());
-        let mut m = ManifestFile::create(&mpath, geometry, theirs.volume_id, Fill::Unknown)?;
-        m.replace_table(&table);
-        m.commit(theirs.generation, theirs.root)?;
-        ours = Some(m);
-    }
-    let ours = ours.expect("set above");
     let journal_path = dir.join("journal.jsonl");
     let journal = state::read_journal(&journal_path);
     let pass_no = journal.iter().filter(|r| r["event"] == "pass").count() as u64 + 1;
-    let start = PassStart {
-        volume: cfg.dest.to_string(),
-        pass: pass_no,
-        size_bytes: size,
-        chunk_size: chunk.bytes(),
-    };
-    progress.pass_start(&start);
-    let started = Instant::now();
-    let start_unix = now_unix();
-
-    let known = Arc::new(ours.table().to_vec());
-    let ours = Arc::new(Mutex::new(ours));
-    let inflight: Arc<Mutex<HashMap<u64, Hash>>> = Arc::default();
+    let pass_id: [u8; 16] = rand::random();
     let counters: Arc<Counters> = Arc::default();
     let pacer = cfg.bwlimit.map(|limit| {
         Arc::new(Pacer {
@@ -506,19 +466,232 @@ pub async fn run_pass_collecting(
             sent: Mutex::new(0),
         })
     });
-    let scan_known = known.clone();
-    let collected: Option<Arc<Mutex<Vec<u8>>>> = collect.then(|| {
-        Arc::new(Mutex::new(vec![
-            0u8;
-            geometry.chunk_count() as usize
-                * manifest::ENTRY_LEN
-        ]))
+    let mut collected: Option<Arc<Mutex<Vec<u8>>>> = None;
+    let mut started: Option<(PassStart, Instant, f64)> = None;
+    let mut scanned = ScanStatsSum::default();
+    let mut resume = 0u64;
+    let mut attempt = 0u32;
+    let mut gave_up_at: Option<Instant> = None;
+    let mut backoff = Duration::from_millis(500);
+    let done = loop {
+        attempt += 1;
+        let hello = wire::Hello {
+            version: wire::PROTOCOL_VERSION,
+            volume: cfg.dest.name.clone(),
+            mode: Mode::Sync as i32,
+            source_size: size,
+            chunk_size: chunk.bytes() as u32,
+            chunk_size_explicit: explicit,
+            ranges: Vec::new(),
+            known: ours.as_ref().map(|m| {
+                let s = m.header().summary();
+                wire::WireSummary {
+                    volume_id: s.volume_id.to_vec(),
+                    generation: s.generation,
+                    root: s.root.to_vec(),
+                }
+            }),
+            pass_id: pass_id.to_vec(),
+            resumes: attempt > 1,
+        };
+        let outcome = async {
+            let mut session =
+                open_session(id, &cfg.dest, &cfg.server_fingerprint, &cfg.tuning, hello)
+                    .await
+                    .map_err(|error| Interrupted {
+                        error,
+                        resume_at: resume,
+                    })?;
+            let at = |error| Interrupted {
+                error,
+                resume_at: resume,
+            };
+            let agreed = ChunkSize::new(u64::from(session.welcome.chunk_size)).map_err(|e| {
+                at(Error::Peer(format!(
+                    "receiver chose an invalid chunk size: {e}"
+                )))
+            })?;
+            let geometry =
+                Geometry::new(size, agreed).map_err(|e| at(Error::input(e.to_string())))?;
+            if let Some((s, _, _)) = &started {
+                if s.chunk_size != agreed.bytes() {
+                    return Err(at(Error::Peer(
+                        "receiver changed the chunk size between attempts".into(),
+                    )));
+                }
+            }
+            let theirs = parse_summary(session.welcome.summary.clone()).map_err(at)?;
+            // Reconcile: trust our view only when it is exactly the receiver's.
+            let agree = ours
+                .as_ref()
+                .is_some_and(|m| m.geometry() == geometry && m.header().summary() == theirs);
+            if !agree {
+                let table = fetch_table(&mut session, &geometry).await.map_err(at)?;
+                if manifest::root(&geometry, &table) != theirs.root {
+                    return Err(at(Error::Peer(
+                        "the receiver's manifest does not match its own root hash".into(),
+                    )));
+                }
+                drop(ours.take());
+                let mut m = ManifestFile::create(&mpath, geometry, theirs.volume_id, Fill::Unknown)
+                    .map_err(at)?;
+                m.replace_table(&table);
+                m.commit(theirs.generation, theirs.root).map_err(at)?;
+                ours = Some(m);
+            }
+            if started.is_none() {
+                let start = PassStart {
+                    volume: cfg.dest.to_string(),
+                    pass: pass_no,
+                    size_bytes: size,
+                    chunk_size: agreed.bytes(),
+                };
+                progress.pass_start(&start);
+                started = Some((start, Instant::now(), now_unix()));
+                collected = collect.then(|| {
+                    Arc::new(Mutex::new(vec![
+                        0u8;
+                        geometry.chunk_count() as usize
+                            * manifest::ENTRY_LEN
+                    ]))
+                });
+            }
+            let m = ours.take().expect("set above");
+            let known = Arc::new(m.table().to_vec());
+            let shared = Arc::new(Mutex::new(m));
+            let r = stream_pass(
+                cfg,
+                session,
+                geometry,
+                resume,
+                known,
+                shared.clone(),
+                collected.clone(),
+                counters.clone(),
+                pacer.clone(),
+                progress.clone(),
+                &mut scanned,
+            )
+            .await;
+            ours = Some(
+                Arc::try_unwrap(shared)
+                    .map_err(|_| at(Error::Io("manifest still shared after the pass".into())))?
+                    .into_inner()
+                    .expect("not poisoned"),
+            );
+            r
+        }
+        .await;
+        match outcome {
+            Ok(done) => break done,
+            Err(Interrupted {
+                error: Error::Network(msg),
+                resume_at,
+            }) if !cfg.retry_for.is_zero() => {
+                let limit = *gave_up_at.get_or_insert_with(|| Instant::now() + cfg.retry_for);
+                if Instant::now() >= limit {
+                    return Err(Error::Network(format!(
+                        "gave up after waiting {} s for the receiver at {} (--retry-for): {msg}",
+                        cfg.retry_for.as_secs(),
+                        cfg.dest.host_port
+                    )));
+                }
+                resume = resume_at;
+                progress.note(&format!(
+                    "link to {} lost ({msg}); reconnecting in {:.1} s, then resuming the pass at chunk {resume}",
+                    cfg.dest.host_port,
+                    backoff.as_secs_f64()
+                ));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(15));
+            }
+            Err(i) => return Err(i.error),
+        }
+    };
+    let (start, began, start_unix) = started.expect("a pass that ended had started");
+    let root = done.root;
+    let chunk = start.chunk_size;
+    let sent_chunks = counters.chunks.load(Ordering::Relaxed);
+    let duration_s = began.elapsed().as_secs_f64();
+    let changed_bytes = counters.changed_bytes.load(Ordering::Relaxed);
+    let record = json!({
+        "event": "pass",
+        "kind": cfg.kind,
+        "source": cfg.source.display().to_string(),
+        "volume": cfg.dest.to_string(),
+        "pass": pass_no,
+        "first": pass_no == 1,
+        "attempts": attempt,
+        "start_unix_s": start_unix,
+        "duration_s": duration_s,
+        "size_bytes": size,
+        "chunk_size": chunk,
+        "scanned_bytes": scanned.bytes,
+        "read_busy_s": scanned.busy_s,
+        "changed_chunks": sent_chunks,
+        "changed_bytes": changed_bytes,
+        "sent_bytes": counters.sent_bytes.load(Ordering::Relaxed),
+        "zero_chunks": counters.zero_chunks.load(Ordering::Relaxed),
+        "read_rate_bps": scanned.bytes as f64 / scanned.busy_s.max(1e-6),
+        "send_rate_bps": counters.sent_bytes.load(Ordering::Relaxed) as f64 / duration_s.max(1e-6),
+        "root": manifest::to_hex(&root),
     });
+    state::append_journal(&journal_path, &record)?;
+    let mut all = journal;
+    all.push(record);
+    let forecast = plan::forecast(&journal_figures(&all), now_unix()).map(|f| f.total_s);
+    let end = PassEnd {
+        start,
+        scanned_bytes: scanned.bytes,
+        changed_chunks: sent_chunks,
+        changed_bytes,
+        sent_bytes: counters.sent_bytes.load(Ordering::Relaxed),
+        zero_chunks: counters.zero_chunks.load(Ordering::Relaxed),
+        duration_s,
+        forecast_final_pass_s: forecast,
+        root: manifest::to_hex(&root),
+    };
+    progress.pass_end(&end);
+    let table = collected.map(|t| std::mem::take(&mut *t.lock().expect("not poisoned")));
+    Ok((end, table))
+}
+
+/// Reader figures summed over the attempts of a pass.
+#[derive(Debug, Default)]
+struct ScanStatsSum {
+    bytes: u64,
+    busy_s: f64,
+}
+
+/// Streams chunks `resume..` of one attempt and ends the pass with the
+/// receiver; on failure, says where a new attempt must resume.
+#[allow(clippy::too_many_arguments)]
+async fn stream_pass(
+    cfg: &SyncConfig,
+    session: Session,
+    geometry: Geometry,
+    resume: u64,
+    known: Arc<Vec<u8>>,
+    ours: Arc<Mutex<ManifestFile>>,
+    collected: Option<Arc<Mutex<Vec<u8>>>>,
+    counters: Arc<Counters>,
+    pacer: Option<Arc<Pacer>>,
+    progress: Arc<dyn Progress>,
+    scanned: &mut ScanStatsSum,
+) -> std::result::Result<AttemptDone, Interrupted> {
+    let source = cfg.read_from.clone().unwrap_or_else(|| cfg.source.clone());
+    let vol = Arc::new(Volume::open_source(&source).map_err(|error| Interrupted {
+        error,
+        resume_at: resume,
+    })?);
+    let chunks_per_block =
+        (geometry.chunk_size().bytes().max(4 << 20) / geometry.chunk_size().bytes()).max(1);
     let sink = collected.clone();
+    let scan_known = known.clone();
     let mut scan = hash::scan(
         vol,
         geometry,
-        0,
+        resume,
         cfg.scan.clone(),
         move |s| {
             if let Some(t) = &sink {
@@ -535,9 +708,19 @@ pub async fn run_pass_collecting(
         recv,
         ..
     } = session;
+    let inflight: Arc<Mutex<HashMap<u64, Hash>>> = Arc::default();
+    // Every block below `contiguous` has been handed to the streams in full.
+    let mut contiguous = 0u64;
+    let mut handed: std::collections::BTreeSet<u64> = Default::default();
+    let resume_at = |contiguous: u64, inflight: &Mutex<HashMap<u64, Hash>>| {
+        let scanned_to = (resume + contiguous * chunks_per_block).min(geometry.chunk_count());
+        let pending = inflight.lock().expect("not poisoned").keys().copied().min();
+        pending.map_or(scanned_to, |p| p.min(scanned_to))
+    };
     let ack_task = tokio::spawn(ack_loop(recv, ours.clone(), inflight.clone()));
     tokio::pin!(ack_task);
     let streams = cfg.streams.max(1);
+    let chunks_before = counters.chunks.load(Ordering::Relaxed);
     let dispatch = async {
         let mut txs = Vec::new();
         let mut tasks = tokio::task::JoinSet::new();
@@ -547,7 +730,6 @@ pub async fn run_pass_collecting(
             tasks.spawn(stream_task(
                 conn.clone(),
                 rx,
-                inflight.clone(),
                 counters.clone(),
                 pacer.clone(),
                 progress.clone(),
@@ -564,10 +746,18 @@ pub async fn run_pass_collecting(
                 }
             };
             for o in block.items {
+                inflight
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(o.index, o.hash);
                 if txs[next % streams].send(o).await.is_err() {
                     break 'blocks;
                 }
                 next += 1;
+            }
+            handed.insert(block.seq);
+            while handed.remove(&contiguous) {
+                contiguous += 1;
             }
         }
         drop(txs);
@@ -582,97 +772,74 @@ pub async fn run_pass_collecting(
         }
         match failed {
             Some(e) => Err(e),
-            None => Ok(counters.chunks.load(Ordering::Relaxed)),
+            None => Ok(()),
         }
     };
-    let sent_chunks = tokio::select! {
-        r = dispatch => r?,
-        r = &mut ack_task => {
-            return Err(match r {
-                Ok(Err(e)) => e,
-                _ => Error::Network("receiver ended the session before the pass finished".into()),
-            });
-        }
+    let dispatched = tokio::select! {
+        r = dispatch => r,
+        r = &mut ack_task => Err(match r {
+            Ok(Err(e)) => e,
+            _ => Error::Network("receiver ended the session before the pass finished".into()),
+        }),
     };
-    let stats = tokio::task::spawn_blocking(move || scan.finish())
-        .await
-        .map_err(|_| Error::Io("reader thread failed".into()))??;
+    // Let the reader go (dropping the results ends it) and count what it read.
+    drop(std::mem::replace(
+        &mut scan.rx,
+        tokio::sync::mpsc::channel(1).1,
+    ));
+    if let Ok(Ok(stats)) = tokio::task::spawn_blocking(move || scan.finish()).await {
+        scanned.bytes += stats.bytes;
+        scanned.busy_s += stats.busy_s;
+    }
+    if let Err(error) = dispatched {
+        // Acks that arrived are recorded; resume at the first chunk not done.
+        ack_task.abort();
+        return Err(Interrupted {
+            error,
+            resume_at: resume_at(contiguous, &inflight),
+        });
+    }
+    let sent_chunks = counters.chunks.load(Ordering::Relaxed) - chunks_before;
+    let fail = |error| Interrupted {
+        error,
+        resume_at: resume_at(contiguous, &inflight),
+    };
     transport::send_control(
         &mut send,
         Msg::Finish(wire::Finish {
             chunks_sent: sent_chunks,
         }),
     )
-    .await?;
+    .await
+    .map_err(fail)?;
     let done = match ack_task.await {
-        Ok(r) => r?,
-        Err(_) => return Err(Error::Network("acknowledgement task failed".into())),
+        Ok(r) => r.map_err(fail)?,
+        Err(_) => return Err(fail(Error::Network("acknowledgement task failed".into()))),
     };
     if !inflight.lock().expect("not poisoned").is_empty() {
-        return Err(Error::Peer(
+        return Err(fail(Error::Peer(
             "the receiver ended the pass with chunks unacknowledged".into(),
-        ));
+        )));
     }
     let root = {
         let mut m = ours.lock().expect("not poisoned");
         let root = m.current_root();
         if root != done.root {
-            m.flush_table()?;
-            return Err(Error::Peer(format!(
+            m.flush_table().map_err(fail)?;
+            return Err(fail(Error::Peer(format!(
                 "after the pass the receiver's manifest root {} differs from ours {}; the next pass will rebuild our view from the receiver",
                 manifest::to_hex(&done.root),
                 manifest::to_hex(&root)
-            )));
+            ))));
         }
         m.set_volume_id(done.volume_id);
-        m.commit(done.generation, root)?;
+        m.commit(done.generation, root).map_err(fail)?;
         root
     };
     let _ = send.finish();
     conn.close(0u32.into(), b"pass complete");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-
-    let duration_s = started.elapsed().as_secs_f64();
-    let changed_bytes = counters.changed_bytes.load(Ordering::Relaxed);
-    let record = json!({
-        "event": "pass",
-        "kind": cfg.kind,
-        "source": cfg.source.display().to_string(),
-        "volume": cfg.dest.to_string(),
-        "pass": pass_no,
-        "first": pass_no == 1,
-        "start_unix_s": start_unix,
-        "duration_s": duration_s,
-        "size_bytes": size,
-        "chunk_size": chunk.bytes(),
-        "scanned_bytes": stats.bytes,
-        "read_busy_s": stats.busy_s,
-        "changed_chunks": sent_chunks,
-        "changed_bytes": changed_bytes,
-        "sent_bytes": counters.sent_bytes.load(Ordering::Relaxed),
-        "zero_chunks": counters.zero_chunks.load(Ordering::Relaxed),
-        "read_rate_bps": stats.bytes as f64 / stats.busy_s.max(1e-6),
-        "send_rate_bps": counters.sent_bytes.load(Ordering::Relaxed) as f64 / duration_s.max(1e-6),
-        "root": manifest::to_hex(&root),
-    });
-    state::append_journal(&journal_path, &record)?;
-    let mut all = journal;
-    all.push(record);
-    let forecast = plan::forecast(&journal_figures(&all), now_unix()).map(|f| f.total_s);
-    let end = PassEnd {
-        start,
-        scanned_bytes: stats.bytes,
-        changed_chunks: sent_chunks,
-        changed_bytes,
-        sent_bytes: counters.sent_bytes.load(Ordering::Relaxed),
-        zero_chunks: counters.zero_chunks.load(Ordering::Relaxed),
-        duration_s,
-        forecast_final_pass_s: forecast,
-        root: manifest::to_hex(&root),
-    };
-    progress.pass_end(&end);
-    let table = collected.map(|t| std::mem::take(&mut *t.lock().expect("not poisoned")));
-    Ok((end, table))
+    Ok(AttemptDone { root })
 }
 
 /// Prints the pass history and the current forecast of every volume in the

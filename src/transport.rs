@@ -290,9 +290,9 @@ fn transport_config(t: &Tuning) -> Arc<quinn::TransportConfig> {
         .send_window(t.conn_window)
         .max_concurrent_uni_streams(64u32.into())
         .max_concurrent_bidi_streams(4u32.into())
-        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .keep_alive_interval(Some(Duration::from_secs(3)))
         .max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(Duration::from_secs(60)).expect("60 s fits"),
+            quinn::IdleTimeout::try_from(Duration::from_secs(15)).expect("15 s fits"),
         ));
     if t.bbr {
         c.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));

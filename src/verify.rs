@@ -229,6 +229,7 @@ pub async fn open_verify(
         chunk_size_explicit: true,
         known: None,
         ranges,
+        ..Default::default()
     };
     let session = open_session(id, dest, fp, tuning, hello).await?;
     let extent = source_size.min(session.welcome.target_size);

@@ -117,6 +117,13 @@ pub struct Hello {
     /// Verify mode: flattened `(offset, length)` byte ranges to hash; empty = all.
     #[prost(uint64, repeated, tag = "8")]
     pub ranges: Vec<u64>,
+    /// Random id of the pass (16 bytes), the same across its reconnections.
+    #[prost(bytes = "vec", tag = "9")]
+    pub pass_id: Vec<u8>,
+    /// True when this session resumes pass `pass_id` after a lost link: the
+    /// receiver may then end that pass's old session, which is presumed dead.
+    #[prost(bool, tag = "10")]
+    pub resumes: bool,
 }
 
 /// Receiver → sender: the session is accepted.
@@ -418,6 +425,8 @@ mod tests {
                 root: vec![2; 32],
             }),
             ranges: vec![0, 4096],
+            pass_id: vec![9; 16],
+            resumes: false,
         }));
         let frame = encode_frame(&hello);
         let (frames, err) = split_frames(frame, MAX_CONTROL_FRAME);
