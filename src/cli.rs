@@ -98,6 +98,9 @@ pub struct ServeArgs {
     /// Receiver state directory [default: $NIGHTPASS_HOME/state or ~/.local/state/nightpass].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Most sender connections served at once; more are refused.
+    #[arg(long, default_value_t = 32)]
+    pub max_sessions: usize,
     #[command(flatten)]
     /// QUIC tuning.
     pub quic: QuicArgs,

@@ -140,6 +140,7 @@ pub async fn run(size: u64, progress: Arc<dyn Progress>) -> Result<()> {
         allowed: [sender_id.fingerprint()].into_iter().collect(),
         state_dir: tmp.0.join("receiver-state"),
         tuning: Tuning::default(),
+        max_sessions: 4,
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -51,6 +51,8 @@ pub struct ServeConfig {
     pub state_dir: PathBuf,
     /// QUIC tuning.
     pub tuning: Tuning,
+    /// Most connections served at once; more are refused.
+    pub max_sessions: usize,
 }
 
 /// Bytes of verified chunks a writer batches before one durable commit.
@@ -128,13 +130,20 @@ pub async fn serve(
         busy: Mutex::new(HashMap::new()),
         writers: Mutex::new(Vec::new()),
     });
+    let sessions = Arc::new(tokio::sync::Semaphore::new(shared.cfg.max_sessions.max(1)));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             incoming = ep.accept() => {
                 let Some(incoming) = incoming else { break };
+                let Ok(permit) = sessions.clone().try_acquire_owned() else {
+                    eprintln!("refused a connection from {}: {} sessions already open (--max-sessions)", incoming.remote_address(), shared.cfg.max_sessions);
+                    incoming.refuse();
+                    continue;
+                };
                 let shared = shared.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let remote = incoming.remote_address();
                     match incoming.await {
                         Ok(conn) => {
@@ -469,7 +478,9 @@ async fn sync_session(
     });
 
     // The writer thread owns the target, the manifest and the volume's busy slot.
-    let (wtx, wrx) = sync_channel::<WriterMsg>(64);
+    let slots = in_flight_chunks(geometry.chunk_size());
+    let (wtx, wrx) = sync_channel::<WriterMsg>(slots);
+    let budget = Arc::new(tokio::sync::Semaphore::new(slots));
     let writer_ctl = ctl_tx.clone();
     let name = hello.volume.clone();
     let (table_tx, table_rx) = std::sync::mpsc::channel::<oneshot::Sender<Vec<u8>>>();
@@ -496,7 +507,7 @@ async fn sync_session(
         loop {
             tokio::select! {
                 s = data_conn.accept_uni() => match s {
-                    Ok(s) => { streams.spawn(data_stream(s, geometry, data_wtx.clone())); }
+                    Ok(s) => { streams.spawn(data_stream(s, geometry, data_wtx.clone(), budget.clone())); }
                     Err(_) => break,
                 },
                 Some(r) = streams.join_next(), if !streams.is_empty() => {
@@ -616,19 +627,42 @@ async fn send_hash_runs(ctl: &mpsc::Sender<Msg>, table: Bytes, verify: bool) -> 
     }
 }
 
+/// Bytes of chunk data a session may hold in memory between the network and
+/// the writer's queue (each bound separately).
+const SESSION_BUFFER: u64 = 64 << 20;
+
+/// Chunks a session may hold per stage: 64 MiB worth, at least 2, at most 256.
+fn in_flight_chunks(chunk: ChunkSize) -> usize {
+    (SESSION_BUFFER / chunk.bytes()).clamp(2, 256) as usize
+}
+
 /// Reads, checks and forwards the chunks of one data stream.
 async fn data_stream(
     mut s: quinn::RecvStream,
     geometry: Geometry,
     wtx: SyncSender<WriterMsg>,
+    budget: Arc<tokio::sync::Semaphore>,
 ) -> Result<()> {
     let max = geometry.chunk_size().usize() + 4096;
-    while let Some(body) = transport::read_frame(&mut s, max).await? {
+    loop {
+        // A frame buffer exists only while holding a permit: the session's
+        // memory stays bounded whatever the peer sends or fails to read.
+        let permit = budget
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Io("session closing".into()))?;
+        let Some(body) = transport::read_frame(&mut s, max).await? else {
+            break;
+        };
         let wtx = wtx.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
             let msg = check_chunk(body, &geometry)?;
-            wtx.send(msg)
-                .map_err(|_| Error::Io("writer stopped".into()))
+            let sent = wtx
+                .send(msg)
+                .map_err(|_| Error::Io("writer stopped".into()));
+            drop(permit);
+            sent
         })
         .await
         .map_err(|_| Error::Io("chunk check task failed".into()))??;

@@ -288,7 +288,7 @@ fn transport_config(t: &Tuning) -> Arc<quinn::TransportConfig> {
     c.stream_receive_window(w(t.stream_window))
         .receive_window(w(t.conn_window))
         .send_window(t.conn_window)
-        .max_concurrent_uni_streams(64u32.into())
+        .max_concurrent_uni_streams(32u32.into())
         .max_concurrent_bidi_streams(4u32.into())
         .keep_alive_interval(Some(Duration::from_secs(3)))
         .max_idle_timeout(Some(
