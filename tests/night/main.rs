@@ -1,0 +1,5 @@
+//! Integration tests for verify, convergence, cutover and reliability: real
+//! `nightpass` processes, loopback QUIC, loop devices, ext4 and fsfreeze.
+//! Tests that need root or a kernel feature skip loudly when it is missing.
+
+mod harness;
