@@ -211,6 +211,50 @@ impl Volume {
         })
     }
 
+    /// Reads exactly `len` bytes at `offset` into a fresh buffer, without
+    /// first zero-filling it (the kernel writes every byte handed out).
+    pub fn read_vec_at(&self, len: usize, offset: u64) -> Result<Vec<u8>> {
+        let mut buf: Vec<u8> = Vec::with_capacity(len);
+        let mut done = 0usize;
+        while done < len {
+            // SAFETY: the pointer and length stay inside the buffer's spare
+            // capacity, which pread only writes to; the descriptor is alive.
+            let n = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    buf.as_mut_ptr().add(done).cast(),
+                    len - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::io(
+                    format!(
+                        "read of {} at offset {}",
+                        self.path.display(),
+                        offset + done as u64
+                    ),
+                    e,
+                ));
+            }
+            if n == 0 {
+                return Err(Error::Io(format!(
+                    "read of {} at offset {}: unexpected end of volume",
+                    self.path.display(),
+                    offset + done as u64
+                )));
+            }
+            done += n as usize;
+        }
+        // SAFETY: pread initialised exactly the first `len` bytes above.
+        unsafe { buf.set_len(len) };
+        Ok(buf)
+    }
+
     /// Writes all of `buf` at `offset`.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.file.write_all_at(buf, offset).map_err(|e| {

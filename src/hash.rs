@@ -173,11 +173,13 @@ where
         while index < count {
             let off = index * chunk;
             let len = (geometry.size() - off).min(block) as usize;
-            let mut buf = vec![0u8; len];
-            if let Err(e) = vol.read_exact_at(&mut buf, off) {
-                let _ = otx.blocking_send(Err(Error::Io(e.to_string())));
-                return Err(e);
-            }
+            let buf = match vol.read_vec_at(len, off) {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = otx.blocking_send(Err(Error::Io(e.to_string())));
+                    return Err(e);
+                }
+            };
             if opts.drop_cache {
                 vol.drop_cache(off, len as u64);
             }

@@ -745,7 +745,14 @@ async fn stream_pass(
                     break;
                 }
             };
-            for o in block.items {
+            // A raw payload is a slice of its whole read block; when few chunks
+            // of a block changed, copy them out so the block can be freed
+            // instead of waiting in send queues (bounds the sender's memory).
+            let sparse = (block.items.len() as u64) * 2 < chunks_per_block;
+            for mut o in block.items {
+                if sparse && o.encoding == Encoding::Raw {
+                    o.payload = Bytes::copy_from_slice(&o.payload);
+                }
                 inflight
                     .lock()
                     .expect("not poisoned")

@@ -294,6 +294,11 @@ fn transport_config(t: &Tuning) -> Arc<quinn::TransportConfig> {
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(Duration::from_secs(15)).expect("15 s fits"),
         ));
+    // Datacentre links often carry jumbo frames, and loopback far more:
+    // let MTU discovery go that high; it settles on what the path carries.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(9000);
+    c.mtu_discovery_config(Some(mtu));
     if t.bbr {
         c.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     }
