@@ -19,7 +19,10 @@ pub fn bin() -> &'static str {
 
 /// A scratch directory removed at the end of the test.
 pub fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("np-night-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("np-night-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 /// True when running as root with the given tools on the PATH; otherwise
@@ -60,7 +63,11 @@ pub fn keygen(root: &Path, name: &str) -> Ident {
         .arg(&dir)
         .output()
         .expect("run keygen");
-    assert!(out.status.success(), "keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "keygen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let fp = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(fp.starts_with("np1-"), "fingerprint {fp}");
     Ident { dir, fp }
@@ -80,19 +87,34 @@ pub struct Receiver {
 
 impl Receiver {
     /// Starts a receiver on an ephemeral port (or `port` when non-zero).
-    pub fn start(id: &Ident, state: &Path, volumes: &[(&str, &Path)], allow: &[&str], port: u16) -> Receiver {
+    pub fn start(
+        id: &Ident,
+        state: &Path,
+        volumes: &[(&str, &Path)],
+        allow: &[&str],
+        port: u16,
+    ) -> Receiver {
         let mut cmd = Command::new(bin());
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--identity"])
-            .arg(&id.dir)
-            .arg("--state-dir")
-            .arg(state);
+        cmd.args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--identity",
+        ])
+        .arg(&id.dir)
+        .arg("--state-dir")
+        .arg(state);
         for (n, p) in volumes {
             cmd.arg("--volume").arg(format!("{n}={}", p.display()));
         }
         for a in allow {
             cmd.args(["--allow", a]);
         }
-        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn serve");
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn serve");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -111,9 +133,9 @@ impl Receiver {
                 l.push('\n');
             }
         });
-        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| {
-            panic!("receiver did not start: {}", log.lock().unwrap())
-        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("receiver did not start: {}", log.lock().unwrap()));
         // listening on 127.0.0.1:PORT fingerprint FP
         let words: Vec<&str> = line.split_whitespace().collect();
         let port = words[2].rsplit(':').next().unwrap().parse().unwrap();
@@ -124,7 +146,10 @@ impl Receiver {
             stderr: log,
             id: id.dir.clone(),
             state: state.to_owned(),
-            volumes: volumes.iter().map(|(n, p)| (n.to_string(), p.to_path_buf())).collect(),
+            volumes: volumes
+                .iter()
+                .map(|(n, p)| (n.to_string(), p.to_path_buf()))
+                .collect(),
             allow: allow.iter().map(|s| s.to_string()).collect(),
         }
     }
@@ -148,7 +173,10 @@ impl Receiver {
             fp: self.fp.clone(),
         };
         let vols: Vec<(String, PathBuf)> = self.volumes.clone();
-        let v: Vec<(&str, &Path)> = vols.iter().map(|(n, p)| (n.as_str(), p.as_path())).collect();
+        let v: Vec<(&str, &Path)> = vols
+            .iter()
+            .map(|(n, p)| (n.as_str(), p.as_path()))
+            .collect();
         let a: Vec<&str> = self.allow.iter().map(|s| s.as_str()).collect();
         let state = self.state.clone();
         let mut fresh = Receiver::start(&id, &state, &v, &a, self.port);
@@ -182,7 +210,12 @@ impl Run {
         self.events
             .iter()
             .find(|e| e["event"] == name)
-            .unwrap_or_else(|| panic!("no {name} event in {:?}\nstderr: {}", self.events, self.stderr))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {name} event in {:?}\nstderr: {}",
+                    self.events, self.stderr
+                )
+            })
     }
 
     /// Every event named `name`.
@@ -206,7 +239,14 @@ impl SenderSide {
     }
 
     /// The command line of `nightpass CMD SOURCE DEST` with this sender's identity and state.
-    pub fn command(&self, cmd: &str, source: &Path, dest: &str, server_fp: &str, extra: &[&str]) -> Command {
+    pub fn command(
+        &self,
+        cmd: &str,
+        source: &Path,
+        dest: &str,
+        server_fp: &str,
+        extra: &[&str],
+    ) -> Command {
         let mut c = Command::new(bin());
         c.arg(cmd)
             .arg(source)
@@ -220,7 +260,14 @@ impl SenderSide {
     }
 
     /// Runs `nightpass CMD SOURCE DEST ...` to completion.
-    pub fn run(&self, cmd: &str, source: &Path, dest: &str, server_fp: &str, extra: &[&str]) -> Run {
+    pub fn run(
+        &self,
+        cmd: &str,
+        source: &Path,
+        dest: &str,
+        server_fp: &str,
+        extra: &[&str],
+    ) -> Run {
         run_command(self.command(cmd, source, dest, server_fp, extra))
     }
 }
@@ -238,7 +285,8 @@ pub fn parse_run(code: i32, stdout: &[u8], stderr: &[u8]) -> Run {
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {l}"));
+            let v: Value = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {l}"));
             assert!(v.get("event").is_some(), "JSON line without event: {l}");
             v
         })
@@ -318,7 +366,10 @@ pub fn hash_file(path: &Path) -> blake3::Hash {
 
 /// Size of a file or block device.
 pub fn size_of(path: &Path) -> u64 {
-    let out = Command::new("blockdev").arg("--getsize64").arg(path).output();
+    let out = Command::new("blockdev")
+        .arg("--getsize64")
+        .arg(path)
+        .output();
     match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().parse().unwrap(),
         _ => std::fs::metadata(path).unwrap().len(),
@@ -337,7 +388,11 @@ impl Loop {
             .arg(file)
             .output()
             .expect("losetup");
-        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Loop {
             dev: PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()),
         }
@@ -347,7 +402,13 @@ impl Loop {
 impl Drop for Loop {
     fn drop(&mut self) {
         for _ in 0..20 {
-            if Command::new("losetup").arg("-d").arg(&self.dev).status().map(|s| s.success()).unwrap_or(false) {
+            if Command::new("losetup")
+                .arg("-d")
+                .arg(&self.dev)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -361,19 +422,37 @@ pub struct Mount {
 }
 
 impl Mount {
+    #[allow(clippy::self_named_constructors)]
     pub fn mount(dev: &Path, dir: &Path, opts: &str) -> Mount {
         std::fs::create_dir_all(dir).unwrap();
-        let st = Command::new("mount").args(["-o", opts]).arg(dev).arg(dir).status().unwrap();
+        let st = Command::new("mount")
+            .args(["-o", opts])
+            .arg(dev)
+            .arg(dir)
+            .status()
+            .unwrap();
         assert!(st.success(), "mount {} failed", dev.display());
-        Mount { dir: dir.to_owned() }
+        Mount {
+            dir: dir.to_owned(),
+        }
     }
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = Command::new("fsfreeze").arg("-u").arg(&self.dir).stderr(Stdio::null()).status();
+        let _ = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status();
         for _ in 0..50 {
-            if Command::new("umount").arg(&self.dir).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false) {
+            if Command::new("umount")
+                .arg(&self.dir)
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -383,7 +462,11 @@ impl Drop for Mount {
 
 /// Makes an ext4 filesystem on `dev`.
 pub fn mkfs_ext4(dev: &Path) {
-    let st = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(dev).status().unwrap();
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(dev)
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
