@@ -3,3 +3,4 @@
 //! Tests that need root or a kernel feature skip loudly when it is missing.
 
 mod harness;
+mod sync;
