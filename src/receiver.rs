@@ -323,10 +323,12 @@ fn volume_dir(shared: &Shared, name: &str) -> PathBuf {
 }
 
 /// Opens the manifest that describes `target`, or starts a new one.
+#[allow(clippy::too_many_arguments)]
 fn open_manifest(
     dir: &Path,
     name: &str,
     target: &Path,
+    volume: &Volume,
     created: Created,
     source_size: u64,
     chunk: ChunkSize,
@@ -337,13 +339,15 @@ fn open_manifest(
     let canonical = target.canonicalize().unwrap_or_else(|_| target.to_owned());
     let bound =
         std::fs::read_to_string(&bind_path).ok().map(PathBuf::from) == Some(canonical.clone());
+    let mut rebuild = false;
     let existing = if created == Created::New || !bound {
         None
     } else {
         match ManifestFile::open(&mpath)? {
             Some(Ok(m)) => Some(m),
             Some(Err(e)) => {
-                eprintln!("volume '{name}': manifest cannot be trusted ({e}); starting from nothing known");
+                eprintln!("volume '{name}': manifest cannot be trusted ({e}); rebuilding it from a fresh read of the target");
+                rebuild = true;
                 None
             }
             None => None,
@@ -379,9 +383,24 @@ fn open_manifest(
     } else {
         Fill::Unknown
     };
-    let m = ManifestFile::create(&mpath, geometry, rand::random(), fill)?;
+    let mut m = ManifestFile::create(&mpath, geometry, rand::random(), fill)?;
+    if rebuild {
+        // What the target holds, read fresh and made durable first, so the
+        // rebuilt entries describe bytes that are on the disk.
+        volume.sync_data()?;
+        let table = rebuild_table(volume, geometry)?;
+        m.replace_table(&table);
+        let root = m.current_root();
+        m.commit(2, root)?;
+    }
     state::write_atomic(&bind_path, canonical.to_string_lossy().as_bytes())?;
     Ok(m)
+}
+
+/// Hashes the target's first `geometry.size()` bytes fresh.
+fn rebuild_table(volume: &Volume, geometry: Geometry) -> Result<Vec<u8>> {
+    let v = Arc::new(Volume::open_for_verify(volume.path())?);
+    hash::hash_all(v, geometry, ScanOptions::default(), Arc::new(Quiet))
 }
 
 /// One verified chunk on its way to the writer, or the end-of-pass request.
@@ -441,17 +460,22 @@ async fn sync_session(
         Err(e) => return refuse(&mut send, &conn, e.into()).await,
     };
     let dir = volume_dir(&shared, &hello.volume);
-    let mut manifest = match open_manifest(
-        &dir,
-        &hello.volume,
-        &path,
-        created,
-        size,
-        chunk,
-        hello.chunk_size_explicit,
-    ) {
-        Ok(m) => m,
-        Err(r) => return refuse(&mut send, &conn, r).await,
+    let opened = {
+        let (name, path, explicit) = (
+            hello.volume.clone(),
+            path.clone(),
+            hello.chunk_size_explicit,
+        );
+        tokio::task::spawn_blocking(move || {
+            let m = open_manifest(&dir, &name, &path, &volume, created, size, chunk, explicit);
+            (m, volume)
+        })
+        .await
+        .map_err(|_| Error::Io("manifest task failed".into()))?
+    };
+    let (volume, mut manifest) = match opened {
+        (Ok(m), v) => (v, m),
+        (Err(r), _) => return refuse(&mut send, &conn, r).await,
     };
     let summary = manifest.summary_now()?;
     let geometry = manifest.geometry();

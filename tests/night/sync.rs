@@ -371,3 +371,47 @@ fn loop_devices_as_source_and_target_and_a_mounted_target_refused() {
     assert!(r.stderr.contains("in use"), "{}", r.stderr);
     assert_eq!(hash_prefix(&m.dev, size * 2), before);
 }
+
+#[test]
+fn untrusted_manifests_are_rebuilt_not_believed() {
+    let tmp = scratch();
+    let target = tmp.path().join("target.img");
+    let s = setup(&target);
+    let source = s.root.join("source.img");
+    random_file(&source, 8 << 20, 31);
+    assert_eq!(sync(&s, &source, &[]).code, 0);
+
+    // The sender's view is corrupt: it adopts the receiver's and sends nothing new.
+    let ours = s.sender.state.join("targets");
+    let dir = std::fs::read_dir(&ours)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    write_at(&dir.join("manifest"), 40, &[0xff; 8]);
+    let r = sync(&s, &source, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.event("pass_end")["changed_chunks"], 0);
+
+    // The receiver's manifest is corrupt: it rebuilds from a fresh read of the
+    // target, which holds the data, so nothing is resent...
+    let theirs = receiver_manifest(&s.root.join("r-state"), "v");
+    write_at(&theirs, 40, &[0xff; 8]);
+    let r = sync(&s, &source, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.event("pass_end")["changed_chunks"], 0);
+    assert!(
+        s.rx.log().contains("rebuilding it from a fresh read"),
+        "{}",
+        s.rx.log()
+    );
+
+    // ...and a chunk damaged behind its back while the manifest was lost is resent.
+    write_at(&theirs, 40, &[0xee; 8]);
+    write_at(&target, 3 * CHUNK + 17, b"damage");
+    let r = sync(&s, &source, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.event("pass_end")["changed_chunks"], 1);
+    assert_eq!(hash_file(&source), hash_file(&target));
+}
