@@ -14,6 +14,9 @@
 //! - [`sender`]: one pass from the source side, the sender's manifest, the journal.
 //! - [`receiver`]: the serve loop, sessions, the durable writer.
 //! - [`verify`]: verify-only mode.
+//! - [`freeze`]: fsfreeze, LVM snapshots, operator hooks, the guard that always thaws.
+//! - [`cutover`]: convergence and the frozen cutover pass with its proof.
+//! - [`commands`]: one function per subcommand (glue).
 //! - [`state`]: state directories, memory-mapped manifests, journals.
 //! - [`progress`]: the progress trait and its terminal/JSON implementations.
 //! - [`demo`]: the self-contained demonstration.
