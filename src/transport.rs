@@ -433,14 +433,21 @@ pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Opti
     }
     let len =
         nightpass_proto::wire::frame_len(prefix, max).map_err(|e| Error::Peer(e.to_string()))?;
-    let mut body = vec![0u8; len];
-    match recv.read_exact(&mut body).await {
-        Ok(()) => Ok(Some(bytes::Bytes::from(body))),
-        Err(quinn::ReadExactError::FinishedEarly(n)) => Err(Error::Peer(format!(
-            "stream ended inside a frame ({n} of {len} bytes)"
-        ))),
-        Err(quinn::ReadExactError::ReadError(e)) => Err(read_error(e)),
+    // Assemble the body from the stream's own buffers: no zero-filling, one copy.
+    let mut body = bytes::BytesMut::with_capacity(len);
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(Error::Peer(format!(
+                    "stream ended inside a frame ({} of {len} bytes)",
+                    body.len()
+                )))
+            }
+            Err(e) => return Err(read_error(e)),
+        }
     }
+    Ok(Some(body.freeze()))
 }
 
 fn read_error(e: quinn::ReadError) -> Error {
