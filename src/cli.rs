@@ -69,6 +69,15 @@ pub enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Measure each stage of a pass on this machine (read, BLAKE3, zstd, QUIC).
+    Bench {
+        /// A volume to measure reads on (read fresh, never written).
+        #[arg(long)]
+        volume: Option<PathBuf>,
+        /// Size of the loopback pass.
+        #[arg(long, default_value = "512M", value_parser = parse_size)]
+        size: u64,
+    },
     /// A self-contained run of the whole job on generated data.
     Demo {
         /// Size of the generated volume.

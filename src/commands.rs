@@ -76,6 +76,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
             crate::sender::status(&dir, source.as_deref(), progress.as_ref())?;
             Ok(0)
         }
+        Command::Bench { volume, size } => {
+            crate::benchmark::run(volume, size.max(16 << 20), progress).await?;
+            Ok(0)
+        }
         Command::Demo { size } => {
             crate::demo::run(size, progress).await?;
             Ok(0)

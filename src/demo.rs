@@ -113,6 +113,87 @@ fn churn(path: &Path, size: u64, rng: &mut rand::rngs::StdRng, scale: u64) -> Re
     ))
 }
 
+/// A sender identity and an in-process receiver on 127.0.0.1 exporting one
+/// volume, `local`, with throwaway identities (demo and bench).
+pub struct LocalPair {
+    /// The receiver's address.
+    pub addr: std::net::SocketAddr,
+    /// The receiver's fingerprint.
+    pub server_fp: String,
+    /// The sender's identity.
+    pub sender_id: Identity,
+    state: PathBuf,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl LocalPair {
+    /// Starts the receiver; identities and state live under `dir`.
+    pub async fn start(dir: &Path, target: &Path) -> Result<LocalPair> {
+        let sender_id = Identity::generate(&dir.join("sender-identity"), true)?;
+        let receiver_id = Identity::generate(&dir.join("receiver-identity"), true)?;
+        let server_fp = receiver_id.fingerprint();
+        let cfg = ServeConfig {
+            listen: "127.0.0.1:0".parse().expect("literal address"),
+            volumes: HashMap::from([("local".to_string(), target.to_owned())]),
+            allowed: [sender_id.fingerprint()].into_iter().collect(),
+            state_dir: dir.join("receiver-state"),
+            tuning: Tuning::default(),
+            max_sessions: 4,
+        };
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(receiver::serve(
+            cfg,
+            receiver_id,
+            move |addr, _| {
+                let _ = ready_tx.send(addr);
+            },
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        let addr = ready_rx
+            .await
+            .map_err(|_| Error::Io("the local receiver did not start".into()))?;
+        Ok(LocalPair {
+            addr,
+            server_fp,
+            sender_id,
+            state: dir.join("sender-state"),
+            stop,
+            server,
+        })
+    }
+
+    /// Settings of a pass from `source` to the local receiver.
+    pub fn pass(&self, source: &Path, kind: &'static str) -> SyncConfig {
+        SyncConfig {
+            source: source.to_owned(),
+            dest: RemoteVolume {
+                host_port: self.addr.to_string(),
+                name: "local".into(),
+            },
+            server_fingerprint: self.server_fp.clone(),
+            state_dir: self.state.clone(),
+            chunk_size: None,
+            streams: 4,
+            bwlimit: None,
+            scan: ScanOptions::default(),
+            tuning: Tuning::default(),
+            kind,
+            read_from: None,
+            retry_for: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Stops the receiver, letting it finish its writes.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.server.await;
+    }
+}
+
 /// Runs the demo on a volume of `size` bytes.
 pub async fn run(size: u64, progress: Arc<dyn Progress>) -> Result<()> {
     if !(16 * MIB..=64 * 1024 * MIB).contains(&size) {
@@ -131,61 +212,21 @@ pub async fn run(size: u64, progress: Arc<dyn Progress>) -> Result<()> {
     ));
     generate(&source, size, &mut rng)?;
 
-    let sender_id = Identity::generate(&tmp.0.join("sender-identity"), false)?;
-    let receiver_id = Identity::generate(&tmp.0.join("receiver-identity"), false)?;
-    let server_fp = receiver_id.fingerprint();
-    let cfg = ServeConfig {
-        listen: "127.0.0.1:0".parse().expect("literal address"),
-        volumes: HashMap::from([("filer01".to_string(), target.clone())]),
-        allowed: [sender_id.fingerprint()].into_iter().collect(),
-        state_dir: tmp.0.join("receiver-state"),
-        tuning: Tuning::default(),
-        max_sessions: 4,
-    };
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(receiver::serve(
-        cfg,
-        receiver_id,
-        move |addr, _| {
-            let _ = ready_tx.send(addr);
-        },
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
-    let addr = ready_rx
-        .await
-        .map_err(|_| Error::Io("the demo receiver did not start".into()))?;
+    let local = LocalPair::start(&tmp.0, &target).await?;
     progress.note(&format!(
-        "receiver listening on {addr} (fingerprint {server_fp})"
+        "receiver listening on {} (fingerprint {})",
+        local.addr, local.server_fp
     ));
-    let pass = |kind| SyncConfig {
-        source: source.clone(),
-        dest: RemoteVolume {
-            host_port: addr.to_string(),
-            name: "filer01".into(),
-        },
-        server_fingerprint: server_fp.clone(),
-        state_dir: tmp.0.join("sender-state"),
-        chunk_size: None,
-        streams: 4,
-        bwlimit: None,
-        scan: ScanOptions::default(),
-        tuning: Tuning::default(),
-        kind,
-        read_from: None,
-        retry_for: std::time::Duration::ZERO,
-    };
+    let pass = |kind| local.pass(&source, kind);
+    let sender_id = &local.sender_id;
     let mut ends = Vec::new();
-    ends.push(sender::run_pass(&pass("sync"), &sender_id, progress.clone()).await?);
+    ends.push(sender::run_pass(&pass("sync"), sender_id, progress.clone()).await?);
     for scale in [8u64, 2] {
         let what = churn(&source, size, &mut rng, scale)?;
         progress.note(&format!("users changed the volume: {what}"));
-        ends.push(sender::run_pass(&pass("sync"), &sender_id, progress.clone()).await?);
+        ends.push(sender::run_pass(&pass("sync"), sender_id, progress.clone()).await?);
     }
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    local.stop().await;
     let cmp = {
         let s = Arc::new(Volume::open_source(&source)?);
         let t = Volume::open_for_verify(&target)?;

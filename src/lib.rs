@@ -20,6 +20,7 @@
 //! - [`state`]: state directories, memory-mapped manifests, journals.
 //! - [`progress`]: the progress trait and its terminal/JSON implementations.
 //! - [`demo`]: the self-contained demonstration.
+//! - [`benchmark`]: `nightpass bench`, each stage's speed on this machine.
 //! - [`error`]: error kinds and exit statuses.
 //!
 //! Formats, messages and the planning math live in the `nightpass-proto`
@@ -35,6 +36,7 @@
 //! - A receiver writes only to exported paths, only below the accepted size.
 #![deny(missing_docs)]
 
+pub mod benchmark;
 pub mod cli;
 pub mod commands;
 pub mod cutover;
