@@ -182,6 +182,18 @@ fn summary_to_wire(s: &Summary) -> wire::WireSummary {
     }
 }
 
+/// Frees the volume, then refuses: an operator who fixes the mistake and
+/// reruns at once must not be told the volume is in use.
+async fn refuse_freeing(
+    guard: BusyGuard,
+    send: &mut quinn::SendStream,
+    conn: &quinn::Connection,
+    r: Refuse,
+) -> Result<()> {
+    drop(guard);
+    refuse(send, conn, r).await
+}
+
 async fn refuse(send: &mut quinn::SendStream, conn: &quinn::Connection, r: Refuse) -> Result<()> {
     eprintln!("refused a session: {}", r.1);
     let _ = transport::send_control(
@@ -427,7 +439,8 @@ async fn sync_session(
     path: PathBuf,
 ) -> Result<()> {
     if hello.source_size == 0 {
-        return refuse(
+        return refuse_freeing(
+            guard,
             &mut send,
             &conn,
             Refuse(
@@ -440,7 +453,8 @@ async fn sync_session(
     let chunk = match ChunkSize::new(u64::from(hello.chunk_size)) {
         Ok(c) => c,
         Err(e) => {
-            return refuse(
+            return refuse_freeing(
+                guard,
                 &mut send,
                 &conn,
                 Refuse(RefuseCode::ChunkSize, e.to_string()),
@@ -457,7 +471,7 @@ async fn sync_session(
     };
     let (volume, created) = match opened {
         Ok(v) => v,
-        Err(e) => return refuse(&mut send, &conn, e.into()).await,
+        Err(e) => return refuse_freeing(guard, &mut send, &conn, e.into()).await,
     };
     let dir = volume_dir(&shared, &hello.volume);
     let opened = {
@@ -475,7 +489,7 @@ async fn sync_session(
     };
     let (volume, mut manifest) = match opened {
         (Ok(m), v) => (v, m),
-        (Err(r), _) => return refuse(&mut send, &conn, r).await,
+        (Err(r), _) => return refuse_freeing(guard, &mut send, &conn, r).await,
     };
     let summary = manifest.summary_now()?;
     let geometry = manifest.geometry();

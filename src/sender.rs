@@ -259,6 +259,13 @@ pub async fn open_session(
             welcome,
         }),
         Err(e) => match conn.close_reason() {
+            None => {
+                // Refused or failed: close now so the receiver is not left waiting.
+                conn.close(0u32.into(), b"session refused");
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+                Err(e)
+            }
             Some(
                 reason @ (quinn::ConnectionError::ConnectionClosed(_)
                 | quinn::ConnectionError::TransportError(_)),

@@ -1,0 +1,206 @@
+//! Block devices: loop devices as source and target, and a mounted target.
+//! These need root and losetup; without them they print SKIP and pass.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::common::*;
+
+/// Whether device tests can run here; prints a loud SKIP when not.
+fn devices_available(test: &str, tools: &[&str]) -> bool {
+    let root = run_tool("id", &["-u"]).trim() == "0";
+    let missing: Vec<&str> = ["losetup"]
+        .iter()
+        .chain(tools)
+        .copied()
+        .filter(|t| !have_tool(t))
+        .collect();
+    let loop_driver = Path::new("/dev/loop-control").exists();
+    if !root || !missing.is_empty() || !loop_driver {
+        eprintln!(
+            "SKIP: {test} needs root and losetup (root: {root}, missing tools: {missing:?}, /dev/loop-control present: {loop_driver})"
+        );
+        return false;
+    }
+    true
+}
+
+/// A loop device over a backing file; detached on drop.
+struct LoopDev {
+    dev: PathBuf,
+}
+
+impl LoopDev {
+    fn attach(backing: &Path) -> LoopDev {
+        let out = run_tool(
+            "losetup",
+            &["--find", "--show", backing.to_str().expect("UTF-8 path")],
+        );
+        let dev = PathBuf::from(out.trim());
+        assert!(
+            dev.starts_with("/dev/"),
+            "losetup printed {out:?}, not a device"
+        );
+        LoopDev { dev }
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.dev)
+            .status();
+    }
+}
+
+/// A mounted filesystem; unmounted on drop.
+struct Mount {
+    at: PathBuf,
+}
+
+impl Mount {
+    fn new(dev: &Path, at: &Path) -> Mount {
+        run_tool(
+            "mount",
+            &[dev.to_str().unwrap(), at.to_str().expect("UTF-8 path")],
+        );
+        Mount { at: at.to_owned() }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.at).status();
+    }
+}
+
+/// A frozen filesystem (`fsfreeze -f`); thawed on drop.
+struct Freeze {
+    at: PathBuf,
+}
+
+impl Freeze {
+    fn new(at: &Path) -> Freeze {
+        run_tool("fsfreeze", &["-f", at.to_str().expect("UTF-8 path")]);
+        Freeze { at: at.to_owned() }
+    }
+}
+
+impl Drop for Freeze {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.at)
+            .status();
+    }
+}
+
+/// Loop device to loop device: a full pass, then a delta pass after
+/// scattered writes through the source device. The target device is larger
+/// than the source; its first `size` bytes must equal the source.
+#[test]
+fn loop_device_to_loop_device() {
+    if !devices_available("loop_device_to_loop_device", &[]) {
+        return;
+    }
+    let s = Setup::new();
+    let mut rng = Rng::new(21);
+    let size = 32 * MIB;
+    let src_backing = s.path("src-backing.img");
+    let dst_backing = s.path("dst-backing.img");
+    write_random_file(&src_backing, size, &mut rng);
+    write_random_file(&dst_backing, 40 * MIB, &mut rng);
+    let src = LoopDev::attach(&src_backing);
+    let dst = LoopDev::attach(&dst_backing);
+
+    let rx = s.start_receiver(&[("disk", &dst.dev)]);
+    let tx = s.sender(&rx);
+    let dest = rx.dest("disk");
+
+    let p1 = tx.sync(&src.dev, &dest, &[]);
+    p1.assert_pass(1, size, CHUNK);
+    assert_eq!(p1.changed_chunks(), chunk_count(size, CHUNK));
+    assert_same_prefix(&src.dev, &dst.dev, size);
+    assert_eq!(hash_prefix(&src.dev, size), hash_prefix(&dst.dev, size));
+
+    // Users write to the source device (scatter_writes fsyncs the device).
+    let touched = scatter_writes(&src.dev, size, 60, CHUNK, &mut rng);
+    let p2 = tx.sync(&src.dev, &dest, &[]);
+    p2.assert_pass(2, size, CHUNK);
+    assert_eq!(
+        p2.changed_chunks(),
+        touched.len() as u64,
+        "scattered writes through the source device touched {} chunks",
+        touched.len()
+    );
+    assert_same_prefix(&src.dev, &dst.dev, size);
+    assert_eq!(hash_prefix(&src.dev, size), hash_prefix(&dst.dev, size));
+    drop(rx);
+}
+
+/// A target block device with a mounted filesystem is refused, and its bytes
+/// are left as they were.
+#[test]
+fn mounted_loop_target_refused() {
+    if !devices_available(
+        "mounted_loop_target_refused",
+        &["mkfs.ext4", "mount", "umount", "fsfreeze"],
+    ) {
+        return;
+    }
+    let s = Setup::new();
+    let mut rng = Rng::new(22);
+    let size = 32 * MIB;
+    let backing = s.path("fs-backing.img");
+    File::create(&backing).unwrap().set_len(size).unwrap();
+    let dev = LoopDev::attach(&backing);
+    run_tool(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            dev.dev.to_str().unwrap(),
+        ],
+    );
+    let mnt = s.new_dir("mnt");
+    let mount = Mount::new(&dev.dev, &mnt);
+    std::fs::write(mnt.join("payroll.db"), rng.bytes(100_000)).unwrap();
+    // Freeze the filesystem so that ext4's own writeback cannot change the
+    // device while it stays mounted: any change is then nightpass's.
+    let frozen = Freeze::new(&mnt);
+    let before = chunk_hashes(&dev.dev, size);
+
+    let source = s.path("source.img");
+    write_random_file(&source, 8 * MIB, &mut rng);
+    let rx = s.start_receiver(&[("disk", &dev.dev)]);
+    let tx = s.sender(&rx);
+    let r = tx.sync(&source, &rx.dest("disk"), &[]);
+    r.assert_refused("in use");
+    let after = chunk_hashes(&dev.dev, size);
+    let changed: Vec<usize> = (0..before.len())
+        .filter(|&i| before[i] != after[i])
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "a refused pass changed the mounted device in chunks {changed:?}"
+    );
+    drop(rx);
+    drop(frozen);
+    drop(mount);
+}
+
+/// BLAKE3 of each whole `CHUNK` of the first `len` bytes of `path`.
+fn chunk_hashes(path: &Path, len: u64) -> Vec<blake3::Hash> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).unwrap();
+    let mut buf = vec![0u8; CHUNK as usize];
+    (0..len / CHUNK)
+        .map(|i| {
+            f.read_exact_at(&mut buf, i * CHUNK).unwrap();
+            blake3::hash(&buf)
+        })
+        .collect()
+}
