@@ -2,5 +2,7 @@
 //! `nightpass` processes, loopback QUIC, loop devices, ext4 and fsfreeze.
 //! Tests that need root or a kernel feature skip loudly when it is missing.
 
+mod cutover;
 mod harness;
 mod sync;
+mod verify;
