@@ -5,6 +5,7 @@ use clap::Parser;
 use nightpass::cli::Cli;
 use nightpass::commands;
 use nightpass::error::Error;
+use nightpass::transport;
 
 async fn sigterm() {
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -36,7 +37,7 @@ fn main() {
         }
     };
     let code = rt.block_on(async {
-        tokio::select! {
+        let code = tokio::select! {
             r = commands::run(cli) => match r {
                 Ok(code) => code,
                 Err(e) => {
@@ -53,7 +54,13 @@ fn main() {
                 commands::report_error(json, &Error::Interrupted);
                 143
             }
+        };
+        if code == 130 || code == 143 {
+            // The command's future is gone (its guards ran); tell the
+            // receivers at once, so they free the volume for a rerun.
+            transport::close_clients("sender interrupted", std::time::Duration::from_secs(1)).await;
         }
+        code
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     std::process::exit(code);

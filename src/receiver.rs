@@ -540,6 +540,7 @@ async fn sync_session(
     // Data streams.
     let data_conn = conn.clone();
     let data_wtx = wtx.clone();
+    let data_name = hello.volume.clone();
     let data_task = tokio::spawn(async move {
         let mut streams = tokio::task::JoinSet::new();
         loop {
@@ -550,6 +551,7 @@ async fn sync_session(
                 },
                 Some(r) = streams.join_next(), if !streams.is_empty() => {
                     if let Ok(Err(e)) = r {
+                        eprintln!("volume '{data_name}': session ended: {e}");
                         data_conn.close(2u32.into(), e.to_string().as_bytes());
                         return Err(e);
                     }
@@ -597,6 +599,8 @@ async fn sync_session(
                         }))
                         .await
                         .map_err(|_| Error::Network("control stream closed".into()))?;
+                    // One pass per session: nothing may follow Done.
+                    return Ok(());
                 }
                 Some(other) => {
                     return Err(Error::Peer(format!(
@@ -615,9 +619,14 @@ async fn sync_session(
         data_task.abort();
         return Err(e);
     }
+    // The pass is over (Done sent, or the sender ended its control stream).
+    // Stop accepting data now rather than when the connection closes, so the
+    // writer lets go of the volume even if the sender's stream end or
+    // CONNECTION_CLOSE is lost on the way (it would otherwise hold the volume
+    // until the idle timeout, and an immediate rerun would be refused).
+    data_task.abort();
     let _ = ctl_task.await;
     let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
-    data_task.abort();
     Ok(())
 }
 

@@ -724,8 +724,10 @@ async fn stream_pass(
         let pending = inflight.lock().expect("not poisoned").keys().copied().min();
         pending.map_or(scanned_to, |p| p.min(scanned_to))
     };
-    let ack_task = tokio::spawn(ack_loop(recv, ours.clone(), inflight.clone()));
-    tokio::pin!(ack_task);
+    // Holds a clone of `ours`: every exit path below must have it finished
+    // (awaited, not only aborted) so the caller gets the manifest back.
+    let mut ack_task = tokio::spawn(ack_loop(recv, ours.clone(), inflight.clone()));
+    let mut ack_finished = false;
     let streams = cfg.streams.max(1);
     let chunks_before = counters.chunks.load(Ordering::Relaxed);
     let dispatch = async {
@@ -791,10 +793,13 @@ async fn stream_pass(
     };
     let dispatched = tokio::select! {
         r = dispatch => r,
-        r = &mut ack_task => Err(match r {
-            Ok(Err(e)) => e,
-            _ => Error::Network("receiver ended the session before the pass finished".into()),
-        }),
+        r = &mut ack_task => {
+            ack_finished = true;
+            Err(match r {
+                Ok(Err(e)) => e,
+                _ => Error::Network("receiver ended the session before the pass finished".into()),
+            })
+        }
     };
     // Let the reader go (dropping the results ends it) and count what it read.
     drop(std::mem::replace(
@@ -807,7 +812,10 @@ async fn stream_pass(
     }
     if let Err(error) = dispatched {
         // Acks that arrived are recorded; resume at the first chunk not done.
-        ack_task.abort();
+        if !ack_finished {
+            ack_task.abort();
+            let _ = ack_task.await;
+        }
         return Err(Interrupted {
             error,
             resume_at: resume_at(contiguous, &inflight),
@@ -818,14 +826,18 @@ async fn stream_pass(
         error,
         resume_at: resume_at(contiguous, &inflight),
     };
-    transport::send_control(
+    let finish = transport::send_control(
         &mut send,
         Msg::Finish(wire::Finish {
             chunks_sent: sent_chunks,
         }),
     )
-    .await
-    .map_err(fail)?;
+    .await;
+    if let Err(e) = finish {
+        ack_task.abort();
+        let _ = ack_task.await;
+        return Err(fail(e));
+    }
     let done = match ack_task.await {
         Ok(r) => r.map_err(fail)?,
         Err(_) => return Err(fail(Error::Network("acknowledgement task failed".into()))),

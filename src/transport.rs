@@ -337,6 +337,34 @@ pub fn server_endpoint(
         .map_err(|e| Error::input(format!("cannot listen on {listen}: {e}")))
 }
 
+/// Client endpoints of this process, so an interrupted command can close its
+/// connections explicitly: otherwise the receiver would only learn of it at
+/// its idle timeout and keep the volume busy until then.
+static CLIENTS: Mutex<Vec<quinn::Endpoint>> = Mutex::new(Vec::new());
+
+fn register_client(ep: &quinn::Endpoint) {
+    let mut clients = CLIENTS.lock().expect("not poisoned");
+    clients.retain(|e| e.open_connections() > 0);
+    clients.push(ep.clone());
+}
+
+/// Closes every connection this process opened as a client, telling each
+/// receiver `reason`, and waits (at most `limit`) for the closes to leave.
+pub async fn close_clients(reason: &str, limit: Duration) {
+    let clients = std::mem::take(&mut *CLIENTS.lock().expect("not poisoned"));
+    for ep in &clients {
+        ep.close(quinn::VarInt::from_u32(4), reason.as_bytes());
+    }
+    let idle = futures_all(clients.iter().map(|e| e.wait_idle()));
+    let _ = tokio::time::timeout(limit, idle).await;
+}
+
+async fn futures_all<F: std::future::Future<Output = ()>>(fs: impl Iterator<Item = F>) {
+    for f in fs {
+        f.await;
+    }
+}
+
 /// A sender's connection to a receiver whose fingerprint is `expected`.
 pub async fn connect(
     id: &Identity,
@@ -370,6 +398,7 @@ pub async fn connect(
     };
     let mut ep = quinn::Endpoint::client(bind).ctx("bind UDP socket")?;
     ep.set_default_client_config(cfg);
+    register_client(&ep);
     let connecting = ep
         .connect(addr, SERVER_NAME)
         .map_err(|e| Error::Network(format!("cannot connect to {addr}: {e}")))?;

@@ -4,5 +4,8 @@
 
 mod cutover;
 mod harness;
+mod hostile;
+mod relay;
+mod reliability;
 mod sync;
 mod verify;

@@ -1,0 +1,343 @@
+//! An authenticated but hostile (or broken) peer: it holds an authorized
+//! identity and speaks QUIC correctly, then sends frames no real sender
+//! would. Each bad session must end with an error naming the problem, write
+//! nothing, claim nothing, and leave the receiver serving other sessions.
+//!
+//! The peer is built from the library's own transport and wire modules, so
+//! the frames are exactly what the receiver would decode from a sender.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use nightpass::transport::{self, Identity, Tuning};
+use nightpass_proto::wire::{self, control::Msg, Encoding, Mode};
+
+use crate::harness::*;
+
+const CHUNK: u64 = 64 << 10;
+const MIB: u64 = 1 << 20;
+
+/// What the hostile peer does after its session is accepted.
+#[derive(Clone, Copy, Debug)]
+enum Attack {
+    /// A valid chunk whose index lies past the end of the volume.
+    PastTheEnd,
+    /// A chunk that announces a length other than its chunk's.
+    WrongLength,
+    /// A payload whose hash is not the one announced.
+    HashMismatch,
+    /// A payload shorter than the chunk, with its own correct hash.
+    ShortPayload,
+    /// A zstd payload that is not zstd.
+    BadZstd,
+    /// A frame length prefix of 4 GiB.
+    Oversized,
+    /// A frame of random bytes.
+    Garbage,
+    /// A second Hello on the control stream after the Welcome.
+    OutOfOrder,
+    /// A message only a receiver sends (an Ack) from the sender's side.
+    WrongDirection,
+}
+
+fn chunk_frame(index: u64, hash: &[u8], encoding: Encoding, len: u32, payload: Bytes) -> Bytes {
+    let c = wire::Chunk {
+        index,
+        hash: hash.to_vec(),
+        encoding: encoding as i32,
+        len,
+        payload: Bytes::new(),
+    };
+    let [head, body] = wire::encode_chunk_frame(&c, payload);
+    let mut b = BytesMut::from(&head[..]);
+    b.extend_from_slice(&body);
+    b.freeze()
+}
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    Rng::new(seed).fill(&mut v);
+    v
+}
+
+/// Opens a sync session on `volume` of `size` bytes and returns the parts.
+async fn open(
+    id: &Identity,
+    port: u16,
+    fp: &str,
+    volume: &str,
+    size: u64,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (ep, conn) = transport::connect(id, addr, fp, &Tuning::default())
+        .await
+        .expect("an authorized peer connects");
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = wire::Hello {
+        version: wire::PROTOCOL_VERSION,
+        volume: volume.into(),
+        mode: Mode::Sync as i32,
+        source_size: size,
+        chunk_size: CHUNK as u32,
+        chunk_size_explicit: true,
+        pass_id: random_bytes(16, size ^ 0x5a),
+        ..Default::default()
+    };
+    transport::send_control(&mut send, Msg::Hello(hello.clone()))
+        .await
+        .unwrap();
+    match transport::recv_control(&mut recv).await.unwrap() {
+        Some(Msg::Welcome(_)) => {}
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+    (ep, conn, send, recv)
+}
+
+/// Runs one attack; returns the reason the receiver gave for closing.
+async fn attack(id: &Identity, port: u16, fp: &str, size: u64, a: Attack) -> String {
+    let (ep, conn, mut send, _recv) = open(id, port, fp, "v", size).await;
+    let payload = Bytes::from(random_bytes(CHUNK as usize, 7));
+    let hash = *blake3::hash(&payload).as_bytes();
+    let data: Option<Bytes> = match a {
+        Attack::PastTheEnd => Some(chunk_frame(
+            size / CHUNK + 10,
+            &hash,
+            Encoding::Raw,
+            CHUNK as u32,
+            payload,
+        )),
+        Attack::WrongLength => Some(chunk_frame(1, &hash, Encoding::Raw, 4096, payload)),
+        Attack::HashMismatch => {
+            let other = *blake3::hash(b"something else").as_bytes();
+            Some(chunk_frame(2, &other, Encoding::Raw, CHUNK as u32, payload))
+        }
+        Attack::ShortPayload => {
+            let short = payload.slice(..1000);
+            let h = *blake3::hash(&short).as_bytes();
+            Some(chunk_frame(3, &h, Encoding::Raw, CHUNK as u32, short))
+        }
+        Attack::BadZstd => Some(chunk_frame(
+            4,
+            &hash,
+            Encoding::Zstd,
+            CHUNK as u32,
+            payload.slice(..5000),
+        )),
+        Attack::Oversized => {
+            let mut b = BytesMut::new();
+            b.put_u32_le(u32::MAX);
+            b.extend_from_slice(&[0u8; 1024]);
+            Some(b.freeze())
+        }
+        Attack::Garbage => {
+            let mut b = BytesMut::new();
+            b.put_u32_le(300);
+            b.extend_from_slice(&random_bytes(300, 9));
+            Some(b.freeze())
+        }
+        Attack::OutOfOrder => {
+            let again = wire::Hello {
+                version: wire::PROTOCOL_VERSION,
+                volume: "v".into(),
+                ..Default::default()
+            };
+            transport::send_control(&mut send, Msg::Hello(again))
+                .await
+                .unwrap();
+            None
+        }
+        Attack::WrongDirection => {
+            transport::send_control(
+                &mut send,
+                Msg::Ack(wire::Ack {
+                    indices: vec![0],
+                    generation: 1,
+                }),
+            )
+            .await
+            .unwrap();
+            None
+        }
+    };
+    if let Some(frame) = data {
+        let mut s = conn.open_uni().await.unwrap();
+        // The receiver may close the connection before all of it is read.
+        let _ = s.write_all(&frame).await;
+        let _ = s.finish();
+    }
+    let err = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .unwrap_or_else(|_| panic!("{a:?}: the receiver did not end the session within 10 s"));
+    ep.close(0u32.into(), b"");
+    match err {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_ne!(
+                c.error_code,
+                quinn::VarInt::from_u32(0),
+                "{a:?}: closed as if all went well"
+            );
+            String::from_utf8_lossy(&c.reason).into_owned()
+        }
+        other => panic!("{a:?}: the session ended without an explanation: {other}"),
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn setup(root: &Path) -> (SenderSide, Receiver, std::path::PathBuf, std::path::PathBuf) {
+    let sender = SenderSide::new(root, "s");
+    let rid = keygen(root, "r-id");
+    let tv = root.join("target-v.img");
+    let tw = root.join("target-w.img");
+    random_file(&tv, 8 * MIB, 201);
+    let rx = Receiver::start(
+        &rid,
+        &root.join("r-state"),
+        &[("v", &tv), ("w", &tw)],
+        &[&sender.id.fp],
+        0,
+    );
+    (sender, rx, tv, tw)
+}
+
+#[test]
+fn hostile_authenticated_peer_writes_nothing_and_others_carry_on() {
+    let dir = scratch();
+    let root = dir.path();
+    let (sender, rx, tv, tw) = setup(root);
+    let before = hash_file(&tv);
+    let size = 8 * MIB;
+
+    // An honest sync of another volume runs through all of it.
+    let source_w = root.join("source-w.img");
+    random_file(&source_w, 24 * MIB, 202);
+    let mut honest = sender.command(
+        "sync",
+        &source_w,
+        &rx.dest("w"),
+        &rx.fp,
+        &["--bwlimit", "8M"],
+    );
+    let honest = honest
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let id = Identity::load(&sender.id.dir).unwrap();
+    let cases = [
+        (Attack::PastTheEnd, "past the end of the volume"),
+        (Attack::WrongLength, "announces 4096 bytes"),
+        (Attack::HashMismatch, "failed its hash check"),
+        (Attack::ShortPayload, "payload is 1000 bytes"),
+        (Attack::BadZstd, "does not decompress"),
+        (Attack::Oversized, "exceeds the limit"),
+        (Attack::Garbage, "bad chunk frame"),
+        (Attack::OutOfOrder, "unexpected control message: hello"),
+        (Attack::WrongDirection, "unexpected control message: ack"),
+    ];
+    let rt = rt();
+    for (a, expect) in cases {
+        let reason = rt.block_on(attack(&id, rx.port, &rx.fp, size, a));
+        assert!(
+            reason.contains(expect),
+            "{a:?}: the receiver's reason {reason:?} does not say {expect:?}"
+        );
+        assert_eq!(hash_file(&tv), before, "{a:?}: the target was written");
+        assert_eq!(size_of(&tv), size, "{a:?}: the target changed size");
+        let (claimed, bad) = manifest_claims_hold(&receiver_manifest(&rx.state, "v"), &tv);
+        assert!(bad.is_empty(), "{a:?}: manifest claims {bad:?}");
+        assert_eq!(claimed, 0, "{a:?}: the manifest claims chunks nobody sent");
+        assert!(
+            rx.log().contains(expect),
+            "{a:?}: the receiver's log does not say {expect:?}:\n{}",
+            rx.log()
+        );
+    }
+
+    let out = honest.wait_with_output().unwrap();
+    let r = parse_run(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr);
+    assert_eq!(r.code, 0, "honest sync beside the attacks: {}", r.stderr);
+    assert_eq!(hash_prefix(&tw, 24 * MIB), hash_file(&source_w));
+
+    // The attacked volume is free again at once, and a real pass works.
+    let source_v = root.join("source-v.img");
+    random_file(&source_v, size, 203);
+    let r = sender.run("sync", &source_v, &rx.dest("v"), &rx.fp, &[]);
+    assert_eq!(r.code, 0, "sync after the attacks: {}", r.stderr);
+    assert_eq!(hash_file(&tv), hash_file(&source_v));
+}
+
+/// A peer that sends valid chunks as fast as it can but never reads the
+/// receiver's acknowledgements must not grow the receiver's memory.
+#[test]
+fn peer_that_never_reads_acks_cannot_grow_receiver_memory() {
+    let dir = scratch();
+    let root = dir.path();
+    let (sender, rx, _tv, tw) = setup(root);
+    let size = 384 * MIB;
+    let id = Identity::load(&sender.id.dir).unwrap();
+    let rt = rt();
+    let sent = rt.block_on(async {
+        let (ep, conn, _send, _recv) = open(&id, rx.port, &rx.fp, "w", size).await;
+        let payload = Bytes::from(random_bytes(CHUNK as usize, 11));
+        let hash = *blake3::hash(&payload).as_bytes();
+        let mut streams = Vec::new();
+        for _ in 0..4 {
+            streams.push(conn.open_uni().await.unwrap());
+        }
+        let mut sent = 0u64;
+        let t = std::time::Instant::now();
+        for index in 0..size / CHUNK {
+            let frame = chunk_frame(index, &hash, Encoding::Raw, CHUNK as u32, payload.clone());
+            let s = &mut streams[(index % 4) as usize];
+            match tokio::time::timeout(Duration::from_secs(20), s.write_all(&frame)).await {
+                Ok(Ok(())) => sent += 1,
+                _ => break,
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                break;
+            }
+        }
+        ep.close(0u32.into(), b"");
+        sent
+    });
+    let status = std::fs::read_to_string(format!("/proc/{}/status", rx.child.id())).unwrap();
+    let hwm_kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    eprintln!(
+        "never-reading peer: {sent} chunks ({} MiB) sent, receiver peak RSS {} MiB",
+        sent * CHUNK / MIB,
+        hwm_kib / 1024
+    );
+    assert!(
+        sent * CHUNK >= 256 * MIB,
+        "the receiver stopped taking data from a peer that does not read acks ({} MiB)",
+        sent * CHUNK / MIB
+    );
+    assert!(
+        hwm_kib < 200 * 1024,
+        "receiver peak RSS {} MiB with a peer that never reads acks",
+        hwm_kib / 1024
+    );
+    // What it recorded is on the target.
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, bad) = manifest_claims_hold(&receiver_manifest(&rx.state, "w"), &tw);
+    assert!(bad.is_empty(), "claims not held: {bad:?}");
+}
