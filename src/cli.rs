@@ -242,6 +242,10 @@ pub struct SyncArgs {
     /// Drop source pages from the page cache behind the reader.
     #[arg(long)]
     pub drop_cache: bool,
+    /// Read the source with O_DIRECT, bypassing the page cache entirely
+    /// (block devices; image files on filesystems that support it).
+    #[arg(long)]
+    pub direct: bool,
     /// Keep reconnecting this long after the link is lost, then fail (exit 3); 0 fails at once.
     #[arg(long, value_parser = parse_duration, default_value = "3m")]
     pub retry_for: Duration,
@@ -283,6 +287,7 @@ impl SyncArgs {
             workers: 0,
             read_limit: self.read_limit,
             drop_cache: self.drop_cache,
+            direct: self.direct,
         }
     }
 }

@@ -57,6 +57,9 @@ pub struct ScanOptions {
     pub read_limit: Option<u64>,
     /// Drop read pages from the page cache behind the reader.
     pub drop_cache: bool,
+    /// Read with `O_DIRECT`, bypassing the page cache (see
+    /// [`Volume::open_source_reader`]); applied where the source is opened.
+    pub direct: bool,
 }
 
 /// Figures of a finished scan.
@@ -173,7 +176,7 @@ where
         while index < count {
             let off = index * chunk;
             let len = (geometry.size() - off).min(block) as usize;
-            let buf = match vol.read_vec_at(len, off) {
+            let buf = match vol.read_block(len, off) {
                 Ok(b) => b,
                 Err(e) => {
                     let _ = otx.blocking_send(Err(Error::Io(e.to_string())));
@@ -193,7 +196,7 @@ where
                 }
             }
             let t = Instant::now();
-            if btx.send((seq, index, Bytes::from(buf))).is_err() {
+            if btx.send((seq, index, buf)).is_err() {
                 break;
             }
             waited += t.elapsed();

@@ -428,7 +428,7 @@ pub async fn run_pass_collecting(
     collect: bool,
 ) -> Result<(PassEnd, Option<Vec<u8>>)> {
     let source = cfg.read_from.clone().unwrap_or_else(|| cfg.source.clone());
-    let vol = Arc::new(Volume::open_source(&source)?);
+    let vol = Arc::new(Volume::open_source_reader(&source, cfg.scan.direct)?);
     let size = vol.size();
     if size == 0 {
         return Err(Error::input(format!(
@@ -687,10 +687,12 @@ async fn stream_pass(
     scanned: &mut ScanStatsSum,
 ) -> std::result::Result<AttemptDone, Interrupted> {
     let source = cfg.read_from.clone().unwrap_or_else(|| cfg.source.clone());
-    let vol = Arc::new(Volume::open_source(&source).map_err(|error| Interrupted {
-        error,
-        resume_at: resume,
-    })?);
+    let vol = Arc::new(
+        Volume::open_source_reader(&source, cfg.scan.direct).map_err(|error| Interrupted {
+            error,
+            resume_at: resume,
+        })?,
+    );
     let chunks_per_block =
         (geometry.chunk_size().bytes().max(4 << 20) / geometry.chunk_size().bytes()).max(1);
     let sink = collected.clone();
