@@ -188,6 +188,25 @@ impl Volume {
         Ok(done)
     }
 
+    /// True when `offset..offset + len` of an image file is a hole (reads
+    /// as zeros without being stored), found with `SEEK_DATA`. Always false
+    /// for block devices, and wherever the filesystem cannot tell.
+    pub fn is_hole(&self, offset: u64, len: u64) -> bool {
+        if self.kind != Kind::File {
+            return false;
+        }
+        match nix::unistd::lseek(
+            self.file.as_raw_fd(),
+            offset as libc::off_t,
+            nix::unistd::Whence::SeekData,
+        ) {
+            Ok(data) => data as u64 >= offset + len,
+            // No data at or after `offset`.
+            Err(nix::errno::Errno::ENXIO) => offset < self.size,
+            Err(_) => false,
+        }
+    }
+
     fn short_read(&self, at: u64) -> Error {
         Error::Io(format!(
             "read of {} at offset {at}: unexpected end of volume",

@@ -26,6 +26,14 @@ use crate::device::Volume;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
+/// What the reader hands a hashing worker for one block.
+enum Read {
+    /// The block's bytes.
+    Data(Bytes),
+    /// The block lies in a hole of a sparse image file: this many zero bytes.
+    Hole(usize),
+}
+
 /// One chunk as read and hashed.
 #[derive(Debug, Clone)]
 pub struct Scanned {
@@ -77,14 +85,24 @@ pub struct Scan<T> {
     pub rx: tokio::sync::mpsc::Receiver<Result<Block<T>>>,
     /// The reader thread.
     pub reader: std::thread::JoinHandle<Result<ScanStats>>,
+    /// The hashing threads; they own the work closure (and what it holds).
+    workers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl<T> Scan<T> {
-    /// Waits for the reader thread and returns its figures.
+    /// Stops taking results, waits for the reader and every hashing thread
+    /// (so whatever the work closure holds is released), and returns the
+    /// reader's figures.
     pub fn finish(self) -> Result<ScanStats> {
-        self.reader
+        drop(self.rx);
+        let read = self
+            .reader
             .join()
-            .map_err(|_| Error::Io("reader thread panicked".into()))?
+            .map_err(|_| Error::Io("reader thread panicked".into()));
+        for w in self.workers {
+            let _ = w.join();
+        }
+        read?
     }
 }
 
@@ -126,29 +144,52 @@ where
     let chunk = geometry.chunk_size().bytes();
     let block = chunk.max(4 << 20);
     let per_block = block / chunk;
-    let (btx, brx) = sync_channel::<(u64, u64, Bytes)>(workers + 1);
+    let (btx, brx) = sync_channel::<(u64, u64, Read)>(workers + 1);
     let (otx, orx) = tokio::sync::mpsc::channel::<Result<Block<T>>>(workers + 1);
     let brx = Arc::new(Mutex::new(brx));
     let work = Arc::new(work);
     let zeros = zero_hashes(&geometry);
+    let mut worker_threads = Vec::with_capacity(workers);
     for _ in 0..workers {
-        let brx: Arc<Mutex<StdReceiver<(u64, u64, Bytes)>>> = brx.clone();
+        let brx: Arc<Mutex<StdReceiver<(u64, u64, Read)>>> = brx.clone();
         let otx = otx.clone();
         let work = work.clone();
         let progress = progress.clone();
-        std::thread::spawn(move || loop {
+        let mut zero_chunk = Bytes::new();
+        worker_threads.push(std::thread::spawn(move || loop {
             let next = brx.lock().expect("not poisoned").recv();
-            let Ok((seq, first_index, data)) = next else {
+            let Ok((seq, first_index, read)) = next else {
                 return;
             };
+            // A hole is `n` bytes of zeros: neither read nor hashed.
+            let (data, hole) = match read {
+                Read::Data(d) => (d, None),
+                Read::Hole(n) => {
+                    if zero_chunk.is_empty() {
+                        zero_chunk = Bytes::from(vec![0u8; chunk as usize]);
+                    }
+                    (Bytes::new(), Some(n))
+                }
+            };
+            let total = hole.unwrap_or(data.len());
             let mut items = Vec::new();
             let mut off = 0usize;
             let mut index = first_index;
-            while off < data.len() {
-                let len = (data.len() - off).min(chunk as usize);
-                let bytes = data.slice(off..off + len);
-                let hash = *blake3::hash(&bytes).as_bytes();
-                let zero = hash == zeros.0 || hash == zeros.1;
+            while off < total {
+                let len = (total - off).min(chunk as usize);
+                let (bytes, hash, zero) = if hole.is_some() {
+                    let hash = if len == chunk as usize {
+                        zeros.0
+                    } else {
+                        zeros.1
+                    };
+                    (zero_chunk.slice(..len), hash, true)
+                } else {
+                    let bytes = data.slice(off..off + len);
+                    let hash = *blake3::hash(&bytes).as_bytes();
+                    let zero = hash == zeros.0 || hash == zeros.1;
+                    (bytes, hash, zero)
+                };
                 if let Some(t) = work(Scanned {
                     index,
                     hash,
@@ -160,11 +201,11 @@ where
                 off += len;
                 index += 1;
             }
-            progress.scanned(data.len() as u64);
+            progress.scanned(total as u64);
             if otx.blocking_send(Ok(Block { seq, items })).is_err() {
                 return;
             }
-        });
+        }));
     }
     let reader = std::thread::spawn(move || -> Result<ScanStats> {
         let start = Instant::now();
@@ -176,11 +217,15 @@ where
         while index < count {
             let off = index * chunk;
             let len = (geometry.size() - off).min(block) as usize;
-            let buf = match vol.read_block(len, off) {
-                Ok(b) => b,
-                Err(e) => {
-                    let _ = otx.blocking_send(Err(Error::Io(e.to_string())));
-                    return Err(e);
+            let buf = if vol.is_hole(off, len as u64) {
+                Read::Hole(len)
+            } else {
+                match vol.read_block(len, off) {
+                    Ok(b) => Read::Data(b),
+                    Err(e) => {
+                        let _ = otx.blocking_send(Err(Error::Io(e.to_string())));
+                        return Err(e);
+                    }
                 }
             };
             if opts.drop_cache {
@@ -209,7 +254,11 @@ where
             busy_s: (start.elapsed() - waited).as_secs_f64(),
         })
     });
-    Scan { rx: orx, reader }
+    Scan {
+        rx: orx,
+        reader,
+        workers: worker_threads,
+    }
 }
 
 /// Hashes every chunk of `vol` fresh and returns the hashes in index order

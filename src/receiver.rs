@@ -521,7 +521,7 @@ async fn sync_session(
     let budget = Arc::new(tokio::sync::Semaphore::new(slots));
     let writer_ctl = ctl_tx.clone();
     let name = hello.volume.clone();
-    let (table_tx, table_rx) = std::sync::mpsc::channel::<oneshot::Sender<Vec<u8>>>();
+    let (table_tx, table_rx) = std::sync::mpsc::channel::<mpsc::Sender<Bytes>>();
     let writer = std::thread::spawn(move || {
         // Declared first so it is dropped last: the volume is free again only
         // once the target and the manifest (and its lock) are closed.
@@ -571,12 +571,34 @@ async fn sync_session(
             match transport::recv_control(&mut recv).await? {
                 None => return Ok(()),
                 Some(Msg::ManifestRequest(_)) => {
-                    let (tx, rx) = oneshot::channel();
+                    // The table comes from the writer in pieces, a few at a
+                    // time: a 1 TiB volume's table is 512 MiB.
+                    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
                     table_tx
                         .send(tx)
                         .map_err(|_| Error::Io("writer stopped".into()))?;
-                    let table = rx.await.map_err(|_| Error::Io("writer stopped".into()))?;
-                    send_hash_runs(&ctl_tx, Bytes::from(table), false).await?;
+                    let total = geometry.chunk_count() * manifest::ENTRY_LEN as u64;
+                    let mut first = 0u64;
+                    loop {
+                        let piece = rx
+                            .recv()
+                            .await
+                            .ok_or_else(|| Error::Io("writer stopped".into()))?;
+                        let n = (piece.len() / manifest::ENTRY_LEN) as u64;
+                        let last = (first + n) * manifest::ENTRY_LEN as u64 >= total;
+                        ctl_tx
+                            .send(Msg::ManifestPart(wire::HashRun {
+                                first,
+                                hashes: piece,
+                                last,
+                            }))
+                            .await
+                            .map_err(|_| Error::Network("control stream closed".into()))?;
+                        if last {
+                            break;
+                        }
+                        first += n;
+                    }
                 }
                 Some(Msg::Finish(f)) => {
                     let (tx, rx) = oneshot::channel();
@@ -645,32 +667,6 @@ pub fn msg_name(m: &Msg) -> &'static str {
         Msg::Forget(_) => "forget",
         Msg::Failure(_) => "failure",
         Msg::Mark(_) => "mark",
-    }
-}
-
-/// Sends a table of hashes as runs of [`wire::HASHES_PER_PART`].
-async fn send_hash_runs(ctl: &mpsc::Sender<Msg>, table: Bytes, verify: bool) -> Result<()> {
-    let per = wire::HASHES_PER_PART * manifest::ENTRY_LEN;
-    let mut off = 0usize;
-    loop {
-        let end = (off + per).min(table.len());
-        let run = wire::HashRun {
-            first: (off / manifest::ENTRY_LEN) as u64,
-            hashes: table.slice(off..end),
-            last: end == table.len(),
-        };
-        let msg = if verify {
-            Msg::VerifyPart(run)
-        } else {
-            Msg::ManifestPart(run)
-        };
-        ctl.send(msg)
-            .await
-            .map_err(|_| Error::Network("control stream closed".into()))?;
-        if end == table.len() {
-            return Ok(());
-        }
-        off = end;
     }
 }
 
@@ -783,7 +779,7 @@ fn writer_loop(
     volume: &Volume,
     manifest: &mut ManifestFile,
     rx: std::sync::mpsc::Receiver<WriterMsg>,
-    table_rx: std::sync::mpsc::Receiver<oneshot::Sender<Vec<u8>>>,
+    table_rx: std::sync::mpsc::Receiver<mpsc::Sender<Bytes>>,
     ctl: &mpsc::Sender<Msg>,
 ) -> Result<()> {
     let geometry = manifest.geometry();
@@ -794,7 +790,17 @@ fn writer_loop(
     let mut closed = false;
     loop {
         while let Ok(reply) = table_rx.try_recv() {
-            let _ = reply.send(manifest.table().to_vec());
+            let per = wire::HASHES_PER_PART * manifest::ENTRY_LEN;
+            for (i, piece) in manifest.table().chunks(per).enumerate() {
+                if reply.blocking_send(Bytes::copy_from_slice(piece)).is_err() {
+                    break;
+                }
+                // Keep the map's resident pages bounded (64 pieces: 32 MiB).
+                if i % 64 == 63 {
+                    manifest.release_pages();
+                }
+            }
+            manifest.release_pages();
         }
         let timeout = if batch.is_empty() {
             Duration::from_millis(50)

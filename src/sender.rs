@@ -104,8 +104,8 @@ thread_local! {
 }
 
 /// Decides what to send for a scanned chunk; runs on the hashing threads.
-fn plan_chunk(s: Scanned, known: &[u8]) -> Option<Outgoing> {
-    if manifest::entry(known, s.index) == s.hash {
+fn plan_chunk(s: Scanned, known: &Hash) -> Option<Outgoing> {
+    if *known == s.hash {
         return None;
     }
     let len = s.data.len() as u32;
@@ -275,29 +275,36 @@ pub async fn open_session(
     }
 }
 
-/// Fetches the receiver's manifest table.
-async fn fetch_table(s: &mut Session, geometry: &Geometry) -> Result<Vec<u8>> {
+/// Fetches the receiver's manifest table into `into` (whose geometry it
+/// must have), piece by piece, and returns the root of what arrived.
+async fn fetch_table(s: &mut Session, into: &mut ManifestFile) -> Result<Hash> {
     transport::send_control(&mut s.send, Msg::ManifestRequest(wire::ManifestRequest {})).await?;
-    let mut table = vec![0u8; geometry.chunk_count() as usize * manifest::ENTRY_LEN];
+    let geometry = into.geometry();
+    let mut root = manifest::RootHasher::new(&geometry);
+    let mut next = 0u64;
     loop {
         match transport::recv_control(&mut s.recv).await? {
             Some(Msg::ManifestPart(run)) => {
-                let start = (run.first as usize).checked_mul(manifest::ENTRY_LEN);
-                let end = start.and_then(|st| st.checked_add(run.hashes.len()));
-                match (start, end) {
-                    (Some(st), Some(en))
-                        if en <= table.len() && run.hashes.len() % manifest::ENTRY_LEN == 0 =>
-                    {
-                        table[st..en].copy_from_slice(&run.hashes)
-                    }
-                    _ => {
-                        return Err(Error::Peer(
-                            "receiver sent a manifest part outside the volume".into(),
-                        ))
-                    }
+                let n = (run.hashes.len() / manifest::ENTRY_LEN) as u64;
+                let whole = run.hashes.len() % manifest::ENTRY_LEN == 0;
+                if !whole || run.first != next || next + n > geometry.chunk_count() {
+                    return Err(Error::Peer(
+                        "receiver sent a manifest part out of order or outside the volume".into(),
+                    ));
                 }
+                for (i, h) in run.hashes.chunks_exact(manifest::ENTRY_LEN).enumerate() {
+                    into.set(next + i as u64, h.try_into().expect("32 bytes"));
+                }
+                root.update(&run.hashes);
+                next += n;
                 if run.last {
-                    return Ok(table);
+                    if next != geometry.chunk_count() {
+                        return Err(Error::Peer(format!(
+                            "receiver's manifest ended after {next} of {} entries",
+                            geometry.chunk_count()
+                        )));
+                    }
+                    return Ok(root.finalize());
                 }
             }
             Some(other) => {
@@ -533,16 +540,17 @@ pub async fn run_pass_collecting(
                 .as_ref()
                 .is_some_and(|m| m.geometry() == geometry && m.header().summary() == theirs);
             if !agree {
-                let table = fetch_table(&mut session, &geometry).await.map_err(at)?;
-                if manifest::root(&geometry, &table) != theirs.root {
+                // Rebuilt in a fresh manifest, committed only once the root
+                // checks out: until then its header claims nothing.
+                drop(ours.take());
+                let mut m = ManifestFile::create(&mpath, geometry, theirs.volume_id, Fill::Unknown)
+                    .map_err(at)?;
+                let root = fetch_table(&mut session, &mut m).await.map_err(at)?;
+                if root != theirs.root {
                     return Err(at(Error::Peer(
                         "the receiver's manifest does not match its own root hash".into(),
                     )));
                 }
-                drop(ours.take());
-                let mut m = ManifestFile::create(&mpath, geometry, theirs.volume_id, Fill::Unknown)
-                    .map_err(at)?;
-                m.replace_table(&table);
                 m.commit(theirs.generation, theirs.root).map_err(at)?;
                 ours = Some(m);
             }
@@ -564,14 +572,12 @@ pub async fn run_pass_collecting(
                 });
             }
             let m = ours.take().expect("set above");
-            let known = Arc::new(m.table().to_vec());
             let shared = Arc::new(Mutex::new(m));
             let r = stream_pass(
                 cfg,
                 session,
                 geometry,
                 resume,
-                known,
                 shared.clone(),
                 collected.clone(),
                 counters.clone(),
@@ -678,7 +684,6 @@ async fn stream_pass(
     session: Session,
     geometry: Geometry,
     resume: u64,
-    known: Arc<Vec<u8>>,
     ours: Arc<Mutex<ManifestFile>>,
     collected: Option<Arc<Mutex<Vec<u8>>>>,
     counters: Arc<Counters>,
@@ -696,7 +701,12 @@ async fn stream_pass(
     let chunks_per_block =
         (geometry.chunk_size().bytes().max(4 << 20) / geometry.chunk_size().bytes()).max(1);
     let sink = collected.clone();
-    let scan_known = known.clone();
+    // Compared with our live table (what the target is known to hold,
+    // acks included), not a copy: a copy would cost 32 bytes per chunk of
+    // memory (512 MiB for 1 TiB at 64 KiB chunks). Each chunk is scanned
+    // once per attempt, so acks of this attempt never touch an entry before
+    // its comparison.
+    let scan_known = ours.clone();
     let mut scan = hash::scan(
         vol,
         geometry,
@@ -706,7 +716,8 @@ async fn stream_pass(
             if let Some(t) = &sink {
                 manifest::set_entry(&mut t.lock().expect("not poisoned"), s.index, &s.hash);
             }
-            plan_chunk(s, &scan_known)
+            let known = scan_known.lock().expect("not poisoned").entry(s.index);
+            plan_chunk(s, &known)
         },
         progress.clone(),
     );
@@ -803,11 +814,8 @@ async fn stream_pass(
             })
         }
     };
-    // Let the reader go (dropping the results ends it) and count what it read.
-    drop(std::mem::replace(
-        &mut scan.rx,
-        tokio::sync::mpsc::channel(1).1,
-    ));
+    // Let the reader and hashers go (finish drops the results first) and
+    // count what was read.
     if let Ok(Ok(stats)) = tokio::task::spawn_blocking(move || scan.finish()).await {
         scanned.bytes += stats.bytes;
         scanned.busy_s += stats.busy_s;

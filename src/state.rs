@@ -16,6 +16,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapMut;
 use nightpass_proto::chunk::Geometry;
@@ -81,7 +82,18 @@ pub struct ManifestFile {
     _file: File,
     map: MmapMut,
     header: Header,
+    /// Entries read or written through the map since its pages were last
+    /// released (see [`ManifestFile::release_pages`]).
+    touched: AtomicU64,
 }
+
+/// Entries per piece when a table is built or hashed in pieces (1 MiB).
+const PIECE_ENTRIES: u64 = 32768;
+
+/// Entries touched through the map before its resident pages are released:
+/// 32 MiB of table, which bounds the manifest's share of a process's
+/// resident memory whatever the volume's size.
+const RELEASE_EVERY: u64 = 1 << 20;
 
 impl ManifestFile {
     /// Creates (replacing any old one) a manifest for `geometry`.
@@ -94,31 +106,48 @@ impl ManifestFile {
         let dir = path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).ctx(format!("create {}", dir.display()))?;
         let tmp = path.with_extension("new");
-        let mut table = vec![0u8; (geometry.chunk_count() as usize) * manifest::ENTRY_LEN];
-        if let Fill::Zeros = fill {
-            let full = manifest::zero_hash(geometry.chunk_size().usize());
-            for i in 0..geometry.chunk_count() {
-                let len = geometry.chunk_len(i).expect("index below count");
-                let h = if len == geometry.chunk_size().usize() {
-                    full
-                } else {
-                    manifest::zero_hash(len)
-                };
-                manifest::set_entry(&mut table, i, &h);
+        // Built and written in pieces: a 1 TiB volume has a 512 MiB table.
+        let full_zero = manifest::zero_hash(geometry.chunk_size().usize());
+        let piece = |first: u64, out: &mut Vec<u8>| {
+            let n = (geometry.chunk_count() - first).min(PIECE_ENTRIES);
+            out.clear();
+            out.resize(n as usize * manifest::ENTRY_LEN, 0);
+            if let Fill::Zeros = fill {
+                for i in 0..n {
+                    let len = geometry.chunk_len(first + i).expect("index below count");
+                    let h = if len == geometry.chunk_size().usize() {
+                        full_zero
+                    } else {
+                        manifest::zero_hash(len)
+                    };
+                    manifest::set_entry(out, i, &h);
+                }
             }
+        };
+        let mut buf = Vec::new();
+        let mut root = manifest::RootHasher::new(&geometry);
+        let mut first = 0;
+        while first < geometry.chunk_count() {
+            piece(first, &mut buf);
+            root.update(&buf);
+            first += PIECE_ENTRIES;
         }
         let header = Header {
             geometry,
             generation: 1,
             volume_id,
-            root: manifest::root(&geometry, &table),
+            root: root.finalize(),
         };
         {
             let mut f = File::create(&tmp).ctx(format!("create {}", tmp.display()))?;
             f.write_all(&header.encode())
                 .ctx(format!("write {}", tmp.display()))?;
-            f.write_all(&table)
-                .ctx(format!("write {}", tmp.display()))?;
+            let mut first = 0;
+            while first < geometry.chunk_count() {
+                piece(first, &mut buf);
+                f.write_all(&buf).ctx(format!("write {}", tmp.display()))?;
+                first += PIECE_ENTRIES;
+            }
             f.sync_all().ctx(format!("fsync {}", tmp.display()))?;
         }
         fs::rename(&tmp, path).ctx(format!("rename to {}", path.display()))?;
@@ -170,6 +199,7 @@ impl ManifestFile {
             _file: file,
             map,
             header,
+            touched: AtomicU64::new(0),
         })))
     }
 
@@ -190,17 +220,41 @@ impl ManifestFile {
 
     /// Entry `index`.
     pub fn entry(&self, index: u64) -> Hash {
+        self.touch(1);
         manifest::entry(self.table(), index)
     }
 
     /// Sets entry `index` in memory; durable after [`Self::flush_table`].
     pub fn set(&mut self, index: u64, hash: &Hash) {
+        self.touch(1);
         manifest::set_entry(&mut self.map[HEADER_LEN..], index, hash);
     }
 
     /// Replaces the whole table (the sender adopting the receiver's view).
     pub fn replace_table(&mut self, table: &[u8]) {
         self.map[HEADER_LEN..].copy_from_slice(table);
+        self.release_pages();
+    }
+
+    fn touch(&self, n: u64) {
+        if self.touched.fetch_add(n, Ordering::Relaxed) + n >= RELEASE_EVERY {
+            self.release_pages();
+        }
+    }
+
+    /// Drops the map's pages from this process's resident set. The map is
+    /// shared and file-backed, so nothing is lost: dirty pages stay in the
+    /// page cache until written back, and the next access maps them again.
+    pub fn release_pages(&self) {
+        self.touched.store(0, Ordering::Relaxed);
+        // SAFETY: MADV_DONTNEED on a MAP_SHARED file mapping only unmaps
+        // pages; their contents (dirty ones included) remain in the page
+        // cache and reappear on the next access, so no live reference into
+        // the map can observe a change.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
     }
 
     /// Makes table changes durable (msync).
@@ -212,7 +266,15 @@ impl ManifestFile {
 
     /// Root hash of the table as it is now.
     pub fn current_root(&self) -> Hash {
-        manifest::root(&self.header.geometry, self.table())
+        let mut h = manifest::RootHasher::new(&self.header.geometry);
+        for p in self
+            .table()
+            .chunks(PIECE_ENTRIES as usize * manifest::ENTRY_LEN)
+        {
+            h.update(p);
+            self.touch(PIECE_ENTRIES);
+        }
+        h.finalize()
     }
 
     /// The summary as of now: the header's, with the root recomputed and the

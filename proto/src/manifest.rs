@@ -194,11 +194,33 @@ impl Header {
 /// volume id, so a sender and a receiver holding the same table agree on it.
 /// A 1 TiB volume at 64 KiB chunks has a 512 MiB table: about 0.2 s of hashing.
 pub fn root(geometry: &Geometry, table: &[u8]) -> Hash {
-    let mut h = blake3::Hasher::new_derive_key("nightpass manifest root v1");
-    h.update(&geometry.size().to_le_bytes());
-    h.update(&geometry.chunk_size().bytes().to_le_bytes());
+    let mut h = RootHasher::new(geometry);
     h.update(table);
-    *h.finalize().as_bytes()
+    h.finalize()
+}
+
+/// Computes [`root`] over a table fed in pieces, in order, so a large
+/// table need never be held in memory at once.
+pub struct RootHasher(blake3::Hasher);
+
+impl RootHasher {
+    /// Starts the root of a table of `geometry`.
+    pub fn new(geometry: &Geometry) -> RootHasher {
+        let mut h = blake3::Hasher::new_derive_key("nightpass manifest root v1");
+        h.update(&geometry.size().to_le_bytes());
+        h.update(&geometry.chunk_size().bytes().to_le_bytes());
+        RootHasher(h)
+    }
+
+    /// Feeds the next bytes of the table.
+    pub fn update(&mut self, piece: &[u8]) {
+        self.0.update(piece);
+    }
+
+    /// The root.
+    pub fn finalize(&self) -> Hash {
+        *self.0.finalize().as_bytes()
+    }
 }
 
 /// Entry `index` of a table.
@@ -294,6 +316,11 @@ mod tests {
         let g = header().geometry;
         let mut t = vec![0u8; g.chunk_count() as usize * 32];
         let r0 = root(&g, &t);
+        let mut pieces = RootHasher::new(&g);
+        for p in t.chunks(7) {
+            pieces.update(p);
+        }
+        assert_eq!(pieces.finalize(), r0, "fed in pieces, the same root");
         set_entry(&mut t, 152, &[1; 32]);
         assert_ne!(root(&g, &t), r0);
         assert_eq!(entry(&t, 152), [1; 32]);
