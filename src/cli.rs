@@ -200,11 +200,18 @@ pub struct QuicArgs {
     pub quic_window: u64,
 }
 
+/// Largest receive window of one stream. quinn refuses (and ends the
+/// connection) when one stream's receive buffer holds more than 1024
+/// separate spans, which heavy loss within a large window produces; 2 MiB
+/// is about 1700 datagrams, so it can never hold that many gaps. Throughput
+/// on long paths comes from more streams instead (see `--streams`).
+pub const MAX_STREAM_WINDOW: u64 = 2 << 20;
+
 impl QuicArgs {
     /// Typed tuning.
     pub fn tuning(&self) -> Tuning {
         Tuning {
-            stream_window: (self.quic_window / 4).max(1 << 20),
+            stream_window: (self.quic_window / 4).clamp(1 << 20, MAX_STREAM_WINDOW),
             conn_window: self.quic_window,
             bbr: self.congestion == "bbr",
         }
@@ -236,9 +243,10 @@ pub struct SyncArgs {
     /// Chunk size, a power of two from 4K to 64M; effective on a volume's first pass.
     #[arg(long, value_parser = parse_chunk_size)]
     pub chunk_size: Option<ChunkSize>,
-    /// Parallel QUIC data streams.
-    #[arg(long, default_value_t = 4)]
-    pub streams: usize,
+    /// Parallel QUIC data streams, 1 to 32 (default: enough streams of
+    /// 2 MiB window each to fill --quic-window, at least 4).
+    #[arg(long)]
+    pub streams: Option<usize>,
     /// Drop source pages from the page cache behind the reader.
     #[arg(long)]
     pub drop_cache: bool,

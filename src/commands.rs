@@ -90,19 +90,27 @@ pub async fn run(cli: Cli) -> Result<i32> {
 /// Typed pass settings from the flags.
 pub fn sync_config(args: &SyncArgs, kind: &'static str) -> Result<SyncConfig> {
     let (dest, fp) = args.remote()?;
-    if args.streams == 0 || args.streams > 32 {
-        return Err(Error::input("--streams must be between 1 and 32"));
-    }
+    let tuning = args.quic.tuning();
+    let streams = match args.streams {
+        Some(n) if n == 0 || n > 32 => {
+            return Err(Error::input("--streams must be between 1 and 32"))
+        }
+        Some(n) => n,
+        None => tuning
+            .conn_window
+            .div_ceil(tuning.stream_window)
+            .clamp(4, 32) as usize,
+    };
     Ok(SyncConfig {
         source: args.source.clone(),
         dest,
         server_fingerprint: fp,
         state_dir: args.state_dir(),
         chunk_size: args.chunk_size,
-        streams: args.streams,
+        streams,
         bwlimit: args.bwlimit,
         scan: args.scan(),
-        tuning: args.quic.tuning(),
+        tuning,
         kind,
         read_from: None,
         retry_for: args.retry_for,

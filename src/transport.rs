@@ -333,8 +333,57 @@ pub fn server_endpoint(
         .map_err(|e| Error::Io(format!("QUIC TLS setup: {e}")))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport_config(tuning));
-    quinn::Endpoint::server(cfg, listen)
-        .map_err(|e| Error::input(format!("cannot listen on {listen}: {e}")))
+    let socket =
+        udp_socket(listen).map_err(|e| Error::input(format!("cannot listen on {listen}: {e}")))?;
+    endpoint(Some(cfg), socket).map_err(|e| Error::input(format!("cannot listen on {listen}: {e}")))
+}
+
+/// Bytes of kernel buffer asked for on each UDP socket, each way. The
+/// kernel's default (about 200 KiB) overflows at a few hundred Mbit/s as
+/// soon as a process is a few milliseconds late, and every overflow is a
+/// loss that congestion control answers by slowing down.
+pub const UDP_BUFFER: usize = 16 << 20;
+
+/// A UDP socket bound to `addr` with [`UDP_BUFFER`]-sized kernel buffers
+/// where the system allows (as root past `net.core.rmem_max`).
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::unix::io::AsRawFd;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let fd = socket.as_raw_fd();
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        let size = UDP_BUFFER as libc::c_int;
+        let set = |opt| {
+            // SAFETY: setsockopt reads one c_int through the pointer, which
+            // points at a live local of that size; the descriptor is open.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        // The forcing variant needs CAP_NET_ADMIN; otherwise the kernel caps
+        // the plain one at its maximum, which is still better than nothing.
+        if set(force) != 0 {
+            set(plain);
+        }
+    }
+    Ok(socket)
+}
+
+fn endpoint(
+    server: Option<quinn::ServerConfig>,
+    socket: std::net::UdpSocket,
+) -> std::io::Result<quinn::Endpoint> {
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
 }
 
 /// Client endpoints of this process, so an interrupted command can close its
@@ -396,7 +445,9 @@ pub async fn connect(
     } else {
         "0.0.0.0:0".parse().expect("literal")
     };
-    let mut ep = quinn::Endpoint::client(bind).ctx("bind UDP socket")?;
+    let mut ep = udp_socket(bind)
+        .and_then(|s| endpoint(None, s))
+        .ctx("bind UDP socket")?;
     ep.set_default_client_config(cfg);
     register_client(&ep);
     let connecting = ep
