@@ -508,6 +508,7 @@ pub async fn run_pass_collecting(
             pass_id: pass_id.to_vec(),
             resumes: attempt > 1,
         };
+        let mut connected = false;
         let outcome = async {
             let mut session =
                 open_session(id, &cfg.dest, &cfg.server_fingerprint, &cfg.tuning, hello)
@@ -516,6 +517,7 @@ pub async fn run_pass_collecting(
                         error,
                         resume_at: resume,
                     })?;
+            connected = true;
             let at = |error| Interrupted {
                 error,
                 resume_at: resume,
@@ -601,6 +603,12 @@ pub async fn run_pass_collecting(
                 error: Error::Network(msg),
                 resume_at,
             }) if !cfg.retry_for.is_zero() => {
+                // --retry-for bounds each outage: a session that was
+                // established ended the previous one.
+                if connected {
+                    gave_up_at = None;
+                    backoff = Duration::from_millis(500);
+                }
                 let limit = *gave_up_at.get_or_insert_with(|| Instant::now() + cfg.retry_for);
                 if Instant::now() >= limit {
                     return Err(Error::Network(format!(
