@@ -23,8 +23,16 @@
 #   full pass                                                 target >= 1 GB/s and <= 2 x cp+sync
 #   verify local  `nightpass verify IMAGE TARGET`             target <= 1.2 x best of 3 `cat IMAGE TARGET`
 #   verify remote `nightpass verify IMAGE HOST:PORT/v`        same target and reference
+#   rsync         `rsync --inplace --no-whole-file` of the same writes to a
+#                 copy of the image                           target: delta >= 15 x faster
+#   throttles     a full pass with --bwlimit R and a no-change pass with
+#                 --read-limit R, R = image / THROTTLE_S (default 20 s)
+#                                                             target: rate within 5% of R
+#   page cache    source pages cached after a --direct pass (fincore)   target: < 1% of the image
 #   RSS           sender: max over its runs (/usr/bin/time -v); receiver: VmHWM at the end
 #                                                             target < 200 MiB each
+#   sparse 1 TiB  first pass of a sparse 1 TiB image file: sender and
+#                 receiver peak RSS                           target < 200 MiB each
 # Exits 0 when every target is met, 1 when one is missed, 2 on a failure.
 set -euo pipefail
 
@@ -49,6 +57,13 @@ if [[ ! -x /usr/bin/time ]]; then
     { apt-get install -y time >/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y time >/dev/null 2>&1; }; } ||
         die "/usr/bin/time is missing and could not be installed"
 fi
+
+if ! command -v rsync >/dev/null; then
+    echo "== installing rsync (reference for the delta pass)" >&2
+    { apt-get install -y rsync >/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y rsync >/dev/null 2>&1; }; } ||
+        die "rsync is missing and could not be installed"
+fi
+THROTTLE_S=${THROTTLE_S:-20}
 
 WORK=$(mktemp -d "${WORKDIR:-/tmp}/nightpass-bench.XXXXXX")
 RPID=""
@@ -102,6 +117,7 @@ SFP=$("$BIN" keygen --identity "$WORK/sid")
 "$BIN" keygen --identity "$WORK/rid" >/dev/null
 
 "$BIN" serve --listen 127.0.0.1:0 --volume "v=$TARGET" --allow "$SFP" \
+    --volume "bw=$WORK/bw.img" --volume "rl=$WORK/rl.img" --volume "sparse=$WORK/sparse-target.img" \
     --identity "$WORK/rid" --state-dir "$WORK/rstate" 2>"$WORK/serve.err" &
 RPID=$!
 LINE=""
@@ -140,22 +156,25 @@ sender() {
 TICKS=$(getconf CLK_TCK)
 recv_cpu() { awk -v t="$TICKS" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / t }' "/proc/$RPID/stat" 2>/dev/null || echo 0; }
 declare -A RCPU
-# pass NAME: one sync pass, must succeed; sets WALL, DUR, SENT, CHANGED
+# pass NAME [SOURCE [VOLUME [ARGS...]]]: one sync pass, must succeed; sets
+# WALL, DUR, SENT, CHANGED, SCANNED
 pass() {
-    local c0
+    local c0 name=$1 src=${2:-$IMAGE} dest=127.0.0.1:$PORT/${3:-v}
+    shift $(($# < 3 ? $# : 3))
     c0=$(recv_cpu)
-    sender "$1" sync "$IMAGE" "$DEST" --server-fingerprint "$RFP" --identity "$WORK/sid" --state-dir "$WORK/sstate"
+    sender "$name" sync "$src" "$dest" --server-fingerprint "$RFP" --identity "$WORK/sid" --state-dir "$WORK/sstate" "$@"
+    set -- "$name"
     if [[ $RC != 0 ]]; then
         cat "$WORK/$1.err" "$WORK/$1.json" >&2
         die "pass '$1' exited with status $RC"
     fi
-    read -r DUR SENT CHANGED < <(python3 - "$WORK/$1.json" <<'PY'
+    read -r DUR SENT CHANGED SCANNED < <(python3 - "$WORK/$1.json" <<'PY'
 import json, sys
 end = [e for e in map(json.loads, filter(str.strip, open(sys.argv[1]))) if e.get("event") == "pass_end"]
 if not end:
     sys.exit("no pass_end event")
 e = end[-1]
-print(e["duration_s"], e["sent_bytes"], e["changed_chunks"])
+print(e["duration_s"], e["sent_bytes"], e["changed_chunks"], e["scanned_bytes"])
 PY
     )
     [[ -n ${CHANGED:-} ]] || die "pass '$1': no pass_end figures in $WORK/$1.json"
@@ -190,6 +209,8 @@ echo "== no-change pass" >&2
 pass nochange
 NOCH_WALL=$WALL NOCH_DUR=$DUR NOCH_SENT=$SENT NOCH_CHANGED=$CHANGED
 
+echo "== copy of the image for the rsync reference" >&2
+cp "$IMAGE" "$WORK/rsync-dest.img"
 echo "== scattered writes: 1% of the image in 4 KiB writes" >&2
 read -r NWRITES TOUCHED < <(python3 - "$IMAGE" "$SEED" 65536 <<'PY'
 import os, random, sys
@@ -213,6 +234,43 @@ echo "   $NWRITES writes touching $TOUCHED chunks of 64 KiB" >&2
 echo "== delta pass" >&2
 pass delta
 DELTA_WALL=$WALL DELTA_DUR=$DUR DELTA_SENT=$SENT DELTA_CHANGED=$CHANGED
+
+echo "== rsync --inplace --no-whole-file of the same writes" >&2
+cat_to_null "$IMAGE" "$WORK/rsync-dest.img"
+t0=$(now)
+rsync --ignore-times --inplace --no-whole-file "$IMAGE" "$WORK/rsync-dest.img"
+RSYNC=$(sub "$(now)" "$t0")
+cmp -s "$IMAGE" "$WORK/rsync-dest.img" || die "rsync did not reproduce the image"
+rm -f "$WORK/rsync-dest.img"
+
+echo "== throttles: ${THROTTLE_S} s passes" >&2
+RATE=$((BYTES / THROTTLE_S))
+pass bwlimit "$IMAGE" bw --bwlimit "$RATE"
+BW_RATE=$(awk -v b="$SENT" -v t="$DUR" 'BEGIN { printf "%.0f", b / t }')
+pass readlimit_first "$IMAGE" rl
+pass readlimit "$IMAGE" rl --read-limit "$RATE"
+RL_RATE=$(awk -v b="$SCANNED" -v t="$DUR" 'BEGIN { printf "%.0f", b / t }')
+
+echo "== page cache after a --direct pass" >&2
+python3 - "$IMAGE" <<'PY'
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+os.close(fd)
+PY
+pass direct "$IMAGE" v --direct
+CACHED=$(fincore --bytes --noheadings --output RES "$IMAGE" 2>/dev/null || echo -1)
+DIRECT_WALL=$WALL
+cat_to_null "$IMAGE"
+
+echo "== sparse 1 TiB image file" >&2
+truncate -s 1T "$WORK/sparse.img"
+SENDER_RSS_BEFORE=$SENDER_RSS_KB
+SENDER_RSS_KB=0
+pass sparse "$WORK/sparse.img" sparse
+SPARSE_WALL=$WALL SPARSE_SENDER_KB=$SENDER_RSS_KB
+SPARSE_RECV_KB=$(awk '/^VmHWM:/ { print $2 }' "/proc/$RPID/status" 2>/dev/null || echo 0)
+SENDER_RSS_KB=$SENDER_RSS_BEFORE
 
 # ---------------------------------------------------------------- verify
 echo "== verify" >&2
@@ -247,6 +305,14 @@ row "delta pass (1% scattered)" "${DELTA_WALL} s" "cat ${CAT} s" "$r" "<= 1.3 x 
 row "full pass throughput" "${FULL_GBS} GB/s" "-" "-" ">= 1 GB/s" "$(judge "$FULL_GBS >= 1")"
 r=$(ratio "$FULL_WALL" "$CP")
 row "full pass time" "${FULL_WALL} s" "cp+sync ${CP} s" "$r" "<= 2 x cp+sync" "$(judge "$r <= 2")"
+r=$(ratio "$RSYNC" "$DELTA_WALL")
+row "delta vs rsync" "rsync ${RSYNC} s" "delta ${DELTA_WALL} s" "$r" ">= 15 x faster" "$(judge "$r >= 15")"
+r=$(ratio "$BW_RATE" "$RATE")
+row "--bwlimit $(human "$RATE")/s" "$(human "$BW_RATE")/s" "limit" "$r" "within 5%" "$(judge "$r >= 0.95 && $r <= 1.05")"
+r=$(ratio "$RL_RATE" "$RATE")
+row "--read-limit $(human "$RATE")/s" "$(human "$RL_RATE")/s" "limit" "$r" "within 5%" "$(judge "$r >= 0.95 && $r <= 1.05")"
+r=$(ratio "$CACHED" "$BYTES")
+row "cached after --direct pass" "$(human "$CACHED")" "image $(human "$BYTES")" "$r" "< 1% of the image" "$(judge "$CACHED >= 0 && $r < 0.01")"
 r=$(ratio "$VL_WALL" "$BOTH")
 v=$(judge "$r <= 1.2")
 [[ $VL_RC == 0 ]] || v=FAIL
@@ -257,6 +323,8 @@ v=$(judge "$r <= 1.2")
 row "verify remote" "${VR_WALL} s" "cat both ${BOTH} s" "$r" "<= 1.2 x cat both" "$v"
 row "sender peak RSS" "$((SENDER_RSS_KB / 1024)) MiB" "-" "-" "< 200 MiB" "$(judge "$SENDER_RSS_KB < 204800")"
 row "receiver peak RSS (VmHWM)" "$((RECV_RSS_KB / 1024)) MiB" "-" "-" "< 200 MiB" "$(judge "$RECV_RSS_KB > 0 && $RECV_RSS_KB < 204800")"
+row "sparse 1 TiB: sender RSS" "$((SPARSE_SENDER_KB / 1024)) MiB" "pass ${SPARSE_WALL} s" "-" "< 200 MiB" "$(judge "$SPARSE_SENDER_KB < 204800")"
+row "sparse 1 TiB: receiver RSS" "$((SPARSE_RECV_KB / 1024)) MiB" "VmHWM after it" "-" "< 200 MiB" "$(judge "$SPARSE_RECV_KB > 0 && $SPARSE_RECV_KB < 204800")"
 
 if printf '%s\n' "${rows[@]}" | grep -q '| MISS |'; then MISSED=1; fi
 

@@ -244,7 +244,8 @@ pub struct SyncArgs {
     #[arg(long, value_parser = parse_chunk_size)]
     pub chunk_size: Option<ChunkSize>,
     /// Parallel QUIC data streams, 1 to 32 (default: enough streams of
-    /// 2 MiB window each to fill --quic-window, at least 4).
+    /// 2 MiB window each to fill --quic-window, 4 to 16; 16 streams keep
+    /// 32 MiB in flight, enough for 2.5 Gbit/s at 100 ms round trip).
     #[arg(long)]
     pub streams: Option<usize>,
     /// Drop source pages from the page cache behind the reader.
