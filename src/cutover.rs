@@ -228,8 +228,7 @@ async fn record_on_receiver(cfg: &SyncConfig, id: &Identity, mark: wire::Mark) -
         }
     }
     let _ = s.send.finish();
-    s.conn.close(0u32.into(), b"recorded");
-    let _ = tokio::time::timeout(Duration::from_secs(2), s.endpoint.wait_idle()).await;
+    transport::close_session(&s.endpoint, &s.conn, b"recorded").await;
     Ok(())
 }
 

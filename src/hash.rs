@@ -18,6 +18,8 @@ use std::sync::mpsc::{sync_channel, Receiver as StdReceiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::Bytes;
 use nightpass_proto::chunk::Geometry;
 use nightpass_proto::manifest::{self, Hash};
@@ -26,7 +28,10 @@ use crate::device::Volume;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
-/// What the reader hands a hashing worker for one block.
+/// A block for a worker to read: (seq, first chunk index, offset, length).
+type ReadTask = (u64, u64, u64, usize);
+
+/// What a worker found at one block.
 enum Read {
     /// The block's bytes.
     Data(Bytes),
@@ -87,6 +92,15 @@ pub struct Scan<T> {
     pub reader: std::thread::JoinHandle<Result<ScanStats>>,
     /// The hashing threads; they own the work closure (and what it holds).
     workers: Vec<std::thread::JoinHandle<()>>,
+    figures: ScanFigures,
+}
+
+/// What the threads of a scan measure of their own time.
+struct ScanFigures {
+    start: Instant,
+    workers: usize,
+    blocked_ns: Arc<AtomicU64>,
+    ended_ns: Arc<AtomicU64>,
 }
 
 impl<T> Scan<T> {
@@ -102,7 +116,23 @@ impl<T> Scan<T> {
         for w in self.workers {
             let _ = w.join();
         }
-        read?
+        // The reader reports its own pacing (--read-limit) as `busy_s`.
+        let mut stats = read??;
+        let f = &self.figures;
+        let ended = Duration::from_nanos(f.ended_ns.load(Ordering::Relaxed));
+        let ended = if ended.is_zero() {
+            f.start.elapsed()
+        } else {
+            ended
+        };
+        let blocked =
+            Duration::from_nanos(f.blocked_ns.load(Ordering::Relaxed) / f.workers.max(1) as u64);
+        let paced = Duration::from_secs_f64(stats.busy_s);
+        stats.busy_s = ended
+            .saturating_sub(blocked)
+            .saturating_sub(paced)
+            .as_secs_f64();
+        Ok(stats)
     }
 }
 
@@ -144,23 +174,50 @@ where
     let chunk = geometry.chunk_size().bytes();
     let block = chunk.max(4 << 20);
     let per_block = block / chunk;
-    let (btx, brx) = sync_channel::<(u64, u64, Read)>(workers + 1);
+    // Blocks to read: (seq, first chunk index, offset, length). Each worker
+    // reads its own blocks, so the copies out of the page cache (or the
+    // device) spread over every core instead of bounding the scan on one.
+    let (btx, brx) = sync_channel::<ReadTask>(workers);
     let (otx, orx) = tokio::sync::mpsc::channel::<Result<Block<T>>>(workers + 1);
     let brx = Arc::new(Mutex::new(brx));
     let work = Arc::new(work);
     let zeros = zero_hashes(&geometry);
     let mut worker_threads = Vec::with_capacity(workers);
+    let start = Instant::now();
+    // Nanoseconds workers spent blocked on the consumer (summed), and the
+    // end of the last worker, since `start`: the scan's busy time excludes
+    // waiting on the link.
+    let blocked_ns = Arc::new(AtomicU64::new(0));
+    let ended_ns = Arc::new(AtomicU64::new(0));
     for _ in 0..workers {
-        let brx: Arc<Mutex<StdReceiver<(u64, u64, Read)>>> = brx.clone();
+        let brx: Arc<Mutex<StdReceiver<ReadTask>>> = brx.clone();
         let otx = otx.clone();
+        let vol = vol.clone();
+        let (blocked_ns, ended_ns) = (blocked_ns.clone(), ended_ns.clone());
+        let drop_cache = opts.drop_cache;
         let work = work.clone();
         let progress = progress.clone();
         let mut zero_chunk = Bytes::new();
         worker_threads.push(std::thread::spawn(move || loop {
             let next = brx.lock().expect("not poisoned").recv();
-            let Ok((seq, first_index, read)) = next else {
+            let Ok((seq, first_index, off, len)) = next else {
+                ended_ns.fetch_max(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 return;
             };
+            let read = if vol.is_hole(off, len as u64) {
+                Read::Hole(len)
+            } else {
+                match vol.read_block(len, off) {
+                    Ok(b) => Read::Data(b),
+                    Err(e) => {
+                        let _ = otx.blocking_send(Err(e));
+                        return;
+                    }
+                }
+            };
+            if drop_cache {
+                vol.drop_cache(off, len as u64);
+            }
             // A hole is `n` bytes of zeros: neither read nor hashed.
             let (data, hole) = match read {
                 Read::Data(d) => (d, None),
@@ -202,14 +259,15 @@ where
                 index += 1;
             }
             progress.scanned(total as u64);
+            let t = Instant::now();
             if otx.blocking_send(Ok(Block { seq, items })).is_err() {
                 return;
             }
+            blocked_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }));
     }
     let reader = std::thread::spawn(move || -> Result<ScanStats> {
-        let start = Instant::now();
-        let mut waited = Duration::ZERO;
+        let mut paced = Duration::ZERO;
         let mut bytes = 0u64;
         let mut index = first;
         let mut seq = 0u64;
@@ -217,47 +275,38 @@ where
         while index < count {
             let off = index * chunk;
             let len = (geometry.size() - off).min(block) as usize;
-            let buf = if vol.is_hole(off, len as u64) {
-                Read::Hole(len)
-            } else {
-                match vol.read_block(len, off) {
-                    Ok(b) => Read::Data(b),
-                    Err(e) => {
-                        let _ = otx.blocking_send(Err(Error::Io(e.to_string())));
-                        return Err(e);
-                    }
-                }
-            };
-            if opts.drop_cache {
-                vol.drop_cache(off, len as u64);
-            }
             bytes += len as u64;
             if let Some(limit) = opts.read_limit {
                 let due = Duration::from_secs_f64(bytes as f64 / limit as f64);
                 let el = start.elapsed();
                 if due > el {
                     std::thread::sleep(due - el);
-                    waited += due - el;
+                    paced += due - el;
                 }
             }
-            let t = Instant::now();
-            if btx.send((seq, index, buf)).is_err() {
+            if btx.send((seq, index, off, len)).is_err() {
                 break;
             }
-            waited += t.elapsed();
             index += per_block;
             seq += 1;
         }
         drop(btx);
         Ok(ScanStats {
             bytes,
-            busy_s: (start.elapsed() - waited).as_secs_f64(),
+            busy_s: paced.as_secs_f64(),
         })
     });
+    let figures = ScanFigures {
+        start,
+        workers,
+        blocked_ns,
+        ended_ns,
+    };
     Scan {
         rx: orx,
         reader,
         workers: worker_threads,
+        figures,
     }
 }
 

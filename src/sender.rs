@@ -881,8 +881,7 @@ async fn stream_pass(
         root
     };
     let _ = send.finish();
-    conn.close(0u32.into(), b"pass complete");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    transport::close_session(&endpoint, &conn, b"pass complete").await;
     Ok(AttemptDone { root })
 }
 

@@ -414,6 +414,16 @@ async fn futures_all<F: std::future::Future<Output = ()>>(fs: impl Iterator<Item
     }
 }
 
+/// Closes a finished session's connection and gives the endpoint a moment
+/// to send the close. Waiting for the whole draining period (three probe
+/// timeouts: about 80 ms on loopback, far more across a continent) would add
+/// to every pass; the receiver does not need the close, since it ends a
+/// session when its protocol is done.
+pub async fn close_session(endpoint: &quinn::Endpoint, conn: &quinn::Connection, reason: &[u8]) {
+    conn.close(0u32.into(), reason);
+    let _ = tokio::time::timeout(Duration::from_millis(20), endpoint.wait_idle()).await;
+}
+
 /// A sender's connection to a receiver whose fingerprint is `expected`.
 pub async fn connect(
     id: &Identity,

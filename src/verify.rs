@@ -295,8 +295,7 @@ pub async fn forget_and_close(mut s: crate::sender::Session, ranges: &[(u64, u64
         }
     }
     let _ = s.send.finish();
-    s.conn.close(0u32.into(), b"verify complete");
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.endpoint.wait_idle()).await;
+    transport::close_session(&s.endpoint, &s.conn, b"verify complete").await;
     Ok(())
 }
 
