@@ -37,8 +37,6 @@ fn evict(path: &Path) {
 fn every_configuration_gives_an_identical_target() {
     let dir = scratch();
     let root = dir.path();
-    let sender = SenderSide::new(root, "s");
-    let rid = keygen(root, "r-id");
     let configs: Vec<(&str, Vec<&str>)> = vec![
         ("direct", vec!["--direct"]),
         ("drop-cache", vec!["--drop-cache"]),
@@ -57,7 +55,7 @@ fn every_configuration_gives_an_identical_target() {
         .iter()
         .map(|(n, p)| (n.as_str(), p.as_path()))
         .collect();
-    let rx = Receiver::start(&rid, &root.join("r-state"), &vols, &[&sender.id.fp], 0);
+    let (sender, rx) = pair(root, &vols);
     // Not a multiple of 4 KiB: the direct reader's last block is unaligned.
     let size = 12 * MIB + 5 * 4096 + 1234;
     let source = root.join("source.img");
@@ -87,16 +85,8 @@ fn direct_reads_leave_the_page_cache_alone() {
     }
     let dir = scratch();
     let root = dir.path();
-    let sender = SenderSide::new(root, "s");
-    let rid = keygen(root, "r-id");
     let (ta, tb) = (root.join("a.img"), root.join("b.img"));
-    let rx = Receiver::start(
-        &rid,
-        &root.join("r-state"),
-        &[("a", &ta), ("b", &tb)],
-        &[&sender.id.fp],
-        0,
-    );
+    let (sender, rx) = pair(root, &[("a", &ta), ("b", &tb)]);
     let size = 32 * MIB;
     let source = root.join("source.img");
     random_file(&source, size, 302);
@@ -141,16 +131,8 @@ fn direct_reads_of_a_loop_device_with_an_unaligned_size() {
     // 512-byte sectors, but not a whole number of 4 KiB blocks.
     random_file(&backing, 8 * MIB + 7 * 512, 303);
     let lo = Loop::attach(&backing);
-    let sender = SenderSide::new(root, "s");
-    let rid = keygen(root, "r-id");
     let target = root.join("target.img");
-    let rx = Receiver::start(
-        &rid,
-        &root.join("r-state"),
-        &[("v", &target)],
-        &[&sender.id.fp],
-        0,
-    );
+    let (sender, rx) = pair(root, &[("v", &target)]);
     let r = sender.run("sync", &lo.dev, &rx.dest("v"), &rx.fp, &["--direct"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(size_of(&lo.dev), 8 * MIB + 7 * 512);

@@ -196,6 +196,15 @@ impl Drop for Receiver {
     }
 }
 
+/// A sender identity `s` under `root` and a receiver (identity `r-id`,
+/// state `r-state`) exporting `volumes` to it alone.
+pub fn pair(root: &Path, volumes: &[(&str, &Path)]) -> (SenderSide, Receiver) {
+    let sender = SenderSide::new(root, "s");
+    let rid = keygen(root, "r-id");
+    let rx = Receiver::start(&rid, &root.join("r-state"), volumes, &[&sender.id.fp], 0);
+    (sender, rx)
+}
+
 /// The outcome of a nightpass command run with `--json`.
 #[derive(Debug)]
 pub struct Run {

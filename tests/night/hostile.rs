@@ -197,18 +197,10 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 fn setup(root: &Path) -> (SenderSide, Receiver, std::path::PathBuf, std::path::PathBuf) {
-    let sender = SenderSide::new(root, "s");
-    let rid = keygen(root, "r-id");
     let tv = root.join("target-v.img");
     let tw = root.join("target-w.img");
     random_file(&tv, 8 * MIB, 201);
-    let rx = Receiver::start(
-        &rid,
-        &root.join("r-state"),
-        &[("v", &tv), ("w", &tw)],
-        &[&sender.id.fp],
-        0,
-    );
+    let (sender, rx) = pair(root, &[("v", &tv), ("w", &tw)]);
     (sender, rx, tv, tw)
 }
 

@@ -156,16 +156,8 @@ struct Remote {
 fn remote(size: u64, seed: u64) -> Remote {
     let dir = scratch();
     let root = dir.path().to_owned();
-    let sender = SenderSide::new(&root, "s");
-    let rid = keygen(&root, "r-id");
     let target = root.join("target.img");
-    let rx = Receiver::start(
-        &rid,
-        &root.join("r-state"),
-        &[("v", &target)],
-        &[&sender.id.fp],
-        0,
-    );
+    let (sender, rx) = pair(&root, &[("v", &target)]);
     let source = root.join("source.img");
     random_file(&source, size, seed);
     Remote {
