@@ -96,6 +96,10 @@ pub async fn run(volume: Option<PathBuf>, size: u64, progress: Arc<dyn Progress>
             r,
             format!("{} of {}, fresh", human_bytes(bytes), v.display()),
         ));
+    } else {
+        progress.note(
+            "read: not measured; give --volume DEVICE (read only, fresh past the page cache) to see whether the disk bounds a pass",
+        );
     }
     let mut random = vec![0u8; 32 << 20];
     rand::thread_rng().fill_bytes(&mut random);
