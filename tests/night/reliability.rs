@@ -880,3 +880,39 @@ fn signals_sigterm_receiver() {
     );
     e.assert_identical("after the receiver restart");
 }
+
+/// `--retry-for` bounds each outage, not the whole pass: two outages that
+/// together outlast it, each shorter, are both ridden out. (A killed
+/// receiver is noticed at the 15 s idle timeout; a restarted one answers
+/// the reconnect.) Timeline, in seconds from the start of the pass:
+/// kill at 2 (noticed ~17, budget to ~47), restart at 20, kill at 40
+/// (noticed ~55: past the first budget), restart at 60.
+#[test]
+fn retry_for_bounds_each_outage() {
+    let mut e = Env::new();
+    random_file(&e.source, 16 * MIB, 116);
+    let bg = e.spawn_sync(&["--bwlimit", "512K", "--retry-for", "30s"]);
+    bg.expect_event("pass_start", Duration::from_secs(20));
+    let t0 = Instant::now();
+    let at = |s: u64| {
+        let due = Duration::from_secs(s);
+        if let Some(rest) = due.checked_sub(t0.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    };
+    at(2);
+    e.rx.kill9();
+    at(20);
+    e.rx.restart();
+    at(40);
+    e.rx.kill9();
+    at(60);
+    e.rx.restart();
+    let r = bg.finish(Duration::from_secs(120));
+    assert_eq!(
+        r.code, 0,
+        "two outages, each shorter than --retry-for: {}",
+        r.stderr
+    );
+    e.assert_identical("after two outages");
+}
