@@ -313,7 +313,7 @@ fn second_sender_on_a_busy_volume_is_refused() {
 fn loop_devices_as_source_and_target_and_a_mounted_target_refused() {
     if !need_root(
         "loop_devices",
-        &["losetup", "mkfs.ext4", "mount", "blockdev"],
+        &["losetup", "mkfs.ext4", "mount", "blockdev", "fsfreeze"],
     ) {
         return;
     }
@@ -363,13 +363,27 @@ fn loop_devices_as_source_and_target_and_a_mounted_target_refused() {
         .unwrap();
     let m = Loop::attach(&m_file);
     mkfs_ext4(&m.dev);
-    let _mnt = Mount::mount(&m.dev, &tmp.path().join("mnt"), "rw");
+    let mnt = tmp.path().join("mnt");
+    let _mnt = Mount::mount(&m.dev, &mnt, "rw");
+    // Frozen, so that ext4's own background work (lazy inode-table init,
+    // journal commits) cannot change the device: any change is then ours.
+    let freeze = |op: &str| {
+        let st = std::process::Command::new("fsfreeze")
+            .arg(op)
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(st.success(), "fsfreeze {op}");
+    };
+    freeze("-f");
     let before = hash_prefix(&m.dev, size * 2);
     let s = setup(&m.dev);
     let r = sync(&s, &src.dev, &[]);
+    let after = hash_prefix(&m.dev, size * 2);
+    freeze("-u");
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("in use"), "{}", r.stderr);
-    assert_eq!(hash_prefix(&m.dev, size * 2), before);
+    assert_eq!(after, before, "a refused pass changed the mounted device");
 }
 
 #[test]
