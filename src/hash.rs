@@ -1,8 +1,11 @@
-//! The read-and-hash pipeline: one reader thread doing large sequential
-//! reads, and one hashing worker per core, joined by bounded queues.
+//! The read-and-hash pipeline: a dispatcher thread handing out blocks in
+//! volume order (and pacing `--read-limit`), and one worker per core that
+//! reads and hashes them, joined by bounded queues.
 //!
-//! The reader reads blocks of `max(chunk size, 4 MiB)` into fresh buffers and
-//! hands each block to the workers; a worker cuts it into chunks (zero-copy
+//! A worker reads its block of `max(chunk size, 4 MiB)` into a fresh buffer
+//! (or, for a hole of a sparse image file, reads nothing), so the copies out
+//! of the page cache or the device spread over the cores; it cuts the block
+//! into chunks (zero-copy
 //! `Bytes` slices), hashes each with BLAKE3 (SIMD, one thread per chunk: per
 //! BLAKE3's own docs, multithreading a single hash does not pay below 128 KiB,
 //! and parallelism across blocks keeps every core busy anyway), and runs the
@@ -80,16 +83,18 @@ pub struct ScanOptions {
 pub struct ScanStats {
     /// Bytes read.
     pub bytes: u64,
-    /// Seconds the reader was busy (not waiting for workers or consumers).
+    /// Seconds the scan was busy reading and hashing: neither paced by
+    /// `--read-limit` nor waiting for the consumer (the link).
     pub busy_s: f64,
 }
 
-/// A running scan: the results and the reader's outcome.
+/// A running scan: the results and the threads producing them.
 pub struct Scan<T> {
     /// Blocks of results; an `Err` ends the stream.
     pub rx: tokio::sync::mpsc::Receiver<Result<Block<T>>>,
-    /// The reader thread.
-    pub reader: std::thread::JoinHandle<Result<ScanStats>>,
+    /// The dispatcher thread: returns the bytes handed out and the time
+    /// spent pacing them.
+    dispatcher: std::thread::JoinHandle<(u64, Duration)>,
     /// The hashing threads; they own the work closure (and what it holds).
     workers: Vec<std::thread::JoinHandle<()>>,
     figures: ScanFigures,
@@ -104,20 +109,19 @@ struct ScanFigures {
 }
 
 impl<T> Scan<T> {
-    /// Stops taking results, waits for the reader and every hashing thread
-    /// (so whatever the work closure holds is released), and returns the
-    /// reader's figures.
+    /// Stops taking results, waits for the dispatcher and every worker (so
+    /// whatever the work closure holds is released), and returns the scan's
+    /// figures.
     pub fn finish(self) -> Result<ScanStats> {
         drop(self.rx);
-        let read = self
-            .reader
+        let dispatched = self
+            .dispatcher
             .join()
-            .map_err(|_| Error::Io("reader thread panicked".into()));
+            .map_err(|_| Error::Io("block dispatcher panicked".into()));
         for w in self.workers {
             let _ = w.join();
         }
-        // The reader reports its own pacing (--read-limit) as `busy_s`.
-        let mut stats = read??;
+        let (bytes, paced) = dispatched?;
         let f = &self.figures;
         let ended = Duration::from_nanos(f.ended_ns.load(Ordering::Relaxed));
         let ended = if ended.is_zero() {
@@ -127,12 +131,11 @@ impl<T> Scan<T> {
         };
         let blocked =
             Duration::from_nanos(f.blocked_ns.load(Ordering::Relaxed) / f.workers.max(1) as u64);
-        let paced = Duration::from_secs_f64(stats.busy_s);
-        stats.busy_s = ended
-            .saturating_sub(blocked)
-            .saturating_sub(paced)
-            .as_secs_f64();
-        Ok(stats)
+        let busy = ended.saturating_sub(blocked).saturating_sub(paced);
+        Ok(ScanStats {
+            bytes,
+            busy_s: busy.as_secs_f64(),
+        })
     }
 }
 
@@ -266,7 +269,7 @@ where
             blocked_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }));
     }
-    let reader = std::thread::spawn(move || -> Result<ScanStats> {
+    let dispatcher = std::thread::spawn(move || {
         let mut paced = Duration::ZERO;
         let mut bytes = 0u64;
         let mut index = first;
@@ -291,10 +294,7 @@ where
             seq += 1;
         }
         drop(btx);
-        Ok(ScanStats {
-            bytes,
-            busy_s: paced.as_secs_f64(),
-        })
+        (bytes, paced)
     });
     let figures = ScanFigures {
         start,
@@ -304,7 +304,7 @@ where
     };
     Scan {
         rx: orx,
-        reader,
+        dispatcher,
         workers: worker_threads,
         figures,
     }

@@ -790,17 +790,9 @@ fn writer_loop(
     let mut closed = false;
     loop {
         while let Ok(reply) = table_rx.try_recv() {
-            let per = wire::HASHES_PER_PART * manifest::ENTRY_LEN;
-            for (i, piece) in manifest.table().chunks(per).enumerate() {
-                if reply.blocking_send(Bytes::copy_from_slice(piece)).is_err() {
-                    break;
-                }
-                // Keep the map's resident pages bounded (64 pieces: 32 MiB).
-                if i % 64 == 63 {
-                    manifest.release_pages();
-                }
-            }
-            manifest.release_pages();
+            manifest.for_each_piece(wire::HASHES_PER_PART, |piece| {
+                reply.blocking_send(Bytes::copy_from_slice(piece)).is_ok()
+            });
         }
         let timeout = if batch.is_empty() {
             Duration::from_millis(50)

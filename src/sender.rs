@@ -292,9 +292,7 @@ async fn fetch_table(s: &mut Session, into: &mut ManifestFile) -> Result<Hash> {
                         "receiver sent a manifest part out of order or outside the volume".into(),
                     ));
                 }
-                for (i, h) in run.hashes.chunks_exact(manifest::ENTRY_LEN).enumerate() {
-                    into.set(next + i as u64, h.try_into().expect("32 bytes"));
-                }
+                into.set_run(next, &run.hashes);
                 root.update(&run.hashes);
                 next += n;
                 if run.last {

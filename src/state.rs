@@ -230,10 +230,31 @@ impl ManifestFile {
         manifest::set_entry(&mut self.map[HEADER_LEN..], index, hash);
     }
 
-    /// Replaces the whole table (the sender adopting the receiver's view).
+    /// Replaces the whole table (a receiver's table rebuilt from its target).
     pub fn replace_table(&mut self, table: &[u8]) {
         self.map[HEADER_LEN..].copy_from_slice(table);
         self.release_pages();
+    }
+
+    /// Sets the entries from `first` on to the 32-byte hashes in `run`.
+    pub fn set_run(&mut self, first: u64, run: &[u8]) {
+        let n = (run.len() / manifest::ENTRY_LEN) as u64;
+        let at = HEADER_LEN + first as usize * manifest::ENTRY_LEN;
+        self.map[at..at + run.len()].copy_from_slice(run);
+        self.touch(n);
+    }
+
+    /// Calls `f` on the table in pieces of `entries` entries, in order,
+    /// until it returns false; the pages read are counted like any other
+    /// access, so a whole-table walk keeps the resident set bounded.
+    pub fn for_each_piece(&self, entries: usize, mut f: impl FnMut(&[u8]) -> bool) {
+        for p in self.table().chunks(entries * manifest::ENTRY_LEN) {
+            let go = f(p);
+            self.touch((p.len() / manifest::ENTRY_LEN) as u64);
+            if !go {
+                break;
+            }
+        }
     }
 
     fn touch(&self, n: u64) {
@@ -267,13 +288,10 @@ impl ManifestFile {
     /// Root hash of the table as it is now.
     pub fn current_root(&self) -> Hash {
         let mut h = manifest::RootHasher::new(&self.header.geometry);
-        for p in self
-            .table()
-            .chunks(PIECE_ENTRIES as usize * manifest::ENTRY_LEN)
-        {
+        self.for_each_piece(PIECE_ENTRIES as usize, |p| {
             h.update(p);
-            self.touch(PIECE_ENTRIES);
-        }
+            true
+        });
         h.finalize()
     }
 

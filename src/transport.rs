@@ -138,7 +138,46 @@ fn provider() -> Arc<CryptoProvider> {
 struct PinnedServer {
     expected: String,
     seen: Arc<Mutex<Option<String>>>,
-    provider: Arc<CryptoProvider>,
+    signatures: Signatures,
+}
+
+/// Handshake signature checks, the same on both sides: only the peer's
+/// fingerprint is pinned; its signatures are checked as TLS requires.
+#[derive(Debug)]
+struct Signatures(Arc<CryptoProvider>);
+
+impl Signatures {
+    fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 impl ServerCertVerifier for PinnedServer {
@@ -168,12 +207,7 @@ impl ServerCertVerifier for PinnedServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -182,18 +216,11 @@ impl ServerCertVerifier for PinnedServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.schemes()
     }
 }
 
@@ -201,7 +228,7 @@ impl ServerCertVerifier for PinnedServer {
 #[derive(Debug)]
 struct AllowedClients {
     allowed: HashSet<String>,
-    provider: Arc<CryptoProvider>,
+    signatures: Signatures,
 }
 
 impl ClientCertVerifier for AllowedClients {
@@ -232,12 +259,7 @@ impl ClientCertVerifier for AllowedClients {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -246,18 +268,11 @@ impl ClientCertVerifier for AllowedClients {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.schemes()
     }
 }
 
@@ -319,7 +334,7 @@ pub fn server_endpoint(
     let provider = provider();
     let verifier = Arc::new(AllowedClients {
         allowed,
-        provider: provider.clone(),
+        signatures: Signatures(provider.clone()),
     });
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -404,14 +419,12 @@ pub async fn close_clients(reason: &str, limit: Duration) {
     for ep in &clients {
         ep.close(quinn::VarInt::from_u32(4), reason.as_bytes());
     }
-    let idle = futures_all(clients.iter().map(|e| e.wait_idle()));
+    let idle = async {
+        for ep in &clients {
+            ep.wait_idle().await;
+        }
+    };
     let _ = tokio::time::timeout(limit, idle).await;
-}
-
-async fn futures_all<F: std::future::Future<Output = ()>>(fs: impl Iterator<Item = F>) {
-    for f in fs {
-        f.await;
-    }
 }
 
 /// Closes a finished session's connection and gives the endpoint a moment
@@ -436,7 +449,7 @@ pub async fn connect(
     let verifier = Arc::new(PinnedServer {
         expected: expected.to_string(),
         seen: seen.clone(),
-        provider: provider.clone(),
+        signatures: Signatures(provider.clone()),
     });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])

@@ -55,6 +55,28 @@ pub struct Comparison {
 }
 
 impl Comparison {
+    /// Compares two tables of chunk hashes over the common extent
+    /// `geometry`, noting whether the sizes differ in a way that matters
+    /// (see [`size_defect`]).
+    fn of(
+        geometry: &Geometry,
+        ours: &[u8],
+        theirs: &[u8],
+        source_size: u64,
+        target_size: u64,
+        target_is_block: bool,
+    ) -> Comparison {
+        let (mismatched, ranges) = compare(geometry, ours, theirs);
+        Comparison {
+            source_size,
+            target_size,
+            chunk_size: geometry.chunk_size().bytes(),
+            mismatched,
+            ranges,
+            size_defect: size_defect(source_size, target_size, target_is_block),
+        }
+    }
+
     /// True when the target is a faithful copy.
     pub fn identical(&self) -> bool {
         self.mismatched.is_empty() && !self.size_defect
@@ -196,15 +218,7 @@ pub fn verify_local(
     let b = t
         .join()
         .map_err(|_| Error::Io("target reader panicked".into()))??;
-    let (mismatched, ranges) = compare(&geometry, &a, &b);
-    Ok(Comparison {
-        source_size: ssize,
-        target_size: tsize,
-        chunk_size: chunk.bytes(),
-        mismatched,
-        ranges,
-        size_defect: size_defect(ssize, tsize, tblock),
-    })
+    Ok(Comparison::of(&geometry, &a, &b, ssize, tsize, tblock))
 }
 
 /// Opens a verify session: the receiver starts reading and hashing its
@@ -319,18 +333,10 @@ async fn verify_remote(
     let ours = ours
         .await
         .map_err(|_| Error::Io("source reader failed".into()))??;
-    let (mismatched, ranges) = compare(&geometry, &ours, &theirs);
-    let tsize = session.welcome.target_size;
-    let is_block = session.welcome.target_is_block;
-    forget_and_close(session, &ranges).await?;
-    Ok(Comparison {
-        source_size: ssize,
-        target_size: tsize,
-        chunk_size: chunk.bytes(),
-        mismatched,
-        ranges,
-        size_defect: size_defect(ssize, tsize, is_block),
-    })
+    let (tsize, is_block) = (session.welcome.target_size, session.welcome.target_is_block);
+    let c = Comparison::of(&geometry, &ours, &theirs, ssize, tsize, is_block);
+    forget_and_close(session, &c.ranges).await?;
+    Ok(c)
 }
 
 #[cfg(test)]
