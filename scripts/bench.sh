@@ -38,20 +38,9 @@ set -euo pipefail
 
 SIZE=${SIZE:-2G}
 SEED=${SEED:-1}
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BIN="$ROOT/target/release/nightpass"
-
-die() {
-    echo "bench.sh: $*" >&2
-    exit 2
-}
-
-if [[ ${NO_BUILD:-0} != 1 ]]; then
-    echo "== cargo build --release" >&2
-    (cd "$ROOT" && cargo build --release) || die "cargo build --release failed"
-fi
-[[ -x $BIN ]] || die "$BIN is missing"
-command -v python3 >/dev/null || die "python3 is needed"
+NAME=bench.sh
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [[ ! -x /usr/bin/time ]]; then
     echo "== installing GNU time (apt package 'time') for peak RSS" >&2
     { apt-get install -y time >/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y time >/dev/null 2>&1; }; } ||
@@ -120,17 +109,7 @@ SFP=$("$BIN" keygen --identity "$WORK/sid")
     --volume "bw=$WORK/bw.img" --volume "rl=$WORK/rl.img" --volume "sparse=$WORK/sparse-target.img" \
     --identity "$WORK/rid" --state-dir "$WORK/rstate" 2>"$WORK/serve.err" &
 RPID=$!
-LINE=""
-for _ in $(seq 100); do
-    LINE=$(head -n 1 "$WORK/serve.err" 2>/dev/null || true)
-    [[ $LINE =~ ^listening\ on\ .*\ fingerprint\ [^[:space:]]+$ ]] && [[ $(wc -l <"$WORK/serve.err") -ge 1 ]] && break
-    kill -0 "$RPID" 2>/dev/null || { cat "$WORK/serve.err" >&2; die "receiver exited at start"; }
-    sleep 0.1
-done
-[[ $LINE =~ ^listening\ on\ 127\.0\.0\.1:([0-9]+)\ fingerprint\ ([^[:space:]]+) ]] ||
-    { cat "$WORK/serve.err" >&2; die "no 'listening on ADDR fingerprint FP' line from the receiver: '$LINE'"; }
-PORT=${BASH_REMATCH[1]}
-RFP=${BASH_REMATCH[2]}
+wait_listening "$RPID" "$WORK/serve.err"
 DEST=127.0.0.1:$PORT/v
 echo "== receiver pid $RPID on $DEST, fingerprint $RFP" >&2
 
@@ -260,7 +239,6 @@ os.close(fd)
 PY
 pass direct "$IMAGE" v --direct
 CACHED=$(fincore --bytes --noheadings --output RES "$IMAGE" 2>/dev/null || echo -1)
-DIRECT_WALL=$WALL
 cat_to_null "$IMAGE"
 
 echo "== sparse 1 TiB image file" >&2

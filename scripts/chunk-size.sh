@@ -26,20 +26,9 @@ SIZE=${SIZE:-1G}
 FS_SIZE=${FS_SIZE:-1G}
 SIZES=${SIZES:-16K 64K 256K 1M}
 SEED=${SEED:-1}
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BIN="$ROOT/target/release/nightpass"
-
-die() {
-    echo "chunk-size.sh: $*" >&2
-    exit 2
-}
-
-if [[ ${NO_BUILD:-0} != 1 ]]; then
-    echo "== cargo build --release" >&2
-    (cd "$ROOT" && cargo build --release) || die "cargo build --release failed"
-fi
-[[ -x $BIN ]] || die "$BIN is missing"
-command -v python3 >/dev/null || die "python3 is needed"
+NAME=chunk-size.sh
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 WORK=$(mktemp -d "${WORKDIR:-/tmp}/nightpass-chunks.XXXXXX")
 RPID=""
@@ -76,21 +65,13 @@ SFP=$("$BIN" keygen --identity "$WORK/sid")
 # start_receiver DIR : a fresh receiver exporting v=DIR/target.img with its
 # own state; sets RPID, DEST, RFP
 start_receiver() {
-    local dir=$1 line=""
+    local dir=$1
     mkdir -p "$dir"
     "$BIN" serve --listen 127.0.0.1:0 --volume "v=$dir/target.img" --allow "$SFP" \
         --identity "$WORK/rid" --state-dir "$dir/rstate" 2>"$dir/serve.err" &
     RPID=$!
-    for _ in $(seq 100); do
-        line=$(head -n 1 "$dir/serve.err" 2>/dev/null || true)
-        [[ $line =~ ^listening\ on\ .*\ fingerprint\ [^[:space:]]+$ ]] && [[ $(wc -l <"$dir/serve.err") -ge 1 ]] && break
-        kill -0 "$RPID" 2>/dev/null || { cat "$dir/serve.err" >&2; die "receiver exited at start"; }
-        sleep 0.1
-    done
-    [[ $line =~ ^listening\ on\ 127\.0\.0\.1:([0-9]+)\ fingerprint\ ([^[:space:]]+) ]] ||
-        { cat "$dir/serve.err" >&2; die "no 'listening on' line from the receiver: '$line'"; }
-    DEST=127.0.0.1:${BASH_REMATCH[1]}/v
-    RFP=${BASH_REMATCH[2]}
+    wait_listening "$RPID" "$dir/serve.err"
+    DEST=127.0.0.1:$PORT/v
 }
 
 # pass DIR NAME SOURCE [ARGS...] : one sync pass into DIR, must succeed;
