@@ -6,6 +6,7 @@
 # the time of one fresh `cat` of the volume.
 #
 #   sudo scripts/cutover-figures.sh            # SIZE=1G WRITE_KBPS=2048 WINDOW=60s
+#   JOURNAL_OUT=/tmp/j.jsonl keeps the sender's pass journal
 set -euo pipefail
 SIZE=${SIZE:-1G}
 WRITE_KBPS=${WRITE_KBPS:-2048}
@@ -76,6 +77,7 @@ set -e
 echo "== cutover --fsfreeze"
 $B cutover "$LOOP" "127.0.0.1:$PORT/v" --fsfreeze "$W/mnt" "${common[@]}" > "$W/cutover.json"
 kill "$WPID"; WPID=
+[ -z "${JOURNAL_OUT:-}" ] || find "$W/sstate" -name journal.jsonl -exec cp {} "$JOURNAL_OUT" \;
 sync
 blockdev --flushbufs "$LOOP"
 echo 1 > /proc/sys/vm/drop_caches

@@ -117,6 +117,7 @@ pub fn sync_config(args: &SyncArgs, kind: &'static str) -> Result<SyncConfig> {
         kind,
         read_from: None,
         retry_for: args.retry_for,
+        proof_read: false,
     })
 }
 

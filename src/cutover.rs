@@ -10,11 +10,17 @@
 //! again once the pass is durable; any that still differ are forgotten,
 //! resent from the frozen source and checked again. So the freeze lasts
 //! about one read of the volume plus the changed data, not two reads.
+//!
+//! `converge` runs every pass after a volume's first as a rehearsal of the
+//! frozen one, with the receiver reading its target alongside (the tables
+//! are not compared: the source is live), so the read rates the forecast
+//! takes are those of the cutover's pass, where the proof's read slows the
+//! scan (both ends sharing CPUs or disks) included.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nightpass_proto::chunk::ChunkSize;
+use nightpass_proto::chunk::{ChunkSize, Geometry};
 use nightpass_proto::wire::{self, control::Msg, Mode};
 use serde_json::json;
 
@@ -70,15 +76,35 @@ pub async fn converge(
     let window = cc.window.as_secs_f64();
     let mut changed: Vec<u64> = Vec::new();
     let mut last: Option<PassEnd> = None;
+    let journal = target_dir(&cfg.state_dir, &cfg.dest).join("journal.jsonl");
     for n in 1..=cc.max_passes {
         if n > 1 && !cc.interval.is_zero() {
             tokio::time::sleep(cc.interval).await;
         }
-        let end = sender::run_pass(cfg, id, progress.clone()).await?;
+        // The first pass of a volume copies everything: reading the target
+        // alongside would only slow it, and it measures no read rate.
+        let copied_before = state::read_journal(&journal)
+            .iter()
+            .any(|r| r["event"] == "pass");
+        let end = if copied_before {
+            rehearsal_pass(cfg, id, progress.clone()).await?
+        } else {
+            sender::run_pass(cfg, id, progress.clone()).await?
+        };
         if end.start.pass > 1 {
             changed.push(end.changed_bytes);
         }
         let fits = end.forecast_final_pass_s.map(|f| f * cc.margin <= window);
+        let settled = nightpass_proto::plan::read_rate_settled(
+            &journal_figures(&state::read_journal(&journal)).passes,
+        );
+        if fits == Some(true) && !settled && n < cc.max_passes {
+            progress.note(
+                "the forecast fits the window, but rests on one pass's read rate (or two that disagree by more than 10%): one more pass to confirm it",
+            );
+            last = Some(end);
+            continue;
+        }
         if fits == Some(true) {
             let f = end.forecast_final_pass_s.unwrap_or(0.0);
             progress.event(
@@ -133,16 +159,16 @@ pub struct CutoverConfig {
 /// Rounds of repair before a cutover gives up.
 const REPAIR_ROUNDS: usize = 3;
 
-/// The frozen pass and its proof; returns the final pass.
-async fn frozen_pass(
+/// One pass while the receiver reads its whole target fresh in a parallel
+/// verify session, as the proof of a cutover does. Returns the pass, the
+/// source's chunk table as the pass read it (when `collect`), the target's
+/// table as the receiver read it, and the geometry of that table.
+async fn pass_with_target_read(
     cfg: &SyncConfig,
     id: &Identity,
     progress: Arc<dyn Progress>,
-    prove: bool,
-) -> Result<PassEnd> {
-    if !prove {
-        return sender::run_pass(cfg, id, progress).await;
-    }
+    collect: bool,
+) -> Result<(PassEnd, Vec<u8>, Vec<u8>, Geometry)> {
     let size =
         crate::device::Volume::open_source(cfg.read_from.as_deref().unwrap_or(&cfg.source))?.size();
     let chunk = match ManifestFile::open(&target_dir(&cfg.state_dir, &cfg.dest).join("manifest"))? {
@@ -152,23 +178,56 @@ async fn frozen_pass(
     let fp = cfg.server_fingerprint.as_str();
     let (mut vs, geometry) =
         open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, Vec::new()).await?;
-    let (theirs, pass) = tokio::try_join!(
+    let mut with_read = cfg.clone();
+    with_read.proof_read = true;
+    let (theirs, (end, ours)) = tokio::try_join!(
         receive_hashes(&mut vs, &geometry),
-        sender::run_pass_collecting(cfg, id, progress.clone(), true)
+        sender::run_pass_collecting(&with_read, id, progress.clone(), collect)
     )?;
     forget_and_close(vs, &[]).await?;
-    let (mut end, ours) = (pass.0, pass.1.unwrap_or_default());
     if end.start.chunk_size != chunk.bytes() || geometry.size() != size {
         return Err(Error::Io(
             "the proof's geometry does not match the pass".into(),
         ));
     }
+    Ok((end, ours.unwrap_or_default(), theirs, geometry))
+}
+
+/// A daytime pass run the way the cutover's pass will run (the receiver
+/// reading its target alongside), so that the forecast measures the
+/// frozen pass's real read rate.
+async fn rehearsal_pass(
+    cfg: &SyncConfig,
+    id: &Identity,
+    progress: Arc<dyn Progress>,
+) -> Result<PassEnd> {
+    Ok(pass_with_target_read(cfg, id, progress, false).await?.0)
+}
+
+/// The frozen pass and its proof; returns the final pass and the seconds
+/// spent in passes (the first, and any repairs).
+async fn frozen_pass(
+    cfg: &SyncConfig,
+    id: &Identity,
+    progress: Arc<dyn Progress>,
+    prove: bool,
+) -> Result<(PassEnd, f64)> {
+    if !prove {
+        let end = sender::run_pass(cfg, id, progress).await?;
+        let d = end.duration_s;
+        return Ok((end, d));
+    }
+    let (mut end, mut ours, theirs, geometry) =
+        pass_with_target_read(cfg, id, progress.clone(), true).await?;
+    let mut passes_s = end.duration_s;
+    let chunk = geometry.chunk_size();
+    let size = geometry.size();
+    let fp = cfg.server_fingerprint.as_str();
     let (_, mut suspects) = compare(&geometry, &ours, &theirs);
-    let mut ours = ours;
     for round in 0..=REPAIR_ROUNDS {
         if suspects.is_empty() {
             progress.note("proof: the target matches the frozen source, chunk for chunk, by fresh reads on both sides");
-            return Ok(end);
+            return Ok((end, passes_s));
         }
         let flat: Vec<u64> = suspects.iter().flat_map(|&(o, l)| [o, l]).collect();
         let (mut s2, g2) = open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, flat).await?;
@@ -199,6 +258,7 @@ async fn frozen_pass(
             round + 1
         ));
         let (e, t) = sender::run_pass_collecting(cfg, id, progress.clone(), true).await?;
+        passes_s += e.duration_s;
         end = e;
         ours = t.unwrap_or_default();
         suspects = still_ranges;
@@ -247,7 +307,10 @@ pub async fn cutover(
         now_unix(),
     );
     match forecast {
-        Some(f) => progress.note(&format!("forecast of the frozen pass: {:.1} s", f.total_s)),
+        Some(f) => progress.note(&format!(
+            "forecast of the frozen pass: {:.2} s (scan {:.2} s, send {:.2} s, pass overhead {:.2} s, freeze overhead {:.2} s)",
+            f.total_s, f.scan_s, f.send_s, f.pass_overhead_s, f.freeze_overhead_s
+        )),
         None => progress
             .note("no forecast: fewer than two passes recorded; the frozen pass may be long"),
     }
@@ -280,7 +343,7 @@ pub async fn cutover(
         .await
         .map_err(|_| Error::Io("thaw task failed".into()))?;
     progress.note(&format!("source thawed after {frozen_s:.2} s frozen"));
-    let end = result?;
+    let (end, passes_s) = result?;
     thawed?;
     let record = json!({
         "event": "cutover",
@@ -288,6 +351,7 @@ pub async fn cutover(
         "consistency_point": end.root,
         "freeze_unix_s": freeze_unix,
         "frozen_s": frozen_s,
+        "passes_s": passes_s,
         "method": cc.method.name(),
         "proved": cc.prove,
         "forecast_s": forecast.map(|f| f.total_s),

@@ -184,6 +184,7 @@ impl LocalPair {
             kind,
             read_from: None,
             retry_for: std::time::Duration::ZERO,
+            proof_read: false,
         }
     }
 

@@ -171,7 +171,7 @@ pub fn have_tool(tool: &str) -> bool {
 impl FreezeGuard {
     /// Freezes `source` by `method`.
     pub fn freeze(method: &Method, source: &Path) -> Result<FreezeGuard> {
-        let since = Instant::now();
+        let mut since = Instant::now();
         let (undo, read_from) = match method {
             Method::AssumeFrozen => (Undo::Nothing, source.to_owned()),
             Method::Hooks { pre, post } => {
@@ -189,6 +189,12 @@ impl FreezeGuard {
                 let dir = std::fs::File::open(mp).map_err(|e| {
                     Error::input(format!("cannot open mount point {}: {e}", mp.display()))
                 })?;
+                // Write back what is dirty while writers still run, so that
+                // FIFREEZE (which blocks writers, then flushes) has little
+                // left to flush: the frozen time starts at the ioctl.
+                nix::unistd::syncfs(dir.as_raw_fd())
+                    .map_err(|e| Error::Io(format!("syncfs of {} failed: {e}", mp.display())))?;
+                since = Instant::now();
                 let mut arg: libc::c_int = 0;
                 // SAFETY: FIFREEZE on a valid directory descriptor; the int
                 // argument points at a live local.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use nightpass_proto::chunk::{ChunkSize, Geometry};
 use nightpass_proto::manifest::{self, Hash, Summary};
-use nightpass_proto::plan::{self, CompressPolicy, PassFigures};
+use nightpass_proto::plan::{self, CompressPolicy, CutoverFigures, History, PassFigures};
 use nightpass_proto::wire::{self, control::Msg, Encoding, Mode};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -59,6 +59,9 @@ pub struct SyncConfig {
     pub read_from: Option<PathBuf>,
     /// How long to keep reconnecting after the link is lost (0 = fail at once).
     pub retry_for: Duration,
+    /// The receiver reads its whole target while this pass runs (the proof
+    /// of a cutover, or a rehearsal of it); journaled for the forecast.
+    pub proof_read: bool,
 }
 
 /// One chunk leaving on a data stream.
@@ -159,22 +162,31 @@ pub fn target_dir(state_dir: &std::path::Path, dest: &RemoteVolume) -> PathBuf {
         .join(state::key_for(&dest.to_string()))
 }
 
-/// The journal's pass records as forecast inputs, oldest first.
-pub fn journal_figures(records: &[serde_json::Value]) -> Vec<PassFigures> {
-    records
-        .iter()
-        .filter(|r| r["event"] == "pass")
-        .map(|r| PassFigures {
-            start_unix_s: r["start_unix_s"].as_f64().unwrap_or(0.0),
-            duration_s: r["duration_s"].as_f64().unwrap_or(0.0),
-            size_bytes: r["size_bytes"].as_u64().unwrap_or(0),
-            scanned_bytes: r["scanned_bytes"].as_u64().unwrap_or(0),
-            changed_chunks: r["changed_chunks"].as_u64().unwrap_or(0),
-            changed_bytes: r["changed_bytes"].as_u64().unwrap_or(0),
-            read_busy_s: r["read_busy_s"].as_f64().unwrap_or(0.0),
-            first: r["first"].as_bool().unwrap_or(false),
-        })
-        .collect()
+/// The journal's pass and cutover records as forecast inputs, oldest first.
+pub fn journal_figures(records: &[serde_json::Value]) -> History {
+    let mut h = History::default();
+    for r in records {
+        if r["event"] == "pass" {
+            h.passes.push(PassFigures {
+                start_unix_s: r["start_unix_s"].as_f64().unwrap_or(0.0),
+                duration_s: r["duration_s"].as_f64().unwrap_or(0.0),
+                size_bytes: r["size_bytes"].as_u64().unwrap_or(0),
+                scanned_bytes: r["scanned_bytes"].as_u64().unwrap_or(0),
+                changed_chunks: r["changed_chunks"].as_u64().unwrap_or(0),
+                changed_bytes: r["changed_bytes"].as_u64().unwrap_or(0),
+                read_busy_s: r["read_busy_s"].as_f64().unwrap_or(0.0),
+                first: r["first"].as_bool().unwrap_or(false),
+            });
+        } else if r["event"] == "cutover" {
+            // Older records lack the time spent in passes: no measurement.
+            if let (Some(frozen_s), Some(passes_s)) =
+                (r["frozen_s"].as_f64(), r["passes_s"].as_f64())
+            {
+                h.cutovers.push(CutoverFigures { frozen_s, passes_s });
+            }
+        }
+    }
+    h
 }
 
 fn parse_summary(w: Option<wire::WireSummary>) -> Result<Summary> {
@@ -640,6 +652,7 @@ pub async fn run_pass_collecting(
         "volume": cfg.dest.to_string(),
         "pass": pass_no,
         "first": pass_no == 1,
+        "proof_read": cfg.proof_read,
         "attempts": attempt,
         "start_unix_s": start_unix,
         "duration_s": duration_s,
@@ -926,12 +939,14 @@ pub fn status(
         }
         text.push_str(&match forecast {
             Some(f) => format!(
-                "  forecast of a frozen final pass now: {:.1} s (scan {:.1} s, send {:.1} s of {} changed at {}/s)",
+                "  forecast of a frozen final pass now: {:.1} s (scan {:.1} s, send {:.1} s of {} changed at {}/s; overheads: pass {:.2} s, freeze {:.2} s)",
                 f.total_s,
                 f.scan_s,
                 f.send_s,
                 crate::progress::human_bytes(f.pending_bytes as u64),
-                crate::progress::human_bytes(f.change_rate_bps as u64)
+                crate::progress::human_bytes(f.change_rate_bps as u64),
+                f.pass_overhead_s,
+                f.freeze_overhead_s
             ),
             None => "  forecast: needs at least two passes".into(),
         });

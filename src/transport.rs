@@ -430,11 +430,13 @@ pub async fn close_clients(reason: &str, limit: Duration) {
 /// Closes a finished session's connection and gives the endpoint a moment
 /// to send the close. Waiting for the whole draining period (three probe
 /// timeouts: about 80 ms on loopback, far more across a continent) would add
-/// to every pass; the receiver does not need the close, since it ends a
-/// session when its protocol is done.
+/// to every pass (and to the frozen time of a cutover, which closes three
+/// sessions); the receiver does not need the close, since it ends a session
+/// when its protocol is done. A few milliseconds let the connection's driver
+/// task put the CONNECTION_CLOSE on the wire.
 pub async fn close_session(endpoint: &quinn::Endpoint, conn: &quinn::Connection, reason: &[u8]) {
     conn.close(0u32.into(), reason);
-    let _ = tokio::time::timeout(Duration::from_millis(20), endpoint.wait_idle()).await;
+    let _ = tokio::time::timeout(Duration::from_millis(3), endpoint.wait_idle()).await;
 }
 
 /// A sender's connection to a receiver whose fingerprint is `expected`.

@@ -3,25 +3,46 @@
 //! final pass from the pass journal.
 //!
 //! # The forecast model
-//! A frozen final pass must (a) read the whole volume once, (b) send what
-//! changed since the last pass, (c) pay a fixed overhead (connection, final
-//! commit). So, from the journal's recent passes:
+//! A frozen final pass must (a) read the whole volume once while the
+//! receiver reads its whole target for the proof, (b) send what changed
+//! since the last pass, (c) pay the fixed cost of a pass (connection,
+//! final durable commit) and (d) pay the cost of the freeze itself (the
+//! freeze's own flush, the proof's sessions and its re-check of the chunks
+//! the pass rewrote, the thaw). Every term is measured, from the journal's
+//! recent passes and cutovers ("recent": the last 3; the first pass of a
+//! volume copies everything and measures neither reading nor overhead):
 //!
 //! ```text
-//! scan_s    = volume_size / read_rate            read_rate: bytes read per second the reader was busy, last pass
-//! change_r  = mean over the last 3 delta passes of changed_bytes_k / (start_k - start_{k-1})
-//! pending   = change_r * (now - start_last)      data written since the last pass began reading
-//! send_s    = pending / send_rate                send_rate: changed bytes per second of the passes that moved data
-//! forecast  = max(scan_s, send_s) + OVERHEAD_S   reading and sending overlap in the pipeline
+//! read_rate = median over recent delta passes of scanned / read_busy   bytes per second the reader was busy
+//! scan_s    = size / read_rate
+//! change_r  = mean over recent delta passes of changed_bytes_k / (start_k - start_{k-1})
+//! pending   = change_r * (now - start_last)       data written since the last pass began reading
+//! send_rate = best changed_bytes / duration of the passes that moved data
+//! send_s    = pending / send_rate
+//! pass_oh   = median over recent delta passes of max(0, duration - max(read_busy, changed / send_rate))
+//! freeze_oh = median over recent cutovers of max(0, frozen_s - their passes' duration),
+//!             else DEFAULT_FREEZE_OVERHEAD_S
+//! forecast  = max(scan_s, send_s) + pass_oh + freeze_oh   reading and sending overlap in the pipeline
 //! ```
-//! With fewer than two passes there is no change rate, and no forecast.
+//! Medians, because a pass's speed on a shared machine varies from one pass
+//! to the next by more than the model's other terms. With fewer than two
+//! passes there is no change rate, and no forecast.
+//!
+//! `converge` runs its passes after the first as rehearsals of the frozen
+//! pass (the receiver reads its target alongside, as for the proof), so the
+//! read rates measured are those of the cutover's pass, contention included.
 
 use crate::chunk::Geometry;
 
-/// Fixed cost of a pass beyond reading and sending: connection, handshake,
-/// final durable commit. Measured on loopback at well under a second; kept
-/// conservative.
-pub const OVERHEAD_S: f64 = 1.0;
+/// Cost of the freeze beyond the pass, before any cutover of the volume has
+/// measured its own: the freeze's flush (after a `syncfs` while writers
+/// still run), the proof's two verify sessions, the re-check of the chunks
+/// the pass rewrote after the receiver's read of them. Measured with
+/// `scripts/cutover-figures.sh` on loopback at 0.09 to 0.11 s.
+pub const DEFAULT_FREEZE_OVERHEAD_S: f64 = 0.1;
+
+/// How many recent passes or cutovers a measured term is taken over.
+const RECENT: usize = 3;
 
 /// Decides whether to spend CPU on compressing the next chunk.
 ///
@@ -122,6 +143,24 @@ pub struct PassFigures {
     pub first: bool,
 }
 
+/// The figures of one finished cutover, as the journal keeps them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CutoverFigures {
+    /// Seconds the source was frozen.
+    pub frozen_s: f64,
+    /// Seconds of that spent in the cutover's passes.
+    pub passes_s: f64,
+}
+
+/// A volume's journal as forecast inputs, oldest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct History {
+    /// Every pass.
+    pub passes: Vec<PassFigures>,
+    /// Every finished cutover.
+    pub cutovers: Vec<CutoverFigures>,
+}
+
 /// A forecast of a frozen final pass, with its parts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Forecast {
@@ -135,15 +174,49 @@ pub struct Forecast {
     pub pending_bytes: f64,
     /// Measured change rate in bytes per second.
     pub change_rate_bps: f64,
+    /// Fixed cost of a pass.
+    pub pass_overhead_s: f64,
+    /// Cost of the freeze beyond its passes.
+    pub freeze_overhead_s: f64,
 }
 
-/// Forecasts a frozen final pass run at `now_unix_s`, from passes oldest first.
-pub fn forecast(passes: &[PassFigures], now_unix_s: f64) -> Option<Forecast> {
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn recent(v: Vec<f64>) -> Vec<f64> {
+    let skip = v.len().saturating_sub(RECENT);
+    v.into_iter().skip(skip).collect()
+}
+
+impl PassFigures {
+    fn read_rate(&self) -> f64 {
+        self.scanned_bytes as f64 / self.read_busy_s.max(1e-3)
+    }
+}
+
+/// Forecasts a frozen final pass run at `now_unix_s` (see the module docs).
+pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
+    let passes = &history.passes;
     let last = passes.last()?;
-    let read_rate = last.scanned_bytes as f64 / last.read_busy_s.max(1e-3);
     if last.scanned_bytes == 0 && last.size_bytes > 0 {
         return None;
     }
+    let read_rates: Vec<f64> = passes
+        .iter()
+        .filter(|p| !p.first && p.scanned_bytes > 0)
+        .map(PassFigures::read_rate)
+        .collect();
+    let read_rate = median(recent(read_rates)).unwrap_or_else(|| last.read_rate());
     let scan_s = if last.size_bytes == 0 {
         0.0
     } else {
@@ -157,11 +230,11 @@ pub fn forecast(passes: &[PassFigures], now_unix_s: f64) -> Option<Forecast> {
             w[1].changed_bytes as f64 / dt
         })
         .collect();
-    let recent = &rates[rates.len().saturating_sub(3)..];
-    if recent.is_empty() {
+    let rates = recent(rates);
+    if rates.is_empty() {
         return None;
     }
-    let change_rate = recent.iter().sum::<f64>() / recent.len() as f64;
+    let change_rate = rates.iter().sum::<f64>() / rates.len() as f64;
     let pending = change_rate * (now_unix_s - last.start_unix_s).max(0.0);
     let send_rate = passes
         .iter()
@@ -175,13 +248,51 @@ pub fn forecast(passes: &[PassFigures], now_unix_s: f64) -> Option<Forecast> {
     } else {
         f64::INFINITY
     };
+    let residuals: Vec<f64> = passes
+        .iter()
+        .filter(|p| !p.first)
+        .map(|p| {
+            let sending = if send_rate > 0.0 {
+                p.changed_bytes as f64 / send_rate
+            } else {
+                0.0
+            };
+            (p.duration_s - p.read_busy_s.max(sending)).max(0.0)
+        })
+        .collect();
+    let pass_overhead_s = median(recent(residuals)).unwrap_or(0.0);
+    let freezes: Vec<f64> = history
+        .cutovers
+        .iter()
+        .map(|c| (c.frozen_s - c.passes_s).max(0.0))
+        .collect();
+    let freeze_overhead_s = median(recent(freezes)).unwrap_or(DEFAULT_FREEZE_OVERHEAD_S);
     Some(Forecast {
-        total_s: scan_s.max(send_s) + OVERHEAD_S,
+        total_s: scan_s.max(send_s) + pass_overhead_s + freeze_overhead_s,
         scan_s,
         send_s,
         pending_bytes: pending,
         change_rate_bps: change_rate,
+        pass_overhead_s,
+        freeze_overhead_s,
     })
+}
+
+/// True when the journal's read rate can be trusted for a go/no-go: at
+/// least two delta passes, and either three or more, whose median shrugs off
+/// one pass slowed by something else on the machine, or the last two
+/// reading within 10% of each other.
+pub fn read_rate_settled(passes: &[PassFigures]) -> bool {
+    let rates: Vec<f64> = passes
+        .iter()
+        .filter(|p| !p.first && p.scanned_bytes > 0)
+        .map(PassFigures::read_rate)
+        .collect();
+    match rates.as_slice() {
+        [] | [_] => false,
+        [a, b] => (a - b).abs() <= 0.1 * a.max(*b),
+        _ => true,
+    }
 }
 
 #[cfg(test)]
@@ -231,10 +342,20 @@ mod tests {
         }
     }
 
+    fn history(passes: &[PassFigures]) -> History {
+        History {
+            passes: passes.to_vec(),
+            cutovers: Vec::new(),
+        }
+    }
+
     #[test]
     fn no_forecast_from_a_first_pass_alone() {
-        assert_eq!(forecast(&[pass(0.0, 100.0, 1000, true)], 100.0), None);
-        assert_eq!(forecast(&[], 100.0), None);
+        assert_eq!(
+            forecast(&history(&[pass(0.0, 100.0, 1000, true)]), 100.0),
+            None
+        );
+        assert_eq!(forecast(&History::default(), 100.0), None);
     }
 
     #[test]
@@ -243,19 +364,95 @@ mod tests {
         // delta passes: 200 B over 100 s (2 B/s), 100 B over 50 s (2 B/s): change rate 2 B/s.
         // now is 40 s after the last start: 80 B pending.
         // send rate: best of 1000/100, 200/20, 100/10 = 10 B/s: 8 s, hidden behind the 10 s scan.
-        let passes = [
+        // pass overhead: 20 - max(10, 200/10) = 0 and 10 - max(10, 100/10) = 0.
+        // no cutover yet: the default freeze overhead.
+        let passes = history(&[
             pass(0.0, 100.0, 1000, true),
             pass(100.0, 20.0, 200, false),
             pass(150.0, 10.0, 100, false),
-        ];
+        ]);
         let f = forecast(&passes, 190.0).unwrap();
         assert!((f.scan_s - 10.0).abs() < 1e-9);
         assert!((f.change_rate_bps - 2.0).abs() < 1e-9);
         assert!((f.pending_bytes - 80.0).abs() < 1e-9);
         assert!((f.send_s - 8.0).abs() < 1e-9);
-        assert!((f.total_s - (10.0 + OVERHEAD_S)).abs() < 1e-9);
+        assert_eq!(f.pass_overhead_s, 0.0);
+        assert!((f.total_s - (10.0 + DEFAULT_FREEZE_OVERHEAD_S)).abs() < 1e-9);
         // 200 s later 480 B are pending: 48 s of sending dominates.
         let f = forecast(&passes, 390.0).unwrap();
-        assert!((f.total_s - (48.0 + OVERHEAD_S)).abs() < 1e-9);
+        assert!((f.total_s - (48.0 + DEFAULT_FREEZE_OVERHEAD_S)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn forecast_takes_medians_and_learns_overheads() {
+        let mut passes = vec![
+            pass(0.0, 100.0, 1000, true), // send rate 10 B/s, the best; its read rate is not used
+            PassFigures {
+                read_busy_s: 5.0,              // 200 B/s
+                ..pass(100.0, 7.0, 20, false)  // overhead 7 - max(5, 2) = 2
+            },
+            PassFigures {
+                read_busy_s: 12.5,              // 80 B/s
+                ..pass(150.0, 13.5, 10, false)  // overhead 1
+            },
+        ];
+        // Two delta passes: read rate (200 + 80) / 2 = 140 B/s; overhead (2 + 1) / 2.
+        let f = forecast(&history(&passes), 190.0).unwrap();
+        assert!((f.scan_s - 1000.0 / 140.0).abs() < 1e-9);
+        assert!((f.pass_overhead_s - 1.5).abs() < 1e-9);
+        passes.push(pass(160.0, 11.0, 4, false)); // 100 B/s, overhead 1
+        passes.push(pass(200.0, 11.5, 40, false)); // 100 B/s, overhead 1.5
+        let mut h = history(&passes);
+        // The last three delta passes read at 80, 100, 100 B/s: median 100 (the
+        // 200 B/s pass is no longer recent); overheads 1, 1, 1.5: median 1.
+        let f = forecast(&h, 230.0).unwrap();
+        assert!((f.scan_s - 10.0).abs() < 1e-9);
+        assert!((f.pass_overhead_s - 1.0).abs() < 1e-9);
+        // change rates 10/50, 4/10, 40/40 B/s: mean 0.5333; 30 s pending = 16 B; 1.6 s to send.
+        assert!((f.pending_bytes - 16.0).abs() < 1e-9);
+        assert!((f.send_s - 1.6).abs() < 1e-9);
+        assert!((f.freeze_overhead_s - DEFAULT_FREEZE_OVERHEAD_S).abs() < 1e-9);
+        assert!((f.total_s - (10.0 + 1.0 + DEFAULT_FREEZE_OVERHEAD_S)).abs() < 1e-9);
+        // Cutovers measured their freeze: 0.3 s and 0.2 s beyond their passes.
+        h.cutovers = vec![
+            CutoverFigures {
+                frozen_s: 20.0,
+                passes_s: 19.7,
+            },
+            CutoverFigures {
+                frozen_s: 15.0,
+                passes_s: 14.8,
+            },
+        ];
+        let f = forecast(&h, 230.0).unwrap();
+        assert!((f.freeze_overhead_s - 0.25).abs() < 1e-9);
+        assert!((f.total_s - 11.25).abs() < 1e-9);
+    }
+
+    #[test]
+    fn read_rate_settles_on_agreement_or_three_passes() {
+        let busy = |t: f64| PassFigures {
+            read_busy_s: t,
+            ..pass(0.0, t, 0, false)
+        };
+        let first = pass(0.0, 100.0, 1000, true);
+        assert!(!read_rate_settled(&[first.clone()]));
+        assert!(!read_rate_settled(&[first.clone(), busy(10.0)]));
+        assert!(read_rate_settled(&[first.clone(), busy(10.0), busy(10.5)]));
+        assert!(!read_rate_settled(&[first.clone(), busy(10.0), busy(20.0)]));
+        assert!(read_rate_settled(&[
+            first,
+            busy(10.0),
+            busy(20.0),
+            busy(11.0)
+        ]));
+    }
+
+    #[test]
+    fn medians_and_recency() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0]), Some(2.5));
+        assert_eq!(recent(vec![1.0, 2.0, 3.0, 4.0]), vec![2.0, 3.0, 4.0]);
     }
 }
