@@ -21,7 +21,7 @@
 //! send_s    = pending / send_rate
 //! pass_oh   = median over recent delta passes of max(0, duration - max(read_busy, changed / send_rate))
 //! freeze_oh = median over recent cutovers of max(0, frozen_s - their passes' duration),
-//!             else DEFAULT_FREEZE_OVERHEAD_S
+//!             else default_freeze_overhead_s(size) (0.075 s + 0.02 s per GiB, measured here)
 //! forecast  = max(scan_s, send_s) + pass_oh + freeze_oh   reading and sending overlap in the pipeline
 //! ```
 //! Medians, because a pass's speed on a shared machine varies from one pass
@@ -34,12 +34,16 @@
 
 use crate::chunk::Geometry;
 
-/// Cost of the freeze beyond the pass, before any cutover of the volume has
-/// measured its own: the freeze's flush (after a `syncfs` while writers
-/// still run), the proof's two verify sessions, the re-check of the chunks
-/// the pass rewrote after the receiver's read of them. Measured with
-/// `scripts/cutover-figures.sh` on loopback at 0.09 to 0.11 s.
-pub const DEFAULT_FREEZE_OVERHEAD_S: f64 = 0.1;
+/// Cost of the freeze beyond its passes, before any cutover of the volume
+/// has measured its own: the freeze's flush (after a `syncfs` while writers
+/// still run), the proof's two verify sessions, dropping the source's cached
+/// pages, exchanging and comparing the chunk tables, the re-check of the
+/// chunks the pass rewrote after the receiver's read of them. Measured with
+/// `scripts/cutover-figures.sh` on loopback: 0.09 to 0.11 s for 1 GiB, 0.155
+/// to 0.16 s for 4 GiB, so a fixed part and a part per GiB.
+pub fn default_freeze_overhead_s(size_bytes: u64) -> f64 {
+    0.075 + 0.02 * size_bytes as f64 / (1u64 << 30) as f64
+}
 
 /// How many recent passes or cutovers a measured term is taken over.
 const RECENT: usize = 3;
@@ -266,7 +270,8 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
         .iter()
         .map(|c| (c.frozen_s - c.passes_s).max(0.0))
         .collect();
-    let freeze_overhead_s = median(recent(freezes)).unwrap_or(DEFAULT_FREEZE_OVERHEAD_S);
+    let freeze_overhead_s =
+        median(recent(freezes)).unwrap_or_else(|| default_freeze_overhead_s(last.size_bytes));
     Some(Forecast {
         total_s: scan_s.max(send_s) + pass_overhead_s + freeze_overhead_s,
         scan_s,
@@ -377,10 +382,10 @@ mod tests {
         assert!((f.pending_bytes - 80.0).abs() < 1e-9);
         assert!((f.send_s - 8.0).abs() < 1e-9);
         assert_eq!(f.pass_overhead_s, 0.0);
-        assert!((f.total_s - (10.0 + DEFAULT_FREEZE_OVERHEAD_S)).abs() < 1e-9);
+        assert!((f.total_s - (10.0 + default_freeze_overhead_s(1000))).abs() < 1e-9);
         // 200 s later 480 B are pending: 48 s of sending dominates.
         let f = forecast(&passes, 390.0).unwrap();
-        assert!((f.total_s - (48.0 + DEFAULT_FREEZE_OVERHEAD_S)).abs() < 1e-9);
+        assert!((f.total_s - (48.0 + default_freeze_overhead_s(1000))).abs() < 1e-9);
     }
 
     #[test]
@@ -411,8 +416,8 @@ mod tests {
         // change rates 10/50, 4/10, 40/40 B/s: mean 0.5333; 30 s pending = 16 B; 1.6 s to send.
         assert!((f.pending_bytes - 16.0).abs() < 1e-9);
         assert!((f.send_s - 1.6).abs() < 1e-9);
-        assert!((f.freeze_overhead_s - DEFAULT_FREEZE_OVERHEAD_S).abs() < 1e-9);
-        assert!((f.total_s - (10.0 + 1.0 + DEFAULT_FREEZE_OVERHEAD_S)).abs() < 1e-9);
+        assert!((f.freeze_overhead_s - default_freeze_overhead_s(1000)).abs() < 1e-9);
+        assert!((f.total_s - (10.0 + 1.0 + default_freeze_overhead_s(1000))).abs() < 1e-9);
         // Cutovers measured their freeze: 0.3 s and 0.2 s beyond their passes.
         h.cutovers = vec![
             CutoverFigures {
