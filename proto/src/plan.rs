@@ -441,7 +441,7 @@ mod tests {
             ..pass(0.0, t, 0, false)
         };
         let first = pass(0.0, 100.0, 1000, true);
-        assert!(!read_rate_settled(&[first.clone()]));
+        assert!(!read_rate_settled(std::slice::from_ref(&first)));
         assert!(!read_rate_settled(&[first.clone(), busy(10.0)]));
         assert!(read_rate_settled(&[first.clone(), busy(10.0), busy(10.5)]));
         assert!(!read_rate_settled(&[first.clone(), busy(10.0), busy(20.0)]));
