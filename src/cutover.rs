@@ -180,11 +180,22 @@ async fn pass_with_target_read(
         open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, Vec::new()).await?;
     let mut with_read = cfg.clone();
     with_read.proof_read = true;
-    let (theirs, (end, ours)) = tokio::try_join!(
-        receive_hashes(&mut vs, &geometry),
+    let began = Instant::now();
+    let target_read = async {
+        let table = receive_hashes(&mut vs, &geometry).await?;
+        Ok::<_, Error>((table, began.elapsed().as_secs_f64()))
+    };
+    let ((theirs, read_s), (end, ours)) = tokio::try_join!(
+        target_read,
         sender::run_pass_collecting(&with_read, id, progress.clone(), collect)
     )?;
     forget_and_close(vs, &[]).await?;
+    // The frozen pass lasts as long as the slower of the two reads: journal
+    // the target's, so the forecast sees a target slower than the source.
+    state::append_journal(
+        &target_dir(&cfg.state_dir, &cfg.dest).join("journal.jsonl"),
+        &json!({"event": "target_read", "size_bytes": geometry.size(), "duration_s": read_s}),
+    )?;
     if end.start.chunk_size != chunk.bytes() || geometry.size() != size {
         return Err(Error::Io(
             "the proof's geometry does not match the pass".into(),

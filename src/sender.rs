@@ -177,6 +177,12 @@ pub fn journal_figures(records: &[serde_json::Value]) -> History {
                 read_busy_s: r["read_busy_s"].as_f64().unwrap_or(0.0),
                 first: r["first"].as_bool().unwrap_or(false),
             });
+        } else if r["event"] == "target_read" {
+            if let (Some(size), Some(d)) = (r["size_bytes"].as_u64(), r["duration_s"].as_f64()) {
+                if d > 0.0 {
+                    h.target_read_rates.push(size as f64 / d);
+                }
+            }
         } else if r["event"] == "cutover" {
             // Older records lack the time spent in passes: no measurement.
             if let (Some(frozen_s), Some(passes_s)) =

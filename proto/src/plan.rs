@@ -14,7 +14,8 @@
 //!
 //! ```text
 //! read_rate = median over recent delta passes of scanned / read_busy   bytes per second the reader was busy
-//! scan_s    = size / read_rate
+//! target_r  = median over recent whole-target reads alongside a pass of size / their duration
+//! scan_s    = size / min(read_rate, target_r)      the proof's read of the target runs alongside
 //! change_r  = mean over recent delta passes of changed_bytes_k / (start_k - start_{k-1})
 //! pending   = change_r * (now - start_last)       data written since the last pass began reading
 //! send_rate = best changed_bytes / duration of the passes that moved data
@@ -163,6 +164,9 @@ pub struct History {
     pub passes: Vec<PassFigures>,
     /// Every finished cutover.
     pub cutovers: Vec<CutoverFigures>,
+    /// Bytes per second of every whole-target read by the receiver alongside
+    /// a pass (rehearsals and cutovers), measured from the sender's side.
+    pub target_read_rates: Vec<f64>,
 }
 
 /// A forecast of a frozen final pass, with its parts.
@@ -221,6 +225,11 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
         .map(PassFigures::read_rate)
         .collect();
     let read_rate = median(recent(read_rates)).unwrap_or_else(|| last.read_rate());
+    // The proof's read of the target runs alongside: the slower read bounds.
+    let read_rate = match median(recent(history.target_read_rates.clone())) {
+        Some(target) if target > 0.0 => read_rate.min(target),
+        _ => read_rate,
+    };
     let scan_s = if last.size_bytes == 0 {
         0.0
     } else {
@@ -350,7 +359,7 @@ mod tests {
     fn history(passes: &[PassFigures]) -> History {
         History {
             passes: passes.to_vec(),
-            cutovers: Vec::new(),
+            ..History::default()
         }
     }
 
@@ -432,6 +441,15 @@ mod tests {
         let f = forecast(&h, 230.0).unwrap();
         assert!((f.freeze_overhead_s - 0.25).abs() < 1e-9);
         assert!((f.total_s - 11.25).abs() < 1e-9);
+        // The receiver read its target at 50 B/s in recent rehearsals (the
+        // median of 40, 50, 200; an older 10 B/s read is not recent): the
+        // frozen pass waits 20 s for it. A faster target changes nothing.
+        h.target_read_rates = vec![10.0, 40.0, 200.0, 50.0];
+        let f = forecast(&h, 230.0).unwrap();
+        assert!((f.scan_s - 20.0).abs() < 1e-9);
+        h.target_read_rates = vec![500.0];
+        let f = forecast(&h, 230.0).unwrap();
+        assert!((f.scan_s - 10.0).abs() < 1e-9);
     }
 
     #[test]
