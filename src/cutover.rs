@@ -77,20 +77,21 @@ pub async fn converge(
     let mut changed: Vec<u64> = Vec::new();
     let mut last: Option<PassEnd> = None;
     let journal = target_dir(&cfg.state_dir, &cfg.dest).join("journal.jsonl");
+    // The first pass of a volume copies everything: reading the target
+    // alongside would only slow it, and it measures no read rate.
+    let mut copied_before = state::read_journal(&journal)
+        .iter()
+        .any(|r| r["event"] == "pass");
     for n in 1..=cc.max_passes {
         if n > 1 && !cc.interval.is_zero() {
             tokio::time::sleep(cc.interval).await;
         }
-        // The first pass of a volume copies everything: reading the target
-        // alongside would only slow it, and it measures no read rate.
-        let copied_before = state::read_journal(&journal)
-            .iter()
-            .any(|r| r["event"] == "pass");
         let end = if copied_before {
             rehearsal_pass(cfg, id, progress.clone()).await?
         } else {
             sender::run_pass(cfg, id, progress.clone()).await?
         };
+        copied_before = true;
         if end.start.pass > 1 {
             changed.push(end.changed_bytes);
         }
