@@ -38,12 +38,30 @@ pub enum Kind {
     File,
 }
 
+/// How [`Volume::read_block`] reads a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// `pread` into a buffer of its own (one copy out of the page cache).
+    Buffered,
+    /// `pread` through a second descriptor opened with `O_DIRECT`: the page
+    /// cache is neither read nor filled.
+    Direct,
+    /// A read-only shared memory map of the block: the page cache's own
+    /// pages, no copy. The bytes are a live view: a concurrent writer of the
+    /// source changes them (see [`Volume::read_block`]). An I/O error while
+    /// touching the map raises `SIGBUS`, which [`sigbus::install`] turns into a
+    /// clear message and exit status 3.
+    Mapped,
+}
+
 /// An open volume.
 #[derive(Debug)]
 pub struct Volume {
     file: File,
     /// A second descriptor opened with `O_DIRECT`, when reads bypass the page cache.
     direct: Option<File>,
+    /// Blocks are read through memory maps.
+    mapped: bool,
     path: PathBuf,
     kind: Kind,
     size: u64,
@@ -108,37 +126,82 @@ impl Volume {
         Ok(Volume {
             file,
             direct: None,
+            mapped: false,
             path: path.to_owned(),
             kind,
             size,
         })
     }
 
-    /// Opens a source whose reads bypass the page cache (`O_DIRECT`) when
-    /// `direct` is set: a daytime pass then neither evicts a production
-    /// server's cache nor fills it. Refused, clearly, where the filesystem
-    /// holding an image file does not support `O_DIRECT` (tmpfs, for one).
-    pub fn open_source_reader(path: &Path, direct: bool) -> Result<Volume> {
+    /// Opens a source to be read in `mode`. `Direct` is refused, clearly,
+    /// where the filesystem holding an image file does not support
+    /// `O_DIRECT` (tmpfs, for one).
+    pub fn open_source_reader(path: &Path, mode: ReadMode) -> Result<Volume> {
         let mut v = Self::open_source(path)?;
-        if direct {
-            let f = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(path)
-                .map_err(|e| {
-                    Error::input(format!(
-                        "--direct: cannot open {} with O_DIRECT ({e}); its filesystem may not support direct I/O, use --drop-cache instead",
-                        path.display()
-                    ))
-                })?;
-            v.direct = Some(f);
+        match mode {
+            ReadMode::Buffered => {}
+            ReadMode::Direct => {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .map_err(|e| {
+                        Error::input(format!(
+                            "--direct: cannot open {} with O_DIRECT ({e}); its filesystem may not support direct I/O, use --drop-cache instead",
+                            path.display()
+                        ))
+                    })?;
+                v.direct = Some(f);
+            }
+            ReadMode::Mapped => v = v.map_reads(),
         }
         Ok(v)
     }
 
-    /// Reads `len` bytes at `offset` (a multiple of 4 KiB) into a buffer of
-    /// its own, through `O_DIRECT` when the volume was opened for it.
-    pub fn read_block(&self, len: usize, offset: u64) -> Result<bytes::Bytes> {
+    /// Makes [`Volume::read_block`] read through memory maps
+    /// ([`ReadMode::Mapped`]).
+    pub fn map_reads(mut self) -> Volume {
+        sigbus::install();
+        self.mapped = true;
+        self
+    }
+
+    /// True when [`Volume::read_block`] hands out live views of the source
+    /// (memory maps) rather than copies.
+    pub fn reads_mapped(&self) -> bool {
+        self.mapped
+    }
+
+    /// Reads `len` bytes at `offset` (a multiple of 4 KiB). Buffered and
+    /// direct reads return a buffer of the block's own; `copy` forces one
+    /// even on a mapped volume. Otherwise a mapped volume returns a
+    /// read-only shared map of the block, which stays valid (the range is
+    /// inside the volume, whose size cannot change under a block device, and
+    /// an image file that shrinks raises `SIGBUS`, handled) but whose bytes
+    /// change when the source is written: whoever keeps or sends them must
+    /// copy them first and hash the copy.
+    pub fn read_block(&self, len: usize, offset: u64, copy: bool) -> Result<bytes::Bytes> {
+        if self.mapped && !copy && len > 0 {
+            // SAFETY: a read-only shared map of a range inside the volume.
+            // The mapping is only ever read; a concurrent writer may change
+            // its bytes (documented above: callers copy before keeping), and
+            // a read past a shrunk file or of a failing device raises SIGBUS,
+            // whose handler ends the process (sigbus::install).
+            let map = unsafe {
+                memmap2::MmapOptions::new()
+                    .offset(offset)
+                    .len(len)
+                    .populate()
+                    .map(&self.file)
+            }
+            .map_err(|e| {
+                Error::io(
+                    format!("memory map of {} at offset {offset}", self.path.display()),
+                    e,
+                )
+            })?;
+            return Ok(bytes::Bytes::from_owner(map));
+        }
         match &self.direct {
             None => Ok(bytes::Bytes::from(self.read_vec_at(len, offset)?)),
             Some(f) => {
@@ -276,6 +339,7 @@ impl Volume {
             Volume {
                 file,
                 direct: None,
+                mapped: false,
                 path: path.to_owned(),
                 kind,
                 size: actual,
@@ -413,6 +477,40 @@ impl Volume {
             len as i64,
             nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
         );
+    }
+}
+
+/// Turns `SIGBUS` (a memory-mapped read that failed: an I/O error of the
+/// device, or an image file shrunk under the map) into a clear message and
+/// exit status 3 (a runtime I/O failure), instead of a crash. Nothing is lost
+/// by ending there: the receiver writes only chunks verified against their
+/// hashes, and the manifests claim only acknowledged, durable chunks, exactly
+/// as when the process is killed.
+pub mod sigbus {
+    use std::sync::Once;
+
+    static INSTALL: Once = Once::new();
+
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MSG: &[u8] = b"nightpass: error: a memory-mapped read failed (SIGBUS): a volume returned an I/O error or shrank while it was read; nothing unverified was written and the state is consistent; rerun the pass, with --drop-cache to read without memory maps\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is static.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(3);
+        }
+    }
+
+    /// Installs the handler (once per process).
+    pub fn install() {
+        INSTALL.call_once(|| {
+            let action = nix::sys::signal::SigAction::new(
+                nix::sys::signal::SigHandler::Handler(on_sigbus),
+                nix::sys::signal::SaFlags::empty(),
+                nix::sys::signal::SigSet::empty(),
+            );
+            // SAFETY: the handler calls only async-signal-safe functions.
+            let _ = unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGBUS, &action) };
+        });
     }
 }
 

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use nightpass_proto::chunk::Geometry;
 use nightpass_proto::manifest::{self, Hash};
 
-use crate::device::Volume;
+use crate::device::{ReadMode, Volume};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -53,6 +53,44 @@ pub struct Scanned {
     pub data: Bytes,
     /// True when every byte is zero.
     pub zero: bool,
+    /// `data` is a live view of the source (a memory map): a concurrent
+    /// writer may change it after `hash` was taken. Call
+    /// [`Scanned::stable`] before keeping or sending the bytes.
+    pub mapped: bool,
+}
+
+thread_local! {
+    /// Chunks the current worker copied out of a map ([`Scanned::stable`])
+    /// in the block it is working on: where most chunks are kept (a first
+    /// pass), reading the next block into a buffer costs less than mapping
+    /// it, hashing it and then copying and hashing again.
+    static STABILIZED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl Scanned {
+    /// The chunk with bytes of its own and the hash of exactly those bytes:
+    /// a mapped chunk is copied and hashed again (the source may have been
+    /// written since it was hashed); any other is returned as it is.
+    pub fn stable(self) -> Scanned {
+        if !self.mapped {
+            return self;
+        }
+        STABILIZED.with(|c| c.set(c.get() + 1));
+        let data = Bytes::copy_from_slice(&self.data);
+        let hash = *blake3::hash(&data).as_bytes();
+        let zero = if hash == self.hash {
+            self.zero
+        } else {
+            data.iter().all(|&b| b == 0)
+        };
+        Scanned {
+            index: self.index,
+            hash,
+            data,
+            zero,
+            mapped: false,
+        }
+    }
 }
 
 /// The results of one block, in chunk order.
@@ -76,6 +114,22 @@ pub struct ScanOptions {
     /// Read with `O_DIRECT`, bypassing the page cache (see
     /// [`Volume::open_source_reader`]); applied where the source is opened.
     pub direct: bool,
+}
+
+impl ScanOptions {
+    /// How a source scanned with these options is to be opened: `O_DIRECT`
+    /// when asked for; buffered reads when pages are dropped behind the
+    /// reader (a mapped page cannot be dropped while mapped); otherwise
+    /// memory maps, which spare the copy out of the page cache.
+    pub fn read_mode(&self) -> ReadMode {
+        if self.direct {
+            ReadMode::Direct
+        } else if self.drop_cache {
+            ReadMode::Buffered
+        } else {
+            ReadMode::Mapped
+        }
+    }
 }
 
 /// Figures of a finished scan.
@@ -201,6 +255,9 @@ where
         let work = work.clone();
         let progress = progress.clone();
         let mut zero_chunk = Bytes::new();
+        // Read the next block into a buffer instead of mapping it (see
+        // STABILIZED).
+        let mut copy_next = false;
         worker_threads.push(std::thread::spawn(move || loop {
             let next = brx.lock().expect("not poisoned").recv();
             let Ok((seq, first_index, off, len)) = next else {
@@ -210,7 +267,7 @@ where
             let read = if vol.is_hole(off, len as u64) {
                 Read::Hole(len)
             } else {
-                match vol.read_block(len, off) {
+                match vol.read_block(len, off, copy_next) {
                     Ok(b) => Read::Data(b),
                     Err(e) => {
                         let _ = otx.blocking_send(Err(e));
@@ -221,6 +278,8 @@ where
             if drop_cache {
                 vol.drop_cache(off, len as u64);
             }
+            let mapped = vol.reads_mapped() && !copy_next && matches!(read, Read::Data(_));
+            STABILIZED.with(|c| c.set(0));
             // A hole is `n` bytes of zeros: neither read nor hashed.
             let (data, hole) = match read {
                 Read::Data(d) => (d, None),
@@ -255,11 +314,17 @@ where
                     hash,
                     data: bytes,
                     zero,
+                    mapped,
                 }) {
                     items.push(t);
                 }
                 off += len;
                 index += 1;
+            }
+            if vol.reads_mapped() && hole.is_none() {
+                let chunks = total.div_ceil(chunk as usize);
+                copy_next = 2 * STABILIZED.with(|c| c.get()) > chunks
+                    || (copy_next && 2 * items.len() > chunks);
             }
             progress.scanned(total as u64);
             let t = Instant::now();

@@ -451,7 +451,7 @@ pub async fn run_pass_collecting(
     collect: bool,
 ) -> Result<(PassEnd, Option<Vec<u8>>)> {
     let source = cfg.read_from.clone().unwrap_or_else(|| cfg.source.clone());
-    let vol = Arc::new(Volume::open_source_reader(&source, cfg.scan.direct)?);
+    let vol = Arc::new(Volume::open_source_reader(&source, cfg.scan.read_mode())?);
     let size = vol.size();
     if size == 0 {
         return Err(Error::input(format!(
@@ -718,7 +718,7 @@ async fn stream_pass(
 ) -> std::result::Result<AttemptDone, Interrupted> {
     let source = cfg.read_from.clone().unwrap_or_else(|| cfg.source.clone());
     let vol = Arc::new(
-        Volume::open_source_reader(&source, cfg.scan.direct).map_err(|error| Interrupted {
+        Volume::open_source_reader(&source, cfg.scan.read_mode()).map_err(|error| Interrupted {
             error,
             resume_at: resume,
         })?,
@@ -738,10 +738,12 @@ async fn stream_pass(
         resume,
         cfg.scan.clone(),
         move |s| {
+            let known = scan_known.lock().expect("not poisoned").entry(s.index);
+            // A chunk to send needs bytes of its own, hashed as they are sent.
+            let s = if s.hash == known { s } else { s.stable() };
             if let Some(t) = &sink {
                 manifest::set_entry(&mut t.lock().expect("not poisoned"), s.index, &s.hash);
             }
-            let known = scan_known.lock().expect("not poisoned").entry(s.index);
             plan_chunk(s, &known)
         },
         progress.clone(),

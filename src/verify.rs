@@ -25,7 +25,7 @@ use nightpass_proto::wire::{self, control::Msg, Mode};
 use serde_json::json;
 
 use crate::cli::SyncArgs;
-use crate::device::{Kind, Volume};
+use crate::device::{Kind, ReadMode, Volume};
 use crate::error::{Error, Result};
 use crate::hash::{self, ScanOptions};
 use crate::progress::{human_bytes, Progress};
@@ -111,7 +111,7 @@ fn chunk_for(args: &SyncArgs, remote: Option<&RemoteVolume>) -> ChunkSize {
 /// Runs `nightpass verify`; returns 0 identical, 1 differences.
 pub async fn run(args: &SyncArgs, progress: Arc<dyn Progress>) -> Result<i32> {
     let started = Instant::now();
-    let source = Arc::new(Volume::open_source_reader(&args.source, args.direct)?);
+    let source = Arc::new(Volume::open_source_reader(&args.source, args.scan().read_mode())?);
     let remote = RemoteVolume::parse(&args.dest);
     let chunk = chunk_for(args, remote.as_ref());
     let cmp = match &remote {
@@ -121,8 +121,11 @@ pub async fn run(args: &SyncArgs, progress: Arc<dyn Progress>) -> Result<i32> {
             verify_remote(source, &dest, &fp, &id, chunk, args, progress.clone()).await?
         }
         None => {
-            let target = Volume::open_for_verify(Path::new(&args.dest))?;
             let scan = args.scan();
+            let mut target = Volume::open_for_verify(Path::new(&args.dest))?;
+            if scan.read_mode() == ReadMode::Mapped {
+                target = target.map_reads();
+            }
             let p = progress.clone();
             tokio::task::spawn_blocking(move || verify_local(source, target, chunk, scan, p))
                 .await
