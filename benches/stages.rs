@@ -140,6 +140,7 @@ fn bench_wire(c: &mut Criterion) {
         hash: blake3::hash(&payload).as_bytes().to_vec(),
         encoding: Encoding::Raw as i32,
         len: len as u32,
+        blocks: Vec::new(),
         payload: Bytes::new(),
     };
     g.throughput(Throughput::Bytes(len as u64));

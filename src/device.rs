@@ -12,6 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -49,8 +50,11 @@ pub enum ReadMode {
     /// A read-only shared memory map of the block: the page cache's own
     /// pages, no copy. The bytes are a live view: a concurrent writer of the
     /// source changes them (see [`Volume::read_block`]). An I/O error while
-    /// touching the map raises `SIGBUS`, which [`sigbus::install`] turns into a
-    /// clear message and exit status 3.
+    /// faulting the map in is an error return (`MADV_POPULATE_READ`), and the
+    /// block is then read with `pread`, which reports it; an error after
+    /// that (a page evicted and failing to read back, or an image file
+    /// shrunk) raises `SIGBUS`, which [`sigbus::install`] turns into a clear
+    /// message and exit status 3.
     Mapped,
 }
 
@@ -61,7 +65,7 @@ pub struct Volume {
     /// A second descriptor opened with `O_DIRECT`, when reads bypass the page cache.
     direct: Option<File>,
     /// Blocks are read through memory maps.
-    mapped: bool,
+    mapped: AtomicBool,
     path: PathBuf,
     kind: Kind,
     size: u64,
@@ -126,7 +130,7 @@ impl Volume {
         Ok(Volume {
             file,
             direct: None,
-            mapped: false,
+            mapped: AtomicBool::new(false),
             path: path.to_owned(),
             kind,
             size,
@@ -162,14 +166,14 @@ impl Volume {
     /// ([`ReadMode::Mapped`]).
     pub fn map_reads(mut self) -> Volume {
         sigbus::install();
-        self.mapped = true;
+        self.mapped = AtomicBool::new(true);
         self
     }
 
     /// True when [`Volume::read_block`] hands out live views of the source
     /// (memory maps) rather than copies.
     pub fn reads_mapped(&self) -> bool {
-        self.mapped
+        self.mapped.load(Ordering::Relaxed)
     }
 
     /// Reads `len` bytes at `offset` (a multiple of 4 KiB). Buffered and
@@ -181,7 +185,7 @@ impl Volume {
     /// change when the source is written: whoever keeps or sends them must
     /// copy them first and hash the copy.
     pub fn read_block(&self, len: usize, offset: u64, copy: bool) -> Result<bytes::Bytes> {
-        if self.mapped && !copy && len > 0 {
+        if self.reads_mapped() && !copy && len > 0 {
             // SAFETY: a read-only shared map of a range inside the volume.
             // The mapping is only ever read; a concurrent writer may change
             // its bytes (documented above: callers copy before keeping), and
@@ -191,7 +195,6 @@ impl Volume {
                 memmap2::MmapOptions::new()
                     .offset(offset)
                     .len(len)
-                    .populate()
                     .map(&self.file)
             }
             .map_err(|e| {
@@ -200,7 +203,19 @@ impl Volume {
                     e,
                 )
             })?;
-            return Ok(bytes::Bytes::from_owner(map));
+            // Fault every page in now (MADV_POPULATE_READ, Linux 5.14): a
+            // read error is then an error return, not a SIGBUS, and the
+            // block is read again below with pread, which reports it with
+            // its offset. Only a page evicted and failing to read back
+            // between here and the hash can still raise SIGBUS.
+            match map.advise(memmap2::Advice::PopulateRead) {
+                Ok(()) => return Ok(bytes::Bytes::from_owner(map)),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // A kernel without MADV_POPULATE_READ: read instead.
+                    self.mapped.store(false, Ordering::Relaxed);
+                }
+                Err(_) => {}
+            }
         }
         match &self.direct {
             None => Ok(bytes::Bytes::from(self.read_vec_at(len, offset)?)),
@@ -339,7 +354,7 @@ impl Volume {
             Volume {
                 file,
                 direct: None,
-                mapped: false,
+                mapped: AtomicBool::new(false),
                 path: path.to_owned(),
                 kind,
                 size: actual,
@@ -509,7 +524,8 @@ pub mod sigbus {
                 nix::sys::signal::SigSet::empty(),
             );
             // SAFETY: the handler calls only async-signal-safe functions.
-            let _ = unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGBUS, &action) };
+            let _ =
+                unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGBUS, &action) };
         });
     }
 }

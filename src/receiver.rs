@@ -415,12 +415,35 @@ fn rebuild_table(volume: &Volume, geometry: Geometry) -> Result<Vec<u8>> {
     hash::hash_all(v, geometry, ScanOptions::default(), Arc::new(Quiet))
 }
 
+/// What to write of a verified chunk.
+enum Content {
+    /// The whole chunk.
+    Whole(Bytes),
+    /// The whole chunk is zeros.
+    Zero,
+    /// Only these runs of bytes, at these offsets in the chunk: a patch,
+    /// verified whole against the chunk's hash; the rest of the chunk is
+    /// already on the target.
+    Runs(Vec<(u64, Bytes)>),
+}
+
+impl Content {
+    /// Bytes of data held.
+    fn len(&self) -> usize {
+        match self {
+            Content::Whole(b) => b.len(),
+            Content::Zero => 0,
+            Content::Runs(r) => r.iter().map(|(_, b)| b.len()).sum(),
+        }
+    }
+}
+
 /// One verified chunk on its way to the writer, or the end-of-pass request.
 enum WriterMsg {
     Chunk {
         index: u64,
         hash: Hash,
-        data: Option<Bytes>,
+        data: Content,
     },
     Finalize {
         expected: u64,
@@ -537,8 +560,18 @@ async fn sync_session(
     });
     shared.writers.lock().expect("not poisoned").push(writer);
 
+    // Probes and patches read the target's current copy of a chunk through
+    // a descriptor of their own (the writer's is exclusive).
+    let reader = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || Volume::open_for_verify(&path))
+            .await
+            .map_err(|_| Error::Io("open task failed".into()))?
+            .map(Arc::new)?
+    };
     // Data streams.
     let data_conn = conn.clone();
+    let data_ctl = ctl_tx.clone();
     let data_wtx = wtx.clone();
     let data_name = hello.volume.clone();
     let data_task = tokio::spawn(async move {
@@ -546,7 +579,7 @@ async fn sync_session(
         loop {
             tokio::select! {
                 s = data_conn.accept_uni() => match s {
-                    Ok(s) => { streams.spawn(data_stream(s, geometry, data_wtx.clone(), budget.clone())); }
+                    Ok(s) => { streams.spawn(data_stream(s, geometry, data_wtx.clone(), budget.clone(), reader.clone(), data_ctl.clone())); }
                     Err(_) => break,
                 },
                 Some(r) = streams.join_next(), if !streams.is_empty() => {
@@ -667,6 +700,7 @@ pub fn msg_name(m: &Msg) -> &'static str {
         Msg::Forget(_) => "forget",
         Msg::Failure(_) => "failure",
         Msg::Mark(_) => "mark",
+        Msg::Need(_) => "need",
     }
 }
 
@@ -685,6 +719,8 @@ async fn data_stream(
     geometry: Geometry,
     wtx: SyncSender<WriterMsg>,
     budget: Arc<tokio::sync::Semaphore>,
+    target: Arc<Volume>,
+    ctl: mpsc::Sender<Msg>,
 ) -> Result<()> {
     let max = geometry.chunk_size().usize() + 4096;
     loop {
@@ -699,22 +735,97 @@ async fn data_stream(
             break;
         };
         let wtx = wtx.clone();
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            let msg = check_chunk(body, &geometry)?;
+        let target = target.clone();
+        let need = tokio::task::spawn_blocking(move || -> Result<Option<wire::Need>> {
+            let msg = match check_chunk(body, &geometry, &target)? {
+                Checked::Write(m) => m,
+                Checked::Need(n) => return Ok(Some(n)),
+            };
             let sent = wtx
                 .send(msg)
                 .map_err(|_| Error::Io("writer stopped".into()));
             drop(permit);
-            sent
+            sent.map(|()| None)
         })
         .await
         .map_err(|_| Error::Io("chunk check task failed".into()))??;
+        if let Some(n) = need {
+            ctl.send(Msg::Need(n))
+                .await
+                .map_err(|_| Error::Network("control stream closed".into()))?;
+        }
     }
     Ok(())
 }
 
-/// Decodes and verifies one chunk frame. Nothing unverified leaves this function.
-fn check_chunk(body: Bytes, geometry: &Geometry) -> Result<WriterMsg> {
+/// What a checked chunk frame asks of the receiver.
+enum Checked {
+    /// A verified chunk to write.
+    Write(WriterMsg),
+    /// Ask the sender for these blocks (a probe's answer).
+    Need(wire::Need),
+}
+
+/// The blocks of `old` (the target's copy of chunk `index`) whose hints
+/// differ from a probe's, as a [`wire::Need`].
+fn answer_probe(index: u64, hints: &[u8], old: &[u8]) -> Result<wire::Need> {
+    let n = wire::blocks_in(old.len());
+    if hints.len() != n * wire::BLOCK_HINT_LEN {
+        return Err(Error::Peer(format!(
+            "probe of chunk {index} carries {} bytes of block hints, expected {}; nothing written",
+            hints.len(),
+            n * wire::BLOCK_HINT_LEN
+        )));
+    }
+    let mut blocks = vec![0u8; n.div_ceil(8)];
+    for (i, (b, h)) in old
+        .chunks(wire::BLOCK)
+        .zip(hints.chunks(wire::BLOCK_HINT_LEN))
+        .enumerate()
+    {
+        if blake3::hash(b).as_bytes()[..wire::BLOCK_HINT_LEN] != *h {
+            blocks[i / 8] |= 1 << (i % 8);
+        }
+    }
+    Ok(wire::Need { index, blocks })
+}
+
+/// Overlays a patch's blocks on `old` (the target's copy of the chunk), in
+/// place. Errors when the bitmap or the payload's length do not fit.
+fn apply_patch(index: u64, old: &mut [u8], bitmap: &[u8], payload: &[u8]) -> Result<()> {
+    let n = wire::blocks_in(old.len());
+    if bitmap.len() != n.div_ceil(8) {
+        return Err(Error::Peer(format!(
+            "patch of chunk {index} has a block bitmap of {} bytes, expected {}; nothing written",
+            bitmap.len(),
+            n.div_ceil(8)
+        )));
+    }
+    let len = old.len();
+    let mut at = 0usize;
+    for i in (0..n).filter(|&i| wire::bit(bitmap, i)) {
+        let dst = &mut old[i * wire::BLOCK..((i + 1) * wire::BLOCK).min(len)];
+        let src = payload.get(at..at + dst.len()).ok_or_else(|| {
+            Error::Peer(format!(
+                "patch of chunk {index} is shorter than the blocks it names; nothing written"
+            ))
+        })?;
+        dst.copy_from_slice(src);
+        at += dst.len();
+    }
+    if at != payload.len() {
+        return Err(Error::Peer(format!(
+            "patch of chunk {index} carries {} bytes past the blocks it names; nothing written",
+            payload.len() - at
+        )));
+    }
+    Ok(())
+}
+
+/// Decodes and verifies one chunk frame; a probe or a patch reads the
+/// target's current copy of the chunk. Nothing unverified leaves this
+/// function.
+fn check_chunk(body: Bytes, geometry: &Geometry, target: &Volume) -> Result<Checked> {
     let c = wire::decode_chunk(body).map_err(|e| Error::Peer(format!("bad chunk frame: {e}")))?;
     let Some(len) = geometry.chunk_len(c.index) else {
         return Err(Error::Peer(format!(
@@ -736,7 +847,52 @@ fn check_chunk(body: Bytes, geometry: &Geometry) -> Result<WriterMsg> {
             c.hash.len()
         ))
     })?;
+    let start = geometry.range(c.index).expect("index checked above").start;
     let data = match Encoding::try_from(c.encoding) {
+        Ok(Encoding::Probe) => {
+            let old = target.read_vec_at(len, start)?;
+            return answer_probe(c.index, &c.payload, &old).map(Checked::Need);
+        }
+        Ok(Encoding::Patch) => {
+            let mut chunk = target.read_vec_at(len, start)?;
+            apply_patch(c.index, &mut chunk, &c.blocks, &c.payload)?;
+            if *blake3::hash(&chunk).as_bytes() != hash {
+                // The blocks kept from the target are not what the sender
+                // has (a hint that collided, or a target changed behind
+                // our back): ask for the whole chunk instead.
+                let n = wire::blocks_in(len);
+                let mut blocks = vec![0xffu8; n.div_ceil(8)];
+                if !n.is_multiple_of(8) {
+                    *blocks.last_mut().expect("n > 0") = (1u8 << (n % 8)) - 1;
+                }
+                return Ok(Checked::Need(wire::Need {
+                    index: c.index,
+                    blocks,
+                }));
+            }
+            // Write back only the runs of blocks the patch brought.
+            let chunk = Bytes::from(chunk);
+            let n = wire::blocks_in(len);
+            let mut runs = Vec::new();
+            let mut i = 0;
+            while i < n {
+                if !wire::bit(&c.blocks, i) {
+                    i += 1;
+                    continue;
+                }
+                let first = i;
+                while i < n && wire::bit(&c.blocks, i) {
+                    i += 1;
+                }
+                let (a, b) = (first * wire::BLOCK, (i * wire::BLOCK).min(len));
+                runs.push((a as u64, chunk.slice(a..b)));
+            }
+            return Ok(Checked::Write(WriterMsg::Chunk {
+                index: c.index,
+                hash,
+                data: Content::Runs(runs),
+            }));
+        }
         Ok(Encoding::Raw) => Some(c.payload),
         Ok(Encoding::Zstd) => {
             let out = zstd::bulk::decompress(&c.payload, len)
@@ -768,11 +924,11 @@ fn check_chunk(body: Bytes, geometry: &Geometry) -> Result<WriterMsg> {
             c.index
         )));
     }
-    Ok(WriterMsg::Chunk {
+    Ok(Checked::Write(WriterMsg::Chunk {
         index: c.index,
         hash,
-        data,
-    })
+        data: data.map_or(Content::Zero, Content::Whole),
+    }))
 }
 
 fn writer_loop(
@@ -785,7 +941,7 @@ fn writer_loop(
     let geometry = manifest.geometry();
     let mut committed = 0u64;
     let mut finalize: Option<(u64, oneshot::Sender<Result<Summary>>)> = None;
-    let mut batch: Vec<(u64, Hash, Option<Bytes>)> = Vec::new();
+    let mut batch: Vec<(u64, Hash, Content)> = Vec::new();
     let mut batch_bytes = 0usize;
     let mut closed = false;
     loop {
@@ -801,12 +957,12 @@ fn writer_loop(
         };
         match rx.recv_timeout(timeout) {
             Ok(WriterMsg::Chunk { index, hash, data }) => {
-                batch_bytes += data.as_ref().map_or(0, |d| d.len());
+                batch_bytes += data.len();
                 batch.push((index, hash, data));
                 while batch_bytes < BATCH_BYTES && batch.len() < BATCH_CHUNKS {
                     match rx.try_recv() {
                         Ok(WriterMsg::Chunk { index, hash, data }) => {
-                            batch_bytes += data.as_ref().map_or(0, |d| d.len());
+                            batch_bytes += data.len();
                             batch.push((index, hash, data));
                         }
                         Ok(WriterMsg::Finalize { expected, reply }) => {
@@ -863,7 +1019,7 @@ fn commit_batch(
     volume: &Volume,
     manifest: &mut ManifestFile,
     geometry: &Geometry,
-    batch: Vec<(u64, Hash, Option<Bytes>)>,
+    batch: Vec<(u64, Hash, Content)>,
 ) -> Result<Vec<u64>> {
     let mut invalidated = false;
     for (index, _, _) in &batch {
@@ -880,8 +1036,13 @@ fn commit_batch(
             .range(*index)
             .expect("index checked against geometry");
         match data {
-            Some(d) => volume.write_all_at(d, range.start)?,
-            None => volume.zero_range(range.start, range.end - range.start)?,
+            Content::Whole(d) => volume.write_all_at(d, range.start)?,
+            Content::Zero => volume.zero_range(range.start, range.end - range.start)?,
+            Content::Runs(runs) => {
+                for (off, d) in runs {
+                    volume.write_all_at(d, range.start + off)?;
+                }
+            }
         }
     }
     volume.sync_data()?;

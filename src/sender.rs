@@ -70,7 +70,148 @@ struct Outgoing {
     hash: Hash,
     encoding: Encoding,
     len: u32,
+    /// Bitmap of the blocks in a patch's payload.
+    blocks: Vec<u8>,
     payload: Bytes,
+    /// A probe's chunk bytes, held (see [`Probes`]) until the chunk is acknowledged.
+    keep: Option<Bytes>,
+    /// The payload is a slice of a whole read block.
+    in_block: bool,
+}
+
+/// Chunks sent as probes (block hints; see [`Encoding::Probe`]) whose bytes
+/// wait for the receiver's answer.
+///
+/// Delta transfer below the chunk: after scattered small writes, most of a
+/// changed 64 KiB chunk is still what the target holds. For a chunk the
+/// target is known to hold a version of, the sender sends a hint of each
+/// 4 KiB block; the receiver compares them with its own copy and asks
+/// ([`wire::Need`]) for the blocks that differ; the sender sends them as a
+/// patch, which the receiver writes only if the patched chunk matches the
+/// chunk's full hash. The bytes of every probed chunk are held until it is
+/// acknowledged (the receiver may ask again for the whole chunk), bounded by
+/// `budget`. There is still no round trip in the pipeline: probes, patches
+/// and whole chunks all flow at once.
+struct Probes {
+    held: Mutex<HashMap<u64, (Bytes, tokio::sync::OwnedSemaphorePermit)>>,
+    budget: Arc<tokio::sync::Semaphore>,
+    permits: u32,
+    /// Where patches leave; `None` once every probe is answered.
+    patches: Mutex<Option<mpsc::UnboundedSender<Outgoing>>>,
+    /// Blocks probed, and blocks the receiver asked for.
+    probed_blocks: AtomicU64,
+    needed_blocks: AtomicU64,
+    probes: AtomicU64,
+}
+
+/// Bytes of probed chunks held at once.
+const PROBE_BUDGET: u64 = 64 << 20;
+
+impl Probes {
+    fn new(chunk: u64, patches: mpsc::UnboundedSender<Outgoing>) -> Probes {
+        let permits = (PROBE_BUDGET / chunk).clamp(4, 4096) as u32;
+        Probes {
+            held: Mutex::default(),
+            budget: Arc::new(tokio::sync::Semaphore::new(permits as usize)),
+            permits,
+            patches: Mutex::new(Some(patches)),
+            probed_blocks: AtomicU64::new(0),
+            needed_blocks: AtomicU64::new(0),
+            probes: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether to probe a chunk of `len` bytes the target holds a version
+    /// of (`known`, a hash the target's manifest records; not the zero
+    /// chunk's, whose blocks the sender knows are zeros: such a chunk
+    /// compresses to about its data anyway): chunks of 4 blocks or more, up
+    /// to 4 MiB; and while the receiver keeps asking for more than 3/4 of the
+    /// blocks probed (whole chunks rewritten), only one chunk in 16, to
+    /// notice when that changes.
+    fn worth(&self, known: &Hash, len: usize, zero: &Hash) -> bool {
+        if *known == manifest::UNKNOWN
+            || known == zero
+            || !(4 * wire::BLOCK..=4 << 20).contains(&len)
+        {
+            return false;
+        }
+        let probed = self.probed_blocks.load(Ordering::Relaxed);
+        let needed = self.needed_blocks.load(Ordering::Relaxed);
+        if probed >= 1024 && needed * 4 > probed * 3 {
+            return self.probes.fetch_add(1, Ordering::Relaxed).is_multiple_of(16);
+        }
+        self.probes.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Answers the receiver's [`wire::Need`]: queues the patch (or the whole
+    /// chunk, when every block is wanted).
+    fn answer(&self, need: wire::Need, hash_of: impl Fn(u64) -> Option<Hash>) -> Result<()> {
+        let data = self
+            .held
+            .lock()
+            .expect("not poisoned")
+            .get(&need.index)
+            .map(|(d, _)| d.clone());
+        let (Some(data), Some(hash)) = (data, hash_of(need.index)) else {
+            return Err(Error::Peer(format!(
+                "receiver asked for blocks of chunk {}, which was not probed",
+                need.index
+            )));
+        };
+        let n = wire::blocks_in(data.len());
+        if need.blocks.len() != n.div_ceil(8) {
+            return Err(Error::Peer(format!(
+                "receiver asked for blocks of chunk {} with a bitmap of {} bytes (expected {})",
+                need.index,
+                need.blocks.len(),
+                n.div_ceil(8)
+            )));
+        }
+        let wanted: Vec<usize> = (0..n).filter(|&i| wire::bit(&need.blocks, i)).collect();
+        self.probed_blocks.fetch_add(n as u64, Ordering::Relaxed);
+        self.needed_blocks
+            .fetch_add(wanted.len() as u64, Ordering::Relaxed);
+        let len = data.len() as u32;
+        let out = if wanted.len() == n {
+            Outgoing {
+                index: need.index,
+                hash,
+                encoding: Encoding::Raw,
+                len,
+                blocks: Vec::new(),
+                payload: data,
+                keep: None,
+                in_block: false,
+            }
+        } else {
+            let mut payload = Vec::with_capacity(wanted.len() * wire::BLOCK);
+            for i in wanted {
+                payload.extend_from_slice(
+                    &data[i * wire::BLOCK..((i + 1) * wire::BLOCK).min(data.len())],
+                );
+            }
+            Outgoing {
+                index: need.index,
+                hash,
+                encoding: Encoding::Patch,
+                len,
+                blocks: need.blocks,
+                payload: Bytes::from(payload),
+                keep: None,
+                in_block: false,
+            }
+        };
+        match &*self.patches.lock().expect("not poisoned") {
+            Some(tx) => tx
+                .send(out)
+                .map_err(|_| Error::Network("the patch stream ended".into())),
+            None => Err(Error::Peer(format!(
+                "receiver asked for blocks of chunk {} after every probe was answered",
+                need.index
+            ))),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -107,7 +248,9 @@ thread_local! {
 }
 
 /// Decides what to send for a scanned chunk; runs on the hashing threads.
-fn plan_chunk(s: Scanned, known: &Hash) -> Option<Outgoing> {
+/// `in_block`: the chunk's bytes are a slice of a whole read block; `probe`:
+/// send block hints first (see [`Probes`]).
+fn plan_chunk(s: Scanned, known: &Hash, in_block: bool, probe: bool) -> Option<Outgoing> {
     if *known == s.hash {
         return None;
     }
@@ -118,7 +261,32 @@ fn plan_chunk(s: Scanned, known: &Hash) -> Option<Outgoing> {
             hash: s.hash,
             encoding: Encoding::Zero,
             len,
+            blocks: Vec::new(),
             payload: Bytes::new(),
+            keep: None,
+            in_block: false,
+        });
+    }
+    if probe {
+        let mut hints = Vec::with_capacity(wire::blocks_in(s.data.len()) * wire::BLOCK_HINT_LEN);
+        for b in s.data.chunks(wire::BLOCK) {
+            hints.extend_from_slice(&blake3::hash(b).as_bytes()[..wire::BLOCK_HINT_LEN]);
+        }
+        // Held apart from the read block (which can then be freed).
+        let keep = if in_block {
+            Bytes::copy_from_slice(&s.data)
+        } else {
+            s.data
+        };
+        return Some(Outgoing {
+            index: s.index,
+            hash: s.hash,
+            encoding: Encoding::Probe,
+            len,
+            blocks: Vec::new(),
+            payload: Bytes::from(hints),
+            keep: Some(keep),
+            in_block: false,
         });
     }
     let compressed = POLICY.with(|p| {
@@ -136,14 +304,20 @@ fn plan_chunk(s: Scanned, known: &Hash) -> Option<Outgoing> {
             hash: s.hash,
             encoding: Encoding::Zstd,
             len,
+            blocks: Vec::new(),
             payload: Bytes::from(c),
+            keep: None,
+            in_block: false,
         },
         None => Outgoing {
             index: s.index,
             hash: s.hash,
             encoding: Encoding::Raw,
             len,
+            blocks: Vec::new(),
             payload: s.data,
+            keep: None,
+            in_block,
         },
     })
 }
@@ -342,12 +516,14 @@ async fn ack_loop(
     mut recv: quinn::RecvStream,
     ours: Arc<Mutex<ManifestFile>>,
     inflight: Arc<Mutex<HashMap<u64, Hash>>>,
+    probes: Arc<Probes>,
 ) -> Result<Summary> {
     loop {
         match transport::recv_control(&mut recv).await? {
             Some(Msg::Ack(a)) => {
                 let mut m = ours.lock().expect("not poisoned");
                 let mut inf = inflight.lock().expect("not poisoned");
+                let mut held = probes.held.lock().expect("not poisoned");
                 for i in a.indices {
                     match inf.remove(&i) {
                         Some(h) => m.set(i, &h),
@@ -357,8 +533,12 @@ async fn ack_loop(
                             )))
                         }
                     }
+                    held.remove(&i);
                 }
             }
+            Some(Msg::Need(n)) => probes.answer(n, |i| {
+                inflight.lock().expect("not poisoned").get(&i).copied()
+            })?,
             Some(Msg::Done(d)) => return parse_summary(d.summary),
             Some(Msg::Failure(f)) => return Err(Error::Io(f.message)),
             Some(other) => {
@@ -376,9 +556,25 @@ async fn ack_loop(
     }
 }
 
+/// Where a data stream takes its chunks from: the scan (bounded) or the
+/// answers to probes (unbounded; bounded by [`Probes`]' budget instead).
+enum ChunkQueue {
+    Scan(mpsc::Receiver<Outgoing>),
+    Patches(mpsc::UnboundedReceiver<Outgoing>),
+}
+
+impl ChunkQueue {
+    async fn recv(&mut self) -> Option<Outgoing> {
+        match self {
+            ChunkQueue::Scan(rx) => rx.recv().await,
+            ChunkQueue::Patches(rx) => rx.recv().await,
+        }
+    }
+}
+
 async fn stream_task(
     conn: quinn::Connection,
-    mut rx: mpsc::Receiver<Outgoing>,
+    mut rx: ChunkQueue,
     counters: Arc<Counters>,
     pacer: Option<Arc<Pacer>>,
     progress: Arc<dyn Progress>,
@@ -397,15 +593,19 @@ async fn stream_task(
             hash: o.hash.to_vec(),
             encoding: o.encoding as i32,
             len: o.len,
+            blocks: o.blocks,
             payload: Bytes::new(),
         };
         let mut bufs = wire::encode_chunk_frame(&head, o.payload);
         transport::write_bufs(&mut s, &mut bufs).await?;
-        counters.chunks.fetch_add(1, Ordering::Relaxed);
-        counters
-            .changed_bytes
-            .fetch_add(u64::from(o.len), Ordering::Relaxed);
         counters.sent_bytes.fetch_add(n, Ordering::Relaxed);
+        if o.encoding != Encoding::Probe {
+            // A probe is counted when its patch (or whole chunk) leaves.
+            counters.chunks.fetch_add(1, Ordering::Relaxed);
+            counters
+                .changed_bytes
+                .fetch_add(u64::from(o.len), Ordering::Relaxed);
+        }
         if o.encoding == Encoding::Zero {
             counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
         }
@@ -732,6 +932,11 @@ async fn stream_pass(
     // once per attempt, so acks of this attempt never touch an entry before
     // its comparison.
     let scan_known = ours.clone();
+    let (patch_tx, patch_rx) = mpsc::unbounded_channel::<Outgoing>();
+    let probes = Arc::new(Probes::new(geometry.chunk_size().bytes(), patch_tx));
+    let scan_probes = probes.clone();
+    let full_len = geometry.chunk_size().usize();
+    let zero_chunk = manifest::zero_hash(full_len);
     let mut scan = hash::scan(
         vol,
         geometry,
@@ -740,11 +945,16 @@ async fn stream_pass(
         move |s| {
             let known = scan_known.lock().expect("not poisoned").entry(s.index);
             // A chunk to send needs bytes of its own, hashed as they are sent.
+            let in_block = !s.mapped;
             let s = if s.hash == known { s } else { s.stable() };
             if let Some(t) = &sink {
                 manifest::set_entry(&mut t.lock().expect("not poisoned"), s.index, &s.hash);
             }
-            plan_chunk(s, &known)
+            let probe = s.hash != known
+                && !s.zero
+                && s.data.len() == full_len
+                && scan_probes.worth(&known, s.data.len(), &zero_chunk);
+            plan_chunk(s, &known, in_block, probe)
         },
         progress.clone(),
     );
@@ -766,7 +976,12 @@ async fn stream_pass(
     };
     // Holds a clone of `ours`: every exit path below must have it finished
     // (awaited, not only aborted) so the caller gets the manifest back.
-    let mut ack_task = tokio::spawn(ack_loop(recv, ours.clone(), inflight.clone()));
+    let mut ack_task = tokio::spawn(ack_loop(
+        recv,
+        ours.clone(),
+        inflight.clone(),
+        probes.clone(),
+    ));
     let mut ack_finished = false;
     let streams = cfg.streams.max(1);
     let chunks_before = counters.chunks.load(Ordering::Relaxed);
@@ -778,12 +993,19 @@ async fn stream_pass(
             txs.push(tx);
             tasks.spawn(stream_task(
                 conn.clone(),
-                rx,
+                ChunkQueue::Scan(rx),
                 counters.clone(),
                 pacer.clone(),
                 progress.clone(),
             ));
         }
+        let mut patch_task = tokio::spawn(stream_task(
+            conn.clone(),
+            ChunkQueue::Patches(patch_rx),
+            counters.clone(),
+            pacer.clone(),
+            progress.clone(),
+        ));
         let mut next = 0usize;
         let mut failed: Option<Error> = None;
         'blocks: while let Some(block) = scan.rx.recv().await {
@@ -799,8 +1021,18 @@ async fn stream_pass(
             // instead of waiting in send queues (bounds the sender's memory).
             let sparse = (block.items.len() as u64) * 2 < chunks_per_block;
             for mut o in block.items {
-                if sparse && o.encoding == Encoding::Raw {
+                if sparse && o.in_block {
                     o.payload = Bytes::copy_from_slice(&o.payload);
+                }
+                if let Some(keep) = o.keep.take() {
+                    let Ok(permit) = probes.budget.clone().acquire_owned().await else {
+                        break 'blocks;
+                    };
+                    probes
+                        .held
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(o.index, (keep, permit));
                 }
                 inflight
                     .lock()
@@ -823,6 +1055,33 @@ async fn stream_pass(
                 Ok(Err(e)) => failed = failed.or(Some(e)),
                 Err(_) => {
                     failed = failed.or(Some(Error::Network("a data stream task failed".into())))
+                }
+            }
+        }
+        if failed.is_none() {
+            // Every probe answered and its chunk acknowledged: every permit
+            // is back. Then the patch stream may end.
+            tokio::select! {
+                r = probes.budget.acquire_many(probes.permits) => {
+                    if r.is_err() {
+                        failed = Some(Error::Io("probe budget closed".into()));
+                    }
+                }
+                r = &mut patch_task => {
+                    failed = Some(match r {
+                        Ok(Err(e)) => e,
+                        _ => Error::Network("the patch stream ended early".into()),
+                    });
+                }
+            }
+        }
+        probes.patches.lock().expect("not poisoned").take();
+        if !patch_task.is_finished() || failed.is_none() {
+            match patch_task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(_) => {
+                    failed = failed.or(Some(Error::Network("the patch stream task failed".into())))
                 }
             }
         }
@@ -853,6 +1112,11 @@ async fn stream_pass(
             ack_task.abort();
             let _ = ack_task.await;
         }
+        // Tell the receiver now, so it lets go of the volume at once
+        // rather than at the idle timeout (an immediate rerun would be
+        // refused as "in use" meanwhile).
+        conn.close(1u32.into(), format!("sender: {error}").as_bytes());
+        let _ = tokio::time::timeout(Duration::from_millis(50), endpoint.wait_idle()).await;
         return Err(Interrupted {
             error,
             resume_at: resume_at(contiguous, &inflight),

@@ -111,7 +111,10 @@ fn chunk_for(args: &SyncArgs, remote: Option<&RemoteVolume>) -> ChunkSize {
 /// Runs `nightpass verify`; returns 0 identical, 1 differences.
 pub async fn run(args: &SyncArgs, progress: Arc<dyn Progress>) -> Result<i32> {
     let started = Instant::now();
-    let source = Arc::new(Volume::open_source_reader(&args.source, args.scan().read_mode())?);
+    let source = Arc::new(Volume::open_source_reader(
+        &args.source,
+        args.scan().read_mode(),
+    )?);
     let remote = RemoteVolume::parse(&args.dest);
     let chunk = chunk_for(args, remote.as_ref());
     let cmp = match &remote {

@@ -13,7 +13,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 
 /// Protocol version spoken by this build. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// ALPN token of the protocol inside TLS.
 pub const ALPN: &[u8] = b"nightpass/1";
@@ -73,6 +73,35 @@ pub enum Encoding {
     Zstd = 1,
     /// The chunk is all zeros; no payload.
     Zero = 2,
+    /// No bytes yet: the payload is a [`BLOCK_HINT_LEN`]-byte hint (BLAKE3,
+    /// truncated) of each [`BLOCK`]-sized block of the chunk, so the
+    /// receiver can ask ([`Need`]) for only the blocks its target lacks.
+    /// Written nothing; the chunk stays in flight until its patch arrives.
+    Probe = 3,
+    /// The payload is the blocks named by [`Chunk::blocks`], in order: the
+    /// receiver overlays them on its target's copy of the chunk and writes
+    /// the result only if it matches `hash`.
+    Patch = 4,
+}
+
+/// Size of the blocks a [`Encoding::Probe`] describes and a
+/// [`Encoding::Patch`] carries: the page and filesystem block size, so
+/// scattered small writes cost one block each.
+pub const BLOCK: usize = 4096;
+
+/// Bytes of hint per block in a probe: 128 bits of BLAKE3. A hint only
+/// chooses what to send; the whole chunk's 256-bit hash decides what is
+/// written.
+pub const BLOCK_HINT_LEN: usize = 16;
+
+/// Blocks of a chunk of `len` bytes.
+pub fn blocks_in(len: usize) -> usize {
+    len.div_ceil(BLOCK)
+}
+
+/// True when bit `i` of a block bitmap (least significant bit first) is set.
+pub fn bit(bitmap: &[u8], i: usize) -> bool {
+    bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 
 /// A manifest summary as carried on the wire.
@@ -225,6 +254,19 @@ pub struct Mark {
     pub frozen_s: f64,
 }
 
+/// Receiver → sender: answers a [`Encoding::Probe`]: send these blocks of
+/// chunk `index` as a [`Encoding::Patch`].
+#[derive(Clone, PartialEq, Message)]
+pub struct Need {
+    /// Chunk index of the probe.
+    #[prost(uint64, tag = "1")]
+    pub index: u64,
+    /// Bitmap of the blocks wanted, least significant bit first; every bit
+    /// set asks for the whole chunk.
+    #[prost(bytes = "vec", tag = "2")]
+    pub blocks: Vec<u8>,
+}
+
 /// Receiver → sender: the session ends with an error.
 #[derive(Clone, PartialEq, Message)]
 pub struct Failure {
@@ -237,7 +279,10 @@ pub struct Failure {
 #[derive(Clone, PartialEq, Message)]
 pub struct Control {
     /// The message.
-    #[prost(oneof = "control::Msg", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12")]
+    #[prost(
+        oneof = "control::Msg",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13"
+    )]
     pub msg: Option<control::Msg>,
 }
 
@@ -282,6 +327,9 @@ pub mod control {
         /// See [`super::Mark`].
         #[prost(message, tag = "12")]
         Mark(super::Mark),
+        /// See [`super::Need`].
+        #[prost(message, tag = "13")]
+        Need(super::Need),
     }
 }
 
@@ -307,6 +355,10 @@ pub struct Chunk {
     /// Uncompressed length of the chunk.
     #[prost(uint32, tag = "4")]
     pub len: u32,
+    /// [`Encoding::Patch`]: bitmap of the blocks in the payload, least
+    /// significant bit first.
+    #[prost(bytes = "vec", tag = "5")]
+    pub blocks: Vec<u8>,
     /// Payload; always encoded last (see [`encode_chunk_frame`]).
     #[prost(bytes = "bytes", tag = "15")]
     pub payload: Bytes,
@@ -446,6 +498,7 @@ mod tests {
             hash: vec![5; 32],
             encoding: Encoding::Zstd as i32,
             len: 65536,
+            blocks: vec![0b1010],
             payload: payload.clone(),
         };
         let [head, body] = encode_chunk_frame(&c, payload);

@@ -681,22 +681,32 @@ pub fn scatter_writes(
     chunk: u64,
     rng: &mut Rng,
 ) -> BTreeSet<u64> {
+    scatter_blocks(path, size, count, rng)
+        .into_iter()
+        .map(|offset| offset / chunk)
+        .collect()
+}
+
+/// Writes `count` random 4 KiB blocks at random 4 KiB-aligned offsets of the
+/// first `size` bytes of `path` and returns the offsets of the distinct
+/// blocks written.
+pub fn scatter_blocks(path: &Path, size: u64, count: usize, rng: &mut Rng) -> BTreeSet<u64> {
     const BLOCK: u64 = 4096;
     assert!(size >= BLOCK);
     let f = OpenOptions::new()
         .write(true)
         .open(path)
         .unwrap_or_else(|e| panic!("open {} for writing: {e}", path.display()));
-    let mut touched = BTreeSet::new();
+    let mut written = BTreeSet::new();
     let mut block = vec![0u8; BLOCK as usize];
     for _ in 0..count {
         let offset = rng.below(size / BLOCK) * BLOCK;
         rng.fill(&mut block);
         f.write_all_at(&block, offset).expect("scattered write");
-        touched.insert(offset / chunk);
+        written.insert(offset);
     }
     f.sync_all().expect("fsync");
-    touched
+    written
 }
 
 /// BLAKE3 of the first `len` bytes of `path` (a file or a device).

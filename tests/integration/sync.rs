@@ -2,6 +2,7 @@
 //! short last chunks and compression, as the JSON events and the target's
 //! bytes show them.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -39,9 +40,12 @@ fn full_then_delta_then_noop_pass() {
         "first pass sent {sent} bytes for {size} bytes of data"
     );
 
-    // Pass 2: 1% of the volume rewritten in scattered 4 KiB blocks.
+    // Pass 2: 1% of the volume rewritten in scattered 4 KiB blocks. Each
+    // changed chunk travels as a probe (a 16-byte hint per 4 KiB block) and
+    // a patch of exactly the blocks that differ.
     let writes = (size / 100 / 4096) as usize;
-    let touched = scatter_writes(&source, size, writes, CHUNK, &mut rng);
+    let blocks = scatter_blocks(&source, size, writes, &mut rng);
+    let touched: BTreeSet<u64> = blocks.iter().map(|b| b / CHUNK).collect();
     assert!(touched.len() > 50, "the test should touch many chunks");
     let p2 = tx.sync(&source, &dest, &[]);
     p2.assert_pass(2, size, CHUNK);
@@ -52,11 +56,14 @@ fn full_then_delta_then_noop_pass() {
         n,
         "{writes} writes touched {n} distinct chunks"
     );
-    let sent = p2.sent_bytes();
-    let expect = n * CHUNK;
-    assert!(
-        sent >= expect && sent as f64 <= expect as f64 * 1.02,
-        "delta pass sent {sent} bytes for {n} changed random chunks ({expect} bytes)"
+    let hints = n * (CHUNK / 4096) * 16;
+    let expect = blocks.len() as u64 * 4096 + hints;
+    assert_eq!(
+        p2.sent_bytes(),
+        expect,
+        "delta pass: {} blocks of 4 KiB in {n} chunks ({} bytes of hints) should send {expect} bytes",
+        blocks.len(),
+        hints
     );
 
     // Pass 3: nothing changed, nothing travels.

@@ -39,6 +39,35 @@ enum Attack {
     OutOfOrder,
     /// A message only a receiver sends (an Ack) from the sender's side.
     WrongDirection,
+    /// A probe whose block hints are not one per 4 KiB block.
+    ShortHints,
+    /// A patch whose block bitmap does not fit the chunk.
+    PatchBitmap,
+    /// A patch naming two blocks that carries one.
+    PatchShort,
+}
+
+/// The 16-byte hint of each 4 KiB block of `chunk`, as a sender probes with.
+fn hints_of(chunk: &[u8]) -> Vec<u8> {
+    chunk
+        .chunks(wire::BLOCK)
+        .flat_map(|b| blake3::hash(b).as_bytes()[..wire::BLOCK_HINT_LEN].to_vec())
+        .collect()
+}
+
+fn patch_frame(index: u64, hash: &[u8], blocks: Vec<u8>, payload: Bytes) -> Bytes {
+    let c = wire::Chunk {
+        index,
+        hash: hash.to_vec(),
+        encoding: Encoding::Patch as i32,
+        len: CHUNK as u32,
+        blocks,
+        payload: Bytes::new(),
+    };
+    let [head, body] = wire::encode_chunk_frame(&c, payload);
+    let mut b = BytesMut::from(&head[..]);
+    b.extend_from_slice(&body);
+    b.freeze()
 }
 
 fn chunk_frame(index: u64, hash: &[u8], encoding: Encoding, len: u32, payload: Bytes) -> Bytes {
@@ -47,6 +76,7 @@ fn chunk_frame(index: u64, hash: &[u8], encoding: Encoding, len: u32, payload: B
         hash: hash.to_vec(),
         encoding: encoding as i32,
         len,
+        blocks: Vec::new(),
         payload: Bytes::new(),
     };
     let [head, body] = wire::encode_chunk_frame(&c, payload);
@@ -152,6 +182,15 @@ async fn attack(id: &Identity, port: u16, fp: &str, size: u64, a: Attack) -> Str
                 .unwrap();
             None
         }
+        Attack::ShortHints => Some(chunk_frame(
+            5,
+            &hash,
+            Encoding::Probe,
+            CHUNK as u32,
+            Bytes::from(hints_of(&payload)).slice(..100),
+        )),
+        Attack::PatchBitmap => Some(patch_frame(6, &hash, vec![1], payload.slice(..4096))),
+        Attack::PatchShort => Some(patch_frame(7, &hash, vec![0b11, 0], payload.slice(..4096))),
         Attack::WrongDirection => {
             transport::send_control(
                 &mut send,
@@ -239,6 +278,9 @@ fn hostile_authenticated_peer_writes_nothing_and_others_carry_on() {
         (Attack::Garbage, "bad chunk frame"),
         (Attack::OutOfOrder, "unexpected control message: hello"),
         (Attack::WrongDirection, "unexpected control message: ack"),
+        (Attack::ShortHints, "carries 100 bytes of block hints"),
+        (Attack::PatchBitmap, "block bitmap of 1 bytes"),
+        (Attack::PatchShort, "shorter than the blocks it names"),
     ];
     let rt = rt();
     for (a, expect) in cases {
@@ -332,4 +374,105 @@ fn peer_that_never_reads_acks_cannot_grow_receiver_memory() {
     std::thread::sleep(Duration::from_millis(500));
     let (_, bad) = manifest_claims_hold(&receiver_manifest(&rx.state, "w"), &tw);
     assert!(bad.is_empty(), "claims not held: {bad:?}");
+}
+
+/// The probe and patch exchange, driven by hand over real QUIC: the receiver
+/// asks for exactly the blocks its target lacks, writes a patch only when the
+/// patched chunk matches the chunk's hash, and asks for the whole chunk when
+/// it does not (writing nothing of it).
+#[test]
+fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
+    let dir = scratch();
+    let root = dir.path();
+    let (sender, rx, tv, _tw) = setup(root);
+    let size = 8 * MIB;
+    let before = std::fs::read(&tv).unwrap();
+    let chunk = |i: usize| before[i * CHUNK as usize..(i + 1) * CHUNK as usize].to_vec();
+    // Chunk 0 with blocks 3 and 9 rewritten.
+    let mut new0 = chunk(0);
+    let fresh = random_bytes(2 * wire::BLOCK, 301);
+    new0[3 * wire::BLOCK..4 * wire::BLOCK].copy_from_slice(&fresh[..wire::BLOCK]);
+    new0[9 * wire::BLOCK..10 * wire::BLOCK].copy_from_slice(&fresh[wire::BLOCK..]);
+    let hash0 = *blake3::hash(&new0).as_bytes();
+    let id = Identity::load(&sender.id.dir).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let (ep, conn, mut send, mut recv) = open(&id, rx.port, &rx.fp, "v", size).await;
+        let mut s = conn.open_uni().await.unwrap();
+        let probe = chunk_frame(
+            0,
+            &hash0,
+            Encoding::Probe,
+            CHUNK as u32,
+            Bytes::from(hints_of(&new0)),
+        );
+        s.write_all(&probe).await.unwrap();
+        let need = match transport::recv_control(&mut recv).await.unwrap() {
+            Some(Msg::Need(n)) => n,
+            other => panic!("expected the receiver to ask for blocks, got {other:?}"),
+        };
+        assert_eq!(need.index, 0);
+        assert_eq!(
+            need.blocks,
+            vec![1 << 3, 1 << (9 - 8)],
+            "the receiver must ask for blocks 3 and 9 only"
+        );
+        let payload = [
+            &new0[3 * wire::BLOCK..4 * wire::BLOCK],
+            &new0[9 * wire::BLOCK..10 * wire::BLOCK],
+        ]
+        .concat();
+        s.write_all(&patch_frame(0, &hash0, need.blocks, Bytes::from(payload)))
+            .await
+            .unwrap();
+        match transport::recv_control(&mut recv).await.unwrap() {
+            Some(Msg::Ack(a)) => assert_eq!(a.indices, vec![0]),
+            other => panic!("expected an ack of the patched chunk, got {other:?}"),
+        }
+        // A patch of chunk 1 whose result is not the announced hash.
+        let wrong = *blake3::hash(b"not what the patch makes").as_bytes();
+        s.write_all(&patch_frame(
+            1,
+            &wrong,
+            vec![1, 0],
+            Bytes::from(random_bytes(wire::BLOCK, 302)),
+        ))
+        .await
+        .unwrap();
+        match transport::recv_control(&mut recv).await.unwrap() {
+            Some(Msg::Need(n)) => {
+                assert_eq!(n.index, 1);
+                assert_eq!(
+                    n.blocks,
+                    vec![0xff, 0xff],
+                    "a failed patch asks for the whole chunk"
+                );
+            }
+            other => panic!("expected the receiver to ask for the whole chunk 1, got {other:?}"),
+        }
+        s.finish().unwrap();
+        transport::send_control(&mut send, Msg::Finish(wire::Finish { chunks_sent: 1 }))
+            .await
+            .unwrap();
+        match transport::recv_control(&mut recv).await.unwrap() {
+            Some(Msg::Done(_)) => {}
+            other => panic!("expected done, got {other:?}"),
+        }
+        conn.close(0u32.into(), b"done");
+        ep.wait_idle().await;
+    });
+    let after = std::fs::read(&tv).unwrap();
+    assert_eq!(
+        after[..CHUNK as usize],
+        new0[..],
+        "chunk 0 holds the patched data"
+    );
+    assert_eq!(
+        after[CHUNK as usize..],
+        before[CHUNK as usize..],
+        "nothing else was written"
+    );
+    let (claimed, bad) = manifest_claims_hold(&receiver_manifest(&rx.state, "v"), &tv);
+    assert!(bad.is_empty(), "manifest claims {bad:?}");
+    assert_eq!(claimed, 1, "the manifest claims the patched chunk only");
 }
