@@ -223,6 +223,9 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
     if exclusive && hello.resumes {
         supersede(&shared, &hello).await;
     }
+    if exclusive {
+        await_closed_holder(&shared, &hello.volume).await;
+    }
     let accepted = accept(&shared, &hello, exclusive, &conn);
     let (guard, path) = match accepted {
         Ok(x) => x,
@@ -271,6 +274,25 @@ async fn supersede(shared: &Arc<Shared>, hello: &wire::Hello) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A volume held by a session whose connection has already ended (its
+/// sender closed it, or it failed) is about to be let go, once its writer has
+/// stopped: wait for that (up to 5 s) rather than refusing a sender that
+/// reruns at once.
+async fn await_closed_holder(shared: &Arc<Shared>, name: &str) {
+    for _ in 0..250 {
+        let closing = shared
+            .busy
+            .lock()
+            .expect("not poisoned")
+            .get(name)
+            .is_some_and(|h| h.conn.as_ref().is_some_and(|c| c.close_reason().is_some()));
+        if !closing {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -569,6 +591,9 @@ async fn sync_session(
             .map_err(|_| Error::Io("open task failed".into()))?
             .map(Arc::new)?
     };
+    // Chunks patched in this session: a second probe or patch of one would
+    // read the target before the first patch is written.
+    let patched: Arc<Mutex<HashSet<u64>>> = Arc::default();
     // Data streams.
     let data_conn = conn.clone();
     let data_ctl = ctl_tx.clone();
@@ -579,7 +604,7 @@ async fn sync_session(
         loop {
             tokio::select! {
                 s = data_conn.accept_uni() => match s {
-                    Ok(s) => { streams.spawn(data_stream(s, geometry, data_wtx.clone(), budget.clone(), reader.clone(), data_ctl.clone())); }
+                    Ok(s) => { streams.spawn(data_stream(s, geometry, data_wtx.clone(), budget.clone(), (reader.clone(), patched.clone()), data_ctl.clone())); }
                     Err(_) => break,
                 },
                 Some(r) = streams.join_next(), if !streams.is_empty() => {
@@ -670,7 +695,8 @@ async fn sync_session(
     drop(wtx);
     drop(ctl_tx);
     if let Err(e) = result {
-        conn.close(1u32.into(), e.to_string().as_bytes());
+        // The caller logs the error, then closes the connection with it (in
+        // that order: whoever sees the close finds the reason in the log).
         data_task.abort();
         return Err(e);
     }
@@ -719,7 +745,7 @@ async fn data_stream(
     geometry: Geometry,
     wtx: SyncSender<WriterMsg>,
     budget: Arc<tokio::sync::Semaphore>,
-    target: Arc<Volume>,
+    (target, patched): (Arc<Volume>, Arc<Mutex<HashSet<u64>>>),
     ctl: mpsc::Sender<Msg>,
 ) -> Result<()> {
     let max = geometry.chunk_size().usize() + 4096;
@@ -736,8 +762,9 @@ async fn data_stream(
         };
         let wtx = wtx.clone();
         let target = target.clone();
+        let patched = patched.clone();
         let need = tokio::task::spawn_blocking(move || -> Result<Option<wire::Need>> {
-            let msg = match check_chunk(body, &geometry, &target)? {
+            let msg = match check_chunk(body, &geometry, &target, &patched)? {
                 Checked::Write(m) => m,
                 Checked::Need(n) => return Ok(Some(n)),
             };
@@ -825,7 +852,12 @@ fn apply_patch(index: u64, old: &mut [u8], bitmap: &[u8], payload: &[u8]) -> Res
 /// Decodes and verifies one chunk frame; a probe or a patch reads the
 /// target's current copy of the chunk. Nothing unverified leaves this
 /// function.
-fn check_chunk(body: Bytes, geometry: &Geometry, target: &Volume) -> Result<Checked> {
+fn check_chunk(
+    body: Bytes,
+    geometry: &Geometry,
+    target: &Volume,
+    patched: &Mutex<HashSet<u64>>,
+) -> Result<Checked> {
     let c = wire::decode_chunk(body).map_err(|e| Error::Peer(format!("bad chunk frame: {e}")))?;
     let Some(len) = geometry.chunk_len(c.index) else {
         return Err(Error::Peer(format!(
@@ -848,7 +880,16 @@ fn check_chunk(body: Bytes, geometry: &Geometry, target: &Volume) -> Result<Chec
         ))
     })?;
     let start = geometry.range(c.index).expect("index checked above").start;
-    let data = match Encoding::try_from(c.encoding) {
+    let encoding = Encoding::try_from(c.encoding);
+    if matches!(encoding, Ok(Encoding::Probe | Encoding::Patch))
+        && patched.lock().expect("not poisoned").contains(&c.index)
+    {
+        return Err(Error::Peer(format!(
+            "chunk {} was already patched in this session; nothing written",
+            c.index
+        )));
+    }
+    let data = match encoding {
         Ok(Encoding::Probe) => {
             let old = target.read_vec_at(len, start)?;
             return answer_probe(c.index, &c.payload, &old).map(Checked::Need);
@@ -870,6 +911,7 @@ fn check_chunk(body: Bytes, geometry: &Geometry, target: &Volume) -> Result<Chec
                     blocks,
                 }));
             }
+            patched.lock().expect("not poisoned").insert(c.index);
             // Write back only the runs of blocks the patch brought.
             let chunk = Bytes::from(chunk);
             let n = wire::blocks_in(len);

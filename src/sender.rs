@@ -138,7 +138,10 @@ impl Probes {
         let probed = self.probed_blocks.load(Ordering::Relaxed);
         let needed = self.needed_blocks.load(Ordering::Relaxed);
         if probed >= 1024 && needed * 4 > probed * 3 {
-            return self.probes.fetch_add(1, Ordering::Relaxed).is_multiple_of(16);
+            return self
+                .probes
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(16);
         }
         self.probes.fetch_add(1, Ordering::Relaxed);
         true

@@ -378,8 +378,9 @@ fn peer_that_never_reads_acks_cannot_grow_receiver_memory() {
 
 /// The probe and patch exchange, driven by hand over real QUIC: the receiver
 /// asks for exactly the blocks its target lacks, writes a patch only when the
-/// patched chunk matches the chunk's hash, and asks for the whole chunk when
-/// it does not (writing nothing of it).
+/// patched chunk matches the chunk's hash, asks for the whole chunk when it
+/// does not (writing nothing of it), and refuses a second probe of a chunk
+/// it already patched in the session.
 #[test]
 fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
     let dir = scratch();
@@ -397,7 +398,7 @@ fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
     let id = Identity::load(&sender.id.dir).unwrap();
     let rt = rt();
     rt.block_on(async {
-        let (ep, conn, mut send, mut recv) = open(&id, rx.port, &rx.fp, "v", size).await;
+        let (ep, conn, send, mut recv) = open(&id, rx.port, &rx.fp, "v", size).await;
         let mut s = conn.open_uni().await.unwrap();
         let probe = chunk_frame(
             0,
@@ -450,16 +451,25 @@ fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
             }
             other => panic!("expected the receiver to ask for the whole chunk 1, got {other:?}"),
         }
-        s.finish().unwrap();
-        transport::send_control(&mut send, Msg::Finish(wire::Finish { chunks_sent: 1 }))
+        // A second probe of the chunk already patched in this session would
+        // read the target before that patch is written: refused.
+        s.write_all(&probe).await.unwrap();
+        let _ = s.finish();
+        let err = tokio::time::timeout(Duration::from_secs(10), conn.closed())
             .await
-            .unwrap();
-        match transport::recv_control(&mut recv).await.unwrap() {
-            Some(Msg::Done(_)) => {}
-            other => panic!("expected done, got {other:?}"),
+            .expect("the receiver ends the session");
+        match err {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                let reason = String::from_utf8_lossy(&c.reason).into_owned();
+                assert!(
+                    reason.contains("already patched"),
+                    "the reason {reason:?} does not say the chunk was already patched"
+                );
+            }
+            other => panic!("the session ended without an explanation: {other}"),
         }
-        conn.close(0u32.into(), b"done");
-        ep.wait_idle().await;
+        drop(send);
+        ep.close(0u32.into(), b"");
     });
     let after = std::fs::read(&tv).unwrap();
     assert_eq!(
