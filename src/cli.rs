@@ -248,7 +248,8 @@ pub struct SyncArgs {
     /// 32 MiB in flight, enough for 2.5 Gbit/s at 100 ms round trip).
     #[arg(long)]
     pub streams: Option<usize>,
-    /// Drop source pages from the page cache behind the reader.
+    /// Drop source pages from the page cache behind the reader (reads with
+    /// pread; without it, blocks are read through memory maps).
     #[arg(long)]
     pub drop_cache: bool,
     /// Read the source with O_DIRECT, bypassing the page cache entirely

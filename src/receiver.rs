@@ -732,9 +732,9 @@ pub fn msg_name(m: &Msg) -> &'static str {
 
 /// Bytes of chunk data a session may hold in memory between the network and
 /// the writer's queue (each bound separately).
-const SESSION_BUFFER: u64 = 64 << 20;
+const SESSION_BUFFER: u64 = 48 << 20;
 
-/// Chunks a session may hold per stage: 64 MiB worth, at least 2, at most 256.
+/// Chunks a session may hold per stage: 48 MiB worth, at least 2, at most 256.
 fn in_flight_chunks(chunk: ChunkSize) -> usize {
     (SESSION_BUFFER / chunk.bytes()).clamp(2, 256) as usize
 }
