@@ -79,6 +79,22 @@ struct Outgoing {
     in_block: bool,
 }
 
+impl Outgoing {
+    /// A chunk frame with no patch bitmap, nothing held, and a payload of its own.
+    fn new(index: u64, hash: Hash, encoding: Encoding, len: u32, payload: Bytes) -> Outgoing {
+        Outgoing {
+            index,
+            hash,
+            encoding,
+            len,
+            blocks: Vec::new(),
+            payload,
+            keep: None,
+            in_block: false,
+        }
+    }
+}
+
 /// Chunks sent as probes (block hints; see [`Encoding::Probe`]) whose bytes
 /// wait for the receiver's answer.
 ///
@@ -177,16 +193,7 @@ impl Probes {
             .fetch_add(wanted.len() as u64, Ordering::Relaxed);
         let len = data.len() as u32;
         let out = if wanted.len() == n {
-            Outgoing {
-                index: need.index,
-                hash,
-                encoding: Encoding::Raw,
-                len,
-                blocks: Vec::new(),
-                payload: data,
-                keep: None,
-                in_block: false,
-            }
+            Outgoing::new(need.index, hash, Encoding::Raw, len, data)
         } else {
             let mut payload = Vec::with_capacity(wanted.len() * wire::BLOCK);
             for i in wanted {
@@ -195,14 +202,8 @@ impl Probes {
                 );
             }
             Outgoing {
-                index: need.index,
-                hash,
-                encoding: Encoding::Patch,
-                len,
                 blocks: need.blocks,
-                payload: Bytes::from(payload),
-                keep: None,
-                in_block: false,
+                ..Outgoing::new(need.index, hash, Encoding::Patch, len, Bytes::from(payload))
             }
         };
         match &*self.patches.lock().expect("not poisoned") {
@@ -259,16 +260,13 @@ fn plan_chunk(s: Scanned, known: &Hash, in_block: bool, probe: bool) -> Option<O
     }
     let len = s.data.len() as u32;
     if s.zero {
-        return Some(Outgoing {
-            index: s.index,
-            hash: s.hash,
-            encoding: Encoding::Zero,
+        return Some(Outgoing::new(
+            s.index,
+            s.hash,
+            Encoding::Zero,
             len,
-            blocks: Vec::new(),
-            payload: Bytes::new(),
-            keep: None,
-            in_block: false,
-        });
+            Bytes::new(),
+        ));
     }
     if probe {
         let mut hints = Vec::with_capacity(wire::blocks_in(s.data.len()) * wire::BLOCK_HINT_LEN);
@@ -282,14 +280,8 @@ fn plan_chunk(s: Scanned, known: &Hash, in_block: bool, probe: bool) -> Option<O
             s.data
         };
         return Some(Outgoing {
-            index: s.index,
-            hash: s.hash,
-            encoding: Encoding::Probe,
-            len,
-            blocks: Vec::new(),
-            payload: Bytes::from(hints),
             keep: Some(keep),
-            in_block: false,
+            ..Outgoing::new(s.index, s.hash, Encoding::Probe, len, Bytes::from(hints))
         });
     }
     let compressed = POLICY.with(|p| {
@@ -302,25 +294,10 @@ fn plan_chunk(s: Scanned, known: &Hash, in_block: bool, probe: bool) -> Option<O
         CompressPolicy::pays(s.data.len(), c.len()).then_some(c)
     });
     Some(match compressed {
-        Some(c) => Outgoing {
-            index: s.index,
-            hash: s.hash,
-            encoding: Encoding::Zstd,
-            len,
-            blocks: Vec::new(),
-            payload: Bytes::from(c),
-            keep: None,
-            in_block: false,
-        },
+        Some(c) => Outgoing::new(s.index, s.hash, Encoding::Zstd, len, Bytes::from(c)),
         None => Outgoing {
-            index: s.index,
-            hash: s.hash,
-            encoding: Encoding::Raw,
-            len,
-            blocks: Vec::new(),
-            payload: s.data,
-            keep: None,
             in_block,
+            ..Outgoing::new(s.index, s.hash, Encoding::Raw, len, s.data)
         },
     })
 }
