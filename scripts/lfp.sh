@@ -4,7 +4,7 @@
 # `tc tbf` bottleneck, built from two network namespaces; the pass must reach
 # >= 90% of what the shaped path carries.
 #
-#   scripts/lfp.sh                          # 1 GiB image, cubic and bbr, --quic-window 64M
+#   scripts/lfp.sh                          # 1 GiB image, cubic (64M window) and bbr (8M)
 #   SIZE=512M QUIC_WINDOWS="16M 64M" scripts/lfp.sh
 #
 # Needs root (namespaces, tc), ip(8), tc(8) and python3. The kernel needs
@@ -71,7 +71,10 @@
 #   TBF_BURST      tbf burst in bytes (default: 1 ms of the rate, >= 16384)
 #   TBF_LATENCY_MS tbf latency in ms (default 2 × DELAY_MS)
 #   CCS            congestion controllers to run (default "cubic bbr")
-#   QUIC_WINDOWS   --quic-window values to run (default "64M", nightpass's default)
+#   QUIC_WINDOWS   --quic-window values to run (default: nightpass's default 64M for
+#                  cubic; for bbr 1.3 x the bandwidth-delay product, 8M at the
+#                  defaults, the window README tells BBR users to set: quinn's
+#                  BBR overruns the tbf queue with a window far above the BDP)
 #   STREAMS        --streams for sync (default: nightpass's default)
 #   RETRY_FOR      --retry-for for sync (default: nightpass's default, so a lost
 #                  connection is resumed and counted; 0 makes it a failure)
@@ -106,7 +109,10 @@ DELAY_MS=${DELAY_MS:-50}
 TBF_BURST=${TBF_BURST:-$((RATE_MBIT * 1000000 / 8 / 1000 > 16384 ? RATE_MBIT * 1000000 / 8 / 1000 : 16384))}
 TBF_LATENCY_MS=${TBF_LATENCY_MS:-$((2 * DELAY_MS))}
 CCS=${CCS:-cubic bbr}
-QUIC_WINDOWS=${QUIC_WINDOWS:-64M}
+QUIC_WINDOWS=${QUIC_WINDOWS:-}
+# BBR's window when QUIC_WINDOWS is not given: 1.3 x the path's
+# bandwidth-delay product (RATE_MBIT x 2 x DELAY_MS), rounded up to MiB.
+BBR_WINDOW=$(( (RATE_MBIT * 1000000 / 8 * 2 * DELAY_MS / 1000 * 13 / 10 + 1048575) / 1048576 ))M
 STREAMS=${STREAMS:-}
 REPEAT=${REPEAT:-1}
 REFERENCE=${REFERENCE:-udp}
@@ -412,7 +418,11 @@ run() {
 }
 
 for cc in $CCS; do
-    for win in $QUIC_WINDOWS; do
+    windows=$QUIC_WINDOWS
+    if [[ -z $windows ]]; then
+        if [[ $cc == bbr ]]; then windows=$BBR_WINDOW; else windows=64M; fi
+    fi
+    for win in $windows; do
         for n in $(seq "$REPEAT"); do
             echo "== sync --congestion $cc --quic-window $win (run $n of $REPEAT), $SIZE through the relay; load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
             run "$cc" "$win" "$n"

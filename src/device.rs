@@ -397,23 +397,52 @@ impl Volume {
     /// Reads exactly `len` bytes at `offset` into a fresh buffer, without
     /// first zero-filling it (the kernel writes every byte handed out).
     pub fn read_vec_at(&self, len: usize, offset: u64) -> Result<Vec<u8>> {
+        Ok(self
+            .read_vec_flags(len, offset, 0)?
+            .expect("a read without RWF_NOWAIT does not give up"))
+    }
+
+    /// Like [`Volume::read_vec_at`], but only from the page cache
+    /// (`RWF_NOWAIT`): `None` when any of the bytes would need the disk (or
+    /// the kernel cannot tell), so the caller can take the read off an
+    /// async worker.
+    pub fn read_vec_cached(&self, len: usize, offset: u64) -> Result<Option<Vec<u8>>> {
+        self.read_vec_flags(len, offset, libc::RWF_NOWAIT)
+    }
+
+    fn read_vec_flags(
+        &self,
+        len: usize,
+        offset: u64,
+        flags: libc::c_int,
+    ) -> Result<Option<Vec<u8>>> {
         let mut buf: Vec<u8> = Vec::with_capacity(len);
         let mut done = 0usize;
         while done < len {
-            // SAFETY: the pointer and length stay inside the buffer's spare
-            // capacity, which pread only writes to; the descriptor is alive.
+            let iov = libc::iovec {
+                // SAFETY: the pointer stays inside the buffer's spare capacity.
+                iov_base: unsafe { buf.as_mut_ptr().add(done) }.cast(),
+                iov_len: len - done,
+            };
+            // SAFETY: the iovec covers the buffer's spare capacity, which
+            // preadv2 only writes to; the descriptor is alive.
             let n = unsafe {
-                libc::pread(
+                libc::preadv2(
                     self.file.as_raw_fd(),
-                    buf.as_mut_ptr().add(done).cast(),
-                    len - done,
+                    &iov,
+                    1,
                     (offset + done as u64) as libc::off_t,
+                    flags,
                 )
             };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN | libc::EOPNOTSUPP) if flags & libc::RWF_NOWAIT != 0 => {
+                        return Ok(None)
+                    }
+                    _ => {}
                 }
                 return Err(Error::io(
                     format!(
@@ -428,10 +457,14 @@ impl Volume {
                 return Err(self.short_read(offset + done as u64));
             }
             done += n as usize;
+            if done < len && flags & libc::RWF_NOWAIT != 0 {
+                // Part of it is cached, the rest is not.
+                return Ok(None);
+            }
         }
-        // SAFETY: pread initialised exactly the first `len` bytes above.
+        // SAFETY: preadv2 initialised exactly the first `len` bytes above.
         unsafe { buf.set_len(len) };
-        Ok(buf)
+        Ok(Some(buf))
     }
 
     /// Writes all of `buf` at `offset`.

@@ -671,6 +671,31 @@ pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
     f.sync_all().expect("fsync");
 }
 
+/// Flushes `path` and drops it from the page cache; returns the bytes of it
+/// still cached afterwards as `fincore` counts them (`None` without fincore).
+pub fn evict_from_cache(path: &Path) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    f.sync_all().expect("fsync");
+    // SAFETY: fadvise on a descriptor we own; no memory is passed.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0, "posix_fadvise(DONTNEED) of {}", path.display());
+    if !have_tool("fincore") {
+        return None;
+    }
+    let out = run_tool(
+        "fincore",
+        &[
+            "--bytes",
+            "--noheadings",
+            "--output",
+            "RES",
+            &path.to_string_lossy(),
+        ],
+    );
+    Some(out.trim().parse().expect("fincore prints a number"))
+}
+
 /// Writes `count` random 4 KiB blocks at random 4 KiB-aligned offsets of the
 /// first `size` bytes of `path` and returns the set of `chunk`-sized chunks
 /// they touched.

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use crate::common::*;
 
@@ -43,35 +44,60 @@ fn full_then_delta_then_noop_pass() {
     // Pass 2: 1% of the volume rewritten in scattered 4 KiB blocks. Each
     // changed chunk travels as a probe (a 16-byte hint per 4 KiB block) and
     // a patch of exactly the blocks that differ.
+    delta_pass(&tx, &dest, (&source, &target), size, 2, &mut rng);
+
+    // Again with none of the target in the page cache: the receiver reads
+    // its copies of the changed chunks from the disk (not from the cache
+    // without waiting, its fast path) and must come to the same bytes.
+    if let Some(cached) = evict_from_cache(&target) {
+        assert!(
+            cached < size / 100,
+            "{cached} bytes of the target stayed cached"
+        );
+    }
+    delta_pass(&tx, &dest, (&source, &target), size, 3, &mut rng);
+
+    // Pass 4: nothing changed, nothing travels.
+    let p3 = tx.sync(&source, &dest, &[]);
+    p3.assert_pass(4, size, CHUNK);
+    assert_eq!(p3.changed_chunks(), 0);
+    assert_eq!(p3.sent_bytes(), 0);
+    assert_same_file(&source, &target);
+}
+
+/// Rewrites 1% of `source` in scattered 4 KiB blocks, runs pass `pass` and
+/// checks the target and the exact bytes sent: the blocks written, plus 16
+/// bytes of hint per 4 KiB block of each changed chunk.
+fn delta_pass(
+    tx: &Sender,
+    dest: &str,
+    (source, target): (&Path, &Path),
+    size: u64,
+    pass: u64,
+    rng: &mut Rng,
+) {
     let writes = (size / 100 / 4096) as usize;
-    let blocks = scatter_blocks(&source, size, writes, &mut rng);
+    let blocks = scatter_blocks(source, size, writes, rng);
     let touched: BTreeSet<u64> = blocks.iter().map(|b| b / CHUNK).collect();
     assert!(touched.len() > 50, "the test should touch many chunks");
-    let p2 = tx.sync(&source, &dest, &[]);
-    p2.assert_pass(2, size, CHUNK);
-    assert_same_file(&source, &target);
+    let p = tx.sync(source, dest, &[]);
+    p.assert_pass(pass, size, CHUNK);
+    assert_same_file(source, target);
     let n = touched.len() as u64;
     assert_eq!(
-        p2.changed_chunks(),
+        p.changed_chunks(),
         n,
         "{writes} writes touched {n} distinct chunks"
     );
     let hints = n * (CHUNK / 4096) * 16;
     let expect = blocks.len() as u64 * 4096 + hints;
     assert_eq!(
-        p2.sent_bytes(),
+        p.sent_bytes(),
         expect,
-        "delta pass: {} blocks of 4 KiB in {n} chunks ({} bytes of hints) should send {expect} bytes",
+        "delta pass {pass}: {} blocks of 4 KiB in {n} chunks ({} bytes of hints) should send {expect} bytes",
         blocks.len(),
         hints
     );
-
-    // Pass 3: nothing changed, nothing travels.
-    let p3 = tx.sync(&source, &dest, &[]);
-    p3.assert_pass(3, size, CHUNK);
-    assert_eq!(p3.changed_chunks(), 0);
-    assert_eq!(p3.sent_bytes(), 0);
-    assert_same_file(&source, &target);
 }
 
 /// A sparse source: only the chunks holding data carry payload; zeroing a
