@@ -271,7 +271,7 @@ fn plan_chunk(s: Scanned, known: &Hash, in_block: bool, probe: bool) -> Option<O
     if probe {
         let mut hints = Vec::with_capacity(wire::blocks_in(s.data.len()) * wire::BLOCK_HINT_LEN);
         for b in s.data.chunks(wire::BLOCK) {
-            hints.extend_from_slice(&blake3::hash(b).as_bytes()[..wire::BLOCK_HINT_LEN]);
+            hints.extend_from_slice(&wire::block_hint(b));
         }
         // Held apart from the read block (which can then be freed).
         let keep = if in_block {

@@ -13,7 +13,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 
 /// Protocol version spoken by this build. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// ALPN token of the protocol inside TLS.
 pub const ALPN: &[u8] = b"nightpass/1";
@@ -73,8 +73,8 @@ pub enum Encoding {
     Zstd = 1,
     /// The chunk is all zeros; no payload.
     Zero = 2,
-    /// No bytes yet: the payload is a [`BLOCK_HINT_LEN`]-byte hint (BLAKE3,
-    /// truncated) of each [`BLOCK`]-sized block of the chunk, so the
+    /// No bytes yet: the payload is a [`BLOCK_HINT_LEN`]-byte hint
+    /// ([`block_hint`]) of each [`BLOCK`]-sized block of the chunk, so the
     /// receiver can ask ([`Need`]) for only the blocks its target lacks.
     /// Written nothing; the chunk stays in flight until its patch arrives.
     Probe = 3,
@@ -89,10 +89,19 @@ pub enum Encoding {
 /// scattered small writes cost one block each.
 pub const BLOCK: usize = 4096;
 
-/// Bytes of hint per block in a probe: 128 bits of BLAKE3. A hint only
-/// chooses what to send; the whole chunk's 256-bit hash decides what is
-/// written.
+/// Bytes of hint per block in a probe (see [`block_hint`]).
 pub const BLOCK_HINT_LEN: usize = 16;
+
+/// The hint of one block in a probe: XXH3-128 (seed 0) of its bytes, in
+/// XXH3's canonical (big-endian) byte order.
+/// Not a cryptographic hash, and it need not be one: a hint only chooses
+/// which blocks travel, and the chunk's 256-bit BLAKE3 hash decides what is
+/// written (a collision, chance or crafted, costs a resend of the whole
+/// chunk, never a wrong byte). It runs about four times as fast as BLAKE3
+/// on 4 KiB blocks, where BLAKE3 cannot fill its SIMD lanes.
+pub fn block_hint(block: &[u8]) -> [u8; BLOCK_HINT_LEN] {
+    xxhash_rust::xxh3::xxh3_128(block).to_be_bytes()
+}
 
 /// Blocks of a chunk of `len` bytes.
 pub fn blocks_in(len: usize) -> usize {
@@ -488,6 +497,18 @@ mod tests {
             decode_control(frames[0].clone()).unwrap(),
             hello.msg.unwrap()
         );
+    }
+
+    /// The hint is part of the protocol: pinned to the digests of the
+    /// reference XXH3 implementation (Python's `xxhash` 3.x,
+    /// `xxh3_128_hexdigest`), not to this crate's own output.
+    #[test]
+    fn block_hint_is_canonical_xxh3_128() {
+        let hex =
+            |h: [u8; BLOCK_HINT_LEN]| h.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(hex(block_hint(b"")), "99aa06d3014798d86001c324468d497f");
+        let block: Vec<u8> = (0..BLOCK).map(|i| i as u8).collect();
+        assert_eq!(hex(block_hint(&block)), "03916578969f7a66eb4b7c3707879151");
     }
 
     #[test]

@@ -51,7 +51,7 @@ enum Attack {
 fn hints_of(chunk: &[u8]) -> Vec<u8> {
     chunk
         .chunks(wire::BLOCK)
-        .flat_map(|b| blake3::hash(b).as_bytes()[..wire::BLOCK_HINT_LEN].to_vec())
+        .flat_map(wire::block_hint)
         .collect()
 }
 
