@@ -682,6 +682,15 @@ async fn sync_session(
                     // One pass per session: nothing may follow Done.
                     return Ok(());
                 }
+                Some(Msg::Failure(f)) => {
+                    // The sender gave up the pass (a source read error, an
+                    // interrupt): end the session now; what was written and
+                    // acknowledged stays recorded.
+                    return Err(Error::Peer(format!(
+                        "the sender stopped the pass: {}",
+                        f.message
+                    )));
+                }
                 Some(other) => {
                     return Err(Error::Peer(format!(
                         "unexpected control message: {}",

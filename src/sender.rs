@@ -559,10 +559,10 @@ async fn stream_task(
     pacer: Option<Arc<Pacer>>,
     progress: Arc<dyn Progress>,
 ) -> Result<()> {
-    let mut s = conn
-        .open_uni()
-        .await
-        .map_err(|e| Error::Network(format!("cannot open a data stream: {e}")))?;
+    let mut s =
+        ResetOnDrop(Some(conn.open_uni().await.map_err(|e| {
+            Error::Network(format!("cannot open a data stream: {e}"))
+        })?));
     while let Some(o) = rx.recv().await {
         if let Some(p) = &pacer {
             p.pace(o.payload.len() as u64).await;
@@ -577,7 +577,7 @@ async fn stream_task(
             payload: Bytes::new(),
         };
         let mut bufs = wire::encode_chunk_frame(&head, o.payload);
-        transport::write_bufs(&mut s, &mut bufs).await?;
+        transport::write_bufs(s.stream(), &mut bufs).await?;
         counters.sent_bytes.fetch_add(n, Ordering::Relaxed);
         if o.encoding != Encoding::Probe {
             // A probe is counted when its patch (or whole chunk) leaves.
@@ -592,8 +592,63 @@ async fn stream_task(
         progress.sent(n);
     }
     s.finish()
-        .map_err(|e| Error::Network(format!("data stream: {e}")))?;
-    Ok(())
+}
+
+/// A data stream that is reset, its unsent data discarded, when dropped
+/// before it finished (its task aborted because the pass failed). quinn
+/// would otherwise finish it on drop and keep sending what was queued.
+struct ResetOnDrop(Option<quinn::SendStream>);
+
+impl ResetOnDrop {
+    fn stream(&mut self) -> &mut quinn::SendStream {
+        self.0.as_mut().expect("present until finished or dropped")
+    }
+
+    fn finish(mut self) -> Result<()> {
+        let mut s = self.0.take().expect("present until finished or dropped");
+        s.finish()
+            .map_err(|e| Error::Network(format!("data stream: {e}")))
+    }
+}
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = &mut self.0 {
+            let _ = s.reset(quinn::VarInt::from_u32(1));
+        }
+    }
+}
+
+/// Ends the session of a pass that failed on this side, so the receiver
+/// lets go of the volume at once rather than at its idle timeout (an
+/// immediate rerun would be refused as "in use" meanwhile). Unless the link
+/// itself failed, the receiver is told on the control stream and closes the
+/// connection itself: quinn 0.11.19 does not send a CONNECTION_CLOSE while
+/// the congestion window is full of data in flight (quinn-rs/quinn#2785,
+/// fixed upstream after that release), which is exactly the state of a
+/// pass that fails mid-transfer; the receiver's close is awaited for a few
+/// round trips at most.
+async fn give_up(
+    endpoint: &quinn::Endpoint,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    error: &Error,
+) {
+    let reason = format!("sender: {error}");
+    if !matches!(error, Error::Network(_)) {
+        let limit = (conn.rtt() * 4 + Duration::from_millis(200)).min(Duration::from_secs(3));
+        let told = async {
+            let failure = Msg::Failure(wire::Failure {
+                message: error.to_string(),
+            });
+            if transport::send_control(send, failure).await.is_ok() {
+                conn.closed().await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, told).await;
+    }
+    conn.close(1u32.into(), reason.as_bytes());
+    let _ = tokio::time::timeout(Duration::from_millis(50), endpoint.wait_idle()).await;
 }
 
 /// Runs one pass and returns its report.
@@ -1029,10 +1084,17 @@ async fn stream_pass(
             }
         }
         drop(txs);
+        if failed.is_some() {
+            // Stop sending: what is queued would only delay the receiver
+            // hearing of the failure (see `give_up`).
+            tasks.abort_all();
+            patch_task.abort();
+        }
         while let Some(r) = tasks.join_next().await {
             match r {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(e) if e.is_cancelled() => {}
                 Err(_) => {
                     failed = failed.or(Some(Error::Network("a data stream task failed".into())))
                 }
@@ -1060,6 +1122,7 @@ async fn stream_pass(
             match patch_task.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(e) if e.is_cancelled() => {}
                 Err(_) => {
                     failed = failed.or(Some(Error::Network("the patch stream task failed".into())))
                 }
@@ -1092,11 +1155,7 @@ async fn stream_pass(
             ack_task.abort();
             let _ = ack_task.await;
         }
-        // Tell the receiver now, so it lets go of the volume at once
-        // rather than at the idle timeout (an immediate rerun would be
-        // refused as "in use" meanwhile).
-        conn.close(1u32.into(), format!("sender: {error}").as_bytes());
-        let _ = tokio::time::timeout(Duration::from_millis(50), endpoint.wait_idle()).await;
+        give_up(&endpoint, &conn, &mut send, &error).await;
         return Err(Interrupted {
             error,
             resume_at: resume_at(contiguous, &inflight),

@@ -519,12 +519,15 @@ pub fn explain(e: &quinn::ConnectionError, addr: SocketAddr, our_fp: &str) -> Er
     }
 }
 
-/// Reads one frame body of at most `max` bytes; `None` at a clean end of stream.
+/// Reads one frame body of at most `max` bytes; `None` at the end of the
+/// stream: finished, or reset by the peer (it abandoned the stream; a frame
+/// it had not completed is dropped, and the control stream says why).
 pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Option<bytes::Bytes>> {
     let mut prefix = [0u8; 4];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::ReadError(quinn::ReadError::Reset(_))) => return Ok(None),
         // The peer closed the whole connection with the success code between frames.
         Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(
             quinn::ConnectionError::ApplicationClosed(a),
@@ -549,6 +552,7 @@ pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Opti
                     body.len()
                 )))
             }
+            Err(quinn::ReadError::Reset(_)) => return Ok(None),
             Err(e) => return Err(read_error(e)),
         }
     }

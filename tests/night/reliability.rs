@@ -743,14 +743,25 @@ fn bad_local_conditions_source_read_error() {
     drop(f);
     // Read through memory maps (the default: faulting the pages in fails,
     // and the block is read again with pread) and with pread only
-    // (--drop-cache).
-    for how in [&[][..], &["--drop-cache"][..]] {
-        let mut e = Env::new();
-        e.source = lo.dev.clone();
+    // (--drop-cache), back to back against one receiver: each failing
+    // sender tells the receiver, which lets go of the volume at once, so the
+    // next run is not refused as "in use" (exit 2). Before the sender said
+    // so on the control stream, its CONNECTION_CLOSE was often lost behind a
+    // full congestion window (quinn #2785) and the volume stayed busy until
+    // the receiver's idle timeout.
+    let mut e = Env::new();
+    e.source = lo.dev.clone();
+    let runs = [
+        &[][..],
+        &["--drop-cache"][..],
+        &[][..],
+        &["--drop-cache"][..],
+    ];
+    for (n, how) in runs.iter().enumerate() {
         let r = e.sync(&[&["--retry-for", "10s"][..], how].concat());
         assert_eq!(
             r.code, 3,
-            "an unreadable source block ({how:?}): {}",
+            "run {n}: an unreadable source block ({how:?}): {}",
             r.stderr
         );
         assert!(
@@ -766,6 +777,12 @@ fn bad_local_conditions_source_read_error() {
             "claims not held after a source error ({how:?}): {bad:?}"
         );
     }
+    let log = e.rx.log();
+    assert_eq!(
+        log.matches("the sender stopped the pass").count(),
+        runs.len(),
+        "the receiver heard of each failure from the sender: {log}"
+    );
     drop(lo);
 }
 
