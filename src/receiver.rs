@@ -443,10 +443,15 @@ enum Content {
     Whole(Bytes),
     /// The whole chunk is zeros.
     Zero,
-    /// Only these runs of bytes, at these offsets in the chunk: a patch,
-    /// verified whole against the chunk's hash; the rest of the chunk is
-    /// already on the target.
-    Runs(Vec<(u64, Bytes)>),
+    /// These blocks (named by the bitmap, in order in the payload) over the
+    /// target's current copy; the writer checks the result against the
+    /// chunk's hash before it writes them.
+    Patch {
+        /// Which blocks, one bit each.
+        blocks: Vec<u8>,
+        /// The blocks' bytes.
+        payload: Bytes,
+    },
 }
 
 impl Content {
@@ -455,7 +460,7 @@ impl Content {
         match self {
             Content::Whole(b) => b.len(),
             Content::Zero => 0,
-            Content::Runs(r) => r.iter().map(|(_, b)| b.len()).sum(),
+            Content::Patch { payload, .. } => payload.len(),
         }
     }
 }
@@ -591,9 +596,6 @@ async fn sync_session(
             .map_err(|_| Error::Io("open task failed".into()))?
             .map(Arc::new)?
     };
-    // Chunks patched in this session: a second probe or patch of one would
-    // read the target before the first patch is written.
-    let patched: Arc<Mutex<HashSet<u64>>> = Arc::default();
     // Data streams.
     let data_conn = conn.clone();
     let data_ctl = ctl_tx.clone();
@@ -604,7 +606,7 @@ async fn sync_session(
         loop {
             tokio::select! {
                 s = data_conn.accept_uni() => match s {
-                    Ok(s) => { streams.spawn(data_stream(s, geometry, data_wtx.clone(), budget.clone(), (reader.clone(), patched.clone()), data_ctl.clone())); }
+                    Ok(s) => { streams.spawn(data_stream(s, geometry, data_wtx.clone(), budget.clone(), reader.clone(), data_ctl.clone())); }
                     Err(_) => break,
                 },
                 Some(r) = streams.join_next(), if !streams.is_empty() => {
@@ -754,7 +756,7 @@ async fn data_stream(
     geometry: Geometry,
     wtx: SyncSender<WriterMsg>,
     budget: Arc<tokio::sync::Semaphore>,
-    (target, patched): (Arc<Volume>, Arc<Mutex<HashSet<u64>>>),
+    target: Arc<Volume>,
     ctl: mpsc::Sender<Msg>,
 ) -> Result<()> {
     let max = geometry.chunk_size().usize() + 4096;
@@ -774,16 +776,14 @@ async fn data_stream(
         // or a full writer queue, moves to a blocking thread. (A hand-off
         // per chunk cost the receiver a third of its CPU time in thread
         // wake-ups.)
-        let checked = match check_chunk(body.clone(), &geometry, &target, &patched, false)? {
+        let checked = match check_chunk(body.clone(), &geometry, &target, false)? {
             Some(c) => c,
             None => {
-                let (target, patched) = (target.clone(), patched.clone());
-                tokio::task::spawn_blocking(move || {
-                    check_chunk(body, &geometry, &target, &patched, true)
-                })
-                .await
-                .map_err(|_| Error::Io("chunk check task failed".into()))??
-                .expect("a check that may wait for the disk always answers")
+                let target = target.clone();
+                tokio::task::spawn_blocking(move || check_chunk(body, &geometry, &target, true))
+                    .await
+                    .map_err(|_| Error::Io("chunk check task failed".into()))??
+                    .expect("a check that may wait for the disk always answers")
             }
         };
         match checked {
@@ -846,10 +846,10 @@ fn answer_probe(index: u64, hints: &[u8], old: &[u8]) -> Result<wire::Need> {
     Ok(wire::Need { index, blocks })
 }
 
-/// Overlays a patch's blocks on `old` (the target's copy of the chunk), in
-/// place. Errors when the bitmap or the payload's length do not fit.
-fn apply_patch(index: u64, old: &mut [u8], bitmap: &[u8], payload: &[u8]) -> Result<()> {
-    let n = wire::blocks_in(old.len());
+/// Checks that a patch of chunk `index` (`len` bytes) fits: a bitmap of one
+/// bit per block and a payload of exactly the blocks it names.
+fn patch_shape(index: u64, len: usize, bitmap: &[u8], payload_len: usize) -> Result<()> {
+    let n = wire::blocks_in(len);
     if bitmap.len() != n.div_ceil(8) {
         return Err(Error::Peer(format!(
             "patch of chunk {index} has a block bitmap of {} bytes, expected {}; nothing written",
@@ -857,25 +857,47 @@ fn apply_patch(index: u64, old: &mut [u8], bitmap: &[u8], payload: &[u8]) -> Res
             n.div_ceil(8)
         )));
     }
-    let len = old.len();
-    let mut at = 0usize;
-    for i in (0..n).filter(|&i| wire::bit(bitmap, i)) {
-        let dst = &mut old[i * wire::BLOCK..((i + 1) * wire::BLOCK).min(len)];
-        let src = payload.get(at..at + dst.len()).ok_or_else(|| {
-            Error::Peer(format!(
-                "patch of chunk {index} is shorter than the blocks it names; nothing written"
-            ))
-        })?;
-        dst.copy_from_slice(src);
-        at += dst.len();
+    let named: usize = wire::named_blocks(bitmap, n)
+        .map(|i| wire::block_range(i, len).len())
+        .sum();
+    if payload_len < named {
+        return Err(Error::Peer(format!(
+            "patch of chunk {index} is shorter than the blocks it names; nothing written"
+        )));
     }
-    if at != payload.len() {
+    if payload_len > named {
         return Err(Error::Peer(format!(
             "patch of chunk {index} carries {} bytes past the blocks it names; nothing written",
-            payload.len() - at
+            payload_len - named
         )));
     }
     Ok(())
+}
+
+/// Overlays a patch's blocks (its shape checked by [`patch_shape`]) on
+/// `chunk`, the target's copy, in place.
+fn apply_patch(chunk: &mut [u8], bitmap: &[u8], payload: &[u8]) {
+    let len = chunk.len();
+    let mut at = 0usize;
+    for i in wire::named_blocks(bitmap, wire::blocks_in(len)) {
+        let dst = &mut chunk[wire::block_range(i, len)];
+        dst.copy_from_slice(&payload[at..at + dst.len()]);
+        at += dst.len();
+    }
+}
+
+/// Runs of consecutive blocks a bitmap names, as byte ranges of a chunk of
+/// `len` bytes.
+fn block_runs(bitmap: &[u8], len: usize) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for i in wire::named_blocks(bitmap, wire::blocks_in(len)) {
+        let r = wire::block_range(i, len);
+        match runs.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => runs.push(r),
+        }
+    }
+    runs
 }
 
 /// Decodes and verifies one chunk frame; a probe or a patch reads the
@@ -887,7 +909,6 @@ fn check_chunk(
     body: Bytes,
     geometry: &Geometry,
     target: &Volume,
-    patched: &Mutex<HashSet<u64>>,
     wait: bool,
 ) -> Result<Option<Checked>> {
     let c = wire::decode_chunk(body).map_err(|e| Error::Peer(format!("bad chunk frame: {e}")))?;
@@ -919,16 +940,7 @@ fn check_chunk(
             target.read_vec_cached(len, start)
         }
     };
-    let encoding = Encoding::try_from(c.encoding);
-    if matches!(encoding, Ok(Encoding::Probe | Encoding::Patch))
-        && patched.lock().expect("not poisoned").contains(&c.index)
-    {
-        return Err(Error::Peer(format!(
-            "chunk {} was already patched in this session; nothing written",
-            c.index
-        )));
-    }
-    let data = match encoding {
+    let data = match Encoding::try_from(c.encoding) {
         Ok(Encoding::Probe) => {
             let Some(old) = read_old()? else {
                 return Ok(None);
@@ -936,46 +948,16 @@ fn check_chunk(
             return answer_probe(c.index, &c.payload, &old).map(|n| Some(Checked::Need(n)));
         }
         Ok(Encoding::Patch) => {
-            let Some(mut chunk) = read_old()? else {
-                return Ok(None);
-            };
-            apply_patch(c.index, &mut chunk, &c.blocks, &c.payload)?;
-            if *blake3::hash(&chunk).as_bytes() != hash {
-                // The blocks kept from the target are not what the sender
-                // has (a hint that collided, or a target changed behind
-                // our back): ask for the whole chunk instead.
-                let n = wire::blocks_in(len);
-                let mut blocks = vec![0xffu8; n.div_ceil(8)];
-                if !n.is_multiple_of(8) {
-                    *blocks.last_mut().expect("n > 0") = (1u8 << (n % 8)) - 1;
-                }
-                return Ok(Some(Checked::Need(wire::Need {
-                    index: c.index,
-                    blocks,
-                })));
-            }
-            patched.lock().expect("not poisoned").insert(c.index);
-            // Write back only the runs of blocks the patch brought.
-            let chunk = Bytes::from(chunk);
-            let n = wire::blocks_in(len);
-            let mut runs = Vec::new();
-            let mut i = 0;
-            while i < n {
-                if !wire::bit(&c.blocks, i) {
-                    i += 1;
-                    continue;
-                }
-                let first = i;
-                while i < n && wire::bit(&c.blocks, i) {
-                    i += 1;
-                }
-                let (a, b) = (first * wire::BLOCK, (i * wire::BLOCK).min(len));
-                runs.push((a as u64, chunk.slice(a..b)));
-            }
+            // Checked against the hash by the writer, in order with the
+            // chunk's other writes: see `commit_batch`.
+            patch_shape(c.index, len, &c.blocks, c.payload.len())?;
             return Ok(Some(Checked::Write(WriterMsg::Chunk {
                 index: c.index,
                 hash,
-                data: Content::Runs(runs),
+                data: Content::Patch {
+                    blocks: c.blocks,
+                    payload: c.payload,
+                },
             })));
         }
         Ok(Encoding::Raw) => Some(c.payload),
@@ -1066,15 +1048,24 @@ fn writer_loop(
         }
         if !batch.is_empty() {
             batch_bytes = 0;
-            let indices = commit_batch(volume, manifest, &geometry, std::mem::take(&mut batch))?;
-            committed += indices.len() as u64;
+            let (indices, refused) =
+                commit_batch(volume, manifest, &geometry, std::mem::take(&mut batch))?;
+            // A refused patch arrived too (the sender counts it), though
+            // nothing of it was written.
+            committed += (indices.len() + refused.len()) as u64;
+            for need in refused {
+                if ctl.blocking_send(Msg::Need(need)).is_err() {
+                    closed = true;
+                }
+            }
             let generation = manifest.header().generation;
-            if ctl
-                .blocking_send(Msg::Ack(wire::Ack {
-                    indices,
-                    generation,
-                }))
-                .is_err()
+            if !indices.is_empty()
+                && ctl
+                    .blocking_send(Msg::Ack(wire::Ack {
+                        indices,
+                        generation,
+                    }))
+                    .is_err()
             {
                 closed = true;
             }
@@ -1099,13 +1090,19 @@ fn writer_loop(
     }
 }
 
-/// Commits one batch durably (see the module docs) and returns its indices.
+/// Commits one batch durably (see the module docs). Returns the indices
+/// written, and a request for the whole chunk for each patch refused.
+///
+/// A patch is checked here, in order with the batch's other writes, not when
+/// its frame arrives: the blocks it keeps are read from the target after
+/// every earlier write of the session, so what is written and recorded is
+/// exactly what matched the chunk's hash, whatever a sender sent before it.
 fn commit_batch(
     volume: &Volume,
     manifest: &mut ManifestFile,
     geometry: &Geometry,
     batch: Vec<(u64, Hash, Content)>,
-) -> Result<Vec<u64>> {
+) -> Result<(Vec<u64>, Vec<wire::Need>)> {
     let mut invalidated = false;
     for (index, _, _) in &batch {
         if manifest.entry(*index) != UNKNOWN {
@@ -1116,26 +1113,47 @@ fn commit_batch(
     if invalidated {
         manifest.flush_table()?;
     }
-    for (index, _, data) in &batch {
+    let mut written = Vec::with_capacity(batch.len());
+    let mut refused = Vec::new();
+    for (index, hash, data) in &batch {
         let range = geometry
             .range(*index)
             .expect("index checked against geometry");
         match data {
             Content::Whole(d) => volume.write_all_at(d, range.start)?,
             Content::Zero => volume.zero_range(range.start, range.end - range.start)?,
-            Content::Runs(runs) => {
-                for (off, d) in runs {
-                    volume.write_all_at(d, range.start + off)?;
+            Content::Patch { blocks, payload } => {
+                let len = (range.end - range.start) as usize;
+                let mut chunk = volume.read_vec_at(len, range.start)?;
+                apply_patch(&mut chunk, blocks, payload);
+                if blake3::hash(&chunk).as_bytes() != hash {
+                    // The blocks kept from the target are not what the
+                    // sender has (a hint that collided, a target changed
+                    // behind the session): ask for the whole chunk.
+                    let n = wire::blocks_in(len);
+                    let mut all = vec![0xffu8; n.div_ceil(8)];
+                    if !n.is_multiple_of(8) {
+                        *all.last_mut().expect("n > 0") = (1u8 << (n % 8)) - 1;
+                    }
+                    refused.push(wire::Need {
+                        index: *index,
+                        blocks: all,
+                    });
+                    continue;
+                }
+                for run in block_runs(blocks, len) {
+                    volume.write_all_at(&chunk[run.clone()], range.start + run.start as u64)?;
                 }
             }
         }
+        written.push((*index, *hash));
     }
     volume.sync_data()?;
-    for (index, hash, _) in &batch {
+    for (index, hash) in &written {
         manifest.set(*index, hash);
     }
     manifest.flush_table()?;
-    Ok(batch.into_iter().map(|(i, _, _)| i).collect())
+    Ok((written.into_iter().map(|(i, _)| i).collect(), refused))
 }
 
 async fn verify_session(

@@ -187,7 +187,7 @@ impl Probes {
                 n.div_ceil(8)
             )));
         }
-        let wanted: Vec<usize> = (0..n).filter(|&i| wire::bit(&need.blocks, i)).collect();
+        let wanted: Vec<usize> = wire::named_blocks(&need.blocks, n).collect();
         self.probed_blocks.fetch_add(n as u64, Ordering::Relaxed);
         self.needed_blocks
             .fetch_add(wanted.len() as u64, Ordering::Relaxed);
@@ -197,9 +197,7 @@ impl Probes {
         } else {
             let mut payload = Vec::with_capacity(wanted.len() * wire::BLOCK);
             for i in wanted {
-                payload.extend_from_slice(
-                    &data[i * wire::BLOCK..((i + 1) * wire::BLOCK).min(data.len())],
-                );
+                payload.extend_from_slice(&data[wire::block_range(i, data.len())]);
             }
             Outgoing {
                 blocks: need.blocks,

@@ -113,6 +113,17 @@ pub fn bit(bitmap: &[u8], i: usize) -> bool {
     bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 
+/// The blocks a bitmap names among the `n` blocks of a chunk, in order.
+pub fn named_blocks(bitmap: &[u8], n: usize) -> impl Iterator<Item = usize> + '_ {
+    (0..n).filter(move |&i| bit(bitmap, i))
+}
+
+/// Byte range of block `i` in a chunk of `len` bytes (the last block may be
+/// short).
+pub fn block_range(i: usize, len: usize) -> std::ops::Range<usize> {
+    (i * BLOCK).min(len)..((i + 1) * BLOCK).min(len)
+}
+
 /// A manifest summary as carried on the wire.
 #[derive(Clone, PartialEq, Message)]
 pub struct WireSummary {

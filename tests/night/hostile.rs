@@ -397,8 +397,8 @@ fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
     let hash0 = *blake3::hash(&new0).as_bytes();
     let id = Identity::load(&sender.id.dir).unwrap();
     let rt = rt();
-    rt.block_on(async {
-        let (ep, conn, send, mut recv) = open(&id, rx.port, &rx.fp, "v", size).await;
+    let (new1, new2) = rt.block_on(async {
+        let (ep, conn, mut send, mut recv) = open(&id, rx.port, &rx.fp, "v", size).await;
         let mut s = conn.open_uni().await.unwrap();
         let probe = chunk_frame(
             0,
@@ -426,10 +426,7 @@ fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
         s.write_all(&patch_frame(0, &hash0, need.blocks, Bytes::from(payload)))
             .await
             .unwrap();
-        match transport::recv_control(&mut recv).await.unwrap() {
-            Some(Msg::Ack(a)) => assert_eq!(a.indices, vec![0]),
-            other => panic!("expected an ack of the patched chunk, got {other:?}"),
-        }
+        expect_ack(&mut recv, 0).await;
         // A patch of chunk 1 whose result is not the announced hash.
         let wrong = *blake3::hash(b"not what the patch makes").as_bytes();
         s.write_all(&patch_frame(
@@ -451,38 +448,103 @@ fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
             }
             other => panic!("expected the receiver to ask for the whole chunk 1, got {other:?}"),
         }
-        // A second probe of the chunk already patched in this session would
-        // read the target before that patch is written: refused.
-        s.write_all(&probe).await.unwrap();
-        let _ = s.finish();
-        let err = tokio::time::timeout(Duration::from_secs(10), conn.closed())
-            .await
-            .expect("the receiver ends the session");
-        match err {
-            quinn::ConnectionError::ApplicationClosed(c) => {
-                let reason = String::from_utf8_lossy(&c.reason).into_owned();
-                assert!(
-                    reason.contains("already patched"),
-                    "the reason {reason:?} does not say the chunk was already patched"
-                );
+        // The sender answers with the whole chunk 1, as a real one does.
+        let new1 = random_bytes(CHUNK as usize, 303);
+        let hash1 = *blake3::hash(&new1).as_bytes();
+        s.write_all(&chunk_frame(
+            1,
+            &hash1,
+            Encoding::Raw,
+            CHUNK as u32,
+            Bytes::from(new1.clone()),
+        ))
+        .await
+        .unwrap();
+        expect_ack(&mut recv, 1).await;
+        // Out of order, as only a faulty sender would: chunk 2 sent whole,
+        // then patched over a copy of the target from before that write.
+        // The patch is checked against what the target holds after the
+        // whole chunk (the writer checks patches in order with the writes),
+        // so it does not match and nothing of it is written; the target and
+        // the manifest keep the whole chunk.
+        let new2 = random_bytes(CHUNK as usize, 304);
+        let hash2 = *blake3::hash(&new2).as_bytes();
+        let mut stale2 = chunk(2);
+        stale2[..wire::BLOCK].copy_from_slice(&new2[..wire::BLOCK]);
+        let stale_hash = *blake3::hash(&stale2).as_bytes();
+        s.write_all(&chunk_frame(
+            2,
+            &hash2,
+            Encoding::Raw,
+            CHUNK as u32,
+            Bytes::from(new2.clone()),
+        ))
+        .await
+        .unwrap();
+        s.write_all(&patch_frame(
+            2,
+            &stale_hash,
+            vec![1, 0],
+            Bytes::copy_from_slice(&new2[..wire::BLOCK]),
+        ))
+        .await
+        .unwrap();
+        let mut acked = Vec::new();
+        let mut asked_whole = false;
+        while acked.is_empty() || !asked_whole {
+            match transport::recv_control(&mut recv).await.unwrap() {
+                Some(Msg::Ack(a)) => acked.extend(a.indices),
+                Some(Msg::Need(n)) => {
+                    assert_eq!(n.index, 2);
+                    assert_eq!(n.blocks, vec![0xff, 0xff]);
+                    asked_whole = true;
+                }
+                other => {
+                    panic!("expected the ack of chunk 2 and a refusal of its patch, got {other:?}")
+                }
             }
-            other => panic!("the session ended without an explanation: {other}"),
         }
+        assert_eq!(acked, vec![2], "only the whole chunk 2 is acknowledged");
+        // Five chunk frames carried data (the probe does not count): the
+        // refused patches count as arrived, so the pass ends cleanly.
+        transport::send_control(&mut send, Msg::Finish(wire::Finish { chunks_sent: 5 }))
+            .await
+            .unwrap();
+        let done =
+            tokio::time::timeout(Duration::from_secs(20), transport::recv_control(&mut recv))
+                .await
+                .expect("the receiver ends the pass (it counts every chunk frame that arrived)");
+        match done.unwrap() {
+            Some(Msg::Done(_)) => {}
+            other => panic!("expected done, got {other:?}"),
+        }
+        let _ = s.finish();
         drop(send);
         ep.close(0u32.into(), b"");
+        (new1, new2)
     });
     let after = std::fs::read(&tv).unwrap();
+    let c = CHUNK as usize;
+    assert_eq!(after[..c], new0[..], "chunk 0 holds the patched data");
     assert_eq!(
-        after[..CHUNK as usize],
-        new0[..],
-        "chunk 0 holds the patched data"
+        after[c..2 * c],
+        new1[..],
+        "chunk 1 holds the whole chunk sent after its failed patch"
     );
     assert_eq!(
-        after[CHUNK as usize..],
-        before[CHUNK as usize..],
-        "nothing else was written"
+        after[2 * c..3 * c],
+        new2[..],
+        "chunk 2 holds the whole chunk, not the stale patch"
     );
+    assert_eq!(after[3 * c..], before[3 * c..], "nothing else was written");
     let (claimed, bad) = manifest_claims_hold(&receiver_manifest(&rx.state, "v"), &tv);
     assert!(bad.is_empty(), "manifest claims {bad:?}");
-    assert_eq!(claimed, 1, "the manifest claims the patched chunk only");
+    assert_eq!(claimed, 3, "the manifest claims chunks 0, 1 and 2");
+}
+
+async fn expect_ack(recv: &mut quinn::RecvStream, index: u64) {
+    match transport::recv_control(recv).await.unwrap() {
+        Some(Msg::Ack(a)) => assert_eq!(a.indices, vec![index]),
+        other => panic!("expected an ack of chunk {index}, got {other:?}"),
+    }
 }
