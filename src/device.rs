@@ -66,6 +66,8 @@ pub struct Volume {
     direct: Option<File>,
     /// Blocks are read through memory maps.
     mapped: AtomicBool,
+    /// The kernel refused a `RWF_NOWAIT` read: do not ask again.
+    no_nowait: AtomicBool,
     path: PathBuf,
     kind: Kind,
     size: u64,
@@ -131,6 +133,7 @@ impl Volume {
             file,
             direct: None,
             mapped: AtomicBool::new(false),
+            no_nowait: AtomicBool::new(false),
             path: path.to_owned(),
             kind,
             size,
@@ -355,6 +358,7 @@ impl Volume {
                 file,
                 direct: None,
                 mapped: AtomicBool::new(false),
+                no_nowait: AtomicBool::new(false),
                 path: path.to_owned(),
                 kind,
                 size: actual,
@@ -407,6 +411,9 @@ impl Volume {
     /// the kernel cannot tell), so the caller can take the read off an
     /// async worker.
     pub fn read_vec_cached(&self, len: usize, offset: u64) -> Result<Option<Vec<u8>>> {
+        if self.no_nowait.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         self.read_vec_flags(len, offset, libc::RWF_NOWAIT)
     }
 
@@ -439,8 +446,10 @@ impl Volume {
                 let e = std::io::Error::last_os_error();
                 match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN | libc::EOPNOTSUPP) if flags & libc::RWF_NOWAIT != 0 => {
-                        return Ok(None)
+                    Some(libc::EAGAIN) if flags & libc::RWF_NOWAIT != 0 => return Ok(None),
+                    Some(libc::EOPNOTSUPP) if flags & libc::RWF_NOWAIT != 0 => {
+                        self.no_nowait.store(true, Ordering::Relaxed);
+                        return Ok(None);
                     }
                     _ => {}
                 }

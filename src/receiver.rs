@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::hash::{self, ScanOptions};
 use crate::progress::Quiet;
 use crate::state::{self, Fill, ManifestFile};
-use crate::transport::{self, Identity, Tuning};
+use crate::transport::{self, DataFrame, Identity, Tuning};
 
 /// Receiver settings.
 #[derive(Debug, Clone)]
@@ -596,7 +596,10 @@ async fn sync_session(
             .map_err(|_| Error::Io("open task failed".into()))?
             .map(Arc::new)?
     };
-    // Data streams.
+    // Data streams. One that the sender reset ends without error, but the
+    // frames it dropped leave the pass unfinishable: see Finish below.
+    let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let data_abandoned = abandoned.clone();
     let data_conn = conn.clone();
     let data_ctl = ctl_tx.clone();
     let data_wtx = wtx.clone();
@@ -606,7 +609,7 @@ async fn sync_session(
         loop {
             tokio::select! {
                 s = data_conn.accept_uni() => match s {
-                    Ok(s) => { streams.spawn(data_stream(s, geometry, data_wtx.clone(), budget.clone(), reader.clone(), data_ctl.clone())); }
+                    Ok(s) => { streams.spawn(data_stream(s, geometry, data_wtx.clone(), budget.clone(), reader.clone(), data_ctl.clone(), data_abandoned.clone())); }
                     Err(_) => break,
                 },
                 Some(r) = streams.join_next(), if !streams.is_empty() => {
@@ -659,6 +662,11 @@ async fn sync_session(
                         }
                         first += n;
                     }
+                }
+                Some(Msg::Finish(_)) if abandoned.load(std::sync::atomic::Ordering::Relaxed) => {
+                    return Err(Error::Peer(
+                        "the sender reset a data stream and then finished the pass: chunks may be missing".into(),
+                    ));
                 }
                 Some(Msg::Finish(f)) => {
                     let (tx, rx) = oneshot::channel();
@@ -745,6 +753,9 @@ pub fn msg_name(m: &Msg) -> &'static str {
 /// the writer's queue (each bound separately).
 const SESSION_BUFFER: u64 = 48 << 20;
 
+/// Largest chunk checked on the async worker that read it (see `data_stream`).
+const INLINE_CHECK_MAX: usize = 256 << 10;
+
 /// Chunks a session may hold per stage: 48 MiB worth, at least 2, at most 256.
 fn in_flight_chunks(chunk: ChunkSize) -> usize {
     (SESSION_BUFFER / chunk.bytes()).clamp(2, 256) as usize
@@ -758,6 +769,7 @@ async fn data_stream(
     budget: Arc<tokio::sync::Semaphore>,
     target: Arc<Volume>,
     ctl: mpsc::Sender<Msg>,
+    abandoned: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<()> {
     let max = geometry.chunk_size().usize() + 4096;
     loop {
@@ -768,15 +780,27 @@ async fn data_stream(
             .acquire_owned()
             .await
             .map_err(|_| Error::Io("session closing".into()))?;
-        let Some(body) = transport::read_frame(&mut s, max).await? else {
-            break;
+        let body = match transport::read_data_frame(&mut s, max).await? {
+            DataFrame::Frame(body) => body,
+            DataFrame::Finished => break,
+            DataFrame::Abandoned => {
+                // The sender gave up (its control stream says why); what
+                // it sent whole on this stream before is still written.
+                abandoned.store(true, std::sync::atomic::Ordering::Relaxed);
+                break;
+            }
         };
-        // A check is tens of microseconds of hashing (or decompressing)
-        // and runs here; only a target read that would wait for the disk,
-        // or a full writer queue, moves to a blocking thread. (A hand-off
-        // per chunk cost the receiver a third of its CPU time in thread
-        // wake-ups.)
-        let checked = match check_chunk(body.clone(), &geometry, &target, false)? {
+        // Checking a chunk of up to 256 KiB is tens of microseconds of
+        // hashing (or decompressing) and runs here; larger chunks, a target
+        // read that would wait for the disk, or a full writer queue move to
+        // a blocking thread. (A hand-off per chunk cost the receiver a third
+        // of its CPU time in thread wake-ups.)
+        let inline = if geometry.chunk_size().usize() <= INLINE_CHECK_MAX {
+            check_chunk(body.clone(), &geometry, &target, false)?
+        } else {
+            None
+        };
+        let checked = match inline {
             Some(c) => c,
             None => {
                 let target = target.clone();

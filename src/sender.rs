@@ -592,6 +592,15 @@ async fn stream_task(
     s.finish()
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A data stream that is reset, its unsent data discarded, when dropped
 /// before it finished (its task aborted because the pass failed). quinn
 /// would otherwise finish it on drop and keep sending what was queued.
@@ -1039,6 +1048,9 @@ async fn stream_pass(
             pacer.clone(),
             progress.clone(),
         ));
+        // Should this future be dropped (the receiver ended the session
+        // first), the patch stream stops too, like the JoinSet's streams.
+        let _stop_patches = AbortOnDrop(patch_task.abort_handle());
         let mut next = 0usize;
         let mut failed: Option<Error> = None;
         'blocks: while let Some(block) = scan.rx.recv().await {
@@ -1148,12 +1160,14 @@ async fn stream_pass(
         scanned.busy_s += stats.busy_s;
     }
     if let Err(error) = dispatched {
+        // The ack task keeps reading the control stream meanwhile (ending it
+        // would look to the receiver like the sender going away).
+        give_up(&endpoint, &conn, &mut send, &error).await;
         // Acks that arrived are recorded; resume at the first chunk not done.
         if !ack_finished {
             ack_task.abort();
             let _ = ack_task.await;
         }
-        give_up(&endpoint, &conn, &mut send, &error).await;
         return Err(Interrupted {
             error,
             resume_at: resume_at(contiguous, &inflight),

@@ -519,19 +519,41 @@ pub fn explain(e: &quinn::ConnectionError, addr: SocketAddr, our_fp: &str) -> Er
     }
 }
 
-/// Reads one frame body of at most `max` bytes; `None` at the end of the
-/// stream: finished, or reset by the peer (it abandoned the stream; a frame
-/// it had not completed is dropped, and the control stream says why).
+/// Reads one frame body of at most `max` bytes; `None` at a clean end of
+/// stream. A stream the peer reset is an error.
 pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Option<bytes::Bytes>> {
+    match read_data_frame(recv, max).await? {
+        DataFrame::Frame(b) => Ok(Some(b)),
+        DataFrame::Finished => Ok(None),
+        DataFrame::Abandoned => Err(Error::Network("the peer reset the stream".into())),
+    }
+}
+
+/// What [`read_data_frame`] found.
+pub enum DataFrame {
+    /// One frame body.
+    Frame(bytes::Bytes),
+    /// The stream ended cleanly between frames.
+    Finished,
+    /// The peer reset the stream (it gave up sending on it); a frame it had
+    /// not completed is dropped.
+    Abandoned,
+}
+
+/// Reads one frame body of at most `max` bytes from a stream whose reset
+/// is an answer of its own ([`DataFrame::Abandoned`]), not an error.
+pub async fn read_data_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<DataFrame> {
     let mut prefix = [0u8; 4];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(quinn::ReadExactError::ReadError(quinn::ReadError::Reset(_))) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(DataFrame::Finished),
+        Err(quinn::ReadExactError::ReadError(quinn::ReadError::Reset(_))) => {
+            return Ok(DataFrame::Abandoned)
+        }
         // The peer closed the whole connection with the success code between frames.
         Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(
             quinn::ConnectionError::ApplicationClosed(a),
-        ))) if a.error_code == quinn::VarInt::from_u32(0) => return Ok(None),
+        ))) if a.error_code == quinn::VarInt::from_u32(0) => return Ok(DataFrame::Finished),
         Err(quinn::ReadExactError::FinishedEarly(n)) => {
             return Err(Error::Peer(format!(
                 "stream ended inside a frame header ({n} of 4 bytes)"
@@ -552,11 +574,11 @@ pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Opti
                     body.len()
                 )))
             }
-            Err(quinn::ReadError::Reset(_)) => return Ok(None),
+            Err(quinn::ReadError::Reset(_)) => return Ok(DataFrame::Abandoned),
             Err(e) => return Err(read_error(e)),
         }
     }
-    Ok(Some(body.freeze()))
+    Ok(DataFrame::Frame(body.freeze()))
 }
 
 fn read_error(e: quinn::ReadError) -> Error {

@@ -45,6 +45,9 @@ enum Attack {
     PatchBitmap,
     /// A patch naming two blocks that carries one.
     PatchShort,
+    /// Half a chunk frame, the data stream reset, then Finish counting the
+    /// chunk: the receiver cannot finish a pass with frames dropped.
+    ResetThenFinish,
 }
 
 /// The 16-byte hint of each 4 KiB block of `chunk`, as a sender probes with.
@@ -191,6 +194,18 @@ async fn attack(id: &Identity, port: u16, fp: &str, size: u64, a: Attack) -> Str
         )),
         Attack::PatchBitmap => Some(patch_frame(6, &hash, vec![1], payload.slice(..4096))),
         Attack::PatchShort => Some(patch_frame(7, &hash, vec![0b11, 0], payload.slice(..4096))),
+        Attack::ResetThenFinish => {
+            let frame = chunk_frame(8, &hash, Encoding::Raw, CHUNK as u32, payload);
+            let mut s = conn.open_uni().await.unwrap();
+            s.write_all(&frame[..frame.len() / 2]).await.unwrap();
+            s.reset(quinn::VarInt::from_u32(1)).unwrap();
+            // Let the reset arrive before the Finish.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            transport::send_control(&mut send, Msg::Finish(wire::Finish { chunks_sent: 1 }))
+                .await
+                .unwrap();
+            None
+        }
         Attack::WrongDirection => {
             transport::send_control(
                 &mut send,
@@ -281,6 +296,10 @@ fn hostile_authenticated_peer_writes_nothing_and_others_carry_on() {
         (Attack::ShortHints, "carries 100 bytes of block hints"),
         (Attack::PatchBitmap, "block bitmap of 1 bytes"),
         (Attack::PatchShort, "shorter than the blocks it names"),
+        (
+            Attack::ResetThenFinish,
+            "reset a data stream and then finished",
+        ),
     ];
     let rt = rt();
     for (a, expect) in cases {
