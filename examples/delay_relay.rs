@@ -111,33 +111,17 @@ fn mbit_s(bytes: u64, dt: Duration) -> f64 {
     bytes as f64 * 8.0 / 1e6 / dt.as_secs_f64().max(1e-9)
 }
 
-/// Asks for `SOCKET_BUFFER` bytes of receive and send buffer; returns what
-/// the kernel granted (it reports twice the usable size).
+/// Asks for `SOCKET_BUFFER` bytes of receive and send buffer (as nightpass
+/// does for its own sockets); returns what the kernel granted (it reports
+/// twice the usable size).
 fn grow_buffers(sock: &UdpSocket) -> (usize, usize) {
+    nightpass::transport::grow_udp_buffers(sock, SOCKET_BUFFER);
     let fd = sock.as_raw_fd();
-    let set = |force: libc::c_int, plain: libc::c_int| {
-        let v = libc::c_int::try_from(SOCKET_BUFFER).unwrap_or(libc::c_int::MAX);
-        for opt in [force, plain] {
-            // SAFETY: fd is an open socket owned by `sock`; the value is a
-            // c_int whose size we pass.
-            let r = unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&v as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if r == 0 {
-                break;
-            }
-        }
-    };
     let get = |opt: libc::c_int| {
         let mut v: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: as above; v and len are valid for writes of their sizes.
+        // SAFETY: fd is an open socket owned by `sock`; v and len are valid
+        // for writes of their sizes.
         let r = unsafe {
             libc::getsockopt(
                 fd,
@@ -153,8 +137,6 @@ fn grow_buffers(sock: &UdpSocket) -> (usize, usize) {
             0
         }
     };
-    set(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
-    set(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
     (get(libc::SO_RCVBUF), get(libc::SO_SNDBUF))
 }
 

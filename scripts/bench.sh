@@ -162,16 +162,18 @@ PY
 # cpu_of NAME: "sender U+S s, receiver R s" for a pass
 cpu_of() {
     local u s
-    u=$(awk -F': ' '/User time/ { print $2 }' "$WORK/$1.time")
-    s=$(awk -F': ' '/System time/ { print $2 }' "$WORK/$1.time")
+    read -r u s < <(sender_cpu "$1")
     echo "cpu: sender ${u}u+${s}s, receiver ${RCPU[$1]:-?} s"
+}
+# sender_cpu NAME: "USER SYSTEM" seconds of the sender of a pass
+sender_cpu() {
+    awk -F': ' '/User time/ { u = $2 } /System time/ { s = $2 } END { print u, s }' "$WORK/$1.time"
 }
 # cpu_floor NAME: the shortest wall time the pass's CPU seconds (sender and
 # receiver together) allow on this machine's cores, when both share them.
 cpu_floor() {
     local u s
-    u=$(awk -F': ' '/User time/ { print $2 }' "$WORK/$1.time")
-    s=$(awk -F': ' '/System time/ { print $2 }' "$WORK/$1.time")
+    read -r u s < <(sender_cpu "$1")
     awk -v u="$u" -v s="$s" -v r="${RCPU[$1]:-0}" -v n="$(nproc)" 'BEGIN { printf "%.3f", (u + s + r) / n }'
 }
 

@@ -587,8 +587,8 @@ async fn sync_session(
     });
     shared.writers.lock().expect("not poisoned").push(writer);
 
-    // Probes and patches read the target's current copy of a chunk through
-    // a descriptor of their own (the writer's is exclusive).
+    // Probes read the target's current copy of a chunk through a
+    // descriptor of their own (the writer's is exclusive).
     let reader = {
         let path = path.clone();
         tokio::task::spawn_blocking(move || Volume::open_for_verify(&path))
@@ -924,11 +924,11 @@ fn block_runs(bitmap: &[u8], len: usize) -> Vec<std::ops::Range<usize>> {
     runs
 }
 
-/// Decodes and verifies one chunk frame; a probe or a patch reads the
-/// target's current copy of the chunk. Nothing unverified leaves this
-/// function. Unless `wait`, that read comes only from the page cache and
-/// `None` means it would have waited for the disk: nothing was done, ask
-/// again with `wait`.
+/// Decodes and verifies one chunk frame; a probe reads the target's current
+/// copy of the chunk (a patch is checked by the writer). Nothing unverified
+/// leaves this function. Unless `wait`, a probe's read comes only from the
+/// page cache and `None` means it would have waited for the disk: nothing
+/// was done, ask again with `wait`.
 fn check_chunk(
     body: Bytes,
     geometry: &Geometry,
@@ -956,17 +956,15 @@ fn check_chunk(
             c.hash.len()
         ))
     })?;
-    let start = geometry.range(c.index).expect("index checked above").start;
-    let read_old = || {
-        if wait {
-            target.read_vec_at(len, start).map(Some)
-        } else {
-            target.read_vec_cached(len, start)
-        }
-    };
     let data = match Encoding::try_from(c.encoding) {
         Ok(Encoding::Probe) => {
-            let Some(old) = read_old()? else {
+            let start = geometry.range(c.index).expect("index checked above").start;
+            let old = if wait {
+                Some(target.read_vec_at(len, start)?)
+            } else {
+                target.read_vec_cached(len, start)?
+            };
+            let Some(old) = old else {
                 return Ok(None);
             };
             return answer_probe(c.index, &c.payload, &old).map(|n| Some(Checked::Need(n)));

@@ -109,6 +109,9 @@ impl Outgoing {
 /// `budget`. There is still no round trip in the pipeline: probes, patches
 /// and whole chunks all flow at once.
 struct Probes {
+    /// The volume's chunk size, and the hash of a chunk of zeros.
+    chunk: usize,
+    zero: Hash,
     held: Mutex<HashMap<u64, (Bytes, tokio::sync::OwnedSemaphorePermit)>>,
     budget: Arc<tokio::sync::Semaphore>,
     permits: u32,
@@ -127,6 +130,8 @@ impl Probes {
     fn new(chunk: u64, patches: mpsc::UnboundedSender<Outgoing>) -> Probes {
         let permits = (PROBE_BUDGET / chunk).clamp(4, 4096) as u32;
         Probes {
+            chunk: chunk as usize,
+            zero: manifest::zero_hash(chunk as usize),
             held: Mutex::default(),
             budget: Arc::new(tokio::sync::Semaphore::new(permits as usize)),
             permits,
@@ -137,16 +142,17 @@ impl Probes {
         }
     }
 
-    /// Whether to probe a chunk of `len` bytes the target holds a version
-    /// of (`known`, a hash the target's manifest records; not the zero
-    /// chunk's, whose blocks the sender knows are zeros: such a chunk
-    /// compresses to about its data anyway): chunks of 4 blocks or more, up
-    /// to 4 MiB; and while the receiver keeps asking for more than 3/4 of the
-    /// blocks probed (whole chunks rewritten), only one chunk in 16, to
-    /// notice when that changes.
-    fn worth(&self, known: &Hash, len: usize, zero: &Hash) -> bool {
+    /// Whether to probe a changed chunk of `len` bytes the target holds a
+    /// version of (`known`, a hash the target's manifest records; not the
+    /// zero chunk's, whose blocks the sender knows are zeros: such a chunk
+    /// compresses to about its data anyway): whole chunks (not a short last
+    /// one) of 4 blocks or more, up to 4 MiB; and while the receiver keeps
+    /// asking for more than 3/4 of the blocks probed (whole chunks
+    /// rewritten), only one chunk in 16, to notice when that changes.
+    fn worth(&self, known: &Hash, len: usize) -> bool {
         if *known == manifest::UNKNOWN
-            || known == zero
+            || *known == self.zero
+            || len != self.chunk
             || !(4 * wire::BLOCK..=4 << 20).contains(&len)
         {
             return false;
@@ -250,9 +256,10 @@ thread_local! {
 }
 
 /// Decides what to send for a scanned chunk; runs on the hashing threads.
-/// `in_block`: the chunk's bytes are a slice of a whole read block; `probe`:
-/// send block hints first (see [`Probes`]).
-fn plan_chunk(s: Scanned, known: &Hash, in_block: bool, probe: bool) -> Option<Outgoing> {
+/// `in_block`: the chunk's bytes are a slice of a whole read block;
+/// `probes`: where a changed chunk that is not all zeros may go as block
+/// hints first (see [`Probes`]).
+fn plan_chunk(s: Scanned, known: &Hash, in_block: bool, probes: &Probes) -> Option<Outgoing> {
     if *known == s.hash {
         return None;
     }
@@ -266,7 +273,7 @@ fn plan_chunk(s: Scanned, known: &Hash, in_block: bool, probe: bool) -> Option<O
             Bytes::new(),
         ));
     }
-    if probe {
+    if probes.worth(known, s.data.len()) {
         let mut hints = Vec::with_capacity(wire::blocks_in(s.data.len()) * wire::BLOCK_HINT_LEN);
         for b in s.data.chunks(wire::BLOCK) {
             hints.extend_from_slice(&wire::block_hint(b));
@@ -977,8 +984,6 @@ async fn stream_pass(
     let (patch_tx, patch_rx) = mpsc::unbounded_channel::<Outgoing>();
     let probes = Arc::new(Probes::new(geometry.chunk_size().bytes(), patch_tx));
     let scan_probes = probes.clone();
-    let full_len = geometry.chunk_size().usize();
-    let zero_chunk = manifest::zero_hash(full_len);
     let mut scan = hash::scan(
         vol,
         geometry,
@@ -992,11 +997,7 @@ async fn stream_pass(
             if let Some(t) = &sink {
                 manifest::set_entry(&mut t.lock().expect("not poisoned"), s.index, &s.hash);
             }
-            let probe = s.hash != known
-                && !s.zero
-                && s.data.len() == full_len
-                && scan_probes.worth(&known, s.data.len(), &zero_chunk);
-            plan_chunk(s, &known, in_block, probe)
+            plan_chunk(s, &known, in_block, &scan_probes)
         },
         progress.clone(),
     );

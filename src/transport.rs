@@ -360,16 +360,25 @@ pub fn server_endpoint(
 pub const UDP_BUFFER: usize = 16 << 20;
 
 /// A UDP socket bound to `addr` with [`UDP_BUFFER`]-sized kernel buffers
-/// where the system allows (as root past `net.core.rmem_max`).
+/// where the system allows (see [`grow_udp_buffers`]).
 fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use std::os::unix::io::AsRawFd;
     let socket = std::net::UdpSocket::bind(addr)?;
+    grow_udp_buffers(&socket, UDP_BUFFER);
+    Ok(socket)
+}
+
+/// Asks for `bytes` of kernel receive and send buffer on `socket`: past
+/// `net.core.rmem_max`/`wmem_max` where the process may (root,
+/// CAP_NET_ADMIN), otherwise as much as the kernel caps the plain request
+/// at, which is still better than its default.
+pub fn grow_udp_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+    use std::os::unix::io::AsRawFd;
     let fd = socket.as_raw_fd();
+    let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     for (force, plain) in [
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
     ] {
-        let size = UDP_BUFFER as libc::c_int;
         let set = |opt| {
             // SAFETY: setsockopt reads one c_int through the pointer, which
             // points at a live local of that size; the descriptor is open.
@@ -383,13 +392,10 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
                 )
             }
         };
-        // The forcing variant needs CAP_NET_ADMIN; otherwise the kernel caps
-        // the plain one at its maximum, which is still better than nothing.
         if set(force) != 0 {
             set(plain);
         }
     }
-    Ok(socket)
 }
 
 fn endpoint(

@@ -188,10 +188,11 @@ pub struct Forecast {
     pub freeze_overhead_s: f64,
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+fn median(v: &[f64]) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
+    let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
     Some(if n % 2 == 1 {
@@ -201,9 +202,18 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     })
 }
 
-fn recent(v: Vec<f64>) -> Vec<f64> {
-    let skip = v.len().saturating_sub(RECENT);
-    v.into_iter().skip(skip).collect()
+fn recent(v: &[f64]) -> &[f64] {
+    &v[v.len().saturating_sub(RECENT)..]
+}
+
+/// Read rates of the delta passes that read something, oldest first (a
+/// first pass reads while it writes everything: not the rate of a delta).
+fn delta_read_rates(passes: &[PassFigures]) -> Vec<f64> {
+    passes
+        .iter()
+        .filter(|p| !p.first && p.scanned_bytes > 0)
+        .map(PassFigures::read_rate)
+        .collect()
 }
 
 impl PassFigures {
@@ -219,14 +229,9 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
     if last.scanned_bytes == 0 && last.size_bytes > 0 {
         return None;
     }
-    let read_rates: Vec<f64> = passes
-        .iter()
-        .filter(|p| !p.first && p.scanned_bytes > 0)
-        .map(PassFigures::read_rate)
-        .collect();
-    let read_rate = median(recent(read_rates)).unwrap_or_else(|| last.read_rate());
+    let read_rate = median(recent(&delta_read_rates(passes))).unwrap_or_else(|| last.read_rate());
     // The proof's read of the target runs alongside: the slower read bounds.
-    let read_rate = match median(recent(history.target_read_rates.clone())) {
+    let read_rate = match median(recent(&history.target_read_rates)) {
         Some(target) if target > 0.0 => read_rate.min(target),
         _ => read_rate,
     };
@@ -243,7 +248,7 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
             w[1].changed_bytes as f64 / dt
         })
         .collect();
-    let rates = recent(rates);
+    let rates = recent(&rates);
     if rates.is_empty() {
         return None;
     }
@@ -273,14 +278,14 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
             (p.duration_s - p.read_busy_s.max(sending)).max(0.0)
         })
         .collect();
-    let pass_overhead_s = median(recent(residuals)).unwrap_or(0.0);
+    let pass_overhead_s = median(recent(&residuals)).unwrap_or(0.0);
     let freezes: Vec<f64> = history
         .cutovers
         .iter()
         .map(|c| (c.frozen_s - c.passes_s).max(0.0))
         .collect();
     let freeze_overhead_s =
-        median(recent(freezes)).unwrap_or_else(|| default_freeze_overhead_s(last.size_bytes));
+        median(recent(&freezes)).unwrap_or_else(|| default_freeze_overhead_s(last.size_bytes));
     Some(Forecast {
         total_s: scan_s.max(send_s) + pass_overhead_s + freeze_overhead_s,
         scan_s,
@@ -297,12 +302,7 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
 /// one pass slowed by something else on the machine, or the last two
 /// reading within 10% of each other.
 pub fn read_rate_settled(passes: &[PassFigures]) -> bool {
-    let rates: Vec<f64> = passes
-        .iter()
-        .filter(|p| !p.first && p.scanned_bytes > 0)
-        .map(PassFigures::read_rate)
-        .collect();
-    match rates.as_slice() {
+    match delta_read_rates(passes).as_slice() {
         [] | [_] => false,
         [a, b] => (a - b).abs() <= 0.1 * a.max(*b),
         _ => true,
@@ -473,9 +473,9 @@ mod tests {
 
     #[test]
     fn medians_and_recency() {
-        assert_eq!(median(vec![]), None);
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(vec![4.0, 1.0]), Some(2.5));
-        assert_eq!(recent(vec![1.0, 2.0, 3.0, 4.0]), vec![2.0, 3.0, 4.0]);
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0]), Some(2.5));
+        assert_eq!(recent(&[1.0, 2.0, 3.0, 4.0]), &[2.0, 3.0, 4.0]);
     }
 }

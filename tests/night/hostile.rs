@@ -58,34 +58,44 @@ fn hints_of(chunk: &[u8]) -> Vec<u8> {
         .collect()
 }
 
-fn patch_frame(index: u64, hash: &[u8], blocks: Vec<u8>, payload: Bytes) -> Bytes {
-    let c = wire::Chunk {
+/// A chunk frame as a sender writes it on a data stream.
+fn frame(index: u64, hash: &[u8], encoding: Encoding, blocks: Vec<u8>, payload: Bytes) -> Bytes {
+    wire::encode_frame(&wire::Chunk {
         index,
         hash: hash.to_vec(),
-        encoding: Encoding::Patch as i32,
+        encoding: encoding as i32,
         len: CHUNK as u32,
         blocks,
-        payload: Bytes::new(),
-    };
-    let [head, body] = wire::encode_chunk_frame(&c, payload);
-    let mut b = BytesMut::from(&head[..]);
-    b.extend_from_slice(&body);
-    b.freeze()
+        payload,
+    })
 }
 
+fn patch_frame(index: u64, hash: &[u8], blocks: Vec<u8>, payload: Bytes) -> Bytes {
+    frame(index, hash, Encoding::Patch, blocks, payload)
+}
+
+/// Chunk `index` sent whole, as `data` with its own hash.
+fn raw_frame(index: u64, data: &[u8]) -> Bytes {
+    let hash = blake3::hash(data);
+    frame(
+        index,
+        hash.as_bytes(),
+        Encoding::Raw,
+        Vec::new(),
+        Bytes::copy_from_slice(data),
+    )
+}
+
+/// A frame of any length field (`len`), to send what a sender must not.
 fn chunk_frame(index: u64, hash: &[u8], encoding: Encoding, len: u32, payload: Bytes) -> Bytes {
-    let c = wire::Chunk {
+    wire::encode_frame(&wire::Chunk {
         index,
         hash: hash.to_vec(),
         encoding: encoding as i32,
         len,
         blocks: Vec::new(),
-        payload: Bytes::new(),
-    };
-    let [head, body] = wire::encode_chunk_frame(&c, payload);
-    let mut b = BytesMut::from(&head[..]);
-    b.extend_from_slice(&body);
-    b.freeze()
+        payload,
+    })
 }
 
 fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
@@ -427,19 +437,15 @@ fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
             Bytes::from(hints_of(&new0)),
         );
         s.write_all(&probe).await.unwrap();
-        let need = match transport::recv_control(&mut recv).await.unwrap() {
-            Some(Msg::Need(n)) => n,
-            other => panic!("expected the receiver to ask for blocks, got {other:?}"),
-        };
-        assert_eq!(need.index, 0);
+        let need = expect_need(&mut recv, 0).await;
         assert_eq!(
             need.blocks,
             vec![1 << 3, 1 << (9 - 8)],
             "the receiver must ask for blocks 3 and 9 only"
         );
         let payload = [
-            &new0[3 * wire::BLOCK..4 * wire::BLOCK],
-            &new0[9 * wire::BLOCK..10 * wire::BLOCK],
+            &new0[wire::block_range(3, CHUNK as usize)],
+            &new0[wire::block_range(9, CHUNK as usize)],
         ]
         .concat();
         s.write_all(&patch_frame(0, &hash0, need.blocks, Bytes::from(payload)))
@@ -456,29 +462,14 @@ fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
         ))
         .await
         .unwrap();
-        match transport::recv_control(&mut recv).await.unwrap() {
-            Some(Msg::Need(n)) => {
-                assert_eq!(n.index, 1);
-                assert_eq!(
-                    n.blocks,
-                    vec![0xff, 0xff],
-                    "a failed patch asks for the whole chunk"
-                );
-            }
-            other => panic!("expected the receiver to ask for the whole chunk 1, got {other:?}"),
-        }
+        assert_eq!(
+            expect_need(&mut recv, 1).await.blocks,
+            vec![0xff, 0xff],
+            "a failed patch asks for the whole chunk"
+        );
         // The sender answers with the whole chunk 1, as a real one does.
         let new1 = random_bytes(CHUNK as usize, 303);
-        let hash1 = *blake3::hash(&new1).as_bytes();
-        s.write_all(&chunk_frame(
-            1,
-            &hash1,
-            Encoding::Raw,
-            CHUNK as u32,
-            Bytes::from(new1.clone()),
-        ))
-        .await
-        .unwrap();
+        s.write_all(&raw_frame(1, &new1)).await.unwrap();
         expect_ack(&mut recv, 1).await;
         // Out of order, as only a faulty sender would: chunk 2 sent whole,
         // then patched over a copy of the target from before that write.
@@ -487,19 +478,10 @@ fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
         // so it does not match and nothing of it is written; the target and
         // the manifest keep the whole chunk.
         let new2 = random_bytes(CHUNK as usize, 304);
-        let hash2 = *blake3::hash(&new2).as_bytes();
         let mut stale2 = chunk(2);
         stale2[..wire::BLOCK].copy_from_slice(&new2[..wire::BLOCK]);
         let stale_hash = *blake3::hash(&stale2).as_bytes();
-        s.write_all(&chunk_frame(
-            2,
-            &hash2,
-            Encoding::Raw,
-            CHUNK as u32,
-            Bytes::from(new2.clone()),
-        ))
-        .await
-        .unwrap();
+        s.write_all(&raw_frame(2, &new2)).await.unwrap();
         s.write_all(&patch_frame(
             2,
             &stale_hash,
@@ -559,6 +541,19 @@ fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
     let (claimed, bad) = manifest_claims_hold(&receiver_manifest(&rx.state, "v"), &tv);
     assert!(bad.is_empty(), "manifest claims {bad:?}");
     assert_eq!(claimed, 3, "the manifest claims chunks 0, 1 and 2");
+}
+
+async fn expect_need(recv: &mut quinn::RecvStream, index: u64) -> wire::Need {
+    match transport::recv_control(recv).await.unwrap() {
+        Some(Msg::Need(n)) => {
+            assert_eq!(
+                n.index, index,
+                "the receiver asks for blocks of chunk {index}"
+            );
+            n
+        }
+        other => panic!("expected the receiver to ask for blocks of chunk {index}, got {other:?}"),
+    }
 }
 
 async fn expect_ack(recv: &mut quinn::RecvStream, index: u64) {
