@@ -746,6 +746,7 @@ pub fn msg_name(m: &Msg) -> &'static str {
         Msg::Failure(_) => "failure",
         Msg::Mark(_) => "mark",
         Msg::Need(_) => "need",
+        Msg::Heartbeat(_) => "heartbeat",
     }
 }
 

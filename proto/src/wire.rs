@@ -13,7 +13,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 
 /// Protocol version spoken by this build. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// ALPN token of the protocol inside TLS.
 pub const ALPN: &[u8] = b"nightpass/1";
@@ -39,6 +39,11 @@ pub enum Mode {
     Verify = 2,
     /// Records a cutover's consistency point in the receiver's journal.
     Record = 3,
+    /// Asks whether a sync session of the volume would be accepted now
+    /// (exported, authorized, not sealed, not busy, sizes and chunk size),
+    /// without taking the volume or writing anything: a cutover asks this
+    /// before it freezes the source.
+    Preflight = 4,
 }
 
 /// Why a receiver refused a session.
@@ -61,6 +66,10 @@ pub enum RefuseCode {
     BadRequest = 6,
     /// The receiver failed to open or read its target.
     Io = 7,
+    /// The volume was cut over and is sealed until `nightpass unseal`.
+    Sealed = 8,
+    /// The sender's fingerprint is not authorized for this volume.
+    NotAuthorized = 9,
 }
 
 /// How a chunk's payload is encoded.
@@ -295,13 +304,24 @@ pub struct Failure {
     pub message: String,
 }
 
+/// Either side, any time after the handshake: "still here". A sender
+/// sends one every [`HEARTBEAT_INTERVAL_S`] seconds during a sync session (a
+/// pass over a mostly unchanged volume may send no chunk for hours); a
+/// receiver sends one to learn whether the peer holding a volume still
+/// answers. The other side ignores it.
+#[derive(Clone, PartialEq, Message)]
+pub struct Heartbeat {}
+
+/// Seconds between a sender's heartbeats in a sync session.
+pub const HEARTBEAT_INTERVAL_S: u64 = 5;
+
 /// Every message of the control stream.
 #[derive(Clone, PartialEq, Message)]
 pub struct Control {
     /// The message.
     #[prost(
         oneof = "control::Msg",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
     )]
     pub msg: Option<control::Msg>,
 }
@@ -350,6 +370,9 @@ pub mod control {
         /// See [`super::Need`].
         #[prost(message, tag = "13")]
         Need(super::Need),
+        /// See [`super::Heartbeat`].
+        #[prost(message, tag = "14")]
+        Heartbeat(super::Heartbeat),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Block devices: loop devices as source and target, and a mounted target.
-//! These need root and losetup; without them they print SKIP and pass.
+//! These need root and losetup; without them they print SKIP and pass
+//! (and fail under `CI=true`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -17,9 +18,15 @@ fn devices_available(test: &str, tools: &[&str]) -> bool {
         .collect();
     let loop_driver = Path::new("/dev/loop-control").exists();
     if !root || !missing.is_empty() || !loop_driver {
-        eprintln!(
-            "SKIP: {test} needs root and losetup (root: {root}, missing tools: {missing:?}, /dev/loop-control present: {loop_driver})"
+        let why = format!(
+            "{test} needs root and losetup (root: {root}, missing tools: {missing:?}, /dev/loop-control present: {loop_driver})"
         );
+        // Under CI every test must run: a skip there is a failure.
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "{why} (CI=true: a skipped test is a failure)"
+        );
+        eprintln!("SKIP: {why}");
         return false;
     }
     true

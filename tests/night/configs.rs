@@ -80,7 +80,10 @@ fn every_configuration_gives_an_identical_target() {
 #[test]
 fn direct_reads_leave_the_page_cache_alone() {
     if Command::new("fincore").arg("--version").output().is_err() {
-        eprintln!("SKIP direct_reads_leave_the_page_cache_alone: fincore (util-linux) is missing");
+        skip(
+            "direct_reads_leave_the_page_cache_alone",
+            "fincore (util-linux) is missing",
+        );
         return;
     }
     let dir = scratch();

@@ -25,13 +25,23 @@ pub fn scratch() -> tempfile::TempDir {
         .expect("tempdir")
 }
 
+/// A test that cannot run here: a loud SKIP line by hand, a failure under
+/// `CI=true` (CI must run every test, never skip one quietly).
+pub fn skip(test: &str, why: &str) -> bool {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test} cannot run: {why} (CI=true: a skipped test is a failure)");
+    }
+    eprintln!("SKIP {test}: {why}");
+    false
+}
+
 /// True when running as root with the given tools on the PATH; otherwise
-/// prints a loud SKIP line naming `test` and what is missing.
+/// prints a loud SKIP line naming `test` and what is missing (and fails
+/// under `CI=true`).
 pub fn need_root(test: &str, tools: &[&str]) -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP {test}: needs root (loop devices, mount, fsfreeze)");
-        return false;
+        return skip(test, "needs root (loop devices, mount, fsfreeze)");
     }
     for t in tools {
         let found = Command::new("sh")
@@ -42,8 +52,7 @@ pub fn need_root(test: &str, tools: &[&str]) -> bool {
             .map(|s| s.success())
             .unwrap_or(false);
         if !found {
-            eprintln!("SKIP {test}: needs '{t}', which is not installed");
-            return false;
+            return skip(test, &format!("needs '{t}', which is not installed"));
         }
     }
     true
