@@ -56,6 +56,17 @@ pub fn fingerprint_of(cert_der: &[u8]) -> String {
     )
 }
 
+/// The fingerprint of the certificate the peer of `conn` presented (the
+/// TLS handshake checked it against the pinned or allowed fingerprints);
+/// `None` when it presented none.
+pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(|c| fingerprint_of(c))
+}
+
 /// Checks the shape of a fingerprint an operator typed or pasted.
 pub fn parse_fingerprint(s: &str) -> Result<String> {
     let t = s.trim().to_ascii_lowercase();

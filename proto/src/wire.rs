@@ -202,6 +202,12 @@ pub struct Welcome {
     /// True when the target is a block device (which may be larger than the source).
     #[prost(bool, tag = "5")]
     pub target_is_block: bool,
+    /// The consistency point of the volume's last cutover when the operator
+    /// has since unsealed it on the receiver (`nightpass unseal`); empty
+    /// otherwise. A sender that recorded that cutover passes again only
+    /// when the receiver says so here.
+    #[prost(string, tag = "6")]
+    pub unsealed_cutover: String,
 }
 
 /// Receiver → sender: the session is refused; the connection closes after it.
