@@ -551,6 +551,7 @@ async fn sync_session(
             chunk_size: geometry.chunk_size().bytes() as u32,
             summary: Some(summary_to_wire(&summary)),
             target_is_block: volume.kind() == crate::device::Kind::Block,
+            unsealed_cutover: String::new(),
         }),
     )
     .await?;
@@ -1213,6 +1214,7 @@ async fn verify_session(
             chunk_size: chunk.bytes() as u32,
             summary: None,
             target_is_block: volume.kind() == crate::device::Kind::Block,
+            unsealed_cutover: String::new(),
         }),
     )
     .await?;
