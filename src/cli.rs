@@ -160,9 +160,17 @@ pub struct CutoverArgs {
     /// The operator has stopped every writer.
     #[arg(long)]
     pub assume_frozen: bool,
-    /// Abort the pass and thaw when frozen longer than this (exit 3).
+    /// Abort the pass and thaw when frozen longer than this (exit 3)
+    /// [default: the forecast × --margin, at least 60 s].
     #[arg(long, value_parser = parse_duration)]
     pub max_freeze: Option<Duration>,
+    /// Safety margin: the default --max-freeze is the forecast × margin.
+    #[arg(long, default_value_t = 1.5)]
+    pub margin: f64,
+    /// Cut over a volume that has no forecast (never synced, or fewer than
+    /// two passes): the frozen pass may then copy the whole volume.
+    #[arg(long)]
+    pub force_no_forecast: bool,
     /// Prove the target identical by fresh reads (full), or skip that (none).
     #[arg(long, default_value = "full", value_parser = ["full", "none"])]
     pub verify: String,
@@ -214,6 +222,7 @@ impl QuicArgs {
             stream_window: (self.quic_window / 4).clamp(1 << 20, MAX_STREAM_WINDOW),
             conn_window: self.quic_window,
             bbr: self.congestion == "bbr",
+            connect_timeout: crate::transport::CONNECT_TIMEOUT,
         }
     }
 }
@@ -257,8 +266,17 @@ pub struct SyncArgs {
     #[arg(long)]
     pub direct: bool,
     /// Keep reconnecting this long after the link is lost, then fail (exit 3); 0 fails at once.
+    /// A receiver that never answered is not retried: see --connect-timeout.
     #[arg(long, value_parser = parse_duration, default_value = "3m")]
     pub retry_for: Duration,
+    /// How long to wait for the receiver's first answer before failing
+    /// (exit 3): a wrong host or port, or a firewall dropping UDP.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub connect_timeout: Duration,
+    /// Accept a SOURCE other than the one earlier passes of this volume
+    /// read (the volume moved to another device).
+    #[arg(long)]
+    pub new_source: bool,
     #[command(flatten)]
     /// QUIC tuning.
     pub quic: QuicArgs,
@@ -289,6 +307,17 @@ impl SyncArgs {
             ))
         })?;
         Ok((dest, parse_fingerprint(fp)?))
+    }
+
+    /// QUIC settings with this command's connect timeout.
+    pub fn tuning(&self) -> Result<Tuning> {
+        if self.connect_timeout.is_zero() {
+            return Err(Error::input("--connect-timeout must be more than 0 s"));
+        }
+        Ok(Tuning {
+            connect_timeout: self.connect_timeout,
+            ..self.quic.tuning()
+        })
     }
 
     /// Reader settings.

@@ -64,10 +64,15 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Cutover(args) => {
             let cfg = sync_config(&args.sync, "cutover")?;
             let id = Identity::load(&args.sync.identity_dir())?;
+            if args.margin.is_nan() || args.margin < 1.0 {
+                return Err(Error::input("--margin must be at least 1.0"));
+            }
             let cc = crate::cutover::CutoverConfig {
                 method: args.method(),
                 max_freeze: args.max_freeze,
                 prove: args.verify == "full",
+                force_no_forecast: args.force_no_forecast,
+                margin: args.margin,
             };
             crate::cutover::cutover(&cfg, &cc, &id, progress).await
         }
@@ -90,7 +95,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
 /// Typed pass settings from the flags.
 pub fn sync_config(args: &SyncArgs, kind: &'static str) -> Result<SyncConfig> {
     let (dest, fp) = args.remote()?;
-    let tuning = args.quic.tuning();
+    let tuning = args.tuning()?;
     let streams = match args.streams {
         Some(n) if n == 0 || n > 32 => {
             return Err(Error::input("--streams must be between 1 and 32"))
@@ -118,6 +123,7 @@ pub fn sync_config(args: &SyncArgs, kind: &'static str) -> Result<SyncConfig> {
         read_from: None,
         retry_for: args.retry_for,
         proof_read: false,
+        new_source: args.new_source,
     })
 }
 
@@ -157,7 +163,9 @@ pub fn report_error(json: bool, e: &Error) {
     if json {
         println!(
             "{}",
-            json!({"event": "error", "message": e.to_string(), "exit_code": e.exit_code()})
+            crate::progress::with_ts(
+                json!({"event": "error", "message": e.to_string(), "exit_code": e.exit_code()})
+            )
         );
     }
 }

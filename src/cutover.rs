@@ -18,7 +18,7 @@
 //! scan (both ends sharing CPUs or disks) included.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nightpass_proto::chunk::{ChunkSize, Geometry};
 use nightpass_proto::wire::{self, control::Msg, Mode};
@@ -26,7 +26,7 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::freeze::{FreezeGuard, Method};
-use crate::progress::{human_bytes, PassEnd, Progress};
+use crate::progress::{human_bytes, now_unix, PassEnd, Progress};
 use crate::sender::{self, journal_figures, open_session, target_dir, SyncConfig};
 use crate::state::{self, ManifestFile};
 use crate::transport::{self, Identity};
@@ -43,13 +43,6 @@ pub struct ConvergeConfig {
     pub interval: Duration,
     /// Safety margin the forecast is multiplied by.
     pub margin: f64,
-}
-
-fn now_unix() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// True when the last passes stopped shrinking: each of the last two moved
@@ -76,7 +69,8 @@ pub async fn converge(
     let window = cc.window.as_secs_f64();
     let mut changed: Vec<u64> = Vec::new();
     let mut last: Option<PassEnd> = None;
-    let journal = target_dir(&cfg.state_dir, &cfg.dest).join("journal.jsonl");
+    let journal =
+        target_dir(&cfg.state_dir, &cfg.server_fingerprint, &cfg.dest).join("journal.jsonl");
     // The first pass of a volume copies everything: reading the target
     // alongside would only slow it, and it measures no read rate.
     let mut copied_before = state::read_journal(&journal)
@@ -155,6 +149,10 @@ pub struct CutoverConfig {
     pub max_freeze: Option<Duration>,
     /// Prove the target identical by fresh reads (`--verify full`).
     pub prove: bool,
+    /// Cut over a volume without a forecast (`--force-no-forecast`).
+    pub force_no_forecast: bool,
+    /// Safety margin the forecast is multiplied by for the default `--max-freeze`.
+    pub margin: f64,
 }
 
 /// Rounds of repair before a cutover gives up.
@@ -164,15 +162,31 @@ const REPAIR_ROUNDS: usize = 3;
 /// verify session, as the proof of a cutover does. Returns the pass, the
 /// source's chunk table as the pass read it (when `collect`), the target's
 /// table as the receiver read it, and the geometry of that table.
+///
+/// Without `overlap` (the target does not exist yet: the pass creates it)
+/// the receiver reads its target after the pass instead of alongside.
 async fn pass_with_target_read(
     cfg: &SyncConfig,
     id: &Identity,
     progress: Arc<dyn Progress>,
     collect: bool,
+    overlap: bool,
 ) -> Result<(PassEnd, Vec<u8>, Vec<u8>, Geometry)> {
     let size =
         crate::device::Volume::open_source(cfg.read_from.as_deref().unwrap_or(&cfg.source))?.size();
-    let chunk = match ManifestFile::open(&target_dir(&cfg.state_dir, &cfg.dest).join("manifest"))? {
+    if !overlap {
+        let (end, ours) = sender::run_pass_collecting(cfg, id, progress, collect).await?;
+        let chunk = ChunkSize::new(end.start.chunk_size).map_err(|e| Error::Io(e.to_string()))?;
+        let fp = cfg.server_fingerprint.as_str();
+        let (mut vs, geometry) =
+            open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, Vec::new()).await?;
+        let theirs = receive_hashes(&mut vs, &geometry).await?;
+        forget_and_close(vs, &[]).await?;
+        return Ok((end, ours.unwrap_or_default(), theirs, geometry));
+    }
+    let chunk = match ManifestFile::open(
+        &target_dir(&cfg.state_dir, &cfg.server_fingerprint, &cfg.dest).join("manifest"),
+    )? {
         Some(Ok(m)) => m.geometry().chunk_size(),
         _ => cfg.chunk_size.unwrap_or(ChunkSize::DEFAULT),
     };
@@ -194,7 +208,7 @@ async fn pass_with_target_read(
     // The frozen pass lasts as long as the slower of the two reads: journal
     // the target's, so the forecast sees a target slower than the source.
     state::append_journal(
-        &target_dir(&cfg.state_dir, &cfg.dest).join("journal.jsonl"),
+        &target_dir(&cfg.state_dir, &cfg.server_fingerprint, &cfg.dest).join("journal.jsonl"),
         &json!({"event": "target_read", "size_bytes": geometry.size(), "duration_s": read_s}),
     )?;
     if end.start.chunk_size != chunk.bytes() || geometry.size() != size {
@@ -213,24 +227,44 @@ async fn rehearsal_pass(
     id: &Identity,
     progress: Arc<dyn Progress>,
 ) -> Result<PassEnd> {
-    Ok(pass_with_target_read(cfg, id, progress, false).await?.0)
+    Ok(pass_with_target_read(cfg, id, progress, false, true)
+        .await?
+        .0)
 }
 
-/// The frozen pass and its proof; returns the final pass and the seconds
-/// spent in passes (the first, and any repairs).
+/// What the frozen pass brings back.
+struct Frozen {
+    /// The final pass.
+    end: PassEnd,
+    /// Seconds spent in passes (the first, and any repairs).
+    passes_s: f64,
+    /// The source's chunk table as the final pass read it (when asked for).
+    table: Vec<u8>,
+}
+
+/// The frozen pass and its proof (when `prove`); `overlap`: the target
+/// exists, so the receiver reads it alongside the pass; `collect`: bring
+/// back the source's table as the final pass read it.
 async fn frozen_pass(
     cfg: &SyncConfig,
     id: &Identity,
     progress: Arc<dyn Progress>,
     prove: bool,
-) -> Result<(PassEnd, f64)> {
+    overlap: bool,
+    collect: bool,
+) -> Result<Frozen> {
     if !prove {
-        let end = sender::run_pass(cfg, id, progress).await?;
-        let d = end.duration_s;
-        return Ok((end, d));
+        let (end, table) = sender::run_pass_collecting(cfg, id, progress, collect).await?;
+        let passes_s = end.duration_s;
+        let table = table.unwrap_or_default();
+        return Ok(Frozen {
+            end,
+            passes_s,
+            table,
+        });
     }
     let (mut end, mut ours, theirs, geometry) =
-        pass_with_target_read(cfg, id, progress.clone(), true).await?;
+        pass_with_target_read(cfg, id, progress.clone(), true, overlap).await?;
     let mut passes_s = end.duration_s;
     let chunk = geometry.chunk_size();
     let size = geometry.size();
@@ -239,7 +273,11 @@ async fn frozen_pass(
     for round in 0..=REPAIR_ROUNDS {
         if suspects.is_empty() {
             progress.note("proof: the target matches the frozen source, chunk for chunk, by fresh reads on both sides");
-            return Ok((end, passes_s));
+            return Ok(Frozen {
+                end,
+                passes_s,
+                table: ours,
+            });
         }
         let flat: Vec<u64> = suspects.iter().flat_map(|&(o, l)| [o, l]).collect();
         let (mut s2, g2) = open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, flat).await?;
@@ -304,15 +342,79 @@ async fn record_on_receiver(cfg: &SyncConfig, id: &Identity, mark: wire::Mark) -
     Ok(())
 }
 
+/// Least `--max-freeze` derived from a forecast: a forecast of seconds
+/// must not make a slow night abort (cutover passes were measured up to
+/// twice their forecast, README "The forecast and the night window").
+pub const MAX_FREEZE_FLOOR: Duration = Duration::from_secs(60);
+
+/// The freeze limit in force: the operator's `--max-freeze`, else the
+/// forecast times the margin, at least [`MAX_FREEZE_FLOOR`]; none without
+/// either (a forced cutover without a forecast).
+pub fn max_freeze(
+    given: Option<Duration>,
+    forecast_s: Option<f64>,
+    margin: f64,
+) -> Option<Duration> {
+    given.or_else(|| {
+        forecast_s
+            .map(|f| Duration::from_secs_f64((f * margin).max(MAX_FREEZE_FLOOR.as_secs_f64())))
+    })
+}
+
+/// Whether the freeze method is the operator's word rather than ours:
+/// then the source is read once more after the final pass, and any chunk
+/// found changed means writers still run.
+fn freeze_unchecked(method: &Method) -> bool {
+    matches!(method, Method::AssumeFrozen | Method::Hooks { .. })
+}
+
+/// Re-reads the frozen source after the final pass and compares it with
+/// the table that pass read: a chunk that changed means writers still run
+/// (the operator's `--assume-frozen` or `--pre` did not stop them), and the
+/// target is no consistency point.
+async fn check_source_unchanged(
+    cfg: &SyncConfig,
+    frozen: &Frozen,
+    progress: &Arc<dyn Progress>,
+) -> Result<()> {
+    let path = cfg.read_from.clone().unwrap_or_else(|| cfg.source.clone());
+    let chunk =
+        ChunkSize::new(frozen.end.start.chunk_size).map_err(|e| Error::Io(e.to_string()))?;
+    let (scan, table) = (cfg.scan.clone(), frozen.table.clone());
+    progress.note("checking that the source did not change after the final pass read it");
+    let changed = tokio::task::spawn_blocking(move || {
+        let v = Arc::new(crate::device::Volume::open_source_reader(
+            &path,
+            scan.read_mode(),
+        )?);
+        let geometry = Geometry::new(v.size(), chunk).map_err(|e| Error::Io(e.to_string()))?;
+        let fresh = crate::hash::hash_all(v, geometry, scan, Arc::new(crate::progress::Quiet))?;
+        Ok::<_, Error>(compare(&geometry, &table, &fresh).0.len())
+    })
+    .await
+    .map_err(|_| Error::Io("source check task failed".into()))??;
+    if changed > 0 {
+        return Err(Error::Io(format!(
+            "the source changed in {changed} chunks after the final pass read them: writers are still running, so the target is no consistency point and nothing was certified. Stop every writer (or use --fsfreeze / --lvm-snapshot) and run the cutover again"
+        )));
+    }
+    Ok(())
+}
+
 /// Freeze, final pass, proof, thaw; returns 0 when the target is identical
 /// to the frozen source.
+///
+/// Nothing is frozen before the night is known to be able to finish: the
+/// volume must have a forecast (or the operator forces it), and the
+/// receiver must accept a session of it now ([`sender::preflight`]); every
+/// refusal there leaves the source never frozen.
 pub async fn cutover(
     cfg: &SyncConfig,
     cc: &CutoverConfig,
     id: &Identity,
     progress: Arc<dyn Progress>,
 ) -> Result<i32> {
-    let dir = target_dir(&cfg.state_dir, &cfg.dest);
+    let dir = sender::volume_state_dir(cfg)?;
     let journal = dir.join("journal.jsonl");
     let forecast = nightpass_proto::plan::forecast(
         &journal_figures(&state::read_journal(&journal)),
@@ -323,9 +425,30 @@ pub async fn cutover(
             "forecast of the frozen pass: {:.2} s (scan {:.2} s, send {:.2} s, pass overhead {:.2} s, freeze overhead {:.2} s)",
             f.total_s, f.scan_s, f.send_s, f.pass_overhead_s, f.freeze_overhead_s
         )),
-        None => progress
-            .note("no forecast: fewer than two passes recorded; the frozen pass may be long"),
+        None if cc.force_no_forecast => progress.note(
+            "no forecast (fewer than two passes recorded); --force-no-forecast: the frozen pass may copy the whole volume",
+        ),
+        None => {
+            return Err(Error::input(format!(
+                "{} has no forecast (it was never synced, or fewer than two passes are recorded in {}), so a cutover would run the whole copy with the source frozen. Run 'nightpass converge' (or two syncs) first, or pass --force-no-forecast",
+                cfg.dest,
+                cfg.state_dir.display()
+            )))
+        }
     }
+    let limit = max_freeze(cc.max_freeze, forecast.map(|f| f.total_s), cc.margin);
+    let welcome = sender::preflight(cfg, id).await?;
+    progress.note(&format!(
+        "preflight: the receiver accepts a pass of {} now; {}",
+        cfg.dest,
+        match limit {
+            Some(l) => format!(
+                "the source will be thawed and the cutover abandoned if frozen longer than {:.0} s (--max-freeze)",
+                l.as_secs_f64()
+            ),
+            None => "no --max-freeze: the freeze is not bounded".into(),
+        }
+    ));
     let freeze_unix = now_unix();
     let started = Instant::now();
     let method = cc.method.clone();
@@ -339,8 +462,17 @@ pub async fn cutover(
     if guard.read_from() != cfg.source {
         frozen_cfg.read_from = Some(guard.read_from().to_owned());
     }
-    let work = frozen_pass(&frozen_cfg, id, progress.clone(), cc.prove);
-    let result = match cc.max_freeze {
+    let check = freeze_unchecked(&cc.method);
+    let work = async {
+        let overlap = welcome.target_size > 0;
+        let frozen =
+            frozen_pass(&frozen_cfg, id, progress.clone(), cc.prove, overlap, check).await?;
+        if check {
+            check_source_unchanged(&frozen_cfg, &frozen, &progress).await?;
+        }
+        Ok::<_, Error>(frozen)
+    };
+    let result = match limit {
         Some(limit) => match tokio::time::timeout(limit, work).await {
             Ok(r) => r,
             Err(_) => Err(Error::Io(format!(
@@ -355,8 +487,20 @@ pub async fn cutover(
         .await
         .map_err(|_| Error::Io("thaw task failed".into()))?;
     progress.note(&format!("source thawed after {frozen_s:.2} s frozen"));
-    let (end, passes_s) = result?;
+    let Frozen { end, passes_s, .. } = result?;
     thawed?;
+    record_on_receiver(
+        cfg,
+        id,
+        wire::Mark {
+            consistency_point: end.root.clone(),
+            freeze_unix_s: freeze_unix,
+            frozen_s,
+        },
+    )
+    .await?;
+    // Recorded here once the receiver has sealed the volume: from now on
+    // this sender refuses passes of it too.
     let record = json!({
         "event": "cutover",
         "volume": cfg.dest.to_string(),
@@ -369,28 +513,20 @@ pub async fn cutover(
         "forecast_s": forecast.map(|f| f.total_s),
     });
     state::append_journal(&journal, &record)?;
-    record_on_receiver(
-        cfg,
-        id,
-        wire::Mark {
-            consistency_point: end.root.clone(),
-            freeze_unix_s: freeze_unix,
-            frozen_s,
-        },
-    )
-    .await?;
     let duration_s = started.elapsed().as_secs_f64();
     progress.event(
         &json!({
             "event": "cutover_end",
+            "volume": cfg.dest.to_string(),
             "consistency_point": end.root,
             "duration_s": (duration_s * 1000.0).round() / 1000.0,
             "frozen_s": (frozen_s * 1000.0).round() / 1000.0,
             "forecast_s": forecast.map(|f| (f.total_s * 100.0).round() / 100.0),
             "proved": cc.prove,
+            "proof": if cc.prove { "full" } else { "none" },
         }),
         &format!(
-            "cutover complete: the target is {} the source as frozen. Consistency point {}; frozen for {frozen_s:.2} s",
+            "cutover complete: the target is {} the source as frozen. Consistency point {}; frozen for {frozen_s:.2} s. The receiver has sealed the volume: the new site owns it",
             if cc.prove { "proven identical to" } else { "(unproven, --verify none) a copy of" },
             end.root
         ),

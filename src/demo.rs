@@ -185,6 +185,7 @@ impl LocalPair {
             read_from: None,
             retry_for: std::time::Duration::ZERO,
             proof_read: false,
+            new_source: false,
         }
     }
 

@@ -109,6 +109,7 @@ pub struct JsonLines {
 
 impl JsonLines {
     fn emit(&self, v: &Value) {
+        let v = &with_ts(v.clone());
         let _g = self.out.lock();
         let mut o = std::io::stdout().lock();
         let _ = writeln!(o, "{v}");
@@ -135,6 +136,49 @@ impl Progress for JsonLines {
         self.emit(json);
     }
     fn note(&self, _: &str) {}
+}
+
+/// `v` with a `"ts"` field (now, RFC 3339 UTC) when it is an object
+/// without one: every JSON event carries the time it was emitted.
+pub fn with_ts(mut v: Value) -> Value {
+    if let Some(o) = v.as_object_mut() {
+        o.entry("ts")
+            .or_insert_with(|| Value::from(rfc3339(now_unix())));
+    }
+    v
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// A Unix time as RFC 3339 in UTC to the millisecond, e.g.
+/// `2026-11-29T20:11:11.000Z`.
+pub fn rfc3339(unix_s: f64) -> String {
+    let ms = (unix_s.max(0.0) * 1000.0).round() as i64;
+    let (days, ms_of_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Civil date from days since 1970-01-01 (proleptic Gregorian), after
+    // Howard Hinnant's `civil_from_days`.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, sec, milli) = (
+        ms_of_day / 3_600_000,
+        ms_of_day / 60_000 % 60,
+        ms_of_day / 1000 % 60,
+        ms_of_day % 1000,
+    );
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{sec:02}.{milli:03}Z")
 }
 
 /// Progress bars on a terminal (stderr), summaries on stdout.
@@ -260,5 +304,27 @@ impl Progress for Human {
     }
     fn note(&self, human: &str) {
         self.say(human);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0.0), "1970-01-01T00:00:00.000Z");
+        // `date -u -d 2026-11-29T20:11:11Z +%s` = 1795983071
+        assert_eq!(rfc3339(1_795_983_071.25), "2026-11-29T20:11:11.250Z");
+        // Leap day: `date -u -d 2024-02-29T12:00:00Z +%s` = 1709208000
+        assert_eq!(rfc3339(1_709_208_000.0), "2024-02-29T12:00:00.000Z");
+    }
+
+    #[test]
+    fn every_event_gets_a_timestamp() {
+        let v = with_ts(json!({"event": "x"}));
+        assert!(v["ts"].as_str().is_some_and(|t| t.ends_with('Z')));
+        let kept = with_ts(json!({"event": "x", "ts": "given"}));
+        assert_eq!(kept["ts"], "given");
     }
 }

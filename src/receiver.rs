@@ -238,6 +238,7 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
         },
         Ok(Mode::Verify) => verify_session(shared, conn, send, recv, hello, path).await,
         Ok(Mode::Record) => record_session(shared, conn, send, recv, hello).await,
+        Ok(Mode::Preflight) => preflight_session(&shared, &conn, send, &hello, &path).await,
         _ => {
             refuse(
                 &mut send,
@@ -1403,6 +1404,118 @@ async fn finish_verify(
     drop(ctl_tx);
     let _ = ctl_task.await;
     Ok(())
+}
+
+/// Answers a cutover's question before it freezes its source: would a sync
+/// session of this volume be accepted now? `accept` has checked the
+/// version, the export (and what else every session must pass); this adds
+/// what a sync would find when it opens the volume: not held by another
+/// session, a chunk size the volume's manifest agrees with, a target not
+/// smaller than the source. Takes nothing and writes nothing.
+async fn preflight_session(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    hello: &wire::Hello,
+    path: &Path,
+) -> Result<()> {
+    let answer = {
+        let (shared, hello, path) = (shared.clone(), hello.clone(), path.to_owned());
+        tokio::task::spawn_blocking(move || preflight_answer(&shared, &hello, &path))
+            .await
+            .map_err(|_| Error::Io("preflight task failed".into()))?
+    };
+    match answer {
+        Ok(welcome) => {
+            transport::send_control(&mut send, Msg::Welcome(welcome)).await?;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+            Ok(())
+        }
+        Err(r) => refuse(&mut send, conn, r).await,
+    }
+}
+
+/// True when a block device cannot be opened exclusively (`O_EXCL`): it is
+/// mounted, or held by device-mapper, md or another nightpass.
+fn exclusively_held(path: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let r = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path);
+    matches!(r, Err(e) if e.raw_os_error() == Some(libc::EBUSY))
+}
+
+/// The checks of [`preflight_session`], on a blocking thread.
+fn preflight_answer(
+    shared: &Shared,
+    hello: &wire::Hello,
+    path: &Path,
+) -> std::result::Result<wire::Welcome, Refuse> {
+    let name = &hello.volume;
+    if shared.busy.lock().expect("not poisoned").contains_key(name) {
+        return Err(Refuse(
+            RefuseCode::InUse,
+            format!("volume '{name}' is in use by another sender's session"),
+        ));
+    }
+    let chunk = ChunkSize::new(u64::from(hello.chunk_size))
+        .map_err(|e| Refuse(RefuseCode::ChunkSize, e.to_string()))?;
+    if hello.source_size == 0 {
+        return Err(Refuse(
+            RefuseCode::BadRequest,
+            "the source is empty (0 bytes): nothing to copy".into(),
+        ));
+    }
+    let (target_size, is_block) = match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, false),
+        Err(e) => return Err(Error::io(format!("target {}", path.display()), e).into()),
+        Ok(_) => {
+            let v = Volume::open_for_verify(path)?;
+            let is_block = v.kind() == crate::device::Kind::Block;
+            if is_block && exclusively_held(path) {
+                return Err(Refuse(
+                    RefuseCode::InUse,
+                    format!(
+                        "target {} of volume '{name}' is in use (mounted, or held open exclusively by another program)",
+                        path.display()
+                    ),
+                ));
+            }
+            (v.size(), is_block)
+        }
+    };
+    if target_size != 0 && target_size < hello.source_size {
+        return Err(Refuse(
+            RefuseCode::TooSmall,
+            format!(
+                "target of volume '{name}' ({target_size} bytes) is smaller than the source ({} bytes)",
+                hello.source_size
+            ),
+        ));
+    }
+    let mpath = volume_dir(shared, name).join("manifest");
+    let have = match ManifestFile::open(&mpath)? {
+        Some(Ok(m)) => Some(m.geometry().chunk_size()),
+        _ => None,
+    };
+    if let Some(have) = have.filter(|h| hello.chunk_size_explicit && *h != chunk) {
+        return Err(Refuse(
+            RefuseCode::ChunkSize,
+            format!(
+                "volume '{name}' was first copied with chunk size {have}; a pass with chunk size {chunk} would re-chunk it. Drop --chunk-size to keep {have}"
+            ),
+        ));
+    }
+    Ok(wire::Welcome {
+        version: wire::PROTOCOL_VERSION,
+        target_size,
+        chunk_size: have.unwrap_or(chunk).bytes() as u32,
+        summary: None,
+        target_is_block: is_block,
+        unsealed_cutover: String::new(),
+    })
 }
 
 /// Records a cutover's consistency point in the volume's journal.

@@ -11,10 +11,10 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nightpass_proto::chunk::{ChunkSize, Geometry};
@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use crate::device::Volume;
 use crate::error::{Error, Result};
 use crate::hash::{self, ScanOptions, Scanned};
-use crate::progress::{PassEnd, PassStart, Progress};
+use crate::progress::{now_unix, PassEnd, PassStart, Progress};
 use crate::receiver::msg_name;
 use crate::state::{self, Fill, ManifestFile};
 use crate::transport::{self, Identity, RemoteVolume, Tuning};
@@ -62,6 +62,9 @@ pub struct SyncConfig {
     /// The receiver reads its whole target while this pass runs (the proof
     /// of a cutover, or a rehearsal of it); journaled for the forecast.
     pub proof_read: bool,
+    /// The operator accepts a source other than the one earlier passes of
+    /// this volume read (`--new-source`).
+    pub new_source: bool,
 }
 
 /// One chunk leaving on a data stream.
@@ -307,18 +310,134 @@ fn plan_chunk(s: Scanned, known: &Hash, in_block: bool, probes: &Probes) -> Opti
     })
 }
 
-fn now_unix() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// Where the sender keeps its state for `dest`.
-pub fn target_dir(state_dir: &std::path::Path, dest: &RemoteVolume) -> PathBuf {
+/// Where the sender keeps its state of volume `dest` on the receiver whose
+/// fingerprint is `server_fp`: `targets/<fingerprint>/<name>/`. Keyed by
+/// who the receiver is and what the volume is called there, not by how its
+/// address was typed: `newfiler:7400/filer01` and `10.99.0.2:7400/filer01`
+/// are one volume with one history.
+pub fn target_dir(state_dir: &Path, server_fp: &str, dest: &RemoteVolume) -> PathBuf {
     state_dir
         .join("targets")
-        .join(state::key_for(&dest.to_string()))
+        .join(state::key_for(server_fp))
+        .join(state::key_for(&dest.name))
+}
+
+/// The state directory of a pass's volume, ready for writing: the state
+/// directory must be writable (else a refusal, exit 2, before anything is
+/// read or sent), and a volume's state kept by an older release under
+/// `targets/<HOST:PORT/NAME as typed>/` moves to [`target_dir`].
+pub fn volume_state_dir(cfg: &SyncConfig) -> Result<PathBuf> {
+    state::ensure_writable_dir(&cfg.state_dir)?;
+    let dir = target_dir(&cfg.state_dir, &cfg.server_fingerprint, &cfg.dest);
+    let legacy = cfg
+        .state_dir
+        .join("targets")
+        .join(state::key_for(&cfg.dest.to_string()));
+    if !dir.exists() && legacy.join("journal.jsonl").exists() {
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
+        }
+        std::fs::rename(&legacy, &dir)
+            .map_err(|e| Error::io(format!("move {} to {}", legacy.display(), dir.display()), e))?;
+    }
+    Ok(dir)
+}
+
+/// The path a source is known by: symlinks resolved (`/dev/vg0/filer01`
+/// and `/dev/dm-3` are one source), else as given.
+pub fn canonical_source(source: &Path) -> String {
+    source
+        .canonicalize()
+        .unwrap_or_else(|_| source.to_owned())
+        .display()
+        .to_string()
+}
+
+/// The source earlier passes of the volume in `dir` read, if any: the
+/// `source` record, else (state of an older release) the last pass's.
+fn recorded_source(dir: &Path, journal: &[serde_json::Value]) -> Option<String> {
+    let record = std::fs::read(dir.join("source"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    if let Some(path) = record.as_ref().and_then(|r| r["path"].as_str()) {
+        return Some(path.to_string());
+    }
+    journal
+        .iter()
+        .rev()
+        .find(|r| r["event"] == "pass")
+        .and_then(|r| r["source"].as_str())
+        .map(|s| canonical_source(Path::new(s)))
+}
+
+/// Refuses a source other than the one earlier passes of this volume read,
+/// unless the operator said so (`--new-source`): copying another volume's
+/// bytes over a target is a mistake a typo makes.
+fn check_source(cfg: &SyncConfig, dir: &Path, journal: &[serde_json::Value]) -> Result<()> {
+    let now = canonical_source(&cfg.source);
+    match recorded_source(dir, journal) {
+        Some(before) if before != now && !cfg.new_source => Err(Error::input(format!(
+            "earlier passes of {} read {before}, but this one would read {now}: refusing to copy another source over it. If the volume really moved to {now}, rerun with --new-source",
+            cfg.dest
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Records the source this volume is copied from (see [`check_source`]).
+fn record_source(cfg: &SyncConfig, dir: &Path) -> Result<()> {
+    let path = dir.join("source");
+    let now = canonical_source(&cfg.source);
+    let before = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    if before.as_ref().and_then(|r| r["path"].as_str()) == Some(now.as_str()) {
+        return Ok(());
+    }
+    let record = json!({"path": now, "recorded_unix_s": now_unix()});
+    state::write_atomic(&path, record.to_string().as_bytes())
+}
+
+/// The cutover of this volume that the sender recorded and that no later
+/// `unsealed` record lifts: its consistency point and freeze time.
+pub fn sealed_cutover(journal: &[serde_json::Value]) -> Option<(String, f64)> {
+    let last = journal
+        .iter()
+        .rposition(|r| r["event"] == "cutover" || r["event"] == "unsealed")?;
+    let r = &journal[last];
+    (r["event"] == "cutover").then(|| {
+        (
+            r["consistency_point"].as_str().unwrap_or("?").to_string(),
+            r["freeze_unix_s"].as_f64().unwrap_or(0.0),
+        )
+    })
+}
+
+/// A sender passes again over a volume it cut over only when the receiver
+/// says the operator unsealed that very cutover there (`nightpass unseal`);
+/// then the lift is journaled here too.
+fn check_not_cut_over(
+    cfg: &SyncConfig,
+    journal_path: &Path,
+    journal: &[serde_json::Value],
+    welcome: &wire::Welcome,
+) -> Result<()> {
+    let Some((point, at)) = sealed_cutover(journal) else {
+        return Ok(());
+    };
+    if welcome.unsealed_cutover == point {
+        return state::append_journal(
+            journal_path,
+            &json!({"event": "unsealed", "consistency_point": point, "unix_s": now_unix()}),
+        );
+    }
+    Err(Error::input(format!(
+        "{} was cut over at {} (consistency point {point}): the new site owns it, and further passes are refused so that nothing overwrites what it wrote. To copy it again anyway, run 'nightpass unseal {}' on the receiver host first",
+        cfg.dest,
+        crate::progress::rfc3339(at),
+        cfg.dest.name
+    )))
 }
 
 /// The journal's pass and cutover records as forecast inputs, oldest first.
@@ -450,6 +569,42 @@ pub async fn open_session(
             _ => Err(e),
         },
     }
+}
+
+/// Asks the receiver whether a sync session of `cfg`'s volume would be
+/// accepted now (exported, authorized, not sealed, not busy, the target's
+/// size and the chunk size), without taking the volume or writing
+/// anything; checks this sender's own records too (the source is the one
+/// earlier passes read, the volume was not cut over). A cutover calls it
+/// before freezing, so every refusal leaves the source never frozen.
+/// Returns the receiver's answer (its `target_size` is 0 when the target
+/// file does not exist yet).
+pub async fn preflight(cfg: &SyncConfig, id: &Identity) -> Result<wire::Welcome> {
+    let dir = volume_state_dir(cfg)?;
+    let journal_path = dir.join("journal.jsonl");
+    let journal = state::read_journal(&journal_path);
+    check_source(cfg, &dir, &journal)?;
+    let source = cfg.read_from.as_deref().unwrap_or(&cfg.source);
+    let size = Volume::open_source(source)?.size();
+    let known = match ManifestFile::open(&dir.join("manifest"))? {
+        Some(Ok(m)) => Some(m.geometry().chunk_size()),
+        _ => None,
+    };
+    let chunk = cfg.chunk_size.or(known).unwrap_or(ChunkSize::DEFAULT);
+    let hello = wire::Hello {
+        version: wire::PROTOCOL_VERSION,
+        volume: cfg.dest.name.clone(),
+        mode: Mode::Preflight as i32,
+        source_size: size,
+        chunk_size: chunk.bytes() as u32,
+        chunk_size_explicit: cfg.chunk_size.is_some(),
+        ..Default::default()
+    };
+    let s = open_session(id, &cfg.dest, &cfg.server_fingerprint, &cfg.tuning, hello).await?;
+    let welcome = s.welcome.clone();
+    transport::close_session(&s.endpoint, &s.conn, b"preflight complete").await;
+    check_not_cut_over(cfg, &journal_path, &journal, &welcome)?;
+    Ok(welcome)
 }
 
 /// Fetches the receiver's manifest table into `into` (whose geometry it
@@ -708,7 +863,10 @@ pub async fn run_pass_collecting(
             source.display()
         )));
     }
-    let dir = target_dir(&cfg.state_dir, &cfg.dest);
+    let dir = volume_state_dir(cfg)?;
+    let journal_path = dir.join("journal.jsonl");
+    let journal = state::read_journal(&journal_path);
+    check_source(cfg, &dir, &journal)?;
     let mpath = dir.join("manifest");
     let mut ours = match ManifestFile::open(&mpath)? {
         Some(Ok(m)) => Some(m),
@@ -733,8 +891,6 @@ pub async fn run_pass_collecting(
         (None, Some(h)) => (h, false),
         (None, None) => (ChunkSize::DEFAULT, false),
     };
-    let journal_path = dir.join("journal.jsonl");
-    let journal = state::read_journal(&journal_path);
     let pass_no = journal.iter().filter(|r| r["event"] == "pass").count() as u64 + 1;
     let pass_id: [u8; 16] = rand::random();
     let counters: Arc<Counters> = Arc::default();
@@ -752,6 +908,9 @@ pub async fn run_pass_collecting(
     let mut attempt = 0u32;
     let mut gave_up_at: Option<Instant> = None;
     let mut backoff = Duration::from_millis(500);
+    // Only a link that was up and then lost is ridden out: a receiver that
+    // never answered is a wrong address, port or firewall, said at once.
+    let mut ever_connected = false;
     let done = loop {
         attempt += 1;
         let hello = wire::Hello {
@@ -787,6 +946,17 @@ pub async fn run_pass_collecting(
                 error,
                 resume_at: resume,
             };
+            let checked = check_not_cut_over(cfg, &journal_path, &journal, &session.welcome)
+                .and_then(|()| record_source(cfg, &dir));
+            if let Err(e) = checked {
+                transport::close_session(
+                    &session.endpoint,
+                    &session.conn,
+                    b"pass refused by the sender",
+                )
+                .await;
+                return Err(at(e));
+            }
             let agreed = ChunkSize::new(u64::from(session.welcome.chunk_size)).map_err(|e| {
                 at(Error::Peer(format!(
                     "receiver chose an invalid chunk size: {e}"
@@ -862,8 +1032,10 @@ pub async fn run_pass_collecting(
             r
         }
         .await;
+        ever_connected |= connected;
         match outcome {
             Ok(done) => break done,
+            Err(i) if !ever_connected => return Err(i.error),
             Err(Interrupted {
                 error: Error::Network(msg),
                 resume_at,
@@ -1220,6 +1392,31 @@ async fn stream_pass(
     Ok(AttemptDone { root })
 }
 
+/// Every volume's state directory under `targets`: `<fingerprint>/<name>/`,
+/// and `<HOST:PORT/NAME>/` as older releases kept them (until their next
+/// pass moves them); sorted.
+fn volume_dirs(targets: &Path) -> Vec<PathBuf> {
+    let list = |d: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(d)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    for d in list(targets) {
+        if d.join("journal.jsonl").exists() {
+            out.push(d);
+        } else {
+            out.extend(list(&d));
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Prints the pass history and the current forecast of every volume in the
 /// sender state directory (only those copied from `source`, when given).
 pub fn status(
@@ -1227,19 +1424,21 @@ pub fn status(
     source: Option<&std::path::Path>,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let targets = state_dir.join("targets");
-    let mut dirs: Vec<_> = std::fs::read_dir(&targets)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    dirs.sort();
-    let want = source.map(|s| s.display().to_string());
+    if !state_dir.is_dir() {
+        return Err(Error::input(format!(
+            "state directory {} does not exist (give the --state-dir the passes used)",
+            state_dir.display()
+        )));
+    }
+    let want = source.map(canonical_source);
     let mut any = false;
-    for dir in dirs {
+    for dir in volume_dirs(&state_dir.join("targets")) {
         let records = state::read_journal(&dir.join("journal.jsonl"));
         let passes: Vec<_> = records.iter().filter(|r| r["event"] == "pass").collect();
         let Some(last) = passes.last() else { continue };
         if let Some(w) = &want {
-            if last["source"].as_str() != Some(w.as_str()) {
+            let read = recorded_source(&dir, &records);
+            if read.as_deref() != Some(w.as_str()) {
                 continue;
             }
         }

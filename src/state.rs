@@ -323,6 +323,23 @@ impl ManifestFile {
     }
 }
 
+/// Creates `dir` if missing and checks that files can be created in it: a
+/// state directory that cannot be written is bad input (exit 2), found
+/// before a pass reads or sends anything.
+pub fn ensure_writable_dir(dir: &Path) -> Result<()> {
+    let unwritable = |e: std::io::Error| {
+        Error::input(format!(
+            "state directory {} is not writable ({e}): fix its permissions or choose another with --state-dir",
+            dir.display()
+        ))
+    };
+    fs::create_dir_all(dir).map_err(unwritable)?;
+    let probe = dir.join(format!(".nightpass-probe-{}", std::process::id()));
+    File::create(&probe).map_err(unwritable)?;
+    let _ = fs::remove_file(&probe);
+    Ok(())
+}
+
 /// Appends one JSON record to a journal file and makes it durable.
 ///
 /// A crash can leave a torn last line; readers skip lines that do not parse.

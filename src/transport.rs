@@ -296,7 +296,12 @@ pub struct Tuning {
     pub conn_window: u64,
     /// Use BBR instead of CUBIC.
     pub bbr: bool,
+    /// How long a sender waits for a receiver's first answer.
+    pub connect_timeout: Duration,
 }
+
+/// Default of `--connect-timeout`.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for Tuning {
     fn default() -> Self {
@@ -304,6 +309,7 @@ impl Default for Tuning {
             stream_window: 16 << 20,
             conn_window: 64 << 20,
             bbr: false,
+            connect_timeout: CONNECT_TIMEOUT,
         }
     }
 }
@@ -495,9 +501,13 @@ pub async fn connect(
     let connecting = ep
         .connect(addr, SERVER_NAME)
         .map_err(|e| Error::Network(format!("cannot connect to {addr}: {e}")))?;
-    match tokio::time::timeout(Duration::from_secs(20), connecting).await {
+    let limit = tuning.connect_timeout;
+    match tokio::time::timeout(limit, connecting).await {
         Err(_) => Err(Error::Network(format!(
-            "no answer from a receiver at {addr} within 20 s"
+            "the receiver at {addr} did not answer on UDP port {} within {} s (--connect-timeout): check the host and the port, that 'nightpass serve' runs there, and that no firewall drops UDP to port {}",
+            addr.port(),
+            limit.as_secs_f64(),
+            addr.port()
         ))),
         Ok(Ok(c)) => Ok((ep, c)),
         Ok(Err(e)) => {

@@ -99,8 +99,8 @@ fn chunk_for(args: &SyncArgs, remote: Option<&RemoteVolume>) -> ChunkSize {
     if let Some(c) = args.chunk_size {
         return c;
     }
-    if let Some(r) = remote {
-        let p = target_dir(&args.state_dir(), r).join("manifest");
+    if let (Some(r), Some(fp)) = (remote, args.remote().ok().map(|(_, fp)| fp)) {
+        let p = target_dir(&args.state_dir(), &fp, r).join("manifest");
         if let Ok(Some(Ok(m))) = ManifestFile::open(&p) {
             return m.geometry().chunk_size();
         }
@@ -330,7 +330,7 @@ async fn verify_remote(
 ) -> Result<Comparison> {
     let ssize = source.size();
     let (mut session, geometry) =
-        open_verify(id, dest, fp, &args.quic.tuning(), ssize, chunk, Vec::new()).await?;
+        open_verify(id, dest, fp, &args.tuning()?, ssize, chunk, Vec::new()).await?;
     // Both sides read at once: the receiver its target, we the source.
     progress.begin("verified", geometry.size());
     let (scan, p) = (args.scan(), progress.clone());
