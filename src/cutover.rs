@@ -414,6 +414,7 @@ pub async fn cutover(
     id: &Identity,
     progress: Arc<dyn Progress>,
 ) -> Result<i32> {
+    cc.method.check(&cfg.source)?;
     let dir = sender::volume_state_dir(cfg)?;
     let journal = dir.join("journal.jsonl");
     let forecast = nightpass_proto::plan::forecast(

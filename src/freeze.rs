@@ -168,6 +168,19 @@ pub fn have_tool(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
+impl Method {
+    /// Checks, before anything is frozen, what can be checked of freezing
+    /// `source` this way: the mount lives on SOURCE, SOURCE is a logical
+    /// volume. A cutover calls it first, so a wrong freeze is said at once.
+    pub fn check(&self, source: &Path) -> Result<()> {
+        match self {
+            Method::Fsfreeze(mp) => check_mount_on_source(mp, source),
+            Method::LvmSnapshot { .. } => lv_name(source).map(drop),
+            Method::Hooks { .. } | Method::AssumeFrozen => Ok(()),
+        }
+    }
+}
+
 impl FreezeGuard {
     /// Freezes `source` by `method`.
     pub fn freeze(method: &Method, source: &Path) -> Result<FreezeGuard> {
