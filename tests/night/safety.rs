@@ -136,13 +136,9 @@ fn a_receiver_that_never_answers_fails_at_once_not_after_retry_for() {
         .port();
     let dest = format!("127.0.0.1:{port}/v");
     let t = Instant::now();
-    let r = s.sender.run(
-        "sync",
-        &source,
-        &dest,
-        &s.rx.fp,
-        &["--connect-timeout", "2s", "--retry-for", "60s"],
-    );
+    let r = s
+        .sender
+        .run("sync", &source, &dest, &s.rx.fp, &["--retry-for", "60s"]);
     let took = t.elapsed();
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(
@@ -473,7 +469,7 @@ fn cutover_to_a_wrong_port_never_freezes_the_filesystem() {
         &lo.dev,
         &format!("127.0.0.1:{port}/v"),
         &s.rx.fp,
-        &["--fsfreeze", &mp, "--connect-timeout", "3s"],
+        &["--fsfreeze", &mp],
     );
     std::thread::sleep(Duration::from_millis(300));
     let longest = stamper.stop();
