@@ -156,7 +156,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Prints an error as CLI.md asks: text on stderr, and an `error` event on
+/// Prints an error as docs/CLI.md says: text on stderr, and an `error` event on
 /// stdout in JSON mode.
 pub fn report_error(json: bool, e: &Error) {
     eprintln!("nightpass: error: {e}");

@@ -3,7 +3,7 @@
 //! Rules:
 //! - Library modules return [`Error`]; `anyhow` never appears below `main.rs`.
 //! - The variant says who is at fault, because that picks the exit status
-//!   operators script against (CLI.md): bad input or a refusal is 2, a
+//!   operators script against (docs/CLI.md): bad input or a refusal is 2, a
 //!   runtime failure (network, I/O) is 3, an interruption is 130.
 //! - Messages name the thing in the operator's words ("volume 'filer9' is not
 //!   exported by 10.0.0.2:7400"), and context is added by building a new
@@ -36,7 +36,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// The process exit status for this error (CLI.md).
+    /// The process exit status for this error (docs/CLI.md).
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Input(_) => 2,
