@@ -331,6 +331,7 @@ async fn record_on_receiver(cfg: &SyncConfig, id: &Identity, mark: wire::Mark) -
     transport::send_control(&mut s.send, Msg::Mark(mark)).await?;
     match transport::recv_control(&mut s.recv).await? {
         Some(Msg::Done(_)) => {}
+        Some(Msg::Failure(f)) => return Err(Error::Io(f.message)),
         _ => {
             return Err(Error::Network(
                 "receiver did not confirm recording the consistency point".into(),
