@@ -8,5 +8,6 @@ mod harness;
 mod hostile;
 mod relay;
 mod reliability;
+mod seal;
 mod sync;
 mod verify;
