@@ -191,10 +191,31 @@ pub fn last_unsealed(volume_dir: &Path) -> String {
 pub struct Unsealed {
     /// The seal removed.
     pub seal: Seal,
-    /// Chunks whose content on the target differs from what the manifest
-    /// recorded at the cutover (written since by the new site), when the
-    /// target could be read.
-    pub changed_chunks: Option<u64>,
+    /// What became of the volume's manifest.
+    pub manifest: Rebuilt,
+}
+
+/// What unsealing did to a volume's manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rebuilt {
+    /// Rebuilt from a fresh read of the target: this many chunks differ
+    /// from what it recorded at the cutover (the new site's writes).
+    Changed(u64),
+    /// The target could not be read whole: every entry is now unknown, so
+    /// the next pass sends every chunk.
+    Unreadable,
+    /// There was no trusted manifest: the next pass starts from nothing.
+    None,
+}
+
+impl Rebuilt {
+    /// The changed chunks, when the target was read.
+    pub fn changed_chunks(self) -> Option<u64> {
+        match self {
+            Rebuilt::Changed(n) => Some(n),
+            _ => None,
+        }
+    }
 }
 
 /// Unseals volume `name` in the receiver state directory `state_dir`:
@@ -226,10 +247,7 @@ pub fn unseal(state_dir: &Path, name: &str, progress: &dyn Progress) -> Result<U
             )))
         }
     };
-    progress.note(&format!(
-        "volume '{name}': reading the target fresh, to learn what the new site wrote since the cutover"
-    ));
-    let changed_chunks = rebuild_manifest(&dir, name, progress)?;
+    let manifest = rebuild_manifest(&dir, name, progress)?;
     // Journaled before the seal goes: a crash in between leaves the volume
     // sealed, and the operator runs unseal again.
     state::append_journal(
@@ -240,7 +258,7 @@ pub fn unseal(state_dir: &Path, name: &str, progress: &dyn Progress) -> Result<U
             "consistency_point": seal.consistency_point,
             "cutover_at": seal.cutover_at,
             "unsealed_at": rfc3339_utc(now_unix()),
-            "changed_chunks": changed_chunks,
+            "changed_chunks": manifest.changed_chunks(),
         }),
     )?;
     let path = seal_path(&dir);
@@ -248,21 +266,16 @@ pub fn unseal(state_dir: &Path, name: &str, progress: &dyn Progress) -> Result<U
     fs::File::open(&dir)
         .and_then(|d| d.sync_all())
         .ctx(format!("fsync directory {}", dir.display()))?;
-    Ok(Unsealed {
-        seal,
-        changed_chunks,
-    })
+    Ok(Unsealed { seal, manifest })
 }
 
 /// Replaces the manifest's table with fresh hashes of the target (every
-/// entry unknown when the target cannot be read whole). Returns the chunks
-/// whose recorded hash the target no longer matches; `None` when there is
-/// no manifest or the target could not be read.
-fn rebuild_manifest(dir: &Path, name: &str, progress: &dyn Progress) -> Result<Option<u64>> {
+/// entry unknown when the target cannot be read whole).
+fn rebuild_manifest(dir: &Path, name: &str, progress: &dyn Progress) -> Result<Rebuilt> {
     let mut m = match ManifestFile::open(&dir.join("manifest"))? {
         Some(Ok(m)) => m,
         // No manifest, or one already untrusted: the next pass starts over.
-        _ => return Ok(None),
+        _ => return Ok(Rebuilt::None),
     };
     let geometry = m.geometry();
     let target = fs::read_to_string(dir.join("target")).map(PathBuf::from);
@@ -270,8 +283,11 @@ fn rebuild_manifest(dir: &Path, name: &str, progress: &dyn Progress) -> Result<O
         let v = Volume::open_for_verify(&t).ok()?;
         (v.size() >= geometry.size()).then_some(v)
     });
-    let (table, counted) = match fresh {
+    let (table, rebuilt) = match fresh {
         Some(v) => {
+            progress.note(&format!(
+                "volume '{name}': reading the target fresh, to learn what the new site wrote since the cutover"
+            ));
             v.sync_data()?;
             let table = hash::hash_all(
                 Arc::new(v),
@@ -285,20 +301,20 @@ fn rebuild_manifest(dir: &Path, name: &str, progress: &dyn Progress) -> Result<O
                 .zip(table.chunks_exact(ENTRY_LEN))
                 .filter(|(old, new)| *old != UNKNOWN.as_slice() && old != new)
                 .count() as u64;
-            (table, Some(changed))
+            (table, Rebuilt::Changed(changed))
         }
         None => {
             progress.note(&format!(
                 "volume '{name}': its target cannot be read whole; the next pass sends every chunk"
             ));
-            (vec![0u8; m.table().len()], None)
+            (vec![0u8; m.table().len()], Rebuilt::Unreadable)
         }
     };
     m.replace_table(&table);
     let root = m.current_root();
     let generation = m.header().generation + 1;
     m.commit(generation, root)?;
-    Ok(counted)
+    Ok(rebuilt)
 }
 
 fn now_unix() -> f64 {

@@ -101,6 +101,7 @@ async fn record(id: &Identity, port: u16, fp: &str, volume: &str, mark: wire::Ma
         .unwrap()
         .expect("an answer, not the end of the stream");
     ep.close(0u32.into(), b"");
+    let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
     answer
 }
 
@@ -120,7 +121,10 @@ async fn sync_welcome(id: &Identity, port: u16, fp: &str, volume: &str, size: u6
         .await
         .unwrap();
     let answer = transport::recv_control(&mut recv).await.unwrap().unwrap();
+    // Closed for sure before the runtime goes, or the receiver would hold
+    // the volume for this session until its idle timeout.
     ep.close(0u32.into(), b"");
+    let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
     answer
 }
 
