@@ -61,6 +61,15 @@ pub enum Command {
     Converge(ConvergeArgs),
     /// Freeze the source, run the final pass, prove the target identical, thaw.
     Cutover(CutoverArgs),
+    /// On the receiver host: lift the seal a cutover put on volume NAME, so
+    /// that passes into it are accepted again.
+    Unseal {
+        /// The exported volume's name.
+        name: String,
+        /// Receiver state directory (the one `serve` uses).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Pass history and forecast from the state directory.
     Status {
         /// Only volumes copied from this source.

@@ -3,6 +3,7 @@
 //! Returns the exit status of a negative answer (1) as `Ok(1)`; failures are
 //! `Err` and map to their own statuses in `main.rs`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::json;
@@ -75,6 +76,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 margin: args.margin,
             };
             crate::cutover::cutover(&cfg, &cc, &id, progress).await
+        }
+        Command::Unseal { name, state_dir } => {
+            unseal(name, state_dir.unwrap_or_else(default_state_dir), progress).await
         }
         Command::Status { source, state_dir } => {
             let dir = state_dir.unwrap_or_else(default_state_dir);
@@ -153,6 +157,37 @@ async fn serve(args: ServeArgs) -> Result<i32> {
         shutdown,
     )
     .await?;
+    Ok(0)
+}
+
+/// `nightpass unseal NAME`: lifts a volume's seal on the receiver host.
+async fn unseal(name: String, state_dir: PathBuf, progress: Arc<dyn Progress>) -> Result<i32> {
+    use crate::seal::Rebuilt;
+    let (n, p) = (name.clone(), progress.clone());
+    // Reads the whole target: off the async workers.
+    let u = tokio::task::spawn_blocking(move || crate::seal::unseal(&state_dir, &n, p.as_ref()))
+        .await
+        .map_err(|_| Error::Io("unseal task failed".into()))??;
+    let changed = match u.manifest {
+        Rebuilt::Changed(n) => format!("{n} chunks of the target changed since the cutover"),
+        Rebuilt::Unreadable => {
+            "its target could not be read whole, so the next pass sends every chunk".into()
+        }
+        Rebuilt::None => "it has no manifest, so the next pass starts from nothing".into(),
+    };
+    progress.event(
+        &json!({
+            "event": "unsealed",
+            "volume": name,
+            "consistency_point": u.seal.consistency_point,
+            "cutover_at": u.seal.cutover_at,
+            "changed_chunks": u.manifest.changed_chunks(),
+        }),
+        &format!(
+            "volume '{name}' unsealed: the cutover of {} (consistency point {}) no longer protects it; {changed}. The next pass into it overwrites what the new site wrote",
+            u.seal.cutover_at, u.seal.consistency_point
+        ),
+    );
     Ok(0)
 }
 

@@ -18,6 +18,7 @@
 //! - [`cutover`]: convergence and the frozen cutover pass with its proof.
 //! - [`commands`]: one function per subcommand (glue).
 //! - [`state`]: state directories, memory-mapped manifests, journals.
+//! - [`seal`]: sealed volumes on the receiver: the seal record, unsealing.
 //! - [`progress`]: the progress trait and its terminal/JSON implementations.
 //! - [`demo`]: the self-contained demonstration.
 //! - [`benchmark`]: `nightpass bench`, each stage's speed on this machine.
@@ -47,6 +48,7 @@ pub mod freeze;
 pub mod hash;
 pub mod progress;
 pub mod receiver;
+pub mod seal;
 pub mod sender;
 pub mod state;
 pub mod transport;

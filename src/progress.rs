@@ -160,10 +160,19 @@ pub fn now_unix() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A Unix time as RFC 3339 in UTC to the millisecond, e.g.
-/// `2026-11-29T20:11:11.000Z`.
-pub fn rfc3339(unix_s: f64) -> String {
-    let ms = (unix_s.max(0.0) * 1000.0).round() as i64;
+/// Latest time a record may carry and formatting shows: 9999-12-31T23:59:59Z.
+pub const LATEST_UNIX_S: f64 = 253_402_300_799.0;
+
+/// A Unix time as calendar fields in UTC: year, month, day, hour, minute,
+/// second, millisecond. Times before the epoch (or not finite) read as the
+/// epoch, times past the year 9999 as its last second.
+fn civil(unix_s: f64) -> [i64; 7] {
+    let t = if unix_s.is_finite() {
+        unix_s.clamp(0.0, LATEST_UNIX_S)
+    } else {
+        0.0
+    };
+    let ms = (t * 1000.0).floor() as i64;
     let (days, ms_of_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
     // Civil date from days since 1970-01-01 (proleptic Gregorian), after
     // Howard Hinnant's `civil_from_days`.
@@ -176,13 +185,29 @@ pub fn rfc3339(unix_s: f64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let (h, m, sec, milli) = (
+    [
+        year,
+        month,
+        day,
         ms_of_day / 3_600_000,
         ms_of_day / 60_000 % 60,
         ms_of_day / 1000 % 60,
         ms_of_day % 1000,
-    );
-    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{sec:02}.{milli:03}Z")
+    ]
+}
+
+/// A Unix time as RFC 3339 in UTC to the millisecond, as JSON events carry
+/// it: `2026-11-29T20:11:11.250Z`.
+pub fn rfc3339(unix_s: f64) -> String {
+    let [y, mo, d, h, mi, s, ms] = civil(unix_s);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z")
+}
+
+/// A Unix time as RFC 3339 in UTC to the second, for messages:
+/// `2026-11-29T20:11:11Z`.
+pub fn rfc3339_seconds(unix_s: f64) -> String {
+    let [y, mo, d, h, mi, s, _] = civil(unix_s);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
 }
 
 /// Progress bars on a terminal (stderr), summaries on stdout.
@@ -322,6 +347,10 @@ mod tests {
         assert_eq!(rfc3339(1_795_983_071.25), "2026-11-29T20:11:11.250Z");
         // Leap day: `date -u -d 2024-02-29T12:00:00Z +%s` = 1709208000
         assert_eq!(rfc3339(1_709_208_000.0), "2024-02-29T12:00:00.000Z");
+        assert_eq!(rfc3339_seconds(951_782_400.5), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_seconds(LATEST_UNIX_S + 1e6), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339_seconds(f64::NAN), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_seconds(-5.0), "1970-01-01T00:00:00Z");
     }
 
     #[test]

@@ -320,13 +320,31 @@ fn accept(
         ));
     };
     if !exclusive {
+        sealed_refusal(shared, hello).map_or(Ok(()), Err)?;
         return Ok((None, path));
     }
     let holder = Holder {
         pass_id: hello.pass_id.clone(),
         conn: Some(conn.clone()),
     };
-    Ok((Some(take_volume(shared, &hello.volume, holder)?), path))
+    let guard = take_volume(shared, &hello.volume, holder)?;
+    // Checked holding the volume: a record session seals while holding it.
+    sealed_refusal(shared, hello).map_or(Ok(()), Err)?;
+    Ok((Some(guard), path))
+}
+
+/// Refuses a sync or a preflight of a sealed volume (see [`crate::seal`]).
+/// The seal is read fresh: `nightpass unseal` works while `serve` runs.
+fn sealed_refusal(shared: &Shared, hello: &wire::Hello) -> Option<Refuse> {
+    if !matches!(Mode::try_from(hello.mode), Ok(Mode::Sync | Mode::Preflight)) {
+        return None;
+    }
+    let message = match crate::seal::read(&volume_dir(shared, &hello.volume)) {
+        Ok(None) => return None,
+        Ok(Some(seal)) => crate::seal::sealed_message(&hello.volume, Ok(&seal)),
+        Err(why) => crate::seal::sealed_message(&hello.volume, Err(&why)),
+    };
+    Some(Refuse(RefuseCode::Sealed, message))
 }
 
 fn take_volume(
@@ -552,7 +570,7 @@ async fn sync_session(
             chunk_size: geometry.chunk_size().bytes() as u32,
             summary: Some(summary_to_wire(&summary)),
             target_is_block: volume.kind() == crate::device::Kind::Block,
-            unsealed_cutover: String::new(),
+            unsealed_cutover: crate::seal::last_unsealed(&volume_dir(&shared, &hello.volume)),
         }),
     )
     .await?;
@@ -1514,11 +1532,14 @@ fn preflight_answer(
         chunk_size: have.unwrap_or(chunk).bytes() as u32,
         summary: None,
         target_is_block: is_block,
-        unsealed_cutover: String::new(),
+        unsealed_cutover: crate::seal::last_unsealed(&volume_dir(shared, name)),
     })
 }
 
-/// Records a cutover's consistency point in the volume's journal.
+/// Records a cutover's consistency point in the volume's journal and seals
+/// the volume, when the point is the root of what this receiver holds (see
+/// [`crate::seal::record_cutover`]); otherwise answers `Failure` and writes
+/// nothing.
 async fn record_session(
     shared: Arc<Shared>,
     conn: quinn::Connection,
@@ -1534,34 +1555,77 @@ async fn record_session(
         }),
     )
     .await?;
-    match transport::recv_control(&mut recv).await? {
-        Some(Msg::Mark(m)) => {
-            let dir = volume_dir(&shared, &hello.volume);
-            state::append_journal(
-                &dir.join("journal.jsonl"),
-                &serde_json::json!({
-                    "event": "cutover",
-                    "volume": hello.volume,
-                    "consistency_point": m.consistency_point,
-                    "freeze_unix_s": m.freeze_unix_s,
-                    "frozen_s": m.frozen_s,
-                }),
-            )?;
+    let mark = match transport::recv_control(&mut recv).await? {
+        Some(Msg::Mark(m)) => m,
+        _ => return Err(Error::Peer("record session without a mark".into())),
+    };
+    let name = hello.volume.clone();
+    let recorded = match crate::seal::check_mark(&mark) {
+        Err(why) => Err(Error::input(why)),
+        Ok(()) => match take_volume_waiting(&shared, &name).await {
+            None => Err(Error::Io(format!(
+                "volume '{name}' stayed in use by another session"
+            ))),
+            Some(guard) => {
+                let dir = volume_dir(&shared, &name);
+                let n = name.clone();
+                let sealed = tokio::task::spawn_blocking(move || {
+                    crate::seal::record_cutover(&dir, &n, &mark)
+                })
+                .await
+                .map_err(|_| Error::Io("record task failed".into()))
+                .and_then(|r| r);
+                drop(guard);
+                sealed
+            }
+        },
+    };
+    let reply = match recorded {
+        Ok(seal) => {
             eprintln!(
-                "volume '{}': cutover complete, consistency point {}",
-                hello.volume, m.consistency_point
+                "volume '{name}': cutover complete, consistency point {}; the volume is sealed until `nightpass unseal {name}`",
+                seal.consistency_point
             );
-            transport::send_control(&mut send, Msg::Done(wire::Done { summary: None })).await?;
-            let _ = send.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-            Ok(())
+            Msg::Done(wire::Done { summary: None })
         }
-        _ => Err(Error::Peer("record session without a mark".into())),
+        Err(e) => {
+            let message = format!(
+                "receiver refused to record the cutover of volume '{name}': {e}; nothing recorded, the volume is not sealed"
+            );
+            eprintln!("{message}");
+            Msg::Failure(wire::Failure { message })
+        }
+    };
+    transport::send_control(&mut send, reply).await?;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    Ok(())
+}
+
+/// Takes the volume for a short piece of work, waiting up to 10 s for a
+/// session that is just ending to let go of it.
+async fn take_volume_waiting(shared: &Arc<Shared>, name: &str) -> Option<BusyGuard> {
+    for _ in 0..100 {
+        let holder = Holder {
+            pass_id: Vec::new(),
+            conn: None,
+        };
+        if let Ok(g) = take_volume(shared, name, holder) {
+            return Some(g);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    None
 }
 
 /// Marks every manifest entry overlapping the byte ranges unknown; returns how many changed.
+///
+/// A sealed volume's manifest is left as it is (it holds the cutover's
+/// consistency point; unsealing rebuilds it from the target).
 pub fn forget_ranges(dir: &Path, target: &Path, ranges: &[u64]) -> Result<u64> {
+    if !matches!(crate::seal::read(dir), Ok(None)) {
+        return Ok(0);
+    }
     let canonical = target.canonicalize().unwrap_or_else(|_| target.to_owned());
     let bound = std::fs::read_to_string(dir.join("target"))
         .ok()

@@ -9,5 +9,6 @@ mod hostile;
 mod relay;
 mod reliability;
 mod safety;
+mod seal;
 mod sync;
 mod verify;

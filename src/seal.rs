@@ -1,0 +1,352 @@
+//! Sealed volumes, on the receiver.
+//!
+//! Owns each exported volume's seal record, `volumes/<key>/seal` under the
+//! receiver's state directory, and the `cutover` and `unsealed` records of
+//! that volume's journal. After a cutover the receiver seals the volume: the
+//! new site owns the target now, and every later sync (or cutover) of it is
+//! refused until the operator runs `nightpass unseal NAME` on the receiver
+//! host. The seal is read fresh at each session, so an unseal takes effect
+//! while `serve` runs.
+//!
+//! A cutover is recorded only when its consistency point is the root of the
+//! receiver's own manifest of the volume: a peer cannot write an arbitrary
+//! "cutover complete" into a journal, nor seal a volume it did not copy.
+//!
+//! Unsealing re-reads the target and rebuilds the manifest from it (the new
+//! site has written to it since the cutover, behind nightpass's back), so a
+//! later pass sends every chunk that differs from the source.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nightpass_proto::manifest::{self, ENTRY_LEN, UNKNOWN};
+use nightpass_proto::wire;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::device::Volume;
+use crate::error::{Error, IoContext, Result};
+use crate::hash::{self, ScanOptions};
+use crate::progress::{Progress, Quiet};
+use crate::state::{self, ManifestFile};
+
+/// Length of a consistency point: the hex of a 32-byte root.
+pub const CONSISTENCY_POINT_LEN: usize = 2 * manifest::ENTRY_LEN;
+
+/// A volume's seal: which cutover made the new site its owner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Seal {
+    /// The exported volume's name.
+    pub volume: String,
+    /// The cutover's consistency point (hex root of the receiver's manifest).
+    pub consistency_point: String,
+    /// When the cutover froze the source, seconds since the Unix epoch.
+    pub cutover_unix_s: f64,
+    /// The same, RFC 3339 UTC.
+    pub cutover_at: String,
+    /// Seconds the source stayed frozen.
+    pub frozen_s: f64,
+    /// When this receiver sealed the volume, seconds since the Unix epoch.
+    pub sealed_unix_s: f64,
+}
+
+/// The seal record's path in a volume's state directory.
+pub fn seal_path(volume_dir: &Path) -> PathBuf {
+    volume_dir.join("seal")
+}
+
+fn journal_path(volume_dir: &Path) -> PathBuf {
+    volume_dir.join("journal.jsonl")
+}
+
+/// The volume's seal: `Ok(None)` when it is not sealed, `Err` (a sentence)
+/// when a seal record exists but cannot be read, which counts as sealed.
+pub fn read(volume_dir: &Path) -> std::result::Result<Option<Seal>, String> {
+    let path = seal_path(volume_dir);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("its seal record {} cannot be read ({e})", path.display())),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!(
+            "its seal record {} cannot be read ({e})",
+            path.display()
+        )),
+    }
+}
+
+/// The refusal of a pass of sealed volume `name`, naming the cutover and how
+/// to unseal.
+pub fn sealed_message(name: &str, seal: std::result::Result<&Seal, &str>) -> String {
+    let what = match seal {
+        Ok(s) => format!(
+            "it was cut over at {} (consistency point {}), and the new site may have written to it since",
+            s.cutover_at, s.consistency_point
+        ),
+        Err(why) => format!("it is sealed, but {why}"),
+    };
+    format!(
+        "volume '{name}' is sealed: {what}; nothing was written. If another pass into it is really wanted, run `nightpass unseal {name}` on the receiver host (with the receiver's --state-dir) first"
+    )
+}
+
+/// Checks the shape of a cutover record from a peer: a consistency point of
+/// exactly 64 hex characters, times that are finite and in range.
+pub fn check_mark(mark: &wire::Mark) -> std::result::Result<(), String> {
+    let cp = &mark.consistency_point;
+    if cp.len() != CONSISTENCY_POINT_LEN || !cp.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "its consistency point is not {CONSISTENCY_POINT_LEN} hex characters (it is {} bytes long)",
+            cp.len()
+        ));
+    }
+    if !(0.0..=crate::progress::LATEST_UNIX_S).contains(&mark.freeze_unix_s) {
+        return Err("its freeze time is not a time".into());
+    }
+    if !(0.0..=crate::progress::LATEST_UNIX_S).contains(&mark.frozen_s) {
+        return Err("its frozen duration is not a duration".into());
+    }
+    Ok(())
+}
+
+/// Records a cutover of volume `name` and seals it, when `mark` (checked by
+/// [`check_mark`]) names the root of the receiver's manifest as it is now.
+/// The caller holds the volume, so no pass runs meanwhile. A mismatch is
+/// [`Error::Input`] and writes nothing.
+pub fn record_cutover(volume_dir: &Path, name: &str, mark: &wire::Mark) -> Result<Seal> {
+    let have = match ManifestFile::open(&volume_dir.join("manifest"))? {
+        Some(Ok(m)) => manifest::to_hex(&m.current_root()),
+        Some(Err(e)) => {
+            return Err(Error::input(format!(
+                "this receiver's manifest of volume '{name}' cannot be trusted ({e})"
+            )))
+        }
+        None => {
+            return Err(Error::input(format!(
+                "this receiver holds no copy of volume '{name}'"
+            )))
+        }
+    };
+    if !have.eq_ignore_ascii_case(&mark.consistency_point) {
+        return Err(Error::input(format!(
+            "its consistency point {} is not what this receiver holds of volume '{name}' (root {have})",
+            mark.consistency_point
+        )));
+    }
+    let seal = Seal {
+        volume: name.to_string(),
+        consistency_point: have,
+        cutover_unix_s: mark.freeze_unix_s,
+        cutover_at: crate::progress::rfc3339_seconds(mark.freeze_unix_s),
+        frozen_s: mark.frozen_s,
+        sealed_unix_s: crate::progress::now_unix(),
+    };
+    // Sealed first: a crash before the journal line leaves the volume
+    // sealed (safe) rather than a recorded cutover without a seal.
+    write_seal(volume_dir, &seal)?;
+    state::append_journal(
+        &journal_path(volume_dir),
+        &json!({
+            "event": "cutover",
+            "volume": name,
+            "consistency_point": seal.consistency_point,
+            "freeze_unix_s": seal.cutover_unix_s,
+            "frozen_s": seal.frozen_s,
+            "sealed_at": crate::progress::rfc3339_seconds(seal.sealed_unix_s),
+        }),
+    )?;
+    Ok(seal)
+}
+
+fn write_seal(volume_dir: &Path, seal: &Seal) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = seal_path(volume_dir);
+    let bytes = serde_json::to_vec_pretty(seal).expect("a seal serializes");
+    state::write_atomic(&path, &bytes)?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+        .ctx(format!("chmod 0600 {}", path.display()))
+}
+
+/// The consistency point of the volume's last cutover that the operator
+/// unsealed (its journal's last `unsealed` record), or empty: what a sync
+/// session's Welcome carries as `unsealed_cutover`.
+pub fn last_unsealed(volume_dir: &Path) -> String {
+    state::read_journal(&journal_path(volume_dir))
+        .iter()
+        .rev()
+        .find(|r| r["event"] == "unsealed")
+        .and_then(|r| r["consistency_point"].as_str())
+        .filter(|cp| cp.len() == CONSISTENCY_POINT_LEN)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// What `nightpass unseal` did.
+#[derive(Debug, Clone)]
+pub struct Unsealed {
+    /// The seal removed.
+    pub seal: Seal,
+    /// What became of the volume's manifest.
+    pub manifest: Rebuilt,
+}
+
+/// What unsealing did to a volume's manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rebuilt {
+    /// Rebuilt from a fresh read of the target: this many chunks differ
+    /// from what it recorded at the cutover (the new site's writes).
+    Changed(u64),
+    /// The target could not be read whole: every entry is now unknown, so
+    /// the next pass sends every chunk.
+    Unreadable,
+    /// There was no trusted manifest: the next pass starts from nothing.
+    None,
+}
+
+impl Rebuilt {
+    /// The changed chunks, when the target was read.
+    pub fn changed_chunks(self) -> Option<u64> {
+        match self {
+            Rebuilt::Changed(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
+/// Unseals volume `name` in the receiver state directory `state_dir`:
+/// rebuilds its manifest from a fresh read of the target, journals an
+/// `unsealed` record, then removes the seal. Not sealed, or no such state
+/// directory, is [`Error::Input`].
+pub fn unseal(state_dir: &Path, name: &str, progress: &dyn Progress) -> Result<Unsealed> {
+    if name.is_empty() || name.chars().all(|c| c == '.') {
+        return Err(Error::input(format!("'{name}' is not a volume name")));
+    }
+    if !state_dir.is_dir() {
+        return Err(Error::input(format!(
+            "receiver state directory {} does not exist: give the --state-dir that `nightpass serve` uses",
+            state_dir.display()
+        )));
+    }
+    let dir = state_dir.join("volumes").join(state::key_for(name));
+    let seal = match read(&dir) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return Err(Error::input(format!(
+                "volume '{name}' is not sealed (no seal record in {}): nothing to unseal",
+                dir.display()
+            )))
+        }
+        Err(why) => {
+            return Err(Error::Io(format!(
+                "volume '{name}': {why}; move it aside by hand to unseal"
+            )))
+        }
+    };
+    let manifest = rebuild_manifest(&dir, name, progress)?;
+    // Journaled before the seal goes: a crash in between leaves the volume
+    // sealed, and the operator runs unseal again.
+    state::append_journal(
+        &journal_path(&dir),
+        &json!({
+            "event": "unsealed",
+            "volume": name,
+            "consistency_point": seal.consistency_point,
+            "cutover_at": seal.cutover_at,
+            "unsealed_at": crate::progress::rfc3339_seconds(crate::progress::now_unix()),
+            "changed_chunks": manifest.changed_chunks(),
+        }),
+    )?;
+    let path = seal_path(&dir);
+    fs::remove_file(&path).ctx(format!("remove {}", path.display()))?;
+    fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .ctx(format!("fsync directory {}", dir.display()))?;
+    Ok(Unsealed { seal, manifest })
+}
+
+/// Replaces the manifest's table with fresh hashes of the target (every
+/// entry unknown when the target cannot be read whole).
+fn rebuild_manifest(dir: &Path, name: &str, progress: &dyn Progress) -> Result<Rebuilt> {
+    let mut m = match ManifestFile::open(&dir.join("manifest"))? {
+        Some(Ok(m)) => m,
+        // No manifest, or one already untrusted: the next pass starts over.
+        _ => return Ok(Rebuilt::None),
+    };
+    let geometry = m.geometry();
+    let target = fs::read_to_string(dir.join("target")).map(PathBuf::from);
+    let fresh = target.ok().and_then(|t| {
+        let v = Volume::open_for_verify(&t).ok()?;
+        (v.size() >= geometry.size()).then_some(v)
+    });
+    let (table, rebuilt) = match fresh {
+        Some(v) => {
+            progress.note(&format!(
+                "volume '{name}': reading the target fresh, to learn what the new site wrote since the cutover"
+            ));
+            v.sync_data()?;
+            let table = hash::hash_all(
+                Arc::new(v),
+                geometry,
+                ScanOptions::default(),
+                Arc::new(Quiet),
+            )?;
+            let changed = m
+                .table()
+                .chunks_exact(ENTRY_LEN)
+                .zip(table.chunks_exact(ENTRY_LEN))
+                .filter(|(old, new)| *old != UNKNOWN.as_slice() && old != new)
+                .count() as u64;
+            (table, Rebuilt::Changed(changed))
+        }
+        None => {
+            progress.note(&format!(
+                "volume '{name}': its target cannot be read whole; the next pass sends every chunk"
+            ));
+            (vec![0u8; m.table().len()], Rebuilt::Unreadable)
+        }
+    };
+    m.replace_table(&table);
+    let root = m.current_root();
+    let generation = m.header().generation + 1;
+    m.commit(generation, root)?;
+    Ok(rebuilt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mark(cp: &str) -> wire::Mark {
+        wire::Mark {
+            consistency_point: cp.into(),
+            freeze_unix_s: 1_796_000_000.0,
+            frozen_s: 1.5,
+        }
+    }
+
+    #[test]
+    fn marks_are_bounded() {
+        assert!(check_mark(&mark(&"ab".repeat(32))).is_ok());
+        assert!(check_mark(&mark(&"a".repeat(1 << 20))).is_err());
+        assert!(check_mark(&mark(&"zz".repeat(32))).is_err());
+        let mut m = mark(&"ab".repeat(32));
+        m.frozen_s = f64::NAN;
+        assert!(check_mark(&m).is_err());
+        m.frozen_s = 1.0;
+        m.freeze_unix_s = f64::INFINITY;
+        assert!(check_mark(&m).is_err());
+    }
+
+    #[test]
+    fn unseal_without_seal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = unseal(dir.path(), "v", &Quiet).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("not sealed"), "{e}");
+        let e = unseal(&dir.path().join("nope"), "v", &Quiet).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("does not exist"), "{e}");
+    }
+}

@@ -1,0 +1,345 @@
+//! Sealed volumes: after a cutover the receiver refuses every later pass of
+//! the volume, whatever the sender's state directory holds, until the
+//! operator runs `nightpass unseal NAME` on the receiver host; and a peer
+//! cannot record a cutover (nor seal a volume) with a consistency point the
+//! receiver does not hold.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use nightpass::transport::{self, Identity, Tuning};
+use nightpass_proto::wire::{self, control::Msg, Mode};
+use serde_json::Value;
+
+use crate::harness::*;
+
+const MIB: u64 = 1 << 20;
+
+/// The same sender identity with another, empty state directory: its own
+/// record of the cutover cannot be what refuses a pass.
+fn fresh_state(sender: &SenderSide, root: &Path) -> SenderSide {
+    SenderSide {
+        id: Ident {
+            dir: sender.id.dir.clone(),
+            fp: sender.id.fp.clone(),
+        },
+        state: root.join("fresh-state"),
+    }
+}
+
+fn volume_state(rstate: &Path, name: &str) -> PathBuf {
+    rstate.join("volumes").join(name)
+}
+
+/// The receiver journal's records of one kind.
+fn journal(rstate: &Path, name: &str, event: &str) -> Vec<Value> {
+    std::fs::read_to_string(volume_state(rstate, name).join("journal.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["event"] == event)
+        .collect()
+}
+
+/// `nightpass unseal NAME --state-dir DIR --json`.
+fn unseal(name: &str, state_dir: &Path) -> Run {
+    let mut c = Command::new(bin());
+    c.args(["unseal", name, "--json", "--state-dir"])
+        .arg(state_dir);
+    run_command(c)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn connect(
+    id: &Identity,
+    port: u16,
+    fp: &str,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (ep, conn) = transport::connect(id, addr, fp, &Tuning::default())
+        .await
+        .expect("an authorized peer connects");
+    let (send, recv) = conn.open_bi().await.unwrap();
+    (ep, conn, send, recv)
+}
+
+/// A record session as a peer runs it by hand: Hello(RECORD), the Welcome,
+/// then `mark`; returns the receiver's answer.
+async fn record(id: &Identity, port: u16, fp: &str, volume: &str, mark: wire::Mark) -> Msg {
+    let (ep, _conn, mut send, mut recv) = connect(id, port, fp).await;
+    let hello = wire::Hello {
+        version: wire::PROTOCOL_VERSION,
+        volume: volume.into(),
+        mode: Mode::Record as i32,
+        ..Default::default()
+    };
+    transport::send_control(&mut send, Msg::Hello(hello))
+        .await
+        .unwrap();
+    match transport::recv_control(&mut recv).await.unwrap() {
+        Some(Msg::Welcome(_)) => {}
+        other => panic!("expected a welcome to the record session, got {other:?}"),
+    }
+    // A 1 MiB mark may not all be read before the receiver answers.
+    let _ = transport::send_control(&mut send, Msg::Mark(mark)).await;
+    let answer = tokio::time::timeout(Duration::from_secs(20), transport::recv_control(&mut recv))
+        .await
+        .expect("the receiver answers a mark within 20 s")
+        .unwrap()
+        .expect("an answer, not the end of the stream");
+    ep.close(0u32.into(), b"");
+    let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+    answer
+}
+
+/// The Welcome a sync session of `volume` gets (the session is then dropped).
+async fn sync_welcome(id: &Identity, port: u16, fp: &str, volume: &str, size: u64) -> Msg {
+    let (ep, _conn, mut send, mut recv) = connect(id, port, fp).await;
+    let hello = wire::Hello {
+        version: wire::PROTOCOL_VERSION,
+        volume: volume.into(),
+        mode: Mode::Sync as i32,
+        source_size: size,
+        chunk_size: 64 << 10,
+        pass_id: vec![7; 16],
+        ..Default::default()
+    };
+    transport::send_control(&mut send, Msg::Hello(hello))
+        .await
+        .unwrap();
+    let answer = transport::recv_control(&mut recv).await.unwrap().unwrap();
+    // Closed for sure before the runtime goes, or the receiver would hold
+    // the volume for this session until its idle timeout.
+    ep.close(0u32.into(), b"");
+    let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+    answer
+}
+
+fn mark(consistency_point: String) -> wire::Mark {
+    wire::Mark {
+        consistency_point,
+        freeze_unix_s: 1_795_983_532.0,
+        frozen_s: 0.5,
+    }
+}
+
+/// Item 1: a real cutover seals the volume on the receiver; a stray sync
+/// from a sender with no record of that cutover is refused and writes
+/// nothing; verify is still allowed and forgets nothing; `nightpass unseal`
+/// (while serve runs) lets passes in again, and the next pass overwrites
+/// what the "new site" wrote.
+#[test]
+fn cutover_seals_the_volume_until_unseal() {
+    let dir = scratch();
+    let root = dir.path();
+    let target = root.join("target.img");
+    let (sender, rx) = pair(root, &[("v", &target)]);
+    let rstate = rx.state.clone();
+    let source = root.join("source.img");
+    random_file(&source, 8 * MIB, 41);
+    let dest = rx.dest("v");
+    let r = sender.run("sync", &source, &dest, &rx.fp, &[]);
+    assert_eq!(r.code, 0, "first sync: {}", r.stderr);
+    write_at(&source, 3 * MIB, &[0x5a; 200_000]);
+    let r = sender.run("sync", &source, &dest, &rx.fp, &[]);
+    assert_eq!(r.code, 0, "second sync: {}", r.stderr);
+
+    let r = sender.run("cutover", &source, &dest, &rx.fp, &["--assume-frozen"]);
+    assert_eq!(r.code, 0, "cutover: {}", r.stderr);
+    let cp = r.event("cutover_end")["consistency_point"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(hash_file(&target), hash_file(&source));
+
+    // The receiver sealed the volume, durably and privately.
+    let seal_file = volume_state(&rstate, "v").join("seal");
+    let seal: Value = serde_json::from_slice(
+        &std::fs::read(&seal_file).expect("the receiver wrote a seal record"),
+    )
+    .unwrap();
+    assert_eq!(seal["consistency_point"], cp.as_str(), "{seal}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&seal_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "seal record mode {mode:o}");
+    assert_eq!(journal(&rstate, "v", "cutover").len(), 1);
+
+    // The new site writes to its volume.
+    write_at(&target, 5 * MIB, &[0xee; 100_000]);
+    let new_site = hash_file(&target);
+
+    // A stray sync, from a state directory that knows nothing of the cutover.
+    let stray = fresh_state(&sender, root);
+    let r = stray.run("sync", &source, &dest, &rx.fp, &[]);
+    assert_eq!(r.code, 2, "a sync of a sealed volume: {}", r.stderr);
+    assert!(
+        r.stderr.contains(&cp),
+        "names the consistency point: {}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("unseal"),
+        "says how to unseal: {}",
+        r.stderr
+    );
+    let at = seal["cutover_at"].as_str().unwrap();
+    assert!(
+        r.stderr.contains(at),
+        "names the cutover's time {at}: {}",
+        r.stderr
+    );
+    assert_eq!(
+        hash_file(&target),
+        new_site,
+        "the sealed target was written"
+    );
+
+    // Verify reads and is allowed; its Forget leaves the sealed manifest be.
+    let manifest = receiver_manifest(&rstate, "v");
+    let before = std::fs::read(&manifest).unwrap();
+    let r = stray.run("verify", &source, &dest, &rx.fp, &[]);
+    assert_eq!(
+        r.code, 1,
+        "verify of a sealed volume finds the new site's writes: {}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read(&manifest).unwrap(),
+        before,
+        "verify changed a sealed manifest"
+    );
+    assert_eq!(hash_file(&target), new_site);
+
+    // Unseal while serve runs.
+    let u = unseal("v", &rstate);
+    assert_eq!(u.code, 0, "unseal: {}", u.stderr);
+    let ev = u.event("unsealed");
+    assert_eq!(ev["volume"], "v");
+    assert_eq!(ev["consistency_point"], cp.as_str());
+    assert!(ev["changed_chunks"].as_u64().unwrap() >= 1, "{ev}");
+    assert!(!seal_file.exists(), "the seal is still there");
+    let unsealed = journal(&rstate, "v", "unsealed");
+    assert_eq!(unsealed.len(), 1, "{unsealed:?}");
+    assert_eq!(unsealed[0]["consistency_point"], cp.as_str());
+
+    // A sync session's Welcome now says which cutover was unsealed.
+    let id = Identity::load(&sender.id.dir).unwrap();
+    match rt().block_on(sync_welcome(&id, rx.port, &rx.fp, "v", 8 * MIB)) {
+        Msg::Welcome(w) => assert_eq!(w.unsealed_cutover, cp),
+        other => panic!("expected a welcome after unseal, got {other:?}"),
+    }
+
+    // Passes are accepted again, and overwrite the new site's writes.
+    let r = stray.run("sync", &source, &dest, &rx.fp, &[]);
+    assert_eq!(r.code, 0, "sync after unseal: {}", r.stderr);
+    assert_eq!(
+        hash_file(&target),
+        hash_file(&source),
+        "the pass after unseal left the new site's writes (a manifest stale since the cutover)"
+    );
+}
+
+/// Item 14: a peer that holds an authorized key cannot write a cutover into
+/// a volume's journal, nor seal it, with a consistency point the receiver
+/// does not hold, nor with one a mebibyte long. The receiver's own root is
+/// recorded, and seals.
+#[test]
+fn record_session_checks_the_consistency_point() {
+    let dir = scratch();
+    let root = dir.path();
+    let target = root.join("target.img");
+    let (sender, rx) = pair(root, &[("v", &target)]);
+    let rstate = rx.state.clone();
+    let source = root.join("source.img");
+    random_file(&source, 4 * MIB, 43);
+    let dest = rx.dest("v");
+    let r = sender.run("sync", &source, &dest, &rx.fp, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let root_hex = r.event("pass_end")["root"].as_str().unwrap().to_string();
+    assert_eq!(root_hex.len(), 64);
+    let seal_file = volume_state(&rstate, "v").join("seal");
+
+    let id = Identity::load(&sender.id.dir).unwrap();
+    let rt = rt();
+    let not_ours = "0123456789abcdef".repeat(4);
+    let huge = "a".repeat(1 << 20);
+    for (cp, expect) in [
+        (not_ours.clone(), "is not what this receiver holds"),
+        (huge, "not 64 hex characters"),
+    ] {
+        let answer = rt.block_on(record(&id, rx.port, &rx.fp, "v", mark(cp)));
+        match answer {
+            Msg::Failure(f) => assert!(f.message.contains(expect), "{}", f.message),
+            other => panic!("a bad mark was answered {other:?}"),
+        }
+        assert!(
+            journal(&rstate, "v", "cutover").is_empty(),
+            "a bad mark was journaled"
+        );
+        assert!(!seal_file.exists(), "a bad mark sealed the volume");
+        assert!(rx.log().contains(expect), "{}", rx.log());
+    }
+    // Passes still run.
+    let r = sender.run("sync", &source, &dest, &rx.fp, &[]);
+    assert_eq!(r.code, 0, "sync after refused marks: {}", r.stderr);
+
+    // The receiver's own root is recorded and seals the volume.
+    match rt.block_on(record(&id, rx.port, &rx.fp, "v", mark(root_hex.clone()))) {
+        Msg::Done(_) => {}
+        other => panic!("the true consistency point was answered {other:?}"),
+    }
+    let cut = journal(&rstate, "v", "cutover");
+    assert_eq!(cut.len(), 1);
+    assert_eq!(cut[0]["consistency_point"], root_hex.as_str());
+    assert!(seal_file.exists());
+    let before = hash_file(&target);
+    write_at(&source, 0, &[1; 70_000]);
+    let r = sender.run("sync", &source, &dest, &rx.fp, &[]);
+    assert_eq!(r.code, 2, "sync of a sealed volume: {}", r.stderr);
+    assert!(r.stderr.contains(&root_hex), "{}", r.stderr);
+    assert!(r.stderr.contains("2026-11-29T20:18:52Z"), "{}", r.stderr);
+    assert_eq!(hash_file(&target), before);
+}
+
+/// `nightpass unseal` of a volume that is not sealed, or in a state
+/// directory that does not exist, is bad input: exit 2 and says so.
+#[test]
+fn unseal_refuses_what_is_not_sealed() {
+    let dir = scratch();
+    let root = dir.path();
+    let target = root.join("target.img");
+    let (sender, rx) = pair(root, &[("v", &target)]);
+    let source = root.join("source.img");
+    random_file(&source, 2 * MIB, 45);
+    let r = sender.run("sync", &source, &rx.dest("v"), &rx.fp, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let before = std::fs::read(receiver_manifest(&rx.state, "v")).unwrap();
+
+    let u = unseal("v", &rx.state);
+    assert_eq!(u.code, 2, "unseal of a volume never sealed: {}", u.stderr);
+    assert!(u.stderr.contains("'v' is not sealed"), "{}", u.stderr);
+    assert!(u.all("unsealed").is_empty());
+    assert_eq!(u.event("error")["exit_code"], 2);
+    assert!(journal(&rx.state, "v", "unsealed").is_empty());
+    assert_eq!(
+        std::fs::read(receiver_manifest(&rx.state, "v")).unwrap(),
+        before
+    );
+
+    let u = unseal("v", &root.join("no-such-state"));
+    assert_eq!(u.code, 2, "{}", u.stderr);
+    assert!(u.stderr.contains("does not exist"), "{}", u.stderr);
+}
