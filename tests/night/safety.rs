@@ -482,3 +482,51 @@ fn cutover_to_a_wrong_port_never_freezes_the_filesystem() {
     drop(mnt);
     drop(lo);
 }
+
+#[test]
+fn after_a_cutover_passes_wait_for_unseal_and_a_second_cutover_never_freezes() {
+    let s = Setup::new();
+    let source = s.root.join("source.img");
+    random_file(&source, 8 * MIB, 11);
+    for _ in 0..2 {
+        let r = s.run("sync", &source, &[]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    let r = s.run("cutover", &source, &["--assume-frozen"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let cp = r.event("cutover_end")["consistency_point"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    write_at(&source, 0, &[0x11; 100_000]);
+    let before = hash_file(&s.target);
+    // The same sender, the same state: refused, nothing written.
+    let r = s.run("sync", &source, &[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains(&cp), "{}", r.stderr);
+    let (args, pre, _) = hooks(&s.root);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = s.run("cutover", &source, &a);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("unseal"), "{}", r.stderr);
+    assert!(
+        !pre.exists(),
+        "a second cutover of a sealed volume froze the source"
+    );
+    assert_eq!(hash_file(&s.target), before);
+    // The operator unseals on the receiver host: this sender passes again.
+    let out = Command::new(bin())
+        .args(["unseal", "v", "--state-dir"])
+        .arg(&s.rx.state)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = s.run("sync", &source, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(hash_file(&s.target), hash_file(&source));
+}
