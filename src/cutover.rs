@@ -69,8 +69,7 @@ pub async fn converge(
     let window = cc.window.as_secs_f64();
     let mut changed: Vec<u64> = Vec::new();
     let mut last: Option<PassEnd> = None;
-    let journal =
-        target_dir(&cfg.state_dir, &cfg.server_fingerprint, &cfg.dest).join("journal.jsonl");
+    let journal = sender::volume_state_dir(cfg)?.join("journal.jsonl");
     // The first pass of a volume copies everything: reading the target
     // alongside would only slow it, and it measures no read rate.
     let mut copied_before = state::read_journal(&journal)
