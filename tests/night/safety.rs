@@ -530,3 +530,24 @@ fn after_a_cutover_passes_wait_for_unseal_and_a_second_cutover_never_freezes() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(hash_file(&s.target), hash_file(&source));
 }
+
+#[test]
+fn state_of_an_older_release_keyed_by_address_is_taken_over() {
+    let s = Setup::new();
+    let source = s.root.join("source.img");
+    random_file(&source, 8 * MIB, 12);
+    let r = s.run("sync", &source, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // Where an older release kept it: targets/<HOST:PORT/NAME as typed>.
+    let now = s.sender.state.join("targets").join(&s.rx.fp).join("v");
+    let legacy = s
+        .sender
+        .state
+        .join("targets")
+        .join(format!("127.0.0.1_{}_v", s.rx.port));
+    std::fs::rename(&now, &legacy).unwrap();
+    let r = s.run("sync", &source, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.event("pass_end")["pass"], 2, "the older history was lost");
+    assert!(now.join("journal.jsonl").exists() && !legacy.exists());
+}
