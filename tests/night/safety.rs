@@ -47,6 +47,24 @@ impl Setup {
             .run(cmd, source, &self.rx.dest("v"), &self.rx.fp, extra)
     }
 
+    /// An 8 MiB source synced twice and cut over (`--assume-frozen`):
+    /// the source and the consistency point.
+    fn cut_over(&self, seed: u64) -> (PathBuf, String) {
+        let source = self.root.join("source.img");
+        random_file(&source, 8 * MIB, seed);
+        for _ in 0..2 {
+            let r = self.run("sync", &source, &[]);
+            assert_eq!(r.code, 0, "{}", r.stderr);
+        }
+        let r = self.run("cutover", &source, &["--assume-frozen"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let cp = r.event("cutover_end")["consistency_point"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (source, cp)
+    }
+
     fn receiver_journal(&self) -> String {
         std::fs::read_to_string(self.rx.state.join("volumes/v/journal.jsonl")).unwrap_or_default()
     }
@@ -360,18 +378,7 @@ fn assume_frozen_with_a_writer_running_certifies_nothing() {
 #[test]
 fn the_sender_refuses_a_volume_it_cut_over_even_when_the_receiver_forgot() {
     let mut s = Setup::new();
-    let source = s.root.join("source.img");
-    random_file(&source, 8 * MIB, 10);
-    for _ in 0..2 {
-        let r = s.run("sync", &source, &[]);
-        assert_eq!(r.code, 0, "{}", r.stderr);
-    }
-    let r = s.run("cutover", &source, &["--assume-frozen"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let cp = r.event("cutover_end")["consistency_point"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (source, cp) = s.cut_over(10);
     // The receiver's state is lost (a new state directory): only the
     // sender's own record stands between a stray sync and the new site.
     let fresh_state = s.root.join("r-state-new");
@@ -486,18 +493,7 @@ fn cutover_to_a_wrong_port_never_freezes_the_filesystem() {
 #[test]
 fn after_a_cutover_passes_wait_for_unseal_and_a_second_cutover_never_freezes() {
     let s = Setup::new();
-    let source = s.root.join("source.img");
-    random_file(&source, 8 * MIB, 11);
-    for _ in 0..2 {
-        let r = s.run("sync", &source, &[]);
-        assert_eq!(r.code, 0, "{}", r.stderr);
-    }
-    let r = s.run("cutover", &source, &["--assume-frozen"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let cp = r.event("cutover_end")["consistency_point"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (source, cp) = s.cut_over(11);
     write_at(&source, 0, &[0x11; 100_000]);
     let before = hash_file(&s.target);
     // The same sender, the same state: refused, nothing written.
