@@ -95,12 +95,17 @@ pub struct ServeArgs {
     /// An exported volume, NAME=PATH (repeatable).
     #[arg(long = "volume", required = true)]
     pub volumes: Vec<String>,
-    /// Fingerprint of a sender allowed in (repeatable).
+    /// A sender allowed in (repeatable): FP for every volume, or
+    /// FP=NAME[,NAME...] for the named volumes only.
     #[arg(long = "allow")]
     pub allow: Vec<String>,
-    /// File of allowed fingerprints, one per line (# comments allowed).
+    /// File of allowed senders, one per line in the forms of --allow (# comments allowed).
     #[arg(long)]
     pub allow_file: Option<PathBuf>,
+    /// Largest target file a sender may make this receiver create [default:
+    /// the size of the filesystem that would hold it].
+    #[arg(long, value_parser = parse_size)]
+    pub max_size: Option<u64>,
     /// Identity directory.
     #[arg(long)]
     pub identity: Option<PathBuf>,
@@ -319,6 +324,11 @@ impl ServeArgs {
                     "volume name '{name}' may use only letters, digits, '-', '_' and '.'"
                 )));
             }
+            if name.chars().all(|c| c == '.') {
+                return Err(Error::input(format!(
+                    "volume name '{name}' is made only of dots; give it a letter or digit"
+                )));
+            }
             if path.is_empty() {
                 return Err(Error::input(format!("--volume '{v}' has no path")));
             }
@@ -329,11 +339,11 @@ impl ServeArgs {
         Ok(out)
     }
 
-    /// Allowed sender fingerprints.
-    pub fn allowed(&self) -> Result<HashSet<String>> {
-        let mut out = HashSet::new();
+    /// Allowed senders, from `--allow` and `--allow-file`.
+    pub fn allowed(&self) -> Result<Allowed> {
+        let mut out = Allowed::default();
         for a in &self.allow {
-            out.insert(parse_fingerprint(a)?);
+            out.add(a)?;
         }
         if let Some(f) = &self.allow_file {
             let text = std::fs::read_to_string(f).map_err(|e| {
@@ -342,16 +352,58 @@ impl ServeArgs {
             for line in text.lines() {
                 let line = line.split('#').next().unwrap_or("").trim();
                 if !line.is_empty() {
-                    out.insert(parse_fingerprint(line)?);
+                    out.add(line)?;
                 }
             }
         }
-        if out.is_empty() {
+        if out.fingerprints.is_empty() {
             return Err(Error::input(
                 "no sender is allowed: give --allow FINGERPRINT or --allow-file FILE (there is no unauthenticated mode)",
             ));
         }
         Ok(out)
+    }
+}
+
+/// The senders a receiver lets in, and on which volumes.
+#[derive(Debug, Clone, Default)]
+pub struct Allowed {
+    /// Every fingerprint allowed in at all (the TLS layer pins these).
+    pub fingerprints: HashSet<String>,
+    /// Fingerprints limited to some volumes; one missing here may use every
+    /// exported volume.
+    pub limits: HashMap<String, HashSet<String>>,
+}
+
+impl Allowed {
+    /// Adds one entry: `FP` (every volume) or `FP=NAME[,NAME...]`. A
+    /// fingerprint given both ways may use every volume; limited entries of
+    /// one fingerprint add up.
+    pub fn add(&mut self, entry: &str) -> Result<()> {
+        let (fp, names) = match entry.split_once('=') {
+            Some((fp, names)) => (fp, Some(names)),
+            None => (entry, None),
+        };
+        let fp = parse_fingerprint(fp)?;
+        let unlimited = self.fingerprints.contains(&fp) && !self.limits.contains_key(&fp);
+        self.fingerprints.insert(fp.clone());
+        let Some(names) = names else {
+            self.limits.remove(&fp);
+            return Ok(());
+        };
+        let names: Vec<&str> = names.split(',').map(str::trim).collect();
+        if names.iter().any(|n| n.is_empty()) {
+            return Err(Error::input(format!(
+                "--allow '{entry}': expected FINGERPRINT=NAME[,NAME...]"
+            )));
+        }
+        if !unlimited {
+            self.limits
+                .entry(fp)
+                .or_default()
+                .extend(names.iter().map(|n| n.to_string()));
+        }
+        Ok(())
     }
 }
 

@@ -9,4 +9,5 @@ mod hostile;
 mod relay;
 mod reliability;
 mod sync;
+mod trust;
 mod verify;
