@@ -485,6 +485,22 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
 mod tests {
     use super::*;
 
+    const FP: &str = "np1-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    #[test]
+    fn allow_entries_limit_or_free_a_sender() {
+        let mut a = Allowed::default();
+        a.add(&format!("{FP}=a,b")).unwrap();
+        a.add(&format!("{FP}=c")).unwrap();
+        assert_eq!(a.limits[FP].len(), 3);
+        a.add(FP).unwrap();
+        assert!(a.limits.is_empty(), "FP alone means every volume");
+        a.add(&format!("{FP}=a")).unwrap();
+        assert!(a.limits.is_empty(), "an unlimited sender stays unlimited");
+        assert!(a.add(&format!("{FP}=a,,b")).is_err());
+        assert!(a.add("np1-x=a").is_err());
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(parse_size("65536"), Ok(65536));

@@ -179,10 +179,11 @@ async fn pass_with_target_read(
     let fp = cfg.server_fingerprint.as_str();
     let (mut vs, geometry) =
         open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, Vec::new()).await?;
-    if geometry.chunk_size() != chunk {
+    if geometry.chunk_size() != chunk || geometry.size() != size {
         // The receiver hashes in the volume's own chunks, and this volume
-        // has none yet (no manifest before this first pass): no parallel
-        // read; every chunk is a suspect for the ranged proof after it.
+        // has none yet (no manifest before this first pass), or its target
+        // file does not exist yet: no parallel read; every chunk is a
+        // suspect for the ranged proof after the pass.
         forget_and_close(vs, &[]).await?;
         let (end, ours) = sender::run_pass_collecting(cfg, id, progress.clone(), collect).await?;
         let g = Geometry::new(size, chunk).map_err(|e| Error::input(e.to_string()))?;

@@ -1507,6 +1507,11 @@ async fn verify_session(
         return refuse(&mut send, &conn, r).await;
     }
     let chunk = verify_chunk(&shared, &hello.volume, asked);
+    if std::fs::symlink_metadata(&path).is_err() {
+        // A target file not created yet (a first cutover's proof starts
+        // before its pass creates it): an empty target.
+        return verify_missing(shared, send, recv, hello, path, chunk).await;
+    }
     let volume = match Volume::open_export(&path) {
         Ok(v) => Arc::new(v),
         Err(e) => return refuse(&mut send, &conn, e.into()).await,
@@ -1589,6 +1594,40 @@ async fn verify_session(
         }))
         .await
         .map_err(|_| Error::Network("control stream closed".into()))?;
+    finish_verify(shared, recv, ctl_tx, ctl_task, &hello, &path).await
+}
+
+/// A verify of an export whose file does not exist yet: zero bytes to hash.
+async fn verify_missing(
+    shared: Arc<Shared>,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    hello: wire::Hello,
+    path: PathBuf,
+    chunk: ChunkSize,
+) -> Result<()> {
+    for m in [
+        Msg::Welcome(wire::Welcome {
+            version: wire::PROTOCOL_VERSION,
+            target_size: 0,
+            chunk_size: chunk.bytes() as u32,
+            ..Default::default()
+        }),
+        Msg::VerifyPart(wire::HashRun {
+            last: true,
+            ..Default::default()
+        }),
+    ] {
+        transport::send_control(&mut send, m).await?;
+    }
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Msg>(4);
+    let ctl_task = tokio::spawn(async move {
+        while let Some(m) = ctl_rx.recv().await {
+            transport::send_control(&mut send, m).await?;
+        }
+        let _ = send.finish();
+        Ok::<_, Error>(send)
+    });
     finish_verify(shared, recv, ctl_tx, ctl_task, &hello, &path).await
 }
 
@@ -1825,4 +1864,31 @@ pub fn forget_in(m: &mut ManifestFile, ranges: &[u64]) -> u64 {
         }
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_ranges_merge_into_chunk_intervals() {
+        let g = Geometry::new(10 * 4096 + 100, ChunkSize::new(4096).unwrap()).unwrap();
+        // Overlapping, adjacent, out of order, past the end, empty.
+        let r = [
+            8192,
+            4096,
+            0,
+            5000,
+            4096,
+            1,
+            40960,
+            1 << 40,
+            1 << 50,
+            7,
+            0,
+            0,
+        ];
+        assert_eq!(chunk_intervals(&g, &r), vec![(0, 2), (10, 10)]);
+        assert_eq!(chunk_intervals(&g, &[]), vec![]);
+    }
 }

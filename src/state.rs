@@ -3,8 +3,8 @@
 //! Owns every file under a state directory. A sender keeps, per destination,
 //! `targets/<key>/manifest` (its view of what the target provably holds) and
 //! `journal.jsonl`; a receiver keeps, per exported volume,
-//! `volumes/<name>/manifest`, `target` (the path the manifest describes) and
-//! `journal.jsonl`. Manifests are created crash-safely (temp file, fsync,
+//! `volumes/<name>/manifest`, `target` (the path and identity of the target
+//! the manifest describes, [`TargetRecord`]) and `journal.jsonl`. Manifests are created crash-safely (temp file, fsync,
 //! rename, fsync of the directory) and then updated in place under the
 //! ordering rules written in `nightpass_proto::manifest`. Each manifest is
 //! `flock`ed while open so two processes never share one.

@@ -548,3 +548,16 @@ fn cutover_in_small_chunks_proves_a_large_range() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(hash_file(&src), hash_file(&dst));
 }
+
+/// Item 13: a cutover onto a target file that does not exist yet (its
+/// proof's verify starts before the pass creates the file) succeeds.
+#[test]
+fn cutover_onto_a_missing_target_file() {
+    let root = scratch();
+    let (src, dst) = (root.path().join("src.img"), root.path().join("t.img"));
+    random_file(&src, 8 * MIB, 31);
+    let (s, rx) = pair(root.path(), &[("v", &dst)]);
+    let r = s.run("cutover", &src, &rx.dest("v"), &rx.fp, &["--assume-frozen"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(hash_file(&src), hash_file(&dst));
+}
