@@ -199,8 +199,6 @@ enum ExportKey {
 /// names is exported. Returns each export's canonical path: sessions use
 /// these, so a symbolic link changed after the start is not followed.
 pub fn check_exports(cfg: &ServeConfig) -> Result<HashMap<String, PathBuf>> {
-    state::check_writable(&cfg.state_dir)?;
-    state::check_writable(&cfg.state_dir.join("volumes"))?;
     let mut fps: Vec<_> = cfg.limits.iter().collect();
     fps.sort_by(|a, b| a.0.cmp(b.0));
     for (fp, names) in fps {
@@ -227,6 +225,10 @@ pub fn check_exports(cfg: &ServeConfig) -> Result<HashMap<String, PathBuf>> {
         }
         pinned.insert(name.clone(), canonical);
     }
+    // Last, as it creates the state directory when missing: a refusal
+    // above leaves nothing behind.
+    state::check_writable(&cfg.state_dir)?;
+    state::check_writable(&cfg.state_dir.join("volumes"))?;
     Ok(pinned)
 }
 

@@ -175,6 +175,10 @@ fn missing_export_directory_is_refused_at_start() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("does not exist"), "{err}");
     assert!(!root.path().join("nodir").exists());
+    assert!(
+        !root.path().join("state").exists(),
+        "a state directory was created"
+    );
 }
 
 /// Item 3: a mounted block device, and a state directory that cannot be
