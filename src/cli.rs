@@ -104,12 +104,17 @@ pub struct ServeArgs {
     /// An exported volume, NAME=PATH (repeatable).
     #[arg(long = "volume", required = true)]
     pub volumes: Vec<String>,
-    /// Fingerprint of a sender allowed in (repeatable).
+    /// A sender allowed in (repeatable): FP for every volume, or
+    /// FP=NAME[,NAME...] for the named volumes only.
     #[arg(long = "allow")]
     pub allow: Vec<String>,
-    /// File of allowed fingerprints, one per line (# comments allowed).
+    /// File of allowed senders, one per line in the forms of --allow (# comments allowed).
     #[arg(long)]
     pub allow_file: Option<PathBuf>,
+    /// Largest target file a sender may make this receiver create [default:
+    /// the size of the filesystem that would hold it].
+    #[arg(long, value_parser = parse_size)]
+    pub max_size: Option<u64>,
     /// Identity directory.
     #[arg(long)]
     pub identity: Option<PathBuf>,
@@ -357,6 +362,11 @@ impl ServeArgs {
                     "volume name '{name}' may use only letters, digits, '-', '_' and '.'"
                 )));
             }
+            if name.chars().all(|c| c == '.') {
+                return Err(Error::input(format!(
+                    "volume name '{name}' is made only of dots; give it a letter or digit"
+                )));
+            }
             if path.is_empty() {
                 return Err(Error::input(format!("--volume '{v}' has no path")));
             }
@@ -367,11 +377,11 @@ impl ServeArgs {
         Ok(out)
     }
 
-    /// Allowed sender fingerprints.
-    pub fn allowed(&self) -> Result<HashSet<String>> {
-        let mut out = HashSet::new();
+    /// Allowed senders, from `--allow` and `--allow-file`.
+    pub fn allowed(&self) -> Result<Allowed> {
+        let mut out = Allowed::default();
         for a in &self.allow {
-            out.insert(parse_fingerprint(a)?);
+            out.add(a)?;
         }
         if let Some(f) = &self.allow_file {
             let text = std::fs::read_to_string(f).map_err(|e| {
@@ -380,16 +390,58 @@ impl ServeArgs {
             for line in text.lines() {
                 let line = line.split('#').next().unwrap_or("").trim();
                 if !line.is_empty() {
-                    out.insert(parse_fingerprint(line)?);
+                    out.add(line)?;
                 }
             }
         }
-        if out.is_empty() {
+        if out.fingerprints.is_empty() {
             return Err(Error::input(
                 "no sender is allowed: give --allow FINGERPRINT or --allow-file FILE (there is no unauthenticated mode)",
             ));
         }
         Ok(out)
+    }
+}
+
+/// The senders a receiver lets in, and on which volumes.
+#[derive(Debug, Clone, Default)]
+pub struct Allowed {
+    /// Every fingerprint allowed in at all (the TLS layer pins these).
+    pub fingerprints: HashSet<String>,
+    /// Fingerprints limited to some volumes; one missing here may use every
+    /// exported volume.
+    pub limits: HashMap<String, HashSet<String>>,
+}
+
+impl Allowed {
+    /// Adds one entry: `FP` (every volume) or `FP=NAME[,NAME...]`. A
+    /// fingerprint given both ways may use every volume; limited entries of
+    /// one fingerprint add up.
+    pub fn add(&mut self, entry: &str) -> Result<()> {
+        let (fp, names) = match entry.split_once('=') {
+            Some((fp, names)) => (fp, Some(names)),
+            None => (entry, None),
+        };
+        let fp = parse_fingerprint(fp)?;
+        let unlimited = self.fingerprints.contains(&fp) && !self.limits.contains_key(&fp);
+        self.fingerprints.insert(fp.clone());
+        let Some(names) = names else {
+            self.limits.remove(&fp);
+            return Ok(());
+        };
+        let names: Vec<&str> = names.split(',').map(str::trim).collect();
+        if names.iter().any(|n| n.is_empty()) {
+            return Err(Error::input(format!(
+                "--allow '{entry}': expected FINGERPRINT=NAME[,NAME...]"
+            )));
+        }
+        if !unlimited {
+            self.limits
+                .entry(fp)
+                .or_default()
+                .extend(names.iter().map(|n| n.to_string()));
+        }
+        Ok(())
     }
 }
 
@@ -470,6 +522,22 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const FP: &str = "np1-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    #[test]
+    fn allow_entries_limit_or_free_a_sender() {
+        let mut a = Allowed::default();
+        a.add(&format!("{FP}=a,b")).unwrap();
+        a.add(&format!("{FP}=c")).unwrap();
+        assert_eq!(a.limits[FP].len(), 3);
+        a.add(FP).unwrap();
+        assert!(a.limits.is_empty(), "FP alone means every volume");
+        a.add(&format!("{FP}=a")).unwrap();
+        assert!(a.limits.is_empty(), "an unlimited sender stays unlimited");
+        assert!(a.add(&format!("{FP}=a,,b")).is_err());
+        assert!(a.add("np1-x=a").is_err());
+    }
 
     #[test]
     fn sizes() {

@@ -132,10 +132,13 @@ pub fn sync_config(args: &SyncArgs, kind: &'static str) -> Result<SyncConfig> {
 }
 
 async fn serve(args: ServeArgs) -> Result<i32> {
+    let allowed = args.allowed()?;
     let cfg = ServeConfig {
         listen: args.listen,
         volumes: args.volume_map()?,
-        allowed: args.allowed()?,
+        allowed: allowed.fingerprints,
+        limits: allowed.limits,
+        max_size: args.max_size,
         state_dir: args.state_dir.clone().unwrap_or_else(default_state_dir),
         tuning: args.quic.tuning(),
         max_sessions: args.max_sessions,

@@ -179,6 +179,11 @@ async fn pass_with_target_read(
         let fp = cfg.server_fingerprint.as_str();
         let (mut vs, geometry) =
             open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, Vec::new()).await?;
+        if geometry.chunk_size() != chunk || geometry.size() != size {
+            return Err(Error::Io(
+                "the proof's geometry does not match the pass".into(),
+            ));
+        }
         let theirs = receive_hashes(&mut vs, &geometry).await?;
         forget_and_close(vs, &[]).await?;
         return Ok((end, ours.unwrap_or_default(), theirs, geometry));
@@ -192,6 +197,17 @@ async fn pass_with_target_read(
     let fp = cfg.server_fingerprint.as_str();
     let (mut vs, geometry) =
         open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, Vec::new()).await?;
+    if geometry.chunk_size() != chunk || geometry.size() != size {
+        // The receiver hashes in the volume's own chunks, and this volume
+        // has none yet (no manifest before this first pass), or its target
+        // file does not exist yet: no parallel read; every chunk is a
+        // suspect for the ranged proof after the pass.
+        forget_and_close(vs, &[]).await?;
+        let (end, ours) = sender::run_pass_collecting(cfg, id, progress.clone(), collect).await?;
+        let g = Geometry::new(size, chunk).map_err(|e| Error::input(e.to_string()))?;
+        let unknown = vec![0u8; g.chunk_count() as usize * 32];
+        return Ok((end, ours.unwrap_or_default(), unknown, g));
+    }
     let mut with_read = cfg.clone();
     with_read.proof_read = true;
     let began = Instant::now();
@@ -278,22 +294,35 @@ async fn frozen_pass(
                 table: ours,
             });
         }
-        let flat: Vec<u64> = suspects.iter().flat_map(|&(o, l)| [o, l]).collect();
-        let (mut s2, g2) = open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, flat).await?;
-        let fresh = receive_hashes(&mut s2, &g2).await?;
+        // A verify names at most MAX_VERIFY_RANGES ranges: ask in batches.
         let mut still = Vec::new();
-        for &(o, l) in &suspects {
-            let first = o / chunk.bytes();
-            let last = (o + l - 1) / chunk.bytes();
-            for i in first..=last {
-                let e = i as usize * 32;
-                if fresh[e..e + 32] != ours[e..e + 32] {
-                    still.push(i);
+        for batch in suspects.chunks(wire::MAX_VERIFY_RANGES) {
+            let flat: Vec<u64> = batch.iter().flat_map(|&(o, l)| [o, l]).collect();
+            let (mut s2, g2) =
+                open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, flat).await?;
+            if g2.chunk_size() != chunk {
+                return Err(Error::Io(
+                    "the proof's geometry does not match the pass".into(),
+                ));
+            }
+            let fresh = receive_hashes(&mut s2, &g2).await?;
+            let mut batch_still = Vec::new();
+            for &(o, l) in batch {
+                let first = o / chunk.bytes();
+                let last = (o + l - 1) / chunk.bytes();
+                for i in first..=last {
+                    let e = i as usize * 32;
+                    if fresh[e..e + 32] != ours[e..e + 32] {
+                        batch_still.push(i);
+                    }
                 }
             }
+            let batch_ranges = nightpass_proto::plan::coalesce(&g2, &batch_still);
+            forget_and_close(s2, &batch_ranges).await?;
+            still.extend(batch_still);
         }
-        let still_ranges = nightpass_proto::plan::coalesce(&g2, &still);
-        forget_and_close(s2, &still_ranges).await?;
+        let geometry = Geometry::new(size, chunk).map_err(|e| Error::input(e.to_string()))?;
+        let still_ranges = nightpass_proto::plan::coalesce(&geometry, &still);
         if still.is_empty() {
             suspects.clear();
             continue;

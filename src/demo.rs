@@ -137,6 +137,8 @@ impl LocalPair {
             listen: "127.0.0.1:0".parse().expect("literal address"),
             volumes: HashMap::from([("local".to_string(), target.to_owned())]),
             allowed: [sender_id.fingerprint()].into_iter().collect(),
+            limits: HashMap::new(),
+            max_size: None,
             state_dir: dir.join("receiver-state"),
             tuning: Tuning::default(),
             max_sessions: 4,

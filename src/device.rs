@@ -73,6 +73,75 @@ pub struct Volume {
     size: u64,
 }
 
+/// Who a volume is, whatever path named it: a file's device, inode and
+/// birth time (so a file removed and created again under the same name,
+/// which may reuse the inode, is another file), a block device's device
+/// number and size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum VolumeIdentity {
+    /// A regular file.
+    File {
+        /// `st_dev` of its filesystem.
+        dev: u64,
+        /// `st_ino`.
+        ino: u64,
+        /// Birth time (seconds, nanoseconds), where the filesystem keeps one.
+        btime: Option<(i64, u32)>,
+    },
+    /// A block device.
+    Block {
+        /// `st_rdev`.
+        rdev: u64,
+        /// Size in bytes.
+        size: u64,
+    },
+}
+
+/// Birth time of an open file (`statx`), where the kernel and filesystem
+/// report one.
+fn birth_time(file: &File) -> Option<(i64, u32)> {
+    // SAFETY: statx writes one `struct statx` through the pointer, which
+    // points at a live, zeroed local; the path is a static empty C string
+    // used with AT_EMPTY_PATH on a descriptor we own.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_BTIME,
+            &mut stx,
+        )
+    };
+    (rc == 0 && stx.stx_mask & libc::STATX_BTIME != 0)
+        .then_some((stx.stx_btime.tv_sec, stx.stx_btime.tv_nsec))
+}
+
+/// Refuses a block device that is mounted or held exclusively by another
+/// program (`O_EXCL` open, released at once); other paths pass.
+pub fn check_not_held(path: &Path) -> Result<()> {
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(Error::input(format!(
+            "{} is in use (mounted, or held open exclusively by another program)",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Total size of the filesystem holding `dir`: the largest target file a
+/// receiver creates there unless told otherwise (`--max-size`).
+pub fn filesystem_size(dir: &Path) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir)
+        .map_err(|e| Error::io(format!("statvfs {}", dir.display()), e.into()))?;
+    Ok((st.blocks() as u64).saturating_mul(st.fragment_size() as u64))
+}
+
 /// How a target was found when opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Created {
@@ -297,13 +366,27 @@ impl Volume {
 
     /// Opens a target read-write and exclusively, creating a missing image
     /// file sparse at `size`. Refuses a target smaller than `size`, and one
-    /// that is mounted or in use.
+    /// that is mounted or in use. `path` is the export's canonical path,
+    /// resolved when the receiver started: a symbolic link found there now
+    /// was put there since, and is not followed. A file created here is
+    /// removed again when anything after its creation fails.
     pub fn open_target(path: &Path, size: u64) -> Result<(Volume, Created)> {
+        let opened = Self::open_target_inner(path, size);
+        if let Err((Created::New, _)) = &opened {
+            let _ = std::fs::remove_file(path);
+        }
+        opened.map_err(|(_, e)| e)
+    }
+
+    fn open_target_inner(
+        path: &Path,
+        size: u64,
+    ) -> std::result::Result<(Volume, Created), (Created, Error)> {
         let mut created = Created::Existing;
         let file = match OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_EXCL)
+            .custom_flags(libc::O_EXCL | libc::O_NOFOLLOW)
             .open(path)
         {
             Ok(f) => f,
@@ -312,46 +395,59 @@ impl Volume {
                     .read(true)
                     .write(true)
                     .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW)
                     .open(path)
-                    .ctx(format!("cannot create target {}", path.display()))?;
+                    .ctx(format!("cannot create target {}", path.display()))
+                    .map_err(|e| (Created::Existing, e))?;
                 created = Created::New;
                 f
             }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err((
+                    created,
+                    Error::input(format!(
+                        "target {} has become a symbolic link since the receiver started; it is not followed (restart serve to export what it points to now)",
+                        path.display()
+                    )),
+                ))
+            }
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                return Err(Error::input(format!(
-                    "target {} is in use (mounted, or held open exclusively by another program)",
-                    path.display()
-                )))
+                return Err((
+                    created,
+                    Error::input(format!(
+                        "target {} is in use (mounted, or held open exclusively by another program)",
+                        path.display()
+                    )),
+                ))
             }
             Err(e) => {
-                return Err(Error::io(
-                    format!("cannot open target {}", path.display()),
-                    e,
+                return Err((
+                    created,
+                    Error::io(format!("cannot open target {}", path.display()), e),
                 ))
             }
         };
-        let kind = kind_of(path, &file)?;
+        let fail = |e| (created, e);
+        let kind = kind_of(path, &file).map_err(fail)?;
         if kind == Kind::File {
             if !lock_exclusive(&file) {
-                return Err(Error::input(format!(
+                return Err(fail(Error::input(format!(
                     "target {} is in use by another nightpass process",
                     path.display()
-                )));
+                ))));
             }
             if created == Created::New {
                 file.set_len(size)
-                    .ctx(format!("cannot size target {}", path.display()))?;
+                    .ctx(format!("cannot size target {}", path.display()))
+                    .map_err(fail)?;
             }
         }
-        let actual = size_of(path, &file, kind)?;
+        let actual = size_of(path, &file, kind).map_err(fail)?;
         if actual < size {
-            if created == Created::New {
-                let _ = std::fs::remove_file(path);
-            }
-            return Err(Error::input(format!(
+            return Err(fail(Error::input(format!(
                 "target {} ({actual} bytes) is smaller than the source ({size} bytes)",
                 path.display()
-            )));
+            ))));
         }
         Ok((
             Volume {
@@ -371,6 +467,51 @@ impl Volume {
     /// verify reads while others may hold it).
     pub fn open_for_verify(path: &Path) -> Result<Volume> {
         Self::open_source(path)
+    }
+
+    /// Opens a receiver's export read-only, like [`Volume::open_for_verify`],
+    /// without following a symbolic link at `path` (the export's canonical
+    /// path, pinned when the receiver started).
+    pub fn open_export(path: &Path) -> Result<Volume> {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => Error::input(format!(
+                    "target {} has become a symbolic link since the receiver started; it is not followed",
+                    path.display()
+                )),
+                _ => Error::input(format!("cannot open target {}: {e}", path.display())),
+            })?;
+        let kind = kind_of(path, &file)?;
+        let size = size_of(path, &file, kind)?;
+        Ok(Volume {
+            file,
+            direct: None,
+            mapped: AtomicBool::new(false),
+            no_nowait: AtomicBool::new(false),
+            path: path.to_owned(),
+            kind,
+            size,
+        })
+    }
+
+    /// Who this volume is ([`VolumeIdentity`]), from its open descriptor.
+    pub fn identity(&self) -> Result<VolumeIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata().ctx(self.path.display())?;
+        Ok(match self.kind {
+            Kind::File => VolumeIdentity::File {
+                dev: m.dev(),
+                ino: m.ino(),
+                btime: birth_time(&self.file),
+            },
+            Kind::Block => VolumeIdentity::Block {
+                rdev: m.rdev(),
+                size: self.size,
+            },
+        })
     }
 
     /// Size in bytes.

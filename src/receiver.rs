@@ -47,6 +47,12 @@ pub struct ServeConfig {
     pub volumes: HashMap<String, PathBuf>,
     /// Fingerprints of the senders allowed in.
     pub allowed: HashSet<String>,
+    /// Senders limited to some volumes (fingerprint → volume names); a
+    /// fingerprint of `allowed` missing here may use every volume.
+    pub limits: HashMap<String, HashSet<String>>,
+    /// Largest target file a sender may make this receiver create; `None`:
+    /// the size of the filesystem that would hold it.
+    pub max_size: Option<u64>,
     /// Where manifests and journals live.
     pub state_dir: PathBuf,
     /// QUIC tuning.
@@ -120,6 +126,8 @@ pub async fn serve(
             "no volume is exported: give --volume NAME=PATH",
         ));
     }
+    let mut cfg = cfg;
+    cfg.volumes = check_exports(&cfg)?;
     let ep = transport::server_endpoint(&identity, cfg.allowed.clone(), cfg.listen, &cfg.tuning)?;
     let local = ep
         .local_addr()
@@ -172,6 +180,125 @@ pub async fn serve(
     }
     ep.wait_idle().await;
     Ok(())
+}
+
+/// What makes two exports the same target.
+#[derive(PartialEq, Eq, Hash)]
+enum ExportKey {
+    File(u64, u64),
+    Block(u64),
+    Missing(PathBuf),
+}
+
+/// Checks every export when `serve` starts, so that a problem shows now and
+/// not at the first session, at night: the state directory is writable
+/// (created 0700 when missing), each export is a regular file or a block
+/// device that is not mounted or held, or a missing file whose directory
+/// exists; no two names share one file or device (compared by identity,
+/// after resolving symbolic links); every volume an `--allow FP=NAME`
+/// names is exported. Returns each export's canonical path: sessions use
+/// these, so a symbolic link changed after the start is not followed.
+pub fn check_exports(cfg: &ServeConfig) -> Result<HashMap<String, PathBuf>> {
+    let mut fps: Vec<_> = cfg.limits.iter().collect();
+    fps.sort_by(|a, b| a.0.cmp(b.0));
+    for (fp, names) in fps {
+        let mut names: Vec<_> = names.iter().collect();
+        names.sort();
+        if let Some(n) = names.iter().find(|n| !cfg.volumes.contains_key(n.as_str())) {
+            return Err(Error::input(format!(
+                "--allow {fp}={}: volume '{n}' is not exported (give --volume {n}=PATH, or drop it from the allow entry)",
+                names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
+            )));
+        }
+    }
+    let mut names: Vec<&String> = cfg.volumes.keys().collect();
+    names.sort();
+    let mut seen: HashMap<ExportKey, &str> = HashMap::new();
+    let mut pinned = HashMap::new();
+    for name in names {
+        let (canonical, key) = resolve_export(name, &cfg.volumes[name])?;
+        if let Some(other) = seen.insert(key, name) {
+            return Err(Error::input(format!(
+                "volumes '{other}' and '{name}' are the same target ({}): export each file or device under one name only",
+                canonical.display()
+            )));
+        }
+        pinned.insert(name.clone(), canonical);
+    }
+    // Last, as it creates the state directory when missing: a refusal
+    // above leaves nothing behind.
+    state::check_writable(&cfg.state_dir)?;
+    state::check_writable(&cfg.state_dir.join("volumes"))?;
+    Ok(pinned)
+}
+
+/// The canonical path of export `name` and what identifies its target.
+fn resolve_export(name: &str, path: &Path) -> Result<(PathBuf, ExportKey)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let bad = |why: String| Error::input(format!("volume '{name}' ({}): {why}", path.display()));
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let canonical = path
+                .canonicalize()
+                .map_err(|e| bad(format!("cannot resolve the path: {e}")))?;
+            if m.file_type().is_block_device() {
+                crate::device::check_not_held(&canonical).map_err(|e| bad(e.to_string()))?;
+                Ok((canonical, ExportKey::Block(m.rdev())))
+            } else if m.file_type().is_file() {
+                Ok((canonical, ExportKey::File(m.dev(), m.ino())))
+            } else {
+                Err(bad("is neither a block device nor a regular file".into()))
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if std::fs::symlink_metadata(path).is_ok() {
+                return Err(bad(
+                    "is a symbolic link to nothing; export the path it should point to".into(),
+                ));
+            }
+            let file = path
+                .file_name()
+                .ok_or_else(|| bad("names no file".into()))?;
+            let parent = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            let dir = parent.canonicalize().map_err(|e| {
+                bad(format!(
+                    "its directory {} does not exist ({e}); create it, or fix the path",
+                    parent.display()
+                ))
+            })?;
+            if !dir.is_dir() {
+                return Err(bad(format!("{} is not a directory", parent.display())));
+            }
+            let canonical = dir.join(file);
+            Ok((canonical.clone(), ExportKey::Missing(canonical)))
+        }
+        Err(e) => Err(bad(format!("cannot stat it: {e}"))),
+    }
+}
+
+/// Refuses a session of `volume` from a sender limited to other volumes
+/// (`--allow FP=NAME,...`).
+fn authorized(shared: &Shared, fp: Option<&str>, volume: &str) -> std::result::Result<(), Refuse> {
+    let ok = match fp {
+        Some(fp) => match shared.cfg.limits.get(fp) {
+            None => shared.cfg.allowed.contains(fp),
+            Some(names) => names.contains(volume),
+        },
+        None => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(Refuse(
+        RefuseCode::NotAuthorized,
+        format!(
+            "sender {} is not authorized for volume '{volume}' (the receiver's --allow limits it to other volumes)",
+            fp.unwrap_or("without a certificate")
+        ),
+    ))
 }
 
 fn summary_to_wire(s: &Summary) -> wire::WireSummary {
@@ -319,6 +446,11 @@ fn accept(
             format!("volume '{}' is not exported by this receiver", hello.volume),
         ));
     };
+    authorized(
+        shared,
+        transport::peer_fingerprint(conn).as_deref(),
+        &hello.volume,
+    )?;
     if !exclusive {
         sealed_refusal(shared, hello).map_or(Ok(()), Err)?;
         return Ok((None, path));
@@ -375,7 +507,77 @@ fn volume_dir(shared: &Shared, name: &str) -> PathBuf {
         .join(state::key_for(name))
 }
 
+/// The checks of a sync session that can refuse, made before the target is
+/// opened or created: the geometry, the state directory writable with room
+/// for the manifest, and the size of a target file this session would create
+/// (`--max-size`, by default the size of the filesystem that would hold it).
+fn prepare_target(
+    cfg: &ServeConfig,
+    dir: &Path,
+    path: &Path,
+    size: u64,
+    chunk: ChunkSize,
+    explicit: bool,
+) -> std::result::Result<(), Refuse> {
+    let mpath = dir.join("manifest");
+    let have = state::peek_geometry(&mpath);
+    let chunk = match have {
+        Some(g) if !explicit => g.chunk_size(),
+        _ => chunk,
+    };
+    let geometry = Geometry::new(size, chunk).map_err(|e| {
+        Refuse(
+            RefuseCode::BadRequest,
+            format!("a source of {size} bytes in chunks of {chunk}: {e}"),
+        )
+    })?;
+    state::check_writable(dir)?;
+    if have != Some(geometry) {
+        let need = state::manifest_len(&geometry);
+        let free = state::free_bytes(dir)?;
+        if need.saturating_add(1 << 20) > free {
+            return Err(Refuse(
+                RefuseCode::BadRequest,
+                format!(
+                    "the receiver's state directory {} has {free} bytes free; the manifest of a {size}-byte source in chunks of {chunk} needs {need}: free space there, or use a larger chunk size",
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    if std::fs::symlink_metadata(path).is_err() {
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        let limit = match cfg.max_size {
+            Some(m) => m,
+            None => crate::device::filesystem_size(parent)?,
+        };
+        if size > limit {
+            return Err(Refuse(
+                RefuseCode::BadRequest,
+                format!(
+                    "the source ({size} bytes) is larger than the largest target file this receiver creates at {} ({limit} bytes{})",
+                    path.display(),
+                    if cfg.max_size.is_some() { ", --max-size" } else { ": its filesystem's size" }
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Chunks of a manifest's claims re-read and hashed at every sync session's
+/// start; any mismatch and the whole manifest is distrusted.
+const SAMPLE_CHUNKS: usize = 16;
+
 /// Opens the manifest that describes `target`, or starts a new one.
+///
+/// A manifest belongs to one target: the record next to it names the
+/// target's path and identity ([`state::TargetRecord`]), and a target that
+/// is another file or device than the one recorded (removed and created
+/// again, a device swapped) starts from nothing known. A manifest that does
+/// describe this target is still checked against a random sample of the
+/// chunks it claims, read fresh: bytes changed behind the receiver's back
+/// distrust it whole.
 #[allow(clippy::too_many_arguments)]
 fn open_manifest(
     dir: &Path,
@@ -388,12 +590,13 @@ fn open_manifest(
     explicit: bool,
 ) -> std::result::Result<ManifestFile, Refuse> {
     let mpath = dir.join("manifest");
-    let bind_path = dir.join("target");
-    let canonical = target.canonicalize().unwrap_or_else(|_| target.to_owned());
-    let bound =
-        std::fs::read_to_string(&bind_path).ok().map(PathBuf::from) == Some(canonical.clone());
+    let record = state::TargetRecord {
+        path: target.to_owned(),
+        identity: volume.identity()?,
+    };
+    let bound = is_bound(name, dir, &record, created);
     let mut rebuild = false;
-    let existing = if created == Created::New || !bound {
+    let mut existing = if !bound {
         None
     } else {
         match ManifestFile::open(&mpath)? {
@@ -406,6 +609,12 @@ fn open_manifest(
             None => None,
         }
     };
+    if let Some(m) = &existing {
+        if let Some(why) = sample_mismatch(volume, m)? {
+            eprintln!("volume '{name}': {why}: the target was changed behind this receiver's back; distrusting its whole manifest and starting from nothing known");
+            existing = None;
+        }
+    }
     let chunk = match &existing {
         Some(m) => {
             let have = m.geometry().chunk_size();
@@ -446,13 +655,80 @@ fn open_manifest(
         let root = m.current_root();
         m.commit(2, root)?;
     }
-    state::write_atomic(&bind_path, canonical.to_string_lossy().as_bytes())?;
+    record.write(dir)?;
     Ok(m)
+}
+
+/// True when the manifest in `dir` was made for the target `record`
+/// describes; says why not in the receiver log when one existed.
+fn is_bound(name: &str, dir: &Path, record: &state::TargetRecord, created: Created) -> bool {
+    let Some(old) = state::TargetRecord::read(dir) else {
+        if dir.join("manifest").exists() {
+            eprintln!("volume '{name}': its manifest has no record of the target it describes; starting from nothing known");
+        }
+        return false;
+    };
+    if created == Created::New {
+        eprintln!(
+            "volume '{name}': target {} was missing and has been created; the old manifest described another file, starting from nothing known",
+            record.path.display()
+        );
+        return false;
+    }
+    if old.path != record.path {
+        eprintln!(
+            "volume '{name}': the manifest describes {}, not {}; starting from nothing known",
+            old.path.display(),
+            record.path.display()
+        );
+        return false;
+    }
+    if old.identity != record.identity {
+        eprintln!(
+            "volume '{name}': target {} is not the file or device the manifest describes (was {:?}, now {:?}); it was replaced: starting from nothing known",
+            record.path.display(),
+            old.identity,
+            record.identity
+        );
+        return false;
+    }
+    true
+}
+
+/// Re-reads up to [`SAMPLE_CHUNKS`] random chunks the manifest claims and
+/// says which one differs, if any.
+fn sample_mismatch(volume: &Volume, m: &ManifestFile) -> Result<Option<String>> {
+    let g = m.geometry();
+    let count = g.chunk_count();
+    if count == 0 || volume.size() < g.size() {
+        return Ok(None);
+    }
+    let mut checked = 0;
+    for _ in 0..SAMPLE_CHUNKS * 16 {
+        if checked == SAMPLE_CHUNKS {
+            break;
+        }
+        let i = rand::random::<u64>() % count;
+        let claimed = m.entry(i);
+        if claimed == UNKNOWN {
+            continue;
+        }
+        checked += 1;
+        let r = g.range(i).expect("index below count");
+        let bytes = volume.read_vec_at((r.end - r.start) as usize, r.start)?;
+        if blake3::hash(&bytes).as_bytes() != &claimed {
+            return Ok(Some(format!(
+                "chunk {i} (offset {}) does not hold what the manifest claims",
+                r.start
+            )));
+        }
+    }
+    Ok(None)
 }
 
 /// Hashes the target's first `geometry.size()` bytes fresh.
 fn rebuild_table(volume: &Volume, geometry: Geometry) -> Result<Vec<u8>> {
-    let v = Arc::new(Volume::open_for_verify(volume.path())?);
+    let v = Arc::new(Volume::open_export(volume.path())?);
     hash::hash_all(v, geometry, ScanOptions::default(), Arc::new(Quiet))
 }
 
@@ -532,6 +808,21 @@ async fn sync_session(
         }
     };
     let size = hello.source_size;
+    let dir = volume_dir(&shared, &hello.volume);
+    // Everything that can refuse is checked before the target is created,
+    // so that a refusal writes nothing.
+    let checked = {
+        let (cfg, dir, path) = (shared.cfg.clone(), dir.clone(), path.clone());
+        let explicit = hello.chunk_size_explicit;
+        tokio::task::spawn_blocking(move || {
+            prepare_target(&cfg, &dir, &path, size, chunk, explicit)
+        })
+        .await
+        .map_err(|_| Error::Io("check task failed".into()))?
+    };
+    if let Err(r) = checked {
+        return refuse_freeing(guard, &mut send, &conn, r).await;
+    }
     let opened = {
         let path = path.clone();
         tokio::task::spawn_blocking(move || Volume::open_target(&path, size))
@@ -542,7 +833,6 @@ async fn sync_session(
         Ok(v) => v,
         Err(e) => return refuse_freeing(guard, &mut send, &conn, e.into()).await,
     };
-    let dir = volume_dir(&shared, &hello.volume);
     let opened = {
         let (name, path, explicit) = (
             hello.volume.clone(),
@@ -551,14 +841,22 @@ async fn sync_session(
         );
         tokio::task::spawn_blocking(move || {
             let m = open_manifest(&dir, &name, &path, &volume, created, size, chunk, explicit);
-            (m, volume)
+            if m.is_err() && created == Created::New {
+                // Nothing of ours may stay behind a refusal: the file was
+                // created by this session.
+                drop(volume);
+                let _ = std::fs::remove_file(&path);
+                return (m, None);
+            }
+            (m, Some(volume))
         })
         .await
         .map_err(|_| Error::Io("manifest task failed".into()))?
     };
     let (volume, mut manifest) = match opened {
-        (Ok(m), v) => (v, m),
+        (Ok(m), Some(v)) => (v, m),
         (Err(r), _) => return refuse_freeing(guard, &mut send, &conn, r).await,
+        (Ok(_), None) => return Err(Error::Io("target closed early".into())),
     };
     let summary = manifest.summary_now()?;
     let geometry = manifest.geometry();
@@ -611,7 +909,7 @@ async fn sync_session(
     // descriptor of their own (the writer's is exclusive).
     let reader = {
         let path = path.clone();
-        tokio::task::spawn_blocking(move || Volume::open_for_verify(&path))
+        tokio::task::spawn_blocking(move || Volume::open_export(&path))
             .await
             .map_err(|_| Error::Io("open task failed".into()))?
             .map(Arc::new)?
@@ -1207,7 +1505,7 @@ async fn verify_session(
     hello: wire::Hello,
     path: PathBuf,
 ) -> Result<()> {
-    let chunk = match ChunkSize::new(u64::from(hello.chunk_size)) {
+    let asked = match ChunkSize::new(u64::from(hello.chunk_size)) {
         Ok(c) => c,
         Err(e) => {
             return refuse(
@@ -1218,7 +1516,24 @@ async fn verify_session(
             .await
         }
     };
-    let volume = match Volume::open_for_verify(&path) {
+    if !hello.ranges.len().is_multiple_of(2) || hello.ranges.len() > 2 * wire::MAX_VERIFY_RANGES {
+        let r = Refuse(
+            RefuseCode::BadRequest,
+            format!(
+                "a verify names at most {} byte ranges (offset, length pairs); {} numbers were sent",
+                wire::MAX_VERIFY_RANGES,
+                hello.ranges.len()
+            ),
+        );
+        return refuse(&mut send, &conn, r).await;
+    }
+    let chunk = verify_chunk(&shared, &hello.volume, asked);
+    if std::fs::symlink_metadata(&path).is_err() {
+        // A target file not created yet (a first cutover's proof starts
+        // before its pass creates it): an empty target.
+        return verify_missing(shared, send, recv, hello, path, chunk).await;
+    }
+    let volume = match Volume::open_export(&path) {
         Ok(v) => Arc::new(v),
         Err(e) => return refuse(&mut send, &conn, e.into()).await,
     };
@@ -1246,32 +1561,10 @@ async fn verify_session(
         Ok::<_, Error>(send)
     });
     if !hello.ranges.is_empty() {
-        let v = volume.clone();
-        let ranges = hello.ranges.clone();
-        let runs = tokio::task::spawn_blocking(move || hash_ranges(&v, &geometry, &ranges))
+        let (v, ranges, tx) = (volume.clone(), hello.ranges.clone(), ctl_tx.clone());
+        tokio::task::spawn_blocking(move || hash_ranges(&v, &geometry, &ranges, &tx))
             .await
             .map_err(|_| Error::Io("hash task failed".into()))??;
-        let n = runs.len();
-        for (k, (first, hashes)) in runs.into_iter().enumerate() {
-            ctl_tx
-                .send(Msg::VerifyPart(wire::HashRun {
-                    first,
-                    hashes: Bytes::from(hashes),
-                    last: k + 1 == n,
-                }))
-                .await
-                .map_err(|_| Error::Network("control stream closed".into()))?;
-        }
-        if n == 0 {
-            ctl_tx
-                .send(Msg::VerifyPart(wire::HashRun {
-                    first: 0,
-                    hashes: Bytes::new(),
-                    last: true,
-                }))
-                .await
-                .map_err(|_| Error::Network("control stream closed".into()))?;
-        }
         return finish_verify(shared, recv, ctl_tx, ctl_task, &hello, &path).await;
     }
     // Stream fresh hashes of the target in order, run by run.
@@ -1325,43 +1618,122 @@ async fn verify_session(
     finish_verify(shared, recv, ctl_tx, ctl_task, &hello, &path).await
 }
 
-/// Hashes the chunks overlapping byte ranges, fresh; returns runs of consecutive chunks.
+/// A verify of an export whose file does not exist yet: zero bytes to hash.
+async fn verify_missing(
+    shared: Arc<Shared>,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    hello: wire::Hello,
+    path: PathBuf,
+    chunk: ChunkSize,
+) -> Result<()> {
+    for m in [
+        Msg::Welcome(wire::Welcome {
+            version: wire::PROTOCOL_VERSION,
+            target_size: 0,
+            chunk_size: chunk.bytes() as u32,
+            ..Default::default()
+        }),
+        Msg::VerifyPart(wire::HashRun {
+            last: true,
+            ..Default::default()
+        }),
+    ] {
+        transport::send_control(&mut send, m).await?;
+    }
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Msg>(4);
+    let ctl_task = tokio::spawn(async move {
+        while let Some(m) = ctl_rx.recv().await {
+            transport::send_control(&mut send, m).await?;
+        }
+        let _ = send.finish();
+        Ok::<_, Error>(send)
+    });
+    finish_verify(shared, recv, ctl_tx, ctl_task, &hello, &path).await
+}
+
+/// The chunk size a verify of `volume` hashes in: the volume's own (its
+/// manifest's) when it has one, else what the sender asked for but never
+/// below the default (64 KiB). Fresh hashes of small blocks would let a
+/// sender test guesses of their contents offline.
+fn verify_chunk(shared: &Shared, volume: &str, asked: ChunkSize) -> ChunkSize {
+    let own =
+        state::peek_geometry(&volume_dir(shared, volume).join("manifest")).map(|g| g.chunk_size());
+    let chunk = own.unwrap_or(if asked.bytes() < ChunkSize::DEFAULT.bytes() {
+        ChunkSize::DEFAULT
+    } else {
+        asked
+    });
+    if chunk != asked {
+        eprintln!("volume '{volume}': a verify asked for chunks of {asked}; hashing in the volume's chunks of {chunk}");
+    }
+    chunk
+}
+
+/// The chunks overlapping byte `ranges` (flattened offset/length pairs) as
+/// sorted, merged, inclusive index intervals: at most one per range.
+fn chunk_intervals(geometry: &Geometry, ranges: &[u64]) -> Vec<(u64, u64)> {
+    let mut spans: Vec<(u64, u64)> = ranges
+        .chunks_exact(2)
+        .filter(|p| p[1] > 0 && geometry.size() > 0)
+        .filter_map(|p| {
+            let first = geometry.chunk_of(p[0])?;
+            let end = p[0].saturating_add(p[1] - 1).min(geometry.size() - 1);
+            Some((first, geometry.chunk_of(end).unwrap_or(first).max(first)))
+        })
+        .collect();
+    spans.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+    for (a, b) in spans {
+        match merged.last_mut() {
+            Some((_, end)) if a <= end.saturating_add(1) => *end = (*end).max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    merged
+}
+
+/// Hashes the chunks overlapping byte ranges fresh, in index order, and
+/// sends them as parts of at most [`wire::HASHES_PER_PART`] consecutive
+/// chunks, the last flagged: memory stays bounded whatever the ranges cover.
 fn hash_ranges(
     volume: &Volume,
     geometry: &Geometry,
     ranges: &[u64],
-) -> Result<Vec<(u64, Vec<u8>)>> {
-    let mut wanted = std::collections::BTreeSet::new();
-    for pair in ranges.chunks_exact(2) {
-        if pair[1] == 0 || geometry.size() == 0 {
-            continue;
-        }
-        let Some(first) = geometry.chunk_of(pair[0]) else {
-            continue;
-        };
-        let end = pair[0].saturating_add(pair[1] - 1).min(geometry.size() - 1);
-        let last = geometry.chunk_of(end).unwrap_or(first);
-        if last - first > geometry.chunk_count() {
-            return Err(Error::Peer("verify range out of bounds".into()));
-        }
-        wanted.extend(first..=last);
-    }
+    tx: &mpsc::Sender<Msg>,
+) -> Result<()> {
+    let send = |run: wire::HashRun| {
+        tx.blocking_send(Msg::VerifyPart(run))
+            .map_err(|_| Error::Network("control stream closed".into()))
+    };
     volume.drop_cache(0, volume.size());
-    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut pending: Option<wire::HashRun> = None;
     let mut buf = vec![0u8; geometry.chunk_size().usize()];
-    for i in wanted {
-        let r = geometry.range(i).expect("index below count");
-        let b = &mut buf[..(r.end - r.start) as usize];
-        volume.read_exact_at(b, r.start)?;
-        let h = blake3::hash(b);
-        match runs.last_mut() {
-            Some((first, hs)) if *first + (hs.len() / manifest::ENTRY_LEN) as u64 == i => {
-                hs.extend_from_slice(h.as_bytes())
+    for (first, last) in chunk_intervals(geometry, ranges) {
+        let mut i = first;
+        while i <= last {
+            let n = (last - i + 1).min(wire::HASHES_PER_PART as u64);
+            let mut hashes = Vec::with_capacity(n as usize * manifest::ENTRY_LEN);
+            for k in i..i + n {
+                let r = geometry.range(k).expect("index below count");
+                let b = &mut buf[..(r.end - r.start) as usize];
+                volume.read_exact_at(b, r.start)?;
+                hashes.extend_from_slice(blake3::hash(b).as_bytes());
             }
-            _ => runs.push((i, h.as_bytes().to_vec())),
+            if let Some(p) = pending.take() {
+                send(p)?;
+            }
+            pending = Some(wire::HashRun {
+                first: i,
+                hashes: Bytes::from(hashes),
+                last: false,
+            });
+            i += n;
         }
     }
-    Ok(runs)
+    let mut end = pending.unwrap_or_default();
+    end.last = true;
+    send(end)
 }
 
 type CtlTask = tokio::task::JoinHandle<Result<quinn::SendStream>>;
@@ -1620,18 +1992,18 @@ async fn take_volume_waiting(shared: &Arc<Shared>, name: &str) -> Option<BusyGua
 
 /// Marks every manifest entry overlapping the byte ranges unknown; returns how many changed.
 ///
-/// A sealed volume's manifest is left as it is (it holds the cutover's
-/// consistency point; unsealing rebuilds it from the target).
+/// Only a manifest that describes this very target (its record's path
+/// and identity) is touched, and a sealed volume's not at all (it holds
+/// the cutover's consistency point; unsealing rebuilds it from the target).
 pub fn forget_ranges(dir: &Path, target: &Path, ranges: &[u64]) -> Result<u64> {
     if !matches!(crate::seal::read(dir), Ok(None)) {
         return Ok(0);
     }
-    let canonical = target.canonicalize().unwrap_or_else(|_| target.to_owned());
-    let bound = std::fs::read_to_string(dir.join("target"))
-        .ok()
-        .map(PathBuf::from)
-        == Some(canonical);
-    if !bound {
+    let Some(record) = state::TargetRecord::read(dir) else {
+        return Ok(0);
+    };
+    let identity = Volume::open_export(target)?.identity()?;
+    if record.path != target || record.identity != identity {
         return Ok(0);
     }
     let mut m = match ManifestFile::open(&dir.join("manifest"))? {
@@ -1670,4 +2042,31 @@ pub fn forget_in(m: &mut ManifestFile, ranges: &[u64]) -> u64 {
         }
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_ranges_merge_into_chunk_intervals() {
+        let g = Geometry::new(10 * 4096 + 100, ChunkSize::new(4096).unwrap()).unwrap();
+        // Overlapping, adjacent, out of order, past the end, empty.
+        let r = [
+            8192,
+            4096,
+            0,
+            5000,
+            4096,
+            1,
+            40960,
+            1 << 40,
+            1 << 50,
+            7,
+            0,
+            0,
+        ];
+        assert_eq!(chunk_intervals(&g, &r), vec![(0, 2), (10, 10)]);
+        assert_eq!(chunk_intervals(&g, &[]), vec![]);
+    }
 }

@@ -327,7 +327,7 @@ pub fn target_dir(state_dir: &Path, server_fp: &str, dest: &RemoteVolume) -> Pat
 /// read or sent), and a volume's state kept by an older release under
 /// `targets/<HOST:PORT/NAME as typed>/` moves to [`target_dir`].
 pub fn volume_state_dir(cfg: &SyncConfig) -> Result<PathBuf> {
-    state::ensure_writable_dir(&cfg.state_dir)?;
+    state::check_writable(&cfg.state_dir)?;
     let dir = target_dir(&cfg.state_dir, &cfg.server_fingerprint, &cfg.dest);
     let legacy = cfg
         .state_dir

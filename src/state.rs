@@ -3,11 +3,16 @@
 //! Owns every file under a state directory. A sender keeps, per destination,
 //! `targets/<key>/manifest` (its view of what the target provably holds) and
 //! `journal.jsonl`; a receiver keeps, per exported volume,
-//! `volumes/<name>/manifest`, `target` (the path the manifest describes),
-//! `journal.jsonl` and, once cut over, `seal` ([`crate::seal`]). Manifests are created crash-safely (temp file, fsync,
+//! `volumes/<name>/manifest`, `target` (the path and identity of the target
+//! the manifest describes, [`TargetRecord`]), `journal.jsonl` and, once cut
+//! over, `seal` ([`crate::seal`]). Manifests are created crash-safely (temp file, fsync,
 //! rename, fsync of the directory) and then updated in place under the
 //! ordering rules written in `nightpass_proto::manifest`. Each manifest is
 //! `flock`ed while open so two processes never share one.
+//!
+//! Permissions: directories are created 0700 and files 0600 (manifests,
+//! journals, the target record): a state directory says what was copied
+//! where, and nobody else on the host needs to read it.
 //!
 //! Sharp edge: the table is memory-mapped. Truncating a manifest file under a
 //! running nightpass would make its next access fault (SIGBUS); the lock keeps
@@ -15,6 +20,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -46,13 +52,114 @@ pub fn key_for(dest: &str) -> String {
         .collect()
 }
 
+/// Creates `dir` and any missing parents, each new one mode 0700.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .ctx(format!("create {}", dir.display()))
+}
+
+/// Creates (truncating) a file readable and writable by its owner only.
+fn create_private_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .ctx(format!("create {}", path.display()))
+}
+
+/// Creates `dir` (0700) when missing and checks that files can be created
+/// in it: a refusal now rather than at the first write of a session.
+pub fn check_writable(dir: &Path) -> Result<()> {
+    let refuse = |e: &dyn std::fmt::Display| {
+        Error::input(format!(
+            "state directory {} is not writable ({e}); give a writable --state-dir",
+            dir.display()
+        ))
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| refuse(&e))?;
+    let probe = dir.join(format!(".write-check-{}", std::process::id()));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&probe)
+        .map_err(|e| refuse(&e))?;
+    let _ = fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Bytes free for an unprivileged writer on the filesystem holding `dir`
+/// (or its nearest existing parent).
+pub fn free_bytes(dir: &Path) -> Result<u64> {
+    let mut at = dir;
+    while !at.exists() {
+        at = at.parent().unwrap_or(Path::new("/"));
+    }
+    let st = nix::sys::statvfs::statvfs(at)
+        .map_err(|e| Error::io(format!("statvfs {}", at.display()), e.into()))?;
+    Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+}
+
+/// The length of a manifest file for `geometry`.
+pub fn manifest_len(geometry: &Geometry) -> u64 {
+    (HEADER_LEN as u64).saturating_add(
+        geometry
+            .chunk_count()
+            .saturating_mul(manifest::ENTRY_LEN as u64),
+    )
+}
+
+/// The geometry recorded in a manifest's header, read without locking or
+/// mapping it (a sync session may hold it); `None` when missing or unreadable.
+pub fn peek_geometry(path: &Path) -> Option<Geometry> {
+    let mut f = File::open(path).ok()?;
+    let mut head = vec![0u8; HEADER_LEN];
+    std::io::Read::read_exact(&mut f, &mut head).ok()?;
+    Header::decode(&head).ok().map(|h| h.geometry)
+}
+
+/// What a receiver's manifest describes: the target's path as exported and
+/// the identity of the file or device found there when the manifest was
+/// bound to it. Kept in `volumes/<name>/target` (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TargetRecord {
+    /// The canonical path of the export.
+    pub path: PathBuf,
+    /// The file or device at that path.
+    pub identity: crate::device::VolumeIdentity,
+}
+
+impl TargetRecord {
+    /// Reads the record of the volume whose state lives in `dir`; `None`
+    /// when missing or not a record (an older format, a torn write).
+    pub fn read(dir: &Path) -> Option<TargetRecord> {
+        let text = fs::read(dir.join("target")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Writes the record crash-safely.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec(self).expect("a record serializes");
+        write_atomic(&dir.join("target"), &bytes)
+    }
+}
+
 /// Writes `bytes` to `path` crash-safely: temp file, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).ctx(format!("create {}", dir.display()))?;
+    create_private_dir(dir)?;
     let tmp = path.with_extension("tmp");
     {
-        let mut f = File::create(&tmp).ctx(format!("create {}", tmp.display()))?;
+        let mut f = create_private_file(&tmp)?;
         f.write_all(bytes).ctx(format!("write {}", tmp.display()))?;
         f.sync_all().ctx(format!("fsync {}", tmp.display()))?;
     }
@@ -104,7 +211,7 @@ impl ManifestFile {
         fill: Fill,
     ) -> Result<Self> {
         let dir = path.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(dir).ctx(format!("create {}", dir.display()))?;
+        create_private_dir(dir)?;
         let tmp = path.with_extension("new");
         // Built and written in pieces: a 1 TiB volume has a 512 MiB table.
         let full_zero = manifest::zero_hash(geometry.chunk_size().usize());
@@ -139,7 +246,7 @@ impl ManifestFile {
             root: root.finalize(),
         };
         {
-            let mut f = File::create(&tmp).ctx(format!("create {}", tmp.display()))?;
+            let mut f = create_private_file(&tmp)?;
             f.write_all(&header.encode())
                 .ctx(format!("write {}", tmp.display()))?;
             let mut first = 0;
@@ -323,33 +430,17 @@ impl ManifestFile {
     }
 }
 
-/// Creates `dir` if missing and checks that files can be created in it: a
-/// state directory that cannot be written is bad input (exit 2), found
-/// before a pass reads or sends anything.
-pub fn ensure_writable_dir(dir: &Path) -> Result<()> {
-    let unwritable = |e: std::io::Error| {
-        Error::input(format!(
-            "state directory {} is not writable ({e}): fix its permissions or choose another with --state-dir",
-            dir.display()
-        ))
-    };
-    fs::create_dir_all(dir).map_err(unwritable)?;
-    let probe = dir.join(format!(".nightpass-probe-{}", std::process::id()));
-    File::create(&probe).map_err(unwritable)?;
-    let _ = fs::remove_file(&probe);
-    Ok(())
-}
-
 /// Appends one JSON record to a journal file and makes it durable.
 ///
 /// A crash can leave a torn last line; readers skip lines that do not parse.
 pub fn append_journal(path: &Path, record: &serde_json::Value) -> Result<()> {
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).ctx(format!("create {}", dir.display()))?;
+        create_private_dir(dir)?;
     }
     let mut f = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
         .ctx(format!("open {}", path.display()))?;
     let mut line = serde_json::to_vec(record).expect("JSON values serialize");

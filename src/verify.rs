@@ -229,8 +229,10 @@ pub fn verify_local(
 
 /// Opens a verify session: the receiver starts reading and hashing its
 /// target fresh, all of it or only the chunks overlapping `ranges`
-/// (flattened offset/length pairs). Returns the session and the geometry of
-/// the compared extent; collect the hashes with [`receive_hashes`].
+/// (flattened offset/length pairs, at most [`wire::MAX_VERIFY_RANGES`]).
+/// Returns the session and the geometry of the compared extent, in the
+/// chunk size the receiver answered (the volume's own; `chunk` is a
+/// request); collect the hashes with [`receive_hashes`].
 pub async fn open_verify(
     id: &Identity,
     dest: &RemoteVolume,
@@ -252,6 +254,13 @@ pub async fn open_verify(
         ..Default::default()
     };
     let session = open_session(id, dest, fp, tuning, hello).await?;
+    // The receiver hashes in the volume's own chunk size, whatever we asked.
+    let chunk = ChunkSize::new(u64::from(session.welcome.chunk_size)).map_err(|_| {
+        Error::Peer(format!(
+            "receiver answered a verify with chunk size {}",
+            session.welcome.chunk_size
+        ))
+    })?;
     let extent = source_size.min(session.welcome.target_size);
     let geometry = Geometry::new(extent, chunk).map_err(|e| Error::input(e.to_string()))?;
     Ok((session, geometry))

@@ -27,6 +27,10 @@ pub const MAX_DATA_FRAME: usize = (64 << 20) + 4096;
 /// Hashes per manifest or verify part (512 KiB of hashes).
 pub const HASHES_PER_PART: usize = 16384;
 
+/// Most `(offset, length)` ranges one verify Hello may name; a sender with
+/// more asks in several sessions.
+pub const MAX_VERIFY_RANGES: usize = 4096;
+
 /// What a session is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]

@@ -11,4 +11,5 @@ mod reliability;
 mod safety;
 mod seal;
 mod sync;
+mod trust;
 mod verify;

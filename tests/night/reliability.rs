@@ -665,6 +665,13 @@ fn bad_local_conditions_target_full() {
     assert!(st.success(), "mount tmpfs");
     let _mount = Mount { dir: mnt.clone() };
     let target = mnt.join("target.img");
+    // An existing sparse target larger than its filesystem: the receiver
+    // would refuse to create one (its default --max-size), so the disk
+    // fills while the pass writes.
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
     // Declared after the mount: the receiver lets go of the target first.
     let e = Env::with(scratch(), &target, &[]);
     random_file(&e.source, 64 * MIB, 109);

@@ -382,13 +382,31 @@ fn loop_devices_as_source_and_target_and_a_mounted_target_refused() {
     };
     freeze("-f");
     let before = hash_prefix(&m.dev, size * 2);
-    let s = setup(&m.dev);
-    let r = sync(&s, &src.dev, &[]);
+    // Refused when serve starts, not at the first session.
+    let rid = keygen(tmp.path(), "r-id2");
+    let fp = keygen(tmp.path(), "s-id2").fp;
+    let out = std::process::Command::new(bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--allow",
+            &fp,
+            "--identity",
+        ])
+        .arg(&rid.dir)
+        .arg("--state-dir")
+        .arg(tmp.path().join("r-state2"))
+        .arg("--volume")
+        .arg(format!("v={}", m.dev.display()))
+        .output()
+        .unwrap();
     let after = hash_prefix(&m.dev, size * 2);
     freeze("-u");
-    assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(r.stderr.contains("in use"), "{}", r.stderr);
-    assert_eq!(after, before, "a refused pass changed the mounted device");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("in use"), "{err}");
+    assert_eq!(after, before, "a refused export changed the mounted device");
 }
 
 #[test]
