@@ -180,21 +180,29 @@ fn mounted_loop_target_refused() {
     let frozen = Freeze::new(&mnt);
     let before = chunk_hashes(&dev.dev, size);
 
-    let source = s.path("source.img");
-    write_random_file(&source, 8 * MIB, &mut rng);
-    let rx = s.start_receiver(&[("disk", &dev.dev)]);
-    let tx = s.sender(&rx);
-    let r = tx.sync(&source, &rx.dest("disk"), &[]);
-    r.assert_refused("in use");
+    // A mounted device cannot be exported: serve refuses it when it starts
+    // (exit 2), not at the first session of the night.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nightpass"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--identity"])
+        .arg(&s.receiver_id)
+        .arg("--state-dir")
+        .arg(s.new_dir("receiver-state-mounted"))
+        .arg("--volume")
+        .arg(format!("disk={}", dev.dev.display()))
+        .args(["--allow", &s.sender_fp])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("in use"), "{stderr}");
     let after = chunk_hashes(&dev.dev, size);
     let changed: Vec<usize> = (0..before.len())
         .filter(|&i| before[i] != after[i])
         .collect();
     assert!(
         changed.is_empty(),
-        "a refused pass changed the mounted device in chunks {changed:?}"
+        "a refused export changed the mounted device in chunks {changed:?}"
     );
-    drop(rx);
     drop(frozen);
     drop(mount);
 }

@@ -198,7 +198,9 @@ fn refusal_does_not_keep_volume_busy() {
     let tx = s.sender(&rx);
     let dest = rx.dest("vol");
     for round in 1..=3 {
-        tx.sync(&big, &dest, &[]).assert_refused("smaller than");
+        // (--new-source: the volume's recorded source is `source`.)
+        tx.sync(&big, &dest, &["--new-source"])
+            .assert_refused("smaller than");
         let r = tx.sync(&source, &dest, &[]);
         assert_eq!(
             r.code, 0,
