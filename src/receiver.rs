@@ -834,17 +834,7 @@ async fn sync_session(
 
     let result = async {
         loop {
-            // A sender sends at least a heartbeat every few seconds; one
-            // silent for three intervals is gone, or holding the volume.
-            let next = tokio::time::timeout(CONTROL_IDLE, transport::recv_control(&mut recv))
-                .await
-                .map_err(|_| {
-                    Error::Peer(format!(
-                        "no control message from the sender for {} s (a sender sends a heartbeat every {} s); ending the session",
-                        CONTROL_IDLE.as_secs(),
-                        wire::HEARTBEAT_INTERVAL_S
-                    ))
-                })??;
+            let next = next_control(&mut recv, &ctl_tx).await?;
             match next {
                 None => return Ok(()),
                 Some(Msg::Heartbeat(_)) => {}
@@ -952,6 +942,41 @@ async fn sync_session(
     let _ = ctl_task.await;
     let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
     Ok(())
+}
+
+/// The next control message of a sync session. A sender sends at least a
+/// heartbeat every few seconds during its pass; one silent for
+/// [`CONTROL_IDLE`] is gone, or holding the volume, and the session ends.
+/// The clock stands still while our own replies (`ctl`) are queued: a
+/// sender still receiving the manifest it asked for is not idle.
+async fn next_control(
+    recv: &mut quinn::RecvStream,
+    ctl: &mpsc::Sender<Msg>,
+) -> Result<Option<Msg>> {
+    let message = transport::recv_control(recv);
+    tokio::pin!(message);
+    let mut quiet_since = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            m = &mut message => return m,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if ctl.is_closed() {
+                    // Our replies could not be written (the sender stopped
+                    // reading them): see transport::FRAME_DEADLINE.
+                    return Err(Error::Network("the control stream to the sender failed".into()));
+                }
+                if ctl.capacity() < ctl.max_capacity() {
+                    quiet_since = tokio::time::Instant::now();
+                } else if quiet_since.elapsed() >= CONTROL_IDLE {
+                    return Err(Error::Peer(format!(
+                        "no control message from the sender for {} s (a sender sends a heartbeat every {} s); ending the session",
+                        CONTROL_IDLE.as_secs(),
+                        wire::HEARTBEAT_INTERVAL_S
+                    )));
+                }
+            }
+        }
+    }
 }
 
 /// Name of a control message, for errors.
