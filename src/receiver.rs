@@ -454,12 +454,24 @@ async fn release_if_unanswered(shared: &Arc<Shared>, name: &str) {
     await_release(shared, name).await;
 }
 
-/// Whether the peer of `conn` answers within a few round trips (4 x RTT +
-/// 200 ms, at most 3 s). It is asked with QUIC DATAGRAM frames, which any
-/// live QUIC stack acknowledges within its ack delay (25 ms), whatever its
-/// application is doing, and which need no stream of the session; the
-/// answer is any datagram at all arriving from it meanwhile.
+/// Whether the peer of `conn` answers: it is asked with QUIC DATAGRAM
+/// frames, which any live QUIC stack acknowledges within its ack delay
+/// (25 ms) whatever its application is doing, and which need no stream of
+/// the session. It answers when datagrams arrive from it in each of three
+/// windows of a few round trips: datagrams it sent before it died, still
+/// queued in our socket buffer, cannot fill all three.
 async fn answers(conn: &quinn::Connection) -> bool {
+    for _ in 0..3 {
+        if !answers_within_window(conn).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether any datagram arrives from the peer of `conn`, pinged every
+/// 50 ms meanwhile, over a whole window of 4 x RTT + 200 ms (at most 3 s).
+async fn answers_within_window(conn: &quinn::Connection) -> bool {
     let window = (conn.rtt() * 4 + Duration::from_millis(200)).min(Duration::from_secs(3));
     let before = conn.stats().udp_rx.datagrams;
     let until = tokio::time::Instant::now() + window;
@@ -473,9 +485,6 @@ async fn answers(conn: &quinn::Connection) -> bool {
             return conn.stats().udp_rx.datagrams != before;
         }
         tokio::time::sleep((until - now).min(Duration::from_millis(50))).await;
-        if conn.stats().udp_rx.datagrams != before {
-            return true;
-        }
     }
 }
 
