@@ -1,6 +1,10 @@
 //! The receiver: the serve loop, volume exports, sessions and the writer.
 //!
-//! Owns the target side of a session. Per connection: the control stream
+//! Owns the target side of a session, and admission: handshakes are bounded
+//! in number and time, a session slot is taken only after authentication
+//! (see [`serve`]), and every wait on a peer has a deadline, so no peer,
+//! authorized or not, holds a slot or a volume for long without working.
+//! Per connection: the control stream
 //! carries the handshake, manifest exchange, acknowledgements and the end of
 //! the pass; data arrives on unidirectional streams, one chunk per frame.
 //! Every chunk is checked before anything is written: index inside the
@@ -160,12 +164,14 @@ pub async fn serve(
         per_sender: Mutex::new(HashMap::new()),
     });
     tokio::pin!(shutdown);
+    let mut flush = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             incoming = ep.accept() => {
                 let Some(incoming) = incoming else { break };
                 admit(&shared, &limits, incoming);
             }
+            _ = flush.tick() => transport::flush_refusals(),
             _ = &mut shutdown => break,
         }
     }

@@ -347,6 +347,21 @@ pub fn log_refusal(kind: &'static str, line: impl FnOnce() -> String) {
     }
 }
 
+/// Prints, for each kind of refusal with lines left out and none printed
+/// for a second, how many were left out: the end of a flood is not silent.
+/// A receiver calls it now and then.
+pub fn flush_refusals() {
+    let now = Instant::now();
+    let mut kinds = REFUSALS.lock().expect("not poisoned");
+    for (kind, last, n) in kinds.iter_mut() {
+        if *n > 0 && now.duration_since(*last) >= REFUSAL_LOG_EVERY {
+            eprintln!("{n} more refusals ({kind}) not shown");
+            *last = now;
+            *n = 0;
+        }
+    }
+}
+
 /// Transport tuning shared by both sides.
 #[derive(Debug, Clone)]
 pub struct Tuning {

@@ -282,6 +282,7 @@ fn stalled_handshakes_do_not_lock_out_an_honest_sender() {
     for t in threads {
         let _ = t.join();
     }
+    eprintln!("receiver log:\n{}", rx.log());
 }
 
 // ---------------------------------------------------------------------------
