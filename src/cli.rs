@@ -121,9 +121,13 @@ pub struct ServeArgs {
     /// Receiver state directory [default: $NIGHTPASS_HOME/state or ~/.local/state/nightpass].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// Most sender connections served at once; more are refused.
+    /// Most sender sessions served at once, counted once a sender has
+    /// authenticated; more are refused with a reason.
     #[arg(long, default_value_t = 32)]
     pub max_sessions: usize,
+    /// Most sessions one sender fingerprint may hold at once.
+    #[arg(long, default_value_t = 8)]
+    pub max_sessions_per_sender: usize,
     #[command(flatten)]
     /// QUIC tuning.
     pub quic: QuicArgs,

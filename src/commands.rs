@@ -142,6 +142,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
         state_dir: args.state_dir.clone().unwrap_or_else(default_state_dir),
         tuning: args.quic.tuning(),
         max_sessions: args.max_sessions,
+        max_sessions_per_sender: args.max_sessions_per_sender,
     };
     let id = Identity::load(&args.identity.clone().unwrap_or_else(default_identity_dir))?;
     let shutdown = async {

@@ -142,6 +142,7 @@ impl LocalPair {
             state_dir: dir.join("receiver-state"),
             tuning: Tuning::default(),
             max_sessions: 4,
+            max_sessions_per_sender: 4,
         };
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();

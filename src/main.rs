@@ -26,6 +26,14 @@ fn main() {
     let json = cli.json;
     // `serve` shuts down gracefully on its own signals; everything else stops at once.
     let own_signals = matches!(cli.command, nightpass::cli::Command::Serve(_));
+    if own_signals {
+        // A receiver outlives the terminal or ssh session that started it:
+        // a hang-up must not end it (and the sessions it serves).
+        // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+        unsafe {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,6 +1,10 @@
 //! The receiver: the serve loop, volume exports, sessions and the writer.
 //!
-//! Owns the target side of a session. Per connection: the control stream
+//! Owns the target side of a session, and admission: handshakes are bounded
+//! in number and time, a session slot is taken only after authentication
+//! (see [`serve`]), and every wait on a peer has a deadline, so no peer,
+//! authorized or not, holds a slot or a volume for long without working.
+//! Per connection: the control stream
 //! carries the handshake, manifest exchange, acknowledgements and the end of
 //! the pass; data arrives on unidirectional streams, one chunk per frame.
 //! Every chunk is checked before anything is written: index inside the
@@ -57,9 +61,33 @@ pub struct ServeConfig {
     pub state_dir: PathBuf,
     /// QUIC tuning.
     pub tuning: Tuning,
-    /// Most connections served at once; more are refused.
+    /// Most authenticated connections served at once; more are closed
+    /// with a reason (`--max-sessions`).
     pub max_sessions: usize,
+    /// Most of those from one sender fingerprint (`--max-sessions-per-sender`).
+    pub max_sessions_per_sender: usize,
 }
+
+/// Handshakes in progress at most; more connections are refused before any
+/// cryptography. Counted apart from sessions, so peers that never finish a
+/// handshake cannot keep authenticated senders out.
+const MAX_HANDSHAKES: usize = 256;
+/// With more handshakes than this in progress, a client must first prove it
+/// owns its address (a QUIC Retry, one round trip) before a handshake begins.
+const RETRY_ABOVE: usize = MAX_HANDSHAKES / 8;
+/// A TLS handshake must complete within this; the connection is dropped then.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+/// From the end of the handshake to a complete Hello, at most.
+const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+/// A sync session with no control message for this long (three heartbeat
+/// intervals) has ended; so has one whose sender leaves what it asked for
+/// unread this long.
+const CONTROL_IDLE: Duration = Duration::from_secs(3 * wire::HEARTBEAT_INTERVAL_S);
+/// Close code of a connection refused after authentication (a limit).
+const CLOSE_BUSY: u32 = 5;
+/// Close code of a session whose peer stopped answering and whose volume
+/// another session took over (and of one superseded by its own resumption).
+const CLOSE_SUPERSEDED: u32 = 3;
 
 /// Bytes of verified chunks a writer batches before one durable commit.
 const BATCH_BYTES: usize = 32 << 20;
@@ -138,32 +166,20 @@ pub async fn serve(
         busy: Mutex::new(HashMap::new()),
         writers: Mutex::new(Vec::new()),
     });
-    let sessions = Arc::new(tokio::sync::Semaphore::new(shared.cfg.max_sessions.max(1)));
+    let limits = Arc::new(Limits {
+        handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+        sessions: Arc::new(tokio::sync::Semaphore::new(shared.cfg.max_sessions.max(1))),
+        per_sender: Mutex::new(HashMap::new()),
+    });
     tokio::pin!(shutdown);
+    let mut flush = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             incoming = ep.accept() => {
                 let Some(incoming) = incoming else { break };
-                let Ok(permit) = sessions.clone().try_acquire_owned() else {
-                    eprintln!("refused a connection from {}: {} sessions already open (--max-sessions)", incoming.remote_address(), shared.cfg.max_sessions);
-                    incoming.refuse();
-                    continue;
-                };
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let remote = incoming.remote_address();
-                    match incoming.await {
-                        Ok(conn) => {
-                            if let Err(e) = session(shared, conn.clone()).await {
-                                eprintln!("session from {remote} ended with an error: {e}");
-                                conn.close(1u32.into(), e.to_string().as_bytes());
-                            }
-                        }
-                        Err(e) => eprintln!("connection from {remote} failed during the handshake: {e}"),
-                    }
-                });
+                admit(&shared, &limits, incoming);
             }
+            _ = flush.tick() => transport::flush_refusals(),
             _ = &mut shutdown => break,
         }
     }
@@ -301,6 +317,128 @@ fn authorized(shared: &Shared, fp: Option<&str>, volume: &str) -> std::result::R
     ))
 }
 
+/// What the serve loop counts: handshakes in progress, and sessions (in
+/// all and per sender fingerprint), which are counted only once a peer has
+/// authenticated.
+struct Limits {
+    handshakes: Arc<tokio::sync::Semaphore>,
+    sessions: Arc<tokio::sync::Semaphore>,
+    per_sender: Mutex<HashMap<String, usize>>,
+}
+
+/// A session's place under `--max-sessions` and `--max-sessions-per-sender`;
+/// given back on drop.
+struct SessionSlot {
+    limits: Arc<Limits>,
+    fingerprint: String,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        let mut per = self.limits.per_sender.lock().expect("not poisoned");
+        if let Some(n) = per.get_mut(&self.fingerprint) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.fingerprint);
+            }
+        }
+    }
+}
+
+impl Limits {
+    /// A slot for an authenticated sender, or why it gets none.
+    fn session_slot(
+        self: &Arc<Self>,
+        fingerprint: &str,
+        cfg: &ServeConfig,
+    ) -> std::result::Result<SessionSlot, String> {
+        let mut per = self.per_sender.lock().expect("not poisoned");
+        let held = per.get(fingerprint).copied().unwrap_or(0);
+        if held >= cfg.max_sessions_per_sender.max(1) {
+            return Err(format!(
+                "receiver busy: sender {fingerprint} already has {held} sessions open (--max-sessions-per-sender {}); try again when one ends",
+                cfg.max_sessions_per_sender.max(1)
+            ));
+        }
+        let permit = self.sessions.clone().try_acquire_owned().map_err(|_| {
+            format!(
+                "receiver busy: {} sessions already open (--max-sessions); try again later",
+                cfg.max_sessions.max(1)
+            )
+        })?;
+        per.insert(fingerprint.to_string(), held + 1);
+        Ok(SessionSlot {
+            limits: self.clone(),
+            fingerprint: fingerprint.to_string(),
+            _permit: permit,
+        })
+    }
+}
+
+/// Takes a connection attempt through the handshake (bounded in number and
+/// time, the client's address validated under load) and, once the peer has
+/// authenticated, into a session if a slot is free.
+fn admit(shared: &Arc<Shared>, limits: &Arc<Limits>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let in_progress = MAX_HANDSHAKES - limits.handshakes.available_permits();
+    if in_progress >= RETRY_ABOVE && !incoming.remote_address_validated() && incoming.may_retry() {
+        // A client that spoofs its address never sees the Retry: it cannot
+        // start a handshake, and costs us one packet.
+        let _ = incoming.retry();
+        return;
+    }
+    let Ok(handshake) = limits.handshakes.clone().try_acquire_owned() else {
+        transport::log_refusal("handshakes", || {
+            format!("refused a connection from {remote}: {MAX_HANDSHAKES} handshakes already in progress")
+        });
+        incoming.refuse();
+        return;
+    };
+    let (shared, limits) = (shared.clone(), limits.clone());
+    tokio::spawn(async move {
+        // Dropping an unfinished handshake closes its connection.
+        let conn = match tokio::time::timeout(HANDSHAKE_DEADLINE, incoming).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                transport::log_refusal("handshake failed", || {
+                    format!("connection from {remote} failed during the handshake: {e}")
+                });
+                return;
+            }
+            Err(_) => {
+                transport::log_refusal("handshake timed out", || {
+                    format!(
+                        "connection from {remote} did not complete its handshake within {} s; dropped",
+                        HANDSHAKE_DEADLINE.as_secs()
+                    )
+                });
+                return;
+            }
+        };
+        drop(handshake);
+        let Some(fingerprint) = transport::peer_fingerprint(&conn) else {
+            conn.close(1u32.into(), b"no client certificate");
+            return;
+        };
+        let slot = match limits.session_slot(&fingerprint, &shared.cfg) {
+            Ok(slot) => slot,
+            Err(why) => {
+                transport::log_refusal("busy", || {
+                    format!("refused a session from {remote}: {why}")
+                });
+                conn.close(CLOSE_BUSY.into(), why.as_bytes());
+                return;
+            }
+        };
+        let _slot = slot;
+        if let Err(e) = session(shared, conn.clone()).await {
+            eprintln!("session from {remote} ended with an error: {e}");
+            conn.close(1u32.into(), e.to_string().as_bytes());
+        }
+    });
+}
+
 fn summary_to_wire(s: &Summary) -> wire::WireSummary {
     wire::WireSummary {
         volume_id: s.volume_id.to_vec(),
@@ -337,11 +475,26 @@ async fn refuse(send: &mut quinn::SendStream, conn: &quinn::Connection, r: Refus
 }
 
 async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
-    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(30), conn.accept_bi())
+    // A peer gets one deadline from its handshake to a complete Hello: it
+    // cannot hold a session slot by opening no stream, or by sending part
+    // of a frame.
+    let opening = async {
+        let (send, mut recv) = conn
+            .accept_bi()
+            .await
+            .map_err(|e| Error::Network(format!("control stream: {e}")))?;
+        let first = transport::recv_control(&mut recv).await?;
+        Ok::<_, Error>((send, recv, first))
+    };
+    let (mut send, recv, first) = tokio::time::timeout(HELLO_DEADLINE, opening)
         .await
-        .map_err(|_| Error::Peer("no control stream within 30 s".into()))?
-        .map_err(|e| Error::Network(format!("control stream: {e}")))?;
-    let hello = match transport::recv_control(&mut recv).await? {
+        .map_err(|_| {
+            Error::Peer(format!(
+                "no hello within {} s of the handshake",
+                HELLO_DEADLINE.as_secs()
+            ))
+        })??;
+    let hello = match first {
         Some(Msg::Hello(h)) => h,
         Some(_) => return Err(Error::Peer("first message was not a hello".into())),
         None => return Ok(()),
@@ -350,8 +503,11 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
     if exclusive && hello.resumes {
         supersede(&shared, &hello).await;
     }
-    if exclusive {
+    // A preflight answers what a sync would be told: a holder that is
+    // going away, or that no longer answers, does not make the volume busy.
+    if exclusive || hello.mode == Mode::Preflight as i32 {
         await_closed_holder(&shared, &hello.volume).await;
+        release_if_unanswered(&shared, &hello.volume).await;
     }
     let accepted = accept(&shared, &hello, exclusive, &conn);
     let (guard, path) = match accepted {
@@ -391,17 +547,80 @@ async fn supersede(shared: &Arc<Shared>, hello: &wire::Hello) {
         "volume '{}': the sender resumed its pass; ending its previous session",
         hello.volume
     );
-    old.close(3u32.into(), b"superseded by the resumed session");
+    old.close(
+        CLOSE_SUPERSEDED.into(),
+        b"superseded by the resumed session",
+    );
+    await_release(shared, &hello.volume).await;
+}
+
+/// Waits (up to 15 s) for the session holding `name`, whose connection was
+/// just closed, to commit what it has and let go of the volume.
+async fn await_release(shared: &Arc<Shared>, name: &str) {
     for _ in 0..300 {
-        if !shared
-            .busy
-            .lock()
-            .expect("not poisoned")
-            .contains_key(&hello.volume)
-        {
+        if !shared.busy.lock().expect("not poisoned").contains_key(name) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A sync Hello found `name` held: when the holder's peer no longer answers
+/// (a sender killed mid-pass leaves its session to the 15 s idle timeout),
+/// end that session and wait for its writer to let go, so the rerun is
+/// accepted at once. A holder that answers keeps the volume (the new session
+/// is then refused `IN_USE`).
+async fn release_if_unanswered(shared: &Arc<Shared>, name: &str) {
+    let old = {
+        let busy = shared.busy.lock().expect("not poisoned");
+        busy.get(name).and_then(|h| h.conn.clone())
+    };
+    let Some(old) = old else { return };
+    if old.close_reason().is_some() || answers(&old).await {
+        return;
+    }
+    eprintln!(
+        "volume '{name}': the session holding it (from {}) does not answer; ending it and giving the volume to the new session",
+        old.remote_address()
+    );
+    old.close(
+        CLOSE_SUPERSEDED.into(),
+        b"the peer stopped answering; its volume was given to a new session",
+    );
+    await_release(shared, name).await;
+}
+
+/// Whether the peer of `conn` answers: it is asked with QUIC DATAGRAM
+/// frames, which any live QUIC stack acknowledges within its ack delay
+/// (25 ms) whatever its application is doing, and which need no stream of
+/// the session. It answers when datagrams arrive from it in each of three
+/// windows of a few round trips: datagrams it sent before it died, still
+/// queued in our socket buffer, cannot fill all three.
+async fn answers(conn: &quinn::Connection) -> bool {
+    for _ in 0..3 {
+        if !answers_within_window(conn).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether any datagram arrives from the peer of `conn`, pinged every
+/// 50 ms meanwhile, over a whole window of 4 x RTT + 200 ms (at most 3 s).
+async fn answers_within_window(conn: &quinn::Connection) -> bool {
+    let window = (conn.rtt() * 4 + Duration::from_millis(200)).min(Duration::from_secs(3));
+    let before = conn.stats().udp_rx.datagrams;
+    let until = tokio::time::Instant::now() + window;
+    loop {
+        if conn.send_datagram(Bytes::from_static(b"?")).is_err() {
+            // We cannot ask (the peer takes no datagrams): presume it lives.
+            return true;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return conn.stats().udp_rx.datagrams != before;
+        }
+        tokio::time::sleep((until - now).min(Duration::from_millis(50))).await;
     }
 }
 
@@ -949,8 +1168,10 @@ async fn sync_session(
 
     let result = async {
         loop {
-            match transport::recv_control(&mut recv).await? {
+            let next = next_control(&mut recv, &ctl_tx).await?;
+            match next {
                 None => return Ok(()),
+                Some(Msg::Heartbeat(_)) => {}
                 Some(Msg::ManifestRequest(_)) => {
                     // The table comes from the writer in pieces, a few at a
                     // time: a 1 TiB volume's table is 512 MiB.
@@ -967,13 +1188,22 @@ async fn sync_session(
                             .ok_or_else(|| Error::Io("writer stopped".into()))?;
                         let n = (piece.len() / manifest::ENTRY_LEN) as u64;
                         let last = (first + n) * manifest::ENTRY_LEN as u64 >= total;
-                        ctl_tx
-                            .send(Msg::ManifestPart(wire::HashRun {
-                                first,
-                                hashes: piece,
-                                last,
-                            }))
+                        // The writer waits on this hand-off: a sender that
+                        // never reads the parts must not keep it (and the
+                        // volume) forever.
+                        let part = Msg::ManifestPart(wire::HashRun {
+                            first,
+                            hashes: piece,
+                            last,
+                        });
+                        tokio::time::timeout(CONTROL_IDLE, ctl_tx.send(part))
                             .await
+                            .map_err(|_| {
+                                Error::Peer(format!(
+                                    "the sender read none of the manifest it asked for in {} s; ending the session",
+                                    CONTROL_IDLE.as_secs()
+                                ))
+                            })?
                             .map_err(|_| Error::Network("control stream closed".into()))?;
                         if last {
                             break;
@@ -1046,6 +1276,41 @@ async fn sync_session(
     let _ = ctl_task.await;
     let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
     Ok(())
+}
+
+/// The next control message of a sync session. A sender sends at least a
+/// heartbeat every few seconds during its pass; one silent for
+/// [`CONTROL_IDLE`] is gone, or holding the volume, and the session ends.
+/// The clock stands still while our own replies (`ctl`) are queued: a
+/// sender still receiving the manifest it asked for is not idle.
+async fn next_control(
+    recv: &mut quinn::RecvStream,
+    ctl: &mpsc::Sender<Msg>,
+) -> Result<Option<Msg>> {
+    let message = transport::recv_control(recv);
+    tokio::pin!(message);
+    let mut quiet_since = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            m = &mut message => return m,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if ctl.is_closed() {
+                    // Our replies could not be written (the sender stopped
+                    // reading them): see transport::FRAME_DEADLINE.
+                    return Err(Error::Network("the control stream to the sender failed".into()));
+                }
+                if ctl.capacity() < ctl.max_capacity() {
+                    quiet_since = tokio::time::Instant::now();
+                } else if quiet_since.elapsed() >= CONTROL_IDLE {
+                    return Err(Error::Peer(format!(
+                        "no control message from the sender for {} s (a sender sends a heartbeat every {} s); ending the session",
+                        CONTROL_IDLE.as_secs(),
+                        wire::HEARTBEAT_INTERVAL_S
+                    )));
+                }
+            }
+        }
+    }
 }
 
 /// Name of a control message, for errors.

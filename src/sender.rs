@@ -22,7 +22,7 @@ use nightpass_proto::manifest::{self, Hash, Summary};
 use nightpass_proto::plan::{self, CompressPolicy, CutoverFigures, History, PassFigures};
 use nightpass_proto::wire::{self, control::Msg, Encoding, Mode};
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::device::Volume;
 use crate::error::{Error, Result};
@@ -680,6 +680,7 @@ async fn ack_loop(
                 inflight.lock().expect("not poisoned").get(&i).copied()
             })?,
             Some(Msg::Done(d)) => return parse_summary(d.summary),
+            Some(Msg::Heartbeat(_)) => {}
             Some(Msg::Failure(f)) => return Err(Error::Io(f.message)),
             Some(other) => {
                 return Err(Error::Peer(format!(
@@ -1122,6 +1123,25 @@ struct ScanStatsSum {
     busy_s: f64,
 }
 
+/// Sends a heartbeat on the control stream every
+/// [`wire::HEARTBEAT_INTERVAL_S`] until `stop`. A heartbeat being written
+/// is never cut off (half a frame would corrupt the control stream); one
+/// that fails ends the heartbeats, and the pass learns of the failure from
+/// its streams or its acknowledgements.
+async fn heartbeats(send: &mut quinn::SendStream, mut stop: oneshot::Receiver<()>) {
+    let every = Duration::from_secs(wire::HEARTBEAT_INTERVAL_S);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let beat = Msg::Heartbeat(wire::Heartbeat {});
+        if transport::send_control(send, beat).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Streams chunks `resume..` of one attempt and ends the pass with the
 /// receiver; on failure, says where a new attempt must resume.
 #[allow(clippy::too_many_arguments)]
@@ -1316,16 +1336,26 @@ async fn stream_pass(
             None => Ok(()),
         }
     };
-    let dispatched = tokio::select! {
-        r = dispatch => r,
-        r = &mut ack_task => {
-            ack_finished = true;
-            Err(match r {
-                Ok(Err(e)) => e,
-                _ => Error::Network("receiver ended the session before the pass finished".into()),
-            })
-        }
-    };
+    // Heartbeats tell the receiver the pass goes on while no control
+    // message is due (a mostly unchanged volume may send nothing for hours).
+    let (stop_heartbeats, stopped) = oneshot::channel::<()>();
+    let (dispatched, ()) = tokio::join!(
+        async {
+            let r = tokio::select! {
+                r = dispatch => r,
+                r = &mut ack_task => {
+                    ack_finished = true;
+                    Err(match r {
+                        Ok(Err(e)) => e,
+                        _ => Error::Network("receiver ended the session before the pass finished".into()),
+                    })
+                }
+            };
+            let _ = stop_heartbeats.send(());
+            r
+        },
+        heartbeats(&mut send, stopped),
+    );
     // Let the reader and hashers go (finish drops the results first) and
     // count what was read.
     if let Ok(Ok(stats)) = tokio::task::spawn_blocking(move || scan.finish()).await {

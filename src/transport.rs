@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nightpass_proto::wire::ALPN;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -128,8 +128,10 @@ impl Identity {
                 ))
             })
         };
+        let key = read("key.der")?;
+        warn_if_exposed(&dir.join("key.der"));
         Ok(Identity {
-            key: PrivatePkcs8KeyDer::from(read("key.der")?),
+            key: PrivatePkcs8KeyDer::from(key),
             cert: CertificateDer::from(read("cert.der")?),
         })
     }
@@ -137,6 +139,22 @@ impl Identity {
     /// This identity's fingerprint.
     pub fn fingerprint(&self) -> String {
         fingerprint_of(&self.cert)
+    }
+}
+
+/// Warns on stderr when the private key at `path` may be read (or written)
+/// by users other than its owner: whoever reads it can pose as this host to
+/// every peer that pinned its fingerprint.
+fn warn_if_exposed(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = fs::metadata(path) else { return };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        eprintln!(
+            "warning: identity key {} is accessible to users other than its owner (mode {mode:03o}); anyone who reads it can pose as this host. Run 'chmod 600 {}'",
+            path.display(),
+            path.display()
+        );
     }
 }
 
@@ -257,7 +275,9 @@ impl ClientCertVerifier for AllowedClients {
         if self.allowed.contains(&fp) {
             Ok(ClientCertVerified::assertion())
         } else {
-            eprintln!("refused a sender: fingerprint {fp} is not authorized (not in --allow)");
+            log_refusal("unauthorized", || {
+                format!("refused a sender: fingerprint {fp} is not authorized (not in --allow)")
+            });
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             ))
@@ -284,6 +304,61 @@ impl ClientCertVerifier for AllowedClients {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.signatures.schemes()
+    }
+}
+
+/// How often, at most, [`log_refusal`] prints a line of one kind.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Per kind of refusal: when a line was last printed and how many were
+/// left out since.
+static REFUSALS: Mutex<Vec<(&'static str, Instant, u64)>> = Mutex::new(Vec::new());
+
+/// Prints a refusal line (an unauthorized handshake, a connection over a
+/// limit) on stderr, at most one per `kind` per second: a flood of
+/// connections must not become a flood of log lines (an unauthorized peer
+/// made a receiver print 2,903 lines in 30 s). A line printed after others
+/// of its kind were left out says how many.
+pub fn log_refusal(kind: &'static str, line: impl FnOnce() -> String) {
+    let now = Instant::now();
+    let mut kinds = REFUSALS.lock().expect("not poisoned");
+    let left_out = match kinds.iter_mut().find(|(k, _, _)| *k == kind) {
+        Some((_, last, n)) if now.duration_since(*last) < REFUSAL_LOG_EVERY => {
+            *n += 1;
+            return;
+        }
+        Some((_, last, n)) => {
+            *last = now;
+            std::mem::take(n)
+        }
+        None => {
+            kinds.push((kind, now, 0));
+            0
+        }
+    };
+    drop(kinds);
+    if left_out == 0 {
+        eprintln!("{}", line());
+    } else {
+        eprintln!(
+            "{} (and {left_out} more like it since the last such line, not shown)",
+            line()
+        );
+    }
+}
+
+/// Prints, for each kind of refusal with lines left out and none printed
+/// for a second, how many were left out: the end of a flood is not silent.
+/// A receiver calls it now and then.
+pub fn flush_refusals() {
+    let now = Instant::now();
+    let mut kinds = REFUSALS.lock().expect("not poisoned");
+    for (kind, last, n) in kinds.iter_mut() {
+        if *n > 0 && now.duration_since(*last) >= REFUSAL_LOG_EVERY {
+            eprintln!("{n} more refusals ({kind}) not shown");
+            *last = now;
+            *n = 0;
+        }
     }
 }
 
@@ -588,6 +663,11 @@ pub async fn read_data_frame(recv: &mut quinn::RecvStream, max: usize) -> Result
         }
         Err(quinn::ReadExactError::ReadError(e)) => return Err(read_error(e)),
     }
+    read_body(recv, prefix, max).await
+}
+
+/// Reads the body of a frame whose length `prefix` has arrived.
+async fn read_body(recv: &mut quinn::RecvStream, prefix: [u8; 4], max: usize) -> Result<DataFrame> {
     let len =
         nightpass_proto::wire::frame_len(prefix, max).map_err(|e| Error::Peer(e.to_string()))?;
     // Assemble the body from the stream's own buffers: no zero-filling, one copy.
@@ -634,20 +714,87 @@ pub async fn write_bufs(send: &mut quinn::SendStream, bufs: &mut [bytes::Bytes])
     })
 }
 
+/// Longest a control frame may take to arrive once its first byte has, and
+/// to leave once we began writing it: a peer must not keep a session (and
+/// its slot, or its volume) by sending 3 of a frame's 4 header bytes, or by
+/// never reading what it asked for. The largest control frame (4 MiB) still
+/// crosses a link of 1.2 Mbit/s in that time.
+pub const FRAME_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Reads one control frame body of at most `max` bytes; `None` at a clean
+/// end of stream. Waiting for a frame to begin has no limit here (each
+/// session sets its own); once its first byte has arrived, the rest must
+/// within [`FRAME_DEADLINE`].
+async fn read_control_frame(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<bytes::Bytes>> {
+    let mut prefix = [0u8; 4];
+    loop {
+        match recv.read(&mut prefix[..1]).await {
+            Ok(Some(1)) => break,
+            Ok(Some(_)) => continue,
+            Ok(None) => return Ok(None),
+            // The peer closed the whole connection with the success code between frames.
+            Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(a)))
+                if a.error_code == quinn::VarInt::from_u32(0) =>
+            {
+                return Ok(None)
+            }
+            Err(quinn::ReadError::Reset(_)) => {
+                return Err(Error::Network("the peer reset the stream".into()))
+            }
+            Err(e) => return Err(read_error(e)),
+        }
+    }
+    let rest = async {
+        match recv.read_exact(&mut prefix[1..]).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(n)) => {
+                return Err(Error::Peer(format!(
+                    "stream ended inside a frame header ({} of 4 bytes)",
+                    n + 1
+                )))
+            }
+            Err(quinn::ReadExactError::ReadError(quinn::ReadError::Reset(_))) => {
+                return Err(Error::Network("the peer reset the stream".into()))
+            }
+            Err(quinn::ReadExactError::ReadError(e)) => return Err(read_error(e)),
+        }
+        read_body(recv, prefix, max).await
+    };
+    match tokio::time::timeout(FRAME_DEADLINE, rest).await {
+        Err(_) => Err(Error::Peer(format!(
+            "a control frame the peer began did not complete within {} s",
+            FRAME_DEADLINE.as_secs()
+        ))),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(DataFrame::Frame(b))) => Ok(Some(b)),
+        Ok(Ok(_)) => Err(Error::Network("the peer reset the stream".into())),
+    }
+}
+
 /// Writes one control message as a frame.
 pub async fn send_control(
     send: &mut quinn::SendStream,
     msg: nightpass_proto::wire::control::Msg,
 ) -> Result<()> {
     let frame = nightpass_proto::wire::encode_frame(&nightpass_proto::wire::Control::new(msg));
-    write_bufs(send, &mut [frame]).await
+    tokio::time::timeout(FRAME_DEADLINE, write_bufs(send, &mut [frame]))
+        .await
+        .map_err(|_| {
+            Error::Network(format!(
+                "the peer did not read our control stream for {} s",
+                FRAME_DEADLINE.as_secs()
+            ))
+        })?
 }
 
 /// Reads one control message; `None` at a clean end of stream.
 pub async fn recv_control(
     recv: &mut quinn::RecvStream,
 ) -> Result<Option<nightpass_proto::wire::control::Msg>> {
-    match read_frame(recv, nightpass_proto::wire::MAX_CONTROL_FRAME).await? {
+    match read_control_frame(recv, nightpass_proto::wire::MAX_CONTROL_FRAME).await? {
         None => Ok(None),
         Some(body) => nightpass_proto::wire::decode_control(body)
             .map(Some)

@@ -293,6 +293,7 @@ pub async fn receive_hashes(
                     break;
                 }
             }
+            Some(Msg::Heartbeat(_)) => {}
             Some(other) => {
                 return Err(Error::Peer(format!(
                     "expected verify hashes, got a {}",

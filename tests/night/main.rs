@@ -2,6 +2,7 @@
 //! `nightpass` processes, loopback QUIC, loop devices, ext4 and fsfreeze.
 //! Tests that need root or a kernel feature skip loudly when it is missing.
 
+mod access;
 mod configs;
 mod cutover;
 mod harness;
