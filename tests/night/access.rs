@@ -464,6 +464,7 @@ fn stuck_session_lets_the_volume_go(test: &str, request_manifest: bool) {
         stream_window: 64 << 10,
         conn_window: 256 << 10,
         bbr: false,
+        ..Tuning::default()
     };
     let _stuck = rt.block_on(async {
         let mut h = connect_authorized(&id, rx.port, &rx.fp, &small).await;
