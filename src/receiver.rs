@@ -2066,7 +2066,9 @@ async fn finish_verify(
 /// version, the export (and what else every session must pass); this adds
 /// what a sync would find when it opens the volume: not held by another
 /// session, a chunk size the volume's manifest agrees with, a target not
-/// smaller than the source. Takes nothing and writes nothing.
+/// smaller than the source, and what [`prepare_target`] checks (room for
+/// the manifest, `--max-size`). Takes nothing and writes no data (the
+/// volume's state directory may be created).
 async fn preflight_session(
     shared: &Arc<Shared>,
     conn: &quinn::Connection,
@@ -2150,7 +2152,18 @@ fn preflight_answer(
             ),
         ));
     }
-    let mpath = volume_dir(shared, name).join("manifest");
+    let dir = volume_dir(shared, name);
+    // What a sync checks before it opens or creates the target: geometry,
+    // the state directory and room for a manifest, --max-size.
+    prepare_target(
+        &shared.cfg,
+        &dir,
+        path,
+        hello.source_size,
+        chunk,
+        hello.chunk_size_explicit,
+    )?;
+    let mpath = dir.join("manifest");
     let have = match ManifestFile::open(&mpath)? {
         Some(Ok(m)) => Some(m.geometry().chunk_size()),
         _ => None,

@@ -425,11 +425,28 @@ fn source_larger_than_max_size_is_refused() {
     let words: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(words.first(), Some(&"listening"), "{line}");
     let port = words[2].rsplit(':').next().unwrap();
-    let r = s.run("sync", &src, &format!("127.0.0.1:{port}/v"), words[4], &[]);
+    let dest = format!("127.0.0.1:{port}/v");
+    let r = s.run("sync", &src, &dest, words[4], &[]);
+    // A cutover learns it in its preflight, before it freezes anything.
+    let pre = root.path().join("pre-ran");
+    let touch = format!("touch {}", pre.display());
+    let cut = s.run(
+        "cutover",
+        &src,
+        &dest,
+        words[4],
+        &["--force-no-forecast", "--pre", &touch, "--post", "true"],
+    );
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("max-size"), "{}", r.stderr);
+    assert_eq!(cut.code, 2, "{}", cut.stderr);
+    assert!(cut.stderr.contains("max-size"), "{}", cut.stderr);
+    assert!(
+        !pre.exists(),
+        "the cutover froze the source before it was refused"
+    );
     assert!(!dst.exists(), "a target file was created");
 }
 
