@@ -275,10 +275,12 @@ fn rebuild_manifest(dir: &Path, name: &str, progress: &dyn Progress) -> Result<R
         _ => return Ok(Rebuilt::None),
     };
     let geometry = m.geometry();
-    let target = fs::read_to_string(dir.join("target")).map(PathBuf::from);
-    let fresh = target.ok().and_then(|t| {
-        let v = Volume::open_for_verify(&t).ok()?;
-        (v.size() >= geometry.size()).then_some(v)
+    // The target the manifest describes, if it is still that file or
+    // device (see `state::TargetRecord`).
+    let fresh = state::TargetRecord::read(dir).and_then(|t| {
+        let v = Volume::open_export(&t.path).ok()?;
+        let same = v.identity().ok()? == t.identity;
+        (same && v.size() >= geometry.size()).then_some(v)
     });
     let (table, rebuilt) = match fresh {
         Some(v) => {

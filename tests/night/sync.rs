@@ -419,13 +419,15 @@ fn untrusted_manifests_are_rebuilt_not_believed() {
     assert_eq!(sync(&s, &source, &[]).code, 0);
 
     // The sender's view is corrupt: it adopts the receiver's and sends nothing new.
+    // targets/<receiver fingerprint>/<volume>
     let ours = s.sender.state.join("targets");
-    let dir = std::fs::read_dir(&ours)
+    let by_receiver = std::fs::read_dir(&ours)
         .unwrap()
         .next()
         .unwrap()
         .unwrap()
         .path();
+    let dir = by_receiver.join("v");
     write_at(&dir.join("manifest"), 40, &[0xff; 8]);
     let r = sync(&s, &source, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);

@@ -564,7 +564,12 @@ fn cutover_in_small_chunks_proves_a_large_range() {
         &src,
         &rx.dest("v"),
         &rx.fp,
-        &["--assume-frozen", "--chunk-size", "4K"],
+        &[
+            "--assume-frozen",
+            "--chunk-size",
+            "4K",
+            "--force-no-forecast",
+        ],
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(hash_file(&src), hash_file(&dst));
@@ -578,7 +583,13 @@ fn cutover_onto_a_missing_target_file() {
     let (src, dst) = (root.path().join("src.img"), root.path().join("t.img"));
     random_file(&src, 8 * MIB, 31);
     let (s, rx) = pair(root.path(), &[("v", &dst)]);
-    let r = s.run("cutover", &src, &rx.dest("v"), &rx.fp, &["--assume-frozen"]);
+    let r = s.run(
+        "cutover",
+        &src,
+        &rx.dest("v"),
+        &rx.fp,
+        &["--assume-frozen", "--force-no-forecast"],
+    );
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(hash_file(&src), hash_file(&dst));
 }
