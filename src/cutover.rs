@@ -466,7 +466,11 @@ pub async fn cutover(
             )))
         }
     }
-    let limit = max_freeze(cc.max_freeze, forecast.map(|f| f.total_s), cc.margin);
+    // An operator's freeze is checked by one more read of the source while
+    // frozen: the default limit leaves room for it.
+    let check = freeze_unchecked(&cc.method);
+    let frozen_forecast = forecast.map(|f| f.total_s + if check { f.scan_s } else { 0.0 });
+    let limit = max_freeze(cc.max_freeze, frozen_forecast, cc.margin);
     let welcome = sender::preflight(cfg, id).await?;
     progress.note(&format!(
         "preflight: the receiver accepts a pass of {} now; {}",
@@ -492,7 +496,6 @@ pub async fn cutover(
     if guard.read_from() != cfg.source {
         frozen_cfg.read_from = Some(guard.read_from().to_owned());
     }
-    let check = freeze_unchecked(&cc.method);
     let work = async {
         let overlap = welcome.target_size > 0;
         let frozen =
@@ -567,6 +570,15 @@ pub async fn cutover(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_freeze_defaults_to_the_forecast_times_the_margin_with_a_floor() {
+        let s = Duration::from_secs;
+        assert_eq!(max_freeze(None, Some(100.0), 1.5), Some(s(150)));
+        assert_eq!(max_freeze(None, Some(2.0), 1.5), Some(MAX_FREEZE_FLOOR));
+        assert_eq!(max_freeze(Some(s(5)), Some(100.0), 1.5), Some(s(5)));
+        assert_eq!(max_freeze(None, None, 1.5), None);
+    }
 
     #[test]
     fn shrinking_detection() {
