@@ -128,6 +128,7 @@ pub fn sync_config(args: &SyncArgs, kind: &'static str) -> Result<SyncConfig> {
         retry_for: args.retry_for,
         proof_read: false,
         new_source: args.new_source,
+        receiver_answered: false,
     })
 }
 

@@ -75,16 +75,20 @@ pub async fn converge(
     let mut copied_before = state::read_journal(&journal)
         .iter()
         .any(|r| r["event"] == "pass");
+    // After the first pass the receiver is known to answer: a later pass
+    // that cannot connect rides out the outage (--retry-for).
+    let mut cfg = cfg.clone();
     for n in 1..=cc.max_passes {
         if n > 1 && !cc.interval.is_zero() {
             tokio::time::sleep(cc.interval).await;
         }
         let end = if copied_before {
-            rehearsal_pass(cfg, id, progress.clone()).await?
+            rehearsal_pass(&cfg, id, progress.clone()).await?
         } else {
-            sender::run_pass(cfg, id, progress.clone()).await?
+            sender::run_pass(&cfg, id, progress.clone()).await?
         };
         copied_before = true;
+        cfg.receiver_answered = true;
         if end.start.pass > 1 {
             changed.push(end.changed_bytes);
         }
@@ -177,8 +181,10 @@ async fn pass_with_target_read(
         let (end, ours) = sender::run_pass_collecting(cfg, id, progress, collect).await?;
         let chunk = ChunkSize::new(end.start.chunk_size).map_err(|e| Error::Io(e.to_string()))?;
         let fp = cfg.server_fingerprint.as_str();
-        let (mut vs, geometry) =
-            open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, Vec::new()).await?;
+        let (mut vs, geometry) = reconnecting(cfg, || {
+            open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, Vec::new())
+        })
+        .await?;
         if geometry.chunk_size() != chunk || geometry.size() != size {
             return Err(Error::Io(
                 "the proof's geometry does not match the pass".into(),
@@ -195,8 +201,10 @@ async fn pass_with_target_read(
         _ => cfg.chunk_size.unwrap_or(ChunkSize::DEFAULT),
     };
     let fp = cfg.server_fingerprint.as_str();
-    let (mut vs, geometry) =
-        open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, Vec::new()).await?;
+    let (mut vs, geometry) = reconnecting(cfg, || {
+        open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, Vec::new())
+    })
+    .await?;
     if geometry.chunk_size() != chunk || geometry.size() != size {
         // The receiver hashes in the volume's own chunks, and this volume
         // has none yet (no manifest before this first pass), or its target
@@ -298,8 +306,10 @@ async fn frozen_pass(
         let mut still = Vec::new();
         for batch in suspects.chunks(wire::MAX_VERIFY_RANGES) {
             let flat: Vec<u64> = batch.iter().flat_map(|&(o, l)| [o, l]).collect();
-            let (mut s2, g2) =
-                open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, flat).await?;
+            let (mut s2, g2) = reconnecting(cfg, || {
+                open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, flat.clone())
+            })
+            .await?;
             if g2.chunk_size() != chunk {
                 return Err(Error::Io(
                     "the proof's geometry does not match the pass".into(),
@@ -347,6 +357,28 @@ async fn frozen_pass(
     )))
 }
 
+/// Runs `connect` (a session opened by a cutover or a converge, after the
+/// receiver has answered this command) again after a lost link, with
+/// backoff, for up to `--retry-for`; a receiver that never answered is not
+/// retried (see `sender::run_pass`).
+async fn reconnecting<T, F, Fut>(cfg: &SyncConfig, mut connect: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let until = Instant::now() + cfg.retry_for;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match connect().await {
+            Err(Error::Network(_)) if cfg.receiver_answered && Instant::now() + backoff < until => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(15));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Tells the receiver to journal the consistency point.
 async fn record_on_receiver(cfg: &SyncConfig, id: &Identity, mark: wire::Mark) -> Result<()> {
     let hello = wire::Hello {
@@ -355,7 +387,16 @@ async fn record_on_receiver(cfg: &SyncConfig, id: &Identity, mark: wire::Mark) -
         mode: Mode::Record as i32,
         ..Default::default()
     };
-    let mut s = open_session(id, &cfg.dest, &cfg.server_fingerprint, &cfg.tuning, hello).await?;
+    let mut s = reconnecting(cfg, || {
+        open_session(
+            id,
+            &cfg.dest,
+            &cfg.server_fingerprint,
+            &cfg.tuning,
+            hello.clone(),
+        )
+    })
+    .await?;
     transport::send_control(&mut s.send, Msg::Mark(mark)).await?;
     match transport::recv_control(&mut s.recv).await? {
         Some(Msg::Done(_)) => {}
@@ -493,6 +534,15 @@ pub async fn cutover(
     progress.note(&format!("source frozen ({})", cc.method.name()));
     let mut frozen_cfg = cfg.clone();
     frozen_cfg.kind = "cutover";
+    // The preflight reached the receiver: from now on a failed connection
+    // is a lost link, ridden out within --retry-for (and --max-freeze).
+    frozen_cfg.receiver_answered = true;
+    // Without a manifest of ours, the pass and its proof use the chunk
+    // size the receiver named in the preflight (its volume's own).
+    let ours_known = matches!(ManifestFile::open(&dir.join("manifest")), Ok(Some(Ok(_))));
+    if !ours_known && frozen_cfg.chunk_size.is_none() {
+        frozen_cfg.chunk_size = ChunkSize::new(u64::from(welcome.chunk_size)).ok();
+    }
     if guard.read_from() != cfg.source {
         frozen_cfg.read_from = Some(guard.read_from().to_owned());
     }
@@ -509,7 +559,7 @@ pub async fn cutover(
         Some(limit) => match tokio::time::timeout(limit, work).await {
             Ok(r) => r,
             Err(_) => Err(Error::Io(format!(
-                "--max-freeze of {} s exceeded: final pass aborted, source thawed; the target is not a consistency point",
+                "--max-freeze of {} s exceeded: the final pass and its checks were aborted and the source thawed; the target is not a consistency point",
                 limit.as_secs_f64()
             ))),
         },
@@ -523,7 +573,7 @@ pub async fn cutover(
     let Frozen { end, passes_s, .. } = result?;
     thawed?;
     record_on_receiver(
-        cfg,
+        &frozen_cfg,
         id,
         wire::Mark {
             consistency_point: end.root.clone(),

@@ -189,6 +189,7 @@ impl LocalPair {
             retry_for: std::time::Duration::ZERO,
             proof_read: false,
             new_source: false,
+            receiver_answered: false,
         }
     }
 

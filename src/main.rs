@@ -6,9 +6,11 @@ use nightpass::cli::Cli;
 use nightpass::commands;
 use nightpass::error::Error;
 use nightpass::transport;
+use tokio::signal::unix::SignalKind;
 
-async fn sigterm() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+/// Resolves when the process receives signal `kind`.
+async fn signal(kind: tokio::signal::unix::SignalKind) {
+    match tokio::signal::unix::signal(kind) {
         Ok(mut s) => {
             s.recv().await;
         }
@@ -58,12 +60,17 @@ fn main() {
                 commands::report_error(json, &Error::Interrupted);
                 130
             }
-            _ = sigterm(), if !own_signals => {
+            _ = signal(SignalKind::terminate()), if !own_signals => {
                 commands::report_error(json, &Error::Interrupted);
                 143
             }
+            // A cutover whose ssh session drops must thaw, not die frozen.
+            _ = signal(SignalKind::hangup()), if !own_signals => {
+                commands::report_error(json, &Error::Interrupted);
+                129
+            }
         };
-        if code == 130 || code == 143 {
+        if matches!(code, 129 | 130 | 143) {
             // The command's future is gone (its guards ran); tell the
             // receivers at once, so they free the volume for a rerun.
             transport::close_clients("sender interrupted", std::time::Duration::from_secs(1)).await;

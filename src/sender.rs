@@ -65,6 +65,11 @@ pub struct SyncConfig {
     /// The operator accepts a source other than the one earlier passes of
     /// this volume read (`--new-source`).
     pub new_source: bool,
+    /// The receiver has already answered this command (a cutover's
+    /// preflight, an earlier pass of `converge`): a first connection that
+    /// fails is then a lost link, retried for `retry_for`, not a wrong
+    /// address.
+    pub receiver_answered: bool,
 }
 
 /// One chunk leaving on a data stream.
@@ -532,6 +537,11 @@ pub async fn open_session(
                 }
                 Ok((send, recv, w))
             }
+            // The receiver failing to read or write its own disk is a
+            // runtime failure (exit 3); every other refusal is bad input.
+            Some(Msg::Refusal(r)) if r.code == wire::RefuseCode::Io as i32 => Err(Error::Io(
+                format!("receiver at {} failed: {}", dest.host_port, r.message),
+            )),
             Some(Msg::Refusal(r)) => Err(Error::input(format!(
                 "receiver at {} refused: {}",
                 dest.host_port, r.message
@@ -866,8 +876,16 @@ pub async fn run_pass_collecting(
     }
     let dir = volume_state_dir(cfg)?;
     let journal_path = dir.join("journal.jsonl");
-    let journal = state::read_journal(&journal_path);
+    let mut journal = state::read_journal(&journal_path);
     check_source(cfg, &dir, &journal)?;
+    if sealed_cutover(&journal).is_some() {
+        // Cut over by this sender: ask in a session that prepares nothing
+        // on the receiver (a sync session opens, and may create, the
+        // target and its manifest before its Welcome) whether the
+        // operator unsealed that cutover there.
+        preflight(cfg, id).await?;
+        journal = state::read_journal(&journal_path);
+    }
     let mpath = dir.join("manifest");
     let mut ours = match ManifestFile::open(&mpath)? {
         Some(Ok(m)) => Some(m),
@@ -911,7 +929,7 @@ pub async fn run_pass_collecting(
     let mut backoff = Duration::from_millis(500);
     // Only a link that was up and then lost is ridden out: a receiver that
     // never answered is a wrong address, port or firewall, said at once.
-    let mut ever_connected = false;
+    let mut ever_connected = cfg.receiver_answered;
     let done = loop {
         attempt += 1;
         let hello = wire::Hello {
@@ -981,7 +999,26 @@ pub async fn run_pass_collecting(
                 // Rebuilt in a fresh manifest, committed only once the root
                 // checks out: until then its header claims nothing.
                 drop(ours.take());
-                let mut m = ManifestFile::create(&mpath, geometry, theirs.volume_id, Fill::Unknown)
+                // Writing a large table takes a while (512 MiB per TiB):
+                // off the async workers, with heartbeats so the receiver
+                // does not take the silence for a sender gone.
+                let create = {
+                    let (mpath, id) = (mpath.clone(), theirs.volume_id);
+                    tokio::task::spawn_blocking(move || {
+                        ManifestFile::create(&mpath, geometry, id, Fill::Unknown)
+                    })
+                };
+                let (stop, stopped) = oneshot::channel::<()>();
+                let (created, ()) = tokio::join!(
+                    async {
+                        let r = create.await;
+                        let _ = stop.send(());
+                        r
+                    },
+                    heartbeats(&mut session.send, stopped),
+                );
+                let mut m = created
+                    .map_err(|_| at(Error::Io("manifest task failed".into())))?
                     .map_err(at)?;
                 let root = fetch_table(&mut session, &mut m).await.map_err(at)?;
                 if root != theirs.root {

@@ -405,6 +405,10 @@ fn the_sender_refuses_a_volume_it_cut_over_even_when_the_receiver_forgot() {
         before,
         "the new site's data was overwritten"
     );
+    assert!(
+        !fresh_state.join("volumes/v/manifest").exists(),
+        "the refused pass had the receiver prepare a manifest for it"
+    );
 }
 
 /// Stamps a file on the mounted filesystem every 50 ms and records the
@@ -546,4 +550,102 @@ fn state_of_an_older_release_keyed_by_address_is_taken_over() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.event("pass_end")["pass"], 2, "the older history was lost");
     assert!(now.join("journal.jsonl").exists() && !legacy.exists());
+}
+
+#[test]
+fn a_cutover_rides_out_a_receiver_silent_after_its_preflight() {
+    let s = Setup::new();
+    let source = s.root.join("source.img");
+    random_file(&source, 8 * MIB, 13);
+    for _ in 0..2 {
+        let r = s.run("sync", &source, &[]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    // The receiver answered the preflight, then stops answering for 3 s
+    // (its process stopped) just as the frozen pass connects.
+    let pid = s.rx.child.id();
+    let pre = format!("kill -STOP {pid}; (sleep 3; kill -CONT {pid}) >/dev/null 2>&1 &");
+    let r = s.run(
+        "cutover",
+        &source,
+        &["--pre", &pre, "--post", "true", "--connect-timeout", "1s"],
+    );
+    let _ = Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(hash_file(&source), hash_file(&s.target));
+}
+
+#[test]
+fn a_cutover_from_a_sender_without_state_uses_the_volume_chunk_size() {
+    let s = Setup::new();
+    let source = s.root.join("source.img");
+    random_file(&source, 8 * MIB, 14);
+    for _ in 0..2 {
+        let r = s.run("sync", &source, &["--chunk-size", "128K"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    // Another sender host (no manifest of its own) cuts the volume over.
+    let other = SenderSide {
+        id: Ident {
+            dir: s.sender.id.dir.clone(),
+            fp: s.sender.id.fp.clone(),
+        },
+        state: s.root.join("other-state"),
+    };
+    let r = other.run(
+        "cutover",
+        &source,
+        &s.rx.dest("v"),
+        &s.rx.fp,
+        &["--assume-frozen", "--force-no-forecast"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.event("pass_end")["chunk_size"], 128 << 10);
+    assert_eq!(hash_file(&source), hash_file(&s.target));
+}
+
+#[test]
+fn a_hang_up_during_a_cutover_thaws_the_source() {
+    let s = Setup::new();
+    let source = s.root.join("source.img");
+    random_file(&source, 32 * MIB, 15);
+    for _ in 0..2 {
+        let r = s.run("sync", &source, &[]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    // Enough changed that the final pass at 2 MiB/s takes seconds.
+    let mut buf = vec![0u8; 16 * MIB as usize];
+    Rng::new(16).fill(&mut buf);
+    write_at(&source, 0, &buf);
+    let (args, pre, post) = hooks(&s.root);
+    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+    a.extend(["--bwlimit", "2M"]);
+    let mut child = s
+        .sender
+        .command("cutover", &source, &s.rx.dest("v"), &s.rx.fp, &a)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(20), || pre.exists()),
+        "never froze"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(129),
+        "a hang-up ends the cutover cleanly"
+    );
+    assert!(
+        post.exists(),
+        "the source was left frozen (--post did not run)"
+    );
+    assert!(!s.receiver_journal().contains("\"cutover\""));
 }
