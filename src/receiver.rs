@@ -1802,8 +1802,11 @@ async fn verify_session(
         Ok(v) => Arc::new(v),
         Err(e) => return refuse(&mut send, &conn, e.into()).await,
     };
-    // Both sides hash the common extent, so their chunks line up.
-    let extent = volume.size().min(hello.source_size);
+    // Both sides hash the common extent, so their chunks line up; but the
+    // peer does not pick where a short last chunk ends.
+    let recorded = state::peek_geometry(&volume_dir(&shared, &hello.volume).join("manifest"))
+        .map(|g| g.size());
+    let extent = verify_extent(volume.size(), recorded, hello.source_size, chunk);
     let geometry = Geometry::new(extent, chunk).map_err(|e| Error::input(e.to_string()))?;
     transport::send_control(
         &mut send,
@@ -1933,6 +1936,27 @@ fn verify_chunk(shared: &Shared, volume: &str, asked: ChunkSize) -> ChunkSize {
         eprintln!("volume '{volume}': a verify asked for chunks of {asked}; hashing in the volume's chunks of {chunk}");
     }
     chunk
+}
+
+/// The extent a verify hashes: the common extent of the source (the size
+/// the peer claims) and the target, but a short last chunk ends only where
+/// this receiver itself knows an end: the target's own size, or the source
+/// size the volume's manifest records. Anywhere else the extent is rounded
+/// down to whole chunks, or a peer would choose the end of a chunk and learn
+/// the target's bytes one at a time by guessing the hash offline.
+fn verify_extent(
+    target_size: u64,
+    recorded: Option<u64>,
+    source_size: u64,
+    chunk: ChunkSize,
+) -> u64 {
+    if source_size >= target_size {
+        return target_size;
+    }
+    if recorded == Some(source_size) {
+        return source_size;
+    }
+    source_size - source_size % chunk.bytes()
 }
 
 /// The chunks overlapping byte `ranges` (flattened offset/length pairs) as
@@ -2325,6 +2349,17 @@ pub fn forget_in(m: &mut ManifestFile, ranges: &[u64]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verify_extent_ends_a_short_chunk_only_where_the_receiver_knows_an_end() {
+        let c = ChunkSize::new(65536).unwrap();
+        let p = 200_000;
+        assert_eq!(verify_extent(1 << 20, None, p + 1, c), 196_608);
+        assert_eq!(verify_extent(1 << 20, None, p + 2, c), 196_608);
+        assert_eq!(verify_extent(1 << 20, Some(p + 1), p + 1, c), p + 1);
+        assert_eq!(verify_extent(p + 1, None, 1 << 20, c), p + 1);
+        assert_eq!(verify_extent(p + 1, None, p + 1, c), p + 1);
+    }
 
     #[test]
     fn verify_ranges_merge_into_chunk_intervals() {

@@ -593,3 +593,53 @@ fn cutover_onto_a_missing_target_file() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(hash_file(&src), hash_file(&dst));
 }
+
+/// Review item 1: an authorized peer cannot choose where the target's last
+/// chunk ends. A verify claiming a source of p+1 (then p+2) bytes over a
+/// larger target, asking for byte p, must not get the hash of the target's
+/// bytes from p's chunk start up to the byte it asked for: with it, each
+/// byte could be guessed offline in 256 tries.
+#[test]
+fn verify_peer_cannot_end_a_short_chunk_where_it_asks() {
+    let root = scratch();
+    let dst = root.path().join("t.img");
+    random_file(&dst, MIB, 31);
+    let bytes = std::fs::read(&dst).unwrap();
+    let (s, rx) = pair(root.path(), &[("v", &dst)]);
+    let id = Identity::load(&s.id.dir).unwrap();
+    let dest = RemoteVolume::parse(&rx.dest("v")).unwrap();
+    let p = 200_000u64;
+    let start = p / CHUNK * CHUNK;
+    let ask = |source_size: u64, ranges: Vec<u64>| {
+        rt().block_on(async {
+            let chunk = nightpass_proto::chunk::ChunkSize::new(CHUNK).unwrap();
+            let (mut session, g) = nightpass::verify::open_verify(
+                &id,
+                &dest,
+                &rx.fp,
+                &Tuning::default(),
+                source_size,
+                chunk,
+                ranges,
+            )
+            .await
+            .unwrap();
+            let t = nightpass::verify::receive_hashes(&mut session, &g).await;
+            let _ = nightpass::verify::forget_and_close(session, &[]).await;
+            t.unwrap()
+        })
+    };
+    // Whole chunks are still answered.
+    let t = ask(p + 1, vec![0, 1]);
+    assert_eq!(&t[..32], blake3::hash(&bytes[..CHUNK as usize]).as_bytes());
+    for end in [p + 1, p + 2] {
+        let t = ask(end, vec![p, 1]);
+        let at = (p / CHUNK * 32) as usize;
+        let leaked = blake3::hash(&bytes[start as usize..end as usize]);
+        assert_ne!(
+            t.get(at..at + 32),
+            Some(leaked.as_bytes().as_slice()),
+            "the receiver hashed a chunk ending at byte {end}, where the peer asked"
+        );
+    }
+}
