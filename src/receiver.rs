@@ -2187,11 +2187,9 @@ fn preflight_answer(
         chunk,
         hello.chunk_size_explicit,
     )?;
-    let mpath = dir.join("manifest");
-    let have = match ManifestFile::open(&mpath)? {
-        Some(Ok(m)) => Some(m.geometry().chunk_size()),
-        _ => None,
-    };
+    // Read without the manifest's lock: a sync of the volume opening it at
+    // this moment must not be refused "in use".
+    let have = state::peek_geometry(&dir.join("manifest")).map(|g| g.chunk_size());
     if let Some(have) = have.filter(|h| hello.chunk_size_explicit && *h != chunk) {
         return Err(Refuse(
             RefuseCode::ChunkSize,

@@ -86,7 +86,15 @@ pub fn check_writable(dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| refuse(&e))?;
-    let probe = dir.join(format!(".write-check-{}", std::process::id()));
+    // Unique per call: sessions of one `serve` (a preflight and a sync of
+    // one volume) may check the same directory at the same moment.
+    static PROBES: AtomicU64 = AtomicU64::new(0);
+    let probe = dir.join(format!(
+        ".write-check-{}-{}-{:08x}",
+        std::process::id(),
+        PROBES.fetch_add(1, Ordering::Relaxed),
+        rand::random::<u32>()
+    ));
     OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -479,6 +487,20 @@ mod tests {
         assert_eq!(m.header().generation, 5);
         assert_eq!(m.entry(3), [7; 32]);
         assert_eq!(m.header().root, m.current_root());
+    }
+
+    #[test]
+    fn write_check_does_not_collide_with_another_session() {
+        let d = tempfile::tempdir().unwrap();
+        // Another session of this process mid-check, under the old name.
+        fs::write(
+            d.path()
+                .join(format!(".write-check-{}", std::process::id())),
+            b"",
+        )
+        .unwrap();
+        check_writable(d.path()).unwrap();
+        check_writable(d.path()).unwrap();
     }
 
     #[test]

@@ -643,3 +643,51 @@ fn verify_peer_cannot_end_a_short_chunk_where_it_asks() {
         );
     }
 }
+
+/// Review item 4: a preflight reads the volume's manifest without taking its
+/// lock, so a sync opening the manifest at that moment is not refused "in
+/// use". Here the lock is held (as a sync session holds it) while a
+/// preflight of the volume asks: it is answered.
+#[test]
+fn preflight_does_not_take_the_manifest_lock() {
+    let root = scratch();
+    let (src, dst) = (root.path().join("src.img"), root.path().join("t.img"));
+    random_file(&src, 4 * MIB, 34);
+    let (s, rx) = pair(root.path(), &[("v", &dst)]);
+    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(receiver_manifest(&rx.state, "v"))
+        .unwrap();
+    assert!(nightpass::device::lock_exclusive(&held));
+    let id = Identity::load(&s.id.dir).unwrap();
+    let addr = format!("127.0.0.1:{}", rx.port).parse().unwrap();
+    let answer = rt().block_on(async {
+        let hello = wire::Hello {
+            version: wire::PROTOCOL_VERSION,
+            volume: "v".into(),
+            mode: Mode::Preflight as i32,
+            source_size: 4 * MIB,
+            chunk_size: CHUNK as u32,
+            ..Default::default()
+        };
+        let (ep, conn) = transport::connect(&id, addr, &rx.fp, &Tuning::default())
+            .await
+            .unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        transport::send_control(&mut send, Msg::Hello(hello))
+            .await
+            .unwrap();
+        let answer = transport::recv_control(&mut recv).await.unwrap().unwrap();
+        ep.close(0u32.into(), b"");
+        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+        answer
+    });
+    assert!(
+        matches!(answer, Msg::Welcome(ref w) if w.chunk_size as u64 == CHUNK),
+        "a preflight while the manifest is held: {answer:?}"
+    );
+    drop(held);
+}
