@@ -915,24 +915,16 @@ fn is_bound(name: &str, dir: &Path, record: &state::TargetRecord, created: Creat
 }
 
 /// Re-reads up to [`SAMPLE_CHUNKS`] random chunks the manifest claims and
-/// says which one differs, if any.
+/// says which one differs, if any. Claims of data come first: a target
+/// re-created sparse (all zeros) matches every claim of a zero chunk, so
+/// those are sampled only when too few others are found.
 fn sample_mismatch(volume: &Volume, m: &ManifestFile) -> Result<Option<String>> {
     let g = m.geometry();
-    let count = g.chunk_count();
-    if count == 0 || volume.size() < g.size() {
+    if g.chunk_count() == 0 || volume.size() < g.size() {
         return Ok(None);
     }
-    let mut checked = 0;
-    for _ in 0..SAMPLE_CHUNKS * 16 {
-        if checked == SAMPLE_CHUNKS {
-            break;
-        }
-        let i = rand::random::<u64>() % count;
+    for i in sample_indices(m) {
         let claimed = m.entry(i);
-        if claimed == UNKNOWN {
-            continue;
-        }
-        checked += 1;
         let r = g.range(i).expect("index below count");
         let bytes = volume.read_vec_at((r.end - r.start) as usize, r.start)?;
         if blake3::hash(&bytes).as_bytes() != &claimed {
@@ -943,6 +935,46 @@ fn sample_mismatch(volume: &Volume, m: &ManifestFile) -> Result<Option<String>> 
         }
     }
     Ok(None)
+}
+
+/// Up to [`SAMPLE_CHUNKS`] random indices of known entries, preferring
+/// entries that are not the hash of a zero chunk. A small table is searched
+/// whole for them; a large one by random probes.
+fn sample_indices(m: &ManifestFile) -> Vec<u64> {
+    /// Tables of at most this many entries (2 MiB) are searched whole.
+    const SEARCH_WHOLE: u64 = 1 << 16;
+    let g = m.geometry();
+    let count = g.chunk_count();
+    let zero = *blake3::hash(&vec![0u8; g.chunk_size().usize()]).as_bytes();
+    let (mut data, mut zeros) = (Vec::new(), Vec::new());
+    let mut take = |i: u64| match m.entry(i) {
+        e if e == UNKNOWN => {}
+        e if e == zero => zeros.push(i),
+        _ => data.push(i),
+    };
+    if count <= SEARCH_WHOLE {
+        (0..count).for_each(&mut take);
+    } else {
+        (0..SAMPLE_CHUNKS as u64 * 256).for_each(|_| take(rand::random::<u64>() % count));
+        for v in [&mut data, &mut zeros] {
+            v.sort_unstable();
+            v.dedup();
+        }
+    }
+    let mut picked = pick(data, SAMPLE_CHUNKS);
+    let more = SAMPLE_CHUNKS - picked.len();
+    picked.extend(pick(zeros, more));
+    picked
+}
+
+/// Up to `n` of `from`, at random.
+fn pick(mut from: Vec<u64>, n: usize) -> Vec<u64> {
+    for k in 0..n.min(from.len()) {
+        let j = k + (rand::random::<u64>() % (from.len() - k) as u64) as usize;
+        from.swap(k, j);
+    }
+    from.truncate(n);
+    from
 }
 
 /// Hashes the target's first `geometry.size()` bytes fresh.

@@ -644,6 +644,42 @@ fn verify_peer_cannot_end_a_short_chunk_where_it_asks() {
     }
 }
 
+/// Review item 3: the sample at a session's start looks at claims of data
+/// first. A volume that is mostly zeros, with one chunk of data changed
+/// behind the receiver's back, is found out (16 random claims out of 2048,
+/// nearly all zeros, would almost never hit that chunk).
+#[test]
+fn sample_prefers_claims_of_data_over_zero_chunks() {
+    let root = scratch();
+    let (src, dst) = (root.path().join("src.img"), root.path().join("target.img"));
+    std::fs::File::create(&src)
+        .unwrap()
+        .set_len(128 * MIB)
+        .unwrap();
+    let data = {
+        let p = root.path().join("data");
+        random_file(&p, CHUNK, 33);
+        std::fs::read(&p).unwrap()
+    };
+    write_at(&src, 77 * CHUNK, &data);
+    let (s, rx) = pair(root.path(), &[("v", &dst)]);
+    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    write_at(&dst, 77 * CHUNK, &vec![0u8; CHUNK as usize]);
+    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        hash_file(&src),
+        hash_file(&dst),
+        "the pass trusted a stale claim of the one chunk of data"
+    );
+    assert!(
+        rx.log().contains("behind this receiver's back"),
+        "{}",
+        rx.log()
+    );
+}
+
 /// Review item 4: a preflight reads the volume's manifest without taking its
 /// lock, so a sync opening the manifest at that moment is not refused "in
 /// use". Here the lock is held (as a sync session holds it) while a
