@@ -828,7 +828,13 @@ fn open_manifest(
             None => None,
         }
     };
-    if let Some(m) = &existing {
+    // Unsealed since the manifest was last written: the new site wrote to
+    // the target meanwhile; only a read made now, holding the volume, counts.
+    let marked = state::marked_for_rebuild(dir);
+    if existing.is_some() && marked {
+        eprintln!("volume '{name}': unsealed since its last pass; rebuilding its manifest from a fresh read of the target");
+        rebuild = true;
+    } else if let Some(m) = &existing {
         if let Some(why) = sample_mismatch(volume, m)? {
             eprintln!("volume '{name}': {why}: the target was changed behind this receiver's back; distrusting its whole manifest and starting from nothing known");
             existing = None;
@@ -845,13 +851,15 @@ fn open_manifest(
                     ),
                 ));
             }
-            if m.geometry().size() == source_size {
-                return Ok(existing.expect("matched Some"));
+            if !rebuild {
+                if m.geometry().size() == source_size {
+                    return Ok(existing.expect("matched Some"));
+                }
+                eprintln!(
+                    "volume '{name}': source size changed from {} to {source_size} bytes; starting from nothing known",
+                    m.geometry().size()
+                );
             }
-            eprintln!(
-                "volume '{name}': source size changed from {} to {source_size} bytes; starting from nothing known",
-                m.geometry().size()
-            );
             have
         }
         None => chunk,
@@ -865,7 +873,7 @@ fn open_manifest(
         Fill::Unknown
     };
     let mut m = ManifestFile::create(&mpath, geometry, rand::random(), fill)?;
-    if rebuild {
+    if rebuild && volume.size() >= source_size {
         // What the target holds, read fresh and made durable first, so the
         // rebuilt entries describe bytes that are on the disk.
         volume.sync_data()?;
@@ -875,6 +883,9 @@ fn open_manifest(
         m.commit(2, root)?;
     }
     record.write(dir)?;
+    if marked {
+        state::clear_rebuild_mark(dir)?;
+    }
     Ok(m)
 }
 
