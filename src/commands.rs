@@ -169,16 +169,13 @@ async fn serve(args: ServeArgs) -> Result<i32> {
 async fn unseal(name: String, state_dir: PathBuf, progress: Arc<dyn Progress>) -> Result<i32> {
     use crate::seal::Rebuilt;
     let (n, p) = (name.clone(), progress.clone());
-    // Reads the whole target: off the async workers.
+    // Writes and fsyncs state files: off the async workers.
     let u = tokio::task::spawn_blocking(move || crate::seal::unseal(&state_dir, &n, p.as_ref()))
         .await
         .map_err(|_| Error::Io("unseal task failed".into()))??;
     let changed = match u.manifest {
-        Rebuilt::Changed(n) => format!("{n} chunks of the target changed since the cutover"),
-        Rebuilt::Unreadable => {
-            "its target could not be read whole, so the next pass sends every chunk".into()
-        }
-        Rebuilt::None => "it has no manifest, so the next pass starts from nothing".into(),
+        Rebuilt::Deferred => "the next pass rebuilds its manifest from a fresh read of the target, then resends every chunk that differs",
+        Rebuilt::None => "it has no manifest, so the next pass starts from nothing",
     };
     progress.event(
         &json!({
@@ -186,7 +183,6 @@ async fn unseal(name: String, state_dir: PathBuf, progress: Arc<dyn Progress>) -
             "volume": name,
             "consistency_point": u.seal.consistency_point,
             "cutover_at": u.seal.cutover_at,
-            "changed_chunks": u.manifest.changed_chunks(),
         }),
         &format!(
             "volume '{name}' unsealed: the cutover of {} (consistency point {}) no longer protects it; {changed}. The next pass into it overwrites what the new site wrote",

@@ -828,7 +828,13 @@ fn open_manifest(
             None => None,
         }
     };
-    if let Some(m) = &existing {
+    // Unsealed since the manifest was last written: the new site wrote to
+    // the target meanwhile; only a read made now, holding the volume, counts.
+    let marked = state::marked_for_rebuild(dir);
+    if existing.is_some() && marked {
+        eprintln!("volume '{name}': unsealed since its last pass; rebuilding its manifest from a fresh read of the target");
+        rebuild = true;
+    } else if let Some(m) = &existing {
         if let Some(why) = sample_mismatch(volume, m)? {
             eprintln!("volume '{name}': {why}: the target was changed behind this receiver's back; distrusting its whole manifest and starting from nothing known");
             existing = None;
@@ -845,13 +851,15 @@ fn open_manifest(
                     ),
                 ));
             }
-            if m.geometry().size() == source_size {
-                return Ok(existing.expect("matched Some"));
+            if !rebuild {
+                if m.geometry().size() == source_size {
+                    return Ok(existing.expect("matched Some"));
+                }
+                eprintln!(
+                    "volume '{name}': source size changed from {} to {source_size} bytes; starting from nothing known",
+                    m.geometry().size()
+                );
             }
-            eprintln!(
-                "volume '{name}': source size changed from {} to {source_size} bytes; starting from nothing known",
-                m.geometry().size()
-            );
             have
         }
         None => chunk,
@@ -865,7 +873,7 @@ fn open_manifest(
         Fill::Unknown
     };
     let mut m = ManifestFile::create(&mpath, geometry, rand::random(), fill)?;
-    if rebuild {
+    if rebuild && volume.size() >= source_size {
         // What the target holds, read fresh and made durable first, so the
         // rebuilt entries describe bytes that are on the disk.
         volume.sync_data()?;
@@ -875,6 +883,9 @@ fn open_manifest(
         m.commit(2, root)?;
     }
     record.write(dir)?;
+    if marked {
+        state::clear_rebuild_mark(dir)?;
+    }
     Ok(m)
 }
 
@@ -915,24 +926,16 @@ fn is_bound(name: &str, dir: &Path, record: &state::TargetRecord, created: Creat
 }
 
 /// Re-reads up to [`SAMPLE_CHUNKS`] random chunks the manifest claims and
-/// says which one differs, if any.
+/// says which one differs, if any. Claims of data come first: a target
+/// re-created sparse (all zeros) matches every claim of a zero chunk, so
+/// those are sampled only when too few others are found.
 fn sample_mismatch(volume: &Volume, m: &ManifestFile) -> Result<Option<String>> {
     let g = m.geometry();
-    let count = g.chunk_count();
-    if count == 0 || volume.size() < g.size() {
+    if g.chunk_count() == 0 || volume.size() < g.size() {
         return Ok(None);
     }
-    let mut checked = 0;
-    for _ in 0..SAMPLE_CHUNKS * 16 {
-        if checked == SAMPLE_CHUNKS {
-            break;
-        }
-        let i = rand::random::<u64>() % count;
+    for i in sample_indices(m) {
         let claimed = m.entry(i);
-        if claimed == UNKNOWN {
-            continue;
-        }
-        checked += 1;
         let r = g.range(i).expect("index below count");
         let bytes = volume.read_vec_at((r.end - r.start) as usize, r.start)?;
         if blake3::hash(&bytes).as_bytes() != &claimed {
@@ -943,6 +946,46 @@ fn sample_mismatch(volume: &Volume, m: &ManifestFile) -> Result<Option<String>> 
         }
     }
     Ok(None)
+}
+
+/// Up to [`SAMPLE_CHUNKS`] random indices of known entries, preferring
+/// entries that are not the hash of a zero chunk. A small table is searched
+/// whole for them; a large one by random probes.
+fn sample_indices(m: &ManifestFile) -> Vec<u64> {
+    /// Tables of at most this many entries (2 MiB) are searched whole.
+    const SEARCH_WHOLE: u64 = 1 << 16;
+    let g = m.geometry();
+    let count = g.chunk_count();
+    let zero = *blake3::hash(&vec![0u8; g.chunk_size().usize()]).as_bytes();
+    let (mut data, mut zeros) = (Vec::new(), Vec::new());
+    let mut take = |i: u64| match m.entry(i) {
+        e if e == UNKNOWN => {}
+        e if e == zero => zeros.push(i),
+        _ => data.push(i),
+    };
+    if count <= SEARCH_WHOLE {
+        (0..count).for_each(&mut take);
+    } else {
+        (0..SAMPLE_CHUNKS as u64 * 256).for_each(|_| take(rand::random::<u64>() % count));
+        for v in [&mut data, &mut zeros] {
+            v.sort_unstable();
+            v.dedup();
+        }
+    }
+    let mut picked = pick(data, SAMPLE_CHUNKS);
+    let more = SAMPLE_CHUNKS - picked.len();
+    picked.extend(pick(zeros, more));
+    picked
+}
+
+/// Up to `n` of `from`, at random.
+fn pick(mut from: Vec<u64>, n: usize) -> Vec<u64> {
+    for k in 0..n.min(from.len()) {
+        let j = k + (rand::random::<u64>() % (from.len() - k) as u64) as usize;
+        from.swap(k, j);
+    }
+    from.truncate(n);
+    from
 }
 
 /// Hashes the target's first `geometry.size()` bytes fresh.
@@ -1802,8 +1845,11 @@ async fn verify_session(
         Ok(v) => Arc::new(v),
         Err(e) => return refuse(&mut send, &conn, e.into()).await,
     };
-    // Both sides hash the common extent, so their chunks line up.
-    let extent = volume.size().min(hello.source_size);
+    // Both sides hash the common extent, so their chunks line up; but the
+    // peer does not pick where a short last chunk ends.
+    let recorded = state::peek_geometry(&volume_dir(&shared, &hello.volume).join("manifest"))
+        .map(|g| g.size());
+    let extent = verify_extent(volume.size(), recorded, hello.source_size, chunk);
     let geometry = Geometry::new(extent, chunk).map_err(|e| Error::input(e.to_string()))?;
     transport::send_control(
         &mut send,
@@ -1933,6 +1979,27 @@ fn verify_chunk(shared: &Shared, volume: &str, asked: ChunkSize) -> ChunkSize {
         eprintln!("volume '{volume}': a verify asked for chunks of {asked}; hashing in the volume's chunks of {chunk}");
     }
     chunk
+}
+
+/// The extent a verify hashes: the common extent of the source (the size
+/// the peer claims) and the target, but a short last chunk ends only where
+/// this receiver itself knows an end: the target's own size, or the source
+/// size the volume's manifest records. Anywhere else the extent is rounded
+/// down to whole chunks, or a peer would choose the end of a chunk and learn
+/// the target's bytes one at a time by guessing the hash offline.
+fn verify_extent(
+    target_size: u64,
+    recorded: Option<u64>,
+    source_size: u64,
+    chunk: ChunkSize,
+) -> u64 {
+    if source_size >= target_size {
+        return target_size;
+    }
+    if recorded == Some(source_size) {
+        return source_size;
+    }
+    source_size - source_size % chunk.bytes()
 }
 
 /// The chunks overlapping byte `ranges` (flattened offset/length pairs) as
@@ -2163,11 +2230,9 @@ fn preflight_answer(
         chunk,
         hello.chunk_size_explicit,
     )?;
-    let mpath = dir.join("manifest");
-    let have = match ManifestFile::open(&mpath)? {
-        Some(Ok(m)) => Some(m.geometry().chunk_size()),
-        _ => None,
-    };
+    // Read without the manifest's lock: a sync of the volume opening it at
+    // this moment must not be refused "in use".
+    let have = state::peek_geometry(&dir.join("manifest")).map(|g| g.chunk_size());
     if let Some(have) = have.filter(|h| hello.chunk_size_explicit && *h != chunk) {
         return Err(Refuse(
             RefuseCode::ChunkSize,
@@ -2325,6 +2390,17 @@ pub fn forget_in(m: &mut ManifestFile, ranges: &[u64]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verify_extent_ends_a_short_chunk_only_where_the_receiver_knows_an_end() {
+        let c = ChunkSize::new(65536).unwrap();
+        let p = 200_000;
+        assert_eq!(verify_extent(1 << 20, None, p + 1, c), 196_608);
+        assert_eq!(verify_extent(1 << 20, None, p + 2, c), 196_608);
+        assert_eq!(verify_extent(1 << 20, Some(p + 1), p + 1, c), p + 1);
+        assert_eq!(verify_extent(p + 1, None, 1 << 20, c), p + 1);
+        assert_eq!(verify_extent(p + 1, None, p + 1, c), p + 1);
+    }
 
     #[test]
     fn verify_ranges_merge_into_chunk_intervals() {

@@ -12,24 +12,24 @@
 //! receiver's own manifest of the volume: a peer cannot write an arbitrary
 //! "cutover complete" into a journal, nor seal a volume it did not copy.
 //!
-//! Unsealing re-reads the target and rebuilds the manifest from it (the new
-//! site has written to it since the cutover, behind nightpass's back), so a
-//! later pass sends every chunk that differs from the source.
+//! Unsealing marks the volume's manifest to be rebuilt ([`state::mark_for_rebuild`]):
+//! the new site has written to the target since the cutover, behind
+//! nightpass's back, and may still be writing, so no read made at unseal
+//! time can be trusted. The next sync session, which holds the volume,
+//! rebuilds the manifest from a fresh read of the target and clears the
+//! mark; until then no cutover is recorded against the old manifest.
 
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use nightpass_proto::manifest::{self, ENTRY_LEN, UNKNOWN};
+use nightpass_proto::manifest;
 use nightpass_proto::wire;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::device::Volume;
 use crate::error::{Error, IoContext, Result};
-use crate::hash::{self, ScanOptions};
-use crate::progress::{Progress, Quiet};
+use crate::progress::Progress;
 use crate::state::{self, ManifestFile};
 
 /// Length of a consistency point: the hex of a 32-byte root.
@@ -116,6 +116,11 @@ pub fn check_mark(mark: &wire::Mark) -> std::result::Result<(), String> {
 /// The caller holds the volume, so no pass runs meanwhile. A mismatch is
 /// [`Error::Input`] and writes nothing.
 pub fn record_cutover(volume_dir: &Path, name: &str, mark: &wire::Mark) -> Result<Seal> {
+    if state::marked_for_rebuild(volume_dir) {
+        return Err(Error::input(format!(
+            "this receiver's manifest of volume '{name}' is to be rebuilt since it was unsealed; run a pass first"
+        )));
+    }
     let have = match ManifestFile::open(&volume_dir.join("manifest"))? {
         Some(Ok(m)) => manifest::to_hex(&m.current_root()),
         Some(Err(e)) => {
@@ -195,28 +200,15 @@ pub struct Unsealed {
 /// What unsealing did to a volume's manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rebuilt {
-    /// Rebuilt from a fresh read of the target: this many chunks differ
-    /// from what it recorded at the cutover (the new site's writes).
-    Changed(u64),
-    /// The target could not be read whole: every entry is now unknown, so
-    /// the next pass sends every chunk.
-    Unreadable,
-    /// There was no trusted manifest: the next pass starts from nothing.
+    /// Marked to be rebuilt from a fresh read of the target by the next
+    /// sync session, which holds the volume while it reads.
+    Deferred,
+    /// There was no manifest: the next pass starts from nothing.
     None,
 }
 
-impl Rebuilt {
-    /// The changed chunks, when the target was read.
-    pub fn changed_chunks(self) -> Option<u64> {
-        match self {
-            Rebuilt::Changed(n) => Some(n),
-            _ => None,
-        }
-    }
-}
-
 /// Unseals volume `name` in the receiver state directory `state_dir`:
-/// rebuilds its manifest from a fresh read of the target, journals an
+/// marks its manifest to be rebuilt by the next sync session, journals an
 /// `unsealed` record, then removes the seal. Not sealed, or no such state
 /// directory, is [`Error::Input`].
 pub fn unseal(state_dir: &Path, name: &str, progress: &dyn Progress) -> Result<Unsealed> {
@@ -255,7 +247,6 @@ pub fn unseal(state_dir: &Path, name: &str, progress: &dyn Progress) -> Result<U
             "consistency_point": seal.consistency_point,
             "cutover_at": seal.cutover_at,
             "unsealed_at": crate::progress::rfc3339_seconds(crate::progress::now_unix()),
-            "changed_chunks": manifest.changed_chunks(),
         }),
     )?;
     let path = seal_path(&dir);
@@ -266,59 +257,24 @@ pub fn unseal(state_dir: &Path, name: &str, progress: &dyn Progress) -> Result<U
     Ok(Unsealed { seal, manifest })
 }
 
-/// Replaces the manifest's table with fresh hashes of the target (every
-/// entry unknown when the target cannot be read whole).
+/// Marks the manifest to be rebuilt from a fresh read of the target by the
+/// next sync session: the new site may still be writing, so a read made
+/// now would go stale before that session holds the volume.
 fn rebuild_manifest(dir: &Path, name: &str, progress: &dyn Progress) -> Result<Rebuilt> {
-    let mut m = match ManifestFile::open(&dir.join("manifest"))? {
-        Some(Ok(m)) => m,
-        // No manifest, or one already untrusted: the next pass starts over.
-        _ => return Ok(Rebuilt::None),
-    };
-    let geometry = m.geometry();
-    // The target the manifest describes, if it is still that file or
-    // device (see `state::TargetRecord`).
-    let fresh = state::TargetRecord::read(dir).and_then(|t| {
-        let v = Volume::open_export(&t.path).ok()?;
-        let same = v.identity().ok()? == t.identity;
-        (same && v.size() >= geometry.size()).then_some(v)
-    });
-    let (table, rebuilt) = match fresh {
-        Some(v) => {
-            progress.note(&format!(
-                "volume '{name}': reading the target fresh, to learn what the new site wrote since the cutover"
-            ));
-            v.sync_data()?;
-            let table = hash::hash_all(
-                Arc::new(v),
-                geometry,
-                ScanOptions::default(),
-                Arc::new(Quiet),
-            )?;
-            let changed = m
-                .table()
-                .chunks_exact(ENTRY_LEN)
-                .zip(table.chunks_exact(ENTRY_LEN))
-                .filter(|(old, new)| *old != UNKNOWN.as_slice() && old != new)
-                .count() as u64;
-            (table, Rebuilt::Changed(changed))
-        }
-        None => {
-            progress.note(&format!(
-                "volume '{name}': its target cannot be read whole; the next pass sends every chunk"
-            ));
-            (vec![0u8; m.table().len()], Rebuilt::Unreadable)
-        }
-    };
-    m.replace_table(&table);
-    let root = m.current_root();
-    let generation = m.header().generation + 1;
-    m.commit(generation, root)?;
-    Ok(rebuilt)
+    if !dir.join("manifest").exists() {
+        return Ok(Rebuilt::None);
+    }
+    state::mark_for_rebuild(dir)?;
+    progress.note(&format!(
+        "volume '{name}': its manifest will be rebuilt from a fresh read of the target at the next pass"
+    ));
+    Ok(Rebuilt::Deferred)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::progress::Quiet;
 
     fn mark(cp: &str) -> wire::Mark {
         wire::Mark {

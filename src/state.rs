@@ -4,8 +4,9 @@
 //! `targets/<key>/manifest` (its view of what the target provably holds) and
 //! `journal.jsonl`; a receiver keeps, per exported volume,
 //! `volumes/<name>/manifest`, `target` (the path and identity of the target
-//! the manifest describes, [`TargetRecord`]), `journal.jsonl` and, once cut
-//! over, `seal` ([`crate::seal`]). Manifests are created crash-safely (temp file, fsync,
+//! the manifest describes, [`TargetRecord`]), `journal.jsonl`, once cut
+//! over `seal` ([`crate::seal`]), and once unsealed `rebuild` until the next
+//! pass rebuilds the manifest ([`mark_for_rebuild`]). Manifests are created crash-safely (temp file, fsync,
 //! rename, fsync of the directory) and then updated in place under the
 //! ordering rules written in `nightpass_proto::manifest`. Each manifest is
 //! `flock`ed while open so two processes never share one.
@@ -86,7 +87,15 @@ pub fn check_writable(dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| refuse(&e))?;
-    let probe = dir.join(format!(".write-check-{}", std::process::id()));
+    // Unique per call: sessions of one `serve` (a preflight and a sync of
+    // one volume) may check the same directory at the same moment.
+    static PROBES: AtomicU64 = AtomicU64::new(0);
+    let probe = dir.join(format!(
+        ".write-check-{}-{}-{:08x}",
+        std::process::id(),
+        PROBES.fetch_add(1, Ordering::Relaxed),
+        rand::random::<u32>()
+    ));
     OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -150,6 +159,38 @@ impl TargetRecord {
     pub fn write(&self, dir: &Path) -> Result<()> {
         let bytes = serde_json::to_vec(self).expect("a record serializes");
         write_atomic(&dir.join("target"), &bytes)
+    }
+}
+
+/// The marker that a receiver volume's manifest must be rebuilt from a fresh
+/// read of its target by the next sync session (set by `nightpass unseal`).
+fn rebuild_marker(dir: &Path) -> PathBuf {
+    dir.join("rebuild")
+}
+
+/// Marks the manifest of the receiver volume whose state lives in `dir` to
+/// be rebuilt, durably: until the next sync session clears the mark, no
+/// entry of it is trusted.
+pub fn mark_for_rebuild(dir: &Path) -> Result<()> {
+    write_atomic(
+        &rebuild_marker(dir),
+        b"rebuild the manifest from a fresh read of the target\n",
+    )
+}
+
+/// True when the volume's manifest is marked to be rebuilt (see
+/// [`mark_for_rebuild`]).
+pub fn marked_for_rebuild(dir: &Path) -> bool {
+    fs::symlink_metadata(rebuild_marker(dir)).is_ok()
+}
+
+/// Removes the mark of [`mark_for_rebuild`], durably.
+pub fn clear_rebuild_mark(dir: &Path) -> Result<()> {
+    let path = rebuild_marker(dir);
+    match fs::remove_file(&path) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
     }
 }
 
@@ -479,6 +520,20 @@ mod tests {
         assert_eq!(m.header().generation, 5);
         assert_eq!(m.entry(3), [7; 32]);
         assert_eq!(m.header().root, m.current_root());
+    }
+
+    #[test]
+    fn write_check_does_not_collide_with_another_session() {
+        let d = tempfile::tempdir().unwrap();
+        // Another session of this process mid-check, under the old name.
+        fs::write(
+            d.path()
+                .join(format!(".write-check-{}", std::process::id())),
+            b"",
+        )
+        .unwrap();
+        check_writable(d.path()).unwrap();
+        check_writable(d.path()).unwrap();
     }
 
     #[test]

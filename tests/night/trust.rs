@@ -593,3 +593,137 @@ fn cutover_onto_a_missing_target_file() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(hash_file(&src), hash_file(&dst));
 }
+
+/// Review item 1: an authorized peer cannot choose where the target's last
+/// chunk ends. A verify claiming a source of p+1 (then p+2) bytes over a
+/// larger target, asking for byte p, must not get the hash of the target's
+/// bytes from p's chunk start up to the byte it asked for: with it, each
+/// byte could be guessed offline in 256 tries.
+#[test]
+fn verify_peer_cannot_end_a_short_chunk_where_it_asks() {
+    let root = scratch();
+    let dst = root.path().join("t.img");
+    random_file(&dst, MIB, 31);
+    let bytes = std::fs::read(&dst).unwrap();
+    let (s, rx) = pair(root.path(), &[("v", &dst)]);
+    let id = Identity::load(&s.id.dir).unwrap();
+    let dest = RemoteVolume::parse(&rx.dest("v")).unwrap();
+    let p = 200_000u64;
+    let start = p / CHUNK * CHUNK;
+    let ask = |source_size: u64, ranges: Vec<u64>| {
+        rt().block_on(async {
+            let chunk = nightpass_proto::chunk::ChunkSize::new(CHUNK).unwrap();
+            let (mut session, g) = nightpass::verify::open_verify(
+                &id,
+                &dest,
+                &rx.fp,
+                &Tuning::default(),
+                source_size,
+                chunk,
+                ranges,
+            )
+            .await
+            .unwrap();
+            let t = nightpass::verify::receive_hashes(&mut session, &g).await;
+            let _ = nightpass::verify::forget_and_close(session, &[]).await;
+            t.unwrap()
+        })
+    };
+    // Whole chunks are still answered.
+    let t = ask(p + 1, vec![0, 1]);
+    assert_eq!(&t[..32], blake3::hash(&bytes[..CHUNK as usize]).as_bytes());
+    for end in [p + 1, p + 2] {
+        let t = ask(end, vec![p, 1]);
+        let at = (p / CHUNK * 32) as usize;
+        let leaked = blake3::hash(&bytes[start as usize..end as usize]);
+        assert_ne!(
+            t.get(at..at + 32),
+            Some(leaked.as_bytes().as_slice()),
+            "the receiver hashed a chunk ending at byte {end}, where the peer asked"
+        );
+    }
+}
+
+/// Review item 3: the sample at a session's start looks at claims of data
+/// first. A volume that is mostly zeros, with one chunk of data changed
+/// behind the receiver's back, is found out (16 random claims out of 2048,
+/// nearly all zeros, would almost never hit that chunk).
+#[test]
+fn sample_prefers_claims_of_data_over_zero_chunks() {
+    let root = scratch();
+    let (src, dst) = (root.path().join("src.img"), root.path().join("target.img"));
+    std::fs::File::create(&src)
+        .unwrap()
+        .set_len(128 * MIB)
+        .unwrap();
+    let data = {
+        let p = root.path().join("data");
+        random_file(&p, CHUNK, 33);
+        std::fs::read(&p).unwrap()
+    };
+    write_at(&src, 77 * CHUNK, &data);
+    let (s, rx) = pair(root.path(), &[("v", &dst)]);
+    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    write_at(&dst, 77 * CHUNK, &vec![0u8; CHUNK as usize]);
+    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        hash_file(&src),
+        hash_file(&dst),
+        "the pass trusted a stale claim of the one chunk of data"
+    );
+    assert!(
+        rx.log().contains("behind this receiver's back"),
+        "{}",
+        rx.log()
+    );
+}
+
+/// Review item 4: a preflight reads the volume's manifest without taking its
+/// lock, so a sync opening the manifest at that moment is not refused "in
+/// use". Here the lock is held (as a sync session holds it) while a
+/// preflight of the volume asks: it is answered.
+#[test]
+fn preflight_does_not_take_the_manifest_lock() {
+    let root = scratch();
+    let (src, dst) = (root.path().join("src.img"), root.path().join("t.img"));
+    random_file(&src, 4 * MIB, 34);
+    let (s, rx) = pair(root.path(), &[("v", &dst)]);
+    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(receiver_manifest(&rx.state, "v"))
+        .unwrap();
+    assert!(nightpass::device::lock_exclusive(&held));
+    let id = Identity::load(&s.id.dir).unwrap();
+    let addr = format!("127.0.0.1:{}", rx.port).parse().unwrap();
+    let answer = rt().block_on(async {
+        let hello = wire::Hello {
+            version: wire::PROTOCOL_VERSION,
+            volume: "v".into(),
+            mode: Mode::Preflight as i32,
+            source_size: 4 * MIB,
+            chunk_size: CHUNK as u32,
+            ..Default::default()
+        };
+        let (ep, conn) = transport::connect(&id, addr, &rx.fp, &Tuning::default())
+            .await
+            .unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        transport::send_control(&mut send, Msg::Hello(hello))
+            .await
+            .unwrap();
+        let answer = transport::recv_control(&mut recv).await.unwrap().unwrap();
+        ep.close(0u32.into(), b"");
+        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+        answer
+    });
+    assert!(
+        matches!(answer, Msg::Welcome(ref w) if w.chunk_size as u64 == CHUNK),
+        "a preflight while the manifest is held: {answer:?}"
+    );
+    drop(held);
+}
