@@ -2003,7 +2003,10 @@ fn hash_ranges(
 
 type CtlTask = tokio::task::JoinHandle<Result<quinn::SendStream>>;
 
-/// The end of a verify session: the sender may ask us to forget ranges that differ.
+/// The end of a verify session: the sender may ask us to forget ranges
+/// that differ. A sender still hashing its source sends heartbeats; one
+/// silent for [`CONTROL_IDLE`] once our hashes are out is gone, and the
+/// session ends (see [`next_control`]).
 async fn finish_verify(
     shared: Arc<Shared>,
     mut recv: quinn::RecvStream,
@@ -2013,8 +2016,9 @@ async fn finish_verify(
     path: &Path,
 ) -> Result<()> {
     loop {
-        match transport::recv_control(&mut recv).await? {
+        match next_control(&mut recv, &ctl_tx).await? {
             None => break,
+            Some(Msg::Heartbeat(_)) => {}
             Some(Msg::Forget(f)) => {
                 let dir = volume_dir(&shared, &hello.volume);
                 // Wait for a sync session that is just ending to let go of the volume.
@@ -2205,7 +2209,16 @@ async fn record_session(
         }),
     )
     .await?;
-    let mark = match transport::recv_control(&mut recv).await? {
+    // A mark is one small message, sent right after the Welcome.
+    let mark = tokio::time::timeout(HELLO_DEADLINE, transport::recv_control(&mut recv))
+        .await
+        .map_err(|_| {
+            Error::Peer(format!(
+                "no mark within {} s of the record session's welcome; ending the session",
+                HELLO_DEADLINE.as_secs()
+            ))
+        })?;
+    let mark = match mark? {
         Some(Msg::Mark(m)) => m,
         _ => return Err(Error::Peer("record session without a mark".into())),
     };
