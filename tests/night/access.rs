@@ -876,3 +876,39 @@ fn verify_with_a_slow_source_succeeds() {
         "the receiver did not forget the differing chunk: the sync left it"
     );
 }
+
+/// Review item 2: one address cannot take every handshake slot. 72 clients
+/// stalling inside the TLS handshake from 127.0.0.1 (more than the cap of
+/// 64 per address) are refused beyond the cap, and the receiver says so.
+#[test]
+fn one_address_cannot_take_every_handshake_slot() {
+    let dir = scratch();
+    let dst = dir.path().join("dst.img");
+    let (_sender, rx) = pair(dir.path(), &[("v", &dst)]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..72)
+        .map(|_| {
+            let (stop, n, port) = (stop.clone(), attempts.clone(), rx.port);
+            std::thread::spawn(move || staller(port, stop, n))
+        })
+        .collect();
+    let refused = wait_for(Duration::from_secs(20), || {
+        rx.log()
+            .contains("handshakes from 127.0.0.1 already in progress")
+    });
+    stop.store(true, Ordering::Relaxed);
+    let log = rx.log();
+    assert!(
+        refused,
+        "72 handshakes from one address were all let in ({} attempts)\nreceiver log: {log}",
+        attempts.load(Ordering::Relaxed)
+    );
+    assert!(
+        !log.contains("256 handshakes already in progress"),
+        "one address reached the global cap: {log}"
+    );
+    for t in threads {
+        let _ = t.join();
+    }
+}
