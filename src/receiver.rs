@@ -564,6 +564,11 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
         Some(_) => return Err(Error::Peer("first message was not a hello".into())),
         None => return Ok(()),
     };
+    // Before anything touches another session (supersede, the liveness
+    // check): a peer limited to other volumes must not reach this one's holder.
+    if let Err(r) = admissible(&shared, &hello, &conn) {
+        return refuse(&mut send, &conn, r).await;
+    }
     let exclusive = hello.mode == Mode::Sync as i32;
     if exclusive && hello.resumes {
         supersede(&shared, &hello).await;
@@ -708,12 +713,13 @@ async fn await_closed_holder(shared: &Arc<Shared>, name: &str) {
     }
 }
 
-fn accept(
-    shared: &Arc<Shared>,
+/// The checks every session passes first: the protocol version, the
+/// volume exported, the sender authorized for it. Returns the export's path.
+fn admissible(
+    shared: &Shared,
     hello: &wire::Hello,
-    exclusive: bool,
     conn: &quinn::Connection,
-) -> std::result::Result<(Option<BusyGuard>, PathBuf), Refuse> {
+) -> std::result::Result<PathBuf, Refuse> {
     if hello.version != wire::PROTOCOL_VERSION {
         return Err(Refuse(
             RefuseCode::Version,
@@ -735,6 +741,16 @@ fn accept(
         transport::peer_fingerprint(conn).as_deref(),
         &hello.volume,
     )?;
+    Ok(path)
+}
+
+fn accept(
+    shared: &Arc<Shared>,
+    hello: &wire::Hello,
+    exclusive: bool,
+    conn: &quinn::Connection,
+) -> std::result::Result<(Option<BusyGuard>, PathBuf), Refuse> {
+    let path = admissible(shared, hello, conn)?;
     if !exclusive {
         sealed_refusal(shared, hello).map_or(Ok(()), Err)?;
         return Ok((None, path));

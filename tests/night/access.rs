@@ -912,3 +912,78 @@ fn one_address_cannot_take_every_handshake_slot() {
         let _ = t.join();
     }
 }
+
+/// Review item 3: a sender allowed only on volume `a` that asks for a
+/// sync of `b`, whose holder is briefly silent (SIGSTOP), is refused
+/// NotAuthorized before anything touches `b`'s session: the holder is not
+/// taken for dead, and finishes its pass once resumed.
+#[test]
+fn unauthorized_hello_does_not_touch_another_volumes_holder() {
+    use nix::sys::signal::{kill, Signal};
+    let dir = scratch();
+    let src = dir.path().join("src.img");
+    let a = dir.path().join("a.img");
+    let b = dir.path().join("b.img");
+    random_file(&src, 256 * MIB, 67);
+    let holder = SenderSide::new(dir.path(), "holder");
+    let limited = SenderSide::new(dir.path(), "limited");
+    let rid = keygen(dir.path(), "r-id");
+    let only_a = format!("{}=a", limited.id.fp);
+    let rx = start_receiver(
+        &rid,
+        &dir.path().join("r-state"),
+        &[("a", &a), ("b", &b)],
+        &[&holder.id.fp, &only_a],
+        &[],
+    );
+    let mut first = holder
+        .command(
+            "sync",
+            &src,
+            &rx.dest("b"),
+            &rx.fp,
+            &["--bwlimit", "32M", "--retry-for", "0s"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = first.stdout.take().unwrap();
+    let (tx, started) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("\"pass_start\"") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    started
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the holder's pass did not start");
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = nix::unistd::Pid::from_raw(first.id() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let run = limited.run("sync", &src, &rx.dest("b"), &rx.fp, &["--retry-for", "0s"]);
+    kill(pid, Signal::SIGCONT).unwrap();
+    assert_eq!(run.code, 2, "limited sender: {}", run.stderr);
+    assert!(
+        run.stderr.contains("not authorized"),
+        "the refusal does not say why: {}",
+        run.stderr
+    );
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the holder lost its pass to an unauthorized hello: {}\nreceiver log: {}",
+        String::from_utf8_lossy(&out.stderr),
+        rx.log()
+    );
+    assert!(
+        !rx.log().contains("does not answer"),
+        "the receiver checked the holder's liveness for an unauthorized sender: {}",
+        rx.log()
+    );
+    assert_eq!(hash_file(&b), hash_file(&src), "bytes differ");
+}
