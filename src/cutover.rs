@@ -221,13 +221,15 @@ async fn pass_with_target_read(
     let began = Instant::now();
     let target_read = async {
         let table = receive_hashes(&mut vs, &geometry).await?;
-        Ok::<_, Error>((table, began.elapsed().as_secs_f64()))
+        let read_s = began.elapsed().as_secs_f64();
+        // Nothing to forget: end the session now, not when the pass ends.
+        forget_and_close(vs, &[]).await?;
+        Ok::<_, Error>((table, read_s))
     };
     let ((theirs, read_s), (end, ours)) = tokio::try_join!(
         target_read,
         sender::run_pass_collecting(&with_read, id, progress.clone(), collect)
     )?;
-    forget_and_close(vs, &[]).await?;
     // The frozen pass lasts as long as the slower of the two reads: journal
     // the target's, so the forecast sees a target slower than the source.
     state::append_journal(

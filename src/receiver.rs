@@ -72,6 +72,9 @@ pub struct ServeConfig {
 /// cryptography. Counted apart from sessions, so peers that never finish a
 /// handshake cannot keep authenticated senders out.
 const MAX_HANDSHAKES: usize = 256;
+/// Handshakes in progress from one address (an IPv6 /64) at most: one host
+/// cannot take every handshake slot.
+const MAX_HANDSHAKES_PER_ADDRESS: usize = 64;
 /// With more handshakes than this in progress, a client must first prove it
 /// owns its address (a QUIC Retry, one round trip) before a handshake begins.
 const RETRY_ABOVE: usize = MAX_HANDSHAKES / 8;
@@ -168,6 +171,7 @@ pub async fn serve(
     });
     let limits = Arc::new(Limits {
         handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+        handshakes_per_address: Mutex::new(HashMap::new()),
         sessions: Arc::new(tokio::sync::Semaphore::new(shared.cfg.max_sessions.max(1))),
         per_sender: Mutex::new(HashMap::new()),
     });
@@ -322,6 +326,7 @@ fn authorized(shared: &Shared, fp: Option<&str>, volume: &str) -> std::result::R
 /// authenticated.
 struct Limits {
     handshakes: Arc<tokio::sync::Semaphore>,
+    handshakes_per_address: Mutex<HashMap<std::net::IpAddr, usize>>,
     sessions: Arc<tokio::sync::Semaphore>,
     per_sender: Mutex<HashMap<String, usize>>,
 }
@@ -346,7 +351,57 @@ impl Drop for SessionSlot {
     }
 }
 
+/// A handshake's place under [`MAX_HANDSHAKES_PER_ADDRESS`]; given back on drop.
+struct AddressSlot {
+    limits: Arc<Limits>,
+    address: std::net::IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut per = self
+            .limits
+            .handshakes_per_address
+            .lock()
+            .expect("not poisoned");
+        if let Some(n) = per.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// Whose handshakes count together: an IPv4 address, or the /64 prefix of
+/// an IPv6 one (a single host commonly holds a whole /64).
+fn handshake_source(remote: SocketAddr) -> std::net::IpAddr {
+    match remote.ip().to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
+}
+
 impl Limits {
+    /// A place for one more handshake from `remote`'s address, or none when
+    /// that address already has [`MAX_HANDSHAKES_PER_ADDRESS`] in progress.
+    fn address_slot(self: &Arc<Self>, remote: SocketAddr) -> Option<AddressSlot> {
+        let address = handshake_source(remote);
+        let mut per = self.handshakes_per_address.lock().expect("not poisoned");
+        let n = per.entry(address).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            limits: self.clone(),
+            address,
+        })
+    }
+
     /// A slot for an authenticated sender, or why it gets none.
     fn session_slot(
         self: &Arc<Self>,
@@ -395,6 +450,16 @@ fn admit(shared: &Arc<Shared>, limits: &Arc<Limits>, incoming: quinn::Incoming) 
         incoming.refuse();
         return;
     };
+    let Some(from_address) = limits.address_slot(remote) else {
+        transport::log_refusal("handshakes per address", || {
+            format!(
+                "refused a connection from {remote}: {MAX_HANDSHAKES_PER_ADDRESS} handshakes from {} already in progress",
+                handshake_source(remote)
+            )
+        });
+        incoming.refuse();
+        return;
+    };
     let (shared, limits) = (shared.clone(), limits.clone());
     tokio::spawn(async move {
         // Dropping an unfinished handshake closes its connection.
@@ -416,7 +481,7 @@ fn admit(shared: &Arc<Shared>, limits: &Arc<Limits>, incoming: quinn::Incoming) 
                 return;
             }
         };
-        drop(handshake);
+        drop((handshake, from_address));
         let Some(fingerprint) = transport::peer_fingerprint(&conn) else {
             conn.close(1u32.into(), b"no client certificate");
             return;
@@ -499,6 +564,11 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
         Some(_) => return Err(Error::Peer("first message was not a hello".into())),
         None => return Ok(()),
     };
+    // Before anything touches another session (supersede, the liveness
+    // check): a peer limited to other volumes must not reach this one's holder.
+    if let Err(r) = admissible(&shared, &hello, &conn) {
+        return refuse(&mut send, &conn, r).await;
+    }
     let exclusive = hello.mode == Mode::Sync as i32;
     if exclusive && hello.resumes {
         supersede(&shared, &hello).await;
@@ -643,12 +713,13 @@ async fn await_closed_holder(shared: &Arc<Shared>, name: &str) {
     }
 }
 
-fn accept(
-    shared: &Arc<Shared>,
+/// The checks every session passes first: the protocol version, the
+/// volume exported, the sender authorized for it. Returns the export's path.
+fn admissible(
+    shared: &Shared,
     hello: &wire::Hello,
-    exclusive: bool,
     conn: &quinn::Connection,
-) -> std::result::Result<(Option<BusyGuard>, PathBuf), Refuse> {
+) -> std::result::Result<PathBuf, Refuse> {
     if hello.version != wire::PROTOCOL_VERSION {
         return Err(Refuse(
             RefuseCode::Version,
@@ -670,6 +741,16 @@ fn accept(
         transport::peer_fingerprint(conn).as_deref(),
         &hello.volume,
     )?;
+    Ok(path)
+}
+
+fn accept(
+    shared: &Arc<Shared>,
+    hello: &wire::Hello,
+    exclusive: bool,
+    conn: &quinn::Connection,
+) -> std::result::Result<(Option<BusyGuard>, PathBuf), Refuse> {
+    let path = admissible(shared, hello, conn)?;
     if !exclusive {
         sealed_refusal(shared, hello).map_or(Ok(()), Err)?;
         return Ok((None, path));
@@ -2070,7 +2151,10 @@ fn hash_ranges(
 
 type CtlTask = tokio::task::JoinHandle<Result<quinn::SendStream>>;
 
-/// The end of a verify session: the sender may ask us to forget ranges that differ.
+/// The end of a verify session: the sender may ask us to forget ranges
+/// that differ. A sender still hashing its source sends heartbeats; one
+/// silent for [`CONTROL_IDLE`] once our hashes are out is gone, and the
+/// session ends (see [`next_control`]).
 async fn finish_verify(
     shared: Arc<Shared>,
     mut recv: quinn::RecvStream,
@@ -2080,8 +2164,9 @@ async fn finish_verify(
     path: &Path,
 ) -> Result<()> {
     loop {
-        match transport::recv_control(&mut recv).await? {
+        match next_control(&mut recv, &ctl_tx).await? {
             None => break,
+            Some(Msg::Heartbeat(_)) => {}
             Some(Msg::Forget(f)) => {
                 let dir = volume_dir(&shared, &hello.volume);
                 // Wait for a sync session that is just ending to let go of the volume.
@@ -2270,7 +2355,16 @@ async fn record_session(
         }),
     )
     .await?;
-    let mark = match transport::recv_control(&mut recv).await? {
+    // A mark is one small message, sent right after the Welcome.
+    let mark = tokio::time::timeout(HELLO_DEADLINE, transport::recv_control(&mut recv))
+        .await
+        .map_err(|_| {
+            Error::Peer(format!(
+                "no mark within {} s of the record session's welcome; ending the session",
+                HELLO_DEADLINE.as_secs()
+            ))
+        })?;
+    let mark = match mark? {
         Some(Msg::Mark(m)) => m,
         _ => return Err(Error::Peer("record session without a mark".into())),
     };

@@ -687,3 +687,303 @@ fn exposed_identity_key_is_warned_about() {
         run.stderr
     );
 }
+
+// ---------------------------------------------------------------------------
+// Review of the merged code: verify and record sessions end, handshakes are
+// capped per address, authorization comes before another session is touched.
+
+/// Sends a `mode` Hello for `volume` of a `size`-byte source and waits for
+/// the answer: the Welcome, or whatever else came.
+async fn hello_mode(h: &mut Held, volume: &str, mode: Mode, size: u64) -> Option<Msg> {
+    let hello = wire::Hello {
+        version: wire::PROTOCOL_VERSION,
+        volume: volume.into(),
+        mode: mode as i32,
+        source_size: size,
+        chunk_size: 64 << 10,
+        chunk_size_explicit: true,
+        ..Default::default()
+    };
+    transport::send_control(&mut h.send, Msg::Hello(hello))
+        .await
+        .ok()?;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        transport::recv_control(&mut h.recv),
+    )
+    .await
+    .ok()
+    .and_then(|m| m.ok())
+    .flatten()
+}
+
+/// Opens a verify session of `v` and reads every hash the receiver sends.
+async fn verify_and_go_silent(id: &Identity, port: u16, fp: &str, size: u64) -> Option<Held> {
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (ep, conn) = transport::connect(id, addr, fp, &Tuning::default())
+        .await
+        .ok()?;
+    let (send, recv) = conn.open_bi().await.ok()?;
+    let mut h = Held {
+        _ep: ep,
+        conn,
+        send,
+        recv,
+    };
+    match hello_mode(&mut h, "v", Mode::Verify, size).await {
+        Some(Msg::Welcome(_)) => {}
+        _ => return None,
+    }
+    loop {
+        match transport::recv_control(&mut h.recv).await.ok()?? {
+            Msg::VerifyPart(run) if run.last => return Some(h),
+            Msg::VerifyPart(_) => {}
+            _ => return None,
+        }
+    }
+}
+
+/// Review item 1: an authorized peer that opens a verify session, reads
+/// the hashes and goes silent (QUIC keep-alive holds its connection) loses
+/// the session at the idle deadline: with `--max-sessions-per-sender 1`
+/// its fingerprint gets a new session after it, not before.
+#[test]
+fn silent_verify_session_frees_its_slot() {
+    let dir = scratch();
+    let dst = dir.path().join("dst.img");
+    random_file(&dst, 4 * MIB, 53);
+    let sender = SenderSide::new(dir.path(), "s");
+    let rid = keygen(dir.path(), "r-id");
+    let rx = start_receiver(
+        &rid,
+        &dir.path().join("r-state"),
+        &[("v", &dst)],
+        &[&sender.id.fp],
+        &["--max-sessions-per-sender", "1"],
+    );
+    let id = Identity::load(&sender.id.dir).unwrap();
+    let rt = rt();
+    let (silent, second_at_once, later) = rt.block_on(async {
+        let silent = verify_and_go_silent(&id, rx.port, &rx.fp, 4 * MIB)
+            .await
+            .expect("the first verify session is served");
+        let began = Instant::now();
+        let at_once = verify_and_go_silent(&id, rx.port, &rx.fp, 4 * MIB).await;
+        let mut later = None;
+        while later.is_none() && began.elapsed() < Duration::from_secs(45) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            later = verify_and_go_silent(&id, rx.port, &rx.fp, 4 * MIB).await;
+        }
+        (silent, at_once.is_some(), later.map(|_| began.elapsed()))
+    });
+    assert!(
+        !second_at_once,
+        "a second session was accepted while the first held the only slot: the test proves nothing"
+    );
+    let waited = later.unwrap_or_else(|| {
+        panic!(
+            "the silent verify session kept its slot for 45 s\nreceiver log: {}",
+            rx.log()
+        )
+    });
+    assert!(
+        silent.conn.close_reason().is_some(),
+        "the silent session is still open"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || rx
+            .log()
+            .contains("no control message from the sender")),
+        "the receiver did not say why it ended the silent session: {}",
+        rx.log()
+    );
+    eprintln!("the slot was free again after {waited:?}");
+}
+
+/// Review item 1: a record session whose Mark never comes is ended by the
+/// receiver, with a reason, within a generous bound.
+#[test]
+fn record_session_without_a_mark_is_ended() {
+    let dir = scratch();
+    let dst = dir.path().join("dst.img");
+    random_file(&dst, MIB, 59);
+    let (sender, rx) = pair(dir.path(), &[("v", &dst)]);
+    let id = Identity::load(&sender.id.dir).unwrap();
+    let rt = rt();
+    let closed = rt.block_on(async {
+        let mut h = connect_authorized(&id, rx.port, &rx.fp, &Tuning::default()).await;
+        match hello_mode(&mut h, "v", Mode::Record, 0).await {
+            Some(Msg::Welcome(_)) => {}
+            other => panic!("expected a welcome, got {other:?}"),
+        }
+        tokio::time::timeout(Duration::from_secs(30), h.conn.closed()).await
+    });
+    assert!(
+        closed.is_ok(),
+        "a record session without a mark was still open after 30 s\nreceiver log: {}",
+        rx.log()
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || rx
+            .log()
+            .contains("no mark within")),
+        "the receiver did not say why it ended the record session: {}",
+        rx.log()
+    );
+}
+
+/// Review item 1, the honest side: a remote `verify` whose source reads
+/// far slower than the receiver hashes its target (`--read-limit`) keeps
+/// its session alive past the receiver's idle deadline: it reports the one
+/// chunk changed behind the receiver's back and gets the receiver to forget
+/// it, so the next sync repairs the target.
+#[test]
+fn verify_with_a_slow_source_succeeds() {
+    let dir = scratch();
+    let src = dir.path().join("src.img");
+    let dst = dir.path().join("dst.img");
+    random_file(&src, 24 * MIB, 61);
+    let (sender, rx) = pair(dir.path(), &[("v", &dst)]);
+    let run = sender.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
+    assert_eq!(run.code, 0, "first sync: {}", run.stderr);
+    write_at(&dst, 5 * MIB, b"changed behind the receiver's back");
+    let began = Instant::now();
+    let run = sender.run(
+        "verify",
+        &src,
+        &rx.dest("v"),
+        &rx.fp,
+        &["--read-limit", "1M"],
+    );
+    assert_eq!(
+        run.code,
+        1,
+        "a slow but honest verify did not end with its finding (exit 1): {}\nreceiver log: {}",
+        run.stderr,
+        rx.log()
+    );
+    assert_eq!(run.event("verify_end")["mismatched_chunks"], 1);
+    assert!(
+        began.elapsed() > Duration::from_secs(18),
+        "the source read in {:?}, within the receiver's idle deadline: the test proves nothing",
+        began.elapsed()
+    );
+    let run = sender.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
+    assert_eq!(run.code, 0, "sync after verify: {}", run.stderr);
+    assert_eq!(
+        hash_file(&dst),
+        hash_file(&src),
+        "the receiver did not forget the differing chunk: the sync left it"
+    );
+}
+
+/// Review item 2: one address cannot take every handshake slot. 72 clients
+/// stalling inside the TLS handshake from 127.0.0.1 (more than the cap of
+/// 64 per address) are refused beyond the cap, and the receiver says so.
+#[test]
+fn one_address_cannot_take_every_handshake_slot() {
+    let dir = scratch();
+    let dst = dir.path().join("dst.img");
+    let (_sender, rx) = pair(dir.path(), &[("v", &dst)]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..72)
+        .map(|_| {
+            let (stop, n, port) = (stop.clone(), attempts.clone(), rx.port);
+            std::thread::spawn(move || staller(port, stop, n))
+        })
+        .collect();
+    let refused = wait_for(Duration::from_secs(20), || {
+        rx.log()
+            .contains("handshakes from 127.0.0.1 already in progress")
+    });
+    stop.store(true, Ordering::Relaxed);
+    let log = rx.log();
+    assert!(
+        refused,
+        "72 handshakes from one address were all let in ({} attempts)\nreceiver log: {log}",
+        attempts.load(Ordering::Relaxed)
+    );
+    assert!(
+        !log.contains("256 handshakes already in progress"),
+        "one address reached the global cap: {log}"
+    );
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+/// Review item 3: a sender allowed only on volume `a` that asks for a
+/// sync of `b`, whose holder is briefly silent (SIGSTOP), is refused
+/// NotAuthorized before anything touches `b`'s session: the holder is not
+/// taken for dead, and finishes its pass once resumed.
+#[test]
+fn unauthorized_hello_does_not_touch_another_volumes_holder() {
+    use nix::sys::signal::{kill, Signal};
+    let dir = scratch();
+    let src = dir.path().join("src.img");
+    let a = dir.path().join("a.img");
+    let b = dir.path().join("b.img");
+    random_file(&src, 256 * MIB, 67);
+    let holder = SenderSide::new(dir.path(), "holder");
+    let limited = SenderSide::new(dir.path(), "limited");
+    let rid = keygen(dir.path(), "r-id");
+    let only_a = format!("{}=a", limited.id.fp);
+    let rx = start_receiver(
+        &rid,
+        &dir.path().join("r-state"),
+        &[("a", &a), ("b", &b)],
+        &[&holder.id.fp, &only_a],
+        &[],
+    );
+    let mut first = holder
+        .command(
+            "sync",
+            &src,
+            &rx.dest("b"),
+            &rx.fp,
+            &["--bwlimit", "32M", "--retry-for", "0s"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = first.stdout.take().unwrap();
+    let (tx, started) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("\"pass_start\"") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    started
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the holder's pass did not start");
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = nix::unistd::Pid::from_raw(first.id() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let run = limited.run("sync", &src, &rx.dest("b"), &rx.fp, &["--retry-for", "0s"]);
+    kill(pid, Signal::SIGCONT).unwrap();
+    assert_eq!(run.code, 2, "limited sender: {}", run.stderr);
+    assert!(
+        run.stderr.contains("not authorized"),
+        "the refusal does not say why: {}",
+        run.stderr
+    );
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the holder lost its pass to an unauthorized hello: {}\nreceiver log: {}",
+        String::from_utf8_lossy(&out.stderr),
+        rx.log()
+    );
+    assert!(
+        !rx.log().contains("does not answer"),
+        "the receiver checked the holder's liveness for an unauthorized sender: {}",
+        rx.log()
+    );
+    assert_eq!(hash_file(&b), hash_file(&src), "bytes differ");
+}
