@@ -610,6 +610,11 @@ pub fn explain(e: &quinn::ConnectionError, addr: SocketAddr, our_fp: &str) -> Er
             "receiver at {addr} refused the TLS handshake: our fingerprint {our_fp} is not authorized there (the receiver must list it with --allow); TLS alert {}",
             c - 0x100
         )),
+        // CONNECTION_REFUSED: the receiver's caps on handshakes in progress
+        // (in all, or from this address) are full.
+        Some(0x2) => Error::Network(format!(
+            "receiver at {addr} refused the connection: it has too many connection attempts in progress (from this address, or in all); try again in a few seconds"
+        )),
         _ => match e {
             quinn::ConnectionError::ApplicationClosed(a) => Error::Network(format!(
                 "receiver at {addr} closed the session: {}",
