@@ -198,15 +198,7 @@ impl Volume {
                 nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
             );
         }
-        Ok(Volume {
-            file,
-            direct: None,
-            mapped: AtomicBool::new(false),
-            no_nowait: AtomicBool::new(false),
-            path: path.to_owned(),
-            kind,
-            size,
-        })
+        Ok(Volume::plain(file, path, kind, size))
     }
 
     /// Opens a source to be read in `mode`. `Direct` is refused, clearly,
@@ -449,18 +441,21 @@ impl Volume {
                 path.display()
             ))));
         }
-        Ok((
-            Volume {
-                file,
-                direct: None,
-                mapped: AtomicBool::new(false),
-                no_nowait: AtomicBool::new(false),
-                path: path.to_owned(),
-                kind,
-                size: actual,
-            },
-            created,
-        ))
+        Ok((Volume::plain(file, path, kind, actual), created))
+    }
+
+    /// A volume over an open descriptor, read with `pread` (not mapped, no
+    /// `O_DIRECT` descriptor).
+    fn plain(file: File, path: &Path, kind: Kind, size: u64) -> Volume {
+        Volume {
+            file,
+            direct: None,
+            mapped: AtomicBool::new(false),
+            no_nowait: AtomicBool::new(false),
+            path: path.to_owned(),
+            kind,
+            size,
+        }
     }
 
     /// Opens an existing volume read-only for verification (no exclusivity:
@@ -486,15 +481,7 @@ impl Volume {
             })?;
         let kind = kind_of(path, &file)?;
         let size = size_of(path, &file, kind)?;
-        Ok(Volume {
-            file,
-            direct: None,
-            mapped: AtomicBool::new(false),
-            no_nowait: AtomicBool::new(false),
-            path: path.to_owned(),
-            kind,
-            size,
-        })
+        Ok(Volume::plain(file, path, kind, size))
     }
 
     /// Who this volume is ([`VolumeIdentity`]), from its open descriptor.
