@@ -637,7 +637,7 @@ fn hostile_input_handshake_flood_and_unauthorized_peers() {
                 || (*c == 3
                     && lines
                         .iter()
-                        .all(|l| l.contains("refused to accept a new connection")))),
+                        .all(|l| l.contains("too many connection attempts in progress")))),
         "every unauthorized sync ends with exit 2, or 3 when refused before its handshake: {codes:?}"
     );
     let r = good.finish(Duration::from_secs(120));
