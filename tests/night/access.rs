@@ -9,9 +9,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nightpass::transport::{self, Identity, Tuning};
@@ -20,76 +20,6 @@ use nightpass_proto::wire::{self, control::Msg, Mode};
 use crate::harness::*;
 
 const MIB: u64 = 1 << 20;
-
-/// Starts `nightpass serve` like [`Receiver::start`], with `extra` flags.
-fn start_receiver(
-    id: &Ident,
-    state: &Path,
-    volumes: &[(&str, &Path)],
-    allow: &[&str],
-    extra: &[&str],
-) -> Receiver {
-    let mut cmd = Command::new(bin());
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--identity"])
-        .arg(&id.dir)
-        .arg("--state-dir")
-        .arg(state)
-        .args(extra);
-    for (n, p) in volumes {
-        cmd.arg("--volume").arg(format!("{n}={}", p.display()));
-    }
-    for a in allow {
-        cmd.args(["--allow", a]);
-    }
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn serve");
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let log2 = log.clone();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if line.starts_with("listening on ") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(line.clone());
-                }
-            }
-            let mut l = log2.lock().unwrap();
-            l.push_str(&line);
-            l.push('\n');
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("receiver did not start: {}", log.lock().unwrap()));
-    let words: Vec<&str> = line.split_whitespace().collect();
-    Receiver {
-        child,
-        port: words[2].rsplit(':').next().unwrap().parse().unwrap(),
-        fp: words[4].to_string(),
-        stderr: log,
-        id: id.dir.clone(),
-        state: state.to_owned(),
-        volumes: volumes
-            .iter()
-            .map(|(n, p)| (n.to_string(), p.to_path_buf()))
-            .collect(),
-        allow: allow.iter().map(|s| s.to_string()).collect(),
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Runs `sync` (with `--retry-for 0s`, so a refusal ends it) once a second
 /// until it succeeds or `limit` passes; returns the last run and how many
@@ -225,11 +155,7 @@ fn intruder(id_dir: &Path, port: u16, fp: &str, stop: Arc<AtomicBool>, attempts:
 /// flood began still gets in, and the receiver's log stays bounded.
 #[test]
 fn stalled_handshakes_do_not_lock_out_an_honest_sender() {
-    let dir = scratch();
-    let src = dir.path().join("src.img");
-    let dst = dir.path().join("dst.img");
-    random_file(&src, 8 * MIB, 91);
-    let (sender, rx) = pair(dir.path(), &[("v", &dst)]);
+    let (dir, src, dst, sender, rx) = source_and_volume("src.img", "dst.img", 8 * MIB, 91);
     let outsider = keygen(dir.path(), "outsider");
     let stop = Arc::new(AtomicBool::new(false));
     let stalls = Arc::new(AtomicU64::new(0));
@@ -288,47 +214,15 @@ fn stalled_handshakes_do_not_lock_out_an_honest_sender() {
 // ---------------------------------------------------------------------------
 // Item 10: authorized peers cannot hold slots or volumes forever.
 
-/// An authorized connection with a control stream open.
-struct Held {
-    _ep: quinn::Endpoint,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-}
-
-async fn connect_authorized(id: &Identity, port: u16, fp: &str, tuning: &Tuning) -> Held {
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (ep, conn) = transport::connect(id, addr, fp, tuning)
-        .await
-        .expect("an authorized peer connects");
-    let (send, recv) = conn.open_bi().await.unwrap();
-    Held {
-        _ep: ep,
-        conn,
-        send,
-        recv,
-    }
-}
-
 /// Sends a sync Hello for volume `v` and waits for the Welcome.
-async fn hello_sync(h: &mut Held, size: u64, chunk: u32) {
+async fn hello_sync(h: &mut AuthorizedPeer, size: u64, chunk: u32) {
     let hello = wire::Hello {
-        version: wire::PROTOCOL_VERSION,
-        volume: "v".into(),
-        mode: Mode::Sync as i32,
-        source_size: size,
-        chunk_size: chunk,
         chunk_size_explicit: true,
         pass_id: vec![7; 16],
-        ..Default::default()
+        ..hello_for("v", Mode::Sync, size, chunk)
     };
-    transport::send_control(&mut h.send, Msg::Hello(hello))
-        .await
-        .unwrap();
-    match transport::recv_control(&mut h.recv).await.unwrap() {
-        Some(Msg::Welcome(_)) => {}
-        other => panic!("expected a welcome, got {other:?}"),
-    }
+    h.hello(hello).await.unwrap();
+    h.expect_welcome().await;
 }
 
 /// Issue 13 item 10: 32 authorized connections, each holding 3 of the 4
@@ -354,12 +248,12 @@ fn partial_frame_headers_do_not_hold_session_slots() {
         .iter()
         .map(|h| Identity::load(&h.dir).unwrap())
         .collect();
-    let rt = rt();
-    let _held: Vec<Held> = rt.block_on(async {
+    let rt = runtime();
+    let _held: Vec<AuthorizedPeer> = rt.block_on(async {
         let mut held = Vec::new();
         for id in &ids {
             for _ in 0..8 {
-                let mut h = connect_authorized(id, rx.port, &rx.fp, &Tuning::default()).await;
+                let mut h = AuthorizedPeer::connect(id, rx.port, &rx.fp, &Tuning::default()).await;
                 h.send.write_all(&[0x10, 0, 0]).await.unwrap();
                 held.push(h);
             }
@@ -379,10 +273,9 @@ fn partial_frame_headers_do_not_hold_session_slots() {
         "the 32 held connections never filled the slots: the test proves nothing"
     );
     assert_eq!(hash_prefix(&dst, 4 * MIB), hash_file(&src), "bytes differ");
-    assert!(
-        rx.log().contains("no hello within"),
-        "the receiver did not say why it ended the held sessions: {}",
-        rx.log()
+    rx.assert_log_says(
+        "no hello within",
+        "the receiver did not say why it ended the held sessions",
     );
 }
 
@@ -398,19 +291,20 @@ fn one_sender_cannot_hold_more_than_its_session_cap() {
     let greedy = SenderSide::new(dir.path(), "greedy");
     let other = SenderSide::new(dir.path(), "other");
     let rid = keygen(dir.path(), "r-id");
-    let rx = start_receiver(
+    let rx = Receiver::start_with(
         &rid,
         &dir.path().join("r-state"),
         &[("v", &dst)],
         &[&greedy.id.fp, &other.id.fp],
+        0,
         &["--max-sessions-per-sender", "2"],
     );
     let id = Identity::load(&greedy.id.dir).unwrap();
-    let rt = rt();
+    let rt = runtime();
     let (held, reason) = rt.block_on(async {
         let mut held = Vec::new();
         for _ in 0..2 {
-            held.push(connect_authorized(&id, rx.port, &rx.fp, &Tuning::default()).await);
+            held.push(AuthorizedPeer::connect(&id, rx.port, &rx.fp, &Tuning::default()).await);
         }
         let addr = format!("127.0.0.1:{}", rx.port).parse().unwrap();
         let (_ep, third) = transport::connect(&id, addr, &rx.fp, &Tuning::default())
@@ -459,7 +353,7 @@ fn stuck_session_lets_the_volume_go(test: &str, request_manifest: bool) {
     std::fs::File::create(&dst).unwrap().set_len(size).unwrap();
     let (sender, rx) = pair(dir.path(), &[("v", &dst)]);
     let id = Identity::load(&sender.id.dir).unwrap();
-    let rt = rt();
+    let rt = runtime();
     let small = Tuning {
         stream_window: 64 << 10,
         conn_window: 256 << 10,
@@ -467,7 +361,7 @@ fn stuck_session_lets_the_volume_go(test: &str, request_manifest: bool) {
         ..Tuning::default()
     };
     let _stuck = rt.block_on(async {
-        let mut h = connect_authorized(&id, rx.port, &rx.fp, &small).await;
+        let mut h = AuthorizedPeer::connect(&id, rx.port, &rx.fp, &small).await;
         hello_sync(&mut h, size, 4096).await;
         if request_manifest {
             transport::send_control(&mut h.send, Msg::ManifestRequest(wire::ManifestRequest {}))
@@ -508,16 +402,18 @@ fn silent_sync_session_lets_the_volume_go() {
 // ---------------------------------------------------------------------------
 // Item 15: a crashed sender's volume goes to its rerun at once.
 
-/// Spawns `sync` with piped stdout; returns the child and a receiver of the
-/// moment its pass began (the receiver accepted the session).
+/// Spawns `sync` to volume `name` with piped stdout; returns the child and
+/// a receiver of the moment its pass began (the receiver accepted the
+/// session).
 fn spawn_sync(
     sender: &SenderSide,
     src: &Path,
     rx: &Receiver,
+    name: &str,
     extra: &[&str],
 ) -> (std::process::Child, std::sync::mpsc::Receiver<Instant>) {
     let mut child = sender
-        .command("sync", src, &rx.dest("v"), &rx.fp, extra)
+        .command("sync", src, &rx.dest(name), &rx.fp, extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -539,12 +435,8 @@ fn spawn_sync(
 /// volume at once (not after the 15 s idle timeout) and completes the copy.
 #[test]
 fn killed_sender_rerun_is_accepted_at_once() {
-    let dir = scratch();
-    let src = dir.path().join("src.img");
-    let dst = dir.path().join("dst.img");
-    random_file(&src, 256 * MIB, 37);
-    let (sender, rx) = pair(dir.path(), &[("v", &dst)]);
-    let (mut first, started) = spawn_sync(&sender, &src, &rx, &["--bwlimit", "32M"]);
+    let (_dir, src, dst, sender, rx) = source_and_volume("src.img", "dst.img", 256 * MIB, 37);
+    let (mut first, started) = spawn_sync(&sender, &src, &rx, "v", &["--bwlimit", "32M"]);
     started
         .recv_timeout(Duration::from_secs(30))
         .expect("the first pass did not start");
@@ -556,7 +448,7 @@ fn killed_sender_rerun_is_accepted_at_once() {
     first.kill().unwrap(); // SIGKILL: no close reaches the receiver
     let _ = first.wait();
     let t = Instant::now();
-    let (rerun, started) = spawn_sync(&sender, &src, &rx, &["--retry-for", "0s"]);
+    let (rerun, started) = spawn_sync(&sender, &src, &rx, "v", &["--retry-for", "0s"]);
     let accepted = started.recv_timeout(Duration::from_secs(30)).ok();
     let out = rerun.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -572,10 +464,9 @@ fn killed_sender_rerun_is_accepted_at_once() {
         "the rerun waited {waited:?} for the volume (the idle timeout is 15 s)"
     );
     assert_eq!(hash_file(&dst), hash_file(&src), "bytes differ");
-    assert!(
-        rx.log().contains("does not answer"),
-        "the receiver did not say why it gave the volume away: {}",
-        rx.log()
+    rx.assert_log_says(
+        "does not answer",
+        "the receiver did not say why it gave the volume away",
     );
 }
 
@@ -584,11 +475,7 @@ fn killed_sender_rerun_is_accepted_at_once() {
 /// first finishes its pass.
 #[test]
 fn live_sender_keeps_its_volume() {
-    let dir = scratch();
-    let src = dir.path().join("src.img");
-    let dst = dir.path().join("dst.img");
-    random_file(&src, 256 * MIB, 41);
-    let (sender, rx) = pair(dir.path(), &[("v", &dst)]);
+    let (dir, src, dst, sender, rx) = source_and_volume("src.img", "dst.img", 256 * MIB, 41);
     let second = SenderSide {
         id: Ident {
             dir: sender.id.dir.clone(),
@@ -596,7 +483,7 @@ fn live_sender_keeps_its_volume() {
         },
         state: dir.path().join("second-state"),
     };
-    let (first, started) = spawn_sync(&sender, &src, &rx, &["--bwlimit", "32M"]);
+    let (first, started) = spawn_sync(&sender, &src, &rx, "v", &["--bwlimit", "32M"]);
     started
         .recv_timeout(Duration::from_secs(30))
         .expect("the first pass did not start");
@@ -626,11 +513,7 @@ fn live_sender_keeps_its_volume() {
 /// Issue 13 item 16: SIGHUP does not stop `serve`; a sync succeeds after it.
 #[test]
 fn sighup_does_not_stop_serve() {
-    let dir = scratch();
-    let src = dir.path().join("src.img");
-    let dst = dir.path().join("dst.img");
-    random_file(&src, 2 * MIB, 43);
-    let (sender, mut rx) = pair(dir.path(), &[("v", &dst)]);
+    let (_dir, src, dst, sender, mut rx) = source_and_volume("src.img", "dst.img", 2 * MIB, 43);
     let pid = nix::unistd::Pid::from_raw(rx.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
     std::thread::sleep(Duration::from_millis(500));
@@ -639,8 +522,7 @@ fn sighup_does_not_stop_serve() {
         "serve died of SIGHUP: {}",
         rx.log()
     );
-    let run = sender.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
-    assert_eq!(run.code, 0, "{}", run.stderr);
+    sender.sync_ok(&src, &rx, "v", "sync");
     assert_eq!(hash_prefix(&dst, 2 * MIB), hash_file(&src), "bytes differ");
 }
 
@@ -678,8 +560,7 @@ fn exposed_identity_key_is_warned_about() {
         line.contains("warning") && line.contains("chmod 600"),
         "{line}"
     );
-    let run = sender.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
-    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = sender.sync_ok(&src, &rx, "v", "sync");
     let skey = sender.id.dir.join("key.der").display().to_string();
     assert!(
         run.stderr.contains(&skey) && run.stderr.contains("chmod 600"),
@@ -694,42 +575,25 @@ fn exposed_identity_key_is_warned_about() {
 
 /// Sends a `mode` Hello for `volume` of a `size`-byte source and waits for
 /// the answer: the Welcome, or whatever else came.
-async fn hello_mode(h: &mut Held, volume: &str, mode: Mode, size: u64) -> Option<Msg> {
+async fn hello_mode(h: &mut AuthorizedPeer, volume: &str, mode: Mode, size: u64) -> Option<Msg> {
     let hello = wire::Hello {
-        version: wire::PROTOCOL_VERSION,
-        volume: volume.into(),
-        mode: mode as i32,
-        source_size: size,
-        chunk_size: 64 << 10,
         chunk_size_explicit: true,
-        ..Default::default()
+        ..hello_for(volume, mode, size, 64 << 10)
     };
-    transport::send_control(&mut h.send, Msg::Hello(hello))
-        .await
-        .ok()?;
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        transport::recv_control(&mut h.recv),
-    )
-    .await
-    .ok()
-    .and_then(|m| m.ok())
-    .flatten()
+    h.hello(hello).await.ok()?;
+    h.answer_within(Duration::from_secs(10)).await
 }
 
 /// Opens a verify session of `v` and reads every hash the receiver sends.
-async fn verify_and_go_silent(id: &Identity, port: u16, fp: &str, size: u64) -> Option<Held> {
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (ep, conn) = transport::connect(id, addr, fp, &Tuning::default())
+async fn verify_and_go_silent(
+    id: &Identity,
+    port: u16,
+    fp: &str,
+    size: u64,
+) -> Option<AuthorizedPeer> {
+    let mut h = AuthorizedPeer::try_connect(id, port, fp, &Tuning::default())
         .await
         .ok()?;
-    let (send, recv) = conn.open_bi().await.ok()?;
-    let mut h = Held {
-        _ep: ep,
-        conn,
-        send,
-        recv,
-    };
     match hello_mode(&mut h, "v", Mode::Verify, size).await {
         Some(Msg::Welcome(_)) => {}
         _ => return None,
@@ -754,15 +618,16 @@ fn silent_verify_session_frees_its_slot() {
     random_file(&dst, 4 * MIB, 53);
     let sender = SenderSide::new(dir.path(), "s");
     let rid = keygen(dir.path(), "r-id");
-    let rx = start_receiver(
+    let rx = Receiver::start_with(
         &rid,
         &dir.path().join("r-state"),
         &[("v", &dst)],
         &[&sender.id.fp],
+        0,
         &["--max-sessions-per-sender", "1"],
     );
     let id = Identity::load(&sender.id.dir).unwrap();
-    let rt = rt();
+    let rt = runtime();
     let (silent, second_at_once, later) = rt.block_on(async {
         let silent = verify_and_go_silent(&id, rx.port, &rx.fp, 4 * MIB)
             .await
@@ -809,9 +674,9 @@ fn record_session_without_a_mark_is_ended() {
     random_file(&dst, MIB, 59);
     let (sender, rx) = pair(dir.path(), &[("v", &dst)]);
     let id = Identity::load(&sender.id.dir).unwrap();
-    let rt = rt();
+    let rt = runtime();
     let closed = rt.block_on(async {
-        let mut h = connect_authorized(&id, rx.port, &rx.fp, &Tuning::default()).await;
+        let mut h = AuthorizedPeer::connect(&id, rx.port, &rx.fp, &Tuning::default()).await;
         match hello_mode(&mut h, "v", Mode::Record, 0).await {
             Some(Msg::Welcome(_)) => {}
             other => panic!("expected a welcome, got {other:?}"),
@@ -839,13 +704,8 @@ fn record_session_without_a_mark_is_ended() {
 /// it, so the next sync repairs the target.
 #[test]
 fn verify_with_a_slow_source_succeeds() {
-    let dir = scratch();
-    let src = dir.path().join("src.img");
-    let dst = dir.path().join("dst.img");
-    random_file(&src, 24 * MIB, 61);
-    let (sender, rx) = pair(dir.path(), &[("v", &dst)]);
-    let run = sender.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
-    assert_eq!(run.code, 0, "first sync: {}", run.stderr);
+    let (_dir, src, dst, sender, rx) = source_and_volume("src.img", "dst.img", 24 * MIB, 61);
+    sender.sync_ok(&src, &rx, "v", "first sync");
     write_at(&dst, 5 * MIB, b"changed behind the receiver's back");
     let began = Instant::now();
     let run = sender.run(
@@ -868,8 +728,7 @@ fn verify_with_a_slow_source_succeeds() {
         "the source read in {:?}, within the receiver's idle deadline: the test proves nothing",
         began.elapsed()
     );
-    let run = sender.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
-    assert_eq!(run.code, 0, "sync after verify: {}", run.stderr);
+    sender.sync_ok(&src, &rx, "v", "sync after verify");
     assert_eq!(
         hash_file(&dst),
         hash_file(&src),
@@ -929,35 +788,20 @@ fn unauthorized_hello_does_not_touch_another_volumes_holder() {
     let limited = SenderSide::new(dir.path(), "limited");
     let rid = keygen(dir.path(), "r-id");
     let only_a = format!("{}=a", limited.id.fp);
-    let rx = start_receiver(
+    let rx = Receiver::start(
         &rid,
         &dir.path().join("r-state"),
         &[("a", &a), ("b", &b)],
         &[&holder.id.fp, &only_a],
-        &[],
+        0,
     );
-    let mut first = holder
-        .command(
-            "sync",
-            &src,
-            &rx.dest("b"),
-            &rx.fp,
-            &["--bwlimit", "32M", "--retry-for", "0s"],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = first.stdout.take().unwrap();
-    let (tx, started) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if line.contains("\"pass_start\"") {
-                let _ = tx.send(());
-            }
-        }
-    });
+    let (first, started) = spawn_sync(
+        &holder,
+        &src,
+        &rx,
+        "b",
+        &["--bwlimit", "32M", "--retry-for", "0s"],
+    );
     started
         .recv_timeout(Duration::from_secs(30))
         .expect("the holder's pass did not start");

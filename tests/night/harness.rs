@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nightpass::transport::{self, Identity, Tuning};
+use nightpass_proto::wire::{self, control::Msg, Mode};
 use serde_json::Value;
 
 /// The binary under test.
@@ -92,6 +94,8 @@ pub struct Receiver {
     pub state: PathBuf,
     pub volumes: Vec<(String, PathBuf)>,
     pub allow: Vec<String>,
+    /// The `serve` flags given to [`Receiver::start_with`] beyond the usual ones.
+    pub extra_args: Vec<String>,
 }
 
 impl Receiver {
@@ -102,6 +106,20 @@ impl Receiver {
         volumes: &[(&str, &Path)],
         allow: &[&str],
         port: u16,
+    ) -> Receiver {
+        Receiver::start_with(id, state, volumes, allow, port, &[])
+    }
+
+    /// Starts a receiver like [`Receiver::start`], with `extra_args` (more
+    /// `serve` flags, such as `--max-sessions-per-sender 2`) after the others;
+    /// a restart keeps them.
+    pub fn start_with(
+        id: &Ident,
+        state: &Path,
+        volumes: &[(&str, &Path)],
+        allow: &[&str],
+        port: u16,
+        extra_args: &[&str],
     ) -> Receiver {
         let mut cmd = Command::new(bin());
         cmd.args([
@@ -119,6 +137,7 @@ impl Receiver {
         for a in allow {
             cmd.args(["--allow", a]);
         }
+        cmd.args(extra_args);
         let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -160,6 +179,7 @@ impl Receiver {
                 .map(|(n, p)| (n.to_string(), p.to_path_buf()))
                 .collect(),
             allow: allow.iter().map(|s| s.to_string()).collect(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
         }
     }
 
@@ -187,14 +207,27 @@ impl Receiver {
             .map(|(n, p)| (n.as_str(), p.as_path()))
             .collect();
         let a: Vec<&str> = self.allow.iter().map(|s| s.as_str()).collect();
+        let extra: Vec<String> = self.extra_args.clone();
+        let e: Vec<&str> = extra.iter().map(|s| s.as_str()).collect();
         let state = self.state.clone();
-        let mut fresh = Receiver::start(&id, &state, &v, &a, self.port);
+        let mut fresh = Receiver::start_with(&id, &state, &v, &a, self.port, &e);
         std::mem::swap(self, &mut fresh);
     }
 
     /// Everything the receiver wrote to stderr so far.
     pub fn log(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// Asserts that the receiver's log says `words` by now; `why` is what
+    /// it means when it does not (e.g. "the receiver did not say why it
+    /// ended the session").
+    pub fn assert_log_says(&self, words: &str, why: &str) {
+        let log = self.log();
+        assert!(
+            log.contains(words),
+            "{why} (its log does not say {words:?}):\n{log}"
+        );
     }
 }
 
@@ -212,6 +245,23 @@ pub fn pair(root: &Path, volumes: &[(&str, &Path)]) -> (SenderSide, Receiver) {
     let rid = keygen(root, "r-id");
     let rx = Receiver::start(&rid, &root.join("r-state"), volumes, &[&sender.id.fp], 0);
     (sender, rx)
+}
+
+/// A scratch tree holding a source of `size` pseudo-random bytes (from
+/// `seed`) named `source`, and a sender and receiver ([`pair`]) exporting
+/// `target` there as volume `v`. Returns (scratch, source, target, sender,
+/// receiver).
+pub fn source_and_volume(
+    source: &str,
+    target: &str,
+    size: u64,
+    seed: u64,
+) -> (tempfile::TempDir, PathBuf, PathBuf, SenderSide, Receiver) {
+    let root = scratch();
+    let (src, dst) = (root.path().join(source), root.path().join(target));
+    random_file(&src, size, seed);
+    let (sender, rx) = pair(root.path(), &[("v", &dst)]);
+    (root, src, dst, sender, rx)
 }
 
 /// The outcome of a nightpass command run with `--json`.
@@ -275,6 +325,14 @@ impl SenderSide {
             .arg(&self.state)
             .args(extra);
         c
+    }
+
+    /// Runs `nightpass sync SOURCE` to volume `name` of `rx` (no other flags)
+    /// and asserts it succeeded (exit 0); `what` names the pass when not.
+    pub fn sync_ok(&self, source: &Path, rx: &Receiver, name: &str, what: &str) -> Run {
+        let r = self.run("sync", source, &rx.dest(name), &rx.fp, &[]);
+        assert_eq!(r.code, 0, "{what}: {}", r.stderr);
+        r
     }
 
     /// Runs `nightpass CMD SOURCE DEST ...` to completion.
@@ -529,4 +587,118 @@ pub fn manifest_claims_hold(manifest: &Path, target: &Path) -> (u64, Vec<u64>) {
 /// The receiver's manifest of volume `name` under its state dir.
 pub fn receiver_manifest(state: &Path, name: &str) -> PathBuf {
     state.join("volumes").join(name).join("manifest")
+}
+
+/// A multi-threaded tokio runtime (two workers) for a test that drives a
+/// peer by hand.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A Hello as a sender sends it first: protocol version, `volume`, `mode`,
+/// the source's size and the chunk size; the rest as the caller sets it
+/// (`..hello_for(...)`).
+pub fn hello_for(volume: &str, mode: Mode, source_size: u64, chunk_size: u32) -> wire::Hello {
+    wire::Hello {
+        version: wire::PROTOCOL_VERSION,
+        volume: volume.into(),
+        mode: mode as i32,
+        source_size,
+        chunk_size,
+        ..Default::default()
+    }
+}
+
+/// A peer holding an authorized identity, driven by hand (hostile, stuck or
+/// just precise): its endpoint, its connection to the receiver and the
+/// control stream it opened.
+pub struct AuthorizedPeer {
+    pub ep: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+impl AuthorizedPeer {
+    /// Connects with `identity` to the receiver on 127.0.0.1:`port` whose
+    /// fingerprint is `server_fp`, and opens the control stream; the error
+    /// in words when either fails.
+    pub async fn try_connect(
+        identity: &Identity,
+        port: u16,
+        server_fp: &str,
+        tuning: &Tuning,
+    ) -> Result<AuthorizedPeer, String> {
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let (ep, conn) = transport::connect(identity, addr, server_fp, tuning)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        Ok(AuthorizedPeer {
+            ep,
+            conn,
+            send,
+            recv,
+        })
+    }
+
+    /// [`AuthorizedPeer::try_connect`], which must succeed.
+    pub async fn connect(
+        identity: &Identity,
+        port: u16,
+        server_fp: &str,
+        tuning: &Tuning,
+    ) -> AuthorizedPeer {
+        AuthorizedPeer::try_connect(identity, port, server_fp, tuning)
+            .await
+            .unwrap_or_else(|e| panic!("an authorized peer could not connect: {e}"))
+    }
+
+    /// Sends `hello` on the control stream.
+    pub async fn hello(&mut self, hello: wire::Hello) -> nightpass::error::Result<()> {
+        transport::send_control(&mut self.send, Msg::Hello(hello)).await
+    }
+
+    /// The receiver's next control message (`None`: the stream ended).
+    pub async fn answer(&mut self) -> nightpass::error::Result<Option<Msg>> {
+        transport::recv_control(&mut self.recv).await
+    }
+
+    /// The receiver's next control message within `limit`; `None` when it
+    /// did not come in time, the stream ended or failed.
+    pub async fn answer_within(&mut self, limit: Duration) -> Option<Msg> {
+        tokio::time::timeout(limit, self.answer())
+            .await
+            .ok()
+            .and_then(|m| m.ok())
+            .flatten()
+    }
+
+    /// Reads the answer to the Hello, which must be a Welcome.
+    pub async fn expect_welcome(&mut self) -> wire::Welcome {
+        match self.answer().await {
+            Ok(Some(Msg::Welcome(w))) => w,
+            other => panic!("expected a welcome, got {other:?}"),
+        }
+    }
+
+    /// Reads the answer to the Hello, which must be a Refusal.
+    pub async fn expect_refusal(&mut self) -> wire::Refusal {
+        match self.answer().await {
+            Ok(Some(Msg::Refusal(r))) => r,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    /// Closes the connection and waits (up to 2 s) until the receiver knows,
+    /// so it does not hold the volume for this session until its idle
+    /// timeout.
+    pub async fn close(self) {
+        self.ep.close(0u32.into(), b"");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.ep.wait_idle()).await;
+    }
 }

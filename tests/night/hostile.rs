@@ -104,47 +104,27 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-/// Opens a sync session on `volume` of `size` bytes and returns the parts.
-async fn open(
-    id: &Identity,
-    port: u16,
-    fp: &str,
-    volume: &str,
-    size: u64,
-) -> (
-    quinn::Endpoint,
-    quinn::Connection,
-    quinn::SendStream,
-    quinn::RecvStream,
-) {
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (ep, conn) = transport::connect(id, addr, fp, &Tuning::default())
-        .await
-        .expect("an authorized peer connects");
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+/// Opens a sync session on `volume` of `size` bytes: the peer, welcomed.
+async fn open(id: &Identity, port: u16, fp: &str, volume: &str, size: u64) -> AuthorizedPeer {
+    let mut peer = AuthorizedPeer::connect(id, port, fp, &Tuning::default()).await;
     let hello = wire::Hello {
-        version: wire::PROTOCOL_VERSION,
-        volume: volume.into(),
-        mode: Mode::Sync as i32,
-        source_size: size,
-        chunk_size: CHUNK as u32,
         chunk_size_explicit: true,
         pass_id: random_bytes(16, size ^ 0x5a),
-        ..Default::default()
+        ..hello_for(volume, Mode::Sync, size, CHUNK as u32)
     };
-    transport::send_control(&mut send, Msg::Hello(hello.clone()))
-        .await
-        .unwrap();
-    match transport::recv_control(&mut recv).await.unwrap() {
-        Some(Msg::Welcome(_)) => {}
-        other => panic!("expected a welcome, got {other:?}"),
-    }
-    (ep, conn, send, recv)
+    peer.hello(hello).await.unwrap();
+    peer.expect_welcome().await;
+    peer
 }
 
 /// Runs one attack; returns the reason the receiver gave for closing.
 async fn attack(id: &Identity, port: u16, fp: &str, size: u64, a: Attack) -> String {
-    let (ep, conn, mut send, _recv) = open(id, port, fp, "v", size).await;
+    let AuthorizedPeer {
+        ep,
+        conn,
+        mut send,
+        recv: _recv,
+    } = open(id, port, fp, "v", size).await;
     let payload = Bytes::from(random_bytes(CHUNK as usize, 7));
     let hash = *blake3::hash(&payload).as_bytes();
     let data: Option<Bytes> = match a {
@@ -252,14 +232,6 @@ async fn attack(id: &Identity, port: u16, fp: &str, size: u64, a: Attack) -> Str
     }
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn setup(root: &Path) -> (SenderSide, Receiver, std::path::PathBuf, std::path::PathBuf) {
     let tv = root.join("target-v.img");
     let tw = root.join("target-w.img");
@@ -311,7 +283,7 @@ fn hostile_authenticated_peer_writes_nothing_and_others_carry_on() {
             "reset a data stream and then finished",
         ),
     ];
-    let rt = rt();
+    let rt = runtime();
     for (a, expect) in cases {
         let reason = rt.block_on(attack(&id, rx.port, &rx.fp, size, a));
         assert!(
@@ -352,9 +324,14 @@ fn peer_that_never_reads_acks_cannot_grow_receiver_memory() {
     let (sender, rx, _tv, tw) = setup(root);
     let size = 384 * MIB;
     let id = Identity::load(&sender.id.dir).unwrap();
-    let rt = rt();
+    let rt = runtime();
     let sent = rt.block_on(async {
-        let (ep, conn, _send, _recv) = open(&id, rx.port, &rx.fp, "w", size).await;
+        let AuthorizedPeer {
+            ep,
+            conn,
+            send: _send,
+            recv: _recv,
+        } = open(&id, rx.port, &rx.fp, "w", size).await;
         let payload = Bytes::from(random_bytes(CHUNK as usize, 11));
         let hash = *blake3::hash(&payload).as_bytes();
         let mut streams = Vec::new();
@@ -425,9 +402,14 @@ fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
     new0[9 * wire::BLOCK..10 * wire::BLOCK].copy_from_slice(&fresh[wire::BLOCK..]);
     let hash0 = *blake3::hash(&new0).as_bytes();
     let id = Identity::load(&sender.id.dir).unwrap();
-    let rt = rt();
+    let rt = runtime();
     let (new1, new2) = rt.block_on(async {
-        let (ep, conn, mut send, mut recv) = open(&id, rx.port, &rx.fp, "v", size).await;
+        let AuthorizedPeer {
+            ep,
+            conn,
+            mut send,
+            mut recv,
+        } = open(&id, rx.port, &rx.fp, "v", size).await;
         let mut s = conn.open_uni().await.unwrap();
         let probe = chunk_frame(
             0,

@@ -50,81 +50,36 @@ fn unseal(name: &str, state_dir: &Path) -> Run {
     run_command(c)
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn connect(
-    id: &Identity,
-    port: u16,
-    fp: &str,
-) -> (
-    quinn::Endpoint,
-    quinn::Connection,
-    quinn::SendStream,
-    quinn::RecvStream,
-) {
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (ep, conn) = transport::connect(id, addr, fp, &Tuning::default())
-        .await
-        .expect("an authorized peer connects");
-    let (send, recv) = conn.open_bi().await.unwrap();
-    (ep, conn, send, recv)
-}
-
 /// A record session as a peer runs it by hand: Hello(RECORD), the Welcome,
 /// then `mark`; returns the receiver's answer.
 async fn record(id: &Identity, port: u16, fp: &str, volume: &str, mark: wire::Mark) -> Msg {
-    let (ep, _conn, mut send, mut recv) = connect(id, port, fp).await;
-    let hello = wire::Hello {
-        version: wire::PROTOCOL_VERSION,
-        volume: volume.into(),
-        mode: Mode::Record as i32,
-        ..Default::default()
-    };
-    transport::send_control(&mut send, Msg::Hello(hello))
+    let mut peer = AuthorizedPeer::connect(id, port, fp, &Tuning::default()).await;
+    peer.hello(hello_for(volume, Mode::Record, 0, 0))
         .await
         .unwrap();
-    match transport::recv_control(&mut recv).await.unwrap() {
-        Some(Msg::Welcome(_)) => {}
-        other => panic!("expected a welcome to the record session, got {other:?}"),
-    }
+    peer.expect_welcome().await;
     // A 1 MiB mark may not all be read before the receiver answers.
-    let _ = transport::send_control(&mut send, Msg::Mark(mark)).await;
-    let answer = tokio::time::timeout(Duration::from_secs(20), transport::recv_control(&mut recv))
+    let _ = transport::send_control(&mut peer.send, Msg::Mark(mark)).await;
+    let answer = tokio::time::timeout(Duration::from_secs(20), peer.answer())
         .await
         .expect("the receiver answers a mark within 20 s")
         .unwrap()
         .expect("an answer, not the end of the stream");
-    ep.close(0u32.into(), b"");
-    let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+    peer.close().await;
     answer
 }
 
-/// The Welcome a sync session of `volume` gets (the session is then dropped).
+/// The Welcome a sync session of `volume` gets (the session is then closed,
+/// for sure before the runtime goes).
 async fn sync_welcome(id: &Identity, port: u16, fp: &str, volume: &str, size: u64) -> Msg {
-    let (ep, _conn, mut send, mut recv) = connect(id, port, fp).await;
+    let mut peer = AuthorizedPeer::connect(id, port, fp, &Tuning::default()).await;
     let hello = wire::Hello {
-        version: wire::PROTOCOL_VERSION,
-        volume: volume.into(),
-        mode: Mode::Sync as i32,
-        source_size: size,
-        chunk_size: 64 << 10,
         pass_id: vec![7; 16],
-        ..Default::default()
+        ..hello_for(volume, Mode::Sync, size, 64 << 10)
     };
-    transport::send_control(&mut send, Msg::Hello(hello))
-        .await
-        .unwrap();
-    let answer = transport::recv_control(&mut recv).await.unwrap().unwrap();
-    // Closed for sure before the runtime goes, or the receiver would hold
-    // the volume for this session until its idle timeout.
-    ep.close(0u32.into(), b"");
-    let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+    peer.hello(hello).await.unwrap();
+    let answer = peer.answer().await.unwrap().unwrap();
+    peer.close().await;
     answer
 }
 
@@ -143,19 +98,14 @@ fn mark(consistency_point: String) -> wire::Mark {
 /// what the "new site" wrote.
 #[test]
 fn cutover_seals_the_volume_until_unseal() {
-    let dir = scratch();
+    let (dir, source, target, sender, rx) =
+        source_and_volume("source.img", "target.img", 8 * MIB, 41);
     let root = dir.path();
-    let target = root.join("target.img");
-    let (sender, rx) = pair(root, &[("v", &target)]);
     let rstate = rx.state.clone();
-    let source = root.join("source.img");
-    random_file(&source, 8 * MIB, 41);
     let dest = rx.dest("v");
-    let r = sender.run("sync", &source, &dest, &rx.fp, &[]);
-    assert_eq!(r.code, 0, "first sync: {}", r.stderr);
+    sender.sync_ok(&source, &rx, "v", "first sync");
     write_at(&source, 3 * MIB, &[0x5a; 200_000]);
-    let r = sender.run("sync", &source, &dest, &rx.fp, &[]);
-    assert_eq!(r.code, 0, "second sync: {}", r.stderr);
+    sender.sync_ok(&source, &rx, "v", "second sync");
 
     let r = sender.run("cutover", &source, &dest, &rx.fp, &["--assume-frozen"]);
     assert_eq!(r.code, 0, "cutover: {}", r.stderr);
@@ -242,14 +192,13 @@ fn cutover_seals_the_volume_until_unseal() {
 
     // A sync session's Welcome now says which cutover was unsealed.
     let id = Identity::load(&sender.id.dir).unwrap();
-    match rt().block_on(sync_welcome(&id, rx.port, &rx.fp, "v", 8 * MIB)) {
+    match runtime().block_on(sync_welcome(&id, rx.port, &rx.fp, "v", 8 * MIB)) {
         Msg::Welcome(w) => assert_eq!(w.unsealed_cutover, cp),
         other => panic!("expected a welcome after unseal, got {other:?}"),
     }
 
     // Passes are accepted again, and overwrite the new site's writes.
-    let r = stray.run("sync", &source, &dest, &rx.fp, &[]);
-    assert_eq!(r.code, 0, "sync after unseal: {}", r.stderr);
+    stray.sync_ok(&source, &rx, "v", "sync after unseal");
     assert_eq!(
         hash_file(&target),
         hash_file(&source),
@@ -263,18 +212,14 @@ fn cutover_seals_the_volume_until_unseal() {
 /// not from one made at unseal time.
 #[test]
 fn writes_after_unseal_are_overwritten_by_the_next_pass() {
-    let dir = scratch();
-    let root = dir.path();
-    let target = root.join("target.img");
-    let (sender, rx) = pair(root, &[("v", &target)]);
-    let source = root.join("source.img");
     // 512 chunks, one of them written after the unseal: the random sample
     // at the next session's start would almost never find it.
-    random_file(&source, 32 * MIB, 43);
+    let (dir, source, target, sender, rx) =
+        source_and_volume("source.img", "target.img", 32 * MIB, 43);
+    let root = dir.path();
     let dest = rx.dest("v");
     for pass in ["first", "second"] {
-        let r = sender.run("sync", &source, &dest, &rx.fp, &[]);
-        assert_eq!(r.code, 0, "{pass} sync: {}", r.stderr);
+        sender.sync_ok(&source, &rx, "v", &format!("{pass} sync"));
     }
     let r = sender.run("cutover", &source, &dest, &rx.fp, &["--assume-frozen"]);
     assert_eq!(r.code, 0, "cutover: {}", r.stderr);
@@ -286,8 +231,7 @@ fn writes_after_unseal_are_overwritten_by_the_next_pass() {
     assert_ne!(hash_file(&target), hash_file(&source));
 
     let stray = fresh_state(&sender, root);
-    let r = stray.run("sync", &source, &dest, &rx.fp, &[]);
-    assert_eq!(r.code, 0, "sync after unseal: {}", r.stderr);
+    stray.sync_ok(&source, &rx, "v", "sync after unseal");
     assert_eq!(
         hash_file(&target),
         hash_file(&source),
@@ -308,22 +252,17 @@ fn writes_after_unseal_are_overwritten_by_the_next_pass() {
 /// recorded, and seals.
 #[test]
 fn record_session_checks_the_consistency_point() {
-    let dir = scratch();
-    let root = dir.path();
-    let target = root.join("target.img");
-    let (sender, rx) = pair(root, &[("v", &target)]);
+    let (_dir, source, target, sender, rx) =
+        source_and_volume("source.img", "target.img", 4 * MIB, 43);
     let rstate = rx.state.clone();
-    let source = root.join("source.img");
-    random_file(&source, 4 * MIB, 43);
     let dest = rx.dest("v");
-    let r = sender.run("sync", &source, &dest, &rx.fp, &[]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = sender.sync_ok(&source, &rx, "v", "sync");
     let root_hex = r.event("pass_end")["root"].as_str().unwrap().to_string();
     assert_eq!(root_hex.len(), 64);
     let seal_file = volume_state(&rstate, "v").join("seal");
 
     let id = Identity::load(&sender.id.dir).unwrap();
-    let rt = rt();
+    let rt = runtime();
     let not_ours = "0123456789abcdef".repeat(4);
     let huge = "a".repeat(1 << 20);
     for (cp, expect) in [
@@ -343,8 +282,7 @@ fn record_session_checks_the_consistency_point() {
         assert!(rx.log().contains(expect), "{}", rx.log());
     }
     // Passes still run.
-    let r = sender.run("sync", &source, &dest, &rx.fp, &[]);
-    assert_eq!(r.code, 0, "sync after refused marks: {}", r.stderr);
+    sender.sync_ok(&source, &rx, "v", "sync after refused marks");
 
     // The receiver's own root is recorded and seals the volume.
     match rt.block_on(record(&id, rx.port, &rx.fp, "v", mark(root_hex.clone()))) {
@@ -368,14 +306,10 @@ fn record_session_checks_the_consistency_point() {
 /// directory that does not exist, is bad input: exit 2 and says so.
 #[test]
 fn unseal_refuses_what_is_not_sealed() {
-    let dir = scratch();
+    let (dir, source, _target, sender, rx) =
+        source_and_volume("source.img", "target.img", 2 * MIB, 45);
     let root = dir.path();
-    let target = root.join("target.img");
-    let (sender, rx) = pair(root, &[("v", &target)]);
-    let source = root.join("source.img");
-    random_file(&source, 2 * MIB, 45);
-    let r = sender.run("sync", &source, &rx.dest("v"), &rx.fp, &[]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    sender.sync_ok(&source, &rx, "v", "sync");
     let before = std::fs::read(receiver_manifest(&rx.state, "v")).unwrap();
 
     let u = unseal("v", &rx.state);

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use nightpass::transport::{self, Identity, RemoteVolume, Tuning};
+use nightpass::transport::{Identity, RemoteVolume, Tuning};
 use nightpass_proto::wire::{self, control::Msg, Mode};
 
 use crate::harness::*;
@@ -45,28 +45,40 @@ fn serve_refused(id: &Ident, state: &Path, args: &[&str]) -> (i32, String) {
     )
 }
 
-fn vol(name: &str, p: &Path) -> String {
-    format!("{name}={}", p.display())
+/// Runs `nightpass serve` exporting `volumes` to the sender `allow` (an
+/// `--allow` entry), which must refuse at start; returns (exit status,
+/// stderr).
+fn export_refused(
+    id: &Ident,
+    state: &Path,
+    volumes: &[(&str, &Path)],
+    allow: &str,
+) -> (i32, String) {
+    let mut args = Vec::new();
+    for (name, p) in volumes {
+        args.push("--volume".to_string());
+        args.push(format!("{name}={}", p.display()));
+    }
+    args.extend(["--allow".to_string(), allow.to_string()]);
+    let args: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+    serve_refused(id, state, &args)
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+/// A scratch tree with a receiver identity (`r-id`) and a sender's
+/// (`s-id`), for `serve` runs that must refuse at start.
+fn receiver_and_sender_ids() -> (tempfile::TempDir, Ident, Ident) {
+    let root = scratch();
+    let id = keygen(root.path(), "r-id");
+    let s = keygen(root.path(), "s-id");
+    (root, id, s)
 }
 
 /// Item 2: a target removed and created again under the same name is
 /// another target; its old manifest must not make the sender skip chunks.
 #[test]
 fn replaced_target_starts_from_nothing() {
-    let root = scratch();
-    let (src, dst) = (root.path().join("src.img"), root.path().join("target.img"));
-    random_file(&src, 64 * MIB, 21);
-    let (s, rx) = pair(root.path(), &[("v", &dst)]);
-    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (_root, src, dst, s, rx) = source_and_volume("src.img", "target.img", 64 * MIB, 21);
+    s.sync_ok(&src, &rx, "v", "sync");
     std::fs::remove_file(&dst).unwrap();
     let st = Command::new("truncate")
         .args(["-s", "64M"])
@@ -74,18 +86,16 @@ fn replaced_target_starts_from_nothing() {
         .status()
         .unwrap();
     assert!(st.success());
-    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = s.sync_ok(&src, &rx, "v", "sync");
     assert!(
         r.event("pass_end")["changed_chunks"].as_u64().unwrap() > 0,
         "{:?}",
         r.events
     );
     assert_eq!(hash_file(&src), hash_file(&dst), "target bytes differ");
-    assert!(
-        rx.log().contains("starting from nothing known"),
-        "{}",
-        rx.log()
+    rx.assert_log_says(
+        "starting from nothing known",
+        "the receiver did not say it started the replaced target afresh",
     );
 }
 
@@ -93,23 +103,17 @@ fn replaced_target_starts_from_nothing() {
 /// are found by the random sample at the next session and resent.
 #[test]
 fn target_changed_behind_the_receiver_is_found_by_the_sample() {
-    let root = scratch();
-    let (src, dst) = (root.path().join("src.img"), root.path().join("target.img"));
-    random_file(&src, 64 * MIB, 22);
-    let (s, rx) = pair(root.path(), &[("v", &dst)]);
-    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (_root, src, dst, s, rx) = source_and_volume("src.img", "target.img", 64 * MIB, 22);
+    s.sync_ok(&src, &rx, "v", "sync");
     let junk = vec![0x5au8; CHUNK as usize];
     for i in (0..64 * MIB / CHUNK).step_by(2) {
         write_at(&dst, i * CHUNK, &junk);
     }
-    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    s.sync_ok(&src, &rx, "v", "sync");
     assert_eq!(hash_file(&src), hash_file(&dst), "target bytes differ");
-    assert!(
-        rx.log().contains("behind this receiver's back"),
-        "{}",
-        rx.log()
+    rx.assert_log_says(
+        "behind this receiver's back",
+        "the receiver did not say what the sample found",
     );
 }
 
@@ -117,43 +121,24 @@ fn target_changed_behind_the_receiver_is_found_by_the_sample() {
 /// are refused at start, naming both.
 #[test]
 fn one_target_exported_twice_is_refused_at_start() {
-    let root = scratch();
-    let id = keygen(root.path(), "r-id");
-    let s = keygen(root.path(), "s-id");
+    let (root, id, s) = receiver_and_sender_ids();
     let dupe = root.path().join("dupe.img");
     std::fs::write(&dupe, vec![0u8; 4096]).unwrap();
     let link = root.path().join("link.img");
     std::os::unix::fs::symlink(&dupe, &link).unwrap();
     for other in [&dupe, &link] {
         let state = root.path().join("state");
-        let (code, err) = serve_refused(
-            &id,
-            &state,
-            &[
-                "--volume",
-                &vol("x", &dupe),
-                "--volume",
-                &vol("y", other),
-                "--allow",
-                &s.fp,
-            ],
-        );
+        let (code, err) = export_refused(&id, &state, &[("x", &dupe), ("y", other)], &s.fp);
         assert_eq!(code, 2, "{err}");
         assert!(err.contains("'x'") && err.contains("'y'"), "{err}");
     }
     // Two missing files at one path are one target too.
     let missing = root.path().join("new.img");
-    let (code, err) = serve_refused(
+    let (code, err) = export_refused(
         &id,
         &root.path().join("state"),
-        &[
-            "--volume",
-            &vol("x", &missing),
-            "--volume",
-            &vol("y", &missing),
-            "--allow",
-            &s.fp,
-        ],
+        &[("x", &missing), ("y", &missing)],
+        &s.fp,
     );
     assert_eq!(code, 2, "{err}");
     assert!(!missing.exists());
@@ -163,15 +148,9 @@ fn one_target_exported_twice_is_refused_at_start() {
 /// nothing is created.
 #[test]
 fn missing_export_directory_is_refused_at_start() {
-    let root = scratch();
-    let id = keygen(root.path(), "r-id");
-    let s = keygen(root.path(), "s-id");
+    let (root, id, s) = receiver_and_sender_ids();
     let target = root.path().join("nodir").join("t.img");
-    let (code, err) = serve_refused(
-        &id,
-        &root.path().join("state"),
-        &["--volume", &vol("x", &target), "--allow", &s.fp],
-    );
+    let (code, err) = export_refused(&id, &root.path().join("state"), &[("x", &target)], &s.fp);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("does not exist"), "{err}");
     assert!(!root.path().join("nodir").exists());
@@ -191,9 +170,7 @@ fn mounted_device_and_read_only_state_are_refused_at_start() {
     ) {
         return;
     }
-    let root = scratch();
-    let id = keygen(root.path(), "r-id");
-    let s = keygen(root.path(), "s-id");
+    let (root, id, s) = receiver_and_sender_ids();
     let backing = root.path().join("dev.img");
     // (The mount itself writes the device, so no checksum: the refusal is
     // at start, before any session could open it.)
@@ -205,11 +182,7 @@ fn mounted_device_and_read_only_state_are_refused_at_start() {
     mkfs_ext4(&lo.dev);
     {
         let _m = Mount::mount(&lo.dev, &root.path().join("mnt"), "rw");
-        let (code, err) = serve_refused(
-            &id,
-            &root.path().join("state"),
-            &["--volume", &vol("x", &lo.dev), "--allow", &s.fp],
-        );
+        let (code, err) = export_refused(&id, &root.path().join("state"), &[("x", &lo.dev)], &s.fp);
         assert_eq!(code, 2, "{err}");
         assert!(err.contains("in use"), "{err}");
     }
@@ -223,11 +196,7 @@ fn mounted_device_and_read_only_state_are_refused_at_start() {
         .unwrap();
     assert!(st.success());
     let target = root.path().join("t.img");
-    let (code, err) = serve_refused(
-        &id,
-        &ro.join("state"),
-        &["--volume", &vol("x", &target), "--allow", &s.fp],
-    );
+    let (code, err) = export_refused(&id, &ro.join("state"), &[("x", &target)], &s.fp);
     let _ = Command::new("umount").arg(&ro).status();
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not writable"), "{err}");
@@ -237,19 +206,13 @@ fn mounted_device_and_read_only_state_are_refused_at_start() {
 /// Item 16: volume names made only of dots are refused.
 #[test]
 fn dot_only_volume_names_are_refused() {
-    let root = scratch();
-    let id = keygen(root.path(), "r-id");
-    let s = keygen(root.path(), "s-id");
+    let (root, id, s) = receiver_and_sender_ids();
     for name in [".", "..", "..."] {
-        let (code, err) = serve_refused(
+        let (code, err) = export_refused(
             &id,
             &root.path().join("state"),
-            &[
-                "--volume",
-                &vol(name, &root.path().join("t.img")),
-                "--allow",
-                &s.fp,
-            ],
+            &[(name, &root.path().join("t.img"))],
+            &s.fp,
         );
         assert_eq!(code, 2, "{name}: {err}");
         assert!(err.contains("dots"), "{err}");
@@ -279,8 +242,7 @@ fn export_symlink_swapped_after_start_is_not_followed() {
     let (s, rx) = pair(root.path(), &[("v", &link)]);
     std::fs::remove_file(&link).unwrap();
     std::os::unix::fs::symlink(&real2, &link).unwrap();
-    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    s.sync_ok(&src, &rx, "v", "sync");
     assert_eq!(
         hash_file(&real2),
         before2,
@@ -292,12 +254,8 @@ fn export_symlink_swapped_after_start_is_not_followed() {
 /// Item 16: state directories are 0700 and their files 0600, on both sides.
 #[test]
 fn state_is_private_to_its_owner() {
-    let root = scratch();
-    let (src, dst) = (root.path().join("src.img"), root.path().join("t.img"));
-    random_file(&src, 4 * MIB, 25);
-    let (s, rx) = pair(root.path(), &[("v", &dst)]);
-    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (_root, src, _dst, s, rx) = source_and_volume("src.img", "t.img", 4 * MIB, 25);
+    s.sync_ok(&src, &rx, "v", "sync");
     let mut seen = 0;
     for top in [&rx.state, &s.state] {
         let mut stack = vec![top.to_path_buf()];
@@ -357,15 +315,11 @@ fn sender_limited_to_one_volume() {
     let r = s.run("sync", &src, &rx.dest("a"), &rx.fp, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(hash_file(&a), hash_file(&src));
-    let (code, err) = serve_refused(
+    let (code, err) = export_refused(
         &rid,
         &root.path().join("r-state2"),
-        &[
-            "--volume",
-            &vol("a", &a),
-            "--allow",
-            &format!("{}=a,zz", s.id.fp),
-        ],
+        &[("a", &a)],
+        &format!("{}=a,zz", s.id.fp),
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("'zz'"), "{err}");
@@ -375,12 +329,8 @@ fn sender_limited_to_one_volume() {
 /// chunks is answered in 64 KiB chunks.
 #[test]
 fn verify_uses_the_volume_chunk_size() {
-    let root = scratch();
-    let (src, dst) = (root.path().join("src.img"), root.path().join("t.img"));
-    random_file(&src, 4 * MIB, 28);
-    let (s, rx) = pair(root.path(), &[("v", &dst)]);
-    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (_root, src, _dst, s, rx) = source_and_volume("src.img", "t.img", 4 * MIB, 28);
+    s.sync_ok(&src, &rx, "v", "sync");
     let r = s.run(
         "verify",
         &src,
@@ -413,7 +363,9 @@ fn source_larger_than_max_size_is_refused() {
     .arg(&rid.dir)
     .arg("--state-dir")
     .arg(root.path().join("r-state"))
-    .args(["--volume", &vol("v", &dst), "--allow", &s.id.fp]);
+    .arg("--volume")
+    .arg(format!("v={}", dst.display()))
+    .args(["--allow", &s.id.fp]);
     let mut child = c
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
@@ -458,31 +410,17 @@ fn huge_claimed_size_creates_nothing() {
     let dst = root.path().join("t.img");
     let (s, rx) = pair(root.path(), &[("v", &dst)]);
     let id = Identity::load(&s.id.dir).unwrap();
-    let answer = rt().block_on(async {
-        let addr = format!("127.0.0.1:{}", rx.port).parse().unwrap();
-        let (_ep, conn) = transport::connect(&id, addr, &rx.fp, &Tuning::default())
-            .await
-            .unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let refusal = runtime().block_on(async {
+        let mut peer = AuthorizedPeer::connect(&id, rx.port, &rx.fp, &Tuning::default()).await;
         let hello = wire::Hello {
-            version: wire::PROTOCOL_VERSION,
-            volume: "v".into(),
-            mode: Mode::Sync as i32,
-            source_size: 16 << 40,
-            chunk_size: CHUNK as u32,
             chunk_size_explicit: true,
             pass_id: vec![7; 16],
-            ..Default::default()
+            ..hello_for("v", Mode::Sync, 16 << 40, CHUNK as u32)
         };
-        transport::send_control(&mut send, Msg::Hello(hello))
-            .await
-            .unwrap();
-        transport::recv_control(&mut recv).await
+        peer.hello(hello).await.unwrap();
+        peer.expect_refusal().await
     });
-    match answer {
-        Ok(Some(Msg::Refusal(r))) => assert!(r.message.contains("larger"), "{}", r.message),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
+    assert!(refusal.message.contains("larger"), "{}", refusal.message);
     assert!(!dst.exists(), "a target file was created");
     assert!(
         !receiver_manifest(&rx.state, "v").exists(),
@@ -516,7 +454,7 @@ fn ranged_verify_over_a_large_target_is_bounded() {
     let (s, rx) = pair(root.path(), &[("v", &dst)]);
     let id = Identity::load(&s.id.dir).unwrap();
     let dest = RemoteVolume::parse(&rx.dest("v")).unwrap();
-    let table = rt().block_on(async {
+    let table = runtime().block_on(async {
         let chunk = nightpass_proto::chunk::ChunkSize::new(CHUNK).unwrap();
         let (mut session, g) = nightpass::verify::open_verify(
             &id,
@@ -579,10 +517,7 @@ fn cutover_in_small_chunks_proves_a_large_range() {
 /// proof's verify starts before the pass creates the file) succeeds.
 #[test]
 fn cutover_onto_a_missing_target_file() {
-    let root = scratch();
-    let (src, dst) = (root.path().join("src.img"), root.path().join("t.img"));
-    random_file(&src, 8 * MIB, 31);
-    let (s, rx) = pair(root.path(), &[("v", &dst)]);
+    let (_root, src, dst, s, rx) = source_and_volume("src.img", "t.img", 8 * MIB, 31);
     let r = s.run(
         "cutover",
         &src,
@@ -611,7 +546,7 @@ fn verify_peer_cannot_end_a_short_chunk_where_it_asks() {
     let p = 200_000u64;
     let start = p / CHUNK * CHUNK;
     let ask = |source_size: u64, ranges: Vec<u64>| {
-        rt().block_on(async {
+        runtime().block_on(async {
             let chunk = nightpass_proto::chunk::ChunkSize::new(CHUNK).unwrap();
             let (mut session, g) = nightpass::verify::open_verify(
                 &id,
@@ -663,20 +598,17 @@ fn sample_prefers_claims_of_data_over_zero_chunks() {
     };
     write_at(&src, 77 * CHUNK, &data);
     let (s, rx) = pair(root.path(), &[("v", &dst)]);
-    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    s.sync_ok(&src, &rx, "v", "sync");
     write_at(&dst, 77 * CHUNK, &vec![0u8; CHUNK as usize]);
-    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    s.sync_ok(&src, &rx, "v", "sync");
     assert_eq!(
         hash_file(&src),
         hash_file(&dst),
         "the pass trusted a stale claim of the one chunk of data"
     );
-    assert!(
-        rx.log().contains("behind this receiver's back"),
-        "{}",
-        rx.log()
+    rx.assert_log_says(
+        "behind this receiver's back",
+        "the receiver did not say what the sample found",
     );
 }
 
@@ -686,12 +618,8 @@ fn sample_prefers_claims_of_data_over_zero_chunks() {
 /// preflight of the volume asks: it is answered.
 #[test]
 fn preflight_does_not_take_the_manifest_lock() {
-    let root = scratch();
-    let (src, dst) = (root.path().join("src.img"), root.path().join("t.img"));
-    random_file(&src, 4 * MIB, 34);
-    let (s, rx) = pair(root.path(), &[("v", &dst)]);
-    let r = s.run("sync", &src, &rx.dest("v"), &rx.fp, &[]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (_root, src, _dst, s, rx) = source_and_volume("src.img", "t.img", 4 * MIB, 34);
+    s.sync_ok(&src, &rx, "v", "sync");
     let held = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -699,26 +627,13 @@ fn preflight_does_not_take_the_manifest_lock() {
         .unwrap();
     assert!(nightpass::device::lock_exclusive(&held));
     let id = Identity::load(&s.id.dir).unwrap();
-    let addr = format!("127.0.0.1:{}", rx.port).parse().unwrap();
-    let answer = rt().block_on(async {
-        let hello = wire::Hello {
-            version: wire::PROTOCOL_VERSION,
-            volume: "v".into(),
-            mode: Mode::Preflight as i32,
-            source_size: 4 * MIB,
-            chunk_size: CHUNK as u32,
-            ..Default::default()
-        };
-        let (ep, conn) = transport::connect(&id, addr, &rx.fp, &Tuning::default())
+    let answer = runtime().block_on(async {
+        let mut peer = AuthorizedPeer::connect(&id, rx.port, &rx.fp, &Tuning::default()).await;
+        peer.hello(hello_for("v", Mode::Preflight, 4 * MIB, CHUNK as u32))
             .await
             .unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        transport::send_control(&mut send, Msg::Hello(hello))
-            .await
-            .unwrap();
-        let answer = transport::recv_control(&mut recv).await.unwrap().unwrap();
-        ep.close(0u32.into(), b"");
-        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+        let answer = peer.answer().await.unwrap().unwrap();
+        peer.close().await;
         answer
     });
     assert!(
