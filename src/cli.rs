@@ -167,8 +167,8 @@ pub struct CutoverArgs {
     #[arg(long)]
     pub lvm_snapshot: bool,
     /// Copy-on-write space of the LVM snapshot.
-    #[arg(long, default_value = "10G", requires = "lvm_snapshot")]
-    pub snapshot_size: String,
+    #[arg(long, default_value = "10G", requires = "lvm_snapshot", value_parser = parse_size)]
+    pub snapshot_size: u64,
     /// The operator's stop command (sh -c), run before the final pass.
     #[arg(long, requires = "post")]
     pub pre: Option<String>,
@@ -190,8 +190,26 @@ pub struct CutoverArgs {
     #[arg(long)]
     pub force_no_forecast: bool,
     /// Prove the target identical by fresh reads (full), or skip that (none).
-    #[arg(long, default_value = "full", value_parser = ["full", "none"])]
-    pub verify: String,
+    #[arg(long, value_enum, default_value_t = Proof::Full)]
+    pub verify: Proof,
+}
+
+/// How a cutover proves its copy (`--verify`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Proof {
+    /// Both sides read whole and compared.
+    Full,
+    /// No proof.
+    None,
+}
+
+/// Congestion control (`--congestion`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Congestion {
+    /// CUBIC, quinn's default.
+    Cubic,
+    /// BBR: measure it on your path first (README, "Performance").
+    Bbr,
 }
 
 impl CutoverArgs {
@@ -202,7 +220,7 @@ impl CutoverArgs {
             Method::Fsfreeze(mp.clone())
         } else if self.lvm_snapshot {
             Method::LvmSnapshot {
-                size: self.snapshot_size.clone(),
+                size: self.snapshot_size,
             }
         } else if let (Some(pre), Some(post)) = (&self.pre, &self.post) {
             Method::Hooks {
@@ -218,30 +236,18 @@ impl CutoverArgs {
 /// QUIC tuning flags.
 #[derive(Debug, Args, Clone)]
 pub struct QuicArgs {
-    /// Congestion control: cubic or bbr.
-    #[arg(long, default_value = "cubic", value_parser = ["cubic", "bbr"])]
-    pub congestion: String,
+    /// Congestion control.
+    #[arg(long, value_enum, default_value_t = Congestion::Cubic)]
+    pub congestion: Congestion,
     /// Flow-control window per connection (size it for bandwidth × delay).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub quic_window: u64,
 }
 
-/// Largest receive window of one stream. quinn refuses (and ends the
-/// connection) when one stream's receive buffer holds more than 1024
-/// separate spans, which heavy loss within a large window produces; 2 MiB
-/// is about 1700 datagrams, so it can never hold that many gaps. Throughput
-/// on long paths comes from more streams instead (see `--streams`).
-pub const MAX_STREAM_WINDOW: u64 = 2 << 20;
-
 impl QuicArgs {
     /// Typed tuning.
     pub fn tuning(&self) -> Tuning {
-        Tuning {
-            stream_window: (self.quic_window / 4).clamp(1 << 20, MAX_STREAM_WINDOW),
-            conn_window: self.quic_window,
-            bbr: self.congestion == "bbr",
-            connect_timeout: crate::transport::CONNECT_TIMEOUT,
-        }
+        Tuning::new(self.quic_window, self.congestion == Congestion::Bbr)
     }
 }
 
@@ -571,6 +577,53 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("1h30").is_err());
+    }
+
+    #[test]
+    fn the_command_line_runs_the_tuning_demo_and_bench_run() {
+        let cli = Cli::parse_from(["nightpass", "sync", "a.img", "h:7400/v"]);
+        let Command::Sync(args) = cli.command else {
+            panic!("not a sync")
+        };
+        assert_eq!(args.quic.tuning(), Tuning::default());
+        assert_eq!(Tuning::default().stream_window, 2 << 20);
+        assert_eq!(Tuning::default().default_streams(), 16);
+    }
+
+    #[test]
+    fn typed_values() {
+        let cli = Cli::parse_from([
+            "nightpass",
+            "cutover",
+            "a.img",
+            "h:7400/v",
+            "--lvm-snapshot",
+            "--snapshot-size",
+            "1G",
+            "--verify",
+            "none",
+            "--congestion",
+            "bbr",
+        ]);
+        let Command::Cutover(args) = cli.command else {
+            panic!("not a cutover")
+        };
+        assert_eq!(args.verify, Proof::None);
+        assert!(args.sync.quic.tuning().bbr);
+        assert!(matches!(
+            args.method(),
+            crate::freeze::Method::LvmSnapshot { size } if size == 1 << 30
+        ));
+        assert!(Cli::try_parse_from([
+            "nightpass",
+            "cutover",
+            "a",
+            "h:1/v",
+            "--assume-frozen",
+            "--verify",
+            "half"
+        ])
+        .is_err());
     }
 
     #[test]

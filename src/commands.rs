@@ -71,7 +71,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let cc = crate::cutover::CutoverConfig {
                 method: args.method(),
                 max_freeze: args.max_freeze,
-                prove: args.verify == "full",
+                prove: args.verify == crate::cli::Proof::Full,
                 force_no_forecast: args.force_no_forecast,
                 margin: args.margin,
             };
@@ -105,13 +105,7 @@ pub fn sync_config(args: &SyncArgs, kind: &'static str) -> Result<SyncConfig> {
             return Err(Error::input("--streams must be between 1 and 32"))
         }
         Some(n) => n,
-        // Enough 2 MiB stream windows to fill the connection window, at most
-        // 16: each stream's buffers cost the receiver memory (measured at
-        // 2 GiB: peak RSS 80 MiB with 4 streams, 120 with 16, 163 with 32).
-        None => tuning
-            .conn_window
-            .div_ceil(tuning.stream_window)
-            .clamp(4, 16) as usize,
+        None => tuning.default_streams(),
     };
     Ok(SyncConfig {
         source: args.source.clone(),

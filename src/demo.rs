@@ -180,7 +180,7 @@ impl LocalPair {
             server_fingerprint: self.server_fp.clone(),
             state_dir: self.state.clone(),
             chunk_size: None,
-            streams: 4,
+            streams: Tuning::default().default_streams(),
             bwlimit: None,
             scan: ScanOptions::default(),
             tuning: Tuning::default(),

@@ -29,8 +29,8 @@ pub enum Method {
     Fsfreeze(PathBuf),
     /// Snapshot the source logical volume; the pass reads the snapshot.
     LvmSnapshot {
-        /// Copy-on-write space for the snapshot (`lvcreate --size`).
-        size: String,
+        /// Copy-on-write space for the snapshot in bytes (`lvcreate --size`).
+        size: u64,
     },
     /// Run the operator's stop command, and the restart command afterwards.
     Hooks {
@@ -149,12 +149,14 @@ fn lv_name(source: &Path) -> Result<String> {
     }
 }
 
-/// The `lvcreate` arguments for a snapshot named `name` of `vg_lv`.
-pub fn lvcreate_args(vg_lv: &str, name: &str, size: &str) -> Vec<String> {
+/// The `lvcreate` arguments for a snapshot named `name` of `vg_lv` with
+/// `size` bytes of copy-on-write space (given in KiB, rounded up: every
+/// LVM release takes the `k` unit; LVM rounds up to its extent size).
+pub fn lvcreate_args(vg_lv: &str, name: &str, size: u64) -> Vec<String> {
     vec![
         "--snapshot".into(),
         "--size".into(),
-        size.into(),
+        format!("{}k", size.div_ceil(1024)),
         "--name".into(),
         name.into(),
         vg_lv.into(),
@@ -227,7 +229,7 @@ impl FreezeGuard {
                 let vg = vg_lv.split('/').next().unwrap_or_default().to_string();
                 let name = format!("nightpass-cutover-{}", std::process::id());
                 let out = Command::new("lvcreate")
-                    .args(lvcreate_args(&vg_lv, &name, size))
+                    .args(lvcreate_args(&vg_lv, &name, *size))
                     .output()
                     .map_err(|e| Error::Io(format!("cannot run lvcreate: {e}")))?;
                 if !out.status.success() {
@@ -309,11 +311,11 @@ mod tests {
     #[test]
     fn lvcreate_command_is_a_snapshot_of_the_lv() {
         assert_eq!(
-            lvcreate_args("vg0/filer01", "snap", "10G"),
+            lvcreate_args("vg0/filer01", "snap", 10 << 30),
             [
                 "--snapshot",
                 "--size",
-                "10G",
+                "10485760k",
                 "--name",
                 "snap",
                 "vg0/filer01"
@@ -350,7 +352,7 @@ mod tests {
             return;
         }
         let e = FreezeGuard::freeze(
-            &Method::LvmSnapshot { size: "1G".into() },
+            &Method::LvmSnapshot { size: 1 << 30 },
             Path::new("/dev/null"),
         )
         .unwrap_err();
