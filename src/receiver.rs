@@ -32,6 +32,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use nightpass_proto::chunk::{ChunkSize, Geometry};
 use nightpass_proto::manifest::{self, Hash, Summary, UNKNOWN};
+use nightpass_proto::patch;
 use nightpass_proto::wire::{self, control::Msg, Encoding, Mode, RefuseCode};
 use tokio::sync::{mpsc, oneshot};
 
@@ -1554,84 +1555,6 @@ enum Checked {
     Need(wire::Need),
 }
 
-/// The blocks of `old` (the target's copy of chunk `index`) whose hints
-/// differ from a probe's, as a [`wire::Need`].
-fn answer_probe(index: u64, hints: &[u8], old: &[u8]) -> Result<wire::Need> {
-    let n = wire::blocks_in(old.len());
-    if hints.len() != n * wire::BLOCK_HINT_LEN {
-        return Err(Error::Peer(format!(
-            "probe of chunk {index} carries {} bytes of block hints, expected {}; nothing written",
-            hints.len(),
-            n * wire::BLOCK_HINT_LEN
-        )));
-    }
-    let mut blocks = vec![0u8; n.div_ceil(8)];
-    for (i, (b, h)) in old
-        .chunks(wire::BLOCK)
-        .zip(hints.chunks(wire::BLOCK_HINT_LEN))
-        .enumerate()
-    {
-        if wire::block_hint(b) != *h {
-            blocks[i / 8] |= 1 << (i % 8);
-        }
-    }
-    Ok(wire::Need { index, blocks })
-}
-
-/// Checks that a patch of chunk `index` (`len` bytes) fits: a bitmap of one
-/// bit per block and a payload of exactly the blocks it names.
-fn patch_shape(index: u64, len: usize, bitmap: &[u8], payload_len: usize) -> Result<()> {
-    let n = wire::blocks_in(len);
-    if bitmap.len() != n.div_ceil(8) {
-        return Err(Error::Peer(format!(
-            "patch of chunk {index} has a block bitmap of {} bytes, expected {}; nothing written",
-            bitmap.len(),
-            n.div_ceil(8)
-        )));
-    }
-    let named: usize = wire::named_blocks(bitmap, n)
-        .map(|i| wire::block_range(i, len).len())
-        .sum();
-    if payload_len < named {
-        return Err(Error::Peer(format!(
-            "patch of chunk {index} is shorter than the blocks it names; nothing written"
-        )));
-    }
-    if payload_len > named {
-        return Err(Error::Peer(format!(
-            "patch of chunk {index} carries {} bytes past the blocks it names; nothing written",
-            payload_len - named
-        )));
-    }
-    Ok(())
-}
-
-/// Overlays a patch's blocks (its shape checked by [`patch_shape`]) on
-/// `chunk`, the target's copy, in place.
-fn apply_patch(chunk: &mut [u8], bitmap: &[u8], payload: &[u8]) {
-    let len = chunk.len();
-    let mut at = 0usize;
-    for i in wire::named_blocks(bitmap, wire::blocks_in(len)) {
-        let dst = &mut chunk[wire::block_range(i, len)];
-        dst.copy_from_slice(&payload[at..at + dst.len()]);
-        at += dst.len();
-    }
-}
-
-/// Runs of consecutive blocks a bitmap names, as byte ranges of a chunk of
-/// `len` bytes.
-fn block_runs(bitmap: &[u8], len: usize) -> Vec<std::ops::Range<usize>> {
-    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-    for i in wire::named_blocks(bitmap, wire::blocks_in(len)) {
-        let r = wire::block_range(i, len);
-        match runs.last_mut() {
-            Some(last) if last.end == r.start => last.end = r.end,
-            _ => runs.push(r),
-        }
-    }
-    runs
-}
-
 /// Decodes and verifies one chunk frame; a probe reads the target's current
 /// copy of the chunk (a patch is checked by the writer). Nothing unverified
 /// leaves this function. Unless `wait`, a probe's read comes only from the
@@ -1675,12 +1598,15 @@ fn check_chunk(
             let Some(old) = old else {
                 return Ok(None);
             };
-            return answer_probe(c.index, &c.payload, &old).map(|n| Some(Checked::Need(n)));
+            return patch::answer_probe(c.index, &c.payload, &old)
+                .map(|n| Some(Checked::Need(n)))
+                .map_err(|e| Error::Peer(e.to_string()));
         }
         Ok(Encoding::Patch) => {
             // Checked against the hash by the writer, in order with the
             // chunk's other writes: see `commit_batch`.
-            patch_shape(c.index, len, &c.blocks, c.payload.len())?;
+            patch::check_shape(c.index, len, &c.blocks, c.payload.len())
+                .map_err(|e| Error::Peer(e.to_string()))?;
             return Ok(Some(Checked::Write(WriterMsg::Chunk {
                 index: c.index,
                 hash,
@@ -1855,23 +1781,15 @@ fn commit_batch(
             Content::Patch { blocks, payload } => {
                 let len = (range.end - range.start) as usize;
                 let mut chunk = volume.read_vec_at(len, range.start)?;
-                apply_patch(&mut chunk, blocks, payload);
+                patch::apply(&mut chunk, blocks, payload);
                 if blake3::hash(&chunk).as_bytes() != hash {
                     // The blocks kept from the target are not what the
                     // sender has (a hint that collided, a target changed
                     // behind the session): ask for the whole chunk.
-                    let n = wire::blocks_in(len);
-                    let mut all = vec![0xffu8; n.div_ceil(8)];
-                    if !n.is_multiple_of(8) {
-                        *all.last_mut().expect("n > 0") = (1u8 << (n % 8)) - 1;
-                    }
-                    refused.push(wire::Need {
-                        index: *index,
-                        blocks: all,
-                    });
+                    refused.push(patch::whole_chunk(*index, len));
                     continue;
                 }
-                for run in block_runs(blocks, len) {
+                for run in patch::runs(blocks, len) {
                     volume.write_all_at(&chunk[run.clone()], range.start + run.start as u64)?;
                 }
             }

@@ -201,18 +201,15 @@ impl Probes {
                 n.div_ceil(8)
             )));
         }
-        let wanted: Vec<usize> = wire::named_blocks(&need.blocks, n).collect();
+        let wanted = wire::named_blocks(&need.blocks, n).count();
         self.probed_blocks.fetch_add(n as u64, Ordering::Relaxed);
         self.needed_blocks
-            .fetch_add(wanted.len() as u64, Ordering::Relaxed);
+            .fetch_add(wanted as u64, Ordering::Relaxed);
         let len = data.len() as u32;
-        let out = if wanted.len() == n {
+        let out = if wanted == n {
             Outgoing::new(need.index, hash, Encoding::Raw, len, data)
         } else {
-            let mut payload = Vec::with_capacity(wanted.len() * wire::BLOCK);
-            for i in wanted {
-                payload.extend_from_slice(&data[wire::block_range(i, data.len())]);
-            }
+            let payload = nightpass_proto::patch::payload(&data, &need.blocks);
             Outgoing {
                 blocks: need.blocks,
                 ..Outgoing::new(need.index, hash, Encoding::Patch, len, Bytes::from(payload))
@@ -282,10 +279,7 @@ fn plan_chunk(s: Scanned, known: &Hash, in_block: bool, probes: &Probes) -> Opti
         ));
     }
     if probes.worth(known, s.data.len()) {
-        let mut hints = Vec::with_capacity(wire::blocks_in(s.data.len()) * wire::BLOCK_HINT_LEN);
-        for b in s.data.chunks(wire::BLOCK) {
-            hints.extend_from_slice(&wire::block_hint(b));
-        }
+        let hints = nightpass_proto::patch::hints(&s.data);
         // Held apart from the read block (which can then be freed).
         let keep = if in_block {
             Bytes::copy_from_slice(&s.data)
