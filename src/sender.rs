@@ -20,6 +20,7 @@ use bytes::Bytes;
 use nightpass_proto::chunk::{ChunkSize, Geometry};
 use nightpass_proto::manifest::{self, Hash, Summary};
 use nightpass_proto::plan::{self, CompressPolicy, CutoverFigures, History, PassFigures};
+use nightpass_proto::session::SendLedger;
 use nightpass_proto::wire::{self, control::Msg, Encoding, Mode};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
@@ -659,30 +660,26 @@ async fn fetch_table(s: &mut Session, into: &mut ManifestFile) -> Result<Hash> {
 async fn ack_loop(
     mut recv: quinn::RecvStream,
     ours: Arc<Mutex<ManifestFile>>,
-    inflight: Arc<Mutex<HashMap<u64, Hash>>>,
+    ledger: Arc<Mutex<SendLedger>>,
     probes: Arc<Probes>,
 ) -> Result<Summary> {
     loop {
         match transport::recv_control(&mut recv).await? {
             Some(Msg::Ack(a)) => {
                 let mut m = ours.lock().expect("not poisoned");
-                let mut inf = inflight.lock().expect("not poisoned");
+                let mut ledger = ledger.lock().expect("not poisoned");
                 let mut held = probes.held.lock().expect("not poisoned");
                 for i in a.indices {
-                    match inf.remove(&i) {
-                        Some(h) => m.set(i, &h),
-                        None => {
-                            return Err(Error::Peer(format!(
-                                "receiver acknowledged chunk {i}, which was not sent"
-                            )))
-                        }
-                    }
+                    let h = ledger
+                        .handle_ack(i)
+                        .map_err(|e| Error::Peer(e.to_string()))?;
+                    m.set(i, &h);
                     held.remove(&i);
                 }
             }
-            Some(Msg::Need(n)) => probes.answer(n, |i| {
-                inflight.lock().expect("not poisoned").get(&i).copied()
-            })?,
+            Some(Msg::Need(n)) => {
+                probes.answer(n, |i| ledger.lock().expect("not poisoned").hash_of(i))?
+            }
             Some(Msg::Done(d)) => return parse_summary(d.summary),
             Some(Msg::Heartbeat(_)) => {}
             Some(Msg::Failure(f)) => return Err(Error::Io(f.message)),
@@ -1231,23 +1228,16 @@ async fn stream_pass(
         recv,
         ..
     } = session;
-    let inflight: Arc<Mutex<HashMap<u64, Hash>>> = Arc::default();
-    // Every block below `contiguous` has been handed to the streams in full.
-    let mut contiguous = 0u64;
-    let mut handed: std::collections::BTreeSet<u64> = Default::default();
-    let resume_at = |contiguous: u64, inflight: &Mutex<HashMap<u64, Hash>>| {
-        let scanned_to = (resume + contiguous * chunks_per_block).min(geometry.chunk_count());
-        let pending = inflight.lock().expect("not poisoned").keys().copied().min();
-        pending.map_or(scanned_to, |p| p.min(scanned_to))
-    };
+    let ledger = Arc::new(Mutex::new(SendLedger::new(
+        resume,
+        chunks_per_block,
+        geometry.chunk_count(),
+    )));
+    let resume_at =
+        |ledger: &Mutex<SendLedger>| ledger.lock().expect("not poisoned").resume_point();
     // Holds a clone of `ours`: every exit path below must have it finished
     // (awaited, not only aborted) so the caller gets the manifest back.
-    let mut ack_task = tokio::spawn(ack_loop(
-        recv,
-        ours.clone(),
-        inflight.clone(),
-        probes.clone(),
-    ));
+    let mut ack_task = tokio::spawn(ack_loop(recv, ours.clone(), ledger.clone(), probes.clone()));
     let mut ack_finished = false;
     let streams = cfg.streams.max(1);
     let chunks_before = counters.chunks.load(Ordering::Relaxed);
@@ -1303,19 +1293,19 @@ async fn stream_pass(
                         .expect("not poisoned")
                         .insert(o.index, (keep, permit));
                 }
-                inflight
+                ledger
                     .lock()
                     .expect("not poisoned")
-                    .insert(o.index, o.hash);
+                    .handle_sent(o.index, o.hash);
                 if txs[next % streams].send(o).await.is_err() {
                     break 'blocks;
                 }
                 next += 1;
             }
-            handed.insert(block.seq);
-            while handed.remove(&contiguous) {
-                contiguous += 1;
-            }
+            ledger
+                .lock()
+                .expect("not poisoned")
+                .handle_block_handed(block.seq);
         }
         drop(txs);
         if failed.is_some() {
@@ -1404,13 +1394,13 @@ async fn stream_pass(
         }
         return Err(Interrupted {
             error,
-            resume_at: resume_at(contiguous, &inflight),
+            resume_at: resume_at(&ledger),
         });
     }
     let sent_chunks = counters.chunks.load(Ordering::Relaxed) - chunks_before;
     let fail = |error| Interrupted {
         error,
-        resume_at: resume_at(contiguous, &inflight),
+        resume_at: resume_at(&ledger),
     };
     let finish = transport::send_control(
         &mut send,
@@ -1428,7 +1418,7 @@ async fn stream_pass(
         Ok(r) => r.map_err(fail)?,
         Err(_) => return Err(fail(Error::Network("acknowledgement task failed".into()))),
     };
-    if !inflight.lock().expect("not poisoned").is_empty() {
+    if !ledger.lock().expect("not poisoned").all_acked() {
         return Err(fail(Error::Peer(
             "the receiver ended the pass with chunks unacknowledged".into(),
         )));

@@ -3,8 +3,8 @@
 //! Everything nightpass can decide without touching a socket, a file or a
 //! clock lives here, in the manner of `quinn-proto`: chunk geometry
 //! ([`chunk`]), the manifest format ([`manifest`]), wire messages and framing
-//! ([`wire`]), block probes and patches ([`patch`]), and pass planning and
-//! forecasting ([`plan`]). The `nightpass`
+//! ([`wire`]), block probes and patches ([`patch`]), the sessions' bookkeeping
+//! ([`session`]), and pass planning and forecasting ([`plan`]). The `nightpass`
 //! crate drives these with tokio, quinn and real devices.
 //!
 //! ## Invariants
@@ -24,4 +24,5 @@ pub mod chunk;
 pub mod manifest;
 pub mod patch;
 pub mod plan;
+pub mod session;
 pub mod wire;
