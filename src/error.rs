@@ -9,8 +9,14 @@
 //!   exported by 10.0.0.2:7400"), and context is added by building a new
 //!   message at the layer that knows the context, not by re-wrapping.
 //! - Nothing a peer sends may cause a panic; it becomes [`Error::Peer`].
+//! - A receiver's refusal keeps its wire code ([`Error::Refused`]), which
+//!   decides the exit status and whether trying again later can help
+//!   ([`Error::retryable`]); a refusal's code is chosen from the error's
+//!   variant ([`Error::refuse_code`]), never guessed from its words.
 
 use std::io;
+
+use nightpass_proto::wire::RefuseCode;
 
 /// A nightpass error.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +36,22 @@ pub enum Error {
     /// Interrupted by a signal: exit 130.
     #[error("interrupted")]
     Interrupted,
+    /// The target (or a volume) is in use by someone else right now: exit
+    /// 2, but trying again later can succeed.
+    #[error("{0}")]
+    InUse(String),
+    /// The target is smaller than the source: exit 2.
+    #[error("{0}")]
+    TooSmall(String),
+    /// The receiver refused the session with `code`; the message is the
+    /// operator's sentence, the receiver's reason included.
+    #[error("{message}")]
+    Refused {
+        /// The refusal's code on the wire.
+        code: RefuseCode,
+        /// What to tell the operator.
+        message: String,
+    },
 }
 
 /// Result with [`Error`].
@@ -39,9 +61,41 @@ impl Error {
     /// The process exit status for this error (docs/CLI.md).
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Input(_) => 2,
+            Error::Input(_) | Error::InUse(_) | Error::TooSmall(_) => 2,
+            Error::Refused { code, .. } if *code == RefuseCode::Io => 3,
+            Error::Refused { .. } => 2,
             Error::Io(_) | Error::Network(_) | Error::Peer(_) => 3,
             Error::Interrupted => 130,
+        }
+    }
+
+    /// Whether the same command may succeed when tried again later,
+    /// unchanged: a lost link, a busy volume or receiver, a receiver's
+    /// passing I/O trouble; not bad input, a refusal that stays true, or a
+    /// peer breaking the protocol.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Error::Network(_) | Error::InUse(_) => true,
+            Error::Refused { code, .. } => matches!(code, RefuseCode::InUse | RefuseCode::Io),
+            Error::Input(_)
+            | Error::TooSmall(_)
+            | Error::Io(_)
+            | Error::Peer(_)
+            | Error::Interrupted => false,
+        }
+    }
+
+    /// The code a receiver refuses a session with when opening the session
+    /// failed with this error.
+    pub fn refuse_code(&self) -> RefuseCode {
+        match self {
+            Error::Input(_) => RefuseCode::BadRequest,
+            Error::InUse(_) => RefuseCode::InUse,
+            Error::TooSmall(_) => RefuseCode::TooSmall,
+            Error::Refused { code, .. } => *code,
+            Error::Io(_) | Error::Network(_) | Error::Peer(_) | Error::Interrupted => {
+                RefuseCode::Io
+            }
         }
     }
 
@@ -65,5 +119,45 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, what: impl std::fmt::Display) -> Result<T> {
         self.map_err(|e| Error::io(what, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_code_decides_exit_status_and_retry() {
+        let refused = |code| Error::Refused {
+            code,
+            message: String::new(),
+        };
+        assert_eq!(refused(RefuseCode::InUse).exit_code(), 2);
+        assert!(refused(RefuseCode::InUse).retryable());
+        assert_eq!(refused(RefuseCode::Io).exit_code(), 3);
+        assert!(refused(RefuseCode::Io).retryable());
+        assert_eq!(refused(RefuseCode::Sealed).exit_code(), 2);
+        assert!(!refused(RefuseCode::Sealed).retryable());
+        assert!(!refused(RefuseCode::NotAuthorized).retryable());
+    }
+
+    #[test]
+    fn a_receiver_refuses_with_the_code_of_its_error() {
+        for (e, code) in [
+            (Error::InUse("x".into()), RefuseCode::InUse),
+            (Error::TooSmall("x".into()), RefuseCode::TooSmall),
+            (Error::input("x"), RefuseCode::BadRequest),
+            (Error::Io("x".into()), RefuseCode::Io),
+        ] {
+            let exit = e.exit_code();
+            let code_seen = e.refuse_code();
+            assert_eq!(code_seen, code);
+            // The sender's view of that refusal exits as the receiver's error would.
+            let seen = Error::Refused {
+                code: code_seen,
+                message: String::new(),
+            };
+            assert_eq!(seen.exit_code(), exit, "{code:?}");
+        }
     }
 }

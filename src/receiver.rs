@@ -133,10 +133,7 @@ struct Refuse(RefuseCode, String);
 
 impl From<Error> for Refuse {
     fn from(e: Error) -> Self {
-        match e {
-            Error::Input(m) => Refuse(RefuseCode::BadRequest, m),
-            other => Refuse(RefuseCode::Io, other.to_string()),
-        }
+        Refuse(e.refuse_code(), e.to_string())
     }
 }
 

@@ -532,15 +532,22 @@ pub async fn open_session(
                 }
                 Ok((send, recv, w))
             }
-            // The receiver failing to read or write its own disk is a
-            // runtime failure (exit 3); every other refusal is bad input.
-            Some(Msg::Refusal(r)) if r.code == wire::RefuseCode::Io as i32 => Err(Error::Io(
-                format!("receiver at {} failed: {}", dest.host_port, r.message),
-            )),
-            Some(Msg::Refusal(r)) => Err(Error::input(format!(
-                "receiver at {} refused: {}",
-                dest.host_port, r.message
-            ))),
+            // The code decides the exit status: the receiver failing to
+            // read or write its own disk is a runtime failure (exit 3),
+            // every other refusal bad input (2).
+            Some(Msg::Refusal(r)) => {
+                let code =
+                    wire::RefuseCode::try_from(r.code).unwrap_or(wire::RefuseCode::Unspecified);
+                let verb = if code == wire::RefuseCode::Io {
+                    "failed"
+                } else {
+                    "refused"
+                };
+                Err(Error::Refused {
+                    code,
+                    message: format!("receiver at {} {verb}: {}", dest.host_port, r.message),
+                })
+            }
             Some(other) => Err(Error::Peer(format!(
                 "receiver answered the hello with a {}",
                 msg_name(&other)

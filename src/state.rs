@@ -323,7 +323,7 @@ impl ManifestFile {
             Err(e) => return Err(Error::io(path.display(), e)),
         };
         if !crate::device::lock_exclusive(&file) {
-            return Err(Error::input(format!(
+            return Err(Error::InUse(format!(
                 "{} is in use by another nightpass process",
                 path.display()
             )));
