@@ -1,9 +1,9 @@
 //! Volumes: block devices and image files, opened, sized, read and written.
 //!
 //! Owns every system call on volume data; those that need `unsafe` (ioctls,
-//! `preadv2`, memory maps, aligned buffers) it makes through the safe
-//! wrappers of [`crate::sys`]. A block device's size comes from the `BLKGETSIZE64` ioctl, never
-//! from metadata (which reports 0). Targets that are block devices are opened
+//! `preadv2`, memory maps, aligned buffers) go through the safe wrappers of
+//! [`crate::sys`]. A block device's size comes from the `BLKGETSIZE64`
+//! ioctl, never from metadata (which reports 0). Targets that are block devices are opened
 //! with `O_EXCL`, which the kernel refuses with `EBUSY` while the device is
 //! mounted or held exclusively by another program (device-mapper, md, another
 //! nightpass). Image files are locked with `flock` for the same purpose.
