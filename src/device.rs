@@ -1,8 +1,9 @@
 //! Volumes: block devices and image files, opened, sized, read and written.
 //!
-//! Owns every system call on volume data and all `unsafe` of the crate
-//! (ioctls). A block device's size comes from the `BLKGETSIZE64` ioctl, never
-//! from metadata (which reports 0). Targets that are block devices are opened
+//! Owns every system call on volume data; those that need `unsafe` (ioctls,
+//! `preadv2`, memory maps, aligned buffers) go through the safe wrappers of
+//! [`crate::sys`]. A block device's size comes from the `BLKGETSIZE64`
+//! ioctl, never from metadata (which reports 0). Targets that are block devices are opened
 //! with `O_EXCL`, which the kernel refuses with `EBUSY` while the device is
 //! mounted or held exclusively by another program (device-mapper, md, another
 //! nightpass). Image files are locked with `flock` for the same purpose.
@@ -15,19 +16,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, IoContext, Result};
-
-mod ioctl {
-    nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
-    nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
-}
-use ioctl::{blkgetsize64, blkzeroout};
+use crate::sys::{self, sigbus, AlignedBuf, ALIGN};
 
 /// Takes an exclusive, non-blocking `flock` on `file`; false when another
 /// open file description holds one. Released when the file is closed.
 pub fn lock_exclusive(file: &File) -> bool {
-    // SAFETY: flock takes a valid descriptor (owned by `file`, alive for the
-    // call) and an integer operation; it touches no memory of ours.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    sys::flock_exclusive(file)
 }
 
 /// What a volume path is.
@@ -98,26 +92,6 @@ pub enum VolumeIdentity {
     },
 }
 
-/// Birth time of an open file (`statx`), where the kernel and filesystem
-/// report one.
-fn birth_time(file: &File) -> Option<(i64, u32)> {
-    // SAFETY: statx writes one `struct statx` through the pointer, which
-    // points at a live, zeroed local; the path is a static empty C string
-    // used with AT_EMPTY_PATH on a descriptor we own.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let rc = unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_BTIME,
-            &mut stx,
-        )
-    };
-    (rc == 0 && stx.stx_mask & libc::STATX_BTIME != 0)
-        .then_some((stx.stx_btime.tv_sec, stx.stx_btime.tv_nsec))
-}
-
 /// Refuses a block device that is mounted or held exclusively by another
 /// program (`O_EXCL` open, released at once); other paths pass.
 pub fn check_not_held(path: &Path) -> Result<()> {
@@ -168,14 +142,8 @@ fn kind_of(path: &Path, file: &File) -> Result<Kind> {
 fn size_of(path: &Path, file: &File, kind: Kind) -> Result<u64> {
     match kind {
         Kind::File => Ok(file.metadata().ctx(path.display())?.len()),
-        Kind::Block => {
-            let mut size = 0u64;
-            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
-            // points at a live local.
-            unsafe { blkgetsize64(file.as_raw_fd(), &mut size) }
-                .map_err(|e| Error::io(format!("{}: BLKGETSIZE64", path.display()), e.into()))?;
-            Ok(size)
-        }
+        Kind::Block => sys::blkgetsize64(file)
+            .map_err(|e| Error::io(format!("{}: BLKGETSIZE64", path.display()), e.into())),
     }
 }
 
@@ -250,18 +218,10 @@ impl Volume {
     /// copy them first and hash the copy.
     pub fn read_block(&self, len: usize, offset: u64, copy: bool) -> Result<bytes::Bytes> {
         if self.reads_mapped() && !copy && len > 0 {
-            // SAFETY: a read-only shared map of a range inside the volume.
-            // The mapping is only ever read; a concurrent writer may change
-            // its bytes (documented above: callers copy before keeping), and
-            // a read past a shrunk file or of a failing device raises SIGBUS,
-            // whose handler ends the process (sigbus::install).
-            let map = unsafe {
-                memmap2::MmapOptions::new()
-                    .offset(offset)
-                    .len(len)
-                    .map(&self.file)
-            }
-            .map_err(|e| {
+            // A range inside the volume; its bytes may change under a
+            // concurrent writer (documented above: callers copy before
+            // keeping).
+            let map = sys::map_shared_read(&self.file, offset, len).map_err(|e| {
                 Error::io(
                     format!("memory map of {} at offset {offset}", self.path.display()),
                     e,
@@ -284,7 +244,7 @@ impl Volume {
         match &self.direct {
             None => Ok(bytes::Bytes::from(self.read_vec_at(len, offset)?)),
             Some(f) => {
-                let mut buf = aligned::AlignedBuf::new(len);
+                let mut buf = AlignedBuf::new(len);
                 let done = self.pread_into(f, buf.spare(), offset, true)?;
                 if done < len {
                     // An unaligned short read inside the volume: finish buffered.
@@ -310,7 +270,7 @@ impl Volume {
                 Ok(0) => break,
                 Ok(n) => {
                     done += n;
-                    if direct && done % aligned::ALIGN != 0 {
+                    if direct && done % ALIGN != 0 {
                         break;
                     }
                 }
@@ -492,7 +452,7 @@ impl Volume {
             Kind::File => VolumeIdentity::File {
                 dev: m.dev(),
                 ino: m.ino(),
-                btime: birth_time(&self.file),
+                btime: sys::birth_time(&self.file),
             },
             Kind::Block => VolumeIdentity::Block {
                 rdev: m.rdev(),
@@ -552,55 +512,32 @@ impl Volume {
         flags: libc::c_int,
     ) -> Result<Option<Vec<u8>>> {
         let mut buf: Vec<u8> = Vec::with_capacity(len);
-        let mut done = 0usize;
-        while done < len {
-            let iov = libc::iovec {
-                // SAFETY: the pointer stays inside the buffer's spare capacity.
-                iov_base: unsafe { buf.as_mut_ptr().add(done) }.cast(),
-                iov_len: len - done,
-            };
-            // SAFETY: the iovec covers the buffer's spare capacity, which
-            // preadv2 only writes to; the descriptor is alive.
-            let n = unsafe {
-                libc::preadv2(
-                    self.file.as_raw_fd(),
-                    &iov,
-                    1,
-                    (offset + done as u64) as libc::off_t,
-                    flags,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN) if flags & libc::RWF_NOWAIT != 0 => return Ok(None),
-                    Some(libc::EOPNOTSUPP) if flags & libc::RWF_NOWAIT != 0 => {
-                        self.no_nowait.store(true, Ordering::Relaxed);
-                        return Ok(None);
-                    }
-                    _ => {}
+        while buf.len() < len {
+            let done = buf.len();
+            let at = offset + done as u64;
+            let e = match sys::preadv2_append(&self.file, &mut buf, len - done, at, flags) {
+                Ok(0) => return Err(self.short_read(at)),
+                Ok(_) if buf.len() < len && flags & libc::RWF_NOWAIT != 0 => {
+                    // Part of it is cached, the rest is not.
+                    return Ok(None);
                 }
-                return Err(Error::io(
-                    format!(
-                        "read of {} at offset {}",
-                        self.path.display(),
-                        offset + done as u64
-                    ),
-                    e,
-                ));
+                Ok(_) => continue,
+                Err(e) => e,
+            };
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) if flags & libc::RWF_NOWAIT != 0 => return Ok(None),
+                Some(libc::EOPNOTSUPP) if flags & libc::RWF_NOWAIT != 0 => {
+                    self.no_nowait.store(true, Ordering::Relaxed);
+                    return Ok(None);
+                }
+                _ => {}
             }
-            if n == 0 {
-                return Err(self.short_read(offset + done as u64));
-            }
-            done += n as usize;
-            if done < len && flags & libc::RWF_NOWAIT != 0 {
-                // Part of it is cached, the rest is not.
-                return Ok(None);
-            }
+            return Err(Error::io(
+                format!("read of {} at offset {at}", self.path.display()),
+                e,
+            ));
         }
-        // SAFETY: preadv2 initialised exactly the first `len` bytes above.
-        unsafe { buf.set_len(len) };
         Ok(Some(buf))
     }
 
@@ -619,12 +556,7 @@ impl Volume {
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
         let fd = self.file.as_raw_fd();
         let done = match self.kind {
-            Kind::Block => {
-                let range = [offset, len];
-                // SAFETY: BLKZEROOUT reads two u64 (offset, length) through the
-                // pointer, which points at a live local array.
-                unsafe { blkzeroout(fd, &range) }.is_ok()
-            }
+            Kind::Block => sys::blkzeroout(&self.file, offset, len).is_ok(),
             Kind::File => nix::fcntl::fallocate(
                 fd,
                 nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
@@ -662,122 +594,5 @@ impl Volume {
             len as i64,
             nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
         );
-    }
-}
-
-/// Turns `SIGBUS` (a memory-mapped read that failed: an I/O error of the
-/// device, or an image file shrunk under the map) into a clear message and
-/// exit status 3 (a runtime I/O failure), instead of a crash. Nothing is lost
-/// by ending there: the receiver writes only chunks verified against their
-/// hashes, and the manifests claim only acknowledged, durable chunks, exactly
-/// as when the process is killed.
-pub mod sigbus {
-    use std::sync::Once;
-
-    static INSTALL: Once = Once::new();
-
-    extern "C" fn on_sigbus(_: libc::c_int) {
-        const MSG: &[u8] = b"nightpass: error: a memory-mapped read failed (SIGBUS): a volume returned an I/O error or shrank while it was read; nothing unverified was written and the state is consistent; rerun the pass, with --drop-cache to read without memory maps\n";
-        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is static.
-        unsafe {
-            libc::write(2, MSG.as_ptr().cast(), MSG.len());
-            libc::_exit(3);
-        }
-    }
-
-    /// Installs the handler (once per process).
-    pub fn install() {
-        INSTALL.call_once(|| {
-            let action = nix::sys::signal::SigAction::new(
-                nix::sys::signal::SigHandler::Handler(on_sigbus),
-                nix::sys::signal::SaFlags::empty(),
-                nix::sys::signal::SigSet::empty(),
-            );
-            // SAFETY: the handler calls only async-signal-safe functions.
-            let _ =
-                unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGBUS, &action) };
-        });
-    }
-}
-
-/// Page-aligned buffers for `O_DIRECT` reads, handed to `bytes::Bytes`
-/// without a copy.
-mod aligned {
-    use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
-    use std::ptr::NonNull;
-
-    /// Alignment of buffers, offsets and lengths: the largest logical block
-    /// size of common devices, so it suits any of them.
-    pub const ALIGN: usize = 4096;
-
-    /// A heap buffer aligned to [`ALIGN`], its capacity rounded up to it.
-    pub struct AlignedBuf {
-        ptr: NonNull<u8>,
-        len: usize,
-        cap: usize,
-    }
-
-    // SAFETY: the buffer is uniquely owned heap memory, like a Vec<u8>.
-    unsafe impl Send for AlignedBuf {}
-    // SAFETY: shared access only reads initialised bytes (`as_ref`).
-    unsafe impl Sync for AlignedBuf {}
-
-    impl AlignedBuf {
-        /// A zeroed buffer of at least `len` bytes (zeroed so that
-        /// [`AlignedBuf::spare`] is safe; the cost is small beside a disk read).
-        pub fn new(len: usize) -> AlignedBuf {
-            let cap = len.div_ceil(ALIGN).max(1) * ALIGN;
-            let layout = Layout::from_size_align(cap, ALIGN).expect("valid layout");
-            // SAFETY: the layout has a non-zero size.
-            let raw = unsafe { alloc_zeroed(layout) };
-            let Some(ptr) = NonNull::new(raw) else {
-                handle_alloc_error(layout)
-            };
-            AlignedBuf { ptr, len: 0, cap }
-        }
-
-        /// The whole capacity, for reading into.
-        pub fn spare(&mut self) -> &mut [u8] {
-            // SAFETY: `cap` zeroed bytes are owned by this buffer; `&mut self`
-            // makes the borrow unique.
-            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap) }
-        }
-
-        /// Sets the length of the valid contents.
-        pub fn set_len(&mut self, len: usize) {
-            assert!(len <= self.cap);
-            self.len = len;
-        }
-    }
-
-    impl AsRef<[u8]> for AlignedBuf {
-        fn as_ref(&self) -> &[u8] {
-            // SAFETY: the first `len <= cap` bytes are initialised (zeroed at
-            // allocation, then read into).
-            unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-        }
-    }
-
-    impl Drop for AlignedBuf {
-        fn drop(&mut self) {
-            let layout = Layout::from_size_align(self.cap, ALIGN).expect("valid layout");
-            // SAFETY: allocated in `new` with this very layout.
-            unsafe { dealloc(self.ptr.as_ptr(), layout) }
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn aligned_and_rounded() {
-            let mut b = AlignedBuf::new(5000);
-            assert_eq!(b.spare().len(), 8192);
-            assert_eq!(b.spare().as_ptr() as usize % ALIGN, 0);
-            b.spare()[..3].copy_from_slice(b"abc");
-            b.set_len(3);
-            assert_eq!(b.as_ref(), b"abc");
-        }
     }
 }

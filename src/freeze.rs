@@ -10,17 +10,13 @@
 //! then `fsfreeze -u MOUNTPOINT` thaws by hand.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-
-mod ioctl {
-    nix::ioctl_readwrite!(fifreeze, b'X', 119, libc::c_int);
-    nix::ioctl_readwrite!(fithaw, b'X', 120, libc::c_int);
-}
+use crate::sys;
 
 /// How the source is frozen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,10 +74,8 @@ impl std::fmt::Debug for FreezeGuard {
 /// Runs `sh -c cmd`, its stdout going to our stderr (stdout may be JSON only).
 pub fn run_hook(what: &str, cmd: &str) -> Result<()> {
     eprintln!("running {what} command: {cmd}");
-    let stderr = std::io::stderr().as_raw_fd();
-    let out = nix::unistd::dup(stderr).map_err(|e| Error::Io(format!("dup stderr: {e}")))?;
-    // SAFETY: `out` is a fresh descriptor we own; Stdio takes it over.
-    let stdout = unsafe { <Stdio as std::os::unix::io::FromRawFd>::from_raw_fd(out) };
+    let stdout = sys::dup_stdio(std::io::stderr().as_fd())
+        .map_err(|e| Error::Io(format!("dup stderr: {e}")))?;
     let status = Command::new("sh")
         .arg("-c")
         .arg(cmd)
@@ -210,10 +204,7 @@ impl FreezeGuard {
                 nix::unistd::syncfs(dir.as_raw_fd())
                     .map_err(|e| Error::Io(format!("syncfs of {} failed: {e}", mp.display())))?;
                 since = Instant::now();
-                let mut arg: libc::c_int = 0;
-                // SAFETY: FIFREEZE on a valid directory descriptor; the int
-                // argument points at a live local.
-                unsafe { ioctl::fifreeze(dir.as_raw_fd(), &mut arg) }
+                sys::fifreeze(&dir)
                     .map_err(|e| Error::Io(format!("FIFREEZE of {} failed: {e}", mp.display())))?;
                 (Undo::Thaw(dir, mp.clone()), source.to_owned())
             }
@@ -266,17 +257,14 @@ impl FreezeGuard {
         match self.undo.take() {
             None | Some(Undo::Nothing) => Ok(()),
             Some(Undo::Thaw(dir, mp)) => {
-                let mut arg: libc::c_int = 0;
-                // SAFETY: FITHAW on the descriptor FIFREEZE was issued on.
-                unsafe { ioctl::fithaw(dir.as_raw_fd(), &mut arg) }
-                    .map(|_| ())
-                    .map_err(|e| {
-                        Error::Io(format!(
-                            "FITHAW of {} failed: {e}; thaw by hand: fsfreeze -u {}",
-                            mp.display(),
-                            mp.display()
-                        ))
-                    })
+                // On the descriptor FIFREEZE was issued on.
+                sys::fithaw(&dir).map_err(|e| {
+                    Error::Io(format!(
+                        "FITHAW of {} failed: {e}; thaw by hand: fsfreeze -u {}",
+                        mp.display(),
+                        mp.display()
+                    ))
+                })
             }
             Some(Undo::RemoveSnapshot(name)) => {
                 let st = Command::new("lvremove")

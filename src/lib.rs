@@ -8,7 +8,7 @@
 //!
 //! ## Modules and their owners
 //! - [`cli`]: flags and their validation into typed settings.
-//! - [`device`]: every system call on volume data; all `unsafe` (ioctls).
+//! - [`device`]: every system call on volume data.
 //! - [`hash`]: the read-and-hash pipeline on all cores.
 //! - [`transport`]: endpoints, identities, fingerprint pinning, framing on streams.
 //! - [`sender`]: one pass from the source side, the sender's manifest, the journal.
@@ -23,6 +23,9 @@
 //! - [`demo`]: the self-contained demonstration.
 //! - [`benchmark`]: `nightpass bench`, each stage's speed on this machine.
 //! - [`error`]: error kinds and exit statuses.
+//! - [`sys`]: every `unsafe` of the crate and the binary, each system call
+//!   that needs it behind a small safe function; `unsafe` is denied
+//!   everywhere else.
 //!
 //! Formats, messages and the planning math live in the `nightpass-proto`
 //! crate, which does no I/O; see its docs and `proto/PROTOCOL.md`.
@@ -36,6 +39,7 @@
 //!   the target only when its summary equals the receiver's.
 //! - A receiver writes only to exported paths, only below the accepted size.
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
 
 pub mod benchmark;
 pub mod cli;
@@ -51,5 +55,7 @@ pub mod receiver;
 pub mod seal;
 pub mod sender;
 pub mod state;
+#[allow(unsafe_code)]
+pub mod sys;
 pub mod transport;
 pub mod verify;

@@ -1,10 +1,13 @@
 //! The `nightpass` binary: parse, run, map errors to exit statuses.
-//! Everything else lives in the library.
+//! Everything else lives in the library; system calls that need `unsafe`
+//! go through the safe wrappers of `nightpass::sys`.
+#![deny(unsafe_code)]
 
 use clap::Parser;
 use nightpass::cli::Cli;
 use nightpass::commands;
 use nightpass::error::Error;
+use nightpass::sys;
 use nightpass::transport;
 use tokio::signal::unix::SignalKind;
 
@@ -20,10 +23,7 @@ async fn signal(kind: tokio::signal::unix::SignalKind) {
 
 fn main() {
     // A closed stdout (e.g. `| head`) must end us quietly, not with a panic.
-    // SAFETY: restoring the default disposition of SIGPIPE has no preconditions.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    sys::default_sigpipe();
     let cli = Cli::parse();
     let json = cli.json;
     // `serve` shuts down gracefully on its own signals; everything else stops at once.
@@ -31,10 +31,7 @@ fn main() {
     if own_signals {
         // A receiver outlives the terminal or ssh session that started it:
         // a hang-up must not end it (and the sessions it serves).
-        // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
-        unsafe {
-            libc::signal(libc::SIGHUP, libc::SIG_IGN);
-        }
+        sys::ignore_sighup();
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

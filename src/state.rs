@@ -25,11 +25,11 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use memmap2::MmapMut;
 use nightpass_proto::chunk::Geometry;
 use nightpass_proto::manifest::{self, Hash, Header, ManifestError, Summary, HEADER_LEN};
 
 use crate::error::{Error, IoContext, Result};
+use crate::sys::SharedFileMap;
 
 /// The default state directory: `$NIGHTPASS_HOME/state`, else `~/.local/state/nightpass`.
 pub fn default_state_dir() -> PathBuf {
@@ -228,7 +228,7 @@ pub enum Fill {
 pub struct ManifestFile {
     path: PathBuf,
     _file: File,
-    map: MmapMut,
+    map: SharedFileMap,
     header: Header,
     /// Entries read or written through the map since its pages were last
     /// released (see [`ManifestFile::release_pages`]).
@@ -332,9 +332,9 @@ impl ManifestFile {
         if len < HEADER_LEN as u64 {
             return Ok(Some(Err(ManifestError::Truncated(len as usize))));
         }
-        // SAFETY: the file is locked against other nightpass processes and
-        // never truncated while mapped (see the module docs).
-        let map = unsafe { MmapMut::map_mut(&file) }.ctx(format!("mmap {}", path.display()))?;
+        // Locked against other nightpass processes above, and never
+        // truncated while mapped (see the module docs).
+        let map = SharedFileMap::map(&file).ctx(format!("mmap {}", path.display()))?;
         let header = match Header::decode(&map[..HEADER_LEN]) {
             Ok(h) => h,
             Err(e) => return Ok(Some(Err(e))),
@@ -416,14 +416,7 @@ impl ManifestFile {
     /// page cache until written back, and the next access maps them again.
     pub fn release_pages(&self) {
         self.touched.store(0, Ordering::Relaxed);
-        // SAFETY: MADV_DONTNEED on a MAP_SHARED file mapping only unmaps
-        // pages; their contents (dirty ones included) remain in the page
-        // cache and reappear on the next access, so no live reference into
-        // the map can observe a change.
-        let _ = unsafe {
-            self.map
-                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
-        };
+        self.map.release_pages();
     }
 
     /// Makes table changes durable (msync).

@@ -492,28 +492,15 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 /// CAP_NET_ADMIN), otherwise as much as the kernel caps the plain request
 /// at, which is still better than its default.
 pub fn grow_udp_buffers(socket: &std::net::UdpSocket, bytes: usize) {
-    use std::os::unix::io::AsRawFd;
-    let fd = socket.as_raw_fd();
+    use std::os::unix::io::AsFd;
     let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     for (force, plain) in [
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
     ] {
-        let set = |opt| {
-            // SAFETY: setsockopt reads one c_int through the pointer, which
-            // points at a live local of that size; the descriptor is open.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            }
-        };
-        if set(force) != 0 {
-            set(plain);
+        let set = |opt| crate::sys::setsockopt_int(socket.as_fd(), libc::SOL_SOCKET, opt, size);
+        if set(force).is_err() {
+            let _ = set(plain);
         }
     }
 }
