@@ -100,7 +100,7 @@ pub fn check_not_held(path: &Path) -> Result<()> {
         .custom_flags(libc::O_EXCL)
         .open(path)
     {
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(Error::input(format!(
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(Error::InUse(format!(
             "{} is in use (mounted, or held open exclusively by another program)",
             path.display()
         ))),
@@ -366,7 +366,7 @@ impl Volume {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 return Err((
                     created,
-                    Error::input(format!(
+                    Error::InUse(format!(
                         "target {} is in use (mounted, or held open exclusively by another program)",
                         path.display()
                     )),
@@ -383,7 +383,7 @@ impl Volume {
         let kind = kind_of(path, &file).map_err(fail)?;
         if kind == Kind::File {
             if !lock_exclusive(&file) {
-                return Err(fail(Error::input(format!(
+                return Err(fail(Error::InUse(format!(
                     "target {} is in use by another nightpass process",
                     path.display()
                 ))));
@@ -396,7 +396,7 @@ impl Volume {
         }
         let actual = size_of(path, &file, kind).map_err(fail)?;
         if actual < size {
-            return Err(fail(Error::input(format!(
+            return Err(fail(Error::TooSmall(format!(
                 "target {} ({actual} bytes) is smaller than the source ({size} bytes)",
                 path.display()
             ))));

@@ -649,3 +649,33 @@ fn a_hang_up_during_a_cutover_thaws_the_source() {
     );
     assert!(!s.receiver_journal().contains("\"cutover\""));
 }
+
+#[test]
+fn a_receiver_refuses_with_the_code_of_what_went_wrong() {
+    let s = Setup::new();
+    // A target file smaller than the source: TooSmall, not a bad request.
+    File::create(&s.target).unwrap().set_len(MIB).unwrap();
+    let id = nightpass::transport::Identity::load(&s.sender.id.dir).unwrap();
+    let refusal = runtime().block_on(async {
+        let mut p = AuthorizedPeer::connect(
+            &id,
+            s.rx.port,
+            &s.rx.fp,
+            &nightpass::transport::Tuning::default(),
+        )
+        .await;
+        let mut hello = hello_for("v", nightpass_proto::wire::Mode::Sync, 8 * MIB, 64 << 10);
+        hello.pass_id = vec![1; 16];
+        p.hello(hello).await.unwrap();
+        let r = p.expect_refusal().await;
+        p.close().await;
+        r
+    });
+    assert_eq!(
+        refusal.code,
+        nightpass_proto::wire::RefuseCode::TooSmall as i32,
+        "{}",
+        refusal.message
+    );
+    assert!(refusal.message.contains("smaller than the source"));
+}
