@@ -127,6 +127,19 @@ impl ChunkSet {
         }
     }
 
+    /// The same indices in `geometry` (another extent of the volume, in
+    /// the same chunk size), those past its end dropped.
+    pub fn clip_to(&self, geometry: &Geometry) -> ChunkSet {
+        Self::from_runs(geometry, self.runs.clone())
+    }
+
+    /// The chunks in either set, in the geometry of `self` (`other`'s
+    /// indices past its end dropped).
+    pub fn union(&self, other: &ChunkSet) -> ChunkSet {
+        let runs = self.runs.iter().chain(&other.runs).cloned().collect();
+        Self::from_runs(&self.geometry, runs)
+    }
+
     /// The geometry the indices belong to.
     pub fn geometry(&self) -> &Geometry {
         &self.geometry
@@ -393,6 +406,20 @@ mod tests {
             agrees(&ChunkSet::span(&g, ..b), &want(0..b))?;
             agrees(&ChunkSet::all(&g), &want(0..n))?;
             agrees(&ChunkSet::empty(&g), &BTreeSet::new())?;
+        }
+
+        #[test]
+        fn union_and_clip(size in sizes(), other in sizes(), a in indices(), b in indices()) {
+            let (g, h) = (geometry(size), geometry(other));
+            let (x, y) = (ChunkSet::from_indices(&g, a), ChunkSet::from_indices(&h, b));
+            let set = |s: &ChunkSet| s.indices().collect::<BTreeSet<u64>>();
+            let mut want = set(&x);
+            want.extend(set(&y).into_iter().filter(|&i| i < g.chunk_count()));
+            agrees(&x.union(&y), &want)?;
+            let clipped = set(&x).into_iter().filter(|&i| i < h.chunk_count()).collect();
+            let c = x.clip_to(&h);
+            prop_assert_eq!(c.geometry(), &h);
+            agrees(&c, &clipped)?;
         }
 
         #[test]
