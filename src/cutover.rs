@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nightpass_proto::chunk::{ChunkSize, Geometry};
+use nightpass_proto::chunkset::ChunkSet;
 use nightpass_proto::wire::{self, control::Msg, Mode};
 use serde_json::json;
 
@@ -30,7 +31,7 @@ use crate::progress::{human_bytes, now_unix, PassEnd, Progress};
 use crate::sender::{self, journal_figures, open_session, target_dir, SyncConfig};
 use crate::state::{self, ManifestFile};
 use crate::transport::{self, Identity};
-use crate::verify::{compare, forget_and_close, open_verify, receive_hashes};
+use crate::verify::{compare, forget_and_close, open_verify, receive_hashes, table_entry};
 
 /// Settings of `converge`.
 #[derive(Debug, Clone)]
@@ -291,10 +292,7 @@ async fn frozen_pass(
     let (mut end, mut ours, theirs, geometry) =
         pass_with_target_read(cfg, id, progress.clone(), true, overlap).await?;
     let mut passes_s = end.duration_s;
-    let chunk = geometry.chunk_size();
-    let size = geometry.size();
-    let fp = cfg.server_fingerprint.as_str();
-    let (_, mut suspects) = compare(&geometry, &ours, &theirs);
+    let mut suspects = compare(&geometry, &ours, &theirs);
     for round in 0..=REPAIR_ROUNDS {
         if suspects.is_empty() {
             progress.note("proof: the target matches the frozen source, chunk for chunk, by fresh reads on both sides");
@@ -304,39 +302,9 @@ async fn frozen_pass(
                 table: ours,
             });
         }
-        // A verify names at most MAX_VERIFY_RANGES ranges: ask in batches.
-        let mut still = Vec::new();
-        for batch in suspects.chunks(wire::MAX_VERIFY_RANGES) {
-            let flat: Vec<u64> = batch.iter().flat_map(|&(o, l)| [o, l]).collect();
-            let (mut s2, g2) = reconnecting(cfg, || {
-                open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, flat.clone())
-            })
-            .await?;
-            if g2.chunk_size() != chunk {
-                return Err(Error::Io(
-                    "the proof's geometry does not match the pass".into(),
-                ));
-            }
-            let fresh = receive_hashes(&mut s2, &g2).await?;
-            let mut batch_still = Vec::new();
-            for &(o, l) in batch {
-                let first = o / chunk.bytes();
-                let last = (o + l - 1) / chunk.bytes();
-                for i in first..=last {
-                    let e = i as usize * 32;
-                    if fresh[e..e + 32] != ours[e..e + 32] {
-                        batch_still.push(i);
-                    }
-                }
-            }
-            let batch_ranges = nightpass_proto::plan::coalesce(&g2, &batch_still);
-            forget_and_close(s2, &batch_ranges).await?;
-            still.extend(batch_still);
-        }
-        let geometry = Geometry::new(size, chunk).map_err(|e| Error::input(e.to_string()))?;
-        let still_ranges = nightpass_proto::plan::coalesce(&geometry, &still);
+        let still = recheck(cfg, id, &suspects, &ours).await?;
         if still.is_empty() {
-            suspects.clear();
+            suspects = still;
             continue;
         }
         if round == REPAIR_ROUNDS {
@@ -351,12 +319,53 @@ async fn frozen_pass(
         passes_s += e.duration_s;
         end = e;
         ours = t.unwrap_or_default();
-        suspects = still_ranges;
+        suspects = still;
     }
     Err(Error::Io(format!(
         "the target still differs from the frozen source in {} ranges after {REPAIR_ROUNDS} repairs",
-        suspects.len()
+        suspects.range_count()
     )))
+}
+
+/// Has the receiver hash the `suspects` fresh, in batches of at most
+/// [`wire::MAX_VERIFY_RANGES`] ranges (what one verify may name), and
+/// forget the chunks that still differ from `ours`; returns those chunks.
+async fn recheck(
+    cfg: &SyncConfig,
+    id: &Identity,
+    suspects: &ChunkSet,
+    ours: &[u8],
+) -> Result<ChunkSet> {
+    let geometry = suspects.geometry();
+    let (chunk, size) = (geometry.chunk_size(), geometry.size());
+    let fp = cfg.server_fingerprint.as_str();
+    let mut still = Vec::new();
+    for part in suspects.parts_by_ranges(wire::MAX_VERIFY_RANGES) {
+        let flat = part.flat_byte_ranges();
+        let (mut s2, g2) = reconnecting(cfg, || {
+            open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, flat.clone())
+        })
+        .await?;
+        if g2.chunk_size() != chunk {
+            return Err(Error::Io(
+                "the proof's geometry does not match the pass".into(),
+            ));
+        }
+        let fresh = receive_hashes(&mut s2, &g2).await?;
+        let differ = ChunkSet::from_indices(
+            geometry,
+            part.indices()
+                .filter(|&i| table_entry(&fresh, i) != table_entry(ours, i)),
+        );
+        let forget: Vec<(u64, u64)> = differ.clip_to(&g2).byte_ranges().collect();
+        forget_and_close(s2, &forget).await?;
+        still.push(differ);
+    }
+    // The parts come in ascending order: their indices, one run at a time.
+    Ok(ChunkSet::from_indices(
+        geometry,
+        still.iter().flat_map(ChunkSet::indices),
+    ))
 }
 
 /// Runs `connect` (a session opened by a cutover or a converge, after the
@@ -461,7 +470,7 @@ async fn check_source_unchanged(
         )?);
         let geometry = Geometry::new(v.size(), chunk).map_err(|e| Error::Io(e.to_string()))?;
         let fresh = crate::hash::hash_all(v, geometry, scan, Arc::new(crate::progress::Quiet))?;
-        Ok::<_, Error>(compare(&geometry, &table, &fresh).0.len())
+        Ok::<_, Error>(compare(&geometry, &table, &fresh).len())
     })
     .await
     .map_err(|_| Error::Io("source check task failed".into()))??;

@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use nightpass_proto::chunk::{ChunkSize, Geometry};
+use nightpass_proto::chunkset::ChunkSet;
 use nightpass_proto::manifest::{self, Hash, Summary, UNKNOWN};
 use nightpass_proto::patch;
 use nightpass_proto::wire::{self, control::Msg, Encoding, Mode, RefuseCode};
@@ -1998,29 +1999,6 @@ fn verify_extent(
     source_size - source_size % chunk.bytes()
 }
 
-/// The chunks overlapping byte `ranges` (flattened offset/length pairs) as
-/// sorted, merged, inclusive index intervals: at most one per range.
-fn chunk_intervals(geometry: &Geometry, ranges: &[u64]) -> Vec<(u64, u64)> {
-    let mut spans: Vec<(u64, u64)> = ranges
-        .chunks_exact(2)
-        .filter(|p| p[1] > 0 && geometry.size() > 0)
-        .filter_map(|p| {
-            let first = geometry.chunk_of(p[0])?;
-            let end = p[0].saturating_add(p[1] - 1).min(geometry.size() - 1);
-            Some((first, geometry.chunk_of(end).unwrap_or(first).max(first)))
-        })
-        .collect();
-    spans.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
-    for (a, b) in spans {
-        match merged.last_mut() {
-            Some((_, end)) if a <= end.saturating_add(1) => *end = (*end).max(b),
-            _ => merged.push((a, b)),
-        }
-    }
-    merged
-}
-
 /// Hashes the chunks overlapping byte ranges fresh, in index order, and
 /// sends them as parts of at most [`wire::HASHES_PER_PART`] consecutive
 /// chunks, the last flagged: memory stays bounded whatever the ranges cover.
@@ -2037,27 +2015,25 @@ fn hash_ranges(
     volume.drop_cache(0, volume.size());
     let mut pending: Option<wire::HashRun> = None;
     let mut buf = vec![0u8; geometry.chunk_size().usize()];
-    for (first, last) in chunk_intervals(geometry, ranges) {
-        let mut i = first;
-        while i <= last {
-            let n = (last - i + 1).min(wire::HASHES_PER_PART as u64);
-            let mut hashes = Vec::with_capacity(n as usize * manifest::ENTRY_LEN);
-            for k in i..i + n {
-                let r = geometry.range(k).expect("index below count");
-                let b = &mut buf[..(r.end - r.start) as usize];
-                volume.read_exact_at(b, r.start)?;
-                hashes.extend_from_slice(blake3::hash(b).as_bytes());
-            }
-            if let Some(p) = pending.take() {
-                send(p)?;
-            }
-            pending = Some(wire::HashRun {
-                first: i,
-                hashes: Bytes::from(hashes),
-                last: false,
-            });
-            i += n;
+    let set = ChunkSet::from_flat_byte_ranges(geometry, ranges);
+    for run in set.ranges_at_most(wire::HASHES_PER_PART as u64) {
+        let mut hashes = Vec::with_capacity((run.end - run.start) as usize * manifest::ENTRY_LEN);
+        for k in run.clone() {
+            let r = geometry
+                .range(k)
+                .expect("a set's indices lie below the chunk count");
+            let b = &mut buf[..(r.end - r.start) as usize];
+            volume.read_exact_at(b, r.start)?;
+            hashes.extend_from_slice(blake3::hash(b).as_bytes());
         }
+        if let Some(p) = pending.take() {
+            send(p)?;
+        }
+        pending = Some(wire::HashRun {
+            first: run.start,
+            hashes: Bytes::from(hashes),
+            last: false,
+        });
     }
     let mut end = pending.unwrap_or_default();
     end.last = true;
@@ -2373,24 +2349,12 @@ pub fn forget_ranges(dir: &Path, target: &Path, ranges: &[u64]) -> Result<u64> {
 
 /// Marks entries of `m` overlapping `(offset, length)` pairs unknown, in memory.
 pub fn forget_in(m: &mut ManifestFile, ranges: &[u64]) -> u64 {
-    let g = m.geometry();
+    let set = ChunkSet::from_flat_byte_ranges(&m.geometry(), ranges);
     let mut n = 0;
-    for pair in ranges.chunks_exact(2) {
-        let (off, len) = (pair[0], pair[1]);
-        if len == 0 {
-            continue;
-        }
-        let Some(first) = g.chunk_of(off) else {
-            continue;
-        };
-        let last = g
-            .chunk_of(off.saturating_add(len - 1).min(g.size().saturating_sub(1)))
-            .unwrap_or(first);
-        for i in first..=last {
-            if m.entry(i) != UNKNOWN {
-                m.set(i, &UNKNOWN);
-                n += 1;
-            }
+    for i in set.indices() {
+        if m.entry(i) != UNKNOWN {
+            m.set(i, &UNKNOWN);
+            n += 1;
         }
     }
     n
@@ -2409,27 +2373,5 @@ mod tests {
         assert_eq!(verify_extent(1 << 20, Some(p + 1), p + 1, c), p + 1);
         assert_eq!(verify_extent(p + 1, None, 1 << 20, c), p + 1);
         assert_eq!(verify_extent(p + 1, None, p + 1, c), p + 1);
-    }
-
-    #[test]
-    fn verify_ranges_merge_into_chunk_intervals() {
-        let g = Geometry::new(10 * 4096 + 100, ChunkSize::new(4096).unwrap()).unwrap();
-        // Overlapping, adjacent, out of order, past the end, empty.
-        let r = [
-            8192,
-            4096,
-            0,
-            5000,
-            4096,
-            1,
-            40960,
-            1 << 40,
-            1 << 50,
-            7,
-            0,
-            0,
-        ];
-        assert_eq!(chunk_intervals(&g, &r), vec![(0, 2), (10, 10)]);
-        assert_eq!(chunk_intervals(&g, &[]), vec![]);
     }
 }

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nightpass_proto::chunk::{ChunkSize, Geometry};
+use nightpass_proto::chunkset::ChunkSet;
 use nightpass_proto::manifest::ENTRY_LEN;
-use nightpass_proto::plan::coalesce;
 use nightpass_proto::wire::{self, control::Msg, Mode};
 use serde_json::json;
 
@@ -66,13 +66,13 @@ impl Comparison {
         target_size: u64,
         target_is_block: bool,
     ) -> Comparison {
-        let (mismatched, ranges) = compare(geometry, ours, theirs);
+        let differing = compare(geometry, ours, theirs);
         Comparison {
             source_size,
             target_size,
             chunk_size: geometry.chunk_size().bytes(),
-            mismatched,
-            ranges,
+            mismatched: differing.indices().collect(),
+            ranges: differing.byte_ranges().collect(),
             size_defect: size_defect(source_size, target_size, target_is_block),
         }
     }
@@ -83,16 +83,19 @@ impl Comparison {
     }
 }
 
-/// Compares two hash tables over `geometry`: differing chunk indices and their coalesced byte ranges.
-pub fn compare(geometry: &Geometry, a: &[u8], b: &[u8]) -> (Vec<u64>, Vec<(u64, u64)>) {
-    let mismatched: Vec<u64> = (0..geometry.chunk_count())
-        .filter(|&i| {
-            let o = i as usize * ENTRY_LEN;
-            a.get(o..o + ENTRY_LEN) != b.get(o..o + ENTRY_LEN)
-        })
-        .collect();
-    let ranges = coalesce(geometry, &mismatched);
-    (mismatched, ranges)
+/// Compares two hash tables over `geometry`: the chunks that differ (a
+/// chunk missing from one table differs).
+pub fn compare(geometry: &Geometry, a: &[u8], b: &[u8]) -> ChunkSet {
+    ChunkSet::from_indices(
+        geometry,
+        (0..geometry.chunk_count()).filter(|&i| table_entry(a, i) != table_entry(b, i)),
+    )
+}
+
+/// Chunk `index`'s entry in a table of hashes, if the table reaches it.
+pub(crate) fn table_entry(table: &[u8], index: u64) -> Option<&[u8]> {
+    let o = usize::try_from(index).ok()?.checked_mul(ENTRY_LEN)?;
+    table.get(o..o.checked_add(ENTRY_LEN)?)
 }
 
 fn chunk_for(args: &SyncArgs, remote: Option<&RemoteVolume>) -> ChunkSize {
@@ -389,9 +392,14 @@ mod tests {
         b[32] = 1;
         b[64] = 1;
         b[4 * 32 + 5] = 1;
-        let (m, r) = compare(&g, &a, &b);
-        assert_eq!(m, vec![1, 2, 4]);
-        assert_eq!(r, vec![(4096, 8192), (4 * 4096, 4096)]);
+        let d = compare(&g, &a, &b);
+        assert_eq!(d.indices().collect::<Vec<_>>(), vec![1, 2, 4]);
+        assert_eq!(
+            d.byte_ranges().collect::<Vec<_>>(),
+            vec![(4096, 8192), (4 * 4096, 4096)]
+        );
+        // A table that stops short differs from the rest.
+        assert_eq!(compare(&g, &a, &a[..3 * 32]), ChunkSet::span(&g, 3..));
     }
 
     #[test]

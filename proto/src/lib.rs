@@ -2,8 +2,9 @@
 //!
 //! Everything nightpass can decide without touching a socket, a file or a
 //! clock lives here, in the manner of `quinn-proto`: chunk geometry
-//! ([`chunk`]), the manifest format ([`manifest`]), wire messages and framing
-//! ([`wire`]), block probes and patches ([`patch`]), the sessions' bookkeeping
+//! ([`chunk`]), sets of chunks and their byte ranges ([`chunkset`]), the
+//! manifest format ([`manifest`]), wire messages and framing ([`wire`]),
+//! block probes and patches ([`patch`]), the sessions' bookkeeping
 //! ([`session`]), and pass planning and forecasting ([`plan`]). The `nightpass`
 //! crate drives these with tokio, quinn and real devices.
 //!
@@ -21,6 +22,7 @@
 #![deny(missing_docs)]
 
 pub mod chunk;
+pub mod chunkset;
 pub mod manifest;
 pub mod patch;
 pub mod plan;

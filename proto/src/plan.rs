@@ -1,5 +1,5 @@
 //! Pass planning as pure functions over numbers: the compression policy,
-//! coalescing chunk indices into byte ranges, and the forecast of a frozen
+//! coalescing chunk indices into byte ranges (through [`ChunkSet`]), and the forecast of a frozen
 //! final pass from the pass journal.
 //!
 //! # The forecast model
@@ -34,6 +34,7 @@
 //! read rates measured are those of the cutover's pass, contention included.
 
 use crate::chunk::Geometry;
+use crate::chunkset::ChunkSet;
 
 /// Cost of the freeze beyond its passes, before any cutover of the volume
 /// has measured its own: the freeze's flush (after a `syncfs` while writers
@@ -113,18 +114,13 @@ impl CompressPolicy {
     }
 }
 
-/// Coalesces sorted, distinct chunk indices into `(offset, length)` byte
-/// ranges, merging adjacent chunks. Indices past the end are ignored.
+/// Coalesces chunk indices into `(offset, length)` byte ranges, merging
+/// adjacent chunks; indices past the end are ignored. A thin wrapper over
+/// [`ChunkSet`], which owns the conversion.
 pub fn coalesce(geometry: &Geometry, sorted: &[u64]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &i in sorted {
-        let Some(r) = geometry.range(i) else { continue };
-        match out.last_mut() {
-            Some((off, len)) if *off + *len == r.start => *len += r.end - r.start,
-            _ => out.push((r.start, r.end - r.start)),
-        }
-    }
-    out
+    ChunkSet::from_indices(geometry, sorted.iter().copied())
+        .byte_ranges()
+        .collect()
 }
 
 /// The figures of one pass, as the journal keeps them.
