@@ -293,8 +293,17 @@ async fn frozen_pass(
         pass_with_target_read(cfg, id, progress.clone(), true, overlap).await?;
     let mut passes_s = end.duration_s;
     let mut suspects = compare(&geometry, &ours, &theirs);
-    for round in 0..=REPAIR_ROUNDS {
-        if suspects.is_empty() {
+    let mut round = 0;
+    loop {
+        // Chunks the parallel read saw before the pass rewrote them (or
+        // that a repair resent) are read again; none left differing is
+        // the proof, whichever round it comes in.
+        let still = if suspects.is_empty() {
+            suspects
+        } else {
+            recheck(cfg, id, &suspects, &ours).await?
+        };
+        if still.is_empty() {
             progress.note("proof: the target matches the frozen source, chunk for chunk, by fresh reads on both sides");
             return Ok(Frozen {
                 end,
@@ -302,18 +311,16 @@ async fn frozen_pass(
                 table: ours,
             });
         }
-        let still = recheck(cfg, id, &suspects, &ours).await?;
-        if still.is_empty() {
-            suspects = still;
-            continue;
-        }
         if round == REPAIR_ROUNDS {
-            break;
+            return Err(Error::Io(format!(
+                "the target still differs from the frozen source in {} ranges after {REPAIR_ROUNDS} repairs",
+                still.range_count()
+            )));
         }
+        round += 1;
         progress.note(&format!(
-            "proof: {} chunks differ after the pass; resending them from the frozen source (round {})",
+            "proof: {} chunks differ after the pass; resending them from the frozen source (round {round})",
             still.len(),
-            round + 1
         ));
         let (e, t) = sender::run_pass_collecting(cfg, id, progress.clone(), true).await?;
         passes_s += e.duration_s;
@@ -321,10 +328,6 @@ async fn frozen_pass(
         ours = t.unwrap_or_default();
         suspects = still;
     }
-    Err(Error::Io(format!(
-        "the target still differs from the frozen source in {} ranges after {REPAIR_ROUNDS} repairs",
-        suspects.range_count()
-    )))
 }
 
 /// Has the receiver hash the `suspects` fresh, in batches of at most
