@@ -7,6 +7,7 @@ mod configs;
 mod cutover;
 mod harness;
 mod hostile;
+mod journal;
 mod relay;
 mod reliability;
 mod safety;
