@@ -28,8 +28,9 @@ use serde_json::json;
 use crate::error::{Error, Result};
 use crate::freeze::{FreezeGuard, Method};
 use crate::progress::{human_bytes, now_unix, PassEnd, Progress};
-use crate::sender::{self, journal_figures, open_session, target_dir, SyncConfig};
-use crate::state::{self, ManifestFile};
+use crate::sender::{self, open_session, target_dir, SyncConfig};
+use crate::state::journal::{self, CutoverRecord, SenderJournal, SenderRecord, TargetReadRecord};
+use crate::state::ManifestFile;
 use crate::transport::{self, Identity};
 use crate::verify::{compare, forget_and_close, open_verify, receive_hashes, table_entry};
 
@@ -70,12 +71,10 @@ pub async fn converge(
     let window = cc.window.as_secs_f64();
     let mut changed: Vec<u64> = Vec::new();
     let mut last: Option<PassEnd> = None;
-    let journal = sender::volume_state_dir(cfg)?.join("journal.jsonl");
+    let journal = SenderJournal::in_dir(&sender::volume_state_dir(cfg)?);
     // The first pass of a volume copies everything: reading the target
     // alongside would only slow it, and it measures no read rate.
-    let mut copied_before = state::read_journal(&journal)
-        .iter()
-        .any(|r| r["event"] == "pass");
+    let mut copied_before = journal::passes(&journal.read()?).next().is_some();
     // After the first pass the receiver is known to answer: a later pass
     // that cannot connect rides out the outage (--retry-for).
     let mut cfg = cfg.clone();
@@ -94,9 +93,8 @@ pub async fn converge(
             changed.push(end.changed_bytes);
         }
         let fits = end.forecast_final_pass_s.map(|f| f * cc.margin <= window);
-        let settled = nightpass_proto::plan::read_rate_settled(
-            &journal_figures(&state::read_journal(&journal)).passes,
-        );
+        let settled =
+            nightpass_proto::plan::read_rate_settled(&journal::figures(&journal.read()?).passes);
         if fits == Some(true) && !settled && n < cc.max_passes {
             progress.note(
                 "the forecast fits the window, but rests on one pass's read rate (or two that disagree by more than 10%): one more pass to confirm it",
@@ -233,10 +231,15 @@ async fn pass_with_target_read(
     )?;
     // The frozen pass lasts as long as the slower of the two reads: journal
     // the target's, so the forecast sees a target slower than the source.
-    state::append_journal(
-        &target_dir(&cfg.state_dir, &cfg.server_fingerprint, &cfg.dest).join("journal.jsonl"),
-        &json!({"event": "target_read", "size_bytes": geometry.size(), "duration_s": read_s}),
-    )?;
+    SenderJournal::in_dir(&target_dir(
+        &cfg.state_dir,
+        &cfg.server_fingerprint,
+        &cfg.dest,
+    ))
+    .append(&SenderRecord::TargetRead(TargetReadRecord {
+        size_bytes: geometry.size(),
+        duration_s: read_s,
+    }))?;
     if end.start.chunk_size != chunk.bytes() || geometry.size() != size {
         return Err(Error::Io(
             "the proof's geometry does not match the pass".into(),
@@ -500,11 +503,8 @@ pub async fn cutover(
 ) -> Result<i32> {
     cc.method.check(&cfg.source)?;
     let dir = sender::volume_state_dir(cfg)?;
-    let journal = dir.join("journal.jsonl");
-    let forecast = nightpass_proto::plan::forecast(
-        &journal_figures(&state::read_journal(&journal)),
-        now_unix(),
-    );
+    let journal = SenderJournal::in_dir(&dir);
+    let forecast = nightpass_proto::plan::forecast(&journal::figures(&journal.read()?), now_unix());
     match forecast {
         Some(f) => progress.note(&format!(
             "forecast of the frozen pass: {:.2} s (scan {:.2} s, send {:.2} s, pass overhead {:.2} s, freeze overhead {:.2} s)",
@@ -598,18 +598,16 @@ pub async fn cutover(
     .await?;
     // Recorded here once the receiver has sealed the volume: from now on
     // this sender refuses passes of it too.
-    let record = json!({
-        "event": "cutover",
-        "volume": cfg.dest.to_string(),
-        "consistency_point": end.root,
-        "freeze_unix_s": freeze_unix,
-        "frozen_s": frozen_s,
-        "passes_s": passes_s,
-        "method": cc.method.name(),
-        "proved": cc.prove,
-        "forecast_s": forecast.map(|f| f.total_s),
-    });
-    state::append_journal(&journal, &record)?;
+    journal.append(&SenderRecord::Cutover(CutoverRecord {
+        volume: cfg.dest.to_string(),
+        consistency_point: end.root.clone(),
+        freeze_unix_s: freeze_unix,
+        frozen_s,
+        passes_s: Some(passes_s),
+        method: cc.method.name().to_string(),
+        proved: cc.prove,
+        forecast_s: forecast.map(|f| f.total_s),
+    }))?;
     let duration_s = started.elapsed().as_secs_f64();
     progress.event(
         &json!({

@@ -17,7 +17,8 @@
 //! - [`freeze`]: fsfreeze, LVM snapshots, operator hooks, the guard that always thaws.
 //! - [`cutover`]: convergence and the frozen cutover pass with its proof.
 //! - [`commands`]: one function per subcommand (glue).
-//! - [`state`]: state directories, memory-mapped manifests, journals.
+//! - [`state`]: state directories, memory-mapped manifests, the journals'
+//!   typed records ([`state::journal`]).
 //! - [`seal`]: sealed volumes on the receiver: the seal record, unsealing.
 //! - [`progress`]: the progress trait and its terminal/JSON implementations.
 //! - [`demo`]: the self-contained demonstration.

@@ -1152,7 +1152,11 @@ async fn sync_session(
     let size = hello.source_size;
     let dir = volume_dir(&shared, &hello.volume);
     // Everything that can refuse is checked before the target is created,
-    // so that a refusal writes nothing.
+    // so that a refusal writes nothing: the volume's journal too.
+    let unsealed_cutover = match crate::seal::last_unsealed(&dir) {
+        Ok(cp) => cp,
+        Err(e) => return refuse_freeing(guard, &mut send, &conn, e.into()).await,
+    };
     let checked = {
         let (cfg, dir, path) = (shared.cfg.clone(), dir.clone(), path.clone());
         let explicit = hello.chunk_size_explicit;
@@ -1210,7 +1214,7 @@ async fn sync_session(
             chunk_size: geometry.chunk_size().bytes() as u32,
             summary: Some(summary_to_wire(&summary)),
             target_is_block: volume.kind() == crate::device::Kind::Block,
-            unsealed_cutover: crate::seal::last_unsealed(&volume_dir(&shared, &hello.volume)),
+            unsealed_cutover,
         }),
     )
     .await?;
@@ -2223,7 +2227,7 @@ fn preflight_answer(
         chunk_size: have.unwrap_or(chunk).bytes() as u32,
         summary: None,
         target_is_block: is_block,
-        unsealed_cutover: crate::seal::last_unsealed(&volume_dir(shared, name)),
+        unsealed_cutover: crate::seal::last_unsealed(&volume_dir(shared, name))?,
     })
 }
 

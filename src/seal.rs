@@ -1,8 +1,9 @@
 //! Sealed volumes, on the receiver.
 //!
 //! Owns each exported volume's seal record, `volumes/<key>/seal` under the
-//! receiver's state directory, and the `cutover` and `unsealed` records of
-//! that volume's journal. After a cutover the receiver seals the volume: the
+//! receiver's state directory, and when the `cutover` and `unsealed`
+//! records of that volume's journal are written (their format is
+//! [`state::journal`]'s). After a cutover the receiver seals the volume: the
 //! new site owns the target now, and every later sync (or cutover) of it is
 //! refused until the operator runs `nightpass unseal NAME` on the receiver
 //! host. The seal is read fresh at each session, so an unseal takes effect
@@ -26,10 +27,12 @@ use std::path::{Path, PathBuf};
 use nightpass_proto::manifest;
 use nightpass_proto::wire;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
+use crate::state::journal::{
+    self, ReceiverCutoverRecord, ReceiverJournal, ReceiverRecord, ReceiverUnsealedRecord,
+};
 use crate::state::{self, ManifestFile};
 
 /// Length of a consistency point: the hex of a 32-byte root.
@@ -55,10 +58,6 @@ pub struct Seal {
 /// The seal record's path in a volume's state directory.
 pub fn seal_path(volume_dir: &Path) -> PathBuf {
     volume_dir.join("seal")
-}
-
-fn journal_path(volume_dir: &Path) -> PathBuf {
-    volume_dir.join("journal.jsonl")
 }
 
 /// The volume's seal: `Ok(None)` when it is not sealed, `Err` (a sentence)
@@ -151,17 +150,15 @@ pub fn record_cutover(volume_dir: &Path, name: &str, mark: &wire::Mark) -> Resul
     // Sealed first: a crash before the journal line leaves the volume
     // sealed (safe) rather than a recorded cutover without a seal.
     write_seal(volume_dir, &seal)?;
-    state::append_journal(
-        &journal_path(volume_dir),
-        &json!({
-            "event": "cutover",
-            "volume": name,
-            "consistency_point": seal.consistency_point,
-            "freeze_unix_s": seal.cutover_unix_s,
-            "frozen_s": seal.frozen_s,
-            "sealed_at": crate::progress::rfc3339_seconds(seal.sealed_unix_s),
-        }),
-    )?;
+    ReceiverJournal::in_dir(volume_dir).append(&ReceiverRecord::Cutover(
+        ReceiverCutoverRecord {
+            volume: name.to_string(),
+            consistency_point: seal.consistency_point.clone(),
+            freeze_unix_s: seal.cutover_unix_s,
+            frozen_s: seal.frozen_s,
+            sealed_at: Some(crate::progress::rfc3339_seconds(seal.sealed_unix_s)),
+        },
+    ))?;
     Ok(seal)
 }
 
@@ -176,16 +173,14 @@ fn write_seal(volume_dir: &Path, seal: &Seal) -> Result<()> {
 
 /// The consistency point of the volume's last cutover that the operator
 /// unsealed (its journal's last `unsealed` record), or empty: what a sync
-/// session's Welcome carries as `unsealed_cutover`.
-pub fn last_unsealed(volume_dir: &Path) -> String {
-    state::read_journal(&journal_path(volume_dir))
-        .iter()
-        .rev()
-        .find(|r| r["event"] == "unsealed")
-        .and_then(|r| r["consistency_point"].as_str())
+/// session's Welcome carries as `unsealed_cutover`. A journal that exists
+/// but cannot be read is an error ([`ReceiverJournal::read`]).
+pub fn last_unsealed(volume_dir: &Path) -> Result<String> {
+    let records = ReceiverJournal::in_dir(volume_dir).read()?;
+    Ok(journal::last_unsealed(&records)
         .filter(|cp| cp.len() == CONSISTENCY_POINT_LEN)
         .unwrap_or_default()
-        .to_string()
+        .to_string())
 }
 
 /// What `nightpass unseal` did.
@@ -239,16 +234,12 @@ pub fn unseal(state_dir: &Path, name: &str, progress: &dyn Progress) -> Result<U
     let manifest = rebuild_manifest(&dir, name, progress)?;
     // Journaled before the seal goes: a crash in between leaves the volume
     // sealed, and the operator runs unseal again.
-    state::append_journal(
-        &journal_path(&dir),
-        &json!({
-            "event": "unsealed",
-            "volume": name,
-            "consistency_point": seal.consistency_point,
-            "cutover_at": seal.cutover_at,
-            "unsealed_at": crate::progress::rfc3339_seconds(crate::progress::now_unix()),
-        }),
-    )?;
+    ReceiverJournal::in_dir(&dir).append(&ReceiverRecord::Unsealed(ReceiverUnsealedRecord {
+        volume: name.to_string(),
+        consistency_point: seal.consistency_point.clone(),
+        cutover_at: seal.cutover_at.clone(),
+        unsealed_at: crate::progress::rfc3339_seconds(crate::progress::now_unix()),
+    }))?;
     let path = seal_path(&dir);
     fs::remove_file(&path).ctx(format!("remove {}", path.display()))?;
     fs::File::open(&dir)

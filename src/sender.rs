@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use nightpass_proto::chunk::{ChunkSize, Geometry};
 use nightpass_proto::manifest::{self, Hash, Summary};
-use nightpass_proto::plan::{self, CompressPolicy, CutoverFigures, History, PassFigures};
+use nightpass_proto::plan::{self, CompressPolicy, Forecast};
 use nightpass_proto::session::SendLedger;
 use nightpass_proto::wire::{self, control::Msg, Encoding, Mode};
 use serde_json::json;
@@ -30,7 +30,8 @@ use crate::error::{Error, Result};
 use crate::hash::{self, ScanOptions, Scanned};
 use crate::progress::{now_unix, PassEnd, PassStart, Progress};
 use crate::receiver::msg_name;
-use crate::state::{self, Fill, ManifestFile};
+use crate::state::journal::{self, PassRecord, SenderJournal, SenderRecord, UnsealedRecord};
+use crate::state::{self, Fill, ManifestFile, SourceRecord};
 use crate::transport::{self, Identity, RemoteVolume, Tuning};
 
 /// Settings of a pass.
@@ -333,7 +334,7 @@ pub fn volume_state_dir(cfg: &SyncConfig) -> Result<PathBuf> {
         .state_dir
         .join("targets")
         .join(state::key_for(&cfg.dest.to_string()));
-    if !dir.exists() && legacy.join("journal.jsonl").exists() {
+    if !dir.exists() && legacy.join(journal::FILE_NAME).exists() {
         if let Some(parent) = dir.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
@@ -356,27 +357,21 @@ pub fn canonical_source(source: &Path) -> String {
 
 /// The source earlier passes of the volume in `dir` read, if any: the
 /// `source` record, else (state of an older release) the last pass's.
-fn recorded_source(dir: &Path, journal: &[serde_json::Value]) -> Option<String> {
-    let record = std::fs::read(dir.join("source"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-    if let Some(path) = record.as_ref().and_then(|r| r["path"].as_str()) {
-        return Some(path.to_string());
+fn recorded_source(dir: &Path, records: &[SenderRecord]) -> Option<String> {
+    if let Some(r) = SourceRecord::read(dir) {
+        return Some(r.path);
     }
-    journal
-        .iter()
-        .rev()
-        .find(|r| r["event"] == "pass")
-        .and_then(|r| r["source"].as_str())
-        .map(|s| canonical_source(Path::new(s)))
+    journal::passes(records)
+        .last()
+        .map(|p| canonical_source(Path::new(&p.source)))
 }
 
 /// Refuses a source other than the one earlier passes of this volume read,
 /// unless the operator said so (`--new-source`): copying another volume's
 /// bytes over a target is a mistake a typo makes.
-fn check_source(cfg: &SyncConfig, dir: &Path, journal: &[serde_json::Value]) -> Result<()> {
+fn check_source(cfg: &SyncConfig, dir: &Path, records: &[SenderRecord]) -> Result<()> {
     let now = canonical_source(&cfg.source);
-    match recorded_source(dir, journal) {
+    match recorded_source(dir, records) {
         Some(before) if before != now && !cfg.new_source => Err(Error::input(format!(
             "earlier passes of {} read {before}, but this one would read {now}: refusing to copy another source over it. If the volume really moved to {now}, rerun with --new-source",
             cfg.dest
@@ -387,31 +382,15 @@ fn check_source(cfg: &SyncConfig, dir: &Path, journal: &[serde_json::Value]) -> 
 
 /// Records the source this volume is copied from (see [`check_source`]).
 fn record_source(cfg: &SyncConfig, dir: &Path) -> Result<()> {
-    let path = dir.join("source");
     let now = canonical_source(&cfg.source);
-    let before = std::fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-    if before.as_ref().and_then(|r| r["path"].as_str()) == Some(now.as_str()) {
+    if SourceRecord::read(dir).is_some_and(|r| r.path == now) {
         return Ok(());
     }
-    let record = json!({"path": now, "recorded_unix_s": now_unix()});
-    state::write_atomic(&path, record.to_string().as_bytes())
-}
-
-/// The cutover of this volume that the sender recorded and that no later
-/// `unsealed` record lifts: its consistency point and freeze time.
-pub fn sealed_cutover(journal: &[serde_json::Value]) -> Option<(String, f64)> {
-    let last = journal
-        .iter()
-        .rposition(|r| r["event"] == "cutover" || r["event"] == "unsealed")?;
-    let r = &journal[last];
-    (r["event"] == "cutover").then(|| {
-        (
-            r["consistency_point"].as_str().unwrap_or("?").to_string(),
-            r["freeze_unix_s"].as_f64().unwrap_or(0.0),
-        )
-    })
+    SourceRecord {
+        path: now,
+        recorded_unix_s: now_unix(),
+    }
+    .write(dir)
 }
 
 /// A sender passes again over a volume it cut over only when the receiver
@@ -419,18 +398,19 @@ pub fn sealed_cutover(journal: &[serde_json::Value]) -> Option<(String, f64)> {
 /// then the lift is journaled here too.
 fn check_not_cut_over(
     cfg: &SyncConfig,
-    journal_path: &Path,
-    journal: &[serde_json::Value],
+    journal: &SenderJournal,
+    records: &[SenderRecord],
     welcome: &wire::Welcome,
 ) -> Result<()> {
-    let Some((point, at)) = sealed_cutover(journal) else {
+    let Some(cut) = journal::sealed_cutover(records) else {
         return Ok(());
     };
-    if welcome.unsealed_cutover == point {
-        return state::append_journal(
-            journal_path,
-            &json!({"event": "unsealed", "consistency_point": point, "unix_s": now_unix()}),
-        );
+    let (point, at) = (&cut.consistency_point, cut.freeze_unix_s);
+    if welcome.unsealed_cutover == *point {
+        return journal.append(&SenderRecord::Unsealed(UnsealedRecord {
+            consistency_point: point.clone(),
+            unix_s: now_unix(),
+        }));
     }
     Err(Error::input(format!(
         "{} was cut over at {} (consistency point {point}): the new site owns it, and further passes are refused so that nothing overwrites what it wrote. To copy it again anyway, run 'nightpass unseal {}' on the receiver host first",
@@ -438,39 +418,6 @@ fn check_not_cut_over(
         crate::progress::rfc3339(at),
         cfg.dest.name
     )))
-}
-
-/// The journal's pass and cutover records as forecast inputs, oldest first.
-pub fn journal_figures(records: &[serde_json::Value]) -> History {
-    let mut h = History::default();
-    for r in records {
-        if r["event"] == "pass" {
-            h.passes.push(PassFigures {
-                start_unix_s: r["start_unix_s"].as_f64().unwrap_or(0.0),
-                duration_s: r["duration_s"].as_f64().unwrap_or(0.0),
-                size_bytes: r["size_bytes"].as_u64().unwrap_or(0),
-                scanned_bytes: r["scanned_bytes"].as_u64().unwrap_or(0),
-                changed_chunks: r["changed_chunks"].as_u64().unwrap_or(0),
-                changed_bytes: r["changed_bytes"].as_u64().unwrap_or(0),
-                read_busy_s: r["read_busy_s"].as_f64().unwrap_or(0.0),
-                first: r["first"].as_bool().unwrap_or(false),
-            });
-        } else if r["event"] == "target_read" {
-            if let (Some(size), Some(d)) = (r["size_bytes"].as_u64(), r["duration_s"].as_f64()) {
-                if d > 0.0 {
-                    h.target_read_rates.push(size as f64 / d);
-                }
-            }
-        } else if r["event"] == "cutover" {
-            // Older records lack the time spent in passes: no measurement.
-            if let (Some(frozen_s), Some(passes_s)) =
-                (r["frozen_s"].as_f64(), r["passes_s"].as_f64())
-            {
-                h.cutovers.push(CutoverFigures { frozen_s, passes_s });
-            }
-        }
-    }
-    h
 }
 
 fn parse_summary(w: Option<wire::WireSummary>) -> Result<Summary> {
@@ -593,9 +540,9 @@ pub async fn open_session(
 /// file does not exist yet).
 pub async fn preflight(cfg: &SyncConfig, id: &Identity) -> Result<wire::Welcome> {
     let dir = volume_state_dir(cfg)?;
-    let journal_path = dir.join("journal.jsonl");
-    let journal = state::read_journal(&journal_path);
-    check_source(cfg, &dir, &journal)?;
+    let journal = SenderJournal::in_dir(&dir);
+    let records = journal.read()?;
+    check_source(cfg, &dir, &records)?;
     let source = cfg.read_from.as_deref().unwrap_or(&cfg.source);
     let size = Volume::open_source(source)?.size();
     let known = match ManifestFile::open(&dir.join("manifest"))? {
@@ -615,7 +562,7 @@ pub async fn preflight(cfg: &SyncConfig, id: &Identity) -> Result<wire::Welcome>
     let s = open_session(id, &cfg.dest, &cfg.server_fingerprint, &cfg.tuning, hello).await?;
     let welcome = s.welcome.clone();
     transport::close_session(&s.endpoint, &s.conn, b"preflight complete").await;
-    check_not_cut_over(cfg, &journal_path, &journal, &welcome)?;
+    check_not_cut_over(cfg, &journal, &records, &welcome)?;
     Ok(welcome)
 }
 
@@ -873,16 +820,16 @@ pub async fn run_pass_collecting(
         )));
     }
     let dir = volume_state_dir(cfg)?;
-    let journal_path = dir.join("journal.jsonl");
-    let mut journal = state::read_journal(&journal_path);
-    check_source(cfg, &dir, &journal)?;
-    if sealed_cutover(&journal).is_some() {
+    let journal = SenderJournal::in_dir(&dir);
+    let mut records = journal.read()?;
+    check_source(cfg, &dir, &records)?;
+    if journal::sealed_cutover(&records).is_some() {
         // Cut over by this sender: ask in a session that prepares nothing
         // on the receiver (a sync session opens, and may create, the
         // target and its manifest before its Welcome) whether the
         // operator unsealed that cutover there.
         preflight(cfg, id).await?;
-        journal = state::read_journal(&journal_path);
+        records = journal.read()?;
     }
     let mpath = dir.join("manifest");
     let mut ours = match ManifestFile::open(&mpath)? {
@@ -908,7 +855,7 @@ pub async fn run_pass_collecting(
         (None, Some(h)) => (h, false),
         (None, None) => (ChunkSize::DEFAULT, false),
     };
-    let pass_no = journal.iter().filter(|r| r["event"] == "pass").count() as u64 + 1;
+    let pass_no = journal::passes(&records).count() as u64 + 1;
     let pass_id: [u8; 16] = rand::random();
     let counters: Arc<Counters> = Arc::default();
     let pacer = cfg.bwlimit.map(|limit| {
@@ -963,7 +910,7 @@ pub async fn run_pass_collecting(
                 error,
                 resume_at: resume,
             };
-            let checked = check_not_cut_over(cfg, &journal_path, &journal, &session.welcome)
+            let checked = check_not_cut_over(cfg, &journal, &records, &session.welcome)
                 .and_then(|()| record_source(cfg, &dir));
             if let Err(e) = checked {
                 transport::close_session(
@@ -1108,33 +1055,31 @@ pub async fn run_pass_collecting(
     let sent_chunks = counters.chunks.load(Ordering::Relaxed);
     let duration_s = began.elapsed().as_secs_f64();
     let changed_bytes = counters.changed_bytes.load(Ordering::Relaxed);
-    let record = json!({
-        "event": "pass",
-        "kind": cfg.kind,
-        "source": cfg.source.display().to_string(),
-        "volume": cfg.dest.to_string(),
-        "pass": pass_no,
-        "first": pass_no == 1,
-        "proof_read": cfg.proof_read,
-        "attempts": attempt,
-        "start_unix_s": start_unix,
-        "duration_s": duration_s,
-        "size_bytes": size,
-        "chunk_size": chunk,
-        "scanned_bytes": scanned.bytes,
-        "read_busy_s": scanned.busy_s,
-        "changed_chunks": sent_chunks,
-        "changed_bytes": changed_bytes,
-        "sent_bytes": counters.sent_bytes.load(Ordering::Relaxed),
-        "zero_chunks": counters.zero_chunks.load(Ordering::Relaxed),
-        "read_rate_bps": scanned.bytes as f64 / scanned.busy_s.max(1e-6),
-        "send_rate_bps": counters.sent_bytes.load(Ordering::Relaxed) as f64 / duration_s.max(1e-6),
-        "root": manifest::to_hex(&root),
+    let record = SenderRecord::Pass(PassRecord {
+        kind: cfg.kind.to_string(),
+        source: cfg.source.display().to_string(),
+        volume: cfg.dest.to_string(),
+        pass: pass_no,
+        first: pass_no == 1,
+        proof_read: Some(cfg.proof_read),
+        attempts: Some(attempt),
+        start_unix_s: start_unix,
+        duration_s,
+        size_bytes: size,
+        chunk_size: chunk,
+        scanned_bytes: scanned.bytes,
+        read_busy_s: scanned.busy_s,
+        changed_chunks: sent_chunks,
+        changed_bytes,
+        sent_bytes: counters.sent_bytes.load(Ordering::Relaxed),
+        zero_chunks: counters.zero_chunks.load(Ordering::Relaxed),
+        read_rate_bps: scanned.bytes as f64 / scanned.busy_s.max(1e-6),
+        send_rate_bps: counters.sent_bytes.load(Ordering::Relaxed) as f64 / duration_s.max(1e-6),
+        root: manifest::to_hex(&root),
     });
-    state::append_journal(&journal_path, &record)?;
-    let mut all = journal;
-    all.push(record);
-    let forecast = plan::forecast(&journal_figures(&all), now_unix()).map(|f| f.total_s);
+    journal.append(&record)?;
+    records.push(record);
+    let forecast = plan::forecast(&journal::figures(&records), now_unix()).map(|f| f.total_s);
     let end = PassEnd {
         start,
         scanned_bytes: scanned.bytes,
@@ -1465,7 +1410,7 @@ fn volume_dirs(targets: &Path) -> Vec<PathBuf> {
     };
     let mut out = Vec::new();
     for d in list(targets) {
-        if d.join("journal.jsonl").exists() {
+        if d.join(journal::FILE_NAME).exists() {
             out.push(d);
         } else {
             out.extend(list(&d));
@@ -1491,9 +1436,10 @@ pub fn status(
     let want = source.map(canonical_source);
     let mut any = false;
     for dir in volume_dirs(&state_dir.join("targets")) {
-        let records = state::read_journal(&dir.join("journal.jsonl"));
-        let passes: Vec<_> = records.iter().filter(|r| r["event"] == "pass").collect();
-        let Some(last) = passes.last() else { continue };
+        let records = SenderJournal::in_dir(&dir).read()?;
+        let Some(last) = journal::passes(&records).last() else {
+            continue;
+        };
         if let Some(w) = &want {
             let read = recorded_source(&dir, &records);
             if read.as_deref() != Some(w.as_str()) {
@@ -1501,49 +1447,56 @@ pub fn status(
             }
         }
         any = true;
-        let forecast = plan::forecast(&journal_figures(&records), now_unix());
-        let mut text = format!(
-            "{} (source {})\n  pass kind      duration  scanned     changed     sent\n",
-            last["volume"].as_str().unwrap_or("?"),
-            last["source"].as_str().unwrap_or("?")
-        );
-        for p in &passes {
-            text.push_str(&format!(
-                "  {:<4} {:<9} {:>7.1}s  {:<11} {:<11} {}\n",
-                p["pass"],
-                p["kind"].as_str().unwrap_or("?"),
-                p["duration_s"].as_f64().unwrap_or(0.0),
-                crate::progress::human_bytes(p["scanned_bytes"].as_u64().unwrap_or(0)),
-                crate::progress::human_bytes(p["changed_bytes"].as_u64().unwrap_or(0)),
-                crate::progress::human_bytes(p["sent_bytes"].as_u64().unwrap_or(0)),
-            ));
-        }
-        text.push_str(&match forecast {
-            Some(f) => format!(
-                "  forecast of a frozen final pass now: {:.1} s (scan {:.1} s, send {:.1} s of {} changed at {}/s; overheads: pass {:.2} s, freeze {:.2} s)",
-                f.total_s,
-                f.scan_s,
-                f.send_s,
-                crate::progress::human_bytes(f.pending_bytes as u64),
-                crate::progress::human_bytes(f.change_rate_bps as u64),
-                f.pass_overhead_s,
-                f.freeze_overhead_s
-            ),
-            None => "  forecast: needs at least two passes".into(),
-        });
+        let forecast = plan::forecast(&journal::figures(&records), now_unix());
+        // The pass records as the journal keeps them (without the format
+        // version, which is the journal's and not the pass's).
+        let passes: Vec<&SenderRecord> = records.iter().filter(|r| r.as_pass().is_some()).collect();
         progress.event(
             &json!({
                 "event": "status",
-                "volume": last["volume"],
-                "source": last["source"],
+                "volume": last.volume,
+                "source": last.source,
                 "passes": passes,
                 "forecast_final_pass_s": forecast.map(|f| f.total_s),
             }),
-            &text,
+            &status_text(last, &records, forecast),
         );
     }
     if !any {
         progress.note(&format!("no passes recorded in {}", state_dir.display()));
     }
     Ok(())
+}
+
+/// What `status` prints of one volume: its passes and the forecast.
+fn status_text(last: &PassRecord, records: &[SenderRecord], forecast: Option<Forecast>) -> String {
+    let mut text = format!(
+        "{} (source {})\n  pass kind      duration  scanned     changed     sent\n",
+        last.volume, last.source
+    );
+    for p in journal::passes(records) {
+        text.push_str(&format!(
+            "  {} {:<9} {:>7.1}s  {:<11} {:<11} {}\n",
+            p.pass,
+            p.kind,
+            p.duration_s,
+            crate::progress::human_bytes(p.scanned_bytes),
+            crate::progress::human_bytes(p.changed_bytes),
+            crate::progress::human_bytes(p.sent_bytes),
+        ));
+    }
+    text.push_str(&match forecast {
+        Some(f) => format!(
+            "  forecast of a frozen final pass now: {:.1} s (scan {:.1} s, send {:.1} s of {} changed at {}/s; overheads: pass {:.2} s, freeze {:.2} s)",
+            f.total_s,
+            f.scan_s,
+            f.send_s,
+            crate::progress::human_bytes(f.pending_bytes as u64),
+            crate::progress::human_bytes(f.change_rate_bps as u64),
+            f.pass_overhead_s,
+            f.freeze_overhead_s
+        ),
+        None => "  forecast: needs at least two passes".into(),
+    });
+    text
 }

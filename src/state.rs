@@ -1,8 +1,9 @@
-//! State directories: memory-mapped manifests and the pass journal.
+//! State directories: memory-mapped manifests and the journals.
 //!
 //! Owns every file under a state directory. A sender keeps, per destination,
-//! `targets/<key>/manifest` (its view of what the target provably holds) and
-//! `journal.jsonl`; a receiver keeps, per exported volume,
+//! `targets/<key>/manifest` (its view of what the target provably holds),
+//! `source` (what its passes read, [`SourceRecord`]) and `journal.jsonl`
+//! (typed records, [`journal`]); a receiver keeps, per exported volume,
 //! `volumes/<name>/manifest`, `target` (the path and identity of the target
 //! the manifest describes, [`TargetRecord`]), `journal.jsonl`, once cut
 //! over `seal` ([`crate::seal`]), and once unsealed `rebuild` until the next
@@ -30,6 +31,8 @@ use nightpass_proto::manifest::{self, Hash, Header, ManifestError, Summary, HEAD
 
 use crate::error::{Error, IoContext, Result};
 use crate::sys::SharedFileMap;
+
+pub mod journal;
 
 /// The default state directory: `$NIGHTPASS_HOME/state`, else `~/.local/state/nightpass`.
 pub fn default_state_dir() -> PathBuf {
@@ -159,6 +162,32 @@ impl TargetRecord {
     pub fn write(&self, dir: &Path) -> Result<()> {
         let bytes = serde_json::to_vec(self).expect("a record serializes");
         write_atomic(&dir.join("target"), &bytes)
+    }
+}
+
+/// The source a sender's passes of one volume read, kept in
+/// `targets/<key>/source` (JSON) so that a pass of another source is refused.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SourceRecord {
+    /// The source's canonical path.
+    pub path: String,
+    /// When it was recorded, seconds since the Unix epoch.
+    #[serde(default)]
+    pub recorded_unix_s: f64,
+}
+
+impl SourceRecord {
+    /// Reads the record of the volume whose state lives in `dir`; `None`
+    /// when missing or not a record (then the journal's last pass tells).
+    pub fn read(dir: &Path) -> Option<SourceRecord> {
+        let text = fs::read(dir.join("source")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Writes the record crash-safely.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec(self).expect("a record serializes");
+        write_atomic(&dir.join("source"), &bytes)
     }
 }
 
@@ -462,35 +491,6 @@ impl ManifestFile {
     pub fn set_volume_id(&mut self, id: [u8; 16]) {
         self.header.volume_id = id;
     }
-}
-
-/// Appends one JSON record to a journal file and makes it durable.
-///
-/// A crash can leave a torn last line; readers skip lines that do not parse.
-pub fn append_journal(path: &Path, record: &serde_json::Value) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        create_private_dir(dir)?;
-    }
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .ctx(format!("open {}", path.display()))?;
-    let mut line = serde_json::to_vec(record).expect("JSON values serialize");
-    line.push(b'\n');
-    f.write_all(&line)
-        .ctx(format!("append {}", path.display()))?;
-    f.sync_data().ctx(format!("fsync {}", path.display()))
-}
-
-/// Reads every complete record of a journal (none when it is missing).
-pub fn read_journal(path: &Path) -> Vec<serde_json::Value> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ mod cutover;
 mod devices;
 mod harness;
 mod hostile;
+mod journal;
 mod passes;
 mod refusals;
 mod relay;
