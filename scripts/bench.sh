@@ -105,9 +105,11 @@ sync
 SFP=$("$BIN" keygen --identity "$WORK/sid")
 "$BIN" keygen --identity "$WORK/rid" >/dev/null
 
+# --max-size: the sparse 1 TiB target file may be larger than the
+# filesystem holding it (the receiver's default bound), as it stays sparse.
 "$BIN" serve --listen 127.0.0.1:0 --volume "v=$TARGET" --allow "$SFP" \
     --volume "bw=$WORK/bw.img" --volume "rl=$WORK/rl.img" --volume "sparse=$WORK/sparse-target.img" \
-    --identity "$WORK/rid" --state-dir "$WORK/rstate" 2>"$WORK/serve.err" &
+    --max-size 2T --identity "$WORK/rid" --state-dir "$WORK/rstate" 2>"$WORK/serve.err" &
 RPID=$!
 wait_listening "$RPID" "$WORK/serve.err"
 DEST=127.0.0.1:$PORT/v
