@@ -166,7 +166,13 @@ pub fn status(
             }
         }
         any = true;
-        let forecast = plan::forecast(&journal::figures(&records), now_unix());
+        // A volume cut over (and not unsealed since) belongs to the new
+        // site: its state is the cutover, not a forecast.
+        let cut_over = journal::sealed_cutover(&records);
+        let forecast = match cut_over {
+            Some(_) => None,
+            None => plan::forecast(&journal::figures(&records), now_unix()),
+        };
         // The pass records as the journal keeps them (without the format
         // version, which is the journal's and not the pass's).
         let passes: Vec<&SenderRecord> = records.iter().filter(|r| r.as_pass().is_some()).collect();
@@ -177,8 +183,14 @@ pub fn status(
                 "source": last.source,
                 "passes": passes,
                 "forecast_final_pass_s": forecast.map(|f| f.total_s),
+                "cut_over": cut_over.map(|c| json!({
+                    "at": crate::progress::rfc3339_seconds(c.freeze_unix_s),
+                    "consistency_point": c.consistency_point,
+                    "frozen_s": c.frozen_s,
+                    "proved": c.proved,
+                })),
             }),
-            &status_text(last, &records, forecast),
+            &status_text(last, &records, forecast, cut_over),
         );
     }
     if !any {
@@ -192,6 +204,7 @@ pub(super) fn status_text(
     last: &PassRecord,
     records: &[SenderRecord],
     forecast: Option<Forecast>,
+    cut_over: Option<&journal::CutoverRecord>,
 ) -> String {
     let mut text = format!(
         "{} (source {})\n  pass kind      duration  scanned     changed     sent\n",
@@ -199,7 +212,7 @@ pub(super) fn status_text(
     );
     for p in journal::passes(records) {
         text.push_str(&format!(
-            "  {} {:<9} {:>7.1}s  {:<11} {:<11} {}\n",
+            "  {:<4} {:<9} {:>7.1}s  {:<11} {:<11} {}\n",
             p.pass,
             p.kind,
             p.duration_s,
@@ -207,6 +220,15 @@ pub(super) fn status_text(
             crate::progress::human_bytes(p.changed_bytes),
             crate::progress::human_bytes(p.sent_bytes),
         ));
+    }
+    if let Some(c) = cut_over {
+        text.push_str(&format!(
+            "  cut over at {} (consistency point {}, frozen {:.2} s): the new site owns it; passes are refused until it is unsealed on the receiver",
+            crate::progress::rfc3339_seconds(c.freeze_unix_s),
+            c.consistency_point,
+            c.frozen_s
+        ));
+        return text;
     }
     text.push_str(&match forecast {
         Some(f) => format!(

@@ -679,3 +679,29 @@ fn a_receiver_refuses_with_the_code_of_what_went_wrong() {
     );
     assert!(refusal.message.contains("smaller than the source"));
 }
+
+#[test]
+fn status_of_a_cut_over_volume_shows_the_cutover_not_a_forecast() {
+    let s = Setup::new();
+    let (source, cp) = s.cut_over(17);
+    let status = |json: bool| {
+        let mut c = Command::new(bin());
+        c.arg("status")
+            .arg("--state-dir")
+            .arg(&s.sender.state)
+            .arg(&source);
+        if json {
+            c.arg("--json");
+        }
+        c.output().unwrap()
+    };
+    let out = status(true);
+    let st = parse_run(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr);
+    assert_eq!(st.code, 0, "{}", st.stderr);
+    let ev = st.event("status");
+    assert_eq!(ev["cut_over"]["consistency_point"], cp.as_str(), "{ev}");
+    assert!(ev["forecast_final_pass_s"].is_null(), "{ev}");
+    let text = String::from_utf8_lossy(&status(false).stdout).into_owned();
+    assert!(text.contains("cut over at") && text.contains(&cp), "{text}");
+    assert!(!text.contains("forecast"), "{text}");
+}
