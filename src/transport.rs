@@ -810,6 +810,33 @@ pub async fn send_control(
         })?
 }
 
+/// Awaits `work` while keeping the session's control stream alive: a
+/// heartbeat at once and every [`nightpass_proto::wire::HEARTBEAT_INTERVAL_S`] after, so a
+/// receiver that has sent all it had to send does not take our silence for
+/// a dead sender (it ends a session silent for three intervals): a verify
+/// waiting on its own source read, a sender writing a large manifest.
+pub async fn with_heartbeats<T>(
+    send: &mut quinn::SendStream,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T> {
+    tokio::pin!(work);
+    let mut beat = tokio::time::interval(Duration::from_secs(
+        nightpass_proto::wire::HEARTBEAT_INTERVAL_S,
+    ));
+    loop {
+        tokio::select! {
+            done = &mut work => return Ok(done),
+            _ = beat.tick() => {
+                send_control(
+                    send,
+                    nightpass_proto::wire::control::Msg::Heartbeat(nightpass_proto::wire::Heartbeat {}),
+                )
+                .await?;
+            }
+        }
+    }
+}
+
 /// Reads one control message; `None` at a clean end of stream.
 pub async fn recv_control(
     recv: &mut quinn::RecvStream,

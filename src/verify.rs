@@ -332,27 +332,6 @@ pub async fn forget_and_close(mut s: crate::sender::Session, ranges: &[(u64, u64
     Ok(())
 }
 
-/// Awaits `work` while keeping the session's control stream alive: a
-/// heartbeat at once and every [`wire::HEARTBEAT_INTERVAL_S`] after, so a
-/// receiver that has sent all it had to send does not take our silence for
-/// a dead sender (it ends a verify session silent for three intervals).
-pub async fn with_heartbeats<T>(
-    send: &mut quinn::SendStream,
-    work: impl std::future::Future<Output = T>,
-) -> Result<T> {
-    tokio::pin!(work);
-    let mut beat =
-        tokio::time::interval(std::time::Duration::from_secs(wire::HEARTBEAT_INTERVAL_S));
-    loop {
-        tokio::select! {
-            done = &mut work => return Ok(done),
-            _ = beat.tick() => {
-                transport::send_control(send, Msg::Heartbeat(wire::Heartbeat {})).await?;
-            }
-        }
-    }
-}
-
 async fn verify_remote(
     source: Arc<Volume>,
     dest: &RemoteVolume,
@@ -371,7 +350,7 @@ async fn verify_remote(
     let ours = tokio::task::spawn_blocking(move || hash::hash_all(source, geometry, scan, p));
     let theirs = receive_hashes(&mut session, &geometry).await?;
     // The source may take far longer to read than the target.
-    let ours = with_heartbeats(&mut session.send, ours)
+    let ours = transport::with_heartbeats(&mut session.send, ours)
         .await?
         .map_err(|_| Error::Io("source reader failed".into()))??;
     let (tsize, is_block) = (session.welcome.target_size, session.welcome.target_is_block);

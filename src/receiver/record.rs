@@ -35,17 +35,6 @@ pub(super) async fn preflight_session(
     }
 }
 
-/// True when a block device cannot be opened exclusively (`O_EXCL`): it is
-/// mounted, or held by device-mapper, md or another nightpass.
-pub(super) fn exclusively_held(path: &Path) -> bool {
-    use std::os::unix::fs::OpenOptionsExt;
-    let r = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_EXCL)
-        .open(path);
-    matches!(r, Err(e) if e.raw_os_error() == Some(libc::EBUSY))
-}
-
 /// The checks of [`preflight_session`], on a blocking thread.
 pub(super) fn preflight_answer(
     shared: &Shared,
@@ -73,7 +62,7 @@ pub(super) fn preflight_answer(
         Ok(_) => {
             let v = Volume::open_for_verify(path)?;
             let is_block = v.kind() == crate::device::Kind::Block;
-            if is_block && exclusively_held(path) {
+            if is_block && crate::device::check_not_held(path).is_err() {
                 return Err(Refuse(
                     RefuseCode::InUse,
                     format!(

@@ -264,16 +264,9 @@ pub async fn run_pass_collecting(
                         ManifestFile::create(&mpath, geometry, id, Fill::Unknown)
                     })
                 };
-                let (stop, stopped) = oneshot::channel::<()>();
-                let (created, ()) = tokio::join!(
-                    async {
-                        let r = create.await;
-                        let _ = stop.send(());
-                        r
-                    },
-                    heartbeats(&mut session.send, stopped),
-                );
-                let mut m = created
+                let mut m = transport::with_heartbeats(&mut session.send, create)
+                    .await
+                    .map_err(at)?
                     .map_err(|_| at(Error::Io("manifest task failed".into())))?
                     .map_err(at)?;
                 let root = fetch_table(&mut session, &mut m).await.map_err(at)?;
