@@ -115,7 +115,7 @@ fn mbit_s(bytes: u64, dt: Duration) -> f64 {
 /// does for its own sockets); returns what the kernel granted (it reports
 /// twice the usable size).
 fn grow_buffers(sock: &UdpSocket) -> (usize, usize) {
-    nightpass::transport::grow_udp_buffers(sock, SOCKET_BUFFER);
+    nightpass::net::transport::grow_udp_buffers(sock, SOCKET_BUFFER);
     let fd = sock.as_raw_fd();
     let get = |opt: libc::c_int| {
         let mut v: libc::c_int = 0;

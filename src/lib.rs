@@ -6,27 +6,33 @@
 //! fingerprints), which verifies each chunk against its hash, writes it,
 //! makes it durable and only then records and acknowledges it.
 //!
-//! ## Modules and their owners
-//! - [`cli`]: flags and their validation into typed settings.
-//! - [`device`]: every system call on volume data.
-//! - [`hash`]: the read-and-hash pipeline on all cores.
-//! - [`transport`]: endpoints, identities, fingerprint pinning, framing on streams.
-//! - [`sender`]: one pass from the source side, the sender's manifest, the journal.
-//! - [`receiver`]: the serve loop, sessions, the durable writer.
-//! - [`verify`]: verify-only mode.
-//! - [`freeze`]: fsfreeze, LVM snapshots, operator hooks, the guard that always thaws.
-//! - [`cutover`]: convergence and the frozen cutover pass with its proof.
-//! - [`commands`]: one function per subcommand (glue).
-//! - [`state`]: state directories, memory-mapped manifests, the journals'
-//!   typed records ([`state::journal`]).
-//! - [`seal`]: sealed volumes on the receiver: the seal record, unsealing.
-//! - [`progress`]: the progress trait and its terminal/JSON implementations.
-//! - [`demo`]: the self-contained demonstration.
-//! - [`benchmark`]: `nightpass bench`, each stage's speed on this machine.
-//! - [`error`]: error kinds and exit statuses.
-//! - [`sys`]: every `unsafe` of the crate and the binary, each system call
-//!   that needs it behind a small safe function; `unsafe` is denied
-//!   everywhere else.
+//! ## The house
+//! ```text
+//! app/    commands and their policies: cli, commands, cutover, verify,
+//!         demo, benchmark            (may use everything below)
+//! pass/   one pass from both ends: sender/, receiver/
+//!                                     (uses io, net, store; not app)
+//! net/    QUIC endpoints, pinning, tuning, framing (knows no pass)
+//! io/     device, hash, freeze, sys: the kernel and the data
+//!                                     (knows no protocol, no network)
+//! store/  the state directory: state, journal, seal
+//!                                     (keeps records, decides nothing)
+//! error.rs, progress.rs: the vocabulary every folder shares
+//! ```
+//! - [`app`]: flags into typed settings ([`app::cli`]), one function per
+//!   subcommand ([`app::commands`]), convergence and the frozen cutover
+//!   ([`app::cutover`]), verify-only mode, the demo and `bench`.
+//! - [`pass`]: the sender's pass and the receiver's serve loop, sessions
+//!   and durable writer.
+//! - [`net`]: endpoints, identities, fingerprint pinning, framing.
+//! - [`io`]: every system call on volume data ([`io::device`]), the
+//!   read-and-hash pipeline, fsfreeze and snapshots, and every `unsafe` of
+//!   the crate and the binary ([`io::sys`]); `unsafe` is denied everywhere
+//!   else.
+//! - [`store`]: state directories, memory-mapped manifests, the journals'
+//!   typed records, sealed volumes.
+//! - [`error`]: error kinds and exit statuses; [`progress`]: the progress
+//!   trait and its terminal/JSON implementations.
 //!
 //! Formats, messages and the planning math live in the `nightpass-proto`
 //! crate, which does no I/O; see its docs and `proto/PROTOCOL.md`.
@@ -42,21 +48,10 @@
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
-pub mod benchmark;
-pub mod cli;
-pub mod commands;
-pub mod cutover;
-pub mod demo;
-pub mod device;
+pub mod app;
 pub mod error;
-pub mod freeze;
-pub mod hash;
+pub mod io;
+pub mod net;
+pub mod pass;
 pub mod progress;
-pub mod receiver;
-pub mod seal;
-pub mod sender;
-pub mod state;
-#[allow(unsafe_code)]
-pub mod sys;
-pub mod transport;
-pub mod verify;
+pub mod store;

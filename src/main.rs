@@ -1,14 +1,14 @@
 //! The `nightpass` binary: parse, run, map errors to exit statuses.
 //! Everything else lives in the library; system calls that need `unsafe`
-//! go through the safe wrappers of `nightpass::sys`.
+//! go through the safe wrappers of `nightpass::io::sys`.
 #![deny(unsafe_code)]
 
 use clap::Parser;
-use nightpass::cli::Cli;
-use nightpass::commands;
+use nightpass::app::cli::Cli;
+use nightpass::app::commands;
 use nightpass::error::Error;
-use nightpass::sys;
-use nightpass::transport;
+use nightpass::io::sys;
+use nightpass::net::transport;
 use tokio::signal::unix::SignalKind;
 
 /// Resolves when the process receives signal `kind`.
@@ -27,7 +27,7 @@ fn main() {
     let cli = Cli::parse();
     let json = cli.json;
     // `serve` shuts down gracefully on its own signals; everything else stops at once.
-    let own_signals = matches!(cli.command, nightpass::cli::Command::Serve(_));
+    let own_signals = matches!(cli.command, nightpass::app::cli::Command::Serve(_));
     if own_signals {
         // A receiver outlives the terminal or ssh session that started it:
         // a hang-up must not end it (and the sessions it serves).

@@ -21,7 +21,7 @@
 //!   4096  32n table        entry i = hash of chunk i, or UNKNOWN
 //! ```
 //!
-//! Invariant kept by the writers (see `receiver.rs`): an entry is set only
+//! Invariant kept by the writers (see `src/pass/receiver/writer.rs`): an entry is set only
 //! after the chunk's bytes are durable, and cleared to UNKNOWN (durably)
 //! before its bytes are overwritten. The table can therefore be trusted at any
 //! instant, even when the header's root lags behind it after a crash; readers

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nightpass::transport::{self, Identity, Tuning};
+use nightpass::net::transport::{self, Identity, Tuning};
 use nightpass_proto::wire::{self, control::Msg, Mode};
 
 use crate::harness::*;

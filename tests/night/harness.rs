@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nightpass::transport::{self, Identity, Tuning};
+use nightpass::net::transport::{self, Identity, Tuning};
 use nightpass_proto::wire::{self, control::Msg, Mode};
 use serde_json::Value;
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use nightpass::transport::{self, Identity, Tuning};
+use nightpass::net::transport::{self, Identity, Tuning};
 use nightpass_proto::wire::{self, control::Msg, Encoding, Mode};
 
 use crate::harness::*;

@@ -655,13 +655,13 @@ fn a_receiver_refuses_with_the_code_of_what_went_wrong() {
     let s = Setup::new();
     // A target file smaller than the source: TooSmall, not a bad request.
     File::create(&s.target).unwrap().set_len(MIB).unwrap();
-    let id = nightpass::transport::Identity::load(&s.sender.id.dir).unwrap();
+    let id = nightpass::net::transport::Identity::load(&s.sender.id.dir).unwrap();
     let refusal = runtime().block_on(async {
         let mut p = AuthorizedPeer::connect(
             &id,
             s.rx.port,
             &s.rx.fp,
-            &nightpass::transport::Tuning::default(),
+            &nightpass::net::transport::Tuning::default(),
         )
         .await;
         let mut hello = hello_for("v", nightpass_proto::wire::Mode::Sync, 8 * MIB, 64 << 10);

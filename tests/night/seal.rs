@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use nightpass::transport::{self, Identity, Tuning};
+use nightpass::net::transport::{self, Identity, Tuning};
 use nightpass_proto::wire::{self, control::Msg, Mode};
 use serde_json::Value;
 

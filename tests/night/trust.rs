@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use nightpass::transport::{Identity, RemoteVolume, Tuning};
+use nightpass::net::transport::{Identity, RemoteVolume, Tuning};
 use nightpass_proto::wire::{self, control::Msg, Mode};
 
 use crate::harness::*;
@@ -456,7 +456,7 @@ fn ranged_verify_over_a_large_target_is_bounded() {
     let dest = RemoteVolume::parse(&rx.dest("v")).unwrap();
     let table = runtime().block_on(async {
         let chunk = nightpass_proto::chunk::ChunkSize::new(CHUNK).unwrap();
-        let (mut session, g) = nightpass::verify::open_verify(
+        let (mut session, g) = nightpass::app::verify::open_verify(
             &id,
             &dest,
             &rx.fp,
@@ -467,8 +467,8 @@ fn ranged_verify_over_a_large_target_is_bounded() {
         )
         .await
         .unwrap();
-        let t = nightpass::verify::receive_hashes(&mut session, &g).await;
-        let _ = nightpass::verify::forget_and_close(session, &[]).await;
+        let t = nightpass::app::verify::receive_hashes(&mut session, &g).await;
+        let _ = nightpass::app::verify::forget_and_close(session, &[]).await;
         t
     });
     let table = table.unwrap();
@@ -548,7 +548,7 @@ fn verify_peer_cannot_end_a_short_chunk_where_it_asks() {
     let ask = |source_size: u64, ranges: Vec<u64>| {
         runtime().block_on(async {
             let chunk = nightpass_proto::chunk::ChunkSize::new(CHUNK).unwrap();
-            let (mut session, g) = nightpass::verify::open_verify(
+            let (mut session, g) = nightpass::app::verify::open_verify(
                 &id,
                 &dest,
                 &rx.fp,
@@ -559,8 +559,8 @@ fn verify_peer_cannot_end_a_short_chunk_where_it_asks() {
             )
             .await
             .unwrap();
-            let t = nightpass::verify::receive_hashes(&mut session, &g).await;
-            let _ = nightpass::verify::forget_and_close(session, &[]).await;
+            let t = nightpass::app::verify::receive_hashes(&mut session, &g).await;
+            let _ = nightpass::app::verify::forget_and_close(session, &[]).await;
             t.unwrap()
         })
     };
@@ -625,7 +625,7 @@ fn preflight_does_not_take_the_manifest_lock() {
         .write(true)
         .open(receiver_manifest(&rx.state, "v"))
         .unwrap();
-    assert!(nightpass::device::lock_exclusive(&held));
+    assert!(nightpass::io::device::lock_exclusive(&held));
     let id = Identity::load(&s.id.dir).unwrap();
     let answer = runtime().block_on(async {
         let mut peer = AuthorizedPeer::connect(&id, rx.port, &rx.fp, &Tuning::default()).await;

@@ -246,7 +246,7 @@ impl<R: Record> Journal<R> {
     /// A crash can leave a torn last line; [`Journal::read`] skips it.
     pub fn append(&self, record: &R) -> Result<()> {
         if let Some(dir) = self.path.parent() {
-            super::create_private_dir(dir)?;
+            super::state::create_private_dir(dir)?;
         }
         let mut f = OpenOptions::new()
             .create(true)

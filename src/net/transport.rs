@@ -110,7 +110,7 @@ impl Identity {
         f.write_all(&key)
             .ctx(format!("write {}", key_path.display()))?;
         f.sync_all().ctx(format!("fsync {}", key_path.display()))?;
-        crate::state::write_atomic(&cert_path, &cert)?;
+        crate::store::state::write_atomic(&cert_path, &cert)?;
         Ok(Identity {
             cert: CertificateDer::from(cert),
             key: PrivatePkcs8KeyDer::from(key),
@@ -498,7 +498,7 @@ pub fn grow_udp_buffers(socket: &std::net::UdpSocket, bytes: usize) {
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
     ] {
-        let set = |opt| crate::sys::setsockopt_int(socket.as_fd(), libc::SOL_SOCKET, opt, size);
+        let set = |opt| crate::io::sys::setsockopt_int(socket.as_fd(), libc::SOL_SOCKET, opt, size);
         if set(force).is_err() {
             let _ = set(plain);
         }

@@ -2,7 +2,7 @@
 //!
 //! Owns every system call on volume data; those that need `unsafe` (ioctls,
 //! `preadv2`, memory maps, aligned buffers) go through the safe wrappers of
-//! [`crate::sys`]. A block device's size comes from the `BLKGETSIZE64`
+//! [`crate::io::sys`]. A block device's size comes from the `BLKGETSIZE64`
 //! ioctl, never from metadata (which reports 0). Targets that are block devices are opened
 //! with `O_EXCL`, which the kernel refuses with `EBUSY` while the device is
 //! mounted or held exclusively by another program (device-mapper, md, another
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, IoContext, Result};
-use crate::sys::{self, sigbus, AlignedBuf, ALIGN};
+use crate::io::sys::{self, sigbus, AlignedBuf, ALIGN};
 
 /// Takes an exclusive, non-blocking `flock` on `file`; false when another
 /// open file description holds one. Released when the file is closed.

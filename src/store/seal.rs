@@ -3,7 +3,7 @@
 //! Owns each exported volume's seal record, `volumes/<key>/seal` under the
 //! receiver's state directory, and when the `cutover` and `unsealed`
 //! records of that volume's journal are written (their format is
-//! [`state::journal`]'s). After a cutover the receiver seals the volume: the
+//! [`crate::store::journal`]'s). After a cutover the receiver seals the volume: the
 //! new site owns the target now, and every later sync (or cutover) of it is
 //! refused until the operator runs `nightpass unseal NAME` on the receiver
 //! host. The seal is read fresh at each session, so an unseal takes effect
@@ -30,10 +30,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
-use crate::state::journal::{
+use crate::store::journal::{
     self, ReceiverCutoverRecord, ReceiverJournal, ReceiverRecord, ReceiverUnsealedRecord,
 };
-use crate::state::{self, ManifestFile};
+use crate::store::state::{self, ManifestFile};
 
 /// Length of a consistency point: the hex of a 32-byte root.
 pub const CONSISTENCY_POINT_LEN: usize = 2 * manifest::ENTRY_LEN;

@@ -13,12 +13,12 @@ use std::time::Instant;
 use rand::RngCore;
 use serde_json::json;
 
-use crate::demo::LocalPair;
-use crate::device::Volume;
+use crate::app::demo::LocalPair;
 use crate::error::{Error, IoContext, Result};
-use crate::hash::worker_count;
+use crate::io::device::Volume;
+use crate::io::hash::worker_count;
+use crate::pass::sender;
 use crate::progress::{human_bytes, Progress, Quiet};
-use crate::sender;
 
 const CHUNK: usize = 64 << 10;
 

@@ -34,14 +34,14 @@ use nightpass_proto::wire::{self, control::Msg, Encoding, Mode};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::device::Volume;
 use crate::error::{Error, Result};
-use crate::hash::{self, ScanOptions, Scanned};
+use crate::io::device::Volume;
+use crate::io::hash::{self, ScanOptions, Scanned};
+use crate::net::transport::{self, Identity, RemoteVolume, Tuning};
+use crate::pass::receiver::msg_name;
 use crate::progress::{now_unix, PassEnd, PassStart, Progress};
-use crate::receiver::msg_name;
-use crate::state::journal::{self, PassRecord, SenderJournal, SenderRecord, UnsealedRecord};
-use crate::state::{self, Fill, ManifestFile, SourceRecord};
-use crate::transport::{self, Identity, RemoteVolume, Tuning};
+use crate::store::journal::{self, PassRecord, SenderJournal, SenderRecord, UnsealedRecord};
+use crate::store::state::{self, Fill, ManifestFile, SourceRecord};
 
 mod records;
 mod session;

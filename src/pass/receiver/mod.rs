@@ -47,12 +47,12 @@ use nightpass_proto::patch;
 use nightpass_proto::wire::{self, control::Msg, Encoding, Mode, RefuseCode};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::device::{Created, Volume};
 use crate::error::{Error, Result};
-use crate::hash::{self, ScanOptions};
+use crate::io::device::{Created, Volume};
+use crate::io::hash::{self, ScanOptions};
+use crate::net::transport::{self, DataFrame, Identity, Tuning};
 use crate::progress::Quiet;
-use crate::state::{self, Fill, ManifestFile};
-use crate::transport::{self, DataFrame, Identity, Tuning};
+use crate::store::state::{self, Fill, ManifestFile};
 
 mod admission;
 mod exports;

@@ -42,7 +42,7 @@ pub(super) async fn sync_session(
     let dir = volume_dir(&shared, &hello.volume);
     // Everything that can refuse is checked before the target is created,
     // so that a refusal writes nothing: the volume's journal too.
-    let unsealed_cutover = match crate::seal::last_unsealed(&dir) {
+    let unsealed_cutover = match crate::store::seal::last_unsealed(&dir) {
         Ok(cp) => cp,
         Err(e) => return refuse_freeing(guard, &mut send, &conn, e.into()).await,
     };
@@ -102,7 +102,7 @@ pub(super) async fn sync_session(
             target_size: volume.size(),
             chunk_size: geometry.chunk_size().bytes() as u32,
             summary: Some(summary_to_wire(&summary)),
-            target_is_block: volume.kind() == crate::device::Kind::Block,
+            target_is_block: volume.kind() == crate::io::device::Kind::Block,
             unsealed_cutover,
         }),
     )

@@ -47,7 +47,7 @@ pub(super) fn prepare_target(
         let parent = path.parent().unwrap_or(Path::new("/"));
         let limit = match cfg.max_size {
             Some(m) => m,
-            None => crate::device::filesystem_size(parent)?,
+            None => crate::io::device::filesystem_size(parent)?,
         };
         if size > limit {
             return Err(Refuse(

@@ -63,7 +63,7 @@ pub(super) fn resolve_export(name: &str, path: &Path) -> Result<(PathBuf, Export
                 .canonicalize()
                 .map_err(|e| bad(format!("cannot resolve the path: {e}")))?;
             if m.file_type().is_block_device() {
-                crate::device::check_not_held(&canonical).map_err(|e| bad(e.to_string()))?;
+                crate::io::device::check_not_held(&canonical).map_err(|e| bad(e.to_string()))?;
                 Ok((canonical, ExportKey::Block(m.rdev())))
             } else if m.file_type().is_file() {
                 Ok((canonical, ExportKey::File(m.dev(), m.ino())))

@@ -57,7 +57,7 @@ pub(super) async fn verify_session(
             target_size: volume.size(),
             chunk_size: chunk.bytes() as u32,
             summary: None,
-            target_is_block: volume.kind() == crate::device::Kind::Block,
+            target_is_block: volume.kind() == crate::io::device::Kind::Block,
             unsealed_cutover: String::new(),
         }),
     )
@@ -312,7 +312,7 @@ pub(super) async fn finish_verify(
 /// and identity) is touched, and a sealed volume's not at all (it holds
 /// the cutover's consistency point; unsealing rebuilds it from the target).
 pub fn forget_ranges(dir: &Path, target: &Path, ranges: &[u64]) -> Result<u64> {
-    if !matches!(crate::seal::read(dir), Ok(None)) {
+    if !matches!(crate::store::seal::read(dir), Ok(None)) {
         return Ok(0);
     }
     let Some(record) = state::TargetRecord::read(dir) else {

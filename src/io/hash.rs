@@ -27,8 +27,8 @@ use bytes::Bytes;
 use nightpass_proto::chunk::Geometry;
 use nightpass_proto::manifest::{self, Hash};
 
-use crate::device::{ReadMode, Volume};
 use crate::error::{Error, Result};
+use crate::io::device::{ReadMode, Volume};
 use crate::progress::Progress;
 
 /// A block for a worker to read: (seq, first chunk index, offset, length).

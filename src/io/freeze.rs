@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::sys;
+use crate::io::sys;
 
 /// How the source is frozen.
 #[derive(Debug, Clone, PartialEq, Eq)]

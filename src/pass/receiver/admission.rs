@@ -378,16 +378,16 @@ pub(super) fn accept(
     Ok((Some(guard), path))
 }
 
-/// Refuses a sync or a preflight of a sealed volume (see [`crate::seal`]).
+/// Refuses a sync or a preflight of a sealed volume (see [`crate::store::seal`]).
 /// The seal is read fresh: `nightpass unseal` works while `serve` runs.
 pub(super) fn sealed_refusal(shared: &Shared, hello: &wire::Hello) -> Option<Refuse> {
     if !matches!(Mode::try_from(hello.mode), Ok(Mode::Sync | Mode::Preflight)) {
         return None;
     }
-    let message = match crate::seal::read(&volume_dir(shared, &hello.volume)) {
+    let message = match crate::store::seal::read(&volume_dir(shared, &hello.volume)) {
         Ok(None) => return None,
-        Ok(Some(seal)) => crate::seal::sealed_message(&hello.volume, Ok(&seal)),
-        Err(why) => crate::seal::sealed_message(&hello.volume, Err(&why)),
+        Ok(Some(seal)) => crate::store::seal::sealed_message(&hello.volume, Ok(&seal)),
+        Err(why) => crate::store::seal::sealed_message(&hello.volume, Err(&why)),
     };
     Some(Refuse(RefuseCode::Sealed, message))
 }

@@ -25,14 +25,14 @@ use nightpass_proto::chunkset::ChunkSet;
 use nightpass_proto::wire::{self, control::Msg, Mode};
 use serde_json::json;
 
+use crate::app::verify::{compare, forget_and_close, open_verify, receive_hashes, table_entry};
 use crate::error::{Error, Result};
-use crate::freeze::{FreezeGuard, Method};
+use crate::io::freeze::{FreezeGuard, Method};
+use crate::net::transport::{self, Identity};
+use crate::pass::sender::{self, open_session, target_dir, SyncConfig};
 use crate::progress::{human_bytes, now_unix, PassEnd, Progress};
-use crate::sender::{self, open_session, target_dir, SyncConfig};
-use crate::state::journal::{self, CutoverRecord, SenderJournal, SenderRecord, TargetReadRecord};
-use crate::state::ManifestFile;
-use crate::transport::{self, Identity};
-use crate::verify::{compare, forget_and_close, open_verify, receive_hashes, table_entry};
+use crate::store::journal::{self, CutoverRecord, SenderJournal, SenderRecord, TargetReadRecord};
+use crate::store::state::ManifestFile;
 
 /// Settings of `converge`.
 #[derive(Debug, Clone)]
@@ -175,7 +175,8 @@ async fn pass_with_target_read(
     overlap: bool,
 ) -> Result<(PassEnd, Vec<u8>, Vec<u8>, Geometry)> {
     let size =
-        crate::device::Volume::open_source(cfg.read_from.as_deref().unwrap_or(&cfg.source))?.size();
+        crate::io::device::Volume::open_source(cfg.read_from.as_deref().unwrap_or(&cfg.source))?
+            .size();
     if !overlap {
         let (end, ours) = sender::run_pass_collecting(cfg, id, progress, collect).await?;
         let chunk = ChunkSize::new(end.start.chunk_size).map_err(|e| Error::Io(e.to_string()))?;
@@ -470,12 +471,12 @@ async fn check_source_unchanged(
     let (scan, table) = (cfg.scan.clone(), frozen.table.clone());
     progress.note("checking that the source did not change after the final pass read it");
     let changed = tokio::task::spawn_blocking(move || {
-        let v = Arc::new(crate::device::Volume::open_source_reader(
+        let v = Arc::new(crate::io::device::Volume::open_source_reader(
             &path,
             scan.read_mode(),
         )?);
         let geometry = Geometry::new(v.size(), chunk).map_err(|e| Error::Io(e.to_string()))?;
-        let fresh = crate::hash::hash_all(v, geometry, scan, Arc::new(crate::progress::Quiet))?;
+        let fresh = crate::io::hash::hash_all(v, geometry, scan, Arc::new(crate::progress::Quiet))?;
         Ok::<_, Error>(compare(&geometry, &table, &fresh).len())
     })
     .await

@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::cli::{Cli, Command, ServeArgs, SyncArgs};
+use crate::app::cli::{Cli, Command, ServeArgs, SyncArgs};
 use crate::error::{Error, Result};
+use crate::net::transport::{default_identity_dir, Identity};
+use crate::pass::receiver::{self, ServeConfig};
+use crate::pass::sender::{self, SyncConfig};
 use crate::progress::{Human, JsonLines, Progress};
-use crate::receiver::{self, ServeConfig};
-use crate::sender::{self, SyncConfig};
-use crate::state::default_state_dir;
-use crate::transport::{default_identity_dir, Identity};
+use crate::store::state::default_state_dir;
 
 /// The reporter the flags ask for.
 pub fn reporter(cli: &Cli) -> Arc<dyn Progress> {
@@ -47,20 +47,20 @@ pub async fn run(cli: Cli) -> Result<i32> {
             sender::run_pass(&cfg, &id, progress).await?;
             Ok(0)
         }
-        Command::Verify(args) => crate::verify::run(&args, progress).await,
+        Command::Verify(args) => crate::app::verify::run(&args, progress).await,
         Command::Converge(args) => {
             let cfg = sync_config(&args.sync, "converge")?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));
             }
-            let cc = crate::cutover::ConvergeConfig {
+            let cc = crate::app::cutover::ConvergeConfig {
                 window: args.window,
                 max_passes: args.max_passes.max(1),
                 interval: args.interval,
                 margin: args.margin,
             };
-            crate::cutover::converge(&cfg, &cc, &id, progress).await
+            crate::app::cutover::converge(&cfg, &cc, &id, progress).await
         }
         Command::Cutover(args) => {
             let cfg = sync_config(&args.sync, "cutover")?;
@@ -68,29 +68,29 @@ pub async fn run(cli: Cli) -> Result<i32> {
             if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));
             }
-            let cc = crate::cutover::CutoverConfig {
+            let cc = crate::app::cutover::CutoverConfig {
                 method: args.method(),
                 max_freeze: args.max_freeze,
-                prove: args.verify == crate::cli::Proof::Full,
+                prove: args.verify == crate::app::cli::Proof::Full,
                 force_no_forecast: args.force_no_forecast,
                 margin: args.margin,
             };
-            crate::cutover::cutover(&cfg, &cc, &id, progress).await
+            crate::app::cutover::cutover(&cfg, &cc, &id, progress).await
         }
         Command::Unseal { name, state_dir } => {
             unseal(name, state_dir.unwrap_or_else(default_state_dir), progress).await
         }
         Command::Status { source, state_dir } => {
             let dir = state_dir.unwrap_or_else(default_state_dir);
-            crate::sender::status(&dir, source.as_deref(), progress.as_ref())?;
+            crate::pass::sender::status(&dir, source.as_deref(), progress.as_ref())?;
             Ok(0)
         }
         Command::Bench { volume, size } => {
-            crate::benchmark::run(volume, size.max(16 << 20), progress).await?;
+            crate::app::benchmark::run(volume, size.max(16 << 20), progress).await?;
             Ok(0)
         }
         Command::Demo { size } => {
-            crate::demo::run(size, progress).await?;
+            crate::app::demo::run(size, progress).await?;
             Ok(0)
         }
     }
@@ -161,12 +161,13 @@ async fn serve(args: ServeArgs) -> Result<i32> {
 
 /// `nightpass unseal NAME`: lifts a volume's seal on the receiver host.
 async fn unseal(name: String, state_dir: PathBuf, progress: Arc<dyn Progress>) -> Result<i32> {
-    use crate::seal::Rebuilt;
+    use crate::store::seal::Rebuilt;
     let (n, p) = (name.clone(), progress.clone());
     // Writes and fsyncs state files: off the async workers.
-    let u = tokio::task::spawn_blocking(move || crate::seal::unseal(&state_dir, &n, p.as_ref()))
-        .await
-        .map_err(|_| Error::Io("unseal task failed".into()))??;
+    let u =
+        tokio::task::spawn_blocking(move || crate::store::seal::unseal(&state_dir, &n, p.as_ref()))
+            .await
+            .map_err(|_| Error::Io("unseal task failed".into()))??;
     let changed = match u.manifest {
         Rebuilt::Deferred => "the next pass rebuilds its manifest from a fresh read of the target, then resends every chunk that differs",
         Rebuilt::None => "it has no manifest, so the next pass starts from nothing",

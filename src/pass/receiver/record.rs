@@ -61,8 +61,8 @@ pub(super) fn preflight_answer(
         Err(e) => return Err(Error::io(format!("target {}", path.display()), e).into()),
         Ok(_) => {
             let v = Volume::open_for_verify(path)?;
-            let is_block = v.kind() == crate::device::Kind::Block;
-            if is_block && crate::device::check_not_held(path).is_err() {
+            let is_block = v.kind() == crate::io::device::Kind::Block;
+            if is_block && crate::io::device::check_not_held(path).is_err() {
                 return Err(Refuse(
                     RefuseCode::InUse,
                     format!(
@@ -111,13 +111,13 @@ pub(super) fn preflight_answer(
         chunk_size: have.unwrap_or(chunk).bytes() as u32,
         summary: None,
         target_is_block: is_block,
-        unsealed_cutover: crate::seal::last_unsealed(&volume_dir(shared, name))?,
+        unsealed_cutover: crate::store::seal::last_unsealed(&volume_dir(shared, name))?,
     })
 }
 
 /// Records a cutover's consistency point in the volume's journal and seals
 /// the volume, when the point is the root of what this receiver holds (see
-/// [`crate::seal::record_cutover`]); otherwise answers `Failure` and writes
+/// [`crate::store::seal::record_cutover`]); otherwise answers `Failure` and writes
 /// nothing.
 pub(super) async fn record_session(
     shared: Arc<Shared>,
@@ -148,7 +148,7 @@ pub(super) async fn record_session(
         _ => return Err(Error::Peer("record session without a mark".into())),
     };
     let name = hello.volume.clone();
-    let recorded = match crate::seal::check_mark(&mark) {
+    let recorded = match crate::store::seal::check_mark(&mark) {
         Err(why) => Err(Error::input(why)),
         Ok(()) => match take_volume_waiting(&shared, &name).await {
             None => Err(Error::Io(format!(
@@ -158,7 +158,7 @@ pub(super) async fn record_session(
                 let dir = volume_dir(&shared, &name);
                 let n = name.clone();
                 let sealed = tokio::task::spawn_blocking(move || {
-                    crate::seal::record_cutover(&dir, &n, &mark)
+                    crate::store::seal::record_cutover(&dir, &n, &mark)
                 })
                 .await
                 .map_err(|_| Error::Io("record task failed".into()))

@@ -14,9 +14,9 @@ use clap::{Args, Parser, Subcommand};
 use nightpass_proto::chunk::ChunkSize;
 
 use crate::error::{Error, Result};
-use crate::hash::ScanOptions;
-use crate::state::default_state_dir;
-use crate::transport::{default_identity_dir, parse_fingerprint, RemoteVolume, Tuning};
+use crate::io::hash::ScanOptions;
+use crate::net::transport::{default_identity_dir, parse_fingerprint, RemoteVolume, Tuning};
+use crate::store::state::default_state_dir;
 
 /// nightpass: move live storage servers between datacentres at block level.
 #[derive(Debug, Parser)]
@@ -214,8 +214,8 @@ pub enum Congestion {
 
 impl CutoverArgs {
     /// The freeze method chosen.
-    pub fn method(&self) -> crate::freeze::Method {
-        use crate::freeze::Method;
+    pub fn method(&self) -> crate::io::freeze::Method {
+        use crate::io::freeze::Method;
         if let Some(mp) = &self.fsfreeze {
             Method::Fsfreeze(mp.clone())
         } else if self.lvm_snapshot {
@@ -612,7 +612,7 @@ mod tests {
         assert!(args.sync.quic.tuning().bbr);
         assert!(matches!(
             args.method(),
-            crate::freeze::Method::LvmSnapshot { size } if size == 1 << 30
+            crate::io::freeze::Method::LvmSnapshot { size } if size == 1 << 30
         ));
         assert!(Cli::try_parse_from([
             "nightpass",

@@ -3,10 +3,10 @@
 //! Owns every file under a state directory. A sender keeps, per destination,
 //! `targets/<key>/manifest` (its view of what the target provably holds),
 //! `source` (what its passes read, [`SourceRecord`]) and `journal.jsonl`
-//! (typed records, [`journal`]); a receiver keeps, per exported volume,
+//! (typed records, [`super::journal`]); a receiver keeps, per exported volume,
 //! `volumes/<name>/manifest`, `target` (the path and identity of the target
 //! the manifest describes, [`TargetRecord`]), `journal.jsonl`, once cut
-//! over `seal` ([`crate::seal`]), and once unsealed `rebuild` until the next
+//! over `seal` ([`crate::store::seal`]), and once unsealed `rebuild` until the next
 //! pass rebuilds the manifest ([`mark_for_rebuild`]). Manifests are created crash-safely (temp file, fsync,
 //! rename, fsync of the directory) and then updated in place under the
 //! ordering rules written in `nightpass_proto::manifest`. Each manifest is
@@ -30,9 +30,7 @@ use nightpass_proto::chunk::Geometry;
 use nightpass_proto::manifest::{self, Hash, Header, ManifestError, Summary, HEADER_LEN};
 
 use crate::error::{Error, IoContext, Result};
-use crate::sys::SharedFileMap;
-
-pub mod journal;
+use crate::io::sys::SharedFileMap;
 
 /// The default state directory: `$NIGHTPASS_HOME/state`, else `~/.local/state/nightpass`.
 pub fn default_state_dir() -> PathBuf {
@@ -147,7 +145,7 @@ pub struct TargetRecord {
     /// The canonical path of the export.
     pub path: PathBuf,
     /// The file or device at that path.
-    pub identity: crate::device::VolumeIdentity,
+    pub identity: crate::io::device::VolumeIdentity,
 }
 
 impl TargetRecord {
@@ -351,7 +349,7 @@ impl ManifestFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(path.display(), e)),
         };
-        if !crate::device::lock_exclusive(&file) {
+        if !crate::io::device::lock_exclusive(&file) {
             return Err(Error::InUse(format!(
                 "{} is in use by another nightpass process",
                 path.display()

@@ -24,15 +24,15 @@ use nightpass_proto::manifest::ENTRY_LEN;
 use nightpass_proto::wire::{self, control::Msg, Mode};
 use serde_json::json;
 
-use crate::cli::SyncArgs;
-use crate::device::{Kind, ReadMode, Volume};
+use crate::app::cli::SyncArgs;
 use crate::error::{Error, Result};
-use crate::hash::{self, ScanOptions};
+use crate::io::device::{Kind, ReadMode, Volume};
+use crate::io::hash::{self, ScanOptions};
+use crate::net::transport::{self, Identity, RemoteVolume};
+use crate::pass::receiver::msg_name;
+use crate::pass::sender::{open_session, target_dir};
 use crate::progress::{human_bytes, Progress};
-use crate::receiver::msg_name;
-use crate::sender::{open_session, target_dir};
-use crate::state::ManifestFile;
-use crate::transport::{self, Identity, RemoteVolume};
+use crate::store::state::ManifestFile;
 
 /// Most ranges listed in `verify_end`.
 pub const MAX_LISTED_RANGES: usize = 1000;
@@ -240,11 +240,11 @@ pub async fn open_verify(
     id: &Identity,
     dest: &RemoteVolume,
     fp: &str,
-    tuning: &crate::transport::Tuning,
+    tuning: &crate::net::transport::Tuning,
     source_size: u64,
     chunk: ChunkSize,
     ranges: Vec<u64>,
-) -> Result<(crate::sender::Session, Geometry)> {
+) -> Result<(crate::pass::sender::Session, Geometry)> {
     let hello = wire::Hello {
         version: wire::PROTOCOL_VERSION,
         volume: dest.name.clone(),
@@ -271,7 +271,7 @@ pub async fn open_verify(
 
 /// Receives the target's fresh hashes into a table (entries not requested stay zero).
 pub async fn receive_hashes(
-    session: &mut crate::sender::Session,
+    session: &mut crate::pass::sender::Session,
     geometry: &Geometry,
 ) -> Result<Vec<u8>> {
     let mut table = vec![0u8; geometry.chunk_count() as usize * ENTRY_LEN];
@@ -314,7 +314,10 @@ pub async fn receive_hashes(
 }
 
 /// Asks the receiver to forget `ranges`, then ends the session.
-pub async fn forget_and_close(mut s: crate::sender::Session, ranges: &[(u64, u64)]) -> Result<()> {
+pub async fn forget_and_close(
+    mut s: crate::pass::sender::Session,
+    ranges: &[(u64, u64)],
+) -> Result<()> {
     if !ranges.is_empty() {
         let flat: Vec<u64> = ranges.iter().flat_map(|&(o, l)| [o, l]).collect();
         transport::send_control(&mut s.send, Msg::Forget(wire::Forget { ranges: flat })).await?;

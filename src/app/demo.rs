@@ -16,13 +16,13 @@ use std::sync::Arc;
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::json;
 
-use crate::device::Volume;
 use crate::error::{Error, IoContext, Result};
-use crate::hash::ScanOptions;
+use crate::io::device::Volume;
+use crate::io::hash::ScanOptions;
+use crate::net::transport::{Identity, RemoteVolume, Tuning};
+use crate::pass::receiver::{self, ServeConfig};
+use crate::pass::sender::{self, SyncConfig};
 use crate::progress::{human_bytes, Progress};
-use crate::receiver::{self, ServeConfig};
-use crate::sender::{self, SyncConfig};
-use crate::transport::{Identity, RemoteVolume, Tuning};
 
 struct TempDir(PathBuf);
 
@@ -239,7 +239,7 @@ pub async fn run(size: u64, progress: Arc<dyn Progress>) -> Result<()> {
         let p = progress.clone();
         let chunk = nightpass_proto::chunk::ChunkSize::DEFAULT;
         tokio::task::spawn_blocking(move || {
-            crate::verify::verify_local(s, t, chunk, ScanOptions::default(), p)
+            crate::app::verify::verify_local(s, t, chunk, ScanOptions::default(), p)
         })
         .await
         .map_err(|_| Error::Io("verify task failed".into()))??

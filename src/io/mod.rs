@@ -1,0 +1,13 @@
+//! Everything that touches a device or the kernel on the data's behalf.
+//!
+//! Owns opening and reading sources, opening and writing targets
+//! ([`device`]), the read-and-hash pipeline ([`hash`]), fsfreeze, LVM
+//! snapshots and operator hooks ([`freeze`]), and every `unsafe` of the
+//! crate ([`sys`]). It must not know the protocol, the network or the state
+//! directory's layout.
+
+pub mod device;
+pub mod freeze;
+pub mod hash;
+#[allow(unsafe_code)]
+pub mod sys;
