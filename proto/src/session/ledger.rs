@@ -1,8 +1,5 @@
-//! Session state that needs no I/O, in the manner of `quinn-proto`: the
-//! drivers in the `nightpass` crate feed it what happened (`handle_*`-style
-//! methods) and ask it what follows. The first piece is the sender's
-//! [`SendLedger`]; the session state machines of both ends are to follow
-//! (issue 14).
+//! The sender's ledger of one attempt: chunks in flight, read blocks handed
+//! to the streams, and the resume point.
 //!
 //! Owns bookkeeping only: it never reads a device, a socket or a clock.
 

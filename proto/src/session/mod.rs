@@ -1,0 +1,13 @@
+//! Session state machines with no I/O, in the manner of `quinn-proto`: the
+//! drivers in the `nightpass` crate feed them what happened through
+//! `handle_*` methods (a message, a chunk's check result, an ack, the time)
+//! and ask them what follows through `poll_*` methods (messages to send,
+//! chunks to read, check, write, manifest entries to make durable).
+//!
+//! Owns the sessions' decisions: handshakes and refusal codes, in-flight
+//! and ack bookkeeping ([`SendLedger`]), the resume point, Finish/Done and
+//! the verify exchange. It never reads a device, a socket or a clock.
+
+mod ledger;
+
+pub use ledger::{SendLedger, UnexpectedAck};
