@@ -201,6 +201,7 @@ pub fn root(geometry: &Geometry, table: &[u8]) -> Hash {
 
 /// Computes [`root`] over a table fed in pieces, in order, so a large
 /// table need never be held in memory at once.
+#[derive(Debug, Clone)]
 pub struct RootHasher(blake3::Hasher);
 
 impl RootHasher {

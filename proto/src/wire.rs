@@ -325,6 +325,26 @@ pub struct Heartbeat {}
 /// Seconds between a sender's heartbeats in a sync session.
 pub const HEARTBEAT_INTERVAL_S: u64 = 5;
 
+/// Name of a control message, for errors.
+pub fn msg_name(m: &control::Msg) -> &'static str {
+    match m {
+        control::Msg::Hello(_) => "hello",
+        control::Msg::Welcome(_) => "welcome",
+        control::Msg::Refusal(_) => "refusal",
+        control::Msg::ManifestRequest(_) => "manifest request",
+        control::Msg::ManifestPart(_) => "manifest part",
+        control::Msg::Ack(_) => "ack",
+        control::Msg::Finish(_) => "finish",
+        control::Msg::Done(_) => "done",
+        control::Msg::VerifyPart(_) => "verify part",
+        control::Msg::Forget(_) => "forget",
+        control::Msg::Failure(_) => "failure",
+        control::Msg::Mark(_) => "mark",
+        control::Msg::Need(_) => "need",
+        control::Msg::Heartbeat(_) => "heartbeat",
+    }
+}
+
 /// Every message of the control stream.
 #[derive(Clone, PartialEq, Message)]
 pub struct Control {

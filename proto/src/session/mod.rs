@@ -8,6 +8,12 @@
 //! and ack bookkeeping ([`SendLedger`]), the resume point, Finish/Done and
 //! the verify exchange. It never reads a device, a socket or a clock.
 
+mod error;
 mod ledger;
+pub mod receiver;
+pub mod sender;
 
+pub use error::SessionError;
 pub use ledger::{SendLedger, UnexpectedAck};
+pub use receiver::{ReceiverSession, WriterLedger};
+pub use sender::SendSession;

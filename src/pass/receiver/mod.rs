@@ -326,25 +326,7 @@ fn volume_dir(shared: &Shared, name: &str) -> PathBuf {
         .join(state::key_for(name))
 }
 
-/// Name of a control message, for errors.
-pub fn msg_name(m: &Msg) -> &'static str {
-    match m {
-        Msg::Hello(_) => "hello",
-        Msg::Welcome(_) => "welcome",
-        Msg::Refusal(_) => "refusal",
-        Msg::ManifestRequest(_) => "manifest request",
-        Msg::ManifestPart(_) => "manifest part",
-        Msg::Ack(_) => "ack",
-        Msg::Finish(_) => "finish",
-        Msg::Done(_) => "done",
-        Msg::VerifyPart(_) => "verify part",
-        Msg::Forget(_) => "forget",
-        Msg::Failure(_) => "failure",
-        Msg::Mark(_) => "mark",
-        Msg::Need(_) => "need",
-        Msg::Heartbeat(_) => "heartbeat",
-    }
-}
+pub use nightpass_proto::wire::msg_name;
 
 /// Takes the volume for a short piece of work, waiting up to 10 s for a
 /// session that is just ending to let go of it.
