@@ -16,6 +16,7 @@
 
 use std::io;
 
+use nightpass_proto::session::SessionError;
 use nightpass_proto::wire::RefuseCode;
 
 /// A nightpass error.
@@ -107,6 +108,18 @@ impl Error {
     /// Bad input.
     pub fn input(msg: impl Into<String>) -> Error {
         Error::Input(msg.into())
+    }
+}
+
+impl From<SessionError> for Error {
+    /// A session's conclusion, one to one: a peer that broke the protocol
+    /// or stopped its side is the peer's failure (exit 3); a refusal keeps
+    /// its code.
+    fn from(e: SessionError) -> Error {
+        match e {
+            SessionError::Peer(m) | SessionError::Stopped(m) => Error::Peer(m),
+            SessionError::Refused { code, message } => Error::Refused { code, message },
+        }
     }
 }
 

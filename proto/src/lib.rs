@@ -4,8 +4,9 @@
 //! clock lives here, in the manner of `quinn-proto`: chunk geometry
 //! ([`chunk`]), sets of chunks and their byte ranges ([`chunkset`]), the
 //! manifest format ([`manifest`]), wire messages and framing ([`wire`]),
-//! block probes and patches ([`patch`]), the sessions' bookkeeping
-//! ([`session`]), and pass planning and forecasting ([`plan`]). The `nightpass`
+//! block probes and patches ([`patch`]), the sessions' state machines
+//! ([`session`]: a sync session's sender and receiver, the sender's ledger
+//! of chunks in flight), and pass planning and forecasting ([`plan`]). The `nightpass`
 //! crate drives these with tokio, quinn and real devices.
 //!
 //! ## Invariants

@@ -232,6 +232,20 @@ async fn attack(id: &Identity, port: u16, fp: &str, size: u64, a: Attack) -> Str
     }
 }
 
+/// The receiver's log once it says `words`, or as it is after 5 s: its
+/// stderr reaches the test through a reader thread, which may lag behind
+/// the close the attacker already saw.
+fn log_saying(rx: &Receiver, words: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = rx.log();
+        if log.contains(words) || std::time::Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn setup(root: &Path) -> (SenderSide, Receiver, std::path::PathBuf, std::path::PathBuf) {
     let tv = root.join("target-v.img");
     let tw = root.join("target-w.img");
@@ -295,10 +309,10 @@ fn hostile_authenticated_peer_writes_nothing_and_others_carry_on() {
         let (claimed, bad) = manifest_claims_hold(&receiver_manifest(&rx.state, "v"), &tv);
         assert!(bad.is_empty(), "{a:?}: manifest claims {bad:?}");
         assert_eq!(claimed, 0, "{a:?}: the manifest claims chunks nobody sent");
+        let log = log_saying(&rx, expect);
         assert!(
-            rx.log().contains(expect),
-            "{a:?}: the receiver's log does not say {expect:?}:\n{}",
-            rx.log()
+            log.contains(expect),
+            "{a:?}: the receiver's log does not say {expect:?}:\n{log}"
         );
     }
 

@@ -36,7 +36,7 @@ pub fn check_version(version: u32) -> Result<(), SessionError> {
 }
 
 /// What a sync Hello asks for, checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Offer {
     /// Bytes of the source.
     pub size: u64,
@@ -160,6 +160,56 @@ pub fn check_chunk(
 ) -> Result<Checked, SessionError> {
     let c = wire::decode_chunk(body)
         .map_err(|e| SessionError::peer(format!("bad chunk frame: {e}")))?;
+    let (index, len, hash) = check_header(&c, geometry)?;
+    let data = match Encoding::try_from(c.encoding) {
+        Ok(Encoding::Probe) => {
+            let range = geometry.range(index).expect("index checked above");
+            let hints = c.payload;
+            return Ok(Checked::Probe {
+                index,
+                range,
+                hints,
+            });
+        }
+        Ok(Encoding::Patch) => {
+            // Checked against the hash by the writer, in order with the
+            // chunk's other writes: see [`check_patch`].
+            patch::check_shape(index, len, &c.blocks, c.payload.len())
+                .map_err(|e| SessionError::peer(e.to_string()))?;
+            let (blocks, payload) = (c.blocks, c.payload);
+            let content = Content::Patch { blocks, payload };
+            return Ok(Checked::Write {
+                index,
+                hash,
+                content,
+            });
+        }
+        Ok(Encoding::Raw) => Some(c.payload),
+        Ok(Encoding::Zstd) => {
+            let out = decompress(&c.payload, len).map_err(|e| {
+                SessionError::peer(format!("chunk {index} does not decompress: {e}"))
+            })?;
+            Some(Bytes::from(out))
+        }
+        Ok(Encoding::Zero) => None,
+        Err(_) => {
+            return Err(SessionError::peer(format!(
+                "chunk {index} has an unknown encoding"
+            )));
+        }
+    };
+    check_content(index, len, &hash, data.as_deref())?;
+    let content = data.map_or(Content::Zero, Content::Whole);
+    Ok(Checked::Write {
+        index,
+        hash,
+        content,
+    })
+}
+
+/// A chunk frame's index (inside the volume), length (the chunk's) and
+/// hash (32 bytes).
+fn check_header(c: &wire::Chunk, geometry: &Geometry) -> Result<(u64, usize, Hash), SessionError> {
     let Some(len) = geometry.chunk_len(c.index) else {
         return Err(SessionError::peer(format!(
             "chunk {} lies past the end of the volume ({} chunks); nothing written",
@@ -180,66 +230,33 @@ pub fn check_chunk(
             c.hash.len()
         ))
     })?;
-    let data = match Encoding::try_from(c.encoding) {
-        Ok(Encoding::Probe) => {
-            let range = geometry.range(c.index).expect("index checked above");
-            return Ok(Checked::Probe {
-                index: c.index,
-                range,
-                hints: c.payload,
-            });
-        }
-        Ok(Encoding::Patch) => {
-            patch::check_shape(c.index, len, &c.blocks, c.payload.len())
-                .map_err(|e| SessionError::peer(e.to_string()))?;
-            let content = Content::Patch {
-                blocks: c.blocks,
-                payload: c.payload,
-            };
-            return Ok(Checked::Write {
-                index: c.index,
-                hash,
-                content,
-            });
-        }
-        Ok(Encoding::Raw) => Some(c.payload),
-        Ok(Encoding::Zstd) => {
-            let out = decompress(&c.payload, len).map_err(|e| {
-                SessionError::peer(format!("chunk {} does not decompress: {e}", c.index))
-            })?;
-            Some(Bytes::from(out))
-        }
-        Ok(Encoding::Zero) => None,
-        Err(_) => {
-            return Err(SessionError::peer(format!(
-                "chunk {} has an unknown encoding",
-                c.index
-            )));
-        }
-    };
-    let actual = match &data {
+    Ok((c.index, len, hash))
+}
+
+/// Checks a whole chunk's bytes (`None`: all zeros) against its length and
+/// hash.
+fn check_content(
+    index: u64,
+    len: usize,
+    hash: &Hash,
+    data: Option<&[u8]>,
+) -> Result<(), SessionError> {
+    let actual = match data {
         Some(d) if d.len() != len => {
             return Err(SessionError::peer(format!(
-                "chunk {} payload is {} bytes, expected {len}; nothing written",
-                c.index,
+                "chunk {index} payload is {} bytes, expected {len}; nothing written",
                 d.len()
             )))
         }
         Some(d) => *blake3::hash(d).as_bytes(),
         None => manifest::zero_hash(len),
     };
-    if actual != hash {
+    if actual != *hash {
         return Err(SessionError::peer(format!(
-            "chunk {} failed its hash check (corrupted in transit or a faulty sender); nothing of it was written",
-            c.index
+            "chunk {index} failed its hash check (corrupted in transit or a faulty sender); nothing of it was written"
         )));
     }
-    let content = data.map_or(Content::Zero, Content::Whole);
-    Ok(Checked::Write {
-        index: c.index,
-        hash,
-        content,
-    })
+    Ok(())
 }
 
 /// Overlays a patch on the target's current copy of its chunk (`chunk`,

@@ -44,7 +44,7 @@ pub fn handle_answer(msg: Msg) -> Result<wire::Welcome, SessionError> {
         Msg::Welcome(w) if w.version != wire::PROTOCOL_VERSION => Err(SessionError::refuse(
             RefuseCode::Version,
             format!(
-                "receiver speaks protocol version {}, this sender {}",
+                "it speaks protocol version {}, this sender {}",
                 w.version,
                 wire::PROTOCOL_VERSION
             ),

@@ -44,7 +44,11 @@ use nightpass_proto::chunk::{ChunkSize, Geometry};
 use nightpass_proto::chunkset::ChunkSet;
 use nightpass_proto::manifest::{self, Hash, Summary, UNKNOWN};
 use nightpass_proto::patch;
-use nightpass_proto::wire::{self, control::Msg, Encoding, Mode, RefuseCode};
+use nightpass_proto::session::receiver::{
+    self as rx, summary_to_wire, Content, ControlAction, TableParts,
+};
+use nightpass_proto::session::{ReceiverSession, SessionError, WriterLedger};
+use nightpass_proto::wire::{self, control::Msg, Mode, RefuseCode};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -135,6 +139,12 @@ impl Drop for BusyGuard {
 /// A session refusal: sent to the peer, then the connection closes.
 struct Refuse(RefuseCode, String);
 
+impl From<SessionError> for Refuse {
+    fn from(e: SessionError) -> Self {
+        Error::from(e).into()
+    }
+}
+
 impl From<Error> for Refuse {
     fn from(e: Error) -> Self {
         Refuse(e.refuse_code(), e.to_string())
@@ -197,14 +207,6 @@ pub async fn serve(
     }
     ep.wait_idle().await;
     Ok(())
-}
-
-fn summary_to_wire(s: &Summary) -> wire::WireSummary {
-    wire::WireSummary {
-        volume_id: s.volume_id.to_vec(),
-        generation: s.generation,
-        root: s.root.to_vec(),
-    }
 }
 
 /// Frees the volume, then refuses: an operator who fixes the mistake and

@@ -4,7 +4,9 @@
 
 use super::*;
 
-#[allow(clippy::too_many_arguments)]
+/// A sync session, from the Hello to the end of the pass: every check
+/// that can refuse before the target is created or opened, the Welcome,
+/// then the writer, the data streams and the control stream.
 pub(super) async fn sync_session(
     shared: Arc<Shared>,
     conn: quinn::Connection,
@@ -14,132 +16,37 @@ pub(super) async fn sync_session(
     guard: BusyGuard,
     path: PathBuf,
 ) -> Result<()> {
-    if hello.source_size == 0 {
-        return refuse_freeing(
-            guard,
-            &mut send,
-            &conn,
-            Refuse(
-                RefuseCode::BadRequest,
-                "the source is empty (0 bytes): nothing to copy".into(),
-            ),
-        )
-        .await;
-    }
-    let chunk = match ChunkSize::new(u64::from(hello.chunk_size)) {
-        Ok(c) => c,
-        Err(e) => {
-            return refuse_freeing(
-                guard,
-                &mut send,
-                &conn,
-                Refuse(RefuseCode::ChunkSize, e.to_string()),
-            )
-            .await
-        }
+    let opened = match rx::check_offer(&hello) {
+        Ok(offer) => open_for_sync(&shared, &hello.volume, &path, offer).await?,
+        Err(e) => Err(e.into()),
     };
-    let size = hello.source_size;
-    let dir = volume_dir(&shared, &hello.volume);
-    // Everything that can refuse is checked before the target is created,
-    // so that a refusal writes nothing: the volume's journal too.
-    let unsealed_cutover = match crate::store::seal::last_unsealed(&dir) {
-        Ok(cp) => cp,
-        Err(e) => return refuse_freeing(guard, &mut send, &conn, e.into()).await,
+    let (volume, mut manifest, unsealed_cutover) = match opened {
+        Ok(o) => o,
+        Err(r) => return refuse_freeing(guard, &mut send, &conn, r).await,
     };
-    let checked = {
-        let (cfg, dir, path) = (shared.cfg.clone(), dir.clone(), path.clone());
-        let explicit = hello.chunk_size_explicit;
-        tokio::task::spawn_blocking(move || {
-            prepare_target(&cfg, &dir, &path, size, chunk, explicit)
-        })
-        .await
-        .map_err(|_| Error::Io("check task failed".into()))?
-    };
-    if let Err(r) = checked {
-        return refuse_freeing(guard, &mut send, &conn, r).await;
-    }
-    let opened = {
-        let path = path.clone();
-        tokio::task::spawn_blocking(move || Volume::open_target(&path, size))
-            .await
-            .map_err(|_| Error::Io("open task failed".into()))?
-    };
-    let (volume, created) = match opened {
-        Ok(v) => v,
-        Err(e) => return refuse_freeing(guard, &mut send, &conn, e.into()).await,
-    };
-    let opened = {
-        let (name, path, explicit) = (
-            hello.volume.clone(),
-            path.clone(),
-            hello.chunk_size_explicit,
-        );
-        tokio::task::spawn_blocking(move || {
-            let m = open_manifest(&dir, &name, &path, &volume, created, size, chunk, explicit);
-            if m.is_err() && created == Created::New {
-                // Nothing of ours may stay behind a refusal: the file was
-                // created by this session.
-                drop(volume);
-                let _ = std::fs::remove_file(&path);
-                return (m, None);
-            }
-            (m, Some(volume))
-        })
-        .await
-        .map_err(|_| Error::Io("manifest task failed".into()))?
-    };
-    let (volume, mut manifest) = match opened {
-        (Ok(m), Some(v)) => (v, m),
-        (Err(r), _) => return refuse_freeing(guard, &mut send, &conn, r).await,
-        (Ok(_), None) => return Err(Error::Io("target closed early".into())),
-    };
-    let summary = manifest.summary_now()?;
     let geometry = manifest.geometry();
-    transport::send_control(
-        &mut send,
-        Msg::Welcome(wire::Welcome {
-            version: wire::PROTOCOL_VERSION,
-            target_size: volume.size(),
-            chunk_size: geometry.chunk_size().bytes() as u32,
-            summary: Some(summary_to_wire(&summary)),
-            target_is_block: volume.kind() == crate::io::device::Kind::Block,
-            unsealed_cutover,
-        }),
-    )
-    .await?;
+    let welcome = wire::Welcome {
+        version: wire::PROTOCOL_VERSION,
+        target_size: volume.size(),
+        chunk_size: geometry.chunk_size().bytes() as u32,
+        summary: Some(summary_to_wire(&manifest.summary_now()?)),
+        target_is_block: volume.kind() == crate::io::device::Kind::Block,
+        unsealed_cutover,
+    };
+    transport::send_control(&mut send, Msg::Welcome(welcome)).await?;
 
-    // Control replies and acks leave through one task that owns the send stream.
-    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Msg>(64);
-    let ctl_task = tokio::spawn(async move {
-        while let Some(m) = ctl_rx.recv().await {
-            transport::send_control(&mut send, m).await?;
-        }
-        let _ = send.finish();
-        Ok::<_, Error>(send)
-    });
-
-    // The writer thread owns the target, the manifest and the volume's busy slot.
+    let (ctl_tx, ctl_task) = spawn_control_sender(send);
     let slots = in_flight_chunks(geometry.chunk_size());
-    let (wtx, wrx) = sync_channel::<WriterMsg>(slots);
-    let budget = Arc::new(tokio::sync::Semaphore::new(slots));
-    let writer_ctl = ctl_tx.clone();
-    let name = hello.volume.clone();
-    let (table_tx, table_rx) = std::sync::mpsc::channel::<mpsc::Sender<Bytes>>();
-    let writer = std::thread::spawn(move || {
-        // Declared first so it is dropped last: the volume is free again only
-        // once the target and the manifest (and its lock) are closed.
-        let _guard = guard;
-        let mut manifest = manifest;
-        let volume = volume;
-        if let Err(e) = writer_loop(&volume, &mut manifest, wrx, table_rx, &writer_ctl) {
-            eprintln!("volume '{name}': writer stopped: {e}");
-            let _ = writer_ctl.blocking_send(Msg::Failure(wire::Failure {
-                message: format!("receiver failed writing volume '{name}': {e}"),
-            }));
-        }
-    });
-    shared.writers.lock().expect("not poisoned").push(writer);
-
+    let writer = spawn_writer(
+        &shared,
+        guard,
+        volume,
+        manifest,
+        &ctl_tx,
+        &hello.volume,
+        slots,
+    );
+    let (wtx, table_tx) = writer;
     // Probes read the target's current copy of a chunk through a
     // descriptor of their own (the writer's is exclusive).
     let reader = {
@@ -149,132 +56,23 @@ pub(super) async fn sync_session(
             .map_err(|_| Error::Io("open task failed".into()))?
             .map(Arc::new)?
     };
-    // Data streams. One that the sender reset ends without error, but the
-    // frames it dropped leave the pass unfinishable: see Finish below.
-    let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let data_abandoned = abandoned.clone();
-    let data_conn = conn.clone();
-    let data_ctl = ctl_tx.clone();
-    let data_wtx = wtx.clone();
-    let data_name = hello.volume.clone();
-    let data_task = tokio::spawn(async move {
-        let mut streams = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                s = data_conn.accept_uni() => match s {
-                    Ok(s) => { streams.spawn(data_stream(s, geometry, data_wtx.clone(), budget.clone(), reader.clone(), data_ctl.clone(), data_abandoned.clone())); }
-                    Err(_) => break,
-                },
-                Some(r) = streams.join_next(), if !streams.is_empty() => {
-                    if let Ok(Err(e)) = r {
-                        eprintln!("volume '{data_name}': session ended: {e}");
-                        data_conn.close(2u32.into(), e.to_string().as_bytes());
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        while let Some(r) = streams.join_next().await {
-            if let Ok(Err(e)) = r {
-                return Err(e);
-            }
-        }
-        Ok(())
+    let each = Arc::new(StreamContext {
+        geometry,
+        wtx: wtx.clone(),
+        budget: Arc::new(tokio::sync::Semaphore::new(slots)),
+        target: reader,
+        ctl: ctl_tx.clone(),
+        abandoned: Arc::default(),
     });
+    let abandoned = each.abandoned.clone();
+    let data = DataStreams {
+        conn: conn.clone(),
+        name: hello.volume.clone(),
+        each,
+    };
+    let data_task = tokio::spawn(data.run());
 
-    let result = async {
-        loop {
-            let next = next_control(&mut recv, &ctl_tx).await?;
-            match next {
-                None => return Ok(()),
-                Some(Msg::Heartbeat(_)) => {}
-                Some(Msg::ManifestRequest(_)) => {
-                    // The table comes from the writer in pieces, a few at a
-                    // time: a 1 TiB volume's table is 512 MiB.
-                    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
-                    table_tx
-                        .send(tx)
-                        .map_err(|_| Error::Io("writer stopped".into()))?;
-                    let total = geometry.chunk_count() * manifest::ENTRY_LEN as u64;
-                    let mut first = 0u64;
-                    loop {
-                        let piece = rx
-                            .recv()
-                            .await
-                            .ok_or_else(|| Error::Io("writer stopped".into()))?;
-                        let n = (piece.len() / manifest::ENTRY_LEN) as u64;
-                        let last = (first + n) * manifest::ENTRY_LEN as u64 >= total;
-                        // The writer waits on this hand-off: a sender that
-                        // never reads the parts must not keep it (and the
-                        // volume) forever.
-                        let part = Msg::ManifestPart(wire::HashRun {
-                            first,
-                            hashes: piece,
-                            last,
-                        });
-                        tokio::time::timeout(CONTROL_IDLE, ctl_tx.send(part))
-                            .await
-                            .map_err(|_| {
-                                Error::Peer(format!(
-                                    "the sender read none of the manifest it asked for in {} s; ending the session",
-                                    CONTROL_IDLE.as_secs()
-                                ))
-                            })?
-                            .map_err(|_| Error::Network("control stream closed".into()))?;
-                        if last {
-                            break;
-                        }
-                        first += n;
-                    }
-                }
-                Some(Msg::Finish(_)) if abandoned.load(std::sync::atomic::Ordering::Relaxed) => {
-                    return Err(Error::Peer(
-                        "the sender reset a data stream and then finished the pass: chunks may be missing".into(),
-                    ));
-                }
-                Some(Msg::Finish(f)) => {
-                    let (tx, rx) = oneshot::channel();
-                    let w = wtx.clone();
-                    tokio::task::spawn_blocking(move || {
-                        w.send(WriterMsg::Finalize {
-                            expected: f.chunks_sent,
-                            reply: tx,
-                        })
-                    })
-                    .await
-                    .map_err(|_| Error::Io("writer stopped".into()))?
-                    .map_err(|_| Error::Io("writer stopped".into()))?;
-                    let s = rx.await.map_err(|_| {
-                        Error::Io("writer stopped before the end of the pass".into())
-                    })??;
-                    ctl_tx
-                        .send(Msg::Done(wire::Done {
-                            summary: Some(summary_to_wire(&s)),
-                        }))
-                        .await
-                        .map_err(|_| Error::Network("control stream closed".into()))?;
-                    // One pass per session: nothing may follow Done.
-                    return Ok(());
-                }
-                Some(Msg::Failure(f)) => {
-                    // The sender gave up the pass (a source read error, an
-                    // interrupt): end the session now; what was written and
-                    // acknowledged stays recorded.
-                    return Err(Error::Peer(format!(
-                        "the sender stopped the pass: {}",
-                        f.message
-                    )));
-                }
-                Some(other) => {
-                    return Err(Error::Peer(format!(
-                        "unexpected control message: {}",
-                        msg_name(&other)
-                    )))
-                }
-            }
-        }
-    }
-    .await;
+    let result = control_loop(&mut recv, &ctl_tx, &wtx, &table_tx, geometry, &abandoned).await;
     drop(wtx);
     drop(ctl_tx);
     if let Err(e) = result {
@@ -292,6 +90,244 @@ pub(super) async fn sync_session(
     let _ = ctl_task.await;
     let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
     Ok(())
+}
+
+/// Control replies and acks leave through one task that owns the send
+/// stream; it ends (and finishes the stream) once every sender is dropped.
+fn spawn_control_sender(
+    mut send: quinn::SendStream,
+) -> (
+    mpsc::Sender<Msg>,
+    tokio::task::JoinHandle<Result<quinn::SendStream>>,
+) {
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Msg>(64);
+    let task = tokio::spawn(async move {
+        while let Some(m) = ctl_rx.recv().await {
+            transport::send_control(&mut send, m).await?;
+        }
+        let _ = send.finish();
+        Ok::<_, Error>(send)
+    });
+    (ctl_tx, task)
+}
+
+/// A volume opened for a sync session, with its manifest and the
+/// consistency point of a cutover unsealed since (or why not).
+type Opened = std::result::Result<(Volume, ManifestFile, String), Refuse>;
+
+/// Opens the target and its manifest for `offer`. Everything that can
+/// refuse is checked before the target is created, so that a refusal
+/// writes nothing (the volume's journal neither), and a target this
+/// session created is removed again when its manifest cannot be opened.
+async fn open_for_sync(
+    shared: &Shared,
+    name: &str,
+    path: &Path,
+    offer: rx::Offer,
+) -> Result<Opened> {
+    let dir = volume_dir(shared, name);
+    let unsealed_cutover = match crate::store::seal::last_unsealed(&dir) {
+        Ok(cp) => cp,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    let (cfg, name, path) = (shared.cfg.clone(), name.to_string(), path.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let rx::Offer {
+            size,
+            chunk,
+            explicit,
+        } = offer;
+        prepare_target(&cfg, &dir, &path, size, chunk, explicit)?;
+        let (volume, created) = Volume::open_target(&path, size)?;
+        match open_manifest(&dir, &name, &path, &volume, created, &offer) {
+            Ok(m) => Ok((volume, m, unsealed_cutover)),
+            Err(r) => {
+                if created == Created::New {
+                    // Nothing of ours may stay behind a refusal: the file
+                    // was created by this session.
+                    drop(volume);
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(r)
+            }
+        }
+    })
+    .await
+    .map_err(|_| Error::Io("open task failed".into()))
+}
+
+/// Starts the session's writer thread, which owns the target, the manifest
+/// and the volume's busy slot (`guard`); returns where verified chunks and
+/// table requests go to it.
+fn spawn_writer(
+    shared: &Shared,
+    guard: BusyGuard,
+    volume: Volume,
+    manifest: ManifestFile,
+    ctl: &mpsc::Sender<Msg>,
+    name: &str,
+    slots: usize,
+) -> (
+    SyncSender<WriterMsg>,
+    std::sync::mpsc::Sender<mpsc::Sender<Bytes>>,
+) {
+    let (wtx, wrx) = sync_channel::<WriterMsg>(slots);
+    let (table_tx, table_rx) = std::sync::mpsc::channel::<mpsc::Sender<Bytes>>();
+    let (ctl, name) = (ctl.clone(), name.to_string());
+    let writer = std::thread::spawn(move || {
+        // Declared first so it is dropped last: the volume is free again only
+        // once the target and the manifest (and its lock) are closed.
+        let _guard = guard;
+        let mut manifest = manifest;
+        let volume = volume;
+        if let Err(e) = writer_loop(&volume, &mut manifest, wrx, table_rx, &ctl) {
+            eprintln!("volume '{name}': writer stopped: {e}");
+            let _ = ctl.blocking_send(Msg::Failure(wire::Failure {
+                message: format!("receiver failed writing volume '{name}': {e}"),
+            }));
+        }
+    });
+    shared.writers.lock().expect("not poisoned").push(writer);
+    (wtx, table_tx)
+}
+
+/// The data side of a sync session: every data stream the sender opens,
+/// each read, checked and handed to the writer.
+struct DataStreams {
+    conn: quinn::Connection,
+    name: String,
+    each: Arc<StreamContext>,
+}
+
+/// What every data stream of a session shares.
+pub(super) struct StreamContext {
+    geometry: Geometry,
+    wtx: SyncSender<WriterMsg>,
+    /// Frames held between the network and the writer's queue.
+    budget: Arc<tokio::sync::Semaphore>,
+    /// The target, read by probes.
+    target: Arc<Volume>,
+    ctl: mpsc::Sender<Msg>,
+    /// A stream the sender reset ends without error, but the frames it
+    /// dropped leave the pass unfinishable: see [`ReceiverSession`].
+    abandoned: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DataStreams {
+    async fn run(self) -> Result<()> {
+        let mut streams = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                s = self.conn.accept_uni() => match s {
+                    Ok(s) => {
+                        streams.spawn(data_stream(s, self.each.clone()));
+                    }
+                    Err(_) => break,
+                },
+                Some(r) = streams.join_next(), if !streams.is_empty() => {
+                    if let Ok(Err(e)) = r {
+                        eprintln!("volume '{}': session ended: {e}", self.name);
+                        self.conn.close(2u32.into(), e.to_string().as_bytes());
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        while let Some(r) = streams.join_next().await {
+            if let Ok(Err(e)) = r {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The control stream of a sync session after the Welcome, in the order
+/// [`ReceiverSession`] allows: heartbeats, table requests, then Finish
+/// (answered with Done once every chunk announced is durable).
+async fn control_loop(
+    recv: &mut quinn::RecvStream,
+    ctl_tx: &mpsc::Sender<Msg>,
+    wtx: &SyncSender<WriterMsg>,
+    table_tx: &std::sync::mpsc::Sender<mpsc::Sender<Bytes>>,
+    geometry: Geometry,
+    abandoned: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
+    let mut session = ReceiverSession::new();
+    loop {
+        let next = next_control(recv, ctl_tx).await?;
+        if abandoned.load(std::sync::atomic::Ordering::Relaxed) {
+            session.handle_abandoned();
+        }
+        match session.handle_control(next)? {
+            ControlAction::Nothing => {}
+            ControlAction::End => return Ok(()),
+            ControlAction::SendTable => send_table(ctl_tx, table_tx, geometry).await?,
+            ControlAction::Finalize { expected } => {
+                let summary = finalize(wtx, expected).await?;
+                ctl_tx
+                    .send(rx::done(&summary))
+                    .await
+                    .map_err(|_| Error::Network("control stream closed".into()))?;
+                // One pass per session: nothing may follow Done.
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Sends the manifest table, which comes from the writer in pieces, a few
+/// at a time: a 1 TiB volume's table is 512 MiB.
+async fn send_table(
+    ctl_tx: &mpsc::Sender<Msg>,
+    table_tx: &std::sync::mpsc::Sender<mpsc::Sender<Bytes>>,
+    geometry: Geometry,
+) -> Result<()> {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+    table_tx
+        .send(tx)
+        .map_err(|_| Error::Io("writer stopped".into()))?;
+    let mut parts = TableParts::new(&geometry);
+    loop {
+        let piece = rx
+            .recv()
+            .await
+            .ok_or_else(|| Error::Io("writer stopped".into()))?;
+        let part = parts.part(piece);
+        let last = part.last;
+        // The writer waits on this hand-off: a sender that never reads the
+        // parts must not keep it (and the volume) forever.
+        tokio::time::timeout(CONTROL_IDLE, ctl_tx.send(Msg::ManifestPart(part)))
+            .await
+            .map_err(|_| {
+                Error::Peer(format!(
+                    "the sender read none of the manifest it asked for in {} s; ending the session",
+                    CONTROL_IDLE.as_secs()
+                ))
+            })?
+            .map_err(|_| Error::Network("control stream closed".into()))?;
+        if last {
+            return Ok(());
+        }
+    }
+}
+
+/// Asks the writer for the end of the pass: the summary once `expected`
+/// chunks are durable.
+async fn finalize(wtx: &SyncSender<WriterMsg>, expected: u64) -> Result<Summary> {
+    let (tx, rx) = oneshot::channel();
+    let w = wtx.clone();
+    tokio::task::spawn_blocking(move || {
+        w.send(WriterMsg::Finalize {
+            expected,
+            reply: tx,
+        })
+    })
+    .await
+    .map_err(|_| Error::Io("writer stopped".into()))?
+    .map_err(|_| Error::Io("writer stopped".into()))?;
+    rx.await
+        .map_err(|_| Error::Io("writer stopped before the end of the pass".into()))?
 }
 
 /// The next control message of a sync session. A sender sends at least a
@@ -342,15 +378,16 @@ pub(super) fn in_flight_chunks(chunk: ChunkSize) -> usize {
 }
 
 /// Reads, checks and forwards the chunks of one data stream.
-pub(super) async fn data_stream(
-    mut s: quinn::RecvStream,
-    geometry: Geometry,
-    wtx: SyncSender<WriterMsg>,
-    budget: Arc<tokio::sync::Semaphore>,
-    target: Arc<Volume>,
-    ctl: mpsc::Sender<Msg>,
-    abandoned: Arc<std::sync::atomic::AtomicBool>,
-) -> Result<()> {
+pub(super) async fn data_stream(mut s: quinn::RecvStream, each: Arc<StreamContext>) -> Result<()> {
+    let StreamContext {
+        geometry,
+        wtx,
+        budget,
+        target,
+        ctl,
+        abandoned,
+    } = &*each;
+    let geometry = *geometry;
     let max = geometry.chunk_size().usize() + 4096;
     loop {
         // A frame buffer exists only while holding a permit: the session's
@@ -376,7 +413,7 @@ pub(super) async fn data_stream(
         // a blocking thread. (A hand-off per chunk cost the receiver a third
         // of its CPU time in thread wake-ups.)
         let inline = if geometry.chunk_size().usize() <= INLINE_CHECK_MAX {
-            check_chunk(body.clone(), &geometry, &target, false)?
+            check_chunk(body.clone(), &geometry, target, false)?
         } else {
             None
         };
@@ -426,101 +463,45 @@ pub(super) enum Checked {
     Need(wire::Need),
 }
 
-/// Decodes and verifies one chunk frame; a probe reads the target's current
-/// copy of the chunk (a patch is checked by the writer). Nothing unverified
-/// leaves this function. Unless `wait`, a probe's read comes only from the
-/// page cache and `None` means it would have waited for the disk: nothing
-/// was done, ask again with `wait`.
+/// Decodes and verifies one chunk frame ([`rx::check_chunk`]); a probe
+/// reads the target's current copy of the chunk (a patch is checked by the
+/// writer). Nothing unverified leaves this function. Unless `wait`, a
+/// probe's read comes only from the page cache and `None` means it would
+/// have waited for the disk: nothing was done, ask again with `wait`.
 pub(super) fn check_chunk(
     body: Bytes,
     geometry: &Geometry,
     target: &Volume,
     wait: bool,
 ) -> Result<Option<Checked>> {
-    let c = wire::decode_chunk(body).map_err(|e| Error::Peer(format!("bad chunk frame: {e}")))?;
-    let Some(len) = geometry.chunk_len(c.index) else {
-        return Err(Error::Peer(format!(
-            "chunk {} lies past the end of the volume ({} chunks); nothing written",
-            c.index,
-            geometry.chunk_count()
-        )));
-    };
-    if c.len as usize != len {
-        return Err(Error::Peer(format!(
-            "chunk {} announces {} bytes, but it is {len} bytes long; nothing written",
-            c.index, c.len
-        )));
-    }
-    let hash: Hash = c.hash.as_slice().try_into().map_err(|_| {
-        Error::Peer(format!(
-            "chunk {} carries a hash of {} bytes",
-            c.index,
-            c.hash.len()
-        ))
-    })?;
-    let data = match Encoding::try_from(c.encoding) {
-        Ok(Encoding::Probe) => {
-            let start = geometry.range(c.index).expect("index checked above").start;
+    let decompress = |p: &[u8], len| zstd::bulk::decompress(p, len).map_err(|e| e.to_string());
+    match rx::check_chunk(body, geometry, decompress)? {
+        rx::Checked::Write {
+            index,
+            hash,
+            content,
+        } => Ok(Some(Checked::Write(WriterMsg::Chunk {
+            index,
+            hash,
+            data: content,
+        }))),
+        rx::Checked::Probe {
+            index,
+            range,
+            hints,
+        } => {
+            let len = (range.end - range.start) as usize;
             let old = if wait {
-                Some(target.read_vec_at(len, start)?)
+                Some(target.read_vec_at(len, range.start)?)
             } else {
-                target.read_vec_cached(len, start)?
+                target.read_vec_cached(len, range.start)?
             };
             let Some(old) = old else {
                 return Ok(None);
             };
-            return patch::answer_probe(c.index, &c.payload, &old)
+            patch::answer_probe(index, &hints, &old)
                 .map(|n| Some(Checked::Need(n)))
-                .map_err(|e| Error::Peer(e.to_string()));
+                .map_err(|e| Error::Peer(e.to_string()))
         }
-        Ok(Encoding::Patch) => {
-            // Checked against the hash by the writer, in order with the
-            // chunk's other writes: see `commit_batch`.
-            patch::check_shape(c.index, len, &c.blocks, c.payload.len())
-                .map_err(|e| Error::Peer(e.to_string()))?;
-            return Ok(Some(Checked::Write(WriterMsg::Chunk {
-                index: c.index,
-                hash,
-                data: Content::Patch {
-                    blocks: c.blocks,
-                    payload: c.payload,
-                },
-            })));
-        }
-        Ok(Encoding::Raw) => Some(c.payload),
-        Ok(Encoding::Zstd) => {
-            let out = zstd::bulk::decompress(&c.payload, len)
-                .map_err(|e| Error::Peer(format!("chunk {} does not decompress: {e}", c.index)))?;
-            Some(Bytes::from(out))
-        }
-        Ok(Encoding::Zero) => None,
-        Err(_) => {
-            return Err(Error::Peer(format!(
-                "chunk {} has an unknown encoding",
-                c.index
-            )))
-        }
-    };
-    let actual = match &data {
-        Some(d) if d.len() != len => {
-            return Err(Error::Peer(format!(
-                "chunk {} payload is {} bytes, expected {len}; nothing written",
-                c.index,
-                d.len()
-            )))
-        }
-        Some(d) => *blake3::hash(d).as_bytes(),
-        None => manifest::zero_hash(len),
-    };
-    if actual != hash {
-        return Err(Error::Peer(format!(
-            "chunk {} failed its hash check (corrupted in transit or a faulty sender); nothing of it was written",
-            c.index
-        )));
     }
-    Ok(Some(Checked::Write(WriterMsg::Chunk {
-        index: c.index,
-        hash,
-        data: data.map_or(Content::Zero, Content::Whole),
-    })))
 }

@@ -76,17 +76,19 @@ pub(super) const SAMPLE_CHUNKS: usize = 16;
 /// describe this target is still checked against a random sample of the
 /// chunks it claims, read fresh: bytes changed behind the receiver's back
 /// distrust it whole.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn open_manifest(
     dir: &Path,
     name: &str,
     target: &Path,
     volume: &Volume,
     created: Created,
-    source_size: u64,
-    chunk: ChunkSize,
-    explicit: bool,
+    offer: &rx::Offer,
 ) -> std::result::Result<ManifestFile, Refuse> {
+    let rx::Offer {
+        size: source_size,
+        chunk,
+        explicit,
+    } = *offer;
     let mpath = dir.join("manifest");
     let record = state::TargetRecord {
         path: target.to_owned(),

@@ -11,34 +11,6 @@ pub(super) const BATCH_CHUNKS: usize = 2048;
 /// How long a writer lingers for more chunks before committing a small batch.
 pub(super) const LINGER: Duration = Duration::from_millis(5);
 
-/// What to write of a verified chunk.
-pub(super) enum Content {
-    /// The whole chunk.
-    Whole(Bytes),
-    /// The whole chunk is zeros.
-    Zero,
-    /// These blocks (named by the bitmap, in order in the payload) over the
-    /// target's current copy; the writer checks the result against the
-    /// chunk's hash before it writes them.
-    Patch {
-        /// Which blocks, one bit each.
-        blocks: Vec<u8>,
-        /// The blocks' bytes.
-        payload: Bytes,
-    },
-}
-
-impl Content {
-    /// Bytes of data held.
-    pub(super) fn len(&self) -> usize {
-        match self {
-            Content::Whole(b) => b.len(),
-            Content::Zero => 0,
-            Content::Patch { payload, .. } => payload.len(),
-        }
-    }
-}
-
 /// One verified chunk on its way to the writer, or the end-of-pass request.
 pub(super) enum WriterMsg {
     Chunk {
@@ -52,6 +24,37 @@ pub(super) enum WriterMsg {
     },
 }
 
+/// A batch being gathered: verified chunks and their bytes.
+#[derive(Default)]
+struct Batch {
+    chunks: Vec<(u64, Hash, Content)>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn push(&mut self, index: u64, hash: Hash, data: Content) {
+        self.bytes += data.len();
+        self.chunks.push((index, hash, data));
+    }
+
+    fn full(&self) -> bool {
+        self.bytes >= BATCH_BYTES || self.chunks.len() >= BATCH_CHUNKS
+    }
+}
+
+/// Answers the table requests waiting, a few pieces at a time.
+fn send_tables(manifest: &ManifestFile, table_rx: &std::sync::mpsc::Receiver<mpsc::Sender<Bytes>>) {
+    while let Ok(reply) = table_rx.try_recv() {
+        manifest.for_each_piece(wire::HASHES_PER_PART, |piece| {
+            reply.blocking_send(Bytes::copy_from_slice(piece)).is_ok()
+        });
+    }
+}
+
+/// Runs the writer of a session until its queue closes: gathers verified
+/// chunks into batches (lingering briefly for more), commits each durably,
+/// acknowledges it, and answers the Finish once every chunk announced is
+/// committed ([`WriterLedger`]).
 pub(super) fn writer_loop(
     volume: &Volume,
     manifest: &mut ManifestFile,
@@ -60,81 +63,59 @@ pub(super) fn writer_loop(
     ctl: &mpsc::Sender<Msg>,
 ) -> Result<()> {
     let geometry = manifest.geometry();
-    let mut committed = 0u64;
-    let mut finalize: Option<(u64, oneshot::Sender<Result<Summary>>)> = None;
-    let mut batch: Vec<(u64, Hash, Content)> = Vec::new();
-    let mut batch_bytes = 0usize;
+    let mut ledger = WriterLedger::new();
+    let mut reply: Option<oneshot::Sender<Result<Summary>>> = None;
+    let mut batch = Batch::default();
     let mut closed = false;
     loop {
-        while let Ok(reply) = table_rx.try_recv() {
-            manifest.for_each_piece(wire::HASHES_PER_PART, |piece| {
-                reply.blocking_send(Bytes::copy_from_slice(piece)).is_ok()
-            });
-        }
-        let timeout = if batch.is_empty() {
+        send_tables(manifest, &table_rx);
+        let timeout = if batch.chunks.is_empty() {
             Duration::from_millis(50)
         } else {
             LINGER
         };
+        let mut finalize = |expected, r| {
+            ledger.handle_finish(expected);
+            reply = Some(r);
+        };
         match rx.recv_timeout(timeout) {
             Ok(WriterMsg::Chunk { index, hash, data }) => {
-                batch_bytes += data.len();
-                batch.push((index, hash, data));
-                while batch_bytes < BATCH_BYTES && batch.len() < BATCH_CHUNKS {
+                batch.push(index, hash, data);
+                while !batch.full() {
                     match rx.try_recv() {
-                        Ok(WriterMsg::Chunk { index, hash, data }) => {
-                            batch_bytes += data.len();
-                            batch.push((index, hash, data));
-                        }
-                        Ok(WriterMsg::Finalize { expected, reply }) => {
-                            finalize = Some((expected, reply))
-                        }
+                        Ok(WriterMsg::Chunk { index, hash, data }) => batch.push(index, hash, data),
+                        Ok(WriterMsg::Finalize { expected, reply }) => finalize(expected, reply),
                         Err(_) => break,
                     }
                 }
-                if batch_bytes < BATCH_BYTES && batch.len() < BATCH_CHUNKS && finalize.is_none() {
+                if !batch.full() && reply.is_none() {
                     continue; // linger for more before paying for a durable commit
                 }
             }
-            Ok(WriterMsg::Finalize { expected, reply }) => finalize = Some((expected, reply)),
+            Ok(WriterMsg::Finalize { expected, reply }) => finalize(expected, reply),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => closed = true,
         }
-        if !batch.is_empty() {
-            batch_bytes = 0;
-            let (indices, refused) =
-                commit_batch(volume, manifest, &geometry, std::mem::take(&mut batch))?;
-            // A refused patch arrived too (the sender counts it), though
-            // nothing of it was written.
-            committed += (indices.len() + refused.len()) as u64;
-            for need in refused {
-                if ctl.blocking_send(Msg::Need(need)).is_err() {
-                    closed = true;
-                }
-            }
+        if !batch.chunks.is_empty() {
+            let chunks = std::mem::take(&mut batch).chunks;
+            let (written, refused) = commit_batch(volume, manifest, &geometry, chunks)?;
             let generation = manifest.header().generation;
-            if !indices.is_empty()
-                && ctl
-                    .blocking_send(Msg::Ack(wire::Ack {
-                        indices,
-                        generation,
-                    }))
-                    .is_err()
+            let out = ledger.handle_committed(written, refused, generation);
+            for m in out
+                .needs
+                .into_iter()
+                .map(Msg::Need)
+                .chain(out.ack.map(Msg::Ack))
             {
-                closed = true;
+                closed |= ctl.blocking_send(m).is_err();
             }
         }
-        if let Some((expected, _)) = &finalize {
-            if committed >= *expected {
-                let (expected, reply) = finalize.take().expect("checked Some");
-                let result = if committed == expected {
-                    manifest.summary_now()
-                } else {
-                    Err(Error::Peer(format!(
-                        "sender announced {expected} chunks but {committed} arrived"
-                    )))
-                };
-                let _ = reply.send(result);
+        if let Some(end) = ledger.poll_end() {
+            let result = end
+                .map_err(Error::from)
+                .and_then(|()| manifest.summary_now());
+            if let Some(r) = reply.take() {
+                let _ = r.send(result);
             }
         }
         if closed {
@@ -157,14 +138,12 @@ pub(super) fn commit_batch(
     geometry: &Geometry,
     batch: Vec<(u64, Hash, Content)>,
 ) -> Result<(Vec<u64>, Vec<wire::Need>)> {
-    let mut invalidated = false;
-    for (index, _, _) in &batch {
-        if manifest.entry(*index) != UNKNOWN {
-            manifest.set(*index, &UNKNOWN);
-            invalidated = true;
+    let indices: Vec<u64> = batch.iter().map(|(i, _, _)| *i).collect();
+    let clear = WriterLedger::to_clear(&indices, |i| manifest.entry(i));
+    if !clear.is_empty() {
+        for i in clear {
+            manifest.set(i, &UNKNOWN);
         }
-    }
-    if invalidated {
         manifest.flush_table()?;
     }
     let mut written = Vec::with_capacity(batch.len());
@@ -179,16 +158,19 @@ pub(super) fn commit_batch(
             Content::Patch { blocks, payload } => {
                 let len = (range.end - range.start) as usize;
                 let mut chunk = volume.read_vec_at(len, range.start)?;
-                patch::apply(&mut chunk, blocks, payload);
-                if blake3::hash(&chunk).as_bytes() != hash {
-                    // The blocks kept from the target are not what the
-                    // sender has (a hint that collided, a target changed
-                    // behind the session): ask for the whole chunk.
-                    refused.push(patch::whole_chunk(*index, len));
-                    continue;
-                }
-                for run in patch::runs(blocks, len) {
-                    volume.write_all_at(&chunk[run.clone()], range.start + run.start as u64)?;
+                match rx::check_patch(*index, hash, &mut chunk, blocks, payload) {
+                    Ok(runs) => {
+                        for run in runs {
+                            volume.write_all_at(
+                                &chunk[run.clone()],
+                                range.start + run.start as u64,
+                            )?;
+                        }
+                    }
+                    Err(need) => {
+                        refused.push(need);
+                        continue;
+                    }
                 }
             }
         }

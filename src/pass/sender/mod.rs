@@ -19,7 +19,6 @@
 //! data streams, acknowledgements, heartbeats, giving up).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,7 +28,10 @@ use bytes::Bytes;
 use nightpass_proto::chunk::{ChunkSize, Geometry};
 use nightpass_proto::manifest::{self, Hash, Summary};
 use nightpass_proto::plan::{self, CompressPolicy, Forecast};
-use nightpass_proto::session::SendLedger;
+use nightpass_proto::session::sender::{
+    self as tx, Fetched, OutChunk, Plan, SendEvent, TableFetch,
+};
+use nightpass_proto::session::{SendSession, SessionError};
 use nightpass_proto::wire::{self, control::Msg, Encoding, Mode};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
@@ -38,7 +40,6 @@ use crate::error::{Error, Result};
 use crate::io::device::Volume;
 use crate::io::hash::{self, ScanOptions, Scanned};
 use crate::net::transport::{self, Identity, RemoteVolume, Tuning};
-use crate::pass::receiver::msg_name;
 use crate::progress::{now_unix, PassEnd, PassStart, Progress};
 use crate::store::journal::{self, PassRecord, SenderJournal, SenderRecord, UnsealedRecord};
 use crate::store::state::{self, Fill, ManifestFile, SourceRecord};
@@ -127,29 +128,377 @@ pub async fn run_pass_collecting(
     progress: Arc<dyn Progress>,
     collect: bool,
 ) -> Result<(PassEnd, Option<Vec<u8>>)> {
-    let source = cfg.read_from.clone().unwrap_or_else(|| cfg.source.clone());
-    let vol = Arc::new(Volume::open_source_reader(&source, cfg.scan.read_mode())?);
-    let size = vol.size();
-    if size == 0 {
-        return Err(Error::input(format!(
-            "source {} is empty (0 bytes): nothing to copy",
-            source.display()
-        )));
+    let mut run = PassRun::open(cfg, id, progress, collect).await?;
+    let mut retry = Retry::new(cfg);
+    let mut resume = 0u64;
+    let done = loop {
+        let mut connected = false;
+        let outcome = run.attempt(resume, &mut connected).await;
+        match outcome {
+            Ok(done) => break done,
+            Err(i) => {
+                resume = i.resume_at;
+                let wait = retry.after(i.error, connected)?;
+                run.progress.note(&format!(
+                    "link to {} lost ({}); reconnecting in {:.1} s, then resuming the pass at chunk {resume}",
+                    cfg.dest.host_port,
+                    retry.last_error,
+                    wait.as_secs_f64()
+                ));
+                tokio::time::sleep(wait).await;
+            }
+        }
+    };
+    run.record(done)
+}
+
+/// When a failed attempt is tried again: only after a lost link
+/// (`Error::Network`), only once the receiver has answered (a receiver that
+/// never answered is a wrong address, port or firewall, said at once), and
+/// for at most `--retry-for` per outage, with a backoff from 0.5 s to 15 s.
+struct Retry {
+    retry_for: Duration,
+    host_port: String,
+    ever_connected: bool,
+    gave_up_at: Option<Instant>,
+    backoff: Duration,
+    last_error: String,
+}
+
+impl Retry {
+    fn new(cfg: &SyncConfig) -> Retry {
+        Retry {
+            retry_for: cfg.retry_for,
+            host_port: cfg.dest.host_port.clone(),
+            ever_connected: cfg.receiver_answered,
+            gave_up_at: None,
+            backoff: Duration::from_millis(500),
+            last_error: String::new(),
+        }
     }
-    let dir = volume_state_dir(cfg)?;
-    let journal = SenderJournal::in_dir(&dir);
-    let mut records = journal.read()?;
-    check_source(cfg, &dir, &records)?;
-    if journal::sealed_cutover(&records).is_some() {
-        // Cut over by this sender: ask in a session that prepares nothing
-        // on the receiver (a sync session opens, and may create, the
-        // target and its manifest before its Welcome) whether the
-        // operator unsealed that cutover there.
-        preflight(cfg, id).await?;
-        records = journal.read()?;
+
+    /// After a failed attempt (`connected`: its session was established):
+    /// how long to wait before the next, or the error that ends the pass.
+    fn after(&mut self, error: Error, connected: bool) -> Result<Duration> {
+        self.ever_connected |= connected;
+        let msg = match error {
+            Error::Network(msg) if self.ever_connected && !self.retry_for.is_zero() => msg,
+            e => return Err(e),
+        };
+        // --retry-for bounds each outage: a session that was established
+        // ended the previous one.
+        if connected {
+            self.gave_up_at = None;
+            self.backoff = Duration::from_millis(500);
+        }
+        let limit = *self
+            .gave_up_at
+            .get_or_insert_with(|| Instant::now() + self.retry_for);
+        if Instant::now() >= limit {
+            return Err(Error::Network(format!(
+                "gave up after waiting {} s for the receiver at {} (--retry-for): {msg}",
+                self.retry_for.as_secs(),
+                self.host_port
+            )));
+        }
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(15));
+        self.last_error = msg;
+        Ok(wait)
     }
-    let mpath = dir.join("manifest");
-    let mut ours = match ManifestFile::open(&mpath)? {
+}
+
+/// One pass across its attempts: what was read of the sender's records,
+/// our view of the target, and the figures gathered.
+struct PassRun<'a> {
+    cfg: &'a SyncConfig,
+    id: &'a Identity,
+    progress: Arc<dyn Progress>,
+    dir: PathBuf,
+    journal: SenderJournal,
+    records: Vec<SenderRecord>,
+    size: u64,
+    chunk: ChunkSize,
+    explicit: bool,
+    pass_no: u64,
+    pass_id: [u8; 16],
+    attempts: u32,
+    ours: Option<ManifestFile>,
+    started: Option<(PassStart, Instant, f64)>,
+    collect: bool,
+    shared: PassShared,
+    scanned: ScanStatsSum,
+}
+
+impl<'a> PassRun<'a> {
+    /// Checks the source, the sender's own records and its view of the
+    /// target before anything is sent.
+    async fn open(
+        cfg: &'a SyncConfig,
+        id: &'a Identity,
+        progress: Arc<dyn Progress>,
+        collect: bool,
+    ) -> Result<PassRun<'a>> {
+        let source = cfg.read_from.clone().unwrap_or_else(|| cfg.source.clone());
+        let size = Volume::open_source_reader(&source, cfg.scan.read_mode())?.size();
+        if size == 0 {
+            return Err(Error::input(format!(
+                "source {} is empty (0 bytes): nothing to copy",
+                source.display()
+            )));
+        }
+        let dir = volume_state_dir(cfg)?;
+        let journal = SenderJournal::in_dir(&dir);
+        let mut records = journal.read()?;
+        check_source(cfg, &dir, &records)?;
+        if journal::sealed_cutover(&records).is_some() {
+            // Cut over by this sender: ask in a session that prepares nothing
+            // on the receiver (a sync session opens, and may create, the
+            // target and its manifest before its Welcome) whether the
+            // operator unsealed that cutover there.
+            preflight(cfg, id).await?;
+            records = journal.read()?;
+        }
+        let ours = open_own_manifest(cfg, &dir.join("manifest"), progress.as_ref())?;
+        let (chunk, explicit) = chunk_size(cfg, ours.as_ref())?;
+        let shared = PassShared {
+            counters: Arc::default(),
+            pacer: cfg.bwlimit.map(|limit| Arc::new(Pacer::new(limit))),
+            progress: progress.clone(),
+            collected: None,
+        };
+        Ok(PassRun {
+            pass_no: journal::passes(&records).count() as u64 + 1,
+            cfg,
+            id,
+            progress,
+            dir,
+            journal,
+            records,
+            size,
+            chunk,
+            explicit,
+            pass_id: rand::random(),
+            attempts: 0,
+            ours,
+            started: None,
+            collect,
+            shared,
+            scanned: ScanStatsSum::default(),
+        })
+    }
+
+    fn hello(&self) -> wire::Hello {
+        wire::Hello {
+            version: wire::PROTOCOL_VERSION,
+            volume: self.cfg.dest.name.clone(),
+            mode: Mode::Sync as i32,
+            source_size: self.size,
+            chunk_size: self.chunk.bytes() as u32,
+            chunk_size_explicit: self.explicit,
+            ranges: Vec::new(),
+            known: self.ours.as_ref().map(|m| {
+                let s = m.header().summary();
+                wire::WireSummary {
+                    volume_id: s.volume_id.to_vec(),
+                    generation: s.generation,
+                    root: s.root.to_vec(),
+                }
+            }),
+            pass_id: self.pass_id.to_vec(),
+            resumes: self.attempts > 1,
+        }
+    }
+
+    /// One attempt: connect, check the answer against our own records,
+    /// reconcile our view of the target, then stream chunks `resume..`.
+    async fn attempt(
+        &mut self,
+        resume: u64,
+        connected: &mut bool,
+    ) -> std::result::Result<AttemptDone, Interrupted> {
+        self.attempts += 1;
+        let at = |error| Interrupted {
+            error,
+            resume_at: resume,
+        };
+        let cfg = self.cfg;
+        let mut session = open_session(
+            self.id,
+            &cfg.dest,
+            &cfg.server_fingerprint,
+            &cfg.tuning,
+            self.hello(),
+        )
+        .await
+        .map_err(at)?;
+        *connected = true;
+        let checked = check_not_cut_over(cfg, &self.journal, &self.records, &session.welcome)
+            .and_then(|()| record_source(cfg, &self.dir));
+        if let Err(e) = checked {
+            transport::close_session(
+                &session.endpoint,
+                &session.conn,
+                b"pass refused by the sender",
+            )
+            .await;
+            return Err(at(e));
+        }
+        let before = self
+            .started
+            .as_ref()
+            .and_then(|(s, _, _)| ChunkSize::new(s.chunk_size).ok());
+        let geometry =
+            tx::agreed_geometry(&session.welcome, self.size, before).map_err(|e| at(e.into()))?;
+        let theirs = parse_summary(session.welcome.summary.clone()).map_err(at)?;
+        self.reconcile(&mut session, geometry, &theirs)
+            .await
+            .map_err(at)?;
+        self.start(geometry);
+        let m = self.ours.take().expect("reconciled");
+        let ours = Arc::new(Mutex::new(m));
+        let r = stream_pass(
+            cfg,
+            session,
+            geometry,
+            resume,
+            ours.clone(),
+            &self.shared,
+            &mut self.scanned,
+        )
+        .await;
+        let m = Arc::try_unwrap(ours)
+            .map_err(|_| at(Error::Io("manifest still shared after the pass".into())))?
+            .into_inner()
+            .expect("not poisoned");
+        self.ours = Some(m);
+        r
+    }
+
+    /// Trusts our view of the target only when it is exactly the
+    /// receiver's; otherwise rebuilds it from the receiver's table, in a
+    /// fresh manifest committed only once the root checks out (until then
+    /// its header claims nothing).
+    async fn reconcile(
+        &mut self,
+        session: &mut Session,
+        geometry: Geometry,
+        theirs: &Summary,
+    ) -> Result<()> {
+        let view = self
+            .ours
+            .as_ref()
+            .map(|m| (m.geometry(), m.header().summary()));
+        if tx::trusts_own_view(view, &geometry, theirs) {
+            return Ok(());
+        }
+        drop(self.ours.take());
+        // Writing a large table takes a while (512 MiB per TiB): off the
+        // async workers, with heartbeats so the receiver does not take the
+        // silence for a sender gone.
+        let create = {
+            let (mpath, id) = (self.dir.join("manifest"), theirs.volume_id);
+            tokio::task::spawn_blocking(move || {
+                ManifestFile::create(&mpath, geometry, id, Fill::Unknown)
+            })
+        };
+        let mut m = transport::with_heartbeats(&mut session.send, create)
+            .await?
+            .map_err(|_| Error::Io("manifest task failed".into()))??;
+        fetch_table(session, &mut m, theirs).await?;
+        m.commit(theirs.generation, theirs.root)?;
+        self.ours = Some(m);
+        Ok(())
+    }
+
+    /// The pass starts with its first attempt that reaches the streams.
+    fn start(&mut self, geometry: Geometry) {
+        if self.started.is_some() {
+            return;
+        }
+        let start = PassStart {
+            volume: self.cfg.dest.to_string(),
+            pass: self.pass_no,
+            size_bytes: self.size,
+            chunk_size: geometry.chunk_size().bytes(),
+        };
+        self.progress.pass_start(&start);
+        self.started = Some((start, Instant::now(), now_unix()));
+        let entries = geometry.chunk_count() as usize * manifest::ENTRY_LEN;
+        self.shared.collected = self
+            .collect
+            .then(|| Arc::new(Mutex::new(vec![0u8; entries])));
+    }
+
+    /// Journals the pass that ended and reports it.
+    fn record(mut self, done: AttemptDone) -> Result<(PassEnd, Option<Vec<u8>>)> {
+        let (start, began, start_unix) =
+            self.started.take().expect("a pass that ended had started");
+        let c = &self.shared.counters;
+        let (chunks, changed_bytes) = (
+            c.chunks.load(Ordering::Relaxed),
+            c.changed_bytes.load(Ordering::Relaxed),
+        );
+        let (sent_bytes, zero_chunks) = (
+            c.sent_bytes.load(Ordering::Relaxed),
+            c.zero_chunks.load(Ordering::Relaxed),
+        );
+        let duration_s = began.elapsed().as_secs_f64();
+        let root = manifest::to_hex(&done.root);
+        let record = SenderRecord::Pass(PassRecord {
+            kind: self.cfg.kind.to_string(),
+            source: self.cfg.source.display().to_string(),
+            volume: self.cfg.dest.to_string(),
+            pass: self.pass_no,
+            first: self.pass_no == 1,
+            proof_read: Some(self.cfg.proof_read),
+            attempts: Some(self.attempts),
+            start_unix_s: start_unix,
+            duration_s,
+            size_bytes: self.size,
+            chunk_size: start.chunk_size,
+            scanned_bytes: self.scanned.bytes,
+            read_busy_s: self.scanned.busy_s,
+            changed_chunks: chunks,
+            changed_bytes,
+            sent_bytes,
+            zero_chunks,
+            read_rate_bps: self.scanned.bytes as f64 / self.scanned.busy_s.max(1e-6),
+            send_rate_bps: sent_bytes as f64 / duration_s.max(1e-6),
+            root: root.clone(),
+        });
+        self.journal.append(&record)?;
+        self.records.push(record);
+        let forecast =
+            plan::forecast(&journal::figures(&self.records), now_unix()).map(|f| f.total_s);
+        let end = PassEnd {
+            start,
+            scanned_bytes: self.scanned.bytes,
+            changed_chunks: chunks,
+            changed_bytes,
+            sent_bytes,
+            zero_chunks,
+            duration_s,
+            forecast_final_pass_s: forecast,
+            root,
+        };
+        self.progress.pass_end(&end);
+        let table = self
+            .shared
+            .collected
+            .map(|t| std::mem::take(&mut *t.lock().expect("not poisoned")));
+        Ok((end, table))
+    }
+}
+
+/// Our view of the target, or none: a manifest that cannot be trusted is
+/// rebuilt from the receiver's.
+fn open_own_manifest(
+    cfg: &SyncConfig,
+    mpath: &Path,
+    progress: &dyn Progress,
+) -> Result<Option<ManifestFile>> {
+    Ok(match ManifestFile::open(mpath)? {
         Some(Ok(m)) => Some(m),
         Some(Err(e)) => {
             progress.note(&format!(
@@ -159,245 +508,22 @@ pub async fn run_pass_collecting(
             None
         }
         None => None,
-    };
-    let have = ours.as_ref().map(|m| m.geometry().chunk_size());
-    let (chunk, explicit) = match (cfg.chunk_size, have) {
-        (Some(c), Some(h)) if c != h => {
-            return Err(Error::input(format!(
-                "{} was first copied with chunk size {h}; a pass with chunk size {c} would re-chunk it. Drop --chunk-size to keep {h}",
-                cfg.dest
-            )))
-        }
-        (Some(c), _) => (c, true),
-        (None, Some(h)) => (h, false),
-        (None, None) => (ChunkSize::DEFAULT, false),
-    };
-    let pass_no = journal::passes(&records).count() as u64 + 1;
-    let pass_id: [u8; 16] = rand::random();
-    let counters: Arc<Counters> = Arc::default();
-    let pacer = cfg.bwlimit.map(|limit| Arc::new(Pacer::new(limit)));
-    let mut collected: Option<Arc<Mutex<Vec<u8>>>> = None;
-    let mut started: Option<(PassStart, Instant, f64)> = None;
-    let mut scanned = ScanStatsSum::default();
-    let mut resume = 0u64;
-    let mut attempt = 0u32;
-    let mut gave_up_at: Option<Instant> = None;
-    let mut backoff = Duration::from_millis(500);
-    // Only a link that was up and then lost is ridden out: a receiver that
-    // never answered is a wrong address, port or firewall, said at once.
-    let mut ever_connected = cfg.receiver_answered;
-    let done = loop {
-        attempt += 1;
-        let hello = wire::Hello {
-            version: wire::PROTOCOL_VERSION,
-            volume: cfg.dest.name.clone(),
-            mode: Mode::Sync as i32,
-            source_size: size,
-            chunk_size: chunk.bytes() as u32,
-            chunk_size_explicit: explicit,
-            ranges: Vec::new(),
-            known: ours.as_ref().map(|m| {
-                let s = m.header().summary();
-                wire::WireSummary {
-                    volume_id: s.volume_id.to_vec(),
-                    generation: s.generation,
-                    root: s.root.to_vec(),
-                }
-            }),
-            pass_id: pass_id.to_vec(),
-            resumes: attempt > 1,
-        };
-        let mut connected = false;
-        let outcome = async {
-            let mut session =
-                open_session(id, &cfg.dest, &cfg.server_fingerprint, &cfg.tuning, hello)
-                    .await
-                    .map_err(|error| Interrupted {
-                        error,
-                        resume_at: resume,
-                    })?;
-            connected = true;
-            let at = |error| Interrupted {
-                error,
-                resume_at: resume,
-            };
-            let checked = check_not_cut_over(cfg, &journal, &records, &session.welcome)
-                .and_then(|()| record_source(cfg, &dir));
-            if let Err(e) = checked {
-                transport::close_session(
-                    &session.endpoint,
-                    &session.conn,
-                    b"pass refused by the sender",
-                )
-                .await;
-                return Err(at(e));
-            }
-            let agreed = ChunkSize::new(u64::from(session.welcome.chunk_size)).map_err(|e| {
-                at(Error::Peer(format!(
-                    "receiver chose an invalid chunk size: {e}"
-                )))
-            })?;
-            let geometry =
-                Geometry::new(size, agreed).map_err(|e| at(Error::input(e.to_string())))?;
-            if let Some((s, _, _)) = &started {
-                if s.chunk_size != agreed.bytes() {
-                    return Err(at(Error::Peer(
-                        "receiver changed the chunk size between attempts".into(),
-                    )));
-                }
-            }
-            let theirs = parse_summary(session.welcome.summary.clone()).map_err(at)?;
-            // Reconcile: trust our view only when it is exactly the receiver's.
-            let agree = ours
-                .as_ref()
-                .is_some_and(|m| m.geometry() == geometry && m.header().summary() == theirs);
-            if !agree {
-                // Rebuilt in a fresh manifest, committed only once the root
-                // checks out: until then its header claims nothing.
-                drop(ours.take());
-                // Writing a large table takes a while (512 MiB per TiB):
-                // off the async workers, with heartbeats so the receiver
-                // does not take the silence for a sender gone.
-                let create = {
-                    let (mpath, id) = (mpath.clone(), theirs.volume_id);
-                    tokio::task::spawn_blocking(move || {
-                        ManifestFile::create(&mpath, geometry, id, Fill::Unknown)
-                    })
-                };
-                let mut m = transport::with_heartbeats(&mut session.send, create)
-                    .await
-                    .map_err(at)?
-                    .map_err(|_| at(Error::Io("manifest task failed".into())))?
-                    .map_err(at)?;
-                let root = fetch_table(&mut session, &mut m).await.map_err(at)?;
-                if root != theirs.root {
-                    return Err(at(Error::Peer(
-                        "the receiver's manifest does not match its own root hash".into(),
-                    )));
-                }
-                m.commit(theirs.generation, theirs.root).map_err(at)?;
-                ours = Some(m);
-            }
-            if started.is_none() {
-                let start = PassStart {
-                    volume: cfg.dest.to_string(),
-                    pass: pass_no,
-                    size_bytes: size,
-                    chunk_size: agreed.bytes(),
-                };
-                progress.pass_start(&start);
-                started = Some((start, Instant::now(), now_unix()));
-                collected = collect.then(|| {
-                    Arc::new(Mutex::new(vec![
-                        0u8;
-                        geometry.chunk_count() as usize
-                            * manifest::ENTRY_LEN
-                    ]))
-                });
-            }
-            let m = ours.take().expect("set above");
-            let shared = Arc::new(Mutex::new(m));
-            let r = stream_pass(
-                cfg,
-                session,
-                geometry,
-                resume,
-                shared.clone(),
-                collected.clone(),
-                counters.clone(),
-                pacer.clone(),
-                progress.clone(),
-                &mut scanned,
-            )
-            .await;
-            ours = Some(
-                Arc::try_unwrap(shared)
-                    .map_err(|_| at(Error::Io("manifest still shared after the pass".into())))?
-                    .into_inner()
-                    .expect("not poisoned"),
-            );
-            r
-        }
-        .await;
-        ever_connected |= connected;
-        match outcome {
-            Ok(done) => break done,
-            Err(i) if !ever_connected => return Err(i.error),
-            Err(Interrupted {
-                error: Error::Network(msg),
-                resume_at,
-            }) if !cfg.retry_for.is_zero() => {
-                // --retry-for bounds each outage: a session that was
-                // established ended the previous one.
-                if connected {
-                    gave_up_at = None;
-                    backoff = Duration::from_millis(500);
-                }
-                let limit = *gave_up_at.get_or_insert_with(|| Instant::now() + cfg.retry_for);
-                if Instant::now() >= limit {
-                    return Err(Error::Network(format!(
-                        "gave up after waiting {} s for the receiver at {} (--retry-for): {msg}",
-                        cfg.retry_for.as_secs(),
-                        cfg.dest.host_port
-                    )));
-                }
-                resume = resume_at;
-                progress.note(&format!(
-                    "link to {} lost ({msg}); reconnecting in {:.1} s, then resuming the pass at chunk {resume}",
-                    cfg.dest.host_port,
-                    backoff.as_secs_f64()
-                ));
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(15));
-            }
-            Err(i) => return Err(i.error),
-        }
-    };
-    let (start, began, start_unix) = started.expect("a pass that ended had started");
-    let root = done.root;
-    let chunk = start.chunk_size;
-    let sent_chunks = counters.chunks.load(Ordering::Relaxed);
-    let duration_s = began.elapsed().as_secs_f64();
-    let changed_bytes = counters.changed_bytes.load(Ordering::Relaxed);
-    let record = SenderRecord::Pass(PassRecord {
-        kind: cfg.kind.to_string(),
-        source: cfg.source.display().to_string(),
-        volume: cfg.dest.to_string(),
-        pass: pass_no,
-        first: pass_no == 1,
-        proof_read: Some(cfg.proof_read),
-        attempts: Some(attempt),
-        start_unix_s: start_unix,
-        duration_s,
-        size_bytes: size,
-        chunk_size: chunk,
-        scanned_bytes: scanned.bytes,
-        read_busy_s: scanned.busy_s,
-        changed_chunks: sent_chunks,
-        changed_bytes,
-        sent_bytes: counters.sent_bytes.load(Ordering::Relaxed),
-        zero_chunks: counters.zero_chunks.load(Ordering::Relaxed),
-        read_rate_bps: scanned.bytes as f64 / scanned.busy_s.max(1e-6),
-        send_rate_bps: counters.sent_bytes.load(Ordering::Relaxed) as f64 / duration_s.max(1e-6),
-        root: manifest::to_hex(&root),
-    });
-    journal.append(&record)?;
-    records.push(record);
-    let forecast = plan::forecast(&journal::figures(&records), now_unix()).map(|f| f.total_s);
-    let end = PassEnd {
-        start,
-        scanned_bytes: scanned.bytes,
-        changed_chunks: sent_chunks,
-        changed_bytes,
-        sent_bytes: counters.sent_bytes.load(Ordering::Relaxed),
-        zero_chunks: counters.zero_chunks.load(Ordering::Relaxed),
-        duration_s,
-        forecast_final_pass_s: forecast,
-        root: manifest::to_hex(&root),
-    };
-    progress.pass_end(&end);
-    let table = collected.map(|t| std::mem::take(&mut *t.lock().expect("not poisoned")));
-    Ok((end, table))
+    })
+}
+
+/// The chunk size to propose, and whether the operator chose it: a volume
+/// keeps the chunk size of its first pass.
+fn chunk_size(cfg: &SyncConfig, ours: Option<&ManifestFile>) -> Result<(ChunkSize, bool)> {
+    let have = ours.map(|m| m.geometry().chunk_size());
+    match (cfg.chunk_size, have) {
+        (Some(c), Some(h)) if c != h => Err(Error::input(format!(
+            "{} was first copied with chunk size {h}; a pass with chunk size {c} would re-chunk it. Drop --chunk-size to keep {h}",
+            cfg.dest
+        ))),
+        (Some(c), _) => Ok((c, true)),
+        (None, Some(h)) => Ok((h, false)),
+        (None, None) => Ok((ChunkSize::DEFAULT, false)),
+    }
 }
 
 /// Reader figures summed over the attempts of a pass.

@@ -5,20 +5,7 @@
 use super::*;
 
 pub(super) fn parse_summary(w: Option<wire::WireSummary>) -> Result<Summary> {
-    let w = w.ok_or_else(|| Error::Peer("receiver sent no manifest summary".into()))?;
-    Ok(Summary {
-        volume_id: w
-            .volume_id
-            .as_slice()
-            .try_into()
-            .map_err(|_| Error::Peer("receiver sent a volume id of the wrong length".into()))?,
-        generation: w.generation,
-        root: w
-            .root
-            .as_slice()
-            .try_into()
-            .map_err(|_| Error::Peer("receiver sent a root hash of the wrong length".into()))?,
-    })
+    Ok(tx::parse_summary(w)?)
 }
 
 /// A connected, accepted session.
@@ -52,23 +39,18 @@ pub async fn open_session(
             .await
             .map_err(|e| transport::explain(&e, addr, &our_fp))?;
         transport::send_control(&mut send, Msg::Hello(hello)).await?;
-        match transport::recv_control(&mut recv).await? {
-            Some(Msg::Welcome(w)) => {
-                if w.version != wire::PROTOCOL_VERSION {
-                    return Err(Error::input(format!(
-                        "receiver at {dest} speaks protocol version {}, this sender {}",
-                        w.version,
-                        wire::PROTOCOL_VERSION
-                    )));
-                }
-                Ok((send, recv, w))
-            }
+        let Some(answer) = transport::recv_control(&mut recv).await? else {
+            return Err(Error::Network(format!(
+                "receiver at {} closed the session without an answer",
+                dest.host_port
+            )));
+        };
+        match tx::handle_answer(answer) {
+            Ok(w) => Ok((send, recv, w)),
             // The code decides the exit status: the receiver failing to
             // read or write its own disk is a runtime failure (exit 3),
             // every other refusal bad input (2).
-            Some(Msg::Refusal(r)) => {
-                let code =
-                    wire::RefuseCode::try_from(r.code).unwrap_or(wire::RefuseCode::Unspecified);
+            Err(SessionError::Refused { code, message }) => {
                 let verb = if code == wire::RefuseCode::Io {
                     "failed"
                 } else {
@@ -76,17 +58,10 @@ pub async fn open_session(
                 };
                 Err(Error::Refused {
                     code,
-                    message: format!("receiver at {} {verb}: {}", dest.host_port, r.message),
+                    message: format!("receiver at {} {verb}: {message}", dest.host_port),
                 })
             }
-            Some(other) => Err(Error::Peer(format!(
-                "receiver answered the hello with a {}",
-                msg_name(&other)
-            ))),
-            None => Err(Error::Network(format!(
-                "receiver at {} closed the session without an answer",
-                dest.host_port
-            ))),
+            Err(e) => Err(e.into()),
         }
     };
     match attempt.await {
@@ -151,45 +126,30 @@ pub async fn preflight(cfg: &SyncConfig, id: &Identity) -> Result<wire::Welcome>
 }
 
 /// Fetches the receiver's manifest table into `into` (whose geometry it
-/// must have), piece by piece, and returns the root of what arrived.
-pub(super) async fn fetch_table(s: &mut Session, into: &mut ManifestFile) -> Result<Hash> {
-    transport::send_control(&mut s.send, Msg::ManifestRequest(wire::ManifestRequest {})).await?;
-    let geometry = into.geometry();
-    let mut root = manifest::RootHasher::new(&geometry);
-    let mut next = 0u64;
+/// must have), piece by piece, checked in order and against the root the
+/// receiver announced (`theirs`) by [`TableFetch`].
+pub(super) async fn fetch_table(
+    s: &mut Session,
+    into: &mut ManifestFile,
+    theirs: &Summary,
+) -> Result<()> {
+    transport::send_control(&mut s.send, TableFetch::request()).await?;
+    let mut fetch = TableFetch::new(&into.geometry(), theirs);
     loop {
-        match transport::recv_control(&mut s.recv).await? {
-            Some(Msg::ManifestPart(run)) => {
-                let n = (run.hashes.len() / manifest::ENTRY_LEN) as u64;
-                let whole = run.hashes.len() % manifest::ENTRY_LEN == 0;
-                if !whole || run.first != next || next + n > geometry.chunk_count() {
-                    return Err(Error::Peer(
-                        "receiver sent a manifest part out of order or outside the volume".into(),
-                    ));
-                }
-                into.set_run(next, &run.hashes);
-                root.update(&run.hashes);
-                next += n;
-                if run.last {
-                    if next != geometry.chunk_count() {
-                        return Err(Error::Peer(format!(
-                            "receiver's manifest ended after {next} of {} entries",
-                            geometry.chunk_count()
-                        )));
-                    }
-                    return Ok(root.finalize());
-                }
-            }
-            Some(other) => {
-                return Err(Error::Peer(format!(
-                    "expected a manifest part, got a {}",
-                    msg_name(&other)
-                )))
-            }
-            None => {
-                return Err(Error::Network(
-                    "receiver closed the session during the manifest exchange".into(),
-                ))
+        let Some(msg) = transport::recv_control(&mut s.recv).await? else {
+            return Err(Error::Network(
+                "receiver closed the session during the manifest exchange".into(),
+            ));
+        };
+        let hashes = match &msg {
+            Msg::ManifestPart(run) => run.hashes.clone(),
+            _ => Bytes::new(),
+        };
+        match fetch.handle(msg)? {
+            Fetched::Part { first } => into.set_run(first, &hashes),
+            Fetched::Complete { first } => {
+                into.set_run(first, &hashes);
+                return Ok(());
             }
         }
     }

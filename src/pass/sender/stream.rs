@@ -8,14 +8,8 @@ use super::*;
 
 /// One chunk leaving on a data stream.
 pub(super) struct Outgoing {
-    index: u64,
-    hash: Hash,
-    encoding: Encoding,
-    len: u32,
-    /// Bitmap of the blocks in a patch's payload.
-    blocks: Vec<u8>,
-    payload: Bytes,
-    /// A probe's chunk bytes, held (see [`Probes`]) until the chunk is acknowledged.
+    chunk: OutChunk,
+    /// A probe's chunk bytes, held by the session until the chunk is acknowledged.
     keep: Option<Bytes>,
     /// The payload is a slice of a whole read block.
     in_block: bool,
@@ -24,140 +18,58 @@ pub(super) struct Outgoing {
 impl Outgoing {
     /// A chunk frame with no patch bitmap, nothing held, and a payload of its own.
     fn new(index: u64, hash: Hash, encoding: Encoding, len: u32, payload: Bytes) -> Outgoing {
-        Outgoing {
+        Outgoing::from(OutChunk {
             index,
             hash,
             encoding,
             len,
             blocks: Vec::new(),
             payload,
+        })
+    }
+}
+
+impl From<OutChunk> for Outgoing {
+    fn from(chunk: OutChunk) -> Outgoing {
+        Outgoing {
+            chunk,
             keep: None,
             in_block: false,
         }
     }
 }
 
-/// Chunks sent as probes (block hints; see [`Encoding::Probe`]) whose bytes
-/// wait for the receiver's answer.
-///
-/// Delta transfer below the chunk: after scattered small writes, most of a
-/// changed 64 KiB chunk is still what the target holds. For a chunk the
-/// target is known to hold a version of, the sender sends a hint of each
-/// 4 KiB block; the receiver compares them with its own copy and asks
-/// ([`wire::Need`]) for the blocks that differ; the sender sends them as a
-/// patch, which the receiver writes only if the patched chunk matches the
-/// chunk's full hash. The bytes of every probed chunk are held until it is
-/// acknowledged (the receiver may ask again for the whole chunk), bounded by
-/// `budget`. There is still no round trip in the pipeline: probes, patches
-/// and whole chunks all flow at once.
-pub(super) struct Probes {
-    /// The volume's chunk size, and the hash of a chunk of zeros.
-    chunk: usize,
-    zero: Hash,
-    held: Mutex<HashMap<u64, (Bytes, tokio::sync::OwnedSemaphorePermit)>>,
-    budget: Arc<tokio::sync::Semaphore>,
-    permits: u32,
-    /// Where patches leave; `None` once every probe is answered.
-    patches: Mutex<Option<mpsc::UnboundedSender<Outgoing>>>,
-    /// Blocks probed, and blocks the receiver asked for.
-    probed_blocks: AtomicU64,
-    needed_blocks: AtomicU64,
-    probes: AtomicU64,
-}
-
 /// Bytes of probed chunks held at once.
 pub(super) const PROBE_BUDGET: u64 = 64 << 20;
 
-impl Probes {
-    fn new(chunk: u64, patches: mpsc::UnboundedSender<Outgoing>) -> Probes {
+/// The attempt's session ([`SendSession`]: the ledger, the probes held, the
+/// Finish count) and the budget that bounds the bytes of probed chunks it
+/// holds while they wait for the receiver's answer and acknowledgement.
+pub(super) struct Shared {
+    session: Mutex<SendSession>,
+    budget: tokio::sync::Semaphore,
+    permits: u32,
+    /// Where the answers to probes leave; `None` once every probe is answered.
+    patches: Mutex<Option<mpsc::UnboundedSender<Outgoing>>>,
+}
+
+impl Shared {
+    fn new(session: SendSession, chunk: u64, patches: mpsc::UnboundedSender<Outgoing>) -> Shared {
         let permits = (PROBE_BUDGET / chunk).clamp(4, 4096) as u32;
-        Probes {
-            chunk: chunk as usize,
-            zero: manifest::zero_hash(chunk as usize),
-            held: Mutex::default(),
-            budget: Arc::new(tokio::sync::Semaphore::new(permits as usize)),
+        Shared {
+            session: Mutex::new(session),
+            budget: tokio::sync::Semaphore::new(permits as usize),
             permits,
             patches: Mutex::new(Some(patches)),
-            probed_blocks: AtomicU64::new(0),
-            needed_blocks: AtomicU64::new(0),
-            probes: AtomicU64::new(0),
         }
     }
 
-    /// Whether to probe a changed chunk of `len` bytes the target holds a
-    /// version of (`known`, a hash the target's manifest records; not the
-    /// zero chunk's, whose blocks the sender knows are zeros: such a chunk
-    /// compresses to about its data anyway): whole chunks (not a short last
-    /// one) of 4 blocks or more, up to 4 MiB; and while the receiver keeps
-    /// asking for more than 3/4 of the blocks probed (whole chunks
-    /// rewritten), only one chunk in 16, to notice when that changes.
-    fn worth(&self, known: &Hash, len: usize) -> bool {
-        if *known == manifest::UNKNOWN
-            || *known == self.zero
-            || len != self.chunk
-            || !(4 * wire::BLOCK..=4 << 20).contains(&len)
-        {
-            return false;
-        }
-        let probed = self.probed_blocks.load(Ordering::Relaxed);
-        let needed = self.needed_blocks.load(Ordering::Relaxed);
-        if probed >= 1024 && needed * 4 > probed * 3 {
-            return self
-                .probes
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(16);
-        }
-        self.probes.fetch_add(1, Ordering::Relaxed);
-        true
+    fn session(&self) -> std::sync::MutexGuard<'_, SendSession> {
+        self.session.lock().expect("not poisoned")
     }
 
-    /// Answers the receiver's [`wire::Need`]: queues the patch (or the whole
-    /// chunk, when every block is wanted).
-    fn answer(&self, need: wire::Need, hash_of: impl Fn(u64) -> Option<Hash>) -> Result<()> {
-        let data = self
-            .held
-            .lock()
-            .expect("not poisoned")
-            .get(&need.index)
-            .map(|(d, _)| d.clone());
-        let (Some(data), Some(hash)) = (data, hash_of(need.index)) else {
-            return Err(Error::Peer(format!(
-                "receiver asked for blocks of chunk {}, which was not probed",
-                need.index
-            )));
-        };
-        let n = wire::blocks_in(data.len());
-        if need.blocks.len() != n.div_ceil(8) {
-            return Err(Error::Peer(format!(
-                "receiver asked for blocks of chunk {} with a bitmap of {} bytes (expected {})",
-                need.index,
-                need.blocks.len(),
-                n.div_ceil(8)
-            )));
-        }
-        let wanted = wire::named_blocks(&need.blocks, n).count();
-        self.probed_blocks.fetch_add(n as u64, Ordering::Relaxed);
-        self.needed_blocks
-            .fetch_add(wanted as u64, Ordering::Relaxed);
-        let len = data.len() as u32;
-        let out = if wanted == n {
-            Outgoing::new(need.index, hash, Encoding::Raw, len, data)
-        } else {
-            let payload = nightpass_proto::patch::payload(&data, &need.blocks);
-            Outgoing {
-                blocks: need.blocks,
-                ..Outgoing::new(need.index, hash, Encoding::Patch, len, Bytes::from(payload))
-            }
-        };
-        match &*self.patches.lock().expect("not poisoned") {
-            Some(tx) => tx
-                .send(out)
-                .map_err(|_| Error::Network("the patch stream ended".into())),
-            None => Err(Error::Peer(format!(
-                "receiver asked for blocks of chunk {} after every probe was answered",
-                need.index
-            ))),
-        }
+    fn resume_point(&self) -> u64 {
+        self.session().resume_point()
     }
 }
 
@@ -176,16 +88,18 @@ pub(super) struct Counters {
 /// Paces payload bytes to a rate.
 pub(super) struct Pacer {
     limit: u64,
-    start: Instant,
+    /// When the first payload was paced: time spent connecting before it
+    /// earns no credit.
+    start: std::sync::OnceLock<Instant>,
     sent: Mutex<u64>,
 }
 
 impl Pacer {
-    /// A pacer of `limit` payload bytes per second, starting now.
+    /// A pacer of `limit` payload bytes per second, from its first payload.
     pub(super) fn new(limit: u64) -> Pacer {
         Pacer {
             limit,
-            start: Instant::now(),
+            start: std::sync::OnceLock::new(),
             sent: Mutex::new(0),
         }
     }
@@ -196,7 +110,7 @@ impl Pacer {
             *s += n;
             Duration::from_secs_f64(*s as f64 / self.limit as f64)
         };
-        let el = self.start.elapsed();
+        let el = self.start.get_or_init(Instant::now).elapsed();
         if due > el {
             tokio::time::sleep(due - el).await;
         }
@@ -207,42 +121,47 @@ thread_local! {
     static POLICY: RefCell<CompressPolicy> = RefCell::new(CompressPolicy::new());
 }
 
-/// Decides what to send for a scanned chunk; runs on the hashing threads.
-/// `in_block`: the chunk's bytes are a slice of a whole read block;
-/// `probes`: where a changed chunk that is not all zeros may go as block
-/// hints first (see [`Probes`]).
+/// Decides what to send for a scanned chunk ([`SendSession::plan`]); runs
+/// on the hashing threads. `in_block`: the chunk's bytes are a slice of a
+/// whole read block. A probe carries block hints and keeps the chunk's
+/// bytes for the patch to come.
 pub(super) fn plan_chunk(
     s: Scanned,
     known: &Hash,
     in_block: bool,
-    probes: &Probes,
+    shared: &Shared,
 ) -> Option<Outgoing> {
     if *known == s.hash {
         return None;
     }
     let len = s.data.len() as u32;
-    if s.zero {
-        return Some(Outgoing::new(
-            s.index,
-            s.hash,
-            Encoding::Zero,
-            len,
-            Bytes::new(),
-        ));
-    }
-    if probes.worth(known, s.data.len()) {
-        let hints = nightpass_proto::patch::hints(&s.data);
-        // Held apart from the read block (which can then be freed).
-        let keep = if in_block {
-            Bytes::copy_from_slice(&s.data)
-        } else {
-            s.data
-        };
-        return Some(Outgoing {
-            keep: Some(keep),
-            ..Outgoing::new(s.index, s.hash, Encoding::Probe, len, Bytes::from(hints))
-        });
-    }
+    let plan = shared.session().plan(&s.hash, known, s.zero, s.data.len());
+    let encoding = match plan {
+        Plan::Skip => return None,
+        Plan::Zero => {
+            return Some(Outgoing::new(
+                s.index,
+                s.hash,
+                Encoding::Zero,
+                len,
+                Bytes::new(),
+            ))
+        }
+        Plan::Probe => {
+            let hints = nightpass_proto::patch::hints(&s.data);
+            // Held apart from the read block (which can then be freed).
+            let keep = if in_block {
+                Bytes::copy_from_slice(&s.data)
+            } else {
+                s.data
+            };
+            return Some(Outgoing {
+                keep: Some(keep),
+                ..Outgoing::new(s.index, s.hash, Encoding::Probe, len, Bytes::from(hints))
+            });
+        }
+        Plan::Whole => Encoding::Raw,
+    };
     let compressed = POLICY.with(|p| {
         let mut p = p.borrow_mut();
         if !p.should_try() {
@@ -256,48 +175,52 @@ pub(super) fn plan_chunk(
         Some(c) => Outgoing::new(s.index, s.hash, Encoding::Zstd, len, Bytes::from(c)),
         None => Outgoing {
             in_block,
-            ..Outgoing::new(s.index, s.hash, Encoding::Raw, len, s.data)
+            ..Outgoing::new(s.index, s.hash, encoding, len, s.data)
         },
     })
 }
 
+/// Reads the control stream during the pass: acknowledgements recorded in
+/// our manifest, probes answered, until the receiver's Done.
 pub(super) async fn ack_loop(
     mut recv: quinn::RecvStream,
     ours: Arc<Mutex<ManifestFile>>,
-    ledger: Arc<Mutex<SendLedger>>,
-    probes: Arc<Probes>,
+    shared: Arc<Shared>,
 ) -> Result<Summary> {
     loop {
-        match transport::recv_control(&mut recv).await? {
-            Some(Msg::Ack(a)) => {
+        let Some(msg) = transport::recv_control(&mut recv).await? else {
+            return Err(Error::Network(
+                "receiver closed the control stream before the end of the pass".into(),
+            ));
+        };
+        let event = shared.session().handle_control(msg).map_err(|e| match e {
+            // The receiver's own failure (its disk): a runtime failure.
+            SessionError::Stopped(m) => Error::Io(m),
+            e => Error::from(e),
+        })?;
+        match event {
+            SendEvent::Nothing => {}
+            SendEvent::Acked {
+                entries,
+                released_probes,
+            } => {
                 let mut m = ours.lock().expect("not poisoned");
-                let mut ledger = ledger.lock().expect("not poisoned");
-                let mut held = probes.held.lock().expect("not poisoned");
-                for i in a.indices {
-                    let h = ledger
-                        .handle_ack(i)
-                        .map_err(|e| Error::Peer(e.to_string()))?;
+                for (i, h) in entries {
                     m.set(i, &h);
-                    held.remove(&i);
                 }
+                shared.budget.add_permits(released_probes);
             }
-            Some(Msg::Need(n)) => {
-                probes.answer(n, |i| ledger.lock().expect("not poisoned").hash_of(i))?
-            }
-            Some(Msg::Done(d)) => return parse_summary(d.summary),
-            Some(Msg::Heartbeat(_)) => {}
-            Some(Msg::Failure(f)) => return Err(Error::Io(f.message)),
-            Some(other) => {
-                return Err(Error::Peer(format!(
-                    "unexpected {} during the pass",
-                    msg_name(&other)
-                )))
-            }
-            None => {
-                return Err(Error::Network(
-                    "receiver closed the control stream before the end of the pass".into(),
-                ))
-            }
+            SendEvent::Send(out) => match &*shared.patches.lock().expect("not poisoned") {
+                Some(tx) => tx
+                    .send(Outgoing::from(out))
+                    .map_err(|_| Error::Network("the patch stream ended".into()))?,
+                None => {
+                    return Err(Error::Peer(
+                        "the receiver asked for a patch after the pass ended".into(),
+                    ))
+                }
+            },
+            SendEvent::Done(summary) => return Ok(summary),
         }
     }
 }
@@ -330,6 +253,7 @@ pub(super) async fn stream_task(
             Error::Network(format!("cannot open a data stream: {e}"))
         })?));
     while let Some(o) = rx.recv().await {
+        let o = o.chunk;
         if let Some(p) = &pacer {
             p.pace(o.payload.len() as u64).await;
         }
@@ -445,213 +369,65 @@ pub(super) async fn heartbeats(send: &mut quinn::SendStream, mut stop: oneshot::
     }
 }
 
+/// What the attempts of one pass share: counters, the bandwidth limit,
+/// progress, and (for a cutover's proof) the table of every chunk's hash
+/// as read.
+pub(super) struct PassShared {
+    pub(super) counters: Arc<Counters>,
+    pub(super) pacer: Option<Arc<Pacer>>,
+    pub(super) progress: Arc<dyn Progress>,
+    pub(super) collected: Option<Arc<Mutex<Vec<u8>>>>,
+}
+
+/// Read blocks of chunks: at least 4 MiB each.
+fn chunks_per_block(geometry: &Geometry) -> u64 {
+    (geometry.chunk_size().bytes().max(4 << 20) / geometry.chunk_size().bytes()).max(1)
+}
+
 /// Streams chunks `resume..` of one attempt and ends the pass with the
 /// receiver; on failure, says where a new attempt must resume.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn stream_pass(
     cfg: &SyncConfig,
-    session: Session,
+    wire: Session,
     geometry: Geometry,
     resume: u64,
     ours: Arc<Mutex<ManifestFile>>,
-    collected: Option<Arc<Mutex<Vec<u8>>>>,
-    counters: Arc<Counters>,
-    pacer: Option<Arc<Pacer>>,
-    progress: Arc<dyn Progress>,
+    pass: &PassShared,
     scanned: &mut ScanStatsSum,
 ) -> std::result::Result<AttemptDone, Interrupted> {
-    let source = cfg.read_from.clone().unwrap_or_else(|| cfg.source.clone());
-    let vol = Arc::new(
-        Volume::open_source_reader(&source, cfg.scan.read_mode()).map_err(|error| Interrupted {
+    let (patch_tx, patch_rx) = mpsc::unbounded_channel::<Outgoing>();
+    let session = SendSession::new(&geometry, resume, chunks_per_block(&geometry));
+    let shared = Arc::new(Shared::new(
+        session,
+        geometry.chunk_size().bytes(),
+        patch_tx,
+    ));
+    let mut scan =
+        start_scan(cfg, geometry, resume, &ours, pass, &shared).map_err(|error| Interrupted {
             error,
             resume_at: resume,
-        })?,
-    );
-    let chunks_per_block =
-        (geometry.chunk_size().bytes().max(4 << 20) / geometry.chunk_size().bytes()).max(1);
-    let sink = collected.clone();
-    // Compared with our live table (what the target is known to hold,
-    // acks included), not a copy: a copy would cost 32 bytes per chunk of
-    // memory (512 MiB for 1 TiB at 64 KiB chunks). Each chunk is scanned
-    // once per attempt, so acks of this attempt never touch an entry before
-    // its comparison.
-    let scan_known = ours.clone();
-    let (patch_tx, patch_rx) = mpsc::unbounded_channel::<Outgoing>();
-    let probes = Arc::new(Probes::new(geometry.chunk_size().bytes(), patch_tx));
-    let scan_probes = probes.clone();
-    let mut scan = hash::scan(
-        vol,
-        geometry,
-        resume,
-        cfg.scan.clone(),
-        move |s| {
-            let known = scan_known.lock().expect("not poisoned").entry(s.index);
-            // A chunk to send needs bytes of its own, hashed as they are sent.
-            let in_block = !s.mapped;
-            let s = if s.hash == known { s } else { s.stable() };
-            if let Some(t) = &sink {
-                manifest::set_entry(&mut t.lock().expect("not poisoned"), s.index, &s.hash);
-            }
-            plan_chunk(s, &known, in_block, &scan_probes)
-        },
-        progress.clone(),
-    );
+        })?;
     let Session {
         endpoint,
         conn,
         mut send,
         recv,
         ..
-    } = session;
-    let ledger = Arc::new(Mutex::new(SendLedger::new(
-        resume,
-        chunks_per_block,
-        geometry.chunk_count(),
-    )));
-    let resume_at =
-        |ledger: &Mutex<SendLedger>| ledger.lock().expect("not poisoned").resume_point();
+    } = wire;
     // Holds a clone of `ours`: every exit path below must have it finished
     // (awaited, not only aborted) so the caller gets the manifest back.
-    let mut ack_task = tokio::spawn(ack_loop(recv, ours.clone(), ledger.clone(), probes.clone()));
-    let mut ack_finished = false;
-    let streams = cfg.streams.max(1);
-    let chunks_before = counters.chunks.load(Ordering::Relaxed);
-    let dispatch = async {
-        let mut txs = Vec::new();
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..streams {
-            let (tx, rx) = mpsc::channel::<Outgoing>(8);
-            txs.push(tx);
-            tasks.spawn(stream_task(
-                conn.clone(),
-                ChunkQueue::Scan(rx),
-                counters.clone(),
-                pacer.clone(),
-                progress.clone(),
-            ));
-        }
-        let mut patch_task = tokio::spawn(stream_task(
-            conn.clone(),
-            ChunkQueue::Patches(patch_rx),
-            counters.clone(),
-            pacer.clone(),
-            progress.clone(),
-        ));
-        // Should this future be dropped (the receiver ended the session
-        // first), the patch stream stops too, like the JoinSet's streams.
-        let _stop_patches = AbortOnDrop(patch_task.abort_handle());
-        let mut next = 0usize;
-        let mut failed: Option<Error> = None;
-        'blocks: while let Some(block) = scan.rx.recv().await {
-            let block = match block {
-                Ok(b) => b,
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            };
-            // A raw payload is a slice of its whole read block; when few chunks
-            // of a block changed, copy them out so the block can be freed
-            // instead of waiting in send queues (bounds the sender's memory).
-            let sparse = (block.items.len() as u64) * 2 < chunks_per_block;
-            for mut o in block.items {
-                if sparse && o.in_block {
-                    o.payload = Bytes::copy_from_slice(&o.payload);
-                }
-                if let Some(keep) = o.keep.take() {
-                    let Ok(permit) = probes.budget.clone().acquire_owned().await else {
-                        break 'blocks;
-                    };
-                    probes
-                        .held
-                        .lock()
-                        .expect("not poisoned")
-                        .insert(o.index, (keep, permit));
-                }
-                ledger
-                    .lock()
-                    .expect("not poisoned")
-                    .handle_sent(o.index, o.hash);
-                if txs[next % streams].send(o).await.is_err() {
-                    break 'blocks;
-                }
-                next += 1;
-            }
-            ledger
-                .lock()
-                .expect("not poisoned")
-                .handle_block_handed(block.seq);
-        }
-        drop(txs);
-        if failed.is_some() {
-            // Stop sending: what is queued would only delay the receiver
-            // hearing of the failure (see `give_up`).
-            tasks.abort_all();
-            patch_task.abort();
-        }
-        while let Some(r) = tasks.join_next().await {
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => failed = failed.or(Some(e)),
-                Err(e) if e.is_cancelled() => {}
-                Err(_) => {
-                    failed = failed.or(Some(Error::Network("a data stream task failed".into())))
-                }
-            }
-        }
-        if failed.is_none() {
-            // Every probe answered and its chunk acknowledged: every permit
-            // is back. Then the patch stream may end.
-            tokio::select! {
-                r = probes.budget.acquire_many(probes.permits) => {
-                    if r.is_err() {
-                        failed = Some(Error::Io("probe budget closed".into()));
-                    }
-                }
-                r = &mut patch_task => {
-                    failed = Some(match r {
-                        Ok(Err(e)) => e,
-                        _ => Error::Network("the patch stream ended early".into()),
-                    });
-                }
-            }
-        }
-        probes.patches.lock().expect("not poisoned").take();
-        if !patch_task.is_finished() || failed.is_none() {
-            match patch_task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => failed = failed.or(Some(e)),
-                Err(e) if e.is_cancelled() => {}
-                Err(_) => {
-                    failed = failed.or(Some(Error::Network("the patch stream task failed".into())))
-                }
-            }
-        }
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    };
-    // Heartbeats tell the receiver the pass goes on while no control
-    // message is due (a mostly unchanged volume may send nothing for hours).
-    let (stop_heartbeats, stopped) = oneshot::channel::<()>();
-    let (dispatched, ()) = tokio::join!(
-        async {
-            let r = tokio::select! {
-                r = dispatch => r,
-                r = &mut ack_task => {
-                    ack_finished = true;
-                    Err(match r {
-                        Ok(Err(e)) => e,
-                        _ => Error::Network("receiver ended the session before the pass finished".into()),
-                    })
-                }
-            };
-            let _ = stop_heartbeats.send(());
-            r
-        },
-        heartbeats(&mut send, stopped),
+    let mut ack_task = tokio::spawn(ack_loop(recv, ours.clone(), shared.clone()));
+    let dispatch = dispatch(
+        &conn,
+        &mut scan.rx,
+        patch_rx,
+        &shared,
+        pass,
+        cfg.streams.max(1),
+        &geometry,
     );
+    let (dispatched, ack_finished) =
+        with_acks_and_heartbeats(dispatch, &mut ack_task, &mut send).await;
     // Let the reader and hashers go (finish drops the results first) and
     // count what was read.
     if let Ok(Ok(stats)) = tokio::task::spawn_blocking(move || scan.finish()).await {
@@ -667,53 +443,238 @@ pub(super) async fn stream_pass(
             ack_task.abort();
             let _ = ack_task.await;
         }
-        return Err(Interrupted {
-            error,
-            resume_at: resume_at(&ledger),
-        });
+        let resume_at = shared.resume_point();
+        return Err(Interrupted { error, resume_at });
     }
-    let sent_chunks = counters.chunks.load(Ordering::Relaxed) - chunks_before;
-    let fail = |error| Interrupted {
+    let ended = end_pass(&mut send, ack_task, &shared, &ours).await;
+    let root = ended.map_err(|error| Interrupted {
         error,
-        resume_at: resume_at(&ledger),
-    };
-    let finish = transport::send_control(
-        &mut send,
-        Msg::Finish(wire::Finish {
-            chunks_sent: sent_chunks,
-        }),
-    )
-    .await;
-    if let Err(e) = finish {
-        ack_task.abort();
-        let _ = ack_task.await;
-        return Err(fail(e));
-    }
-    let done = match ack_task.await {
-        Ok(r) => r.map_err(fail)?,
-        Err(_) => return Err(fail(Error::Network("acknowledgement task failed".into()))),
-    };
-    if !ledger.lock().expect("not poisoned").all_acked() {
-        return Err(fail(Error::Peer(
-            "the receiver ended the pass with chunks unacknowledged".into(),
-        )));
-    }
-    let root = {
-        let mut m = ours.lock().expect("not poisoned");
-        let root = m.current_root();
-        if root != done.root {
-            m.flush_table().map_err(fail)?;
-            return Err(fail(Error::Peer(format!(
-                "after the pass the receiver's manifest root {} differs from ours {}; the next pass will rebuild our view from the receiver",
-                manifest::to_hex(&done.root),
-                manifest::to_hex(&root)
-            ))));
-        }
-        m.set_volume_id(done.volume_id);
-        m.commit(done.generation, root).map_err(fail)?;
-        root
-    };
+        resume_at: shared.resume_point(),
+    })?;
     let _ = send.finish();
     transport::close_session(&endpoint, &conn, b"pass complete").await;
     Ok(AttemptDone { root })
+}
+
+/// Runs `dispatch` while the acknowledgements task reads the receiver's
+/// answers and heartbeats tell the receiver the pass goes on while no
+/// control message is due (a mostly unchanged volume may send nothing for
+/// hours). Returns how the dispatch ended, and whether the acknowledgements
+/// task ended first (the receiver ended the session).
+async fn with_acks_and_heartbeats(
+    dispatch: impl std::future::Future<Output = Result<()>>,
+    ack_task: &mut tokio::task::JoinHandle<Result<Summary>>,
+    send: &mut quinn::SendStream,
+) -> (Result<()>, bool) {
+    let mut ack_finished = false;
+    let (stop_heartbeats, stopped) = oneshot::channel::<()>();
+    let (dispatched, ()) = tokio::join!(
+        async {
+            let r = tokio::select! {
+                r = dispatch => r,
+                r = &mut *ack_task => {
+                    ack_finished = true;
+                    Err(match r {
+                        Ok(Err(e)) => e,
+                        _ => Error::Network("receiver ended the session before the pass finished".into()),
+                    })
+                }
+            };
+            let _ = stop_heartbeats.send(());
+            r
+        },
+        heartbeats(send, stopped),
+    );
+    (dispatched, ack_finished)
+}
+
+/// Starts reading and hashing chunks `resume..`, each planned against our
+/// live table (what the target is known to hold, acks included).
+fn start_scan(
+    cfg: &SyncConfig,
+    geometry: Geometry,
+    resume: u64,
+    ours: &Arc<Mutex<ManifestFile>>,
+    pass: &PassShared,
+    shared: &Arc<Shared>,
+) -> Result<hash::Scan<Outgoing>> {
+    let source = cfg.read_from.clone().unwrap_or_else(|| cfg.source.clone());
+    let vol = Arc::new(Volume::open_source_reader(&source, cfg.scan.read_mode())?);
+    let sink = pass.collected.clone();
+    // Compared with our live table, not a copy: a copy would cost 32 bytes
+    // per chunk of memory (512 MiB for 1 TiB at 64 KiB chunks). Each chunk
+    // is scanned once per attempt, so acks of this attempt never touch an
+    // entry before its comparison.
+    let (scan_known, scan_shared) = (ours.clone(), shared.clone());
+    Ok(hash::scan(
+        vol,
+        geometry,
+        resume,
+        cfg.scan.clone(),
+        move |s| {
+            let known = scan_known.lock().expect("not poisoned").entry(s.index);
+            // A chunk to send needs bytes of its own, hashed as they are sent.
+            let in_block = !s.mapped;
+            let s = if s.hash == known { s } else { s.stable() };
+            if let Some(t) = &sink {
+                manifest::set_entry(&mut t.lock().expect("not poisoned"), s.index, &s.hash);
+            }
+            plan_chunk(s, &known, in_block, &scan_shared)
+        },
+        pass.progress.clone(),
+    ))
+}
+
+/// Hands every planned chunk to the data streams (round robin) and every
+/// probe's answer to the patch stream, until the scan ends and every probe
+/// is answered and acknowledged.
+async fn dispatch(
+    conn: &quinn::Connection,
+    scan: &mut mpsc::Receiver<Result<hash::Block<Outgoing>>>,
+    patch_rx: mpsc::UnboundedReceiver<Outgoing>,
+    shared: &Shared,
+    pass: &PassShared,
+    streams: usize,
+    geometry: &Geometry,
+) -> Result<()> {
+    let stream = |queue| {
+        stream_task(
+            conn.clone(),
+            queue,
+            pass.counters.clone(),
+            pass.pacer.clone(),
+            pass.progress.clone(),
+        )
+    };
+    let mut txs = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..streams {
+        let (tx, rx) = mpsc::channel::<Outgoing>(8);
+        txs.push(tx);
+        tasks.spawn(stream(ChunkQueue::Scan(rx)));
+    }
+    let mut patch_task = tokio::spawn(stream(ChunkQueue::Patches(patch_rx)));
+    // Should this future be dropped (the receiver ended the session
+    // first), the patch stream stops too, like the JoinSet's streams.
+    let _stop_patches = AbortOnDrop(patch_task.abort_handle());
+    let mut failed = hand_blocks(scan, &txs, shared, chunks_per_block(geometry))
+        .await
+        .err();
+    drop(txs);
+    if failed.is_some() {
+        // Stop sending: what is queued would only delay the receiver
+        // hearing of the failure (see `give_up`).
+        tasks.abort_all();
+        patch_task.abort();
+    }
+    while let Some(r) = tasks.join_next().await {
+        failed = failed.or(joined(r, "a data stream task failed"));
+    }
+    if failed.is_none() {
+        failed = answer_every_probe(shared, &mut patch_task).await.err();
+    }
+    shared.patches.lock().expect("not poisoned").take();
+    if !patch_task.is_finished() || failed.is_none() {
+        failed = failed.or(joined(patch_task.await, "the patch stream task failed"));
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+/// The error of a finished stream task, if it failed (not when cancelled).
+fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>, what: &str) -> Option<Error> {
+    match r {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(e) if e.is_cancelled() => None,
+        Err(_) => Some(Error::Network(what.into())),
+    }
+}
+
+/// Hands the scan's blocks to the streams, recording each chunk in the
+/// session as it goes. A raw payload is a slice of its whole read block;
+/// when few chunks of a block changed, they are copied out so the block
+/// can be freed instead of waiting in send queues (bounds the sender's
+/// memory). A probe waits for room in the probe budget.
+async fn hand_blocks(
+    scan: &mut mpsc::Receiver<Result<hash::Block<Outgoing>>>,
+    txs: &[mpsc::Sender<Outgoing>],
+    shared: &Shared,
+    chunks_per_block: u64,
+) -> Result<()> {
+    let mut next = 0usize;
+    while let Some(block) = scan.recv().await {
+        let block = block?;
+        let sparse = (block.items.len() as u64) * 2 < chunks_per_block;
+        for mut o in block.items {
+            if sparse && o.in_block {
+                o.chunk.payload = Bytes::copy_from_slice(&o.chunk.payload);
+            }
+            let keep = o.keep.take();
+            if keep.is_some() {
+                let Ok(permit) = shared.budget.acquire().await else {
+                    return Ok(());
+                };
+                permit.forget();
+            }
+            shared
+                .session()
+                .handle_sent(o.chunk.index, o.chunk.hash, keep);
+            if txs[next % txs.len()].send(o).await.is_err() {
+                return Ok(());
+            }
+            next += 1;
+        }
+        shared.session().handle_block_handed(block.seq);
+    }
+    Ok(())
+}
+
+/// Waits until every probe is answered and its chunk acknowledged (every
+/// permit of the budget is back); the patch stream may end then.
+async fn answer_every_probe(
+    shared: &Shared,
+    patch_task: &mut tokio::task::JoinHandle<Result<()>>,
+) -> Result<()> {
+    tokio::select! {
+        r = shared.budget.acquire_many(shared.permits) => {
+            r.map(|p| p.forget()).map_err(|_| Error::Io("probe budget closed".into()))
+        }
+        r = patch_task => Err(match r {
+            Ok(Err(e)) => e,
+            _ => Error::Network("the patch stream ended early".into()),
+        }),
+    }
+}
+
+/// Ends the pass with the receiver: Finish, then its Done, which must
+/// acknowledge everything and agree with our root; then our manifest is
+/// committed. Returns the root.
+async fn end_pass(
+    send: &mut quinn::SendStream,
+    ack_task: tokio::task::JoinHandle<Result<Summary>>,
+    shared: &Shared,
+    ours: &Mutex<ManifestFile>,
+) -> Result<Hash> {
+    let finish = shared.session().finish().map_err(Error::from);
+    if let Err(e) = match finish {
+        Ok(msg) => transport::send_control(send, msg).await,
+        Err(e) => Err(e),
+    } {
+        ack_task.abort();
+        let _ = ack_task.await;
+        return Err(e);
+    }
+    let done = match ack_task.await {
+        Ok(r) => r?,
+        Err(_) => return Err(Error::Network("acknowledgement task failed".into())),
+    };
+    let mut m = ours.lock().expect("not poisoned");
+    let root = m.current_root();
+    if let Err(e) = shared.session().check_done(&done, &root) {
+        m.flush_table()?;
+        return Err(e.into());
+    }
+    m.set_volume_id(done.volume_id);
+    m.commit(done.generation, root)?;
+    Ok(root)
 }
