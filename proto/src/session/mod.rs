@@ -11,3 +11,6 @@
 mod ledger;
 
 pub use ledger::{SendLedger, UnexpectedAck};
+pub mod verify;
+
+pub use verify::{VerifyClient, VerifyError, VerifyOutcome, VerifyServer};
