@@ -33,6 +33,8 @@ use crate::manifest::ENTRY_LEN;
 use crate::wire::{control::Msg, RefuseCode, MAX_VERIFY_RANGES};
 
 mod client;
+#[cfg(test)]
+mod hostile;
 mod server;
 #[cfg(test)]
 mod tests;
