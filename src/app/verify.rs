@@ -9,6 +9,11 @@
 //! (our own view is then rebuilt from the receiver's, since their summaries
 //! no longer agree).
 //!
+//! The remote exchange (its order, the checks on what the receiver sends,
+//! the comparison) is [`VerifyClient`]'s, in `nightpass_proto::session::verify`;
+//! this module opens the session, moves the messages, hashes the source and
+//! keeps the heartbeats.
+//!
 //! Sizes: both sides are compared over their common extent. A target block
 //! device larger than the source is normal (devices come in fixed sizes) and
 //! only the source's extent is judged; any other size difference is reported
@@ -347,24 +352,6 @@ async fn verify_remote(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn compare_finds_and_coalesces() {
-        let g = Geometry::new(5 * 4096, ChunkSize::new(4096).unwrap()).unwrap();
-        let a = vec![0u8; 5 * 32];
-        let mut b = a.clone();
-        b[32] = 1;
-        b[64] = 1;
-        b[4 * 32 + 5] = 1;
-        let d = compare(&g, &a, &b);
-        assert_eq!(d.indices().collect::<Vec<_>>(), vec![1, 2, 4]);
-        assert_eq!(
-            d.byte_ranges().collect::<Vec<_>>(),
-            vec![(4096, 8192), (4 * 4096, 4096)]
-        );
-        // A table that stops short differs from the rest.
-        assert_eq!(compare(&g, &a, &a[..3 * 32]), ChunkSet::span(&g, 3..));
-    }
 
     #[test]
     fn larger_target_device_is_no_defect() {

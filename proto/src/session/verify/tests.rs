@@ -400,6 +400,24 @@ fn each_lost_or_repeated_frame_is_caught() {
 }
 
 #[test]
+fn compare_finds_and_coalesces() {
+    let g = Geometry::new(5 * 4096, chunk(4096)).unwrap();
+    let a = vec![0u8; 5 * 32];
+    let mut b = a.clone();
+    b[32] = 1;
+    b[64] = 1;
+    b[4 * 32 + 5] = 1;
+    let d = compare(&g, &a, &b);
+    assert_eq!(d.indices().collect::<Vec<_>>(), vec![1, 2, 4]);
+    assert_eq!(
+        d.byte_ranges().collect::<Vec<_>>(),
+        vec![(4096, 8192), (4 * 4096, 4096)]
+    );
+    // A table that stops short differs from the rest.
+    assert_eq!(compare(&g, &a, &a[..3 * 32]), ChunkSet::span(&g, 3..));
+}
+
+#[test]
 fn too_many_ranges_are_refused_bad_request() {
     let src = device(C as usize, 7);
     let ranges = vec![0; 2 * MAX_VERIFY_RANGES + 2];
