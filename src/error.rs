@@ -123,6 +123,19 @@ impl From<SessionError> for Error {
     }
 }
 
+impl From<nightpass_proto::session::VerifyError> for Error {
+    fn from(e: nightpass_proto::session::VerifyError) -> Self {
+        use nightpass_proto::session::verify::Blame;
+        let message = e.to_string();
+        match e.blame() {
+            Blame::Peer => Error::Peer(message),
+            Blame::Link => Error::Network(message),
+            Blame::Input => Error::Input(message),
+            Blame::Local => Error::Io(message),
+        }
+    }
+}
+
 /// Adds a description of what was being done to I/O errors.
 pub trait IoContext<T> {
     /// Maps an `io::Error` to [`Error::Io`] naming `what`.

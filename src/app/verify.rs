@@ -9,6 +9,11 @@
 //! (our own view is then rebuilt from the receiver's, since their summaries
 //! no longer agree).
 //!
+//! The remote exchange (its order, the checks on what the receiver sends,
+//! the comparison) is [`VerifyClient`]'s, in `nightpass_proto::session::verify`;
+//! this module opens the session, moves the messages, hashes the source and
+//! keeps the heartbeats.
+//!
 //! Sizes: both sides are compared over their common extent. A target block
 //! device larger than the source is normal (devices come in fixed sizes) and
 //! only the source's extent is judged; any other size difference is reported
@@ -20,8 +25,8 @@ use std::time::Instant;
 
 use nightpass_proto::chunk::{ChunkSize, Geometry};
 use nightpass_proto::chunkset::ChunkSet;
-use nightpass_proto::manifest::ENTRY_LEN;
-use nightpass_proto::wire::{self, control::Msg, Mode};
+use nightpass_proto::session::verify::{VerifyClient, VerifyOutcome, VerifyRequest};
+use nightpass_proto::wire::control::Msg;
 use serde_json::json;
 
 use crate::app::cli::SyncArgs;
@@ -29,8 +34,7 @@ use crate::error::{Error, Result};
 use crate::io::device::{Kind, ReadMode, Volume};
 use crate::io::hash::{self, ScanOptions};
 use crate::net::transport::{self, Identity, RemoteVolume};
-use crate::pass::receiver::msg_name;
-use crate::pass::sender::{open_session, target_dir};
+use crate::pass::sender::{open_session, target_dir, Session};
 use crate::progress::{human_bytes, Progress};
 use crate::store::state::ManifestFile;
 
@@ -67,10 +71,20 @@ impl Comparison {
         target_is_block: bool,
     ) -> Comparison {
         let differing = compare(geometry, ours, theirs);
+        Comparison::new(&differing, source_size, target_size, target_is_block)
+    }
+
+    /// The comparison that found `differing` (in the compared extent's geometry).
+    fn new(
+        differing: &ChunkSet,
+        source_size: u64,
+        target_size: u64,
+        target_is_block: bool,
+    ) -> Comparison {
         Comparison {
             source_size,
             target_size,
-            chunk_size: geometry.chunk_size().bytes(),
+            chunk_size: differing.geometry().chunk_size().bytes(),
             mismatched: differing.indices().collect(),
             ranges: differing.byte_ranges().collect(),
             size_defect: size_defect(source_size, target_size, target_is_block),
@@ -83,20 +97,7 @@ impl Comparison {
     }
 }
 
-/// Compares two hash tables over `geometry`: the chunks that differ (a
-/// chunk missing from one table differs).
-pub fn compare(geometry: &Geometry, a: &[u8], b: &[u8]) -> ChunkSet {
-    ChunkSet::from_indices(
-        geometry,
-        (0..geometry.chunk_count()).filter(|&i| table_entry(a, i) != table_entry(b, i)),
-    )
-}
-
-/// Chunk `index`'s entry in a table of hashes, if the table reaches it.
-pub(crate) fn table_entry(table: &[u8], index: u64) -> Option<&[u8]> {
-    let o = usize::try_from(index).ok()?.checked_mul(ENTRY_LEN)?;
-    table.get(o..o.checked_add(ENTRY_LEN)?)
-}
+pub use nightpass_proto::session::verify::{compare, table_entry};
 
 fn chunk_for(args: &SyncArgs, remote: Option<&RemoteVolume>) -> ChunkSize {
     if let Some(c) = args.chunk_size {
@@ -230,9 +231,16 @@ pub fn verify_local(
     Ok(Comparison::of(&geometry, &a, &b, ssize, tsize, tblock))
 }
 
+/// A verify session under way: the connection, and the exchange's state
+/// ([`VerifyClient`], which decides everything but the I/O).
+pub struct VerifySession {
+    session: Session,
+    client: VerifyClient,
+}
+
 /// Opens a verify session: the receiver starts reading and hashing its
 /// target fresh, all of it or only the chunks overlapping `ranges`
-/// (flattened offset/length pairs, at most [`wire::MAX_VERIFY_RANGES`]).
+/// (flattened offset/length pairs, at most [`nightpass_proto::wire::MAX_VERIFY_RANGES`]).
 /// Returns the session and the geometry of the compared extent, in the
 /// chunk size the receiver answered (the volume's own; `chunk` is a
 /// request); collect the hashes with [`receive_hashes`].
@@ -244,90 +252,59 @@ pub async fn open_verify(
     source_size: u64,
     chunk: ChunkSize,
     ranges: Vec<u64>,
-) -> Result<(crate::pass::sender::Session, Geometry)> {
-    let hello = wire::Hello {
-        version: wire::PROTOCOL_VERSION,
+) -> Result<(VerifySession, Geometry)> {
+    let mut client = VerifyClient::new(VerifyRequest {
         volume: dest.name.clone(),
-        mode: Mode::Verify as i32,
         source_size,
-        chunk_size: chunk.bytes() as u32,
-        chunk_size_explicit: true,
-        known: None,
+        chunk,
         ranges,
-        ..Default::default()
+    });
+    let Some(Msg::Hello(hello)) = client.poll_transmit() else {
+        return Err(Error::Io("a verify starts with a hello".into()));
     };
+    // The handshake (and a refusal's exit status) is every session's.
     let session = open_session(id, dest, fp, tuning, hello).await?;
-    // The receiver hashes in the volume's own chunk size, whatever we asked.
-    let chunk = ChunkSize::new(u64::from(session.welcome.chunk_size)).map_err(|_| {
-        Error::Peer(format!(
-            "receiver answered a verify with chunk size {}",
-            session.welcome.chunk_size
-        ))
-    })?;
-    let extent = source_size.min(session.welcome.target_size);
-    let geometry = Geometry::new(extent, chunk).map_err(|e| Error::input(e.to_string()))?;
-    Ok((session, geometry))
+    client.handle_message(Msg::Welcome(session.welcome.clone()))?;
+    let geometry = *client
+        .geometry()
+        .ok_or_else(|| Error::Io("a welcomed verify has a geometry".into()))?;
+    Ok((VerifySession { session, client }, geometry))
 }
 
-/// Receives the target's fresh hashes into a table (entries not requested stay zero).
-pub async fn receive_hashes(
-    session: &mut crate::pass::sender::Session,
-    geometry: &Geometry,
-) -> Result<Vec<u8>> {
-    let mut table = vec![0u8; geometry.chunk_count() as usize * ENTRY_LEN];
-    loop {
-        match transport::recv_control(&mut session.recv).await? {
-            Some(Msg::VerifyPart(run)) => {
-                let start = (run.first as usize).checked_mul(ENTRY_LEN);
-                let end = start.and_then(|st| st.checked_add(run.hashes.len()));
-                match (start, end) {
-                    (Some(st), Some(en))
-                        if en <= table.len() && run.hashes.len() % ENTRY_LEN == 0 =>
-                    {
-                        table[st..en].copy_from_slice(&run.hashes)
-                    }
-                    _ => {
-                        return Err(Error::Peer(
-                            "receiver sent verify hashes outside the volume".into(),
-                        ))
-                    }
-                }
-                if run.last {
-                    break;
-                }
-            }
-            Some(Msg::Heartbeat(_)) => {}
-            Some(other) => {
-                return Err(Error::Peer(format!(
-                    "expected verify hashes, got a {}",
-                    msg_name(&other)
-                )))
-            }
-            None => {
-                return Err(Error::Network(
-                    "receiver closed the session during verify".into(),
-                ))
-            }
+/// Feeds the receiver's messages to the exchange until its hashes are all in.
+async fn receive(vs: &mut VerifySession) -> Result<()> {
+    while !vs.client.hashes_received() {
+        match transport::recv_control(&mut vs.session.recv).await? {
+            Some(m) => vs.client.handle_message(m)?,
+            None => vs.client.handle_closed()?,
         }
     }
-    Ok(table)
+    Ok(())
+}
+
+/// Receives the target's fresh hashes into a table over `geometry` (the
+/// one [`open_verify`] returned; entries not requested stay zero).
+pub async fn receive_hashes(vs: &mut VerifySession, geometry: &Geometry) -> Result<Vec<u8>> {
+    if vs.client.geometry() != Some(geometry) {
+        return Err(Error::Io(
+            "hashes asked in another geometry than the verify's".into(),
+        ));
+    }
+    receive(vs).await?;
+    Ok(vs.client.take_table())
 }
 
 /// Asks the receiver to forget `ranges`, then ends the session.
-pub async fn forget_and_close(
-    mut s: crate::pass::sender::Session,
-    ranges: &[(u64, u64)],
-) -> Result<()> {
-    if !ranges.is_empty() {
-        let flat: Vec<u64> = ranges.iter().flat_map(|&(o, l)| [o, l]).collect();
-        transport::send_control(&mut s.send, Msg::Forget(wire::Forget { ranges: flat })).await?;
+pub async fn forget_and_close(mut vs: VerifySession, ranges: &[(u64, u64)]) -> Result<()> {
+    vs.client.forget(ranges)?;
+    let s = &mut vs.session;
+    while let Some(m) = vs.client.poll_transmit() {
+        transport::send_control(&mut s.send, m).await?;
+    }
+    while !vs.client.is_closed() {
         match transport::recv_control(&mut s.recv).await? {
-            Some(Msg::Done(_)) => {}
-            _ => {
-                return Err(Error::Network(
-                    "receiver did not confirm forgetting the differing chunks".into(),
-                ))
-            }
+            Some(m) => vs.client.handle_message(m)?,
+            None => vs.client.handle_closed()?,
         }
     }
     let _ = s.send.finish();
@@ -345,44 +322,36 @@ async fn verify_remote(
     progress: Arc<dyn Progress>,
 ) -> Result<Comparison> {
     let ssize = source.size();
-    let (mut session, geometry) =
+    let (mut vs, geometry) =
         open_verify(id, dest, fp, &args.tuning()?, ssize, chunk, Vec::new()).await?;
     // Both sides read at once: the receiver its target, we the source.
     progress.begin("verified", geometry.size());
     let (scan, p) = (args.scan(), progress.clone());
     let ours = tokio::task::spawn_blocking(move || hash::hash_all(source, geometry, scan, p));
-    let theirs = receive_hashes(&mut session, &geometry).await?;
+    receive(&mut vs).await?;
     // The source may take far longer to read than the target.
-    let ours = transport::with_heartbeats(&mut session.send, ours)
+    let ours = transport::with_heartbeats(&mut vs.session.send, ours)
         .await?
         .map_err(|_| Error::Io("source reader failed".into()))??;
-    let (tsize, is_block) = (session.welcome.target_size, session.welcome.target_is_block);
-    let c = Comparison::of(&geometry, &ours, &theirs, ssize, tsize, is_block);
-    forget_and_close(session, &c.ranges).await?;
+    vs.client.handle_source_hashes(&ours)?;
+    let differing = match vs.client.poll_outcome() {
+        Some(VerifyOutcome::Differing(d)) => d,
+        _ => ChunkSet::empty(&geometry),
+    };
+    let welcome = &vs.session.welcome;
+    let c = Comparison::new(
+        &differing,
+        ssize,
+        welcome.target_size,
+        welcome.target_is_block,
+    );
+    forget_and_close(vs, &c.ranges).await?;
     Ok(c)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn compare_finds_and_coalesces() {
-        let g = Geometry::new(5 * 4096, ChunkSize::new(4096).unwrap()).unwrap();
-        let a = vec![0u8; 5 * 32];
-        let mut b = a.clone();
-        b[32] = 1;
-        b[64] = 1;
-        b[4 * 32 + 5] = 1;
-        let d = compare(&g, &a, &b);
-        assert_eq!(d.indices().collect::<Vec<_>>(), vec![1, 2, 4]);
-        assert_eq!(
-            d.byte_ranges().collect::<Vec<_>>(),
-            vec![(4096, 8192), (4 * 4096, 4096)]
-        );
-        // A table that stops short differs from the rest.
-        assert_eq!(compare(&g, &a, &a[..3 * 32]), ChunkSet::span(&g, 3..));
-    }
 
     #[test]
     fn larger_target_device_is_no_defect() {

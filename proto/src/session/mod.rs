@@ -12,8 +12,10 @@ mod error;
 mod ledger;
 pub mod receiver;
 pub mod sender;
+pub mod verify;
 
 pub use error::SessionError;
 pub use ledger::{SendLedger, UnexpectedAck};
 pub use receiver::{ReceiverSession, WriterLedger};
 pub use sender::SendSession;
+pub use verify::{VerifyClient, VerifyError, VerifyOutcome, VerifyServer};
