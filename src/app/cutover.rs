@@ -124,7 +124,7 @@ pub async fn converge(
             );
             progress.event(&json!({"event": "converge_end", "ready": false, "passes": n, "reason": "not shrinking",
                                     "forecast_final_pass_s": end.forecast_final_pass_s, "window_s": window}), &why);
-            eprintln!("nightpass: not converged: {why}");
+            tracing::warn!("nightpass: not converged: {why}");
             return Ok(1);
         }
         last = Some(end);
@@ -138,7 +138,7 @@ pub async fn converge(
     );
     progress.event(&json!({"event": "converge_end", "ready": false, "passes": cc.max_passes, "reason": "max passes",
                             "forecast_final_pass_s": f, "window_s": window}), &why);
-    eprintln!("nightpass: not converged: {why}");
+    tracing::warn!("nightpass: not converged: {why}");
     Ok(1)
 }
 

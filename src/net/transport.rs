@@ -142,7 +142,7 @@ impl Identity {
     }
 }
 
-/// Warns on stderr when the private key at `path` may be read (or written)
+/// Warns (in the log) when the private key at `path` may be read (or written)
 /// by users other than its owner: whoever reads it can pose as this host to
 /// every peer that pinned its fingerprint.
 fn warn_if_exposed(path: &Path) {
@@ -150,7 +150,7 @@ fn warn_if_exposed(path: &Path) {
     let Ok(meta) = fs::metadata(path) else { return };
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        eprintln!(
+        tracing::warn!(
             "warning: identity key {} is accessible to users other than its owner (mode {mode:03o}); anyone who reads it can pose as this host. Run 'chmod 600 {}'",
             path.display(),
             path.display()
@@ -307,15 +307,15 @@ impl ClientCertVerifier for AllowedClients {
     }
 }
 
-/// How often, at most, [`log_refusal`] prints a line of one kind.
+/// How often, at most, [`log_refusal`] logs a line of one kind.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// Per kind of refusal: when a line was last printed and how many were
 /// left out since.
 static REFUSALS: Mutex<Vec<(&'static str, Instant, u64)>> = Mutex::new(Vec::new());
 
-/// Prints a refusal line (an unauthorized handshake, a connection over a
-/// limit) on stderr, at most one per `kind` per second: a flood of
+/// Logs a refusal line (an unauthorized handshake, a connection over a
+/// limit), at most one per `kind` per second: a flood of
 /// connections must not become a flood of log lines (an unauthorized peer
 /// made a receiver print 2,903 lines in 30 s). A line printed after others
 /// of its kind were left out says how many.
@@ -338,9 +338,9 @@ pub fn log_refusal(kind: &'static str, line: impl FnOnce() -> String) {
     };
     drop(kinds);
     if left_out == 0 {
-        eprintln!("{}", line());
+        tracing::info!("{}", line());
     } else {
-        eprintln!(
+        tracing::info!(
             "{} (and {left_out} more like it since the last such line, not shown)",
             line()
         );
@@ -355,7 +355,7 @@ pub fn flush_refusals() {
     let mut kinds = REFUSALS.lock().expect("not poisoned");
     for (kind, last, n) in kinds.iter_mut() {
         if *n > 0 && now.duration_since(*last) >= REFUSAL_LOG_EVERY {
-            eprintln!("{n} more refusals ({kind}) not shown");
+            tracing::info!("{n} more refusals ({kind}) not shown");
             *last = now;
             *n = 0;
         }

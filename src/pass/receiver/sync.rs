@@ -132,7 +132,7 @@ pub(super) async fn sync_session(
         let mut manifest = manifest;
         let volume = volume;
         if let Err(e) = writer_loop(&volume, &mut manifest, wrx, table_rx, &writer_ctl) {
-            eprintln!("volume '{name}': writer stopped: {e}");
+            tracing::error!("volume '{name}': writer stopped: {e}");
             let _ = writer_ctl.blocking_send(Msg::Failure(wire::Failure {
                 message: format!("receiver failed writing volume '{name}': {e}"),
             }));
@@ -167,7 +167,7 @@ pub(super) async fn sync_session(
                 },
                 Some(r) = streams.join_next(), if !streams.is_empty() => {
                     if let Ok(Err(e)) = r {
-                        eprintln!("volume '{data_name}': session ended: {e}");
+                        tracing::warn!("volume '{data_name}': session ended: {e}");
                         data_conn.close(2u32.into(), e.to_string().as_bytes());
                         return Err(e);
                     }

@@ -175,7 +175,7 @@ pub(super) fn verify_chunk(shared: &Shared, volume: &str, asked: ChunkSize) -> C
         asked
     });
     if chunk != asked {
-        eprintln!("volume '{volume}': a verify asked for chunks of {asked}; hashing in the volume's chunks of {chunk}");
+        tracing::info!("volume '{volume}': a verify asked for chunks of {asked}; hashing in the volume's chunks of {chunk}");
     }
     chunk
 }
@@ -286,7 +286,7 @@ pub(super) async fn finish_verify(
                     .await
                     .map_err(|_| Error::Io("forget task failed".into()))??;
                 if n > 0 {
-                    eprintln!("volume '{}': verify found differences; {n} manifest entries marked unknown", hello.volume);
+                    tracing::warn!("volume '{}': verify found differences; {n} manifest entries marked unknown", hello.volume);
                 }
                 ctl_tx
                     .send(Msg::Done(wire::Done { summary: None }))
