@@ -34,6 +34,10 @@
 //! - [`error`]: error kinds and exit statuses; [`progress`]: the progress
 //!   trait and its terminal/JSON implementations.
 //!
+//! The library never prints: what the operator reads on stdout goes through
+//! [`progress`]; diagnostics and the receiver's log go through `tracing`
+//! events, which the binary writes to stderr as bare lines.
+//!
 //! Formats, messages and the planning math live in the `nightpass-proto`
 //! crate, which does no I/O; see its docs and `proto/PROTOCOL.md`.
 //!

@@ -1,6 +1,9 @@
-//! The `nightpass` binary: parse, run, map errors to exit statuses.
-//! Everything else lives in the library; system calls that need `unsafe`
-//! go through the safe wrappers of `nightpass::io::sys`.
+//! The `nightpass` binary: parse, install the log, run, map errors to exit
+//! statuses and print them. Everything else lives in the library, which
+//! never prints: operator output goes through `nightpass::progress`, and
+//! diagnostics and the receiver's log through `tracing`, written here to
+//! stderr. System calls that need `unsafe` go through the safe wrappers of
+//! `nightpass::io::sys`.
 #![deny(unsafe_code)]
 
 use clap::Parser;
@@ -9,6 +12,7 @@ use nightpass::app::commands;
 use nightpass::error::Error;
 use nightpass::io::sys;
 use nightpass::net::transport;
+use serde_json::json;
 use tokio::signal::unix::SignalKind;
 
 /// Resolves when the process receives signal `kind`.
@@ -21,9 +25,49 @@ async fn signal(kind: tokio::signal::unix::SignalKind) {
     }
 }
 
+/// Installs the one logging path: this crate's `tracing` events at INFO and
+/// above go to stderr as their bare message, with no level, target or time,
+/// so the lines docs/CLI.md quotes (`listening on ADDR fingerprint FP`, the
+/// receiver's log of refused and ended sessions and cutovers, warnings)
+/// read as they always have. They are written in every mode: `--quiet` and
+/// `--json` govern stdout and the bars, not the log. Other crates' events
+/// (quinn's) stay silent, as before there was a subscriber.
+fn install_log() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let ours = tracing_subscriber::filter::Targets::new()
+        .with_target(env!("CARGO_CRATE_NAME"), tracing::Level::INFO);
+    let plain = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .with_level(false)
+        .with_target(false);
+    // Only fails when a subscriber is already installed: keep that one.
+    let _ = tracing_subscriber::registry()
+        .with(plain)
+        .with(ours)
+        .try_init();
+}
+
+/// Prints an error as docs/CLI.md says: text on stderr, and an `error` event on
+/// stdout in JSON mode.
+fn report_error(json: bool, e: &Error) {
+    eprintln!("nightpass: error: {e}");
+    if json {
+        println!(
+            "{}",
+            nightpass::progress::with_ts(
+                json!({"event": "error", "message": e.to_string(), "exit_code": e.exit_code()})
+            )
+        );
+    }
+}
+
 fn main() {
     // A closed stdout (e.g. `| head`) must end us quietly, not with a panic.
     sys::default_sigpipe();
+    install_log();
     let cli = Cli::parse();
     let json = cli.json;
     // `serve` shuts down gracefully on its own signals; everything else stops at once.
@@ -39,7 +83,7 @@ fn main() {
     {
         Ok(rt) => rt,
         Err(e) => {
-            commands::report_error(json, &Error::Io(format!("cannot start the runtime: {e}")));
+            report_error(json, &Error::Io(format!("cannot start the runtime: {e}")));
             std::process::exit(3);
         }
     };
@@ -48,22 +92,22 @@ fn main() {
             r = commands::run(cli) => match r {
                 Ok(code) => code,
                 Err(e) => {
-                    commands::report_error(json, &e);
+                    report_error(json, &e);
                     e.exit_code()
                 }
             },
             // Dropping the command's future runs its guards: a frozen source is thawed.
             _ = tokio::signal::ctrl_c(), if !own_signals => {
-                commands::report_error(json, &Error::Interrupted);
+                report_error(json, &Error::Interrupted);
                 130
             }
             _ = signal(SignalKind::terminate()), if !own_signals => {
-                commands::report_error(json, &Error::Interrupted);
+                report_error(json, &Error::Interrupted);
                 143
             }
             // A cutover whose ssh session drops must thaw, not die frozen.
             _ = signal(SignalKind::hangup()), if !own_signals => {
-                commands::report_error(json, &Error::Interrupted);
+                report_error(json, &Error::Interrupted);
                 129
             }
         };

@@ -2,6 +2,10 @@
 //! implementations. The library never prints; the binary picks a reporter:
 //! [`Human`] (indicatif bars on a terminal and a summary), [`JsonLines`] (one
 //! JSON object per line on stdout, nothing else), or [`Quiet`].
+//!
+//! This module owns what the operator reads on stdout (and the bars on
+//! stderr). Diagnostics and the receiver's log go through `tracing`, which
+//! the binary writes to stderr; nothing here logs.
 
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
@@ -89,6 +93,18 @@ pub trait Progress: Send + Sync {
     fn begin(&self, _label: &str, _total: u64) {}
     /// That work ended.
     fn finish(&self) {}
+    /// A command's answer (keygen's fingerprint): one line on stdout in
+    /// every mode, `--quiet` and `--json` included.
+    fn answer(&self, line: &str) {
+        answer_line(line);
+    }
+}
+
+/// Writes `line` on stdout: a command's answer, whatever the reporter.
+fn answer_line(line: &str) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{line}");
+    let _ = o.flush();
 }
 
 /// Says nothing.
@@ -103,6 +119,7 @@ impl Progress for Quiet {
     fn pass_end(&self, _: &PassEnd) {}
     fn event(&self, _: &Value, _: &str) {}
     fn note(&self, _: &str) {}
+    fn answer(&self, _: &str) {}
 }
 
 /// One JSON object per line on stdout.

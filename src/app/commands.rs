@@ -32,12 +32,12 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Keygen { identity, force } => {
             let dir = identity.unwrap_or_else(default_identity_dir);
             let id = Identity::generate(&dir, force)?;
-            println!("{}", id.fingerprint());
+            progress.answer(&id.fingerprint());
             Ok(0)
         }
         Command::Fingerprint { identity } => {
             let dir = identity.unwrap_or_else(default_identity_dir);
-            println!("{}", Identity::load(&dir)?.fingerprint());
+            progress.answer(&Identity::load(&dir)?.fingerprint());
             Ok(0)
         }
         Command::Serve(args) => serve(args).await,
@@ -147,12 +147,12 @@ async fn serve(args: ServeArgs) -> Result<i32> {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
-        eprintln!("shutting down: finishing durable writes");
+        tracing::info!("shutting down: finishing durable writes");
     };
     receiver::serve(
         cfg,
         id,
-        |addr, fp| eprintln!("listening on {addr} fingerprint {fp}"),
+        |addr, fp| tracing::info!("listening on {addr} fingerprint {fp}"),
         shutdown,
     )
     .await?;
@@ -185,18 +185,4 @@ async fn unseal(name: String, state_dir: PathBuf, progress: Arc<dyn Progress>) -
         ),
     );
     Ok(0)
-}
-
-/// Prints an error as docs/CLI.md says: text on stderr, and an `error` event on
-/// stdout in JSON mode.
-pub fn report_error(json: bool, e: &Error) {
-    eprintln!("nightpass: error: {e}");
-    if json {
-        println!(
-            "{}",
-            crate::progress::with_ts(
-                json!({"event": "error", "message": e.to_string(), "exit_code": e.exit_code()})
-            )
-        );
-    }
 }

@@ -73,7 +73,7 @@ impl std::fmt::Debug for FreezeGuard {
 
 /// Runs `sh -c cmd`, its stdout going to our stderr (stdout may be JSON only).
 pub fn run_hook(what: &str, cmd: &str) -> Result<()> {
-    eprintln!("running {what} command: {cmd}");
+    tracing::info!("running {what} command: {cmd}");
     let stdout = sys::dup_stdio(std::io::stderr().as_fd())
         .map_err(|e| Error::Io(format!("dup stderr: {e}")))?;
     let status = Command::new("sh")
@@ -287,7 +287,7 @@ impl FreezeGuard {
 impl Drop for FreezeGuard {
     fn drop(&mut self) {
         if let Err(e) = self.thaw() {
-            eprintln!("nightpass: error: {e}");
+            tracing::error!("nightpass: error: {e}");
         }
     }
 }

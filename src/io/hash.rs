@@ -17,7 +17,7 @@
 //!
 //! Owns no sockets and no manifests.
 
-use std::sync::mpsc::{sync_channel, Receiver as StdReceiver};
+use std::sync::mpsc::{sync_channel, Receiver as StdReceiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -230,149 +230,235 @@ where
     let workers = worker_count(opts.workers);
     let chunk = geometry.chunk_size().bytes();
     let block = chunk.max(4 << 20);
-    let per_block = block / chunk;
     // Blocks to read: (seq, first chunk index, offset, length). Each worker
     // reads its own blocks, so the copies out of the page cache (or the
     // device) spread over every core instead of bounding the scan on one.
     let (btx, brx) = sync_channel::<ReadTask>(workers);
     let (otx, orx) = tokio::sync::mpsc::channel::<Result<Block<T>>>(workers + 1);
-    let brx = Arc::new(Mutex::new(brx));
-    let work = Arc::new(work);
-    let zeros = zero_hashes(&geometry);
-    let mut worker_threads = Vec::with_capacity(workers);
-    let start = Instant::now();
-    // Nanoseconds workers spent blocked on the consumer (summed), and the
-    // end of the last worker, since `start`: the scan's busy time excludes
-    // waiting on the link.
-    let blocked_ns = Arc::new(AtomicU64::new(0));
-    let ended_ns = Arc::new(AtomicU64::new(0));
-    for _ in 0..workers {
-        let brx: Arc<Mutex<StdReceiver<ReadTask>>> = brx.clone();
-        let otx = otx.clone();
-        let vol = vol.clone();
-        let (blocked_ns, ended_ns) = (blocked_ns.clone(), ended_ns.clone());
-        let drop_cache = opts.drop_cache;
-        let work = work.clone();
-        let progress = progress.clone();
-        let mut zero_chunk = Bytes::new();
-        // Read the next block into a buffer instead of mapping it (see
-        // STABILIZED).
-        let mut copy_next = false;
-        worker_threads.push(std::thread::spawn(move || loop {
-            let next = brx.lock().expect("not poisoned").recv();
-            let Ok((seq, first_index, off, len)) = next else {
-                ended_ns.fetch_max(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                return;
-            };
-            let read = if vol.is_hole(off, len as u64) {
-                Read::Hole(len)
-            } else {
-                match vol.read_block(len, off, copy_next) {
-                    Ok(b) => Read::Data(b),
-                    Err(e) => {
-                        let _ = otx.blocking_send(Err(e));
-                        return;
-                    }
-                }
-            };
-            if drop_cache {
-                vol.drop_cache(off, len as u64);
-            }
-            let mapped = vol.reads_mapped() && !copy_next && matches!(read, Read::Data(_));
-            STABILIZED.with(|c| c.set(0));
-            // A hole is `n` bytes of zeros: neither read nor hashed.
-            let (data, hole) = match read {
-                Read::Data(d) => (d, None),
-                Read::Hole(n) => {
-                    if zero_chunk.is_empty() {
-                        zero_chunk = Bytes::from(vec![0u8; chunk as usize]);
-                    }
-                    (Bytes::new(), Some(n))
-                }
-            };
-            let total = hole.unwrap_or(data.len());
-            let mut items = Vec::new();
-            let mut off = 0usize;
-            let mut index = first_index;
-            while off < total {
-                let len = (total - off).min(chunk as usize);
-                let (bytes, hash, zero) = if hole.is_some() {
-                    let hash = if len == chunk as usize {
-                        zeros.0
-                    } else {
-                        zeros.1
-                    };
-                    (zero_chunk.slice(..len), hash, true)
-                } else {
-                    let bytes = data.slice(off..off + len);
-                    let hash = *blake3::hash(&bytes).as_bytes();
-                    let zero = hash == zeros.0 || hash == zeros.1;
-                    (bytes, hash, zero)
-                };
-                if let Some(t) = work(Scanned {
-                    index,
-                    hash,
-                    data: bytes,
-                    zero,
-                    mapped,
-                }) {
-                    items.push(t);
-                }
-                off += len;
-                index += 1;
-            }
-            if vol.reads_mapped() && hole.is_none() {
-                let chunks = total.div_ceil(chunk as usize);
-                copy_next = 2 * STABILIZED.with(|c| c.get()) > chunks
-                    || (copy_next && 2 * items.len() > chunks);
-            }
-            progress.scanned(total as u64);
-            let t = Instant::now();
-            if otx.blocking_send(Ok(Block { seq, items })).is_err() {
-                return;
-            }
-            blocked_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        }));
-    }
-    let dispatcher = std::thread::spawn(move || {
-        let mut paced = Duration::ZERO;
-        let mut bytes = 0u64;
-        let mut index = first;
-        let mut seq = 0u64;
-        let count = geometry.chunk_count();
-        while index < count {
-            let off = index * chunk;
-            let len = (geometry.size() - off).min(block) as usize;
-            bytes += len as u64;
-            if let Some(limit) = opts.read_limit {
-                let due = Duration::from_secs_f64(bytes as f64 / limit as f64);
-                let el = start.elapsed();
-                if due > el {
-                    std::thread::sleep(due - el);
-                    paced += due - el;
-                }
-            }
-            if btx.send((seq, index, off, len)).is_err() {
-                break;
-            }
-            index += per_block;
-            seq += 1;
-        }
-        drop(btx);
-        (bytes, paced)
-    });
     let figures = ScanFigures {
-        start,
+        start: Instant::now(),
         workers,
-        blocked_ns,
-        ended_ns,
+        blocked_ns: Arc::new(AtomicU64::new(0)),
+        ended_ns: Arc::new(AtomicU64::new(0)),
     };
+    let shared = Arc::new(WorkerShared {
+        tasks: Mutex::new(brx),
+        out: otx,
+        vol,
+        chunk: chunk as usize,
+        zeros: zero_hashes(&geometry),
+        drop_cache: opts.drop_cache,
+        work,
+        progress,
+        start: figures.start,
+        blocked_ns: figures.blocked_ns.clone(),
+        ended_ns: figures.ended_ns.clone(),
+    });
+    let worker_threads = (0..workers)
+        .map(|_| {
+            let shared = shared.clone();
+            std::thread::spawn(move || Worker::new(shared).run())
+        })
+        .collect();
+    let (start, read_limit) = (figures.start, opts.read_limit);
+    let dispatcher = std::thread::spawn(move || {
+        dispatch(&btx, blocks(geometry, first, block), read_limit, start)
+    });
     Scan {
         rx: orx,
         dispatcher,
         workers: worker_threads,
         figures,
     }
+}
+
+/// The blocks of a scan of chunks `first..` of `geometry`, in volume order:
+/// (seq, first chunk index, offset, length), each `block` bytes (a whole
+/// number of chunks) but the last.
+fn blocks(geometry: Geometry, first: u64, block: u64) -> impl Iterator<Item = ReadTask> {
+    let chunk = geometry.chunk_size().bytes();
+    let per_block = (block / chunk).max(1);
+    (first..geometry.chunk_count())
+        .step_by(per_block as usize)
+        .enumerate()
+        .map(move |(seq, index)| {
+            let off = index * chunk;
+            let len = (geometry.size() - off).min(block) as usize;
+            (seq as u64, index, off, len)
+        })
+}
+
+/// How long to wait before reading on, when `bytes` handed out by
+/// `elapsed` must not outrun `limit` bytes per second.
+fn pace(bytes: u64, limit: u64, elapsed: Duration) -> Duration {
+    Duration::from_secs_f64(bytes as f64 / limit as f64).saturating_sub(elapsed)
+}
+
+/// The dispatcher: hands `tasks` to the workers in order, pacing them to
+/// `read_limit`; returns the bytes handed out and the time spent pacing.
+fn dispatch(
+    btx: &SyncSender<ReadTask>,
+    tasks: impl Iterator<Item = ReadTask>,
+    read_limit: Option<u64>,
+    start: Instant,
+) -> (u64, Duration) {
+    let mut paced = Duration::ZERO;
+    let mut bytes = 0u64;
+    for task in tasks {
+        bytes += task.3 as u64;
+        if let Some(limit) = read_limit {
+            let wait = pace(bytes, limit, start.elapsed());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+                paced += wait;
+            }
+        }
+        if btx.send(task).is_err() {
+            break;
+        }
+    }
+    (bytes, paced)
+}
+
+/// What every worker of one scan shares.
+struct WorkerShared<T, F> {
+    tasks: Mutex<StdReceiver<ReadTask>>,
+    out: tokio::sync::mpsc::Sender<Result<Block<T>>>,
+    vol: Arc<Volume>,
+    chunk: usize,
+    /// Hashes of an all-zero chunk: (full, last).
+    zeros: (Hash, Hash),
+    drop_cache: bool,
+    work: F,
+    progress: Arc<dyn Progress>,
+    start: Instant,
+    /// Nanoseconds workers spent blocked on the consumer (summed), and the
+    /// end of the last worker, since `start`: the scan's busy time
+    /// excludes waiting on the link.
+    blocked_ns: Arc<AtomicU64>,
+    ended_ns: Arc<AtomicU64>,
+}
+
+/// One hashing thread: reads its blocks, cuts them into chunks, hashes
+/// them and runs the work on each.
+struct Worker<T, F> {
+    shared: Arc<WorkerShared<T, F>>,
+    /// A chunk of zeros, made at the first hole.
+    zero_chunk: Bytes,
+    /// Read the next block into a buffer instead of mapping it (see
+    /// STABILIZED).
+    copy_next: bool,
+}
+
+impl<T, F> Worker<T, F>
+where
+    T: Send + 'static,
+    F: Fn(Scanned) -> Option<T> + Send + Sync + 'static,
+{
+    fn new(shared: Arc<WorkerShared<T, F>>) -> Self {
+        Worker {
+            shared,
+            zero_chunk: Bytes::new(),
+            copy_next: false,
+        }
+    }
+
+    /// Takes blocks until there are none or the consumer is gone.
+    fn run(mut self) {
+        let s = self.shared.clone();
+        loop {
+            let next = s.tasks.lock().expect("not poisoned").recv();
+            let Ok((seq, first_index, off, len)) = next else {
+                let ended = s.start.elapsed().as_nanos() as u64;
+                s.ended_ns.fetch_max(ended, Ordering::Relaxed);
+                return;
+            };
+            let read = match self.read(off, len) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = s.out.blocking_send(Err(e));
+                    return;
+                }
+            };
+            let (items, total) = self.chunks(read, first_index);
+            s.progress.scanned(total as u64);
+            let t = Instant::now();
+            if s.out.blocking_send(Ok(Block { seq, items })).is_err() {
+                return;
+            }
+            let blocked = t.elapsed().as_nanos() as u64;
+            s.blocked_ns.fetch_add(blocked, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads the block at `off` (a hole is not read), dropping its pages
+    /// behind when asked to.
+    fn read(&self, off: u64, len: usize) -> Result<Read> {
+        let vol = &self.shared.vol;
+        let read = if vol.is_hole(off, len as u64) {
+            Read::Hole(len)
+        } else {
+            Read::Data(vol.read_block(len, off, self.copy_next)?)
+        };
+        if self.shared.drop_cache {
+            vol.drop_cache(off, len as u64);
+        }
+        Ok(read)
+    }
+
+    /// Cuts a block into chunks from `first_index` on, hashes each and runs
+    /// the work on it; returns the work's results and the block's length.
+    fn chunks(&mut self, read: Read, first_index: u64) -> (Vec<T>, usize) {
+        let s = &self.shared;
+        let chunk = s.chunk;
+        let mapped = s.vol.reads_mapped() && !self.copy_next && matches!(read, Read::Data(_));
+        STABILIZED.with(|c| c.set(0));
+        // A hole is `n` bytes of zeros: neither read nor hashed.
+        let (data, hole) = match read {
+            Read::Data(d) => (d, None),
+            Read::Hole(n) => {
+                if self.zero_chunk.is_empty() {
+                    self.zero_chunk = Bytes::from(vec![0u8; chunk]);
+                }
+                (Bytes::new(), Some(n))
+            }
+        };
+        let total = hole.unwrap_or(data.len());
+        let mut items = Vec::new();
+        for (i, off) in (0..total).step_by(chunk).enumerate() {
+            let len = (total - off).min(chunk);
+            let (data, hash, zero) = if hole.is_some() {
+                let hash = if len == chunk { s.zeros.0 } else { s.zeros.1 };
+                (self.zero_chunk.slice(..len), hash, true)
+            } else {
+                let bytes = data.slice(off..off + len);
+                let hash = *blake3::hash(&bytes).as_bytes();
+                (bytes, hash, hash == s.zeros.0 || hash == s.zeros.1)
+            };
+            let index = first_index + i as u64;
+            let scanned = Scanned {
+                index,
+                hash,
+                data,
+                zero,
+                mapped,
+            };
+            items.extend((s.work)(scanned));
+        }
+        if s.vol.reads_mapped() && hole.is_none() {
+            let chunks = total.div_ceil(chunk);
+            let stabilized = STABILIZED.with(|c| c.get());
+            self.copy_next = copy_next(stabilized, items.len(), chunks, self.copy_next);
+        }
+        (items, total)
+    }
+}
+
+/// Whether a worker reading from maps should read its next block into a
+/// buffer: when most chunks of this block were copied out of the map
+/// (`stabilized` of `chunks`), or, already copying, when most were kept.
+fn copy_next(stabilized: usize, kept: usize, chunks: usize, copying: bool) -> bool {
+    2 * stabilized > chunks || (copying && 2 * kept > chunks)
 }
 
 /// Hashes every chunk of `vol` fresh and returns the hashes in index order
@@ -399,4 +485,58 @@ pub fn hash_all(
     }
     scan.finish()?;
     Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nightpass_proto::chunk::ChunkSize;
+
+    fn geometry(size: u64, chunk: u64) -> Geometry {
+        Geometry::new(size, ChunkSize::new(chunk).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn blocks_cover_the_chunks_from_first_in_order() {
+        // 10 MiB in chunks of 1 MiB, blocks of 4 MiB: 4 + 4 + 2.
+        let g = geometry(10 << 20, 1 << 20);
+        let all: Vec<_> = blocks(g, 0, 4 << 20).collect();
+        assert_eq!(
+            all,
+            [
+                (0, 0, 0, 4 << 20),
+                (1, 4, 4 << 20, 4 << 20),
+                (2, 8, 8 << 20, 2 << 20)
+            ]
+        );
+        // A resume from chunk 5 numbers its blocks from 0 again.
+        let rest: Vec<_> = blocks(g, 5, 4 << 20).collect();
+        assert_eq!(rest, [(0, 5, 5 << 20, 4 << 20), (1, 9, 9 << 20, 1 << 20)]);
+        assert_eq!(blocks(g, 10, 4 << 20).count(), 0);
+        // A last chunk shorter than the others ends the last block.
+        let odd = geometry((8 << 20) + 5, 8 << 20);
+        let all: Vec<_> = blocks(odd, 0, 8 << 20).collect();
+        assert_eq!(all, [(0, 0, 0, 8 << 20), (1, 1, 8 << 20, 5)]);
+    }
+
+    #[test]
+    fn pacing_waits_only_when_ahead_of_the_limit() {
+        let s = Duration::from_secs;
+        assert_eq!(pace(100, 100, s(0)), s(1));
+        assert_eq!(
+            pace(100, 100, Duration::from_millis(250)),
+            Duration::from_millis(750)
+        );
+        assert_eq!(pace(100, 100, s(2)), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_worker_copies_when_most_chunks_were_copied_or_kept() {
+        // Most chunks copied out of the map: read the next block into a buffer.
+        assert!(copy_next(3, 0, 4, false));
+        assert!(!copy_next(2, 4, 4, false));
+        // Already copying: stay while most chunks are kept.
+        assert!(copy_next(0, 3, 4, true));
+        assert!(!copy_next(0, 2, 4, true));
+    }
 }

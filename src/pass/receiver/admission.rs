@@ -210,7 +210,7 @@ pub(super) fn admit(shared: &Arc<Shared>, limits: &Arc<Limits>, incoming: quinn:
         };
         let _slot = slot;
         if let Err(e) = session(shared, conn.clone()).await {
-            eprintln!("session from {remote} ended with an error: {e}");
+            tracing::warn!("session from {remote} ended with an error: {e}");
             conn.close(1u32.into(), e.to_string().as_bytes());
         }
     });
@@ -226,7 +226,7 @@ pub(super) async fn supersede(shared: &Arc<Shared>, hello: &wire::Hello) {
             .and_then(|h| h.conn.clone())
     };
     let Some(old) = old else { return };
-    eprintln!(
+    tracing::info!(
         "volume '{}': the sender resumed its pass; ending its previous session",
         hello.volume
     );
@@ -262,7 +262,7 @@ pub(super) async fn release_if_unanswered(shared: &Arc<Shared>, name: &str) {
     if old.close_reason().is_some() || answers(&old).await {
         return;
     }
-    eprintln!(
+    tracing::info!(
         "volume '{name}': the session holding it (from {}) does not answer; ending it and giving the volume to the new session",
         old.remote_address()
     );

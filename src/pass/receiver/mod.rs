@@ -222,7 +222,7 @@ async fn refuse_freeing(
 }
 
 async fn refuse(send: &mut quinn::SendStream, conn: &quinn::Connection, r: Refuse) -> Result<()> {
-    eprintln!("refused a session: {}", r.1);
+    tracing::info!("refused a session: {}", r.1);
     let _ = transport::send_control(
         send,
         Msg::Refusal(wire::Refusal {

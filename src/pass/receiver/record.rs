@@ -170,7 +170,7 @@ pub(super) async fn record_session(
     };
     let reply = match recorded {
         Ok(seal) => {
-            eprintln!(
+            tracing::info!(
                 "volume '{name}': cutover complete, consistency point {}; the volume is sealed until `nightpass unseal {name}`",
                 seal.consistency_point
             );
@@ -180,7 +180,7 @@ pub(super) async fn record_session(
             let message = format!(
                 "receiver refused to record the cutover of volume '{name}': {e}; nothing recorded, the volume is not sealed"
             );
-            eprintln!("{message}");
+            tracing::error!("{message}");
             Msg::Failure(wire::Failure { message })
         }
     };

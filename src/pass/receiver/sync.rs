@@ -181,7 +181,7 @@ fn spawn_writer(
         let mut manifest = manifest;
         let volume = volume;
         if let Err(e) = writer_loop(&volume, &mut manifest, wrx, table_rx, &ctl) {
-            eprintln!("volume '{name}': writer stopped: {e}");
+            tracing::error!("volume '{name}': writer stopped: {e}");
             let _ = ctl.blocking_send(Msg::Failure(wire::Failure {
                 message: format!("receiver failed writing volume '{name}': {e}"),
             }));
@@ -226,7 +226,7 @@ impl DataStreams {
                 },
                 Some(r) = streams.join_next(), if !streams.is_empty() => {
                     if let Ok(Err(e)) = r {
-                        eprintln!("volume '{}': session ended: {e}", self.name);
+                        tracing::warn!("volume '{}': session ended: {e}", self.name);
                         self.conn.close(2u32.into(), e.to_string().as_bytes());
                         return Err(e);
                     }

@@ -102,7 +102,7 @@ pub(super) fn open_manifest(
         match ManifestFile::open(&mpath)? {
             Some(Ok(m)) => Some(m),
             Some(Err(e)) => {
-                eprintln!("volume '{name}': manifest cannot be trusted ({e}); rebuilding it from a fresh read of the target");
+                tracing::warn!("volume '{name}': manifest cannot be trusted ({e}); rebuilding it from a fresh read of the target");
                 rebuild = true;
                 None
             }
@@ -113,11 +113,11 @@ pub(super) fn open_manifest(
     // the target meanwhile; only a read made now, holding the volume, counts.
     let marked = state::marked_for_rebuild(dir);
     if existing.is_some() && marked {
-        eprintln!("volume '{name}': unsealed since its last pass; rebuilding its manifest from a fresh read of the target");
+        tracing::warn!("volume '{name}': unsealed since its last pass; rebuilding its manifest from a fresh read of the target");
         rebuild = true;
     } else if let Some(m) = &existing {
         if let Some(why) = sample_mismatch(volume, m)? {
-            eprintln!("volume '{name}': {why}: the target was changed behind this receiver's back; distrusting its whole manifest and starting from nothing known");
+            tracing::warn!("volume '{name}': {why}: the target was changed behind this receiver's back; distrusting its whole manifest and starting from nothing known");
             existing = None;
         }
     }
@@ -136,7 +136,7 @@ pub(super) fn open_manifest(
                 if m.geometry().size() == source_size {
                     return Ok(existing.expect("matched Some"));
                 }
-                eprintln!(
+                tracing::warn!(
                     "volume '{name}': source size changed from {} to {source_size} bytes; starting from nothing known",
                     m.geometry().size()
                 );
@@ -180,19 +180,19 @@ pub(super) fn is_bound(
 ) -> bool {
     let Some(old) = state::TargetRecord::read(dir) else {
         if dir.join("manifest").exists() {
-            eprintln!("volume '{name}': its manifest has no record of the target it describes; starting from nothing known");
+            tracing::warn!("volume '{name}': its manifest has no record of the target it describes; starting from nothing known");
         }
         return false;
     };
     if created == Created::New {
-        eprintln!(
+        tracing::warn!(
             "volume '{name}': target {} was missing and has been created; the old manifest described another file, starting from nothing known",
             record.path.display()
         );
         return false;
     }
     if old.path != record.path {
-        eprintln!(
+        tracing::warn!(
             "volume '{name}': the manifest describes {}, not {}; starting from nothing known",
             old.path.display(),
             record.path.display()
@@ -200,7 +200,7 @@ pub(super) fn is_bound(
         return false;
     }
     if old.identity != record.identity {
-        eprintln!(
+        tracing::warn!(
             "volume '{name}': target {} is not the file or device the manifest describes (was {:?}, now {:?}); it was replaced: starting from nothing known",
             record.path.display(),
             old.identity,

@@ -47,7 +47,7 @@ pub(super) async fn verify_session(
         .map(|g| g.chunk_size())
         .filter(|&c| c != asked)
     {
-        eprintln!("volume '{}': a verify asked for chunks of {asked}; hashing in the volume's chunks of {chunk}", hello.volume);
+        tracing::info!("volume '{}': a verify asked for chunks of {asked}; hashing in the volume's chunks of {chunk}", hello.volume);
     }
     let (ctl_tx, ctl_task) = control_writer(send, if volume.is_some() { 16 } else { 4 });
     drain(&mut server, &ctl_tx).await?;
@@ -207,7 +207,7 @@ async fn forget_now(
         .await
         .map_err(|_| Error::Io("forget task failed".into()))??;
     if n > 0 {
-        eprintln!(
+        tracing::warn!(
             "volume '{volume}': verify found differences; {n} manifest entries marked unknown"
         );
     }

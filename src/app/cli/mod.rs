@@ -4,14 +4,22 @@
 //! flags, then the `parse_*` functions and `*Args::settings` turn those into
 //! typed values (`ChunkSize`, byte counts, durations, pinned fingerprints), so
 //! that nothing below this module handles an unchecked string.
+//!
+//! Here: the command line, the subcommands and the pass flags they share;
+//! `serve.rs` holds the receiver's flags, `values.rs` the parsers of sizes
+//! and durations. Owns no behaviour: `commands` runs what these describe.
 
-use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+mod serve;
+mod values;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use nightpass_proto::chunk::ChunkSize;
+
+pub use serve::{Allowed, ServeArgs};
+pub use values::{parse_chunk_size, parse_duration, parse_size};
 
 use crate::error::{Error, Result};
 use crate::io::hash::ScanOptions;
@@ -93,44 +101,6 @@ pub enum Command {
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         size: u64,
     },
-}
-
-/// `serve` flags.
-#[derive(Debug, Args)]
-pub struct ServeArgs {
-    /// Address and port to listen on (UDP).
-    #[arg(long)]
-    pub listen: SocketAddr,
-    /// An exported volume, NAME=PATH (repeatable).
-    #[arg(long = "volume", required = true)]
-    pub volumes: Vec<String>,
-    /// A sender allowed in (repeatable): FP for every volume, or
-    /// FP=NAME[,NAME...] for the named volumes only.
-    #[arg(long = "allow")]
-    pub allow: Vec<String>,
-    /// File of allowed senders, one per line in the forms of --allow (# comments allowed).
-    #[arg(long)]
-    pub allow_file: Option<PathBuf>,
-    /// Largest target file a sender may make this receiver create [default:
-    /// the size of the filesystem that would hold it].
-    #[arg(long, value_parser = parse_size)]
-    pub max_size: Option<u64>,
-    /// Identity directory.
-    #[arg(long)]
-    pub identity: Option<PathBuf>,
-    /// Receiver state directory [default: $NIGHTPASS_HOME/state or ~/.local/state/nightpass].
-    #[arg(long)]
-    pub state_dir: Option<PathBuf>,
-    /// Most sender sessions served at once, counted once a sender has
-    /// authenticated; more are refused with a reason.
-    #[arg(long, default_value_t = 32)]
-    pub max_sessions: usize,
-    /// Most sessions one sender fingerprint may hold at once.
-    #[arg(long, default_value_t = 8)]
-    pub max_sessions_per_sender: usize,
-    #[command(flatten)]
-    /// QUIC tuning.
-    pub quic: QuicArgs,
 }
 
 /// `converge` flags.
@@ -355,229 +325,9 @@ impl SyncArgs {
     }
 }
 
-impl ServeArgs {
-    /// Exported volumes by name.
-    pub fn volume_map(&self) -> Result<HashMap<String, PathBuf>> {
-        let mut out = HashMap::new();
-        for v in &self.volumes {
-            let (name, path) = v
-                .split_once('=')
-                .ok_or_else(|| Error::input(format!("--volume '{v}' is not NAME=PATH")))?;
-            let ok = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-            if !ok {
-                return Err(Error::input(format!(
-                    "volume name '{name}' may use only letters, digits, '-', '_' and '.'"
-                )));
-            }
-            if name.chars().all(|c| c == '.') {
-                return Err(Error::input(format!(
-                    "volume name '{name}' is made only of dots; give it a letter or digit"
-                )));
-            }
-            if path.is_empty() {
-                return Err(Error::input(format!("--volume '{v}' has no path")));
-            }
-            if out.insert(name.to_string(), PathBuf::from(path)).is_some() {
-                return Err(Error::input(format!("volume '{name}' is exported twice")));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Allowed senders, from `--allow` and `--allow-file`.
-    pub fn allowed(&self) -> Result<Allowed> {
-        let mut out = Allowed::default();
-        for a in &self.allow {
-            out.add(a)?;
-        }
-        if let Some(f) = &self.allow_file {
-            let text = std::fs::read_to_string(f).map_err(|e| {
-                Error::input(format!("cannot read --allow-file {}: {e}", f.display()))
-            })?;
-            for line in text.lines() {
-                let line = line.split('#').next().unwrap_or("").trim();
-                if !line.is_empty() {
-                    out.add(line)?;
-                }
-            }
-        }
-        if out.fingerprints.is_empty() {
-            return Err(Error::input(
-                "no sender is allowed: give --allow FINGERPRINT or --allow-file FILE (there is no unauthenticated mode)",
-            ));
-        }
-        Ok(out)
-    }
-}
-
-/// The senders a receiver lets in, and on which volumes.
-#[derive(Debug, Clone, Default)]
-pub struct Allowed {
-    /// Every fingerprint allowed in at all (the TLS layer pins these).
-    pub fingerprints: HashSet<String>,
-    /// Fingerprints limited to some volumes; one missing here may use every
-    /// exported volume.
-    pub limits: HashMap<String, HashSet<String>>,
-}
-
-impl Allowed {
-    /// Adds one entry: `FP` (every volume) or `FP=NAME[,NAME...]`. A
-    /// fingerprint given both ways may use every volume; limited entries of
-    /// one fingerprint add up.
-    pub fn add(&mut self, entry: &str) -> Result<()> {
-        let (fp, names) = match entry.split_once('=') {
-            Some((fp, names)) => (fp, Some(names)),
-            None => (entry, None),
-        };
-        let fp = parse_fingerprint(fp)?;
-        let unlimited = self.fingerprints.contains(&fp) && !self.limits.contains_key(&fp);
-        self.fingerprints.insert(fp.clone());
-        let Some(names) = names else {
-            self.limits.remove(&fp);
-            return Ok(());
-        };
-        let names: Vec<&str> = names.split(',').map(str::trim).collect();
-        if names.iter().any(|n| n.is_empty()) {
-            return Err(Error::input(format!(
-                "--allow '{entry}': expected FINGERPRINT=NAME[,NAME...]"
-            )));
-        }
-        if !unlimited {
-            self.limits
-                .entry(fp)
-                .or_default()
-                .extend(names.iter().map(|n| n.to_string()));
-        }
-        Ok(())
-    }
-}
-
-/// Parses a size: `65536`, `64K`, `64KiB`, `1.5G`, `2T` (powers of 1024).
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
-    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1,
-        "K" | "KB" | "KIB" => 1 << 10,
-        "M" | "MB" | "MIB" => 1 << 20,
-        "G" | "GB" | "GIB" => 1 << 30,
-        "T" | "TB" | "TIB" => 1 << 40,
-        _ => return Err(format!("'{s}' has an unknown unit (use K, M, G or T)")),
-    };
-    let v = n * mult as f64;
-    if !(0.0..1.8e19).contains(&v) {
-        return Err(format!("'{s}' is out of range"));
-    }
-    Ok(v.round() as u64)
-}
-
-/// Parses a chunk size into a [`ChunkSize`].
-pub fn parse_chunk_size(s: &str) -> std::result::Result<ChunkSize, String> {
-    ChunkSize::new(parse_size(s)?).map_err(|e| e.to_string())
-}
-
-/// Parses a duration: `90s`, `45m`, `6h`, `1h30m`, `500ms`, or plain seconds.
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let t = s.trim();
-    if let Ok(n) = t.parse::<f64>() {
-        return Ok(Duration::from_secs_f64(n.max(0.0)));
-    }
-    let mut total = 0f64;
-    let mut num = String::new();
-    let mut chars = t.chars().peekable();
-    let mut any = false;
-    while let Some(c) = chars.next() {
-        if c.is_ascii_digit() || c == '.' {
-            num.push(c);
-            continue;
-        }
-        let n: f64 = num
-            .parse()
-            .map_err(|_| format!("'{s}' is not a duration"))?;
-        num.clear();
-        let unit = if c == 'm' && chars.peek() == Some(&'s') {
-            chars.next();
-            0.001
-        } else {
-            match c {
-                's' => 1.0,
-                'm' => 60.0,
-                'h' => 3600.0,
-                'd' => 86400.0,
-                _ => {
-                    return Err(format!(
-                        "'{s}' is not a duration (use e.g. 90s, 45m, 1h30m)"
-                    ))
-                }
-            }
-        };
-        total += n * unit;
-        any = true;
-    }
-    if !num.is_empty() || !any {
-        return Err(format!(
-            "'{s}' is not a duration (use e.g. 90s, 45m, 1h30m)"
-        ));
-    }
-    Ok(Duration::from_secs_f64(total))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const FP: &str = "np1-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-
-    #[test]
-    fn allow_entries_limit_or_free_a_sender() {
-        let mut a = Allowed::default();
-        a.add(&format!("{FP}=a,b")).unwrap();
-        a.add(&format!("{FP}=c")).unwrap();
-        assert_eq!(a.limits[FP].len(), 3);
-        a.add(FP).unwrap();
-        assert!(a.limits.is_empty(), "FP alone means every volume");
-        a.add(&format!("{FP}=a")).unwrap();
-        assert!(a.limits.is_empty(), "an unlimited sender stays unlimited");
-        assert!(a.add(&format!("{FP}=a,,b")).is_err());
-        assert!(a.add("np1-x=a").is_err());
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("65536"), Ok(65536));
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("64KiB"), Ok(65536));
-        assert_eq!(parse_size("100M"), Ok(100 << 20));
-        assert_eq!(parse_size("2T"), Ok(2 << 40));
-        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("").is_err());
-    }
-
-    #[test]
-    fn chunk_sizes() {
-        assert_eq!(parse_chunk_size("64K").unwrap().bytes(), 65536);
-        assert!(parse_chunk_size("3K").is_err());
-        assert!(parse_chunk_size("128M").is_err());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("45m"), Ok(Duration::from_secs(2700)));
-        assert_eq!(parse_duration("6h"), Ok(Duration::from_secs(21600)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert!(parse_duration("5x").is_err());
-        assert!(parse_duration("1h30").is_err());
-    }
 
     #[test]
     fn the_command_line_runs_the_tuning_demo_and_bench_run() {
