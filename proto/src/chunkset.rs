@@ -61,6 +61,25 @@ impl ChunkSet {
         Self::from_runs(geometry, std::iter::once(start..end).collect())
     }
 
+    /// The chunks of this set at index `first` or later: what remains of a
+    /// pass over the set resumed at chunk `first`.
+    pub fn at_or_after(&self, first: u64) -> ChunkSet {
+        let runs = self
+            .runs
+            .iter()
+            .filter(|r| r.end > first)
+            .map(|r| r.start.max(first)..r.end)
+            .collect();
+        Self::from_normal_runs(&self.geometry, runs)
+    }
+
+    /// The first chunk of the set, or the chunk count when it is empty.
+    pub fn first(&self) -> u64 {
+        self.runs
+            .first()
+            .map_or(self.geometry.chunk_count(), |r| r.start)
+    }
+
     /// The chunks of `geometry` named by `indices`, in any order, repeats
     /// allowed; indices past the end are ignored. Memory grows with the
     /// runs the indices form in the order given, not with their number.
@@ -230,6 +249,27 @@ impl ChunkSet {
     }
 }
 
+/// What a pass reads, before the chunk size is agreed: every chunk, or
+/// the chunks overlapping byte ranges (a record of changed blocks gives
+/// them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every chunk of the volume.
+    Full,
+    /// The chunks overlapping these `(offset, length)` byte ranges.
+    Bytes(Vec<(u64, u64)>),
+}
+
+impl Scope {
+    /// The chunks of `geometry` the pass reads.
+    pub fn chunks(&self, geometry: &Geometry) -> ChunkSet {
+        match self {
+            Scope::Full => ChunkSet::all(geometry),
+            Scope::Bytes(ranges) => ChunkSet::from_byte_ranges(geometry, ranges.iter().copied()),
+        }
+    }
+}
+
 /// The chunk indices, as a half-open run, overlapping `len` bytes at
 /// `offset`, clipped to the volume; `None` when no byte of the volume is
 /// named.
@@ -375,6 +415,22 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn the_remainder_after_a_resume_point_is_the_set_from_there(
+            size in sizes(),
+            ranges in byte_ranges(),
+            first in 0u64..2000,
+        ) {
+            let g = geometry(size);
+            let set = ChunkSet::from_byte_ranges(&g, ranges.iter().copied());
+            let rest = set.at_or_after(first);
+            let want: BTreeSet<u64> = naive_bytes(&g, &ranges).into_iter().filter(|&i| i >= first).collect();
+            agrees(&rest, &want)?;
+            prop_assert_eq!(rest.first(), want.iter().next().copied().unwrap_or(g.chunk_count()));
+            prop_assert_eq!(Scope::Bytes(ranges.clone()).chunks(&g), set);
+            prop_assert_eq!(Scope::Full.chunks(&g), ChunkSet::all(&g));
+        }
+
         #[test]
         fn byte_ranges_become_the_chunks_they_touch(size in sizes(), ranges in byte_ranges()) {
             let g = geometry(size);

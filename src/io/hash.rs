@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use nightpass_proto::chunk::Geometry;
+use nightpass_proto::chunkset::ChunkSet;
 use nightpass_proto::manifest::{self, Hash};
 
 use crate::error::{Error, Result};
@@ -98,6 +99,8 @@ impl Scanned {
 pub struct Block<T> {
     /// Block sequence number (0, 1, …) in volume order.
     pub seq: u64,
+    /// The block's chunks end before this index.
+    pub end: u64,
     /// Results of the block's chunks for which `work` returned `Some`.
     pub items: Vec<T>,
 }
@@ -217,8 +220,7 @@ fn zero_hashes(g: &Geometry) -> (Hash, Hash) {
 /// Starts scanning chunks `first..geometry.chunk_count()` of `vol`.
 pub fn scan<T, F>(
     vol: Arc<Volume>,
-    geometry: Geometry,
-    first: u64,
+    set: ChunkSet,
     opts: ScanOptions,
     work: F,
     progress: Arc<dyn Progress>,
@@ -228,6 +230,7 @@ where
     F: Fn(Scanned) -> Option<T> + Send + Sync + 'static,
 {
     let workers = worker_count(opts.workers);
+    let geometry = *set.geometry();
     let chunk = geometry.chunk_size().bytes();
     let block = chunk.max(4 << 20);
     // Blocks to read: (seq, first chunk index, offset, length). Each worker
@@ -261,9 +264,8 @@ where
         })
         .collect();
     let (start, read_limit) = (figures.start, opts.read_limit);
-    let dispatcher = std::thread::spawn(move || {
-        dispatch(&btx, blocks(geometry, first, block), read_limit, start)
-    });
+    let dispatcher =
+        std::thread::spawn(move || dispatch(&btx, blocks(&set, block), read_limit, start));
     Scan {
         rx: orx,
         dispatcher,
@@ -272,19 +274,20 @@ where
     }
 }
 
-/// The blocks of a scan of chunks `first..` of `geometry`, in volume order:
-/// (seq, first chunk index, offset, length), each `block` bytes (a whole
-/// number of chunks) but the last.
-fn blocks(geometry: Geometry, first: u64, block: u64) -> impl Iterator<Item = ReadTask> {
+/// The blocks of a scan of `set`, in volume order, walked lazily:
+/// (seq, first chunk index, offset, length), each a run of the set's
+/// consecutive chunks of at most `block` bytes (a whole number of chunks;
+/// the volume's last chunk may be short).
+fn blocks(set: &ChunkSet, block: u64) -> impl Iterator<Item = ReadTask> + '_ {
+    let geometry = *set.geometry();
     let chunk = geometry.chunk_size().bytes();
     let per_block = (block / chunk).max(1);
-    (first..geometry.chunk_count())
-        .step_by(per_block as usize)
+    set.ranges_at_most(per_block)
         .enumerate()
-        .map(move |(seq, index)| {
-            let off = index * chunk;
-            let len = (geometry.size() - off).min(block) as usize;
-            (seq as u64, index, off, len)
+        .map(move |(seq, run)| {
+            let off = run.start * chunk;
+            let end = (run.end * chunk).min(geometry.size());
+            (seq as u64, run.start, off, (end - off) as usize)
         })
 }
 
@@ -380,10 +383,11 @@ where
                     return;
                 }
             };
+            let end = first_index + (len as u64).div_ceil(s.chunk as u64);
             let (items, total) = self.chunks(read, first_index);
             s.progress.scanned(total as u64);
             let t = Instant::now();
-            if s.out.blocking_send(Ok(Block { seq, items })).is_err() {
+            if s.out.blocking_send(Ok(Block { seq, end, items })).is_err() {
                 return;
             }
             let blocked = t.elapsed().as_nanos() as u64;
@@ -471,8 +475,7 @@ pub fn hash_all(
 ) -> Result<Vec<u8>> {
     let mut scan = scan(
         vol,
-        geometry,
-        0,
+        ChunkSet::all(&geometry),
         opts,
         |s| Some((s.index, s.hash)),
         progress,
@@ -497,10 +500,10 @@ mod tests {
     }
 
     #[test]
-    fn blocks_cover_the_chunks_from_first_in_order() {
+    fn blocks_cover_the_chunks_of_the_set_in_order() {
         // 10 MiB in chunks of 1 MiB, blocks of 4 MiB: 4 + 4 + 2.
         let g = geometry(10 << 20, 1 << 20);
-        let all: Vec<_> = blocks(g, 0, 4 << 20).collect();
+        let all: Vec<_> = blocks(&ChunkSet::all(&g), 4 << 20).collect();
         assert_eq!(
             all,
             [
@@ -510,12 +513,16 @@ mod tests {
             ]
         );
         // A resume from chunk 5 numbers its blocks from 0 again.
-        let rest: Vec<_> = blocks(g, 5, 4 << 20).collect();
+        let rest: Vec<_> = blocks(&ChunkSet::span(&g, 5..), 4 << 20).collect();
         assert_eq!(rest, [(0, 5, 5 << 20, 4 << 20), (1, 9, 9 << 20, 1 << 20)]);
-        assert_eq!(blocks(g, 10, 4 << 20).count(), 0);
+        assert_eq!(blocks(&ChunkSet::span(&g, 10..), 4 << 20).count(), 0);
+        // A set with gaps: a block never spans a gap.
+        let set = ChunkSet::from_indices(&g, [1, 2, 6, 7, 8, 9]);
+        let some: Vec<_> = blocks(&set, 4 << 20).collect();
+        assert_eq!(some, [(0, 1, 1 << 20, 2 << 20), (1, 6, 6 << 20, 4 << 20)]);
         // A last chunk shorter than the others ends the last block.
         let odd = geometry((8 << 20) + 5, 8 << 20);
-        let all: Vec<_> = blocks(odd, 0, 8 << 20).collect();
+        let all: Vec<_> = blocks(&ChunkSet::all(&odd), 8 << 20).collect();
         assert_eq!(all, [(0, 0, 0, 8 << 20), (1, 1, 8 << 20, 5)]);
     }
 

@@ -3,7 +3,7 @@
 //!
 //! Owns bookkeeping only: it never reads a device, a socket or a clock.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::manifest::Hash;
@@ -13,20 +13,22 @@ use crate::manifest::Hash;
 /// handed to the streams whole, and so where a new attempt must resume
 /// after a lost link.
 ///
-/// The pass scans chunks `start..` in read blocks of `chunks_per_block`
-/// chunks, numbered by `seq` from 0 in scan order; blocks may finish out of
-/// order (several hashing threads). Invariant: [`SendLedger::resume_point`]
-/// is at most every chunk not known durable, so a new attempt that starts
-/// there skips nothing the target lacks.
+/// The pass scans a set of chunks from `start` on (a
+/// [`crate::chunkset::ChunkSet`]) in read blocks, numbered by `seq` from 0
+/// in scan order, each ending before a chunk index; blocks may finish out
+/// of order (several hashing threads). Invariant:
+/// [`SendLedger::resume_point`] is at most every chunk of the set not known
+/// durable, so a new attempt over the set's chunks from there skips
+/// nothing the target lacks.
 #[derive(Debug, Clone)]
 pub struct SendLedger {
-    start: u64,
-    chunks_per_block: u64,
-    chunk_count: u64,
     in_flight: BTreeMap<u64, Hash>,
-    handed: BTreeSet<u64>,
+    /// Blocks handed whole out of order: seq → the index their chunks end before.
+    handed: BTreeMap<u64, u64>,
     /// Every block below this one has been handed to the streams whole.
     contiguous: u64,
+    /// The scan has handed every chunk of the set below this index.
+    scanned_to: u64,
 }
 
 /// The receiver acknowledged a chunk that is not on its way.
@@ -46,16 +48,14 @@ impl fmt::Display for UnexpectedAck {
 impl std::error::Error for UnexpectedAck {}
 
 impl SendLedger {
-    /// A ledger for an attempt that scans chunks `start..chunk_count` in
-    /// read blocks of `chunks_per_block` chunks (at least 1).
-    pub fn new(start: u64, chunks_per_block: u64, chunk_count: u64) -> SendLedger {
+    /// A ledger for an attempt whose scan starts at chunk `start` (the
+    /// first chunk of its set).
+    pub fn new(start: u64) -> SendLedger {
         SendLedger {
-            start,
-            chunks_per_block: chunks_per_block.max(1),
-            chunk_count,
             in_flight: BTreeMap::new(),
-            handed: BTreeSet::new(),
+            handed: BTreeMap::new(),
             contiguous: 0,
+            scanned_to: start,
         }
     }
 
@@ -65,11 +65,12 @@ impl SendLedger {
         self.in_flight.insert(index, hash);
     }
 
-    /// Every chunk of read block `seq` that had to be sent has been handed
-    /// to the streams.
-    pub fn handle_block_handed(&mut self, seq: u64) {
-        self.handed.insert(seq);
-        while self.handed.remove(&self.contiguous) {
+    /// Every chunk of read block `seq` (whose chunks end before index
+    /// `end`) that had to be sent has been handed to the streams.
+    pub fn handle_block_handed(&mut self, seq: u64, end: u64) {
+        self.handed.insert(seq, end);
+        while let Some(end) = self.handed.remove(&self.contiguous) {
+            self.scanned_to = end;
             self.contiguous += 1;
         }
     }
@@ -93,13 +94,9 @@ impl SendLedger {
     /// Where a new attempt resumes the scan: the first chunk on its way, or
     /// else the end of the blocks handed whole, whichever comes first.
     pub fn resume_point(&self) -> u64 {
-        let scanned_to = self
-            .start
-            .saturating_add(self.contiguous.saturating_mul(self.chunks_per_block))
-            .min(self.chunk_count);
         match self.in_flight.keys().next() {
-            Some(&first) => first.min(scanned_to),
-            None => scanned_to,
+            Some(&first) => first.min(self.scanned_to),
+            None => self.scanned_to,
         }
     }
 }
@@ -107,6 +104,7 @@ impl SendLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     /// xorshift64*: a deterministic stream of numbers.
     struct Rng(u64);
@@ -122,11 +120,11 @@ mod tests {
 
     #[test]
     fn resumes_at_the_first_chunk_on_its_way() {
-        let mut l = SendLedger::new(10, 4, 100);
+        let mut l = SendLedger::new(10);
         assert_eq!(l.resume_point(), 10);
         l.handle_sent(11, [1; 32]);
         l.handle_sent(13, [3; 32]);
-        l.handle_block_handed(0); // chunks 10..14
+        l.handle_block_handed(0, 14); // chunks 10..14
         assert_eq!(l.resume_point(), 11);
         assert_eq!(l.handle_ack(11), Ok([1; 32]));
         assert_eq!(l.resume_point(), 13);
@@ -138,15 +136,15 @@ mod tests {
 
     #[test]
     fn blocks_handed_out_of_order_count_only_once_contiguous() {
-        let mut l = SendLedger::new(0, 8, 40);
-        l.handle_block_handed(1);
-        l.handle_block_handed(2);
+        let mut l = SendLedger::new(0);
+        l.handle_block_handed(1, 16);
+        l.handle_block_handed(2, 24);
         assert_eq!(l.resume_point(), 0, "block 0 is not handed yet");
-        l.handle_block_handed(0);
+        l.handle_block_handed(0, 8);
         assert_eq!(l.resume_point(), 24);
-        l.handle_block_handed(3);
-        l.handle_block_handed(4);
-        assert_eq!(l.resume_point(), 40, "never past the volume's end");
+        l.handle_block_handed(3, 32);
+        l.handle_block_handed(4, 40);
+        assert_eq!(l.resume_point(), 40);
     }
 
     /// Against a naive oracle, over random interleavings of sends, acks and
@@ -160,7 +158,7 @@ mod tests {
             let (start, per_block) = (rng.below(5), 1 + rng.below(4));
             let blocks = 1 + rng.below(12);
             let count = start + blocks * per_block - rng.below(per_block);
-            let mut l = SendLedger::new(start, per_block, count);
+            let mut l = SendLedger::new(start);
             let mut durable: BTreeSet<u64> = (0..start).collect();
             let mut sent: Vec<u64> = Vec::new();
             let mut handed: BTreeSet<u64> = BTreeSet::new();
@@ -178,7 +176,7 @@ mod tests {
                         durable.insert(i); // unchanged: the target holds it
                     }
                 }
-                l.handle_block_handed(seq);
+                l.handle_block_handed(seq, (first + per_block).min(count));
                 handed.insert(seq);
                 while !sent.is_empty() && rng.below(3) == 0 {
                     let k = sent.swap_remove(rng.below(sent.len() as u64) as usize);

@@ -15,6 +15,7 @@ use bytes::Bytes;
 
 use super::{SendLedger, SessionError};
 use crate::chunk::{ChunkSize, Geometry};
+use crate::chunkset::ChunkSet;
 use crate::manifest::{self, Hash, RootHasher, Summary};
 use crate::wire::{self, control::Msg, Encoding, RefuseCode};
 
@@ -308,11 +309,12 @@ pub struct SendSession {
 }
 
 impl SendSession {
-    /// An attempt over `geometry` that scans chunks `resume..` in read
-    /// blocks of `chunks_per_block` chunks.
-    pub fn new(geometry: &Geometry, resume: u64, chunks_per_block: u64) -> SendSession {
+    /// An attempt over `geometry` that scans `set` (all chunks of a full
+    /// pass, the remainder of a resumed one, or the chunks a change record
+    /// names), in read blocks.
+    pub fn new(geometry: &Geometry, set: &ChunkSet) -> SendSession {
         SendSession {
-            ledger: SendLedger::new(resume, chunks_per_block, geometry.chunk_count()),
+            ledger: SendLedger::new(set.first()),
             policy: ProbePolicy::new(geometry.chunk_size()),
             held: HashMap::new(),
             chunks_sent: 0,
@@ -337,9 +339,10 @@ impl SendSession {
         }
     }
 
-    /// Every chunk of read block `seq` to send has gone to the streams.
-    pub fn handle_block_handed(&mut self, seq: u64) {
-        self.ledger.handle_block_handed(seq);
+    /// Every chunk of read block `seq` (ending before chunk `end`) to send
+    /// has gone to the streams.
+    pub fn handle_block_handed(&mut self, seq: u64, end: u64) {
+        self.ledger.handle_block_handed(seq, end);
     }
 
     /// Probes whose bytes are held (sent, not yet acknowledged).
@@ -347,7 +350,9 @@ impl SendSession {
         self.held.len()
     }
 
-    /// Where a new attempt resumes the scan ([`SendLedger::resume_point`]).
+    /// Where a new attempt resumes the scan ([`SendLedger::resume_point`]):
+    /// it reads the chunks of its set from there
+    /// ([`ChunkSet::at_or_after`]).
     pub fn resume_point(&self) -> u64 {
         self.ledger.resume_point()
     }

@@ -101,8 +101,7 @@ async fn hash_whole(
     };
     let mut scan = hash::scan(
         volume,
-        geometry,
-        run.start,
+        ChunkSet::span(&geometry, run),
         ScanOptions::default(),
         |s| Some((s.index, s.hash)),
         Arc::new(Quiet),

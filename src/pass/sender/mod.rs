@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nightpass_proto::chunk::{ChunkSize, Geometry};
+use nightpass_proto::chunkset::{ChunkSet, Scope};
 use nightpass_proto::manifest::{self, Hash, Summary};
 use nightpass_proto::plan::{self, CompressPolicy, Forecast};
 use nightpass_proto::session::sender::{
@@ -228,6 +229,9 @@ struct PassRun<'a> {
     collect: bool,
     shared: PassShared,
     scanned: ScanStatsSum,
+    /// What the pass reads: today every chunk (change tracking will name a
+    /// set); an attempt resumed after a lost link reads what remains of it.
+    scope: Scope,
 }
 
 impl<'a> PassRun<'a> {
@@ -285,6 +289,7 @@ impl<'a> PassRun<'a> {
             collect,
             shared,
             scanned: ScanStatsSum::default(),
+            scope: Scope::Full,
         })
     }
 
@@ -357,11 +362,11 @@ impl<'a> PassRun<'a> {
         self.start(geometry);
         let m = self.ours.take().expect("reconciled");
         let ours = Arc::new(Mutex::new(m));
+        let set = self.scope.chunks(&geometry).at_or_after(resume);
         let r = stream_pass(
             cfg,
             session,
-            geometry,
-            resume,
+            set,
             ours.clone(),
             &self.shared,
             &mut self.scanned,

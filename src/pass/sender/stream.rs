@@ -384,29 +384,29 @@ fn chunks_per_block(geometry: &Geometry) -> u64 {
     (geometry.chunk_size().bytes().max(4 << 20) / geometry.chunk_size().bytes()).max(1)
 }
 
-/// Streams chunks `resume..` of one attempt and ends the pass with the
-/// receiver; on failure, says where a new attempt must resume.
+/// Streams the chunks of `set` (what remains of the pass for this
+/// attempt) and ends the pass with the receiver; on failure, says where a
+/// new attempt must resume.
 pub(super) async fn stream_pass(
     cfg: &SyncConfig,
     wire: Session,
-    geometry: Geometry,
-    resume: u64,
+    set: ChunkSet,
     ours: Arc<Mutex<ManifestFile>>,
     pass: &PassShared,
     scanned: &mut ScanStatsSum,
 ) -> std::result::Result<AttemptDone, Interrupted> {
+    let (geometry, resume) = (*set.geometry(), set.first());
     let (patch_tx, patch_rx) = mpsc::unbounded_channel::<Outgoing>();
-    let session = SendSession::new(&geometry, resume, chunks_per_block(&geometry));
+    let session = SendSession::new(&geometry, &set);
     let shared = Arc::new(Shared::new(
         session,
         geometry.chunk_size().bytes(),
         patch_tx,
     ));
-    let mut scan =
-        start_scan(cfg, geometry, resume, &ours, pass, &shared).map_err(|error| Interrupted {
-            error,
-            resume_at: resume,
-        })?;
+    let mut scan = start_scan(cfg, set, &ours, pass, &shared).map_err(|error| Interrupted {
+        error,
+        resume_at: resume,
+    })?;
     let Session {
         endpoint,
         conn,
@@ -488,12 +488,11 @@ async fn with_acks_and_heartbeats(
     (dispatched, ack_finished)
 }
 
-/// Starts reading and hashing chunks `resume..`, each planned against our
-/// live table (what the target is known to hold, acks included).
+/// Starts reading and hashing the chunks of `set`, each planned against
+/// our live table (what the target is known to hold, acks included).
 fn start_scan(
     cfg: &SyncConfig,
-    geometry: Geometry,
-    resume: u64,
+    set: ChunkSet,
     ours: &Arc<Mutex<ManifestFile>>,
     pass: &PassShared,
     shared: &Arc<Shared>,
@@ -508,8 +507,7 @@ fn start_scan(
     let (scan_known, scan_shared) = (ours.clone(), shared.clone());
     Ok(hash::scan(
         vol,
-        geometry,
-        resume,
+        set,
         cfg.scan.clone(),
         move |s| {
             let known = scan_known.lock().expect("not poisoned").entry(s.index);
@@ -624,7 +622,7 @@ async fn hand_blocks(
             }
             next += 1;
         }
-        shared.session().handle_block_handed(block.seq);
+        shared.session().handle_block_handed(block.seq, block.end);
     }
     Ok(())
 }
