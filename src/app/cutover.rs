@@ -31,7 +31,7 @@ use crate::io::freeze::{FreezeGuard, Method};
 use crate::net::transport::{self, Identity};
 use crate::pass::sender::{self, open_session, target_dir, SyncConfig};
 use crate::progress::{human_bytes, now_unix, PassEnd, Progress};
-use crate::store::journal::{self, CutoverRecord, SenderJournal, SenderRecord, TargetReadRecord};
+use crate::store::journal::{self, CutoverRecord, SenderRecord, TargetReadRecord};
 use crate::store::state::ManifestFile;
 
 /// Settings of `converge`.
@@ -71,7 +71,8 @@ pub async fn converge(
     let window = cc.window.as_secs_f64();
     let mut changed: Vec<u64> = Vec::new();
     let mut last: Option<PassEnd> = None;
-    let journal = SenderJournal::in_dir(&sender::volume_state_dir(cfg)?);
+    sender::volume_state_dir(cfg)?;
+    let journal = sender::journal(cfg);
     // The first pass of a volume copies everything: reading the target
     // alongside would only slow it, and it measures no read rate.
     let mut copied_before = journal::passes(&journal.read()?).next().is_some();
@@ -232,12 +233,7 @@ async fn pass_with_target_read(
     )?;
     // The frozen pass lasts as long as the slower of the two reads: journal
     // the target's, so the forecast sees a target slower than the source.
-    SenderJournal::in_dir(&target_dir(
-        &cfg.state_dir,
-        &cfg.server_fingerprint,
-        &cfg.dest,
-    ))
-    .append(&SenderRecord::TargetRead(TargetReadRecord {
+    sender::journal(cfg).append(&SenderRecord::TargetRead(TargetReadRecord {
         size_bytes: geometry.size(),
         duration_s: read_s,
     }))?;
@@ -504,7 +500,7 @@ pub async fn cutover(
 ) -> Result<i32> {
     cc.method.check(&cfg.source)?;
     let dir = sender::volume_state_dir(cfg)?;
-    let journal = SenderJournal::in_dir(&dir);
+    let journal = sender::journal(cfg);
     let forecast = nightpass_proto::plan::forecast(&journal::figures(&journal.read()?), now_unix());
     match forecast {
         Some(f) => progress.note(&format!(

@@ -42,7 +42,7 @@ pub(super) async fn sync_session(
     let dir = volume_dir(&shared, &hello.volume);
     // Everything that can refuse is checked before the target is created,
     // so that a refusal writes nothing: the volume's journal too.
-    let unsealed_cutover = match crate::store::seal::last_unsealed(&dir) {
+    let unsealed_cutover = match crate::store::seal::last_unsealed(&shared.store, &hello.volume) {
         Ok(cp) => cp,
         Err(e) => return refuse_freeing(guard, &mut send, &conn, e.into()).await,
     };
