@@ -30,7 +30,9 @@
 //!   the crate and the binary ([`io::sys`]); `unsafe` is denied everywhere
 //!   else.
 //! - [`store`]: state directories, memory-mapped manifests, the journals'
-//!   typed records, sealed volumes.
+//!   typed records, sealed volumes, and the [`store::Store`] trait through
+//!   which journals, source records and seals are kept (the file store
+//!   today).
 //! - [`error`]: error kinds and exit statuses; [`progress`]: the progress
 //!   trait and its terminal/JSON implementations.
 //!

@@ -1,9 +1,12 @@
 //! Sealed volumes, on the receiver.
 //!
-//! Owns each exported volume's seal record, `volumes/<key>/seal` under the
-//! receiver's state directory, and when the `cutover` and `unsealed`
-//! records of that volume's journal are written (their format is
-//! [`crate::store::journal`]'s). After a cutover the receiver seals the volume: the
+//! Owns each exported volume's seal record (its type, and its file
+//! `volumes/<key>/seal` under the receiver's state directory, which the
+//! [`FileStore`] keeps), and when the `cutover` and
+//! `unsealed` records of that volume's journal are written (their format is
+//! [`crate::store::journal`]'s). Seals and journal records go through the
+//! [`Store`]; the manifest and its rebuild mark stay in the local volume
+//! directory. After a cutover the receiver seals the volume: the
 //! new site owns the target now, and every later sync (or cutover) of it is
 //! refused until the operator runs `nightpass unseal NAME` on the receiver
 //! host. The seal is read fresh at each session, so an unseal takes effect
@@ -30,10 +33,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
-use crate::store::journal::{
-    self, ReceiverCutoverRecord, ReceiverJournal, ReceiverRecord, ReceiverUnsealedRecord,
-};
+use crate::store::journal::{self, ReceiverCutoverRecord, ReceiverRecord, ReceiverUnsealedRecord};
 use crate::store::state::{self, ManifestFile};
+use crate::store::{FileStore, Store};
 
 /// Length of a consistency point: the hex of a 32-byte root.
 pub const CONSISTENCY_POINT_LEN: usize = 2 * manifest::ENTRY_LEN;
@@ -60,8 +62,10 @@ pub fn seal_path(volume_dir: &Path) -> PathBuf {
     volume_dir.join("seal")
 }
 
-/// The volume's seal: `Ok(None)` when it is not sealed, `Err` (a sentence)
-/// when a seal record exists but cannot be read, which counts as sealed.
+/// The volume's seal as the file store keeps it in the volume's directory:
+/// `Ok(None)` when it is not sealed, `Err` (a sentence) when a seal record
+/// exists but cannot be read, which counts as sealed. Callers that know the
+/// volume's name ask the [`Store`] ([`Store::seal`]).
 pub fn read(volume_dir: &Path) -> std::result::Result<Option<Seal>, String> {
     let path = seal_path(volume_dir);
     match fs::read(&path) {
@@ -110,11 +114,17 @@ pub fn check_mark(mark: &wire::Mark) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Records a cutover of volume `name` and seals it, when `mark` (checked by
+/// Records a cutover of volume `name` (whose manifest lives in
+/// `volume_dir`) in `store` and seals it, when `mark` (checked by
 /// [`check_mark`]) names the root of the receiver's manifest as it is now.
 /// The caller holds the volume, so no pass runs meanwhile. A mismatch is
 /// [`Error::Input`] and writes nothing.
-pub fn record_cutover(volume_dir: &Path, name: &str, mark: &wire::Mark) -> Result<Seal> {
+pub fn record_cutover(
+    store: &dyn Store,
+    volume_dir: &Path,
+    name: &str,
+    mark: &wire::Mark,
+) -> Result<Seal> {
     if state::marked_for_rebuild(volume_dir) {
         return Err(Error::input(format!(
             "this receiver's manifest of volume '{name}' is to be rebuilt since it was unsealed; run a pass first"
@@ -149,20 +159,23 @@ pub fn record_cutover(volume_dir: &Path, name: &str, mark: &wire::Mark) -> Resul
     };
     // Sealed first: a crash before the journal line leaves the volume
     // sealed (safe) rather than a recorded cutover without a seal.
-    write_seal(volume_dir, &seal)?;
-    ReceiverJournal::in_dir(volume_dir).append(&ReceiverRecord::Cutover(
-        ReceiverCutoverRecord {
+    store.set_seal(name, &seal)?;
+    store.append_receiver_record(
+        name,
+        &ReceiverRecord::Cutover(ReceiverCutoverRecord {
             volume: name.to_string(),
             consistency_point: seal.consistency_point.clone(),
             freeze_unix_s: seal.cutover_unix_s,
             frozen_s: seal.frozen_s,
             sealed_at: Some(crate::progress::rfc3339_seconds(seal.sealed_unix_s)),
-        },
-    ))?;
+        }),
+    )?;
     Ok(seal)
 }
 
-fn write_seal(volume_dir: &Path, seal: &Seal) -> Result<()> {
+/// Writes the seal record into the volume's directory, durably (the file
+/// store's [`Store::set_seal`]).
+pub(crate) fn write(volume_dir: &Path, seal: &Seal) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let path = seal_path(volume_dir);
     let bytes = serde_json::to_vec_pretty(seal).expect("a seal serializes");
@@ -171,12 +184,22 @@ fn write_seal(volume_dir: &Path, seal: &Seal) -> Result<()> {
         .ctx(format!("chmod 0600 {}", path.display()))
 }
 
-/// The consistency point of the volume's last cutover that the operator
+/// Removes the seal record from the volume's directory, durably (the file
+/// store's [`Store::remove_seal`]).
+pub(crate) fn remove(volume_dir: &Path) -> Result<()> {
+    let path = seal_path(volume_dir);
+    fs::remove_file(&path).ctx(format!("remove {}", path.display()))?;
+    fs::File::open(volume_dir)
+        .and_then(|d| d.sync_all())
+        .ctx(format!("fsync directory {}", volume_dir.display()))
+}
+
+/// The consistency point of volume `name`'s last cutover that the operator
 /// unsealed (its journal's last `unsealed` record), or empty: what a sync
 /// session's Welcome carries as `unsealed_cutover`. A journal that exists
-/// but cannot be read is an error ([`ReceiverJournal::read`]).
-pub fn last_unsealed(volume_dir: &Path) -> Result<String> {
-    let records = ReceiverJournal::in_dir(volume_dir).read()?;
+/// but cannot be read is an error ([`Store::receiver_records`]).
+pub fn last_unsealed(store: &dyn Store, name: &str) -> Result<String> {
+    let records = store.receiver_records(name)?;
     Ok(journal::last_unsealed(&records)
         .filter(|cp| cp.len() == CONSISTENCY_POINT_LEN)
         .unwrap_or_default()
@@ -216,8 +239,9 @@ pub fn unseal(state_dir: &Path, name: &str, progress: &dyn Progress) -> Result<U
             state_dir.display()
         )));
     }
-    let dir = state_dir.join("volumes").join(state::key_for(name));
-    let seal = match read(&dir) {
+    let store = FileStore::new(state_dir);
+    let dir = store.receiver_dir(name);
+    let seal = match store.seal(name) {
         Ok(Some(s)) => s,
         Ok(None) => {
             return Err(Error::input(format!(
@@ -234,17 +258,16 @@ pub fn unseal(state_dir: &Path, name: &str, progress: &dyn Progress) -> Result<U
     let manifest = rebuild_manifest(&dir, name, progress)?;
     // Journaled before the seal goes: a crash in between leaves the volume
     // sealed, and the operator runs unseal again.
-    ReceiverJournal::in_dir(&dir).append(&ReceiverRecord::Unsealed(ReceiverUnsealedRecord {
-        volume: name.to_string(),
-        consistency_point: seal.consistency_point.clone(),
-        cutover_at: seal.cutover_at.clone(),
-        unsealed_at: crate::progress::rfc3339_seconds(crate::progress::now_unix()),
-    }))?;
-    let path = seal_path(&dir);
-    fs::remove_file(&path).ctx(format!("remove {}", path.display()))?;
-    fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .ctx(format!("fsync directory {}", dir.display()))?;
+    store.append_receiver_record(
+        name,
+        &ReceiverRecord::Unsealed(ReceiverUnsealedRecord {
+            volume: name.to_string(),
+            consistency_point: seal.consistency_point.clone(),
+            cutover_at: seal.cutover_at.clone(),
+            unsealed_at: crate::progress::rfc3339_seconds(crate::progress::now_unix()),
+        }),
+    )?;
+    store.remove_seal(name)?;
     Ok(Unsealed { seal, manifest })
 }
 

@@ -177,9 +177,14 @@ pub struct SourceRecord {
 impl SourceRecord {
     /// Reads the record of the volume whose state lives in `dir`; `None`
     /// when missing or not a record (then the journal's last pass tells).
-    pub fn read(dir: &Path) -> Option<SourceRecord> {
-        let text = fs::read(dir.join("source")).ok()?;
-        serde_json::from_slice(&text).ok()
+    /// A file that exists but cannot be read is [`Error::Io`] naming it.
+    pub fn read(dir: &Path) -> Result<Option<SourceRecord>> {
+        let path = dir.join("source");
+        match fs::read(&path) {
+            Ok(text) => Ok(serde_json::from_slice(&text).ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
+        }
     }
 
     /// Writes the record crash-safely.

@@ -19,8 +19,6 @@ use nightpass_proto::wire::{self, control::Msg, Mode};
 
 use crate::harness::*;
 
-const MIB: u64 = 1 << 20;
-
 /// Runs `sync` (with `--retry-for 0s`, so a refusal ends it) once a second
 /// until it succeeds or `limit` passes; returns the last run and how many
 /// were refused before.
@@ -184,7 +182,7 @@ fn stalled_handshakes_do_not_lock_out_an_honest_sender() {
         run.stderr,
         &log[log.len().saturating_sub(2000)..]
     );
-    assert_eq!(hash_prefix(&dst, 8 * MIB), hash_file(&src), "bytes differ");
+    assert_eq!(hash_prefix(&dst, 8 * MIB), file_hash(&src), "bytes differ");
     let attempts = stalls.load(Ordering::Relaxed) + refusals.load(Ordering::Relaxed);
     let lines = log
         .lines()
@@ -272,7 +270,7 @@ fn partial_frame_headers_do_not_hold_session_slots() {
         refused > 0,
         "the 32 held connections never filled the slots: the test proves nothing"
     );
-    assert_eq!(hash_prefix(&dst, 4 * MIB), hash_file(&src), "bytes differ");
+    assert_eq!(hash_prefix(&dst, 4 * MIB), file_hash(&src), "bytes differ");
     rx.assert_log_says(
         "no hello within",
         "the receiver did not say why it ended the held sessions",
@@ -331,7 +329,7 @@ fn one_sender_cannot_hold_more_than_its_session_cap() {
     // The cap is per sender: another one gets in.
     let run = other.run("sync", &src, &rx.dest("v"), &rx.fp, &["--retry-for", "0s"]);
     assert_eq!(run.code, 0, "another sender was kept out: {}", run.stderr);
-    assert_eq!(hash_prefix(&dst, 4 * MIB), hash_file(&src), "bytes differ");
+    assert_eq!(hash_prefix(&dst, 4 * MIB), file_hash(&src), "bytes differ");
     assert!(
         held.iter().all(|h| h.conn.close_reason().is_none()),
         "the held sessions ended early: the test timing is off"
@@ -382,7 +380,7 @@ fn stuck_session_lets_the_volume_go(test: &str, request_manifest: bool) {
         refused > 0,
         "{test}: the stuck session never held the volume: the test proves nothing"
     );
-    assert_eq!(hash_prefix(&dst, 4 * MIB), hash_file(&src), "bytes differ");
+    assert_eq!(hash_prefix(&dst, 4 * MIB), file_hash(&src), "bytes differ");
 }
 
 /// Issue 13 item 10: a ManifestRequest whose replies are never read does
@@ -463,7 +461,7 @@ fn killed_sender_rerun_is_accepted_at_once() {
         waited < Duration::from_secs(8),
         "the rerun waited {waited:?} for the volume (the idle timeout is 15 s)"
     );
-    assert_eq!(hash_file(&dst), hash_file(&src), "bytes differ");
+    assert_eq!(file_hash(&dst), file_hash(&src), "bytes differ");
     rx.assert_log_says(
         "does not answer",
         "the receiver did not say why it gave the volume away",
@@ -504,7 +502,7 @@ fn live_sender_keeps_its_volume() {
         "the live sender lost its pass: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(hash_file(&dst), hash_file(&src), "bytes differ");
+    assert_eq!(file_hash(&dst), file_hash(&src), "bytes differ");
 }
 
 // ---------------------------------------------------------------------------
@@ -523,7 +521,7 @@ fn sighup_does_not_stop_serve() {
         rx.log()
     );
     sender.sync_ok(&src, &rx, "v", "sync");
-    assert_eq!(hash_prefix(&dst, 2 * MIB), hash_file(&src), "bytes differ");
+    assert_eq!(hash_prefix(&dst, 2 * MIB), file_hash(&src), "bytes differ");
 }
 
 /// Issue 13 item 16: an identity key readable by others is warned about,
@@ -730,8 +728,8 @@ fn verify_with_a_slow_source_succeeds() {
     );
     sender.sync_ok(&src, &rx, "v", "sync after verify");
     assert_eq!(
-        hash_file(&dst),
-        hash_file(&src),
+        file_hash(&dst),
+        file_hash(&src),
         "the receiver did not forget the differing chunk: the sync left it"
     );
 }
@@ -829,5 +827,5 @@ fn unauthorized_hello_does_not_touch_another_volumes_holder() {
         "the receiver checked the holder's liveness for an unauthorized sender: {}",
         rx.log()
     );
-    assert_eq!(hash_file(&b), hash_file(&src), "bytes differ");
+    assert_eq!(file_hash(&b), file_hash(&src), "bytes differ");
 }

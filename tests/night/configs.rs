@@ -3,13 +3,10 @@
 //! throttles (which must also really hold the pass back). And `--direct`
 //! really leaves the page cache alone.
 
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 
 use crate::harness::*;
-
-const MIB: u64 = 1 << 20;
 
 /// Bytes of `path` resident in the page cache, from util-linux `fincore`.
 fn cached_bytes(path: &Path) -> u64 {
@@ -23,14 +20,6 @@ fn cached_bytes(path: &Path) -> u64 {
         .trim()
         .parse()
         .expect("fincore prints a number")
-}
-
-/// Evicts `path` from the page cache.
-fn evict(path: &Path) {
-    let f = std::fs::File::open(path).unwrap();
-    // SAFETY: fadvise on a descriptor we own; no memory is passed.
-    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    assert_eq!(rc, 0);
 }
 
 #[test]
@@ -60,11 +49,11 @@ fn every_configuration_gives_an_identical_target() {
     let size = 12 * MIB + 5 * 4096 + 1234;
     let source = root.join("source.img");
     random_file(&source, size, 301);
-    let want = hash_file(&source);
+    let want = file_hash(&source);
     for ((name, extra), (_, target)) in configs.iter().zip(&targets) {
         let r = sender.run("sync", &source, &rx.dest(name), &rx.fp, extra);
         assert_eq!(r.code, 0, "{name}: {}", r.stderr);
-        assert_eq!(hash_file(target), want, "{name}: target differs");
+        assert_eq!(file_hash(target), want, "{name}: target differs");
         let end = r.event("pass_end");
         if name.ends_with("limit") {
             // 12 MiB at 6 MiB/s: a throttle that holds takes at least ~2 s.
@@ -93,15 +82,15 @@ fn direct_reads_leave_the_page_cache_alone() {
     let size = 32 * MIB;
     let source = root.join("source.img");
     random_file(&source, size, 302);
-    let want = hash_file(&source);
+    let want = file_hash(&source);
 
-    evict(&source);
+    evict_from_cache(&source);
     let before = cached_bytes(&source);
     let r = sender.run("sync", &source, &rx.dest("a"), &rx.fp, &["--direct"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let direct = cached_bytes(&source);
 
-    evict(&source);
+    evict_from_cache(&source);
     let r = sender.run("sync", &source, &rx.dest("b"), &rx.fp, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let buffered = cached_bytes(&source);
@@ -116,8 +105,8 @@ fn direct_reads_leave_the_page_cache_alone() {
         buffered >= size / 2,
         "a buffered pass should have cached the source ({buffered} B): the measurement is broken"
     );
-    assert_eq!(hash_file(&ta), want);
-    assert_eq!(hash_file(&tb), want);
+    assert_eq!(file_hash(&ta), want);
+    assert_eq!(file_hash(&tb), want);
 }
 
 #[test]
@@ -139,7 +128,7 @@ fn direct_reads_of_a_loop_device_with_an_unaligned_size() {
     let r = sender.run("sync", &lo.dev, &rx.dest("v"), &rx.fp, &["--direct"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(size_of(&lo.dev), 8 * MIB + 7 * 512);
-    assert_eq!(hash_file(&target), hash_file(&backing));
+    assert_eq!(file_hash(&target), file_hash(&backing));
     let r = Command::new(bin())
         .args(["verify", "--json", "--direct"])
         .arg(&lo.dev)

@@ -7,10 +7,10 @@
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -354,92 +354,6 @@ fn assert_writable(dir: &Path, name: &str, why: &str) {
     }
 }
 
-/// A nightpass process running in the background, its stdout collected.
-struct Spawned {
-    child: Child,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-    threads: Vec<JoinHandle<()>>,
-    started: Instant,
-}
-
-impl Spawned {
-    fn start(mut c: Command) -> Spawned {
-        let mut child = c
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nightpass");
-        let (out, err) = (
-            Arc::new(Mutex::new(String::new())),
-            Arc::new(Mutex::new(String::new())),
-        );
-        let so = child.stdout.take().unwrap();
-        let se = child.stderr.take().unwrap();
-        let (o2, e2) = (out.clone(), err.clone());
-        let t1 = std::thread::spawn(move || {
-            for l in BufReader::new(so).lines().map_while(Result::ok) {
-                let mut o = o2.lock().unwrap();
-                o.push_str(&l);
-                o.push('\n');
-            }
-        });
-        let t2 = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = BufReader::new(se).read_to_string(&mut s);
-            e2.lock().unwrap().push_str(&s);
-        });
-        Spawned {
-            child,
-            out,
-            err,
-            threads: vec![t1, t2],
-            started: Instant::now(),
-        }
-    }
-
-    /// Waits until a JSON line with `"event":name` appeared on stdout.
-    fn wait_event(&self, name: &str, limit: Duration) -> bool {
-        let needle = format!("\"event\":\"{name}\"");
-        wait_for(limit, || self.out.lock().unwrap().contains(&needle))
-    }
-
-    /// Waits for the process to end (killing it past `limit`) and parses its output.
-    fn finish(mut self, limit: Duration) -> Run {
-        let code = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st.code().unwrap_or(-1);
-            }
-            if self.started.elapsed() > limit {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                for t in self.threads.drain(..) {
-                    let _ = t.join();
-                }
-                panic!(
-                    "nightpass did not end within {limit:?}\nstdout: {}\nstderr: {}",
-                    self.out.lock().unwrap(),
-                    self.err.lock().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        let out = self.out.lock().unwrap().clone();
-        let err = self.err.lock().unwrap().clone();
-        parse_run(code, out.as_bytes(), err.as_bytes())
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A read-only mount of a copy of the target image, after `fsck.ext4 -n -f`
 /// found it clean. Fields drop in order: unmount, then detach.
 struct TargetCopy {
@@ -471,11 +385,6 @@ fn changed_bytes(end: &Value) -> u64 {
     end["changed_bytes"]
         .as_u64()
         .unwrap_or_else(|| panic!("no changed_bytes in {end}"))
-}
-
-/// Writes `len` bytes of fresh random data as a file in the mount, synced.
-fn fill_file(path: &Path, len: u64, seed: u64) {
-    random_file(path, len, seed);
 }
 
 /// Writes `count` files of `len` random bytes into `data`, each named by the
@@ -752,7 +661,7 @@ fn cutover_with_hooks_runs_post_even_when_pre_fails() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "pre\npost\n");
     assert_eq!(r.event("cutover_end")["proved"], true);
-    assert_eq!(hash_file(&source), hash_file(&target));
+    assert_eq!(file_hash(&source), file_hash(&target));
     let text = std::fs::read_to_string(&journal).unwrap();
     let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     assert_eq!(last["event"], "cutover");
@@ -769,7 +678,7 @@ fn job_with_pending_changes() -> Job {
     let job = Job::new();
     let r = job.run("sync", &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    fill_file(&job.fs.data().join("pending.bin"), 14 << 20, 77);
+    random_file(&job.fs.data().join("pending.bin"), 14 << 20, 77);
     job
 }
 
@@ -791,7 +700,7 @@ fn start_frozen(job: &Job, extra: &[&str]) -> (Spawned, mpsc::Receiver<std::io::
     assert!(
         p.wait_event("pass_start", Duration::from_secs(20)),
         "the final pass did not start: {}",
-        p.err.lock().unwrap()
+        p.stderr()
     );
     let blocked = probe_write(job.fs.dir(), "during-freeze");
     assert!(
@@ -808,7 +717,8 @@ fn cutover_max_freeze_exceeded_aborts_and_thaws() {
     }
     let job = job_with_pending_changes();
     let (p, blocked) = start_frozen(&job, &["--max-freeze", "2s"]);
-    let r = p.finish(Duration::from_secs(30));
+    let left = Duration::from_secs(30).saturating_sub(p.elapsed());
+    let r = p.finish(left);
     assert_eq!(
         r.code, 3,
         "--max-freeze exceeded must fail; stderr: {}",
@@ -842,7 +752,8 @@ fn cutover_receiver_killed_mid_pass_fails_and_thaws() {
     let (p, blocked) = start_frozen(&job, &["--retry-for", "0"]);
     std::thread::sleep(Duration::from_millis(700));
     job.rx.kill9();
-    let r = p.finish(Duration::from_secs(30));
+    let left = Duration::from_secs(30).saturating_sub(p.elapsed());
+    let r = p.finish(left);
     assert_eq!(
         r.code, 3,
         "a lost receiver is a runtime failure; stderr: {}",
@@ -904,7 +815,7 @@ fn converge_gives_up_when_the_writer_outpaces_the_passes() {
     }
     let job = Job::new();
     let hot = 3u64 << 20;
-    fill_file(&job.fs.data().join("hot.bin"), hot, 5);
+    random_file(&job.fs.data().join("hot.bin"), hot, 5);
     let r = job.run("sync", &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let mut writer = Writer::start(

@@ -1,86 +1,11 @@
 //! Block devices: loop devices as source and target, and a mounted target.
-//! These need root and losetup; without them they print SKIP and pass
-//! (and fail under `CI=true`).
+//! These need root and losetup ([`need_root`]): without them they print
+//! SKIP and return by hand, and fail under `CI=true`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use crate::common::*;
-
-/// Whether device tests can run here; prints a loud SKIP when not.
-fn devices_available(test: &str, tools: &[&str]) -> bool {
-    let root = run_tool("id", &["-u"]).trim() == "0";
-    let missing: Vec<&str> = ["losetup"]
-        .iter()
-        .chain(tools)
-        .copied()
-        .filter(|t| !have_tool(t))
-        .collect();
-    let loop_driver = Path::new("/dev/loop-control").exists();
-    if !root || !missing.is_empty() || !loop_driver {
-        let why = format!(
-            "{test} needs root and losetup (root: {root}, missing tools: {missing:?}, /dev/loop-control present: {loop_driver})"
-        );
-        // Under CI every test must run: a skip there is a failure.
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "{why} (CI=true: a skipped test is a failure)"
-        );
-        eprintln!("SKIP: {why}");
-        return false;
-    }
-    true
-}
-
-/// A loop device over a backing file; detached on drop.
-struct LoopDev {
-    dev: PathBuf,
-}
-
-impl LoopDev {
-    fn attach(backing: &Path) -> LoopDev {
-        let out = run_tool(
-            "losetup",
-            &["--find", "--show", backing.to_str().expect("UTF-8 path")],
-        );
-        let dev = PathBuf::from(out.trim());
-        assert!(
-            dev.starts_with("/dev/"),
-            "losetup printed {out:?}, not a device"
-        );
-        LoopDev { dev }
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.dev)
-            .status();
-    }
-}
-
-/// A mounted filesystem; unmounted on drop.
-struct Mount {
-    at: PathBuf,
-}
-
-impl Mount {
-    fn new(dev: &Path, at: &Path) -> Mount {
-        run_tool(
-            "mount",
-            &[dev.to_str().unwrap(), at.to_str().expect("UTF-8 path")],
-        );
-        Mount { at: at.to_owned() }
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.at).status();
-    }
-}
+use crate::harness::*;
 
 /// A frozen filesystem (`fsfreeze -f`); thawed on drop.
 struct Freeze {
@@ -108,7 +33,7 @@ impl Drop for Freeze {
 /// than the source; its first `size` bytes must equal the source.
 #[test]
 fn loop_device_to_loop_device() {
-    if !devices_available("loop_device_to_loop_device", &[]) {
+    if !need_root("loop_device_to_loop_device", &["losetup"]) {
         return;
     }
     let s = Setup::new();
@@ -118,8 +43,8 @@ fn loop_device_to_loop_device() {
     let dst_backing = s.path("dst-backing.img");
     write_random_file(&src_backing, size, &mut rng);
     write_random_file(&dst_backing, 40 * MIB, &mut rng);
-    let src = LoopDev::attach(&src_backing);
-    let dst = LoopDev::attach(&dst_backing);
+    let src = Loop::attach(&src_backing);
+    let dst = Loop::attach(&dst_backing);
 
     let rx = s.start_receiver(&[("disk", &dst.dev)]);
     let tx = s.sender(&rx);
@@ -150,9 +75,9 @@ fn loop_device_to_loop_device() {
 /// are left as they were.
 #[test]
 fn mounted_loop_target_refused() {
-    if !devices_available(
+    if !need_root(
         "mounted_loop_target_refused",
-        &["mkfs.ext4", "mount", "umount", "fsfreeze"],
+        &["losetup", "mkfs.ext4", "mount", "umount", "fsfreeze"],
     ) {
         return;
     }
@@ -161,7 +86,7 @@ fn mounted_loop_target_refused() {
     let size = 32 * MIB;
     let backing = s.path("fs-backing.img");
     File::create(&backing).unwrap().set_len(size).unwrap();
-    let dev = LoopDev::attach(&backing);
+    let dev = Loop::attach(&backing);
     run_tool(
         "mkfs.ext4",
         &[
@@ -173,7 +98,7 @@ fn mounted_loop_target_refused() {
         ],
     );
     let mnt = s.new_dir("mnt");
-    let mount = Mount::new(&dev.dev, &mnt);
+    let mount = Mount::mount(&dev.dev, &mnt, "defaults");
     std::fs::write(mnt.join("payroll.db"), rng.bytes(100_000)).unwrap();
     // Freeze the filesystem so that ext4's own writeback cannot change the
     // device while it stays mounted: any change is then nightpass's.

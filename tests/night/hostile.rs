@@ -16,7 +16,6 @@ use nightpass_proto::wire::{self, control::Msg, Encoding, Mode};
 use crate::harness::*;
 
 const CHUNK: u64 = 64 << 10;
-const MIB: u64 = 1 << 20;
 
 /// What the hostile peer does after its session is accepted.
 #[derive(Clone, Copy, Debug)]
@@ -98,18 +97,12 @@ fn chunk_frame(index: u64, hash: &[u8], encoding: Encoding, len: u32, payload: B
     })
 }
 
-fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    Rng::new(seed).fill(&mut v);
-    v
-}
-
 /// Opens a sync session on `volume` of `size` bytes: the peer, welcomed.
 async fn open(id: &Identity, port: u16, fp: &str, volume: &str, size: u64) -> AuthorizedPeer {
     let mut peer = AuthorizedPeer::connect(id, port, fp, &Tuning::default()).await;
     let hello = wire::Hello {
         chunk_size_explicit: true,
-        pass_id: random_bytes(16, size ^ 0x5a),
+        pass_id: Rng::new(size ^ 0x5a).bytes(16),
         ..hello_for(volume, Mode::Sync, size, CHUNK as u32)
     };
     peer.hello(hello).await.unwrap();
@@ -125,7 +118,7 @@ async fn attack(id: &Identity, port: u16, fp: &str, size: u64, a: Attack) -> Str
         mut send,
         recv: _recv,
     } = open(id, port, fp, "v", size).await;
-    let payload = Bytes::from(random_bytes(CHUNK as usize, 7));
+    let payload = Bytes::from(Rng::new(7).bytes(CHUNK as usize));
     let hash = *blake3::hash(&payload).as_bytes();
     let data: Option<Bytes> = match a {
         Attack::PastTheEnd => Some(chunk_frame(
@@ -161,7 +154,7 @@ async fn attack(id: &Identity, port: u16, fp: &str, size: u64, a: Attack) -> Str
         Attack::Garbage => {
             let mut b = BytesMut::new();
             b.put_u32_le(300);
-            b.extend_from_slice(&random_bytes(300, 9));
+            b.extend_from_slice(&Rng::new(9).bytes(300));
             Some(b.freeze())
         }
         Attack::OutOfOrder => {
@@ -259,7 +252,7 @@ fn hostile_authenticated_peer_writes_nothing_and_others_carry_on() {
     let dir = scratch();
     let root = dir.path();
     let (sender, rx, tv, tw) = setup(root);
-    let before = hash_file(&tv);
+    let before = file_hash(&tv);
     let size = 8 * MIB;
 
     // An honest sync of another volume runs through all of it.
@@ -304,7 +297,7 @@ fn hostile_authenticated_peer_writes_nothing_and_others_carry_on() {
             reason.contains(expect),
             "{a:?}: the receiver's reason {reason:?} does not say {expect:?}"
         );
-        assert_eq!(hash_file(&tv), before, "{a:?}: the target was written");
+        assert_eq!(file_hash(&tv), before, "{a:?}: the target was written");
         assert_eq!(size_of(&tv), size, "{a:?}: the target changed size");
         let (claimed, bad) = manifest_claims_hold(&receiver_manifest(&rx.state, "v"), &tv);
         assert!(bad.is_empty(), "{a:?}: manifest claims {bad:?}");
@@ -319,14 +312,14 @@ fn hostile_authenticated_peer_writes_nothing_and_others_carry_on() {
     let out = honest.wait_with_output().unwrap();
     let r = parse_run(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr);
     assert_eq!(r.code, 0, "honest sync beside the attacks: {}", r.stderr);
-    assert_eq!(hash_prefix(&tw, 24 * MIB), hash_file(&source_w));
+    assert_eq!(hash_prefix(&tw, 24 * MIB), file_hash(&source_w));
 
     // The attacked volume is free again at once, and a real pass works.
     let source_v = root.join("source-v.img");
     random_file(&source_v, size, 203);
     let r = sender.run("sync", &source_v, &rx.dest("v"), &rx.fp, &[]);
     assert_eq!(r.code, 0, "sync after the attacks: {}", r.stderr);
-    assert_eq!(hash_file(&tv), hash_file(&source_v));
+    assert_eq!(file_hash(&tv), file_hash(&source_v));
 }
 
 /// A peer that sends valid chunks as fast as it can but never reads the
@@ -346,7 +339,7 @@ fn peer_that_never_reads_acks_cannot_grow_receiver_memory() {
             send: _send,
             recv: _recv,
         } = open(&id, rx.port, &rx.fp, "w", size).await;
-        let payload = Bytes::from(random_bytes(CHUNK as usize, 11));
+        let payload = Bytes::from(Rng::new(11).bytes(CHUNK as usize));
         let hash = *blake3::hash(&payload).as_bytes();
         let mut streams = Vec::new();
         for _ in 0..4 {
@@ -411,7 +404,7 @@ fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
     let chunk = |i: usize| before[i * CHUNK as usize..(i + 1) * CHUNK as usize].to_vec();
     // Chunk 0 with blocks 3 and 9 rewritten.
     let mut new0 = chunk(0);
-    let fresh = random_bytes(2 * wire::BLOCK, 301);
+    let fresh = Rng::new(301).bytes(2 * wire::BLOCK);
     new0[3 * wire::BLOCK..4 * wire::BLOCK].copy_from_slice(&fresh[..wire::BLOCK]);
     new0[9 * wire::BLOCK..10 * wire::BLOCK].copy_from_slice(&fresh[wire::BLOCK..]);
     let hash0 = *blake3::hash(&new0).as_bytes();
@@ -454,7 +447,7 @@ fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
             1,
             &wrong,
             vec![1, 0],
-            Bytes::from(random_bytes(wire::BLOCK, 302)),
+            Bytes::from(Rng::new(302).bytes(wire::BLOCK)),
         ))
         .await
         .unwrap();
@@ -464,7 +457,7 @@ fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
             "a failed patch asks for the whole chunk"
         );
         // The sender answers with the whole chunk 1, as a real one does.
-        let new1 = random_bytes(CHUNK as usize, 303);
+        let new1 = Rng::new(303).bytes(CHUNK as usize);
         s.write_all(&raw_frame(1, &new1)).await.unwrap();
         expect_ack(&mut recv, 1).await;
         // Out of order, as only a faulty sender would: chunk 2 sent whole,
@@ -473,7 +466,7 @@ fn probe_asks_for_changed_blocks_and_a_bad_patch_writes_nothing() {
         // whole chunk (the writer checks patches in order with the writes),
         // so it does not match and nothing of it is written; the target and
         // the manifest keep the whole chunk.
-        let new2 = random_bytes(CHUNK as usize, 304);
+        let new2 = Rng::new(304).bytes(CHUNK as usize);
         let mut stale2 = chunk(2);
         stale2[..wire::BLOCK].copy_from_slice(&new2[..wire::BLOCK]);
         let stale_hash = *blake3::hash(&stale2).as_bytes();

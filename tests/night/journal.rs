@@ -6,8 +6,6 @@ use std::process::Command;
 
 use crate::harness::*;
 
-const MIB: u64 = 1 << 20;
-
 #[test]
 fn an_unreadable_sender_journal_fails_instead_of_starting_over() {
     let (_root, source, target, sender, rx) =

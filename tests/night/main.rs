@@ -5,11 +5,9 @@
 //! threads without sharing anything. Tests that need root or a kernel
 //! feature skip loudly when it is missing, and fail under `CI=true`.
 //!
-//! Two harnesses, to be made one: `harness` (most modules) and `common`
-//! (`passes`, `devices`, `refusals`, which came from a second test binary).
+//! One harness ([`harness`], in parts by topic) serves every module.
 
 mod access;
-mod common;
 mod configs;
 mod cutover;
 mod devices;

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::common::*;
+use crate::harness::*;
 
 /// A full pass to a missing target, a delta pass after 1% scattered 4 KiB
 /// writes, and a pass with nothing changed.

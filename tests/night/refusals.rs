@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use crate::common::*;
+use crate::harness::*;
 
 /// A receiver that allows someone else refuses our sender.
 #[test]
 fn unauthorized_sender_refused() {
     let s = Setup::new();
     let mut rng = Rng::new(11);
-    let other_fp = keygen(&s.root.path().join("someone-else"));
+    let other_fp = keygen_at(&s.root.path().join("someone-else"));
     let source = s.path("source.img");
     let target = s.path("target.img");
     write_random_file(&source, 4 * MIB, &mut rng);
@@ -18,10 +18,11 @@ fn unauthorized_sender_refused() {
     let before = file_hash(&target);
 
     let rx = Receiver::start(
+        &s.receiver_ident(),
+        &s.receiver_state,
         &[("vol", &target)],
         &[other_fp.as_str()],
-        &s.receiver_id,
-        &s.receiver_state,
+        0,
     );
     let tx = s.sender(&rx);
     let r = tx.sync(&source, &rx.dest("vol"), &[]);
@@ -38,7 +39,7 @@ fn unauthorized_sender_refused() {
 fn wrong_server_fingerprint_refused() {
     let s = Setup::new();
     let mut rng = Rng::new(12);
-    let other_fp = keygen(&s.root.path().join("someone-else"));
+    let other_fp = keygen_at(&s.root.path().join("someone-else"));
     let source = s.path("source.img");
     let target = s.path("target.img");
     write_random_file(&source, 4 * MIB, &mut rng);
@@ -167,7 +168,7 @@ fn second_concurrent_sender_refused() {
     let tx = s.sender(&rx);
     let dest = rx.dest("vol");
     // About 4 s of sending at 16 MiB/s.
-    let mut first = tx.spawn_sync(&source, &dest, &["--bwlimit", "16M"]);
+    let first = tx.spawn_sync(&source, &dest, &["--bwlimit", "16M"]);
     first.wait_for_event("pass_start", Duration::from_secs(60));
 
     let mut second = tx.clone();
@@ -175,7 +176,7 @@ fn second_concurrent_sender_refused() {
     let r = second.sync(&other_source, &dest, &[]);
     r.assert_refused("in use");
 
-    let first = first.finish();
+    let first = first.finish(COMMAND_TIMEOUT);
     first.assert_pass(1, size, CHUNK);
     assert_eq!(first.changed_chunks(), chunk_count(size, CHUNK));
     assert_same_file(&source, &target);

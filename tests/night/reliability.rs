@@ -6,22 +6,18 @@
 //! claims bytes that are not on its target (`manifest_claims_hold`), and a
 //! later pass makes the target identical to the source.
 
-use std::collections::BTreeSet;
 use std::fs::OpenOptions;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
 use crate::relay::{Impairment, Relay};
 
 const CHUNK: u64 = 64 << 10;
-const MIB: u64 = 1 << 20;
 
 /// One sender identity and one receiver exporting volume `v` = `target`.
 struct Env {
@@ -67,11 +63,14 @@ impl Env {
             .run("sync", &self.source, &self.rx.dest("v"), &self.rx.fp, extra)
     }
 
-    fn spawn_sync(&self, extra: &[&str]) -> Bg {
-        Bg::spawn(
-            self.sender
-                .command("sync", &self.source, &self.rx.dest("v"), &self.rx.fp, extra),
-        )
+    fn spawn_sync(&self, extra: &[&str]) -> Spawned {
+        Spawned::start(self.sender.command(
+            "sync",
+            &self.source,
+            &self.rx.dest("v"),
+            &self.rx.fp,
+            extra,
+        ))
     }
 
     fn manifest(&self) -> PathBuf {
@@ -99,7 +98,7 @@ impl Env {
     fn assert_identical(&self, when: &str) {
         assert_eq!(
             hash_prefix(&self.target, size_of(&self.source)),
-            hash_file(&self.source),
+            file_hash(&self.source),
             "{when}: target differs from the source"
         );
     }
@@ -122,130 +121,6 @@ fn claims_matching(manifest: &Path, source: &Path) -> u64 {
         }
     }
     n
-}
-
-/// A command running in the background with its output collected.
-struct Bg {
-    child: Child,
-    out: Arc<Mutex<Vec<u8>>>,
-    err: Arc<Mutex<Vec<u8>>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-impl Bg {
-    fn spawn(mut c: Command) -> Bg {
-        let mut child = c
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nightpass");
-        let out: Arc<Mutex<Vec<u8>>> = Arc::default();
-        let err: Arc<Mutex<Vec<u8>>> = Arc::default();
-        let mut readers = Vec::new();
-        let pipes: [(Box<dyn Read + Send>, _); 2] = [
-            (Box::new(child.stdout.take().unwrap()), out.clone()),
-            (Box::new(child.stderr.take().unwrap()), err.clone()),
-        ];
-        for (mut pipe, sink) in pipes {
-            readers.push(std::thread::spawn(move || {
-                let mut buf = [0u8; 8192];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
-                }
-            }));
-        }
-        Bg {
-            child,
-            out,
-            err,
-            readers,
-        }
-    }
-
-    fn saw(&self, event: &str) -> bool {
-        let needle = format!("\"event\":\"{event}\"");
-        String::from_utf8_lossy(&self.out.lock().unwrap()).contains(&needle)
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
-    }
-
-    /// Waits for a JSON event on stdout; panics after `limit`.
-    fn expect_event(&self, event: &str, limit: Duration) {
-        assert!(
-            wait_for(limit, || self.saw(event)),
-            "no {event} within {limit:?}; stderr: {}",
-            self.stderr()
-        );
-    }
-
-    fn exited(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_some()
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on the pid of our own child, not yet reaped.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
-        assert_eq!(rc, 0, "kill({sig})");
-    }
-
-    /// Waits for the exit (at most `limit`, else kills it and fails) and parses the output.
-    fn finish(mut self, limit: Duration) -> Run {
-        let t = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if t.elapsed() > limit {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "nightpass did not exit within {limit:?}; stderr: {}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        let out = std::mem::take(&mut *self.out.lock().unwrap());
-        let err = std::mem::take(&mut *self.err.lock().unwrap());
-        parse_run(status.code().unwrap_or(-1), &out, &err)
-    }
-
-    /// SIGKILL, as a crash.
-    fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Overwrites `blocks` random 4 KiB blocks of a file; returns the chunks touched.
-fn scribble(path: &Path, rng: &mut Rng, blocks: u64) -> BTreeSet<u64> {
-    let size = std::fs::metadata(path).unwrap().len();
-    let f = OpenOptions::new().write(true).open(path).unwrap();
-    let mut block = [0u8; 4096];
-    let mut touched = BTreeSet::new();
-    for _ in 0..blocks {
-        let off = rng.below(size / 4096) * 4096;
-        rng.fill(&mut block);
-        f.write_all_at(&block, off).unwrap();
-        touched.insert(off / CHUNK);
-    }
-    f.sync_all().unwrap();
-    touched
 }
 
 /// Waits until a file has stopped changing for `quiet` (at most `limit`).
@@ -400,7 +275,13 @@ fn manifest_never_ahead_receiver() {
     let mut rng = Rng::new(0xdead_0104);
     let mut held_total = 0;
     for trial in 0..TRIALS {
-        scribble(&e.source, &mut rng, size / 20 / 4096); // 5%
+        scatter_writes(
+            &e.source,
+            file_len(&e.source),
+            (size / 20 / 4096) as usize,
+            CHUNK,
+            &mut rng,
+        ); // 5%
         let bg = e.spawn_sync(&["--bwlimit", "16M", "--retry-for", "0"]);
         let at = rng.below(1500);
         std::thread::sleep(Duration::from_millis(at));
@@ -431,7 +312,13 @@ fn manifest_never_ahead_sender() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let mut rng = Rng::new(0xdead_0105);
     for trial in 0..TRIALS {
-        scribble(&e.source, &mut rng, size / 20 / 4096); // 5%
+        scatter_writes(
+            &e.source,
+            file_len(&e.source),
+            (size / 20 / 4096) as usize,
+            CHUNK,
+            &mut rng,
+        ); // 5%
         let bg = e.spawn_sync(&["--bwlimit", "16M", "--retry-for", "0"]);
         let at = rng.below(1500);
         std::thread::sleep(Duration::from_millis(at));
@@ -481,10 +368,11 @@ fn lossy_path() {
     );
     let via_relay = |extra: &[&str]| {
         let t = Instant::now();
-        let bg = Bg::spawn(
-            e.sender
-                .command("sync", &e.source, &relay.dest("v"), &e.rx.fp, extra),
-        );
+        let bg =
+            Spawned::start(
+                e.sender
+                    .command("sync", &e.source, &relay.dest("v"), &e.rx.fp, extra),
+            );
         let r = bg.finish(Duration::from_secs(120));
         eprintln!("lossy_path: sync {extra:?} took {:?}", t.elapsed());
         r
@@ -502,7 +390,7 @@ fn lossy_path() {
     e.assert_identical("after a full sync over a lossy path");
     // A small delta pass with the default congestion control.
     let mut rng = Rng::new(1061);
-    let touched = scribble(&e.source, &mut rng, 4);
+    let touched = scatter_writes(&e.source, file_len(&e.source), 4, CHUNK, &mut rng);
     let r = via_relay(&["--retry-for", "60s"]);
     assert_eq!(
         r.code,
@@ -588,7 +476,7 @@ fn hostile_input_handshake_flood_and_unauthorized_peers() {
     let dir = scratch();
     let target = dir.path().join("target.img");
     random_file(&target, 16 * MIB, 1081);
-    let before = hash_file(&target);
+    let before = file_hash(&target);
     let e = Env::with(dir, &target, &[]);
     random_file(&e.source, 16 * MIB, 108);
     let stranger_id = keygen(&e.root, "stranger-id");
@@ -606,7 +494,7 @@ fn hostile_input_handshake_flood_and_unauthorized_peers() {
     let r = stranger(0).run("sync", &theirs, &e.rx.dest("v"), &e.rx.fp, &[]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("not authorized"), "{}", r.stderr);
-    assert_eq!(hash_file(&target), before, "an unauthorized sync wrote");
+    assert_eq!(file_hash(&target), before, "an unauthorized sync wrote");
     assert!(
         !e.manifest().exists(),
         "an unauthorized sync created a manifest"
@@ -615,8 +503,10 @@ fn hostile_input_handshake_flood_and_unauthorized_peers() {
     // (b) 200 unauthorized handshakes at once, while an authorized sync runs.
     let good = e.spawn_sync(&["--bwlimit", "4M"]);
     good.expect_event("pass_start", Duration::from_secs(20));
-    let flood: Vec<Bg> = (1..=200)
-        .map(|i| Bg::spawn(stranger(i).command("sync", &theirs, &e.rx.dest("v"), &e.rx.fp, &[])))
+    let flood: Vec<Spawned> = (1..=200)
+        .map(|i| {
+            Spawned::start(stranger(i).command("sync", &theirs, &e.rx.dest("v"), &e.rx.fp, &[]))
+        })
         .collect();
     let mut codes = std::collections::BTreeMap::new();
     for (i, bg) in flood.into_iter().enumerate() {
@@ -710,7 +600,7 @@ fn bad_local_conditions_read_only_target() {
     let dir = scratch();
     let backing = dir.path().join("ro-backing.img");
     random_file(&backing, 32 * MIB, 1101);
-    let before = hash_file(&backing);
+    let before = file_hash(&backing);
     let out = Command::new("losetup")
         .args(["-r", "--find", "--show"])
         .arg(&backing)
@@ -741,7 +631,7 @@ fn bad_local_conditions_read_only_target() {
     assert_eq!(held, 0, "nothing of the source is claimed");
     drop(e);
     drop(lo);
-    assert_eq!(hash_file(&backing), before, "read-only target changed");
+    assert_eq!(file_hash(&backing), before, "read-only target changed");
 }
 
 #[test]

@@ -16,8 +16,6 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-const MIB: u64 = 1 << 20;
-
 /// A receiver exporting `v` (a file target) and a sender, in one scratch dir.
 struct Setup {
     rx: Receiver,
@@ -119,7 +117,7 @@ fn another_source_is_refused_unless_the_operator_says_so() {
     random_file(&b, 8 * MIB, 3);
     let r = s.run("sync", &a, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let before = hash_file(&s.target);
+    let before = file_hash(&s.target);
     let r = s.run("sync", &b, &[]);
     assert_eq!(r.code, 2, "another source must be refused: {}", r.stderr);
     assert!(r.stderr.contains("--new-source"), "{}", r.stderr);
@@ -129,13 +127,13 @@ fn another_source_is_refused_unless_the_operator_says_so() {
         r.stderr
     );
     assert_eq!(
-        hash_file(&s.target),
+        file_hash(&s.target),
         before,
         "a refused pass wrote the target"
     );
     let r = s.run("sync", &b, &["--new-source"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(hash_file(&s.target), hash_file(&b));
+    assert_eq!(file_hash(&s.target), file_hash(&b));
     // From now on b is the volume's source.
     let r = s.run("sync", &b, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -237,7 +235,7 @@ fn cutover_without_a_forecast_is_refused_before_freezing() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(pre.exists());
     assert_eq!(r.event("cutover_end")["proved"], true);
-    assert_eq!(hash_file(&source), hash_file(&s.target));
+    assert_eq!(file_hash(&source), file_hash(&s.target));
 }
 
 #[test]
@@ -372,7 +370,7 @@ fn assume_frozen_with_a_writer_running_certifies_nothing() {
     // Nothing sealed: the next pass is accepted and the copy catches up.
     let r = s.run("sync", &source, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(hash_file(&source), hash_file(&s.target));
+    assert_eq!(file_hash(&source), file_hash(&s.target));
 }
 
 #[test]
@@ -391,7 +389,7 @@ fn the_sender_refuses_a_volume_it_cut_over_even_when_the_receiver_forgot() {
     let port = s.rx.port;
     s.rx = Receiver::start(&id, &fresh_state, &[("v", &s.target)], &[&allow], port);
     write_at(&s.target, 0, b"the new site wrote this");
-    let before = hash_file(&s.target);
+    let before = file_hash(&s.target);
     write_at(&source, MIB, &[0x5a; 70_000]);
     let r = s.run("sync", &source, &[]);
     assert_eq!(r.code, 2, "{}", r.stderr);
@@ -401,7 +399,7 @@ fn the_sender_refuses_a_volume_it_cut_over_even_when_the_receiver_forgot() {
         r.stderr
     );
     assert_eq!(
-        hash_file(&s.target),
+        file_hash(&s.target),
         before,
         "the new site's data was overwritten"
     );
@@ -499,7 +497,7 @@ fn after_a_cutover_passes_wait_for_unseal_and_a_second_cutover_never_freezes() {
     let s = Setup::new();
     let (source, cp) = s.cut_over(11);
     write_at(&source, 0, &[0x11; 100_000]);
-    let before = hash_file(&s.target);
+    let before = file_hash(&s.target);
     // The same sender, the same state: refused, nothing written.
     let r = s.run("sync", &source, &[]);
     assert_eq!(r.code, 2, "{}", r.stderr);
@@ -513,7 +511,7 @@ fn after_a_cutover_passes_wait_for_unseal_and_a_second_cutover_never_freezes() {
         !pre.exists(),
         "a second cutover of a sealed volume froze the source"
     );
-    assert_eq!(hash_file(&s.target), before);
+    assert_eq!(file_hash(&s.target), before);
     // The operator unseals on the receiver host: this sender passes again.
     let out = Command::new(bin())
         .args(["unseal", "v", "--state-dir"])
@@ -528,7 +526,7 @@ fn after_a_cutover_passes_wait_for_unseal_and_a_second_cutover_never_freezes() {
     );
     let r = s.run("sync", &source, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(hash_file(&s.target), hash_file(&source));
+    assert_eq!(file_hash(&s.target), file_hash(&source));
 }
 
 #[test]
@@ -574,7 +572,7 @@ fn a_cutover_rides_out_a_receiver_silent_after_its_preflight() {
         .args(["-CONT", &pid.to_string()])
         .status();
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(hash_file(&source), hash_file(&s.target));
+    assert_eq!(file_hash(&source), file_hash(&s.target));
 }
 
 #[test]
@@ -603,7 +601,7 @@ fn a_cutover_from_a_sender_without_state_uses_the_volume_chunk_size() {
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.event("pass_end")["chunk_size"], 128 << 10);
-    assert_eq!(hash_file(&source), hash_file(&s.target));
+    assert_eq!(file_hash(&source), file_hash(&s.target));
 }
 
 #[test]

@@ -14,8 +14,6 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-const MIB: u64 = 1 << 20;
-
 /// The same sender identity with another, empty state directory: its own
 /// record of the cutover cannot be what refuses a pass.
 fn fresh_state(sender: &SenderSide, root: &Path) -> SenderSide {
@@ -113,7 +111,7 @@ fn cutover_seals_the_volume_until_unseal() {
         .as_str()
         .unwrap()
         .to_string();
-    assert_eq!(hash_file(&target), hash_file(&source));
+    assert_eq!(file_hash(&target), file_hash(&source));
 
     // The receiver sealed the volume, durably and privately.
     let seal_file = volume_state(&rstate, "v").join("seal");
@@ -129,7 +127,7 @@ fn cutover_seals_the_volume_until_unseal() {
 
     // The new site writes to its volume.
     write_at(&target, 5 * MIB, &[0xee; 100_000]);
-    let new_site = hash_file(&target);
+    let new_site = file_hash(&target);
 
     // A stray sync, from a state directory that knows nothing of the cutover.
     let stray = fresh_state(&sender, root);
@@ -152,7 +150,7 @@ fn cutover_seals_the_volume_until_unseal() {
         r.stderr
     );
     assert_eq!(
-        hash_file(&target),
+        file_hash(&target),
         new_site,
         "the sealed target was written"
     );
@@ -171,7 +169,7 @@ fn cutover_seals_the_volume_until_unseal() {
         before,
         "verify changed a sealed manifest"
     );
-    assert_eq!(hash_file(&target), new_site);
+    assert_eq!(file_hash(&target), new_site);
 
     // Unseal while serve runs.
     let u = unseal("v", &rstate);
@@ -200,8 +198,8 @@ fn cutover_seals_the_volume_until_unseal() {
     // Passes are accepted again, and overwrite the new site's writes.
     stray.sync_ok(&source, &rx, "v", "sync after unseal");
     assert_eq!(
-        hash_file(&target),
-        hash_file(&source),
+        file_hash(&target),
+        file_hash(&source),
         "the pass after unseal left the new site's writes (a manifest stale since the cutover)"
     );
 }
@@ -228,13 +226,13 @@ fn writes_after_unseal_are_overwritten_by_the_next_pass() {
     assert_eq!(u.code, 0, "unseal: {}", u.stderr);
     // The new site is still writing.
     write_at(&target, 19 * MIB + 3, &[0xee; 5_000]);
-    assert_ne!(hash_file(&target), hash_file(&source));
+    assert_ne!(file_hash(&target), file_hash(&source));
 
     let stray = fresh_state(&sender, root);
     stray.sync_ok(&source, &rx, "v", "sync after unseal");
     assert_eq!(
-        hash_file(&target),
-        hash_file(&source),
+        file_hash(&target),
+        file_hash(&source),
         "the pass after unseal skipped what the new site wrote after the unseal"
     );
     assert!(
@@ -293,13 +291,13 @@ fn record_session_checks_the_consistency_point() {
     assert_eq!(cut.len(), 1);
     assert_eq!(cut[0]["consistency_point"], root_hex.as_str());
     assert!(seal_file.exists());
-    let before = hash_file(&target);
+    let before = file_hash(&target);
     write_at(&source, 0, &[1; 70_000]);
     let r = sender.run("sync", &source, &dest, &rx.fp, &[]);
     assert_eq!(r.code, 2, "sync of a sealed volume: {}", r.stderr);
     assert!(r.stderr.contains(&root_hex), "{}", r.stderr);
     assert!(r.stderr.contains("2026-11-29T20:18:52Z"), "{}", r.stderr);
-    assert_eq!(hash_file(&target), before);
+    assert_eq!(file_hash(&target), before);
 }
 
 /// `nightpass unseal` of a volume that is not sealed, or in a state

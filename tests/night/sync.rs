@@ -65,7 +65,7 @@ fn full_delta_and_no_change_passes() {
     assert_eq!(end["size_bytes"], size);
     assert_eq!(end["chunk_size"], CHUNK);
     assert!(end["forecast_final_pass_s"].is_null());
-    assert_eq!(hash_file(&source), hash_file(&target));
+    assert_eq!(file_hash(&source), file_hash(&target));
 
     // 1% of the volume in scattered 4 KiB writes.
     let mut rng = Rng::new(7);
@@ -101,7 +101,7 @@ fn full_delta_and_no_change_passes() {
         end["forecast_final_pass_s"].as_f64().is_some(),
         "a second pass forecasts"
     );
-    assert_eq!(hash_file(&source), hash_file(&target));
+    assert_eq!(file_hash(&source), file_hash(&target));
 
     let r = sync(&s, &source, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -109,7 +109,7 @@ fn full_delta_and_no_change_passes() {
     assert_eq!(end["changed_chunks"], 0);
     assert_eq!(end["sent_bytes"], 0);
     assert_eq!(end["scanned_bytes"], size);
-    assert_eq!(hash_file(&source), hash_file(&target));
+    assert_eq!(file_hash(&source), file_hash(&target));
 }
 
 #[test]
@@ -133,14 +133,14 @@ fn sparse_source_sends_only_data_and_zeroes_what_was_cleared() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let sent = r.event("pass_end")["sent_bytes"].as_u64().unwrap();
     assert!(sent < 1 << 20, "only the data chunks travel, sent {sent}");
-    assert_eq!(hash_file(&source), hash_file(&target));
+    assert_eq!(file_hash(&source), file_hash(&target));
     // Clear a chunk that held data: it travels as a zero marker.
     write_at(&source, 5 << 20, &vec![0u8; CHUNK as usize]);
     let r = sync(&s, &source, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let end = r.event("pass_end");
     assert!(end["zero_chunks"].as_u64().unwrap() >= 1, "{end}");
-    assert_eq!(hash_file(&source), hash_file(&target));
+    assert_eq!(file_hash(&source), file_hash(&target));
 }
 
 #[test]
@@ -154,7 +154,7 @@ fn odd_sizes_copy_exactly_and_empty_is_refused() {
         let r = sync(&s, &source, &[]);
         assert_eq!(r.code, 0, "{name}: {}", r.stderr);
         assert_eq!(std::fs::metadata(&target).unwrap().len(), size, "{name}");
-        assert_eq!(hash_file(&source), hash_file(&target), "{name}");
+        assert_eq!(file_hash(&source), file_hash(&target), "{name}");
     }
     let tmp = scratch();
     let target = tmp.path().join("target.img");
@@ -180,7 +180,7 @@ fn compressible_data_travels_compressed() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let sent = r.event("pass_end")["sent_bytes"].as_u64().unwrap();
     assert!(sent < (16 << 20) / 10, "text compresses, sent {sent}");
-    assert_eq!(hash_file(&source), hash_file(&target));
+    assert_eq!(file_hash(&source), file_hash(&target));
 }
 
 /// Runs a refused sync and checks exit 2, the message, and the target untouched.
@@ -201,7 +201,7 @@ fn assert_refused(r: &Run, needle: &str, target: &Path, before: Option<blake3::H
         .to_lowercase()
         .contains(needle));
     match before {
-        Some(h) => assert_eq!(hash_file(target), h, "target changed after a refusal"),
+        Some(h) => assert_eq!(file_hash(target), h, "target changed after a refusal"),
         None => assert!(!target.exists(), "target created after a refusal"),
     }
 }
@@ -211,7 +211,7 @@ fn refusals_write_nothing() {
     let tmp = scratch();
     let target = tmp.path().join("target.img");
     random_file(&target, 8 << 20, 99);
-    let before = Some(hash_file(&target));
+    let before = Some(file_hash(&target));
     let s = setup(&target);
     let source = s.root.join("source.img");
     random_file(&source, 8 << 20, 5);
@@ -250,7 +250,7 @@ fn chunk_size_is_fixed_at_the_first_pass() {
     random_file(&source, 4 << 20, 8);
     let r = sync(&s, &source, &["--chunk-size", "64K"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let before = Some(hash_file(&target));
+    let before = Some(file_hash(&target));
     write_at(&source, 0, &[1u8; 4096]);
     let r = sync(&s, &source, &["--chunk-size", "128K"]);
     assert_refused(&r, "chunk size", &target, before);
@@ -452,5 +452,5 @@ fn untrusted_manifests_are_rebuilt_not_believed() {
     let r = sync(&s, &source, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.event("pass_end")["changed_chunks"], 1);
-    assert_eq!(hash_file(&source), hash_file(&target));
+    assert_eq!(file_hash(&source), file_hash(&target));
 }

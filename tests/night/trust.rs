@@ -15,7 +15,6 @@ use nightpass_proto::wire::{self, control::Msg, Mode};
 
 use crate::harness::*;
 
-const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 64 << 10;
 
 /// Runs `nightpass serve` with `args` that must refuse at start; returns
@@ -92,7 +91,7 @@ fn replaced_target_starts_from_nothing() {
         "{:?}",
         r.events
     );
-    assert_eq!(hash_file(&src), hash_file(&dst), "target bytes differ");
+    assert_eq!(file_hash(&src), file_hash(&dst), "target bytes differ");
     rx.assert_log_says(
         "starting from nothing known",
         "the receiver did not say it started the replaced target afresh",
@@ -110,7 +109,7 @@ fn target_changed_behind_the_receiver_is_found_by_the_sample() {
         write_at(&dst, i * CHUNK, &junk);
     }
     s.sync_ok(&src, &rx, "v", "sync");
-    assert_eq!(hash_file(&src), hash_file(&dst), "target bytes differ");
+    assert_eq!(file_hash(&src), file_hash(&dst), "target bytes differ");
     rx.assert_log_says(
         "behind this receiver's back",
         "the receiver did not say what the sample found",
@@ -236,7 +235,7 @@ fn export_symlink_swapped_after_start_is_not_followed() {
         .set_len(8 * MIB)
         .unwrap();
     random_file(&real2, 8 * MIB, 24);
-    let before2 = hash_file(&real2);
+    let before2 = file_hash(&real2);
     let link = root.path().join("link.img");
     std::os::unix::fs::symlink(&real1, &link).unwrap();
     let (s, rx) = pair(root.path(), &[("v", &link)]);
@@ -244,11 +243,11 @@ fn export_symlink_swapped_after_start_is_not_followed() {
     std::os::unix::fs::symlink(&real2, &link).unwrap();
     s.sync_ok(&src, &rx, "v", "sync");
     assert_eq!(
-        hash_file(&real2),
+        file_hash(&real2),
         before2,
         "the swapped-in file was written"
     );
-    assert_eq!(hash_file(&real1), hash_file(&src));
+    assert_eq!(file_hash(&real1), file_hash(&src));
 }
 
 /// Item 16: state directories are 0700 and their files 0600, on both sides.
@@ -291,7 +290,7 @@ fn sender_limited_to_one_volume() {
     );
     random_file(&src, 4 * MIB, 26);
     random_file(&b, 4 * MIB, 27);
-    let before = hash_file(&b);
+    let before = file_hash(&b);
     let s = SenderSide::new(root.path(), "s");
     let rid = keygen(root.path(), "r-id");
     let allow = format!("{}=a", s.id.fp);
@@ -311,10 +310,10 @@ fn sender_limited_to_one_volume() {
             r.stderr
         );
     }
-    assert_eq!(hash_file(&b), before);
+    assert_eq!(file_hash(&b), before);
     let r = s.run("sync", &src, &rx.dest("a"), &rx.fp, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(hash_file(&a), hash_file(&src));
+    assert_eq!(file_hash(&a), file_hash(&src));
     let (code, err) = export_refused(
         &rid,
         &root.path().join("r-state2"),
@@ -510,7 +509,7 @@ fn cutover_in_small_chunks_proves_a_large_range() {
         ],
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(hash_file(&src), hash_file(&dst));
+    assert_eq!(file_hash(&src), file_hash(&dst));
 }
 
 /// Item 13: a cutover onto a target file that does not exist yet (its
@@ -526,7 +525,7 @@ fn cutover_onto_a_missing_target_file() {
         &["--assume-frozen", "--force-no-forecast"],
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(hash_file(&src), hash_file(&dst));
+    assert_eq!(file_hash(&src), file_hash(&dst));
 }
 
 /// Review item 1: an authorized peer cannot choose where the target's last
@@ -602,8 +601,8 @@ fn sample_prefers_claims_of_data_over_zero_chunks() {
     write_at(&dst, 77 * CHUNK, &vec![0u8; CHUNK as usize]);
     s.sync_ok(&src, &rx, "v", "sync");
     assert_eq!(
-        hash_file(&src),
-        hash_file(&dst),
+        file_hash(&src),
+        file_hash(&dst),
         "the pass trusted a stale claim of the one chunk of data"
     );
     rx.assert_log_says(

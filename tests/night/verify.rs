@@ -183,7 +183,7 @@ fn verify_remote_finds_exact_ranges_and_sync_resends_exactly_them() {
     let s = remote(size, 42);
     let r = s.run("sync", &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(hash_file(&s.source), hash_file(&s.target));
+    assert_eq!(file_hash(&s.source), file_hash(&s.target));
 
     let r = s.run("verify", &[]);
     assert_verify_end(&r, 0, true, &[], CHUNK);
@@ -244,7 +244,7 @@ fn verify_remote_finds_exact_ranges_and_sync_resends_exactly_them() {
     );
     let r = s.run("verify", &[]);
     assert_verify_end(&r, 0, true, &[], CHUNK);
-    assert_eq!(hash_file(&s.source), hash_file(&s.target));
+    assert_eq!(file_hash(&s.source), file_hash(&s.target));
     // Nothing left to send.
     let r = s.run("sync", &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -279,7 +279,7 @@ fn verify_remote_uses_the_volume_chunk_size_unless_told() {
     assert_eq!(r.event("pass_end")["chunk_size"], big);
     let r = s.run("verify", &[]);
     assert_verify_end(&r, 0, true, &[], big);
-    assert_eq!(hash_file(&s.source), hash_file(&s.target));
+    assert_eq!(file_hash(&s.source), file_hash(&s.target));
 }
 
 #[test]

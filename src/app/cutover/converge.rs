@@ -17,7 +17,7 @@ use crate::error::Result;
 use crate::net::transport::Identity;
 use crate::pass::sender::{self, SyncConfig};
 use crate::progress::{human_bytes, PassEnd, Progress};
-use crate::store::journal::{self, SenderJournal};
+use crate::store::journal;
 
 /// Settings of `converge`.
 #[derive(Debug, Clone)]
@@ -56,7 +56,8 @@ pub async fn converge(
     let window = cc.window.as_secs_f64();
     let mut changed: Vec<u64> = Vec::new();
     let mut last: Option<PassEnd> = None;
-    let journal = SenderJournal::in_dir(&sender::volume_state_dir(cfg)?);
+    sender::volume_state_dir(cfg)?;
+    let journal = sender::journal(cfg);
     // The first pass of a volume copies everything: reading the target
     // alongside would only slow it, and it measures no read rate.
     let mut copied_before = journal::passes(&journal.read()?).next().is_some();

@@ -37,7 +37,7 @@ use crate::io::freeze::{FreezeGuard, Method};
 use crate::net::transport::{self, Identity};
 use crate::pass::sender::{self, open_session, SyncConfig};
 use crate::progress::{now_unix, Progress};
-use crate::store::journal::{self, CutoverRecord, SenderJournal, SenderRecord};
+use crate::store::journal::{self, CutoverRecord, SenderRecord};
 use crate::store::state::ManifestFile;
 
 /// Settings of `cutover`.
@@ -151,7 +151,7 @@ pub async fn cutover(
 ) -> Result<i32> {
     cc.method.check(&cfg.source)?;
     let dir = sender::volume_state_dir(cfg)?;
-    let journal = SenderJournal::in_dir(&dir);
+    let journal = sender::journal(cfg);
     let forecast = nightpass_proto::plan::forecast(&journal::figures(&journal.read()?), now_unix());
     announce_forecast(cfg, cc, forecast.as_ref(), progress.as_ref())?;
     // An operator's freeze is checked by one more read of the source while

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::net::transport::Identity;
 use crate::pass::sender::{self, target_dir, SyncConfig};
 use crate::progress::{PassEnd, Progress};
-use crate::store::journal::{SenderJournal, SenderRecord, TargetReadRecord};
+use crate::store::journal::{SenderRecord, TargetReadRecord};
 use crate::store::state::ManifestFile;
 
 /// Rounds of repair before a cutover gives up.
@@ -83,12 +83,7 @@ pub(super) async fn pass_with_target_read(
     )?;
     // The frozen pass lasts as long as the slower of the two reads: journal
     // the target's, so the forecast sees a target slower than the source.
-    SenderJournal::in_dir(&target_dir(
-        &cfg.state_dir,
-        &cfg.server_fingerprint,
-        &cfg.dest,
-    ))
-    .append(&SenderRecord::TargetRead(TargetReadRecord {
+    sender::journal(cfg).append(&SenderRecord::TargetRead(TargetReadRecord {
         size_bytes: geometry.size(),
         duration_s: read_s,
     }))?;

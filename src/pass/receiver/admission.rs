@@ -384,10 +384,10 @@ pub(super) fn sealed_refusal(shared: &Shared, hello: &wire::Hello) -> Option<Ref
     if !matches!(Mode::try_from(hello.mode), Ok(Mode::Sync | Mode::Preflight)) {
         return None;
     }
-    let message = match crate::store::seal::read(&volume_dir(shared, &hello.volume)) {
+    let message = match shared.store.seal(&hello.volume) {
         Ok(None) => return None,
         Ok(Some(seal)) => crate::store::seal::sealed_message(&hello.volume, Ok(&seal)),
-        Err(why) => crate::store::seal::sealed_message(&hello.volume, Err(&why)),
+        Err(why) => crate::store::seal::sealed_message(&hello.volume, Err(&why.to_string())),
     };
     Some(Refuse(RefuseCode::Sealed, message))
 }

@@ -57,6 +57,7 @@ use crate::io::hash::{self, ScanOptions};
 use crate::net::transport::{self, DataFrame, Identity, Tuning};
 use crate::progress::Quiet;
 use crate::store::state::{self, Fill, ManifestFile};
+use crate::store::{FileStore, Store};
 
 mod admission;
 mod exports;
@@ -116,6 +117,9 @@ struct Holder {
 
 struct Shared {
     cfg: ServeConfig,
+    /// The records of `cfg.state_dir` that go through the store (journals,
+    /// seals; see [`crate::store`]).
+    store: FileStore,
     busy: Mutex<HashMap<String, Holder>>,
     writers: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -177,6 +181,7 @@ pub async fn serve(
         .map_err(|e| Error::io("listening socket", e))?;
     ready(local, &identity.fingerprint());
     let shared = Arc::new(Shared {
+        store: FileStore::new(&cfg.state_dir),
         cfg,
         busy: Mutex::new(HashMap::new()),
         writers: Mutex::new(Vec::new()),
@@ -321,11 +326,7 @@ fn take_volume(
 }
 
 fn volume_dir(shared: &Shared, name: &str) -> PathBuf {
-    shared
-        .cfg
-        .state_dir
-        .join("volumes")
-        .join(state::key_for(name))
+    shared.store.receiver_dir(name)
 }
 
 pub use nightpass_proto::wire::msg_name;

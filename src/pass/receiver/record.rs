@@ -111,7 +111,7 @@ pub(super) fn preflight_answer(
         chunk_size: have.unwrap_or(chunk).bytes() as u32,
         summary: None,
         target_is_block: is_block,
-        unsealed_cutover: crate::store::seal::last_unsealed(&volume_dir(shared, name))?,
+        unsealed_cutover: crate::store::seal::last_unsealed(&shared.store, name)?,
     })
 }
 
@@ -156,9 +156,9 @@ pub(super) async fn record_session(
             ))),
             Some(guard) => {
                 let dir = volume_dir(&shared, &name);
-                let n = name.clone();
+                let (n, s) = (name.clone(), shared.clone());
                 let sealed = tokio::task::spawn_blocking(move || {
-                    crate::store::seal::record_cutover(&dir, &n, &mark)
+                    crate::store::seal::record_cutover(&s.store, &dir, &n, &mark)
                 })
                 .await
                 .map_err(|_| Error::Io("record task failed".into()))

@@ -126,7 +126,7 @@ async fn open_for_sync(
     offer: rx::Offer,
 ) -> Result<Opened> {
     let dir = volume_dir(shared, name);
-    let unsealed_cutover = match crate::store::seal::last_unsealed(&dir) {
+    let unsealed_cutover = match crate::store::seal::last_unsealed(&shared.store, name) {
         Ok(cp) => cp,
         Err(e) => return Ok(Err(e.into())),
     };

@@ -42,15 +42,16 @@ use crate::io::device::Volume;
 use crate::io::hash::{self, ScanOptions, Scanned};
 use crate::net::transport::{self, Identity, RemoteVolume, Tuning};
 use crate::progress::{now_unix, PassEnd, PassStart, Progress};
-use crate::store::journal::{self, PassRecord, SenderJournal, SenderRecord, UnsealedRecord};
+use crate::store::journal::{self, Journal, PassRecord, SenderRecord, UnsealedRecord};
 use crate::store::state::{self, Fill, ManifestFile, SourceRecord};
+use crate::store::{FileStore, SenderJournal, SenderVolume};
 
 mod records;
 mod session;
 mod stream;
 
 use records::*;
-pub use records::{canonical_source, status, target_dir, volume_state_dir};
+pub use records::{canonical_source, journal, status, target_dir, volume_state_dir};
 use session::*;
 pub use session::{open_session, preflight, Session};
 use stream::*;
@@ -252,9 +253,9 @@ impl<'a> PassRun<'a> {
             )));
         }
         let dir = volume_state_dir(cfg)?;
-        let journal = SenderJournal::in_dir(&dir);
+        let journal = journal(cfg);
         let mut records = journal.read()?;
-        check_source(cfg, &dir, &records)?;
+        check_source(cfg, &journal, &records)?;
         if journal::sealed_cutover(&records).is_some() {
             // Cut over by this sender: ask in a session that prepares nothing
             // on the receiver (a sync session opens, and may create, the
@@ -339,7 +340,7 @@ impl<'a> PassRun<'a> {
         .map_err(at)?;
         *connected = true;
         let checked = check_not_cut_over(cfg, &self.journal, &self.records, &session.welcome)
-            .and_then(|()| record_source(cfg, &self.dir));
+            .and_then(|()| record_source(cfg, &self.journal));
         if let Err(e) = checked {
             transport::close_session(
                 &session.endpoint,

@@ -1,7 +1,8 @@
 //! The sender's own records of a volume: where its state lives (keyed by
 //! the receiver's fingerprint and the volume's name), which source it is
-//! copied from, whether this sender cut it over, and `status`. Touches no
-//! network.
+//! copied from, whether this sender cut it over, and `status`. The records
+//! go through the [`Store`]; `status` lists the state directory itself (with
+//! the layout of older releases). Touches no network.
 
 use super::*;
 
@@ -11,10 +12,26 @@ use super::*;
 /// address was typed: `newfiler:7400/filer01` and `10.99.0.2:7400/filer01`
 /// are one volume with one history.
 pub fn target_dir(state_dir: &Path, server_fp: &str, dest: &RemoteVolume) -> PathBuf {
-    state_dir
-        .join("targets")
-        .join(state::key_for(server_fp))
-        .join(state::key_for(&dest.name))
+    FileStore::new(state_dir).sender_dir(&sender_volume(server_fp, dest))
+}
+
+/// Volume `dest` on the receiver whose fingerprint is `server_fp`, as the
+/// store knows it.
+fn sender_volume(server_fp: &str, dest: &RemoteVolume) -> SenderVolume {
+    SenderVolume {
+        receiver: server_fp.to_string(),
+        name: dest.name.clone(),
+    }
+}
+
+/// The sender's records of `cfg`'s volume: its journal and source record,
+/// in the file store of `--state-dir` (see [`crate::store`]). Call it after
+/// [`volume_state_dir`], which moves an older release's records into place.
+pub fn journal(cfg: &SyncConfig) -> SenderJournal {
+    SenderJournal::new(
+        Arc::new(FileStore::new(&cfg.state_dir)),
+        sender_volume(&cfg.server_fingerprint, &cfg.dest),
+    )
 }
 
 /// The state directory of a pass's volume, ready for writing: the state
@@ -49,10 +66,13 @@ pub fn canonical_source(source: &Path) -> String {
         .to_string()
 }
 
-/// The source earlier passes of the volume in `dir` read, if any: the
-/// `source` record, else (state of an older release) the last pass's.
-pub(super) fn recorded_source(dir: &Path, records: &[SenderRecord]) -> Option<String> {
-    if let Some(r) = SourceRecord::read(dir) {
+/// The source earlier passes of a volume read, if any: its `source`
+/// record, else (state of an older release) the last pass's.
+pub(super) fn recorded_source(
+    source: Option<SourceRecord>,
+    records: &[SenderRecord],
+) -> Option<String> {
+    if let Some(r) = source {
         return Some(r.path);
     }
     journal::passes(records)
@@ -63,9 +83,13 @@ pub(super) fn recorded_source(dir: &Path, records: &[SenderRecord]) -> Option<St
 /// Refuses a source other than the one earlier passes of this volume read,
 /// unless the operator said so (`--new-source`): copying another volume's
 /// bytes over a target is a mistake a typo makes.
-pub(super) fn check_source(cfg: &SyncConfig, dir: &Path, records: &[SenderRecord]) -> Result<()> {
+pub(super) fn check_source(
+    cfg: &SyncConfig,
+    journal: &SenderJournal,
+    records: &[SenderRecord],
+) -> Result<()> {
     let now = canonical_source(&cfg.source);
-    match recorded_source(dir, records) {
+    match recorded_source(journal.source()?, records) {
         Some(before) if before != now && !cfg.new_source => Err(Error::input(format!(
             "earlier passes of {} read {before}, but this one would read {now}: refusing to copy another source over it. If the volume really moved to {now}, rerun with --new-source",
             cfg.dest
@@ -75,16 +99,15 @@ pub(super) fn check_source(cfg: &SyncConfig, dir: &Path, records: &[SenderRecord
 }
 
 /// Records the source this volume is copied from (see [`check_source`]).
-pub(super) fn record_source(cfg: &SyncConfig, dir: &Path) -> Result<()> {
+pub(super) fn record_source(cfg: &SyncConfig, journal: &SenderJournal) -> Result<()> {
     let now = canonical_source(&cfg.source);
-    if SourceRecord::read(dir).is_some_and(|r| r.path == now) {
+    if journal.source()?.is_some_and(|r| r.path == now) {
         return Ok(());
     }
-    SourceRecord {
+    journal.set_source(&SourceRecord {
         path: now,
         recorded_unix_s: now_unix(),
-    }
-    .write(dir)
+    })
 }
 
 /// A sender passes again over a volume it cut over only when the receiver
@@ -141,6 +164,11 @@ pub(super) fn volume_dirs(targets: &Path) -> Vec<PathBuf> {
 
 /// Prints the pass history and the current forecast of every volume in the
 /// sender state directory (only those copied from `source`, when given).
+///
+/// It lists the state directory itself, where volumes an older release
+/// kept under `targets/<HOST:PORT/NAME>/` have no [`SenderVolume`] key
+/// yet, so it reads their files directly; a fleet's status would be a
+/// query of its store.
 pub fn status(
     state_dir: &std::path::Path,
     source: Option<&std::path::Path>,
@@ -155,12 +183,12 @@ pub fn status(
     let want = source.map(canonical_source);
     let mut any = false;
     for dir in volume_dirs(&state_dir.join("targets")) {
-        let records = SenderJournal::in_dir(&dir).read()?;
+        let records = Journal::<SenderRecord>::in_dir(&dir).read()?;
         let Some(last) = journal::passes(&records).last() else {
             continue;
         };
         if let Some(w) = &want {
-            let read = recorded_source(&dir, &records);
+            let read = recorded_source(SourceRecord::read(&dir)?, &records);
             if read.as_deref() != Some(w.as_str()) {
                 continue;
             }

@@ -99,9 +99,9 @@ pub async fn open_session(
 /// file does not exist yet).
 pub async fn preflight(cfg: &SyncConfig, id: &Identity) -> Result<wire::Welcome> {
     let dir = volume_state_dir(cfg)?;
-    let journal = SenderJournal::in_dir(&dir);
+    let journal = journal(cfg);
     let records = journal.read()?;
-    check_source(cfg, &dir, &records)?;
+    check_source(cfg, &journal, &records)?;
     let source = cfg.read_from.as_deref().unwrap_or(&cfg.source);
     let size = Volume::open_source(source)?.size();
     let known = match ManifestFile::open(&dir.join("manifest"))? {
