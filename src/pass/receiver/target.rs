@@ -67,6 +67,41 @@ pub(super) fn prepare_target(
 /// start; any mismatch and the whole manifest is distrusted.
 pub(super) const SAMPLE_CHUNKS: usize = 16;
 
+/// The manifest of this target that can be kept, and whether the one
+/// found must be rebuilt from a fresh read of the target instead (damaged,
+/// or the volume unsealed since it was written: the new site wrote to the
+/// target meanwhile; only a read made now, holding the volume, counts). A
+/// manifest of another target, or one whose sampled claims the target does
+/// not hold, is not kept.
+fn existing_manifest(
+    dir: &Path,
+    name: &str,
+    volume: &Volume,
+    record: &state::TargetRecord,
+    created: Created,
+) -> std::result::Result<(Option<ManifestFile>, bool), Refuse> {
+    if !is_bound(name, dir, record, created) {
+        return Ok((None, false));
+    }
+    let m = match ManifestFile::open(&dir.join("manifest"))? {
+        Some(Ok(m)) => m,
+        Some(Err(e)) => {
+            tracing::warn!("volume '{name}': manifest cannot be trusted ({e}); rebuilding it from a fresh read of the target");
+            return Ok((None, true));
+        }
+        None => return Ok((None, false)),
+    };
+    if state::marked_for_rebuild(dir) {
+        tracing::warn!("volume '{name}': unsealed since its last pass; rebuilding its manifest from a fresh read of the target");
+        return Ok((Some(m), true));
+    }
+    if let Some(why) = sample_mismatch(volume, &m)? {
+        tracing::warn!("volume '{name}': {why}: the target was changed behind this receiver's back; distrusting its whole manifest and starting from nothing known");
+        return Ok((None, false));
+    }
+    Ok((Some(m), false))
+}
+
 /// Opens the manifest that describes `target`, or starts a new one.
 ///
 /// A manifest belongs to one target: the record next to it names the
@@ -94,33 +129,8 @@ pub(super) fn open_manifest(
         path: target.to_owned(),
         identity: volume.identity()?,
     };
-    let bound = is_bound(name, dir, &record, created);
-    let mut rebuild = false;
-    let mut existing = if !bound {
-        None
-    } else {
-        match ManifestFile::open(&mpath)? {
-            Some(Ok(m)) => Some(m),
-            Some(Err(e)) => {
-                tracing::warn!("volume '{name}': manifest cannot be trusted ({e}); rebuilding it from a fresh read of the target");
-                rebuild = true;
-                None
-            }
-            None => None,
-        }
-    };
-    // Unsealed since the manifest was last written: the new site wrote to
-    // the target meanwhile; only a read made now, holding the volume, counts.
+    let (existing, rebuild) = existing_manifest(dir, name, volume, &record, created)?;
     let marked = state::marked_for_rebuild(dir);
-    if existing.is_some() && marked {
-        tracing::warn!("volume '{name}': unsealed since its last pass; rebuilding its manifest from a fresh read of the target");
-        rebuild = true;
-    } else if let Some(m) = &existing {
-        if let Some(why) = sample_mismatch(volume, m)? {
-            tracing::warn!("volume '{name}': {why}: the target was changed behind this receiver's back; distrusting its whole manifest and starting from nothing known");
-            existing = None;
-        }
-    }
     let chunk = match &existing {
         Some(m) => {
             let have = m.geometry().chunk_size();

@@ -15,8 +15,9 @@
 //! ([`run_pass_collecting`]); `records` the sender's own records of a
 //! volume (state directory, source, cutover, `status`), `session` the
 //! sessions with a receiver (hello, preflight, manifest fetch), and
-//! `stream` one attempt on the wire (chunk planning, probes and patches,
-//! data streams, acknowledgements, heartbeats, giving up).
+//! `stream` one attempt (chunk planning, dispatch, acknowledgements, the
+//! end of the pass, over the [`SendSession`]), and `streams` its wire side
+//! (data streams, pacing, heartbeats, giving up).
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -49,12 +50,14 @@ use crate::store::{FileStore, SenderJournal, SenderVolume};
 mod records;
 mod session;
 mod stream;
+mod streams;
 
 use records::*;
 pub use records::{canonical_source, journal, status, target_dir, volume_state_dir};
 use session::*;
 pub use session::{open_session, preflight, Session};
 use stream::*;
+use streams::*;
 
 /// Settings of a pass.
 #[derive(Debug, Clone)]
