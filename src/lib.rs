@@ -15,7 +15,7 @@
 //! net/    QUIC endpoints, pinning, tuning, framing (knows no pass)
 //! io/     device, hash, freeze, sys: the kernel and the data
 //!                                     (knows no protocol, no network)
-//! store/  the state directory: state, journal, seal
+//! store/  the state directory: the Store trait, state, journal, seal
 //!                                     (keeps records, decides nothing)
 //! error.rs, progress.rs: the vocabulary every folder shares
 //! ```
@@ -40,8 +40,14 @@
 //! [`progress`]; diagnostics and the receiver's log go through `tracing`
 //! events, which the binary writes to stderr as bare lines.
 //!
-//! Formats, messages and the planning math live in the `nightpass-proto`
-//! crate, which does no I/O; see its docs and `proto/PROTOCOL.md`.
+//! Formats, messages, the sessions' state machines (what each end of a
+//! sync or verify session decides: handshakes and refusal codes, the check
+//! of every chunk, acks, probes and patches, the resume point, Finish and
+//! Done) and the planning math live in the `nightpass-proto` crate, which
+//! does no I/O; see its docs and `proto/PROTOCOL.md`. The drivers in
+//! [`pass`] and [`app::verify`] only move bytes, touch devices and keep
+//! time; a pass runs over a `ChunkSet` (every chunk, the remainder of a
+//! resumed pass, or a given set).
 //!
 //! ## Durability and trust invariants
 //! - A chunk is written only after its BLAKE3 hash matches, and recorded in
