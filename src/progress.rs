@@ -47,22 +47,50 @@ pub struct PassEnd {
     pub forecast_final_pass_s: Option<f64>,
     /// Root hash of the target's manifest after the pass (hex).
     pub root: String,
+    /// How the pass chose what to read.
+    pub scan: ScanKind,
+}
+
+/// How a pass chose what to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScanKind {
+    /// Only the blocks a change record named (and chunks the target lacks).
+    Tracked,
+    /// The whole volume, and why.
+    Full(String),
+}
+
+impl ScanKind {
+    /// `"tracked"` or `"full"`, as events and the journal say it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ScanKind::Tracked => "tracked",
+            ScanKind::Full(_) => "full",
+        }
+    }
+
+    /// Why the whole volume was read, for a full scan.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            ScanKind::Tracked => None,
+            ScanKind::Full(why) => Some(why),
+        }
+    }
 }
 
 impl PassEnd {
     /// The `pass_end` JSON event.
     pub fn to_json(&self) -> Value {
-        json!({
+        let mut v = json!({
             "event": "pass_end",
             "volume": self.start.volume,
             "pass": self.start.pass,
             "size_bytes": self.start.size_bytes,
             "chunk_size": self.start.chunk_size,
             "scanned_bytes": self.scanned_bytes,
-            // Every pass reads the whole volume until change tracking lands.
-            "scan": "full",
+            "scan": self.scan.name(),
             "read_bytes": self.scanned_bytes,
-            "scan_reason": "no change record: the whole volume is read",
+            "scan_reason": self.scan.reason(),
             "changed_chunks": self.changed_chunks,
             "changed_bytes": self.changed_bytes,
             "zero_chunks": self.zero_chunks,
@@ -70,7 +98,13 @@ impl PassEnd {
             "duration_s": (self.duration_s * 1000.0).round() / 1000.0,
             "forecast_final_pass_s": self.forecast_final_pass_s.map(|f| (f * 100.0).round() / 100.0),
             "root": self.root,
-        })
+        });
+        if self.scan.reason().is_none() {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("scan_reason");
+            }
+        }
+        v
     }
 }
 

@@ -3,7 +3,7 @@
 //! Everything nightpass can decide without touching a socket, a file or a
 //! clock lives here, in the manner of `quinn-proto`: chunk geometry
 //! ([`chunk`]), sets of chunks and their byte ranges ([`chunkset`]), the
-//! manifest format ([`manifest`]), wire messages and framing ([`wire`]),
+//! manifest format ([`manifest`]), sets of changed blocks ([`changes`]), wire messages and framing ([`wire`]),
 //! block probes and patches ([`patch`]), the sessions' state machines
 //! ([`session`]: a sync session's sender and receiver, the sender's ledger
 //! of chunks in flight), and pass planning and forecasting ([`plan`]). The `nightpass`
@@ -22,6 +22,7 @@
 //! The wire protocol is described in `PROTOCOL.md` beside this crate.
 #![deny(missing_docs)]
 
+pub mod changes;
 pub mod chunk;
 pub mod chunkset;
 pub mod manifest;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::app::cli::{Cli, Command, ServeArgs, SyncArgs};
+use crate::app::cli::{Cli, Command, ScanChoice, ServeArgs, SyncArgs};
 use crate::error::{Error, Result};
 use crate::net::transport::{default_identity_dir, Identity};
 use crate::pass::receiver::{self, ServeConfig};
@@ -42,14 +42,14 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Serve(args) => serve(args).await,
         Command::Sync(args) => {
-            let cfg = sync_config(&args, "sync")?;
-            let id = Identity::load(&args.identity_dir())?;
+            let cfg = sync_config(&args.sync, args.scan.scan, "sync")?;
+            let id = Identity::load(&args.sync.identity_dir())?;
             sender::run_pass(&cfg, &id, progress).await?;
             Ok(0)
         }
         Command::Verify(args) => crate::app::verify::run(&args, progress).await,
         Command::Converge(args) => {
-            let cfg = sync_config(&args.sync, "converge")?;
+            let cfg = sync_config(&args.sync, args.scan.scan, "converge")?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));
@@ -63,7 +63,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             crate::app::cutover::converge(&cfg, &cc, &id, progress).await
         }
         Command::Cutover(args) => {
-            let cfg = sync_config(&args.sync, "cutover")?;
+            let cfg = sync_config(&args.sync, args.scan.scan, "cutover")?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));
@@ -97,7 +97,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
 }
 
 /// Typed pass settings from the flags.
-pub fn sync_config(args: &SyncArgs, kind: &'static str) -> Result<SyncConfig> {
+pub fn sync_config(args: &SyncArgs, scan: ScanChoice, kind: &'static str) -> Result<SyncConfig> {
     let (dest, fp) = args.remote()?;
     let tuning = args.tuning()?;
     let streams = match args.streams {
@@ -123,6 +123,7 @@ pub fn sync_config(args: &SyncArgs, kind: &'static str) -> Result<SyncConfig> {
         proof_read: false,
         new_source: args.new_source,
         receiver_answered: false,
+        scan_choice: scan,
     })
 }
 

@@ -21,7 +21,7 @@ use crate::io::device::Volume;
 use crate::io::hash::ScanOptions;
 use crate::net::transport::{Identity, RemoteVolume, Tuning};
 use crate::pass::receiver::{self, ServeConfig};
-use crate::pass::sender::{self, SyncConfig};
+use crate::pass::sender::{self, ScanChoice, SyncConfig};
 use crate::progress::{human_bytes, Progress};
 
 struct TempDir(PathBuf);
@@ -172,6 +172,7 @@ impl LocalPair {
     /// Settings of a pass from `source` to the local receiver.
     pub fn pass(&self, source: &Path, kind: &'static str) -> SyncConfig {
         SyncConfig {
+            scan_choice: ScanChoice::Auto,
             source: source.to_owned(),
             dest: RemoteVolume {
                 host_port: self.addr.to_string(),

@@ -42,6 +42,7 @@ pub mod file;
 pub mod journal;
 pub mod seal;
 pub mod state;
+pub mod tracking;
 
 pub use file::FileStore;
 

@@ -24,6 +24,7 @@ pub use values::{parse_chunk_size, parse_duration, parse_size};
 use crate::error::{Error, Result};
 use crate::io::hash::ScanOptions;
 use crate::net::transport::{default_identity_dir, parse_fingerprint, RemoteVolume, Tuning};
+pub use crate::pass::sender::ScanChoice;
 use crate::store::state::default_state_dir;
 
 /// nightpass: move live storage servers between datacentres at block level.
@@ -62,7 +63,7 @@ pub enum Command {
     /// Receive volumes: export NAME=PATH pairs to the allowed senders.
     Serve(ServeArgs),
     /// One delta pass: send the chunks that differ from what the target holds.
-    Sync(SyncArgs),
+    Sync(SyncCmdArgs),
     /// Compare source and target by fresh checksums; list differing ranges.
     Verify(SyncArgs),
     /// Repeat passes until a frozen final pass is forecast to fit the window.
@@ -103,12 +104,47 @@ pub enum Command {
     },
 }
 
+/// How a pass chooses what to read (`--scan`).
+#[derive(Debug, Args, Clone)]
+pub struct ScanArg {
+    /// What a pass reads: auto (read only the blocks `nightpass track`
+    /// recorded since the previous pass when its record is unbroken,
+    /// otherwise everything, saying why), full (everything), tracked
+    /// (refuse, exit 2, unless the record is unbroken).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub scan: ScanChoice,
+}
+
+/// `sync` flags.
+#[derive(Debug, Args)]
+pub struct SyncCmdArgs {
+    #[command(flatten)]
+    /// The pass flags.
+    pub sync: SyncArgs,
+    #[command(flatten)]
+    /// What the pass reads.
+    pub scan: ScanArg,
+}
+
+impl clap::ValueEnum for ScanChoice {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[ScanChoice::Auto, ScanChoice::Full, ScanChoice::Tracked]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 /// `converge` flags.
 #[derive(Debug, Args)]
 pub struct ConvergeArgs {
     #[command(flatten)]
     /// The pass flags.
     pub sync: SyncArgs,
+    #[command(flatten)]
+    /// What each pass reads.
+    pub scan: ScanArg,
     /// The night window the frozen final pass must fit (e.g. 45m).
     #[arg(long, value_parser = parse_duration)]
     pub window: Duration,
@@ -130,6 +166,9 @@ pub struct CutoverArgs {
     #[command(flatten)]
     /// The pass flags.
     pub sync: SyncArgs,
+    #[command(flatten)]
+    /// What the passes read.
+    pub scan: ScanArg,
     /// Freeze the filesystem mounted here (it must live on SOURCE).
     #[arg(long, value_name = "MOUNTPOINT")]
     pub fsfreeze: Option<PathBuf>,
@@ -335,7 +374,8 @@ mod tests {
         let Command::Sync(args) = cli.command else {
             panic!("not a sync")
         };
-        assert_eq!(args.quic.tuning(), Tuning::default());
+        assert_eq!(args.scan.scan, ScanChoice::Auto);
+        assert_eq!(args.sync.quic.tuning(), Tuning::default());
         assert_eq!(Tuning::default().stream_window, 2 << 20);
         assert_eq!(Tuning::default().default_streams(), 16);
     }

@@ -42,7 +42,7 @@ use crate::error::{Error, Result};
 use crate::io::device::Volume;
 use crate::io::hash::{self, ScanOptions, Scanned};
 use crate::net::transport::{self, Identity, RemoteVolume, Tuning};
-use crate::progress::{now_unix, PassEnd, PassStart, Progress};
+use crate::progress::{now_unix, PassEnd, PassStart, Progress, ScanKind};
 use crate::store::journal::{self, Journal, PassRecord, SenderRecord, UnsealedRecord};
 use crate::store::state::{self, Fill, ManifestFile, SourceRecord};
 use crate::store::{FileStore, SenderJournal, SenderVolume};
@@ -51,6 +51,7 @@ mod records;
 mod session;
 mod stream;
 mod streams;
+mod tracked;
 
 use records::*;
 pub use records::{canonical_source, journal, status, target_dir, volume_state_dir};
@@ -58,6 +59,8 @@ use session::*;
 pub use session::{open_session, preflight, Session};
 use stream::*;
 use streams::*;
+pub use tracked::ScanChoice;
+use tracked::*;
 
 /// Settings of a pass.
 #[derive(Debug, Clone)]
@@ -97,6 +100,8 @@ pub struct SyncConfig {
     /// fails is then a lost link, retried for `retry_for`, not a wrong
     /// address.
     pub receiver_answered: bool,
+    /// How the pass may choose what to read (`--scan`).
+    pub scan_choice: ScanChoice,
 }
 
 /// Runs one pass and returns its report.
@@ -233,9 +238,10 @@ struct PassRun<'a> {
     collect: bool,
     shared: PassShared,
     scanned: ScanStatsSum,
-    /// What the pass reads: today every chunk (change tracking will name a
-    /// set); an attempt resumed after a lost link reads what remains of it.
-    scope: Scope,
+    /// What the pass reads (every chunk, or the blocks the change tracker
+    /// recorded since the previous pass) and why; an attempt resumed after
+    /// a lost link reads what remains of it.
+    plan: ScanPlan,
 }
 
 impl<'a> PassRun<'a> {
@@ -269,6 +275,10 @@ impl<'a> PassRun<'a> {
         }
         let ours = open_own_manifest(cfg, &dir.join("manifest"), progress.as_ref())?;
         let (chunk, explicit) = chunk_size(cfg, ours.as_ref())?;
+        let plan = plan_scan(cfg, &dir)?;
+        if let (ScanKind::Full(why), true) = (&plan.kind, plan.tracker_seen()) {
+            progress.note(&format!("reading the whole volume: {why}"));
+        }
         let shared = PassShared {
             counters: Arc::default(),
             pacer: cfg.bwlimit.map(|limit| Arc::new(Pacer::new(limit))),
@@ -293,7 +303,7 @@ impl<'a> PassRun<'a> {
             collect,
             shared,
             scanned: ScanStatsSum::default(),
-            scope: Scope::Full,
+            plan,
         })
     }
 
@@ -364,9 +374,9 @@ impl<'a> PassRun<'a> {
             .await
             .map_err(at)?;
         self.start(geometry);
+        let set = self.chunks_to_read(&geometry).at_or_after(resume);
         let m = self.ours.take().expect("reconciled");
         let ours = Arc::new(Mutex::new(m));
-        let set = self.scope.chunks(&geometry).at_or_after(resume);
         let r = stream_pass(
             cfg,
             session,
@@ -418,6 +428,20 @@ impl<'a> PassRun<'a> {
         m.commit(theirs.generation, theirs.root)?;
         self.ours = Some(m);
         Ok(())
+    }
+
+    /// The chunks the pass reads: every chunk, or those the change record
+    /// names plus any our view of the target does not know it holds.
+    fn chunks_to_read(&self, geometry: &Geometry) -> ChunkSet {
+        let named = self.plan.scope.chunks(geometry);
+        if self.plan.scope == Scope::Full {
+            return named;
+        }
+        let Some(ours) = &self.ours else {
+            return ChunkSet::all(geometry);
+        };
+        let unknown = (0..geometry.chunk_count()).filter(|&i| ours.entry(i) == manifest::UNKNOWN);
+        named.union(&ChunkSet::from_indices(geometry, unknown))
     }
 
     /// The pass starts with its first attempt that reaches the streams.
@@ -475,8 +499,11 @@ impl<'a> PassRun<'a> {
             read_rate_bps: self.scanned.bytes as f64 / self.scanned.busy_s.max(1e-6),
             send_rate_bps: sent_bytes as f64 / duration_s.max(1e-6),
             root: root.clone(),
+            scan: Some(self.plan.kind.name().to_string()),
+            scan_reason: self.plan.kind.reason().map(str::to_string),
         });
         self.journal.append(&record)?;
+        pass_completed(&self.plan, &self.dir)?;
         self.records.push(record);
         let forecast =
             plan::forecast(&journal::figures(&self.records), now_unix()).map(|f| f.total_s);
@@ -490,6 +517,7 @@ impl<'a> PassRun<'a> {
             duration_s,
             forecast_final_pass_s: forecast,
             root,
+            scan: self.plan.kind.clone(),
         };
         self.progress.pass_end(&end);
         let table = self

@@ -114,6 +114,13 @@ pub struct PassRecord {
     pub send_rate_bps: f64,
     /// The root of the manifest after the pass (hex).
     pub root: String,
+    /// How the pass chose what to read: `"full"` or `"tracked"` (absent
+    /// in records of releases before change tracking: full).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan: Option<String>,
+    /// Why a full scan read the whole volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan_reason: Option<String>,
 }
 
 /// The receiver's read of the whole target alongside a pass (rehearsals and

@@ -46,6 +46,8 @@ fn pass(n: u64) -> PassRecord {
         read_rate_bps: 536_870_912.0,
         send_rate_bps: 8000.0,
         root: CP.into(),
+        scan: Some("tracked".into()),
+        scan_reason: None,
     }
 }
 

@@ -1,0 +1,279 @@
+//! What a pass reads: the whole volume, or only the blocks the change
+//! tracker (`nightpass track`) recorded since the previous pass's scan
+//! began, when its record proves unbroken.
+//!
+//! Owns the sender's side of change tracking: asking the tracker for a cut
+//! before the pass reads anything, deciding whether the cut chains to the
+//! previous completed pass, and the volume's `tracked-pending` set (see
+//! [`crate::store::tracking`]), which keeps what a pass took from the
+//! tracker until the pass has completed. It must not read the source or
+//! speak to the receiver.
+//!
+//! The chain: `tracked-pending` holds the tracker's epoch, the number of
+//! the last cut taken and whether its blocks cover every write since the
+//! scan of the last completed pass began. A cut chains when the tracker's
+//! epoch is the one recorded and its previous cut for this volume is the
+//! one recorded: then the pending blocks plus the cut's are every block
+//! written since that scan began, and the pass reads only them (and any
+//! chunk the target does not hold). Anything else (no tracker, a new
+//! epoch, a first cut, a pass that read everything and failed) reads the
+//! whole volume and says why.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nightpass_proto::changes::BlockRuns;
+use nightpass_proto::chunkset::Scope;
+use serde::{Deserialize, Serialize};
+
+use super::SyncConfig;
+use crate::error::{Error, Result};
+use crate::progress::ScanKind;
+use crate::store::tracking::{self, Answer, Request};
+
+/// How a pass may choose what to read (`--scan`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScanChoice {
+    /// Tracked when the record is unbroken, otherwise full.
+    #[default]
+    Auto,
+    /// Always the whole volume.
+    Full,
+    /// Tracked, or refuse.
+    Tracked,
+}
+
+impl ScanChoice {
+    /// The flag's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            ScanChoice::Auto => "auto",
+            ScanChoice::Full => "full",
+            ScanChoice::Tracked => "tracked",
+        }
+    }
+}
+
+/// How long a pass waits for the tracker's cut (it drains its events first).
+const CUT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a pass reads, and why.
+#[derive(Debug, Clone)]
+pub(super) struct ScanPlan {
+    /// The chunks (as bytes, before the chunk size is agreed).
+    pub(super) scope: Scope,
+    /// Tracked, or full and why.
+    pub(super) kind: ScanKind,
+    /// The cut this pass took: (epoch, number), to record as the chain's
+    /// new start once the pass completes.
+    cut: Option<(String, u64)>,
+}
+
+/// The head of a volume's `tracked-pending` file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PendingHead {
+    /// The tracker's epoch the blocks belong to.
+    epoch: String,
+    /// The last cut taken from it.
+    through: u64,
+    /// The blocks cover every write since the last completed pass's scan began.
+    complete: bool,
+}
+
+/// Decides what the pass of `cfg` reads, taking a cut from the tracker of
+/// its source when one runs (even for a full pass: the cut starts the
+/// chain the next pass continues). Refuses `--scan tracked` without an
+/// unbroken record, before anything is sent.
+pub(super) fn plan_scan(cfg: &SyncConfig, volume_dir: &Path) -> Result<ScanPlan> {
+    let plan = take_cut(cfg, volume_dir)?;
+    match (cfg.scan_choice, &plan.kind) {
+        (ScanChoice::Full, _) => Ok(ScanPlan {
+            scope: Scope::Full,
+            kind: ScanKind::Full("--scan full".into()),
+            ..plan
+        }),
+        (ScanChoice::Tracked, ScanKind::Full(why)) => Err(Error::input(format!(
+            "--scan tracked: {why}; nothing was sent (without --scan tracked the pass reads the whole volume)"
+        ))),
+        _ => Ok(plan),
+    }
+}
+
+impl ScanPlan {
+    /// Whether a tracker answered (or left a record) for this source: then
+    /// a full scan is news worth a note; without one it is the rule.
+    pub(super) fn tracker_seen(&self) -> bool {
+        self.cut.is_some()
+            || matches!(&self.kind, ScanKind::Full(why) if why.contains("the last one's record ended"))
+    }
+}
+
+fn full(reason: String, cut: Option<(String, u64)>) -> ScanPlan {
+    ScanPlan {
+        scope: Scope::Full,
+        kind: ScanKind::Full(reason),
+        cut,
+    }
+}
+
+/// Takes a cut from the tracker of the source, records it in the pending
+/// set, and says whether it chains to the previous completed pass: a
+/// tracked plan when it does, a full one saying why otherwise.
+fn take_cut(cfg: &SyncConfig, volume_dir: &Path) -> Result<ScanPlan> {
+    if cfg.read_from.is_some() {
+        return Ok(full(
+            "a pass from an LVM snapshot reads the whole snapshot".into(),
+            None,
+        ));
+    }
+    let source = std::fs::canonicalize(&cfg.source).unwrap_or_else(|_| cfg.source.clone());
+    let tdir = tracking::tracking_dir(&cfg.state_dir, &source);
+    let consumer = format!("{}/{}", cfg.server_fingerprint, cfg.dest.name);
+    let answer = tracking::ask(&tdir, &Request::Cut { consumer }, CUT_TIMEOUT)?;
+    let (epoch, seq, previous, file) = match answer {
+        Some(Answer::Cut {
+            epoch,
+            seq,
+            previous,
+            file,
+            ..
+        }) => (epoch, seq, previous, file),
+        None => return Ok(full(no_tracker(&tdir, &source), None)),
+        Some(Answer::Error { message }) => {
+            let why = format!("the tracker of {} failed: {message}", source.display());
+            return Ok(full(why, None));
+        }
+        Some(other) => {
+            return Ok(full(
+                format!("the tracker answered a cut with {other:?}"),
+                None,
+            ));
+        }
+    };
+    let cut = tracking::read_blocks(&file)?;
+    let pending_path = tracking::pending_path(volume_dir);
+    let (head, mut blocks) = read_pending(&pending_path)?;
+    let chained = head
+        .as_ref()
+        .is_some_and(|h| h.complete && h.epoch == epoch.id && previous == Some(h.through));
+    if chained {
+        blocks.extend(&cut);
+    } else {
+        blocks = cut;
+    }
+    let head = PendingHead {
+        epoch: epoch.id.clone(),
+        through: seq,
+        complete: chained,
+    };
+    // Durable before the pass reads anything: a pass that fails hands
+    // these blocks to the next.
+    write_pending(&pending_path, &head, &blocks)?;
+    let _ = std::fs::remove_file(&file);
+    let taken = Some((epoch.id.clone(), seq));
+    if chained {
+        return Ok(ScanPlan {
+            scope: Scope::Bytes(blocks.byte_ranges()),
+            kind: ScanKind::Tracked,
+            cut: taken,
+        });
+    }
+    let why = match previous {
+        None => format!(
+            "first pass since the tracker of {} began its record (epoch {})",
+            source.display(),
+            short(&epoch.id)
+        ),
+        Some(_) => format!(
+            "the record of {} does not reach back to the previous completed pass (epoch {})",
+            source.display(),
+            short(&epoch.id)
+        ),
+    };
+    Ok(full(why, taken))
+}
+
+/// Why there is no record to use when no tracker answers.
+fn no_tracker(tdir: &Path, source: &Path) -> String {
+    match tracking::last_ended(tdir) {
+        Some(r) => format!(
+            "no tracker is recording {} (the last one's record ended: {r})",
+            source.display()
+        ),
+        None => format!(
+            "no change record: no tracker is recording {} (start `nightpass track {}`)",
+            source.display(),
+            source.display()
+        ),
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// The pass completed: everything up to its cut is on the target, so the
+/// chain starts again from that cut, with no pending block.
+pub(super) fn pass_completed(plan: &ScanPlan, volume_dir: &Path) -> Result<()> {
+    let Some((epoch, seq)) = &plan.cut else {
+        return Ok(());
+    };
+    let head = PendingHead {
+        epoch: epoch.clone(),
+        through: *seq,
+        complete: true,
+    };
+    write_pending(
+        &tracking::pending_path(volume_dir),
+        &head,
+        &BlockRuns::new(),
+    )
+}
+
+fn read_pending(path: &Path) -> Result<(Option<PendingHead>, BlockRuns)> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, BlockRuns::new())),
+        Err(e) => return Err(Error::io(path.display(), e)),
+    };
+    let damaged = || {
+        Error::Io(format!(
+            "{}: damaged; remove it to start over",
+            path.display()
+        ))
+    };
+    let split = bytes.iter().position(|&b| b == b'\n').ok_or_else(damaged)?;
+    let head: PendingHead = serde_json::from_slice(&bytes[..split]).map_err(|_| damaged())?;
+    let blocks = BlockRuns::decode(&bytes[split + 1..]).ok_or_else(damaged)?;
+    Ok((Some(head), blocks))
+}
+
+fn write_pending(path: &Path, head: &PendingHead, blocks: &BlockRuns) -> Result<()> {
+    let mut bytes = serde_json::to_vec(head).expect("a head serializes");
+    bytes.push(b'\n');
+    bytes.extend_from_slice(&blocks.encode());
+    crate::store::state::write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_survives_the_disk_and_damage_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tracked-pending");
+        assert_eq!(read_pending(&p).unwrap().0, None);
+        let head = PendingHead {
+            epoch: "e1".into(),
+            through: 4,
+            complete: true,
+        };
+        let mut blocks = BlockRuns::new();
+        blocks.insert(7..9);
+        write_pending(&p, &head, &blocks).unwrap();
+        assert_eq!(read_pending(&p).unwrap(), (Some(head), blocks));
+        std::fs::write(&p, b"{\"epoch\":1}\nxx").unwrap();
+        assert!(read_pending(&p).is_err());
+    }
+}
