@@ -63,6 +63,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
             crate::app::cutover::converge(&cfg, &cc, &id, progress).await
         }
         Command::Cutover(args) => {
+            if args.scan.scan == ScanChoice::Tracked {
+                // Refused before anything is frozen or sent.
+                return Err(Error::input(crate::pass::sender::NO_TRACKED_PROOF));
+            }
             let cfg = sync_config(&args.sync, args.scan.scan, "cutover")?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {

@@ -14,4 +14,5 @@ pub mod cli;
 pub mod commands;
 pub mod cutover;
 pub mod demo;
+pub mod track;
 pub mod verify;

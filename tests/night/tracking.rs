@@ -25,7 +25,10 @@ fn without_a_tracker_passes_read_everything_and_tracked_is_refused() {
         "the refusal says why: {}",
         refused.stderr
     );
-    assert!(!target.exists(), "a refused tracked pass created the target");
+    assert!(
+        !target.exists(),
+        "a refused tracked pass created the target"
+    );
 
     let r = tx.sync(&source, &dest, &[]);
     r.ok();

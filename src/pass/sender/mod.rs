@@ -59,8 +59,8 @@ use session::*;
 pub use session::{open_session, preflight, Session};
 use stream::*;
 use streams::*;
-pub use tracked::ScanChoice;
 use tracked::*;
+pub use tracked::{ScanChoice, NO_TRACKED_PROOF};
 
 /// Settings of a pass.
 #[derive(Debug, Clone)]
@@ -275,7 +275,7 @@ impl<'a> PassRun<'a> {
         }
         let ours = open_own_manifest(cfg, &dir.join("manifest"), progress.as_ref())?;
         let (chunk, explicit) = chunk_size(cfg, ours.as_ref())?;
-        let plan = plan_scan(cfg, &dir)?;
+        let plan = plan_scan(cfg, &dir, collect)?;
         if let (ScanKind::Full(why), true) = (&plan.kind, plan.tracker_seen()) {
             progress.note(&format!("reading the whole volume: {why}"));
         }

@@ -54,6 +54,9 @@ impl ScanChoice {
     }
 }
 
+/// Why a cutover refuses `--scan tracked` for now.
+pub const NO_TRACKED_PROOF: &str = "--scan tracked: a cutover proves its final pass by every chunk's hash, which a tracked pass does not read (a tracked proof is not built yet); use --scan auto or full";
+
 /// How long a pass waits for the tracker's cut (it drains its events first).
 const CUT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -84,8 +87,21 @@ struct PendingHead {
 /// its source when one runs (even for a full pass: the cut starts the
 /// chain the next pass continues). Refuses `--scan tracked` without an
 /// unbroken record, before anything is sent.
-pub(super) fn plan_scan(cfg: &SyncConfig, volume_dir: &Path) -> Result<ScanPlan> {
+///
+/// `whole`: the caller needs every chunk's hash as read (a cutover's full
+/// proof): the pass reads everything, though it still takes the cut.
+pub(super) fn plan_scan(cfg: &SyncConfig, volume_dir: &Path, whole: bool) -> Result<ScanPlan> {
     let plan = take_cut(cfg, volume_dir)?;
+    if whole {
+        if cfg.scan_choice == ScanChoice::Tracked {
+            return Err(Error::input(NO_TRACKED_PROOF));
+        }
+        return Ok(ScanPlan {
+            scope: Scope::Full,
+            kind: ScanKind::Full("the cutover's proof reads every chunk".into()),
+            ..plan
+        });
+    }
     match (cfg.scan_choice, &plan.kind) {
         (ScanChoice::Full, _) => Ok(ScanPlan {
             scope: Scope::Full,
