@@ -132,7 +132,10 @@ impl Tracked {
     /// one: every consumer is forgotten, so its next pass reads everything.
     pub fn end_epoch(&mut self, reason: &str) -> Result<()> {
         tracking::log_ended(&self.dir, &self.epoch.id, reason)?;
-        tracing::warn!("{}: change record ended: {reason}; the next pass of each volume reads everything", self.path.display());
+        tracing::warn!(
+            "{}: change record ended: {reason}; the next pass of each volume reads everything",
+            self.path.display()
+        );
         self.consumers.clear();
         self.epoch = new_epoch(self.dev, self.size)?;
         self.epoch.write(&self.dir)
@@ -163,7 +166,12 @@ impl Tracked {
         match serde_json::from_str(&line) {
             Ok(r) => Some((stream, r)),
             Err(e) => {
-                reply(stream, &Answer::Error { message: format!("bad request: {e}") });
+                reply(
+                    stream,
+                    &Answer::Error {
+                        message: format!("bad request: {e}"),
+                    },
+                );
                 None
             }
         }
@@ -177,9 +185,9 @@ impl Tracked {
                 epoch: self.epoch.clone(),
                 lost,
             },
-            Request::Cut { consumer } => self
-                .cut(&consumer)
-                .unwrap_or_else(|e| Answer::Error { message: e.to_string() }),
+            Request::Cut { consumer } => self.cut(&consumer).unwrap_or_else(|e| Answer::Error {
+                message: e.to_string(),
+            }),
         };
         reply(stream, &answer);
     }

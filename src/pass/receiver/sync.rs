@@ -25,14 +25,7 @@ pub(super) async fn sync_session(
         Err(r) => return refuse_freeing(guard, &mut send, &conn, r).await,
     };
     let geometry = manifest.geometry();
-    let welcome = wire::Welcome {
-        version: wire::PROTOCOL_VERSION,
-        target_size: volume.size(),
-        chunk_size: geometry.chunk_size().bytes() as u32,
-        summary: Some(summary_to_wire(&manifest.summary_now()?)),
-        target_is_block: volume.kind() == crate::io::device::Kind::Block,
-        unsealed_cutover,
-    };
+    let welcome = welcome(&volume, &mut manifest, unsealed_cutover)?;
     transport::send_control(&mut send, Msg::Welcome(welcome)).await?;
 
     let (ctl_tx, ctl_task) = spawn_control_sender(send);
@@ -90,6 +83,23 @@ pub(super) async fn sync_session(
     let _ = ctl_task.await;
     let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
     Ok(())
+}
+
+/// The Welcome of a sync session: the target's size and kind, the chunk
+/// size in force, the manifest's summary, and a cutover unsealed since.
+fn welcome(
+    volume: &Volume,
+    manifest: &mut ManifestFile,
+    unsealed_cutover: String,
+) -> Result<wire::Welcome> {
+    Ok(wire::Welcome {
+        version: wire::PROTOCOL_VERSION,
+        target_size: volume.size(),
+        chunk_size: manifest.geometry().chunk_size().bytes() as u32,
+        summary: Some(summary_to_wire(&manifest.summary_now()?)),
+        target_is_block: volume.kind() == crate::io::device::Kind::Block,
+        unsealed_cutover,
+    })
 }
 
 /// Control replies and acks leave through one task that owns the send
