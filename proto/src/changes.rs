@@ -106,6 +106,25 @@ impl BlockRuns {
             .is_some_and(|(_, &e)| b < e)
     }
 
+    /// Bit `i` (of byte `i / 8`, least significant first) set for each of
+    /// blocks `first..first + n` in the set: a patch's block bitmap.
+    pub fn bitmap(&self, first: u64, n: usize) -> Vec<u8> {
+        let mut bits = vec![0u8; n.div_ceil(8)];
+        let end = first + n as u64;
+        let from = self
+            .runs
+            .range(..=first)
+            .next_back()
+            .map_or(first, |(&s, _)| s);
+        for (&s, &e) in self.runs.range(from..end) {
+            for b in s.max(first)..e.min(end) {
+                let i = (b - first) as usize;
+                bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        bits
+    }
+
     /// The set as `(offset, length)` byte ranges, for a pass's scope.
     pub fn byte_ranges(&self) -> Vec<(u64, u64)> {
         self.runs()
@@ -116,6 +135,15 @@ impl BlockRuns {
     /// Takes the set, leaving it empty.
     pub fn take(&mut self) -> BlockRuns {
         std::mem::take(self)
+    }
+
+    /// The set of blocks overlapping `(offset, length)` byte ranges.
+    pub fn from_byte_ranges(ranges: &[(u64, u64)]) -> BlockRuns {
+        let mut set = BlockRuns::new();
+        for &(o, l) in ranges {
+            set.insert(o / BLOCK..o.saturating_add(l).div_ceil(BLOCK));
+        }
+        set
     }
 
     /// The set as flat little-endian `start, end` pairs (a cut or pending
@@ -182,6 +210,13 @@ mod tests {
                 prop_assert_eq!(set.contains(b), naive.contains(&b));
             }
             prop_assert_eq!(BlockRuns::decode(&set.encode()), Some(set.clone()));
+            for first in [0u64, 5, 17, 100] {
+                let bits = set.bitmap(first, 20);
+                for i in 0..20usize {
+                    let on = bits[i / 8] & (1 << (i % 8)) != 0;
+                    prop_assert_eq!(on, naive.contains(&(first + i as u64)), "block {}", first + i as u64);
+                }
+            }
         }
 
         #[test]

@@ -15,12 +15,13 @@
 use std::collections::{HashSet, VecDeque};
 
 use bytes::{Bytes, BytesMut};
+use nightpass_proto::changes::BlockRuns;
 use nightpass_proto::chunk::Geometry;
 use nightpass_proto::chunkset::Scope;
 use nightpass_proto::manifest::{self, Hash, Summary, UNKNOWN};
 use nightpass_proto::patch;
 use nightpass_proto::session::receiver::{self as rx, Checked, Content, ControlAction};
-use nightpass_proto::session::sender::{self as tx, Fetched, Plan, SendEvent, TableFetch};
+use nightpass_proto::session::sender::{self as tx, Fetched, Plan, SendEvent, Sending, TableFetch};
 use nightpass_proto::session::{ReceiverSession, SendSession, SessionError, WriterLedger};
 use nightpass_proto::wire::{self, control::Msg, Encoding};
 use proptest::prelude::*;
@@ -116,6 +117,8 @@ struct TxSessionState {
     /// Read blocks still to scan: runs of at most CHUNKS_PER_BLOCK chunks
     /// of the attempt's set.
     blocks: VecDeque<std::ops::Range<u64>>,
+    /// The blocks the change record names, in a pass over them.
+    written: Option<BlockRuns>,
     seq: u64,
     resume: u64,
 }
@@ -129,6 +132,8 @@ struct Sender {
     session: Option<TxSessionState>,
     resume: u64,
     passes_done: u32,
+    /// Payload bytes put on data streams, every pass and attempt.
+    payload_sent: u64,
 }
 
 #[derive(Default)]
@@ -352,6 +357,10 @@ impl TxSessionState {
     fn begin(&mut self, geometry: &Geometry, scope: &Scope) {
         let set = scope.chunks(geometry).at_or_after(self.resume);
         self.blocks = set.ranges_at_most(CHUNKS_PER_BLOCK).collect();
+        self.written = match scope {
+            Scope::Bytes(ranges) => Some(BlockRuns::from_byte_ranges(ranges)),
+            Scope::Full => None,
+        };
         self.session = Some(SendSession::new(geometry, &set));
     }
 }
@@ -377,6 +386,7 @@ impl Sender {
             geometry: None,
             phase: TxPhase::Hello,
             blocks: VecDeque::new(),
+            written: None,
             seq: 0,
             resume: self.resume,
         });
@@ -462,7 +472,10 @@ impl Sender {
                             ours.entries[i as usize] = h;
                         }
                     }
-                    SendEvent::Send(o) => link.data.push(chunk_body(&o)),
+                    SendEvent::Send(o) => {
+                        self.payload_sent += o.payload.len() as u64;
+                        link.data.push(chunk_body(&o));
+                    }
                     SendEvent::Done(theirs) => {
                         let root = manifest::root(&ours.geometry, &table_bytes(&ours.entries));
                         session.check_done(&theirs, &root)?;
@@ -509,23 +522,41 @@ impl Sender {
             let zero = data.iter().all(|&b| b == 0);
             let known = ours.entries[index as usize];
             let len = data.len() as u32;
-            let (encoding, payload, keep) = match session.plan(&hash, &known, zero, data.len()) {
+            let written = st
+                .written
+                .as_ref()
+                .map(|w| w.bitmap(r.start / 4096, wire::blocks_in(data.len())));
+            let plan = session.plan(&tx::Scanned {
+                hash: &hash,
+                known: &known,
+                zero,
+                len: data.len(),
+                written: written.as_deref(),
+            });
+            let mut blocks = Vec::new();
+            let (encoding, payload, how) = match plan {
                 Plan::Skip => continue,
-                Plan::Zero => (Encoding::Zero, Bytes::new(), None),
+                Plan::Zero => (Encoding::Zero, Bytes::new(), Sending::Whole),
                 Plan::Probe => (
                     Encoding::Probe,
                     Bytes::from(patch::hints(&data)),
-                    Some(data),
+                    Sending::Probe(data),
                 ),
-                Plan::Whole => (Encoding::Raw, data, None),
+                Plan::Patch => {
+                    blocks = written.expect("planned from written blocks");
+                    let payload = Bytes::from(patch::payload(&data, &blocks));
+                    (Encoding::Patch, payload, Sending::Patch(data))
+                }
+                Plan::Whole => (Encoding::Raw, data, Sending::Whole),
             };
-            session.handle_sent(index, hash, keep);
+            session.handle_sent(index, hash, how);
+            self.payload_sent += payload.len() as u64;
             let o = tx::OutChunk {
                 index,
                 hash,
                 encoding,
                 len,
-                blocks: Vec::new(),
+                blocks,
                 payload,
             };
             link.data.push(chunk_body(&o));
@@ -557,6 +588,7 @@ impl World {
                 session: None,
                 resume: 0,
                 passes_done: 0,
+                payload_sent: 0,
             },
             link: Link::default(),
             faults: Faults {
@@ -764,6 +796,43 @@ fn a_first_pass_then_a_pass_of_small_changes_copy_the_source() {
     w.mutate();
     w.run_pass(None);
     w.assert_copied();
+}
+
+/// A pass over the blocks a change record names sends each changed chunk
+/// as a patch of exactly those blocks; a write the record missed inside a
+/// chunk it names fails the receiver's check of the whole chunk, which is
+/// then sent whole: the target still ends equal to the source.
+#[test]
+fn a_tracked_pass_patches_the_written_blocks_and_survives_a_missed_write() {
+    let mut w = World::new(9, 20, 0);
+    w.run_pass(None);
+    w.assert_copied();
+    let block = 4096u64;
+    let write = |w: &mut World, at: u64| {
+        for b in &mut w.tx.source[at as usize..(at + block) as usize] {
+            *b = b.wrapping_add(1);
+        }
+    };
+    // Blocks 1 of chunk 2 and 3 of chunk 9 recorded; block 0 of chunk 9
+    // also written, but missed by the record.
+    write(&mut w, 2 * CHUNK + block);
+    write(&mut w, 9 * CHUNK + 3 * block);
+    write(&mut w, 9 * CHUNK);
+    w.tx.scope = Scope::Bytes(vec![
+        (2 * CHUNK + block, block),
+        (9 * CHUNK + 3 * block, block),
+    ]);
+    let before = w.tx.payload_sent;
+    w.run_pass(None);
+    w.assert_copied();
+    let sent = w.tx.payload_sent - before;
+    // One block for chunk 2; for chunk 9 one block, refused, then the
+    // whole chunk.
+    assert_eq!(
+        sent,
+        block + block + CHUNK,
+        "payload bytes of the tracked pass"
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@
 //! lost, the device changes size or identity), the blocks written since
 //! each consumer's (volume's) last cut, and answering the passes' requests
 //! on each source's socket. The kernel's events come from
-//! [`crate::io::track`]; the files and the request format from
+//! `crate::io::track`; the files and the request format from
 //! [`crate::store::tracking`]. It must not read or write volume data.
 
 use std::collections::HashMap;

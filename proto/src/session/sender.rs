@@ -188,8 +188,41 @@ pub enum Plan {
     /// Block hints first (see [`ProbePolicy`]); the chunk's bytes are held
     /// until it is acknowledged.
     Probe,
+    /// Only the blocks a change record says were written, as a patch over
+    /// the version the target holds (no probe round trip); the chunk's
+    /// bytes are held until it is acknowledged, in case the receiver's
+    /// check of the whole chunk asks for all of it.
+    Patch,
     /// The whole chunk (compressed when that pays: the driver's choice).
     Whole,
+}
+
+/// A chunk as the scan found it, against what the target holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Scanned<'a> {
+    /// Its BLAKE3 hash.
+    pub hash: &'a Hash,
+    /// What the target's manifest records for it.
+    pub known: &'a Hash,
+    /// Its bytes are all zeros.
+    pub zero: bool,
+    /// Its length in bytes.
+    pub len: usize,
+    /// The bitmap of its blocks a change record says were written since
+    /// the target's version was read (`None` when no record covers it).
+    pub written: Option<&'a [u8]>,
+}
+
+/// How a chunk goes to the streams ([`SendSession::handle_sent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sending {
+    /// Whole (raw, compressed or a zero marker).
+    Whole,
+    /// As a probe; its bytes are held for the patch to come.
+    Probe(Bytes),
+    /// As a patch of the blocks written; its bytes are held in case the
+    /// receiver asks for the whole chunk.
+    Patch(Bytes),
 }
 
 /// When to probe a changed chunk rather than send it whole.
@@ -223,19 +256,31 @@ impl ProbePolicy {
         }
     }
 
-    /// What a scanned chunk of `len` bytes with hash `hash` becomes, the
-    /// target's manifest recording `known` for it; `zero`: its bytes are
-    /// all zeros.
-    pub fn plan(&mut self, hash: &Hash, known: &Hash, zero: bool, len: usize) -> Plan {
+    /// What a scanned chunk becomes.
+    pub fn plan(&mut self, c: &Scanned<'_>) -> Plan {
+        let (hash, known, zero, len, written) = (c.hash, c.known, c.zero, c.len, c.written);
         if known == hash {
             Plan::Skip
         } else if zero {
             Plan::Zero
+        } else if written.is_some_and(|w| self.patchable(known, len, w)) {
+            Plan::Patch
         } else if self.worth(known, len) {
             Plan::Probe
         } else {
             Plan::Whole
         }
+    }
+
+    /// A patch of the written blocks pays when the target holds a version
+    /// of this whole chunk and not every block was written.
+    fn patchable(&self, known: &Hash, len: usize, written: &[u8]) -> bool {
+        let n = wire::blocks_in(len);
+        *known != manifest::UNKNOWN
+            && *known != self.zero
+            && len == self.chunk
+            && written.len() == n.div_ceil(8)
+            && wire::named_blocks(written, n).count() < n
     }
 
     fn worth(&mut self, known: &Hash, len: usize) -> bool {
@@ -303,7 +348,8 @@ pub enum SendEvent {
 pub struct SendSession {
     ledger: SendLedger,
     policy: ProbePolicy,
-    held: HashMap<u64, Bytes>,
+    /// Bytes of probed or patched chunks until acknowledged (true: a probe).
+    held: HashMap<u64, (Bytes, bool)>,
     chunks_sent: u64,
     finished: bool,
 }
@@ -323,19 +369,24 @@ impl SendSession {
     }
 
     /// What a scanned chunk becomes ([`ProbePolicy::plan`]).
-    pub fn plan(&mut self, hash: &Hash, known: &Hash, zero: bool, len: usize) -> Plan {
-        self.policy.plan(hash, known, zero, len)
+    pub fn plan(&mut self, c: &Scanned<'_>) -> Plan {
+        self.policy.plan(c)
     }
 
-    /// Chunk `index` goes to a stream: whole, or as a probe whose bytes
-    /// (`probe`) are held until it is acknowledged.
-    pub fn handle_sent(&mut self, index: u64, hash: Hash, probe: Option<Bytes>) {
+    /// Chunk `index` goes to a stream: whole, as a probe (not counted until
+    /// its answer leaves) or as a patch (counted now); a probe's or a
+    /// patch's bytes are held until it is acknowledged.
+    pub fn handle_sent(&mut self, index: u64, hash: Hash, how: Sending) {
         self.ledger.handle_sent(index, hash);
-        match probe {
-            Some(bytes) => {
-                self.held.insert(index, bytes);
+        match how {
+            Sending::Whole => self.chunks_sent += 1,
+            Sending::Probe(bytes) => {
+                self.held.insert(index, (bytes, true));
             }
-            None => self.chunks_sent += 1,
+            Sending::Patch(bytes) => {
+                self.held.insert(index, (bytes, false));
+                self.chunks_sent += 1;
+            }
         }
     }
 
@@ -345,7 +396,7 @@ impl SendSession {
         self.ledger.handle_block_handed(seq, end);
     }
 
-    /// Probes whose bytes are held (sent, not yet acknowledged).
+    /// Probes and patches whose bytes are held (sent, not yet acknowledged).
     pub fn probes_held(&self) -> usize {
         self.held.len()
     }
@@ -389,14 +440,15 @@ impl SendSession {
         })
     }
 
-    /// Answers the receiver's `Need` for a probed chunk: the patch of the
-    /// blocks it names, or the whole chunk when it names them all.
+    /// Answers the receiver's `Need` for a probed chunk (the patch of the
+    /// blocks it names, or the whole chunk when it names them all), or for
+    /// a patch it refused (the whole chunk).
     fn handle_need(&mut self, need: wire::Need) -> Result<OutChunk, SessionError> {
-        let (Some(data), Some(hash)) =
+        let (Some((data, probe)), Some(hash)) =
             (self.held.get(&need.index), self.ledger.hash_of(need.index))
         else {
             return Err(SessionError::peer(format!(
-                "receiver asked for blocks of chunk {}, which was not probed",
+                "receiver asked for blocks of chunk {}, which was not probed or patched",
                 need.index
             )));
         };
@@ -416,7 +468,9 @@ impl SendSession {
             )));
         }
         let wanted = wire::named_blocks(&need.blocks, n).count();
-        self.policy.handle_answer(n, wanted);
+        if *probe {
+            self.policy.handle_answer(n, wanted);
+        }
         self.chunks_sent += 1;
         let len = data.len() as u32;
         if wanted == n {

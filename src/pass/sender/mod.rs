@@ -26,12 +26,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use nightpass_proto::changes::BlockRuns;
 use nightpass_proto::chunk::{ChunkSize, Geometry};
 use nightpass_proto::chunkset::{ChunkSet, Scope};
 use nightpass_proto::manifest::{self, Hash, Summary};
 use nightpass_proto::plan::{self, CompressPolicy, Forecast};
 use nightpass_proto::session::sender::{
-    self as tx, Fetched, OutChunk, Plan, SendEvent, TableFetch,
+    self as tx, Fetched, OutChunk, Plan, SendEvent, Sending, TableFetch,
 };
 use nightpass_proto::session::{SendSession, SessionError};
 use nightpass_proto::wire::{self, control::Msg, Encoding, Mode};
@@ -284,6 +285,7 @@ impl<'a> PassRun<'a> {
             pacer: cfg.bwlimit.map(|limit| Arc::new(Pacer::new(limit))),
             progress: progress.clone(),
             collected: None,
+            written: plan.written(),
         };
         Ok(PassRun {
             pass_no: journal::passes(&records).count() as u64 + 1,

@@ -51,17 +51,34 @@ pub(super) struct Shared {
     permits: u32,
     /// Where the answers to probes leave; `None` once every probe is answered.
     patches: Mutex<Option<mpsc::UnboundedSender<Outgoing>>>,
+    /// The blocks a change record says were written (a tracked pass), and
+    /// the chunk size that maps them onto chunks.
+    written: Option<(Arc<BlockRuns>, u64)>,
 }
 
 impl Shared {
-    fn new(session: SendSession, chunk: u64, patches: mpsc::UnboundedSender<Outgoing>) -> Shared {
+    fn new(
+        session: SendSession,
+        chunk: u64,
+        patches: mpsc::UnboundedSender<Outgoing>,
+        written: Option<Arc<BlockRuns>>,
+    ) -> Shared {
         let permits = (PROBE_BUDGET / chunk).clamp(4, 4096) as u32;
         Shared {
             session: Mutex::new(session),
             budget: tokio::sync::Semaphore::new(permits as usize),
             permits,
             patches: Mutex::new(Some(patches)),
+            written: written.map(|w| (w, chunk)),
         }
+    }
+
+    /// The bitmap of chunk `index`'s blocks (of a chunk `len` bytes long)
+    /// the change record names, in a tracked pass.
+    fn written_blocks(&self, index: u64, len: usize) -> Option<Vec<u8>> {
+        let (runs, chunk) = self.written.as_ref()?;
+        let first = index * chunk / nightpass_proto::changes::BLOCK;
+        Some(runs.bitmap(first, wire::blocks_in(len)))
     }
 
     fn session(&self) -> std::sync::MutexGuard<'_, SendSession> {
@@ -91,7 +108,14 @@ pub(super) fn plan_chunk(
         return None;
     }
     let len = s.data.len() as u32;
-    let plan = shared.session().plan(&s.hash, known, s.zero, s.data.len());
+    let written = shared.written_blocks(s.index, s.data.len());
+    let plan = shared.session().plan(&tx::Scanned {
+        hash: &s.hash,
+        known,
+        zero: s.zero,
+        len: s.data.len(),
+        written: written.as_deref(),
+    });
     let encoding = match plan {
         Plan::Skip => return None,
         Plan::Zero => {
@@ -114,6 +138,19 @@ pub(super) fn plan_chunk(
             return Some(Outgoing {
                 keep: Some(keep),
                 ..Outgoing::new(s.index, s.hash, Encoding::Probe, len, Bytes::from(hints))
+            });
+        }
+        Plan::Patch => {
+            let blocks = written.expect("a patch is planned from written blocks");
+            let payload = Bytes::from(nightpass_proto::patch::payload(&s.data, &blocks));
+            let keep = Bytes::copy_from_slice(&s.data);
+            return Some(Outgoing {
+                keep: Some(keep),
+                chunk: OutChunk {
+                    blocks,
+                    ..Outgoing::new(s.index, s.hash, Encoding::Patch, len, payload).chunk
+                },
+                in_block: false,
             });
         }
         Plan::Whole => Encoding::Raw,
@@ -189,6 +226,8 @@ pub(super) struct PassShared {
     pub(super) pacer: Option<Arc<Pacer>>,
     pub(super) progress: Arc<dyn Progress>,
     pub(super) collected: Option<Arc<Mutex<Vec<u8>>>>,
+    /// The blocks a change record says were written, in a tracked pass.
+    pub(super) written: Option<Arc<BlockRuns>>,
 }
 
 /// Read blocks of chunks: at least 4 MiB each.
@@ -214,6 +253,7 @@ pub(super) async fn stream_pass(
         session,
         geometry.chunk_size().bytes(),
         patch_tx,
+        pass.written.clone(),
     ));
     let mut scan = start_scan(cfg, set, &ours, pass, &shared).map_err(|error| Interrupted {
         error,
@@ -426,9 +466,14 @@ async fn hand_blocks(
                 };
                 permit.forget();
             }
+            let how = match keep {
+                None => Sending::Whole,
+                Some(k) if o.chunk.encoding == Encoding::Probe => Sending::Probe(k),
+                Some(k) => Sending::Patch(k),
+            };
             shared
                 .session()
-                .handle_sent(o.chunk.index, o.chunk.hash, keep);
+                .handle_sent(o.chunk.index, o.chunk.hash, how);
             if txs[next % txs.len()].send(o).await.is_err() {
                 return Ok(());
             }

@@ -116,6 +116,17 @@ pub(super) fn plan_scan(cfg: &SyncConfig, volume_dir: &Path, whole: bool) -> Res
 }
 
 impl ScanPlan {
+    /// The blocks written, for a tracked pass (its chunks the target holds
+    /// a version of go as patches of those blocks).
+    pub(super) fn written(&self) -> Option<std::sync::Arc<BlockRuns>> {
+        match (&self.kind, &self.scope) {
+            (ScanKind::Tracked, Scope::Bytes(ranges)) => {
+                Some(std::sync::Arc::new(BlockRuns::from_byte_ranges(ranges)))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether a tracker answered (or left a record) for this source: then
     /// a full scan is news worth a note; without one it is the rule.
     pub(super) fn tracker_seen(&self) -> bool {
