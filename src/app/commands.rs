@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::app::cli::{Cli, Command, ScanChoice, ServeArgs, SyncArgs};
+use crate::app::cli::{Cli, Command, ScanArg, ScanChoice, ServeArgs, SyncArgs};
 use crate::error::{Error, Result};
 use crate::net::transport::{default_identity_dir, Identity};
 use crate::pass::receiver::{self, ServeConfig};
@@ -42,14 +42,14 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Serve(args) => serve(args).await,
         Command::Sync(args) => {
-            let cfg = sync_config(&args.sync, args.scan.scan, "sync")?;
+            let cfg = sync_config(&args.sync, &args.scan, "sync")?;
             let id = Identity::load(&args.sync.identity_dir())?;
             sender::run_pass(&cfg, &id, progress).await?;
             Ok(0)
         }
         Command::Verify(args) => crate::app::verify::run(&args, progress).await,
         Command::Converge(args) => {
-            let cfg = sync_config(&args.sync, args.scan.scan, "converge")?;
+            let cfg = sync_config(&args.sync, &args.scan, "converge")?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));
@@ -67,7 +67,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 // Refused before anything is frozen or sent.
                 return Err(Error::input(crate::pass::sender::NO_TRACKED_PROOF));
             }
-            let cfg = sync_config(&args.sync, args.scan.scan, "cutover")?;
+            let cfg = sync_config(&args.sync, &args.scan, "cutover")?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));
@@ -101,7 +101,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
 }
 
 /// Typed pass settings from the flags.
-pub fn sync_config(args: &SyncArgs, scan: ScanChoice, kind: &'static str) -> Result<SyncConfig> {
+pub fn sync_config(args: &SyncArgs, scan: &ScanArg, kind: &'static str) -> Result<SyncConfig> {
     let (dest, fp) = args.remote()?;
     let tuning = args.tuning()?;
     let streams = match args.streams {
@@ -127,7 +127,8 @@ pub fn sync_config(args: &SyncArgs, scan: ScanChoice, kind: &'static str) -> Res
         proof_read: false,
         new_source: args.new_source,
         receiver_answered: false,
-        scan_choice: scan,
+        scan_choice: scan.scan,
+        audit_percent: scan.audit,
     })
 }
 

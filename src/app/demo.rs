@@ -173,6 +173,7 @@ impl LocalPair {
     pub fn pass(&self, source: &Path, kind: &'static str) -> SyncConfig {
         SyncConfig {
             scan_choice: ScanChoice::Auto,
+            audit_percent: 2.0,
             source: source.to_owned(),
             dest: RemoteVolume {
                 host_port: self.addr.to_string(),

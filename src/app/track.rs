@@ -188,6 +188,15 @@ impl Tracked {
             Request::Cut { consumer } => self.cut(&consumer).unwrap_or_else(|e| Answer::Error {
                 message: e.to_string(),
             }),
+            Request::EndEpoch { reason } => match self.end_epoch(&reason) {
+                Ok(()) => Answer::Status {
+                    epoch: self.epoch.clone(),
+                    lost,
+                },
+                Err(e) => Answer::Error {
+                    message: e.to_string(),
+                },
+            },
         };
         reply(stream, &answer);
     }

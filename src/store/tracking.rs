@@ -158,6 +158,12 @@ pub enum Request {
     },
     /// The tracker's epoch and health.
     Status,
+    /// End the epoch (a pass's audit found a chunk changed that the record
+    /// does not name): every volume's next pass reads everything.
+    EndEpoch {
+        /// Why, for the record's log.
+        reason: String,
+    },
 }
 
 /// The tracker's answer, one JSON line.

@@ -113,6 +113,26 @@ pub struct ScanArg {
     /// (refuse, exit 2, unless the record is unbroken).
     #[arg(long, value_enum, default_value = "auto")]
     pub scan: ScanChoice,
+    /// Percent of the chunks a change record says are unchanged that a
+    /// tracked pass reads anyway and compares with the target: a chunk
+    /// found changed ends the record and makes the pass read everything.
+    /// Each pass audits another part, so at 2 the whole volume is audited
+    /// every 50 passes; 0 audits nothing.
+    #[arg(long, default_value_t = 2.0, value_parser = parse_percent)]
+    pub audit: f64,
+}
+
+/// A percentage from 0 to 100.
+fn parse_percent(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("'{s}' is not a percentage"))?;
+    if (0.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s}: a percentage is from 0 to 100"))
+    }
 }
 
 /// `sync` flags.

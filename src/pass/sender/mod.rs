@@ -49,6 +49,7 @@ use crate::store::state::{self, Fill, ManifestFile, SourceRecord};
 use crate::store::{FileStore, SenderJournal, SenderVolume};
 
 mod records;
+mod retry;
 mod session;
 mod stream;
 mod streams;
@@ -56,6 +57,7 @@ mod tracked;
 
 use records::*;
 pub use records::{canonical_source, journal, status, target_dir, volume_state_dir};
+use retry::*;
 use session::*;
 pub use session::{open_session, preflight, Session};
 use stream::*;
@@ -103,6 +105,9 @@ pub struct SyncConfig {
     pub receiver_answered: bool,
     /// How the pass may choose what to read (`--scan`).
     pub scan_choice: ScanChoice,
+    /// Percent of the chunks a change record says are unchanged that a
+    /// tracked pass reads anyway and checks (`--audit`).
+    pub audit_percent: f64,
 }
 
 /// Runs one pass and returns its report.
@@ -146,7 +151,14 @@ pub async fn run_pass_collecting(
         let mut connected = false;
         let outcome = run.attempt(resume, &mut connected).await;
         match outcome {
-            Ok(done) => break done,
+            Ok(done) => {
+                let found = run.audit_found();
+                if found.is_empty() {
+                    break done;
+                }
+                run.audit_failed(&found)?;
+                resume = 0;
+            }
             Err(i) => {
                 resume = i.resume_at;
                 let wait = retry.after(i.error, connected)?;
@@ -161,62 +173,6 @@ pub async fn run_pass_collecting(
         }
     };
     run.record(done)
-}
-
-/// When a failed attempt is tried again: only after a lost link
-/// (`Error::Network`), only once the receiver has answered (a receiver that
-/// never answered is a wrong address, port or firewall, said at once), and
-/// for at most `--retry-for` per outage, with a backoff from 0.5 s to 15 s.
-struct Retry {
-    retry_for: Duration,
-    host_port: String,
-    ever_connected: bool,
-    gave_up_at: Option<Instant>,
-    backoff: Duration,
-    last_error: String,
-}
-
-impl Retry {
-    fn new(cfg: &SyncConfig) -> Retry {
-        Retry {
-            retry_for: cfg.retry_for,
-            host_port: cfg.dest.host_port.clone(),
-            ever_connected: cfg.receiver_answered,
-            gave_up_at: None,
-            backoff: Duration::from_millis(500),
-            last_error: String::new(),
-        }
-    }
-
-    /// After a failed attempt (`connected`: its session was established):
-    /// how long to wait before the next, or the error that ends the pass.
-    fn after(&mut self, error: Error, connected: bool) -> Result<Duration> {
-        self.ever_connected |= connected;
-        let msg = match error {
-            Error::Network(msg) if self.ever_connected && !self.retry_for.is_zero() => msg,
-            e => return Err(e),
-        };
-        // --retry-for bounds each outage: a session that was established
-        // ended the previous one.
-        if connected {
-            self.gave_up_at = None;
-            self.backoff = Duration::from_millis(500);
-        }
-        let limit = *self
-            .gave_up_at
-            .get_or_insert_with(|| Instant::now() + self.retry_for);
-        if Instant::now() >= limit {
-            return Err(Error::Network(format!(
-                "gave up after waiting {} s for the receiver at {} (--retry-for): {msg}",
-                self.retry_for.as_secs(),
-                self.host_port
-            )));
-        }
-        let wait = self.backoff;
-        self.backoff = (self.backoff * 2).min(Duration::from_secs(15));
-        self.last_error = msg;
-        Ok(wait)
-    }
 }
 
 /// One pass across its attempts: what was read of the sender's records,
@@ -286,6 +242,7 @@ impl<'a> PassRun<'a> {
             progress: progress.clone(),
             collected: None,
             written: plan.written(),
+            audit: None,
         };
         Ok(PassRun {
             pass_no: journal::passes(&records).count() as u64 + 1,
@@ -434,16 +391,61 @@ impl<'a> PassRun<'a> {
 
     /// The chunks the pass reads: every chunk, or those the change record
     /// names plus any our view of the target does not know it holds.
-    fn chunks_to_read(&self, geometry: &Geometry) -> ChunkSet {
+    ///
+    /// A tracked pass also reads an audit sample of the chunks the record
+    /// says are unchanged ([`audit_sample`]) and compares them with our view.
+    fn chunks_to_read(&mut self, geometry: &Geometry) -> ChunkSet {
         let named = self.plan.scope.chunks(geometry);
         if self.plan.scope == Scope::Full {
+            self.shared.audit = None;
             return named;
         }
         let Some(ours) = &self.ours else {
             return ChunkSet::all(geometry);
         };
         let unknown = (0..geometry.chunk_count()).filter(|&i| ours.entry(i) == manifest::UNKNOWN);
-        named.union(&ChunkSet::from_indices(geometry, unknown))
+        let named = named.union(&ChunkSet::from_indices(geometry, unknown));
+        let sample = audit_sample(geometry, self.cfg.audit_percent, self.pass_no);
+        let set = named.union(&sample);
+        self.shared.audit = Some(Arc::new(Audit {
+            sample,
+            named,
+            found: Mutex::default(),
+        }));
+        set
+    }
+
+    /// Chunks an audit found changed behind the change record, if any.
+    fn audit_found(&self) -> Vec<u64> {
+        match &self.shared.audit {
+            Some(a) => std::mem::take(&mut *a.found.lock().expect("not poisoned")),
+            None => Vec::new(),
+        }
+    }
+
+    /// An audit found chunks changed that the record does not name: says so
+    /// loudly, ends the tracker's epoch, and makes this pass a full one.
+    fn audit_failed(&mut self, found: &[u64]) -> Result<()> {
+        let shown: Vec<String> = found.iter().take(10).map(u64::to_string).collect();
+        let message = format!(
+            "the audit found {} chunk(s) of {} changed that the change record does not name (chunk {}): the record is not trusted; this pass reads the whole volume",
+            found.len(),
+            self.cfg.source.display(),
+            shown.join(", ")
+        );
+        tracing::error!("{message}");
+        let event = serde_json::json!({
+            "event": "error",
+            "message": message,
+            "audit": true,
+            "volume": self.cfg.dest.to_string(),
+            "chunks": found.iter().take(1000).collect::<Vec<_>>(),
+        });
+        self.progress.event(&event, &message);
+        end_epoch(self.cfg, &message);
+        self.plan = self.plan.clone().into_full(message);
+        self.shared.written = None;
+        Ok(())
     }
 
     /// The pass starts with its first attempt that reaches the streams.

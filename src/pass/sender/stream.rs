@@ -228,6 +228,33 @@ pub(super) struct PassShared {
     pub(super) collected: Option<Arc<Mutex<Vec<u8>>>>,
     /// The blocks a change record says were written, in a tracked pass.
     pub(super) written: Option<Arc<BlockRuns>>,
+    /// The audit of a tracked pass: chunks the record says are unchanged,
+    /// read anyway and compared with our view of the target.
+    pub(super) audit: Option<Arc<Audit>>,
+}
+
+/// The chunks a tracked pass audits, and those it found changed.
+pub(super) struct Audit {
+    /// Chunks read for the audit.
+    pub(super) sample: ChunkSet,
+    /// Chunks the record names (or the target lacks): not audited.
+    pub(super) named: ChunkSet,
+    /// Audited chunks whose bytes differ from what the target holds.
+    pub(super) found: Mutex<Vec<u64>>,
+}
+
+impl Audit {
+    /// A chunk read with hash `hash`, the target holding `known`: an
+    /// audited chunk that changed behind the record is noted.
+    fn check(&self, index: u64, hash: &Hash, known: &Hash) {
+        if hash != known
+            && *known != manifest::UNKNOWN
+            && self.sample.contains(index)
+            && !self.named.contains(index)
+        {
+            self.found.lock().expect("not poisoned").push(index);
+        }
+    }
 }
 
 /// Read blocks of chunks: at least 4 MiB each.
@@ -357,12 +384,16 @@ fn start_scan(
     // is scanned once per attempt, so acks of this attempt never touch an
     // entry before its comparison.
     let (scan_known, scan_shared) = (ours.clone(), shared.clone());
+    let audit = pass.audit.clone();
     Ok(hash::scan(
         vol,
         set,
         cfg.scan.clone(),
         move |s| {
             let known = scan_known.lock().expect("not poisoned").entry(s.index);
+            if let Some(a) = &audit {
+                a.check(s.index, &s.hash, &known);
+            }
             // A chunk to send needs bytes of its own, hashed as they are sent.
             let in_block = !s.mapped;
             let s = if s.hash == known { s } else { s.stable() };

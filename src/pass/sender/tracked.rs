@@ -23,7 +23,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use nightpass_proto::changes::BlockRuns;
-use nightpass_proto::chunkset::Scope;
+use nightpass_proto::chunk::Geometry;
+use nightpass_proto::chunkset::{ChunkSet, Scope};
 use serde::{Deserialize, Serialize};
 
 use super::SyncConfig;
@@ -116,6 +117,15 @@ pub(super) fn plan_scan(cfg: &SyncConfig, volume_dir: &Path, whole: bool) -> Res
 }
 
 impl ScanPlan {
+    /// The same cut, read whole for `reason`.
+    pub(super) fn into_full(self, reason: String) -> ScanPlan {
+        ScanPlan {
+            scope: Scope::Full,
+            kind: ScanKind::Full(reason),
+            cut: self.cut,
+        }
+    }
+
     /// The blocks written, for a tracked pass (its chunks the target holds
     /// a version of go as patches of those blocks).
     pub(super) fn written(&self) -> Option<std::sync::Arc<BlockRuns>> {
@@ -239,6 +249,22 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
+/// Asks the tracker of `cfg`'s source to end its epoch (an audit found the
+/// record wrong); a tracker that does not answer has ended it already.
+pub(super) fn end_epoch(cfg: &SyncConfig, reason: &str) {
+    let source = std::fs::canonicalize(&cfg.source).unwrap_or_else(|_| cfg.source.clone());
+    let tdir = tracking::tracking_dir(&cfg.state_dir, &source);
+    let request = Request::EndEpoch {
+        reason: reason.to_string(),
+    };
+    if let Err(e) = tracking::ask(&tdir, &request, CUT_TIMEOUT) {
+        tracing::warn!(
+            "could not tell the tracker of {} to end its record: {e}",
+            source.display()
+        );
+    }
+}
+
 /// The pass completed: everything up to its cut is on the target, so the
 /// chain starts again from that cut, with no pending block.
 pub(super) fn pass_completed(plan: &ScanPlan, volume_dir: &Path) -> Result<()> {
@@ -282,6 +308,25 @@ fn write_pending(path: &Path, head: &PendingHead, blocks: &BlockRuns) -> Result<
     crate::store::state::write_atomic(path, &bytes)
 }
 
+/// Audited chunks come in runs of this many (4 MiB at 64 KiB chunks), so
+/// the audit reads in long sequential stretches.
+pub(super) const AUDIT_RUN: u64 = 64;
+
+/// The audit sample of pass `pass_no`: one run of [`AUDIT_RUN`] chunks in
+/// every `100 / percent`, shifted by one run each pass, so that successive
+/// passes audit the whole volume (at 2%, every 50 passes).
+pub(super) fn audit_sample(geometry: &Geometry, percent: f64, pass_no: u64) -> ChunkSet {
+    if percent <= 0.0 {
+        return ChunkSet::empty(geometry);
+    }
+    let stride = (100.0 / percent.min(100.0)).round().max(1.0) as u64;
+    let runs = geometry.chunk_count().div_ceil(AUDIT_RUN);
+    let picked = (pass_no % stride..runs)
+        .step_by(stride as usize)
+        .flat_map(|r| r * AUDIT_RUN..(r + 1) * AUDIT_RUN);
+    ChunkSet::from_indices(geometry, picked)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,5 +347,21 @@ mod tests {
         assert_eq!(read_pending(&p).unwrap(), (Some(head), blocks));
         std::fs::write(&p, b"{\"epoch\":1}\nxx").unwrap();
         assert!(read_pending(&p).is_err());
+    }
+
+    #[test]
+    fn successive_audits_cover_the_whole_volume() {
+        let g =
+            Geometry::new(1000 * 65536 + 5, nightpass_proto::chunk::ChunkSize::DEFAULT).unwrap();
+        assert!(audit_sample(&g, 0.0, 3).is_empty());
+        let stride = 50u64;
+        let mut seen = ChunkSet::empty(&g);
+        for pass in 1..=stride {
+            let s = audit_sample(&g, 2.0, pass);
+            assert!(s.len() <= AUDIT_RUN * g.chunk_count().div_ceil(AUDIT_RUN * stride));
+            seen = seen.union(&s);
+        }
+        assert_eq!(seen, ChunkSet::all(&g), "50 passes at 2% audit every chunk");
+        assert_eq!(audit_sample(&g, 100.0, 7), ChunkSet::all(&g));
     }
 }
