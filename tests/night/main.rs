@@ -21,5 +21,6 @@ mod reliability;
 mod safety;
 mod seal;
 mod sync;
+mod tracefs;
 mod trust;
 mod verify;
