@@ -2,7 +2,8 @@
 //!
 //! Owns opening and reading sources, opening and writing targets
 //! ([`device`]), the read-and-hash pipeline ([`hash`]), fsfreeze, LVM
-//! snapshots and operator hooks ([`freeze`]), and every `unsafe` of the
+//! snapshots and operator hooks ([`freeze`]), the kernel's record of block
+//! writes through a private tracefs instance ([`track`]), and every `unsafe` of the
 //! crate ([`sys`]). It must not know the protocol, the network or the state
 //! directory's layout.
 
@@ -11,3 +12,4 @@ pub mod freeze;
 pub mod hash;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod track;
