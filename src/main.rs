@@ -71,7 +71,10 @@ fn main() {
     let cli = Cli::parse();
     let json = cli.json;
     // `serve` shuts down gracefully on its own signals; everything else stops at once.
-    let own_signals = matches!(cli.command, nightpass::app::cli::Command::Serve(_));
+    let own_signals = matches!(
+        cli.command,
+        nightpass::app::cli::Command::Serve(_) | nightpass::app::cli::Command::Track(_)
+    );
     if own_signals {
         // A receiver outlives the terminal or ssh session that started it:
         // a hang-up must not end it (and the sessions it serves).

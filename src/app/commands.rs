@@ -28,6 +28,7 @@ pub fn reporter(cli: &Cli) -> Arc<dyn Progress> {
 /// Runs the parsed command line; `Ok(status)` on a completed command.
 pub async fn run(cli: Cli) -> Result<i32> {
     let progress = reporter(&cli);
+    let json = cli.json;
     match cli.command {
         Command::Keygen { identity, force } => {
             let dir = identity.unwrap_or_else(default_identity_dir);
@@ -62,6 +63,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             };
             crate::app::cutover::converge(&cfg, &cc, &id, progress).await
         }
+        Command::Track(args) => track(args, progress, json).await,
         Command::Cutover(args) => {
             if args.scan.scan == ScanChoice::Tracked {
                 // Refused before anything is frozen or sent.
@@ -130,6 +132,38 @@ pub fn sync_config(args: &SyncArgs, scan: &ScanArg, kind: &'static str) -> Resul
         scan_choice: scan.scan,
         audit_percent: scan.audit,
     })
+}
+
+async fn track(
+    args: crate::app::cli::TrackArgs,
+    progress: Arc<dyn Progress>,
+    json: bool,
+) -> Result<i32> {
+    let cfg = crate::app::track::TrackConfig {
+        sources: args.sources,
+        state_dir: args.state_dir.unwrap_or_else(default_state_dir),
+        buffer_kb: u32::try_from(args.trace_buffer.div_ceil(1024)).unwrap_or(u32::MAX),
+        json,
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let work =
+        tokio::task::spawn_blocking(move || crate::app::track::run(&cfg, progress.as_ref(), &flag));
+    tokio::pin!(work);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let stopped = async {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
+    tokio::select! {
+        r = &mut work => return r.map_err(|_| Error::Io("the tracker failed".into()))?,
+        _ = stopped => {}
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    work.await
+        .map_err(|_| Error::Io("the tracker failed".into()))?
 }
 
 async fn serve(args: ServeArgs) -> Result<i32> {

@@ -7,7 +7,7 @@
 //! lost, the device changes size or identity), the blocks written since
 //! each consumer's (volume's) last cut, and answering the passes' requests
 //! on each source's socket. The kernel's events come from
-//! `crate::io::track`; the files and the request format from
+//! [`crate::io::track`]; the files and the request format from
 //! [`crate::store::tracking`]. It must not read or write volume data.
 
 use std::collections::HashMap;
@@ -16,13 +16,15 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use nightpass_proto::changes::{blocks_of_sectors, BlockRuns};
 
 use crate::error::{Error, IoContext, Result};
 use crate::io::sys;
-use crate::progress::now_unix;
+use crate::io::track::{BlockEvent, TraceSession};
+use crate::progress::{now_unix, Progress};
 use crate::store::state;
 use crate::store::tracking::{self, Answer, Epoch, Request};
 
@@ -94,7 +96,10 @@ impl Tracked {
         let dev = kernel_dev(meta.rdev());
         let epoch = new_epoch(dev, size)?;
         epoch.write(&dir)?;
-        let (trace_dev, start) = (dev, 0);
+        let (trace_dev, start) = match crate::io::track::partition_of(dev)? {
+            Some(p) => (p.disk, p.start),
+            None => (dev, 0),
+        };
         Ok(Tracked {
             path,
             dev,
@@ -268,4 +273,149 @@ pub fn notify_ready() {
     if let Err(e) = sent {
         tracing::warn!("cannot tell systemd we are ready: {e}");
     }
+}
+
+/// Settings of `nightpass track`.
+#[derive(Debug, Clone)]
+pub struct TrackConfig {
+    /// The sources to track.
+    pub sources: Vec<PathBuf>,
+    /// The sender's state directory (where passes look for the record).
+    pub state_dir: PathBuf,
+    /// Trace buffer per CPU in KiB (0: the kernel's default).
+    pub buffer_kb: u32,
+    /// `--json`: also emit a `track_start` event on stdout.
+    pub json: bool,
+}
+
+/// How often the tracker looks at its devices' sizes.
+const SIZE_CHECK: Duration = Duration::from_secs(1);
+/// How long a cut may wait for the events before it to come through.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs the tracker until `stop` is set: every source checked and taken
+/// first (nothing is traced when one is refused), then one trace session
+/// for all of them.
+pub fn run(cfg: &TrackConfig, progress: &dyn Progress, stop: &AtomicBool) -> Result<i32> {
+    if cfg.sources.is_empty() {
+        return Err(Error::input(
+            "give at least one SOURCE block device to track",
+        ));
+    }
+    let mut tracked = Vec::new();
+    for s in &cfg.sources {
+        tracked.push(Tracked::open(&cfg.state_dir, s)?);
+    }
+    let _ = crate::io::track::remove_stale_instances();
+    let mut devs: Vec<u32> = tracked.iter().map(|t| t.trace_dev).collect();
+    devs.sort_unstable();
+    devs.dedup();
+    let mut session = TraceSession::start(&devs, cfg.buffer_kb)?;
+    let mut lost = session.health()?.lost();
+    for t in &tracked {
+        tracing::info!("tracking {}", t.path.display());
+        if cfg.json {
+            let v = serde_json::json!({"event": "track_start", "source": t.path.display().to_string(), "epoch": t.epoch.id});
+            progress.event(&v, "");
+        }
+    }
+    notify_ready();
+    let mut sized = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let events = session.poll(Duration::from_millis(100))?;
+        apply(&mut tracked, &events);
+        lost = check_health(&mut session, &mut tracked, lost, &devs, cfg.buffer_kb)?;
+        if sized.elapsed() >= SIZE_CHECK {
+            for t in &mut tracked {
+                t.check_size()?;
+            }
+            sized = Instant::now();
+        }
+        lost = serve_requests(&mut session, &mut tracked, lost, &devs, cfg.buffer_kb)?;
+    }
+    for t in tracked {
+        t.close("the tracker stopped");
+    }
+    Ok(0)
+}
+
+fn apply(tracked: &mut [Tracked], events: &[BlockEvent]) {
+    for e in events {
+        for t in tracked.iter_mut() {
+            t.mark(e.dev, e.sector, u64::from(e.sectors));
+        }
+    }
+}
+
+/// Ends every record's epoch at the first lost event, and starts a new
+/// trace session when the instance stopped delivering (removed, tracing
+/// or an event turned off by someone else). Returns the loss count now.
+fn check_health(
+    session: &mut TraceSession,
+    tracked: &mut [Tracked],
+    lost: u64,
+    devs: &[u32],
+    buffer_kb: u32,
+) -> Result<u64> {
+    let h = session.health()?;
+    if h.lost() > lost {
+        let why = format!(
+            "{} trace events were lost (the trace buffer overran; a larger --trace-buffer helps)",
+            h.lost() - lost
+        );
+        for t in tracked.iter_mut() {
+            t.end_epoch(&why)?;
+        }
+        return Ok(h.lost());
+    }
+    if h.present && h.tracing_on && h.events_on {
+        return Ok(lost);
+    }
+    let why =
+        "the trace instance stopped delivering events (removed or turned off by someone else)";
+    for t in tracked.iter_mut() {
+        t.end_epoch(why)?;
+    }
+    *session = TraceSession::start(devs, buffer_kb)?;
+    Ok(session.health()?.lost())
+}
+
+/// Answers the passes' requests: a cut drains every event up to now into
+/// the record first, and checks nothing was lost before it answers.
+fn serve_requests(
+    session: &mut TraceSession,
+    tracked: &mut [Tracked],
+    mut lost: u64,
+    devs: &[u32],
+    buffer_kb: u32,
+) -> Result<u64> {
+    let mut waiting = Vec::new();
+    for (i, t) in tracked.iter().enumerate() {
+        while let Some((stream, request)) = t.next_request() {
+            waiting.push((i, stream, request));
+        }
+    }
+    if waiting.is_empty() {
+        return Ok(lost);
+    }
+    if waiting
+        .iter()
+        .any(|(_, _, r)| matches!(r, Request::Cut { .. }))
+    {
+        match session.drain(DRAIN_TIMEOUT) {
+            Ok(drained) => apply(tracked, &drained),
+            Err(e) => {
+                // Without a drain the cut might miss writes before it.
+                let why = format!("the events before a pass's cut could not be drained: {e}");
+                for t in tracked.iter_mut() {
+                    t.end_epoch(&why)?;
+                }
+            }
+        }
+        lost = check_health(session, tracked, lost, devs, buffer_kb)?;
+    }
+    for (i, stream, request) in waiting {
+        tracked[i].answer(stream, request, lost);
+    }
+    Ok(lost)
 }

@@ -1,6 +1,11 @@
 //! Change tracking as a sender sees it without a tracker: `--scan` and the
 //! `pass_end` fields that say how a pass chose what to read.
 
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
 use crate::harness::*;
 
 /// Without a tracker every pass reads the whole volume and says why;
@@ -45,4 +50,326 @@ fn without_a_tracker_passes_read_everything_and_tracked_is_refused() {
 
     let bad = tx.sync(&source, &dest, &["--scan", "sometimes"]);
     assert_eq!(bad.code, 2, "{}", bad.context());
+}
+
+/// A loop device over a backing file of random bytes.
+fn random_loop(s: &Setup, name: &str, size: u64, seed: u64) -> (Loop, std::path::PathBuf) {
+    let backing = s.path(name);
+    random_file(&backing, size, seed);
+    (Loop::attach(&backing), backing)
+}
+
+/// `nightpass track DEV...` into the setup's sender state, once it says
+/// it is recording.
+fn start_tracker(s: &Setup, devs: &[&Path], extra: &[&str]) -> Spawned {
+    let mut c = std::process::Command::new(bin());
+    c.arg("track")
+        .args(devs)
+        .arg("--state-dir")
+        .arg(&s.sender_state);
+    c.args(extra);
+    let t = Spawned::start(c);
+    let all = devs.len();
+    assert!(
+        wait_for(Duration::from_secs(10), || t
+            .stderr()
+            .matches("tracking ")
+            .count()
+            >= all),
+        "the tracker did not say it is tracking: {}",
+        t.stderr()
+    );
+    t
+}
+
+/// `dd if=/dev/urandom of=DEV bs=4096 seek=BLOCK count=N oflag=direct`.
+fn write_blocks(dev: &Path, block: u64, count: u64) {
+    run_tool(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", dev.display()),
+            "bs=4096",
+            &format!("seek={block}"),
+            &format!("count={count}"),
+            "oflag=direct",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+}
+
+/// The target file holds exactly the device's bytes.
+#[track_caller]
+fn assert_device_copied(dev: &Path, target: &Path) {
+    assert_eq!(file_len(target), size_of(dev), "the target's length");
+    assert_same_prefix(dev, target, size_of(dev));
+}
+
+fn pass_end(r: &Run) -> Value {
+    r.ok();
+    r.event("pass_end").clone()
+}
+
+/// With a tracker running: the first pass reads everything (first of the
+/// record); writes at the first and last 4 KiB of the device, in the
+/// middle, and a discard are read back alone by the next pass, which sends
+/// only the blocks written; a pass with nothing written reads nothing; the
+/// target is identical throughout.
+#[test]
+fn a_tracked_pass_reads_only_the_chunks_written() {
+    if !need_root(
+        "a_tracked_pass_reads_only_the_chunks_written",
+        &["losetup", "dd", "blkdiscard"],
+    ) {
+        return;
+    }
+    let s = Setup::new();
+    let size = 64 * MIB;
+    let (lo, _) = random_loop(&s, "src.img", size, 51);
+    let target = s.path("target.img");
+    let rx = s.start_receiver(&[("vol", &target)]);
+    let tx = s.sender(&rx);
+    let dest = rx.dest("vol");
+    let tracker = start_tracker(&s, &[&lo.dev], &[]);
+
+    let p1 = pass_end(&tx.sync(&lo.dev, &dest, &[]));
+    assert_eq!(p1["scan"], "full", "{p1}");
+    assert!(
+        p1["scan_reason"].as_str().unwrap().contains("first pass"),
+        "{p1}"
+    );
+    assert_device_copied(&lo.dev, &target);
+
+    let last = size / 4096 - 1;
+    write_blocks(&lo.dev, 0, 1);
+    write_blocks(&lo.dev, last, 1);
+    write_blocks(&lo.dev, 5000, 3);
+    run_tool(
+        "blkdiscard",
+        &[
+            "-o",
+            &(40 * MIB).to_string(),
+            "-l",
+            &(128 * 1024).to_string(),
+            &lo.dev.to_string_lossy(),
+        ],
+    );
+    let p2 = pass_end(&tx.sync(&lo.dev, &dest, &["--audit", "0"]));
+    assert_eq!(p2["scan"], "tracked", "{p2}");
+    assert!(
+        p2.get("scan_reason").is_none(),
+        "a tracked pass gives no scan_reason: {p2}"
+    );
+    // Chunks 0, 255 (last), 312 (blocks 5000..5003), 640 and 641 (the discard).
+    assert_eq!(p2["read_bytes"], 5 * CHUNK, "{p2}");
+    assert_eq!(p2["changed_chunks"], 5, "{p2}");
+    let sent = p2["sent_bytes"].as_u64().unwrap();
+    assert!(
+        sent <= 5 * 4096,
+        "the written blocks travel as patches, not chunks: {sent} bytes"
+    );
+    assert_device_copied(&lo.dev, &target);
+
+    let p3 = pass_end(&tx.sync(&lo.dev, &dest, &["--audit", "0"]));
+    assert_eq!(
+        (p3["scan"].as_str(), p3["read_bytes"].as_u64()),
+        (Some("tracked"), Some(0)),
+        "{p3}"
+    );
+    tracker.signal(libc::SIGTERM);
+    let t = tracker.finish(Duration::from_secs(10));
+    assert_eq!(
+        t.code, 0,
+        "a tracker stopped by SIGTERM exits 0: {}",
+        t.stderr
+    );
+}
+
+/// A tracker killed by SIGKILL leaves no record a pass trusts: the next
+/// pass reads everything and says why; a new tracker starts a new record
+/// (a full pass first), after which passes are tracked again.
+#[test]
+fn a_killed_tracker_makes_the_next_pass_full_and_a_new_one_resumes() {
+    if !need_root(
+        "a_killed_tracker_makes_the_next_pass_full_and_a_new_one_resumes",
+        &["losetup", "dd"],
+    ) {
+        return;
+    }
+    let s = Setup::new();
+    let (lo, _) = random_loop(&s, "src.img", 16 * MIB, 52);
+    let target = s.path("target.img");
+    let rx = s.start_receiver(&[("vol", &target)]);
+    let tx = s.sender(&rx);
+    let dest = rx.dest("vol");
+    let tracker = start_tracker(&s, &[&lo.dev], &[]);
+    pass_end(&tx.sync(&lo.dev, &dest, &[]));
+    tracker.kill9();
+    write_blocks(&lo.dev, 7, 1);
+    let p = pass_end(&tx.sync(&lo.dev, &dest, &[]));
+    assert_eq!(p["scan"], "full", "{p}");
+    assert!(
+        p["scan_reason"]
+            .as_str()
+            .unwrap()
+            .contains("no tracker is recording"),
+        "{p}"
+    );
+    let refused = tx.sync(&lo.dev, &dest, &["--scan", "tracked"]);
+    refused.assert_refused("--scan tracked");
+
+    let tracker = start_tracker(&s, &[&lo.dev], &[]);
+    let p = pass_end(&tx.sync(&lo.dev, &dest, &[]));
+    assert_eq!(
+        p["scan"], "full",
+        "a new record begins with a full pass: {p}"
+    );
+    write_blocks(&lo.dev, 9, 1);
+    let p = pass_end(&tx.sync(&lo.dev, &dest, &["--scan", "tracked", "--audit", "0"]));
+    assert_eq!(
+        (p["scan"].as_str(), p["read_bytes"].as_u64()),
+        (Some("tracked"), Some(CHUNK)),
+        "{p}"
+    );
+    assert_device_copied(&lo.dev, &target);
+    drop(tracker);
+}
+
+/// One tracker per device and state directory; an image file, or a
+/// missing path, is refused with exit 2.
+#[test]
+fn a_second_tracker_and_a_file_source_are_refused() {
+    if !need_root(
+        "a_second_tracker_and_a_file_source_are_refused",
+        &["losetup"],
+    ) {
+        return;
+    }
+    let s = Setup::new();
+    let (lo, backing) = random_loop(&s, "src.img", 4 * MIB, 53);
+    let first = start_tracker(&s, &[&lo.dev], &[]);
+    for (what, path) in [("second tracker", lo.dev.clone()), ("image file", backing)] {
+        let mut c = std::process::Command::new(bin());
+        c.arg("track")
+            .arg(&path)
+            .arg("--state-dir")
+            .arg(&s.sender_state);
+        let r = Spawned::start(c).finish(Duration::from_secs(20));
+        assert_eq!(r.code, 2, "{what}: {}", r.stderr);
+    }
+    drop(first);
+}
+
+/// A trace buffer too small for a heavy writer loses events: the record
+/// ends, and the next pass reads everything, saying events were lost; the
+/// target still ends identical.
+#[test]
+fn lost_events_make_the_next_pass_full() {
+    if !need_root("lost_events_make_the_next_pass_full", &["losetup", "dd"]) {
+        return;
+    }
+    let s = Setup::new();
+    let size = 32 * MIB;
+    let (lo, _) = random_loop(&s, "src.img", size, 54);
+    let target = s.path("target.img");
+    let rx = s.start_receiver(&[("vol", &target)]);
+    let tx = s.sender(&rx);
+    let dest = rx.dest("vol");
+    let tracker = start_tracker(&s, &[&lo.dev], &["--trace-buffer", "4K"]);
+    pass_end(&tx.sync(&lo.dev, &dest, &[]));
+    // The tracker stopped (SIGSTOP) while thousands of separate writes
+    // fill its 4 KiB buffer: the kernel overwrites what it did not read.
+    tracker.signal(libc::SIGSTOP);
+    run_tool(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", lo.dev.display()),
+            "bs=512",
+            "count=20000",
+            "oflag=direct",
+            "status=none",
+        ],
+    );
+    tracker.signal(libc::SIGCONT);
+    let p = pass_end(&tx.sync(&lo.dev, &dest, &[]));
+    assert_eq!(p["scan"], "full", "{p}");
+    assert!(p["scan_reason"].as_str().unwrap().contains("lost"), "{p}");
+    assert_device_copied(&lo.dev, &target);
+    drop(tracker);
+}
+
+/// A chunk changed behind the tracker (the loop's backing file written
+/// directly, which the block layer of the loop device never sees) is
+/// caught by the audit: an error event names it, and the pass reads the
+/// whole volume, so the target ends identical.
+#[test]
+fn the_audit_catches_a_change_behind_the_record() {
+    if !need_root(
+        "the_audit_catches_a_change_behind_the_record",
+        &["losetup", "dd"],
+    ) {
+        return;
+    }
+    let s = Setup::new();
+    let size = 16 * MIB;
+    let (lo, backing) = random_loop(&s, "src.img", size, 55);
+    let target = s.path("target.img");
+    let rx = s.start_receiver(&[("vol", &target)]);
+    let tx = s.sender(&rx);
+    let dest = rx.dest("vol");
+    let tracker = start_tracker(&s, &[&lo.dev], &[]);
+    pass_end(&tx.sync(&lo.dev, &dest, &[]));
+    write_at(&backing, 3 * CHUNK + 100, b"behind the tracker's back");
+    // The loop device caches nothing of it: drop its pages so it reads the file.
+    run_tool("blockdev", &["--flushbufs", &lo.dev.to_string_lossy()]);
+    let r = tx.sync(&lo.dev, &dest, &["--audit", "100"]);
+    assert_eq!(r.code, 0, "{}", r.context());
+    let err = r
+        .events
+        .iter()
+        .find(|e| e["event"] == "error")
+        .unwrap_or_else(|| panic!("no error event for the audit\n{}", r.context()));
+    assert_eq!(err["chunks"][0], 3, "{err}");
+    let p = r.event("pass_end");
+    assert_eq!(p["scan"], "full", "{p}");
+    assert!(p["scan_reason"].as_str().unwrap().contains("audit"), "{p}");
+    assert_device_copied(&lo.dev, &target);
+    drop(tracker);
+}
+
+/// Writes made while a pass runs are read again by the next pass, whether
+/// the running pass read their chunks before or after them: the target
+/// ends identical after a tracked pass.
+#[test]
+fn writes_during_a_pass_are_caught_by_the_next() {
+    if !need_root(
+        "writes_during_a_pass_are_caught_by_the_next",
+        &["losetup", "dd"],
+    ) {
+        return;
+    }
+    let s = Setup::new();
+    let size = 32 * MIB;
+    let (lo, _) = random_loop(&s, "src.img", size, 56);
+    let target = s.path("target.img");
+    let rx = s.start_receiver(&[("vol", &target)]);
+    let tx = s.sender(&rx);
+    let dest = rx.dest("vol");
+    let tracker = start_tracker(&s, &[&lo.dev], &[]);
+    pass_end(&tx.sync(&lo.dev, &dest, &[]));
+    // A pass slow enough to write into while it reads (all of the volume:
+    // --scan full), over chunks both ahead of it and behind it.
+    let slow = tx.spawn_sync(&lo.dev, &dest, &["--scan", "full", "--read-limit", "16M"]);
+    slow.expect_event("pass_start", Duration::from_secs(20));
+    for i in 0..20u64 {
+        write_blocks(&lo.dev, (i * 409) % (size / 4096), 1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pass_end(&slow.finish(Duration::from_secs(60)));
+    let p = pass_end(&tx.sync(&lo.dev, &dest, &["--audit", "0"]));
+    assert_eq!(p["scan"], "tracked", "{p}");
+    assert_device_copied(&lo.dev, &target);
+    drop(tracker);
 }

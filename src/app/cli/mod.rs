@@ -70,6 +70,9 @@ pub enum Command {
     Converge(ConvergeArgs),
     /// Freeze the source, run the final pass, prove the target identical, thaw.
     Cutover(CutoverArgs),
+    /// Record every write to each SOURCE block device until SIGINT/SIGTERM,
+    /// so that passes read only what changed.
+    Track(TrackArgs),
     /// On the receiver host: lift the seal a cutover put on volume NAME, so
     /// that passes into it are accepted again.
     Unseal {
@@ -102,6 +105,22 @@ pub enum Command {
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         size: u64,
     },
+}
+
+/// `track` flags.
+#[derive(Debug, Args)]
+pub struct TrackArgs {
+    /// The block devices to record writes to.
+    #[arg(required = true)]
+    pub sources: Vec<PathBuf>,
+    /// Sender state directory (the passes' own: they find the record there).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Kernel trace buffer per CPU (e.g. 8M); a larger one survives longer
+    /// bursts of writes without losing events (a loss makes the next pass
+    /// read everything).
+    #[arg(long, value_parser = parse_size, default_value = "8M")]
+    pub trace_buffer: u64,
 }
 
 /// How a pass chooses what to read (`--scan`).

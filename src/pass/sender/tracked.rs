@@ -216,11 +216,16 @@ fn take_cut(cfg: &SyncConfig, volume_dir: &Path) -> Result<ScanPlan> {
         });
     }
     let why = match previous {
-        None => format!(
-            "first pass since the tracker of {} began its record (epoch {})",
-            source.display(),
-            short(&epoch.id)
-        ),
+        None => {
+            let before = tracking::last_ended(&tdir)
+                .map(|r| format!("; the record before it ended: {r}"))
+                .unwrap_or_default();
+            format!(
+                "first pass since the tracker of {} began its record (epoch {}){before}",
+                source.display(),
+                short(&epoch.id)
+            )
+        }
         Some(_) => format!(
             "the record of {} does not reach back to the previous completed pass (epoch {})",
             source.display(),
