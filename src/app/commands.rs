@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::app::cli::{Cli, Command, ScanArg, ScanChoice, ServeArgs, SyncArgs};
+use crate::app::cli::{Cli, Command, ScanArg, ServeArgs, SyncArgs};
 use crate::error::{Error, Result};
 use crate::net::transport::{default_identity_dir, Identity};
 use crate::pass::receiver::{self, ServeConfig};
@@ -65,10 +65,6 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Track(args) => track(args, progress, json).await,
         Command::Cutover(args) => {
-            if args.scan.scan == ScanChoice::Tracked {
-                // Refused before anything is frozen or sent.
-                return Err(Error::input(crate::pass::sender::NO_TRACKED_PROOF));
-            }
             let cfg = sync_config(&args.sync, &args.scan, "cutover")?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {
@@ -131,6 +127,7 @@ pub fn sync_config(args: &SyncArgs, scan: &ScanArg, kind: &'static str) -> Resul
         receiver_answered: false,
         scan_choice: scan.scan,
         audit_percent: scan.audit,
+        tracked_proof: false,
     })
 }
 

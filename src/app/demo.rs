@@ -174,6 +174,7 @@ impl LocalPair {
         SyncConfig {
             scan_choice: ScanChoice::Auto,
             audit_percent: 2.0,
+            tracked_proof: false,
             source: source.to_owned(),
             dest: RemoteVolume {
                 host_port: self.addr.to_string(),

@@ -193,6 +193,10 @@ impl Tracked {
             Request::Cut { consumer } => self.cut(&consumer).unwrap_or_else(|e| Answer::Error {
                 message: e.to_string(),
             }),
+            Request::Peek { consumer } => Answer::Peek {
+                epoch: self.epoch.clone(),
+                seq: self.consumers.get(&consumer).map(|c| c.seq),
+            },
             Request::EndEpoch { reason } => match self.end_epoch(&reason) {
                 Ok(()) => Answer::Status {
                     epoch: self.epoch.clone(),

@@ -137,6 +137,7 @@ mod tests {
                 method: "fsfreeze".into(),
                 proved: true,
                 forecast_s: Some(2.5),
+                proof: Some("full".into()),
             }),
             SenderRecord::Unsealed(UnsealedRecord {
                 consistency_point: CP.into(),

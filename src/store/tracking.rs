@@ -158,6 +158,12 @@ pub enum Request {
     },
     /// The tracker's epoch and health.
     Status,
+    /// The epoch and the number of `consumer`'s last cut, without taking
+    /// one: whether the next cut would chain.
+    Peek {
+        /// The volume asking.
+        consumer: String,
+    },
     /// End the epoch (a pass's audit found a chunk changed that the record
     /// does not name): every volume's next pass reads everything.
     EndEpoch {
@@ -190,6 +196,13 @@ pub enum Answer {
         epoch: Epoch,
         /// Events lost in it so far (the epoch ends at the first).
         lost: u64,
+    },
+    /// The epoch and a consumer's last cut in it (`None`: none yet).
+    Peek {
+        /// The epoch running.
+        epoch: Epoch,
+        /// The number of the consumer's last cut.
+        seq: Option<u64>,
     },
     /// The request could not be served.
     Error {

@@ -516,7 +516,18 @@ fn cutover_fsfreeze_under_a_live_writer_is_a_consistent_filesystem() {
     assert_eq!(last["consistency_point"], cp.as_str(), "{last}");
 
     // The copy is a clean filesystem in which every complete file is intact.
-    let t = check_and_mount_target(&job, "copy");
+    let checked = assert_copy_intact(&job, "copy");
+    eprintln!(
+        "cutover under load: frozen {} s, {checked} complete files checked, writer created {} files",
+        end["frozen_s"],
+        writer.created()
+    );
+}
+
+/// The cutover's target, copied, is a clean ext4 (fsck) in which every
+/// complete file's content matches its name; returns the files checked.
+fn assert_copy_intact(job: &Job, name: &str) -> usize {
+    let t = check_and_mount_target(job, name);
     let mut checked = 0;
     let mut bad = Vec::new();
     for e in std::fs::read_dir(t.mnt.dir.join("data")).unwrap() {
@@ -531,11 +542,6 @@ fn cutover_fsfreeze_under_a_live_writer_is_a_consistent_filesystem() {
         }
         checked += 1;
     }
-    eprintln!(
-        "cutover under load: frozen {} s, {checked} complete files checked, writer created {} files",
-        end["frozen_s"],
-        writer.created()
-    );
     assert!(checked >= 20, "only {checked} files in the copy");
     assert!(
         bad.is_empty(),
@@ -543,6 +549,68 @@ fn cutover_fsfreeze_under_a_live_writer_is_a_consistent_filesystem() {
         bad.len(),
         bad
     );
+    checked
+}
+
+/// With `nightpass track` recording the source: the passes after the first
+/// read only what changed, and the cutover's frozen pass too, proven by
+/// fresh reads of what it read on both sides (`"proof":"tracked"`); the
+/// copy is a clean filesystem with every file intact.
+#[test]
+fn tracked_cutover_under_a_live_writer_reads_only_what_changed() {
+    if !need_root("tracked_cutover_under_a_live_writer", TOOLS) {
+        return;
+    }
+    let job = Job::new();
+    seed_files(&job.fs.data(), 8, 1 << 20, 103);
+    let mut c = Command::new(bin());
+    c.arg("track")
+        .arg(&job.fs.lo.dev)
+        .arg("--state-dir")
+        .arg(&job.sender.state);
+    let tracker = Spawned::start(c);
+    assert!(
+        wait_for(Duration::from_secs(10), || tracker
+            .stderr()
+            .contains("tracking ")),
+        "the tracker did not start: {}",
+        tracker.stderr()
+    );
+    let mut writer = Writer::start(
+        job.fs.dir(),
+        Load::Files {
+            live_limit: 24 << 20,
+        },
+        3,
+    );
+    assert!(wait_for(Duration::from_secs(10), || writer.created() >= 20));
+    let scans: Vec<String> = (0..3)
+        .map(|_| {
+            let r = job.run("sync", &[]);
+            assert_eq!(r.code, 0, "{}", r.stderr);
+            r.event("pass_end")["scan"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(scans, ["full", "tracked", "tracked"], "the passes' scans");
+    let mnt = job.mnt();
+    let r = job.run("cutover", &["--fsfreeze", &mnt, "--scan", "tracked"]);
+    assert_eq!(r.code, 0, "cutover failed; stderr: {}", r.stderr);
+    let end = r.event("cutover_end");
+    assert_eq!(end["proof"], "tracked", "{end}");
+    let last = r.all("pass_end").pop().expect("a frozen pass").clone();
+    assert_eq!(last["scan"], "tracked", "{last}");
+    let read = last["read_bytes"].as_u64().unwrap();
+    assert!(
+        read < FS_SIZE / 4,
+        "the frozen pass read {read} of {FS_SIZE} bytes"
+    );
+    writer.stop();
+    let checked = assert_copy_intact(&job, "tracked-copy");
+    eprintln!(
+        "tracked cutover under load: frozen {} s, read {read} bytes, {checked} files intact",
+        end["frozen_s"]
+    );
+    drop(tracker);
 }
 
 #[test]

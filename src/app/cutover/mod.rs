@@ -160,6 +160,12 @@ pub async fn cutover(
     let frozen_forecast = forecast.map(|f| f.total_s + if check { f.scan_s } else { 0.0 });
     let limit = max_freeze(cc.max_freeze, frozen_forecast, cc.margin);
     let welcome = sender::preflight(cfg, id).await?;
+    if cfg.scan_choice == sender::ScanChoice::Tracked && !sender::would_be_tracked(cfg)? {
+        // Refused before anything is frozen.
+        return Err(Error::input(
+            "--scan tracked: no unbroken change record reaches back to the previous completed pass (see `nightpass track`); nothing was frozen",
+        ));
+    }
     progress.note(&preflight_note(cfg, limit));
     let night = Night {
         cfg,
@@ -179,6 +185,7 @@ pub async fn cutover(
         method: cc.method.name().to_string(),
         proved: cc.prove,
         forecast_s: forecast.map(|f| f.total_s),
+        proof: Some(frozen.proof.to_string()),
     };
     let mark = wire::Mark {
         consistency_point: record.consistency_point.clone(),
@@ -340,7 +347,7 @@ fn report_cutover(progress: &dyn Progress, r: &CutoverRecord, duration_s: f64) {
             "frozen_s": (frozen_s * 1000.0).round() / 1000.0,
             "forecast_s": r.forecast_s.map(|f| (f * 100.0).round() / 100.0),
             "proved": r.proved,
-            "proof": if r.proved { "full" } else { "none" },
+            "proof": r.proof.as_deref().unwrap_or(if r.proved { "full" } else { "none" }),
         }),
         &format!(
             "cutover complete: the target is {} the source as frozen. Consistency point {}; frozen for {frozen_s:.2} s. The receiver has sealed the volume: the new site owns it",

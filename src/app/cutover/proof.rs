@@ -18,7 +18,7 @@ use crate::app::verify::{compare, forget_and_close, open_verify, receive_hashes,
 use crate::error::{Error, Result};
 use crate::net::transport::Identity;
 use crate::pass::sender::{self, target_dir, SyncConfig};
-use crate::progress::{PassEnd, Progress};
+use crate::progress::{PassEnd, Progress, ScanKind};
 use crate::store::journal::{SenderRecord, TargetReadRecord};
 use crate::store::state::ManifestFile;
 
@@ -125,6 +125,8 @@ async fn pass_then_target_read(
 pub(super) struct Frozen {
     /// The final pass.
     pub(super) end: PassEnd,
+    /// The proof made: `"full"`, `"tracked"` or `"none"`.
+    pub(super) proof: &'static str,
     /// Seconds spent in passes (the first, and any repairs).
     pub(super) passes_s: f64,
     /// The source's chunk table as the final pass read it (when asked for).
@@ -148,14 +150,20 @@ pub(super) async fn frozen_pass(
         let table = table.unwrap_or_default();
         return Ok(Frozen {
             end,
+            proof: "none",
             passes_s,
             table,
         });
     }
-    let (mut end, mut ours, theirs, geometry) =
-        pass_with_target_read(cfg, id, progress.clone(), true, overlap).await?;
+    let (mut end, mut ours, mut suspects, proof) = if overlap && sender::would_be_tracked(cfg)? {
+        tracked_pass(cfg, id, progress.clone()).await?
+    } else {
+        let (end, ours, theirs, geometry) =
+            pass_with_target_read(cfg, id, progress.clone(), true, overlap).await?;
+        let suspects = compare(&geometry, &ours, &theirs);
+        (end, ours, suspects, "full")
+    };
     let mut passes_s = end.duration_s;
-    let mut suspects = compare(&geometry, &ours, &theirs);
     let mut round = 0;
     loop {
         // Chunks the parallel read saw before the pass rewrote them (or
@@ -167,11 +175,16 @@ pub(super) async fn frozen_pass(
             recheck(cfg, id, &suspects, &ours).await?
         };
         if still.is_empty() {
-            progress.note("proof: the target matches the frozen source, chunk for chunk, by fresh reads on both sides");
+            progress.note(match proof {
+                "tracked" => "proof: every chunk the final pass read matches on the target, by fresh reads on both sides; the change record vouches for the rest",
+                _ => "proof: the target matches the frozen source, chunk for chunk, by fresh reads on both sides",
+            });
+            let table = complete_table(cfg, ours)?;
             return Ok(Frozen {
                 end,
+                proof,
                 passes_s,
-                table: ours,
+                table,
             });
         }
         if round == REPAIR_ROUNDS {
@@ -185,12 +198,84 @@ pub(super) async fn frozen_pass(
             "proof: {} chunks differ after the pass; resending them from the frozen source (round {round})",
             still.len(),
         ));
-        let (e, t) = sender::run_pass_collecting(cfg, id, progress.clone(), true).await?;
+        let (e, t) =
+            sender::run_pass_collecting(&tracked_cfg(cfg, proof), id, progress.clone(), true)
+                .await?;
         passes_s += e.duration_s;
         end = e;
         ours = t.unwrap_or_default();
         suspects = still;
     }
+}
+
+/// The settings of a pass proven by the chunks it reads.
+fn tracked_cfg(cfg: &SyncConfig, proof: &str) -> SyncConfig {
+    let mut c = cfg.clone();
+    c.tracked_proof = proof == "tracked";
+    c
+}
+
+/// The frozen pass over what the change record names (the tracker
+/// drained every event up to the freeze before the pass took its cut);
+/// its proof covers what it read: every chunk it read is a suspect the
+/// receiver reads fresh. A record that broke between the check and the
+/// cut makes a full pass: the receiver then reads its whole target after
+/// it, and the proof is full.
+async fn tracked_pass(
+    cfg: &SyncConfig,
+    id: &Identity,
+    progress: Arc<dyn Progress>,
+) -> Result<(PassEnd, Vec<u8>, ChunkSet, &'static str)> {
+    let (end, table) =
+        sender::run_pass_collecting(&tracked_cfg(cfg, "tracked"), id, progress.clone(), true)
+            .await?;
+    let ours = table.unwrap_or_default();
+    let chunk = ChunkSize::new(end.start.chunk_size).map_err(|e| Error::Io(e.to_string()))?;
+    let geometry =
+        Geometry::new(end.start.size_bytes, chunk).map_err(|e| Error::Io(e.to_string()))?;
+    if end.scan == ScanKind::Tracked {
+        // The collected table holds the hashes of the chunks read; the
+        // others are all zeros, which no chunk hashes to.
+        let read = (0..geometry.chunk_count())
+            .filter(|&i| table_entry(&ours, i).is_some_and(|e| e != [0u8; 32]));
+        let suspects = ChunkSet::from_indices(&geometry, read);
+        return Ok((end, ours, suspects, "tracked"));
+    }
+    let fp = cfg.server_fingerprint.as_str();
+    let size = geometry.size();
+    let (mut vs, g) = reconnecting(cfg, || {
+        open_verify(id, &cfg.dest, fp, &cfg.tuning, size, chunk, Vec::new())
+    })
+    .await?;
+    if g != geometry {
+        return Err(Error::Io(
+            "the proof's geometry does not match the pass".into(),
+        ));
+    }
+    let theirs = receive_hashes(&mut vs, &g).await?;
+    forget_and_close(vs, &[]).await?;
+    let suspects = compare(&geometry, &ours, &theirs);
+    Ok((end, ours, suspects, "full"))
+}
+
+/// The source's table as the final pass knows it: the hashes it read, and
+/// for the chunks a tracked pass did not read, what our manifest records
+/// (the target's, equal to the source's where nothing was written).
+fn complete_table(cfg: &SyncConfig, mut table: Vec<u8>) -> Result<Vec<u8>> {
+    let path = target_dir(&cfg.state_dir, &cfg.server_fingerprint, &cfg.dest).join("manifest");
+    let Some(Ok(m)) = ManifestFile::open(&path)? else {
+        return Ok(table);
+    };
+    let len = m.geometry().chunk_count() as usize * nightpass_proto::manifest::ENTRY_LEN;
+    if table.len() < len {
+        table.resize(len, 0);
+    }
+    for i in 0..m.geometry().chunk_count() {
+        if table_entry(&table, i).is_none_or(|e| e == [0u8; 32]) {
+            nightpass_proto::manifest::set_entry(&mut table, i, &m.entry(i));
+        }
+    }
+    Ok(table)
 }
 
 /// Has the receiver hash the `suspects` fresh, in batches of at most

@@ -63,7 +63,7 @@ pub use session::{open_session, preflight, Session};
 use stream::*;
 use streams::*;
 use tracked::*;
-pub use tracked::{ScanChoice, NO_TRACKED_PROOF};
+pub use tracked::{would_be_tracked, ScanChoice};
 
 /// Settings of a pass.
 #[derive(Debug, Clone)]
@@ -108,6 +108,9 @@ pub struct SyncConfig {
     /// Percent of the chunks a change record says are unchanged that a
     /// tracked pass reads anyway and checks (`--audit`).
     pub audit_percent: f64,
+    /// A cutover proves this pass by the chunks it reads (a tracked
+    /// proof): a pass that collects its chunks' hashes may then be tracked.
+    pub tracked_proof: bool,
 }
 
 /// Runs one pass and returns its report.

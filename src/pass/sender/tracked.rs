@@ -55,9 +55,6 @@ impl ScanChoice {
     }
 }
 
-/// Why a cutover refuses `--scan tracked` for now.
-pub const NO_TRACKED_PROOF: &str = "--scan tracked: a cutover proves its final pass by every chunk's hash, which a tracked pass does not read (a tracked proof is not built yet); use --scan auto or full";
-
 /// How long a pass waits for the tracker's cut (it drains its events first).
 const CUT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -93,9 +90,11 @@ struct PendingHead {
 /// proof): the pass reads everything, though it still takes the cut.
 pub(super) fn plan_scan(cfg: &SyncConfig, volume_dir: &Path, whole: bool) -> Result<ScanPlan> {
     let plan = take_cut(cfg, volume_dir)?;
-    if whole {
+    if whole && !cfg.tracked_proof {
         if cfg.scan_choice == ScanChoice::Tracked {
-            return Err(Error::input(NO_TRACKED_PROOF));
+            return Err(Error::input(
+                "--scan tracked: this pass must read every chunk for its proof",
+            ));
         }
         return Ok(ScanPlan {
             scope: Scope::Full,
@@ -252,6 +251,26 @@ fn no_tracker(tdir: &Path, source: &Path) -> String {
 
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
+}
+
+/// Whether a pass of `cfg` run now would be tracked: a tracker answers,
+/// and its next cut would chain to the previous completed pass (nothing is
+/// taken). A cutover asks before it freezes, and again once frozen.
+pub fn would_be_tracked(cfg: &SyncConfig) -> Result<bool> {
+    if cfg.read_from.is_some() || cfg.scan_choice == ScanChoice::Full {
+        return Ok(false);
+    }
+    let source = std::fs::canonicalize(&cfg.source).unwrap_or_else(|_| cfg.source.clone());
+    let tdir = tracking::tracking_dir(&cfg.state_dir, &source);
+    let consumer = format!("{}/{}", cfg.server_fingerprint, cfg.dest.name);
+    let Some(Answer::Peek { epoch, seq }) =
+        tracking::ask(&tdir, &Request::Peek { consumer }, CUT_TIMEOUT)?
+    else {
+        return Ok(false);
+    };
+    let dir = super::volume_state_dir(cfg)?;
+    let (head, _) = read_pending(&tracking::pending_path(&dir))?;
+    Ok(head.is_some_and(|h| h.complete && h.epoch == epoch.id && seq == Some(h.through)))
 }
 
 /// Asks the tracker of `cfg`'s source to end its epoch (an audit found the

@@ -154,6 +154,11 @@ pub struct CutoverRecord {
     /// The forecast of the frozen pass, when there was one.
     #[serde(default)]
     pub forecast_s: Option<f64>,
+    /// Which proof was made: `"full"` (both sides read whole), `"tracked"`
+    /// (the chunks the final pass read, by fresh reads on both sides), or
+    /// `"none"`; absent in records of releases before change tracking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
 }
 
 /// The sender's note that the operator unsealed a cutover on the receiver,

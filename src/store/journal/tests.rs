@@ -67,6 +67,7 @@ fn every_sender_record() -> Vec<SenderRecord> {
             method: "fsfreeze".into(),
             proved: true,
             forecast_s: None,
+            proof: Some("full".into()),
         }),
         SenderRecord::Unsealed(UnsealedRecord {
             consistency_point: CP.into(),
