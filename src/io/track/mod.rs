@@ -57,6 +57,28 @@
 //! overrun` and `dropped events`; a page read with `RB_MISSED_EVENTS` set
 //! counts too. [`Health`] sums them: any growth means events were lost.
 //!
+//! ## Holding a write in flight
+//! Between `block_bio_queue` and its completion a write can be held by
+//! freezing (`fsfreeze -f`) the filesystem that holds a loop device's
+//! backing file: the loop worker blocks, the request waits. blk-throttle
+//! (`io.max`) does not hold it there: `submit_bio_noacct` throttles a bio
+//! before `submit_bio_noacct_nocheck` traces it, so a throttled write is
+//! seen when it is dispatched (still before the device changes).
+//!
+//! ## Cost (this machine: 2 shared CPUs, load average about 5)
+//! `cargo test --release --test night tracefs_figures -- --ignored
+//! --nocapture`: 50 000 direct 4 KiB writes at random offsets of a 256 MiB
+//! loop device, 7 rounds alternating without and with a session polled by a
+//! thread. Medians: the writer's CPU time 0.340 s without, 0.360 s with
+//! (ratio 1.06); the whole process's (writer and poller) 0.360 s against
+//! 0.370 s (1.03). Wall time is dominated by the other load (0.59 to
+//! 3.5 s per round either way). Every round's 100 000 events arrived, none
+//! lost, at up to 155 000 events per second (the writer's pace, not the
+//! reader's limit); a drain of 200 000 events already in a 64 MiB buffer
+//! took 15 ms (over 10 million events per second). A poll wakes at most
+//! once per 5 ms ([`TraceSession::poll`] lets events gather), so the poller
+//! costs little CPU; a wake-up per event cost more than the writes.
+//!
 //! ## A process killed by SIGKILL
 //! Its instance stays behind (tracefs does not know who made it), tracing
 //! into a buffer nobody reads. [`remove_stale_instances`] removes every
