@@ -28,13 +28,6 @@ use crate::progress::{now_unix, Progress};
 use crate::store::state;
 use crate::store::tracking::{self, Answer, Epoch, Request};
 
-/// The kernel's encoding of a device number in block trace events
-/// (`MAJOR << 20 | MINOR`).
-pub fn kernel_dev(rdev: u64) -> u32 {
-    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
-    (major << 20) | (minor & ((1 << 20) - 1))
-}
-
 /// The blocks written since one consumer's last cut.
 #[derive(Debug, Default)]
 struct Consumer {
@@ -93,7 +86,7 @@ impl Tracked {
         let listener = UnixListener::bind(&sock).ctx(sock.display())?;
         listener.set_nonblocking(true).ctx(sock.display())?;
         let size = crate::io::device::Volume::open_source(&path)?.size();
-        let dev = kernel_dev(meta.rdev());
+        let dev = crate::io::track::tracefs::kernel_dev(meta.rdev());
         let epoch = new_epoch(dev, size)?;
         epoch.write(&dir)?;
         let (trace_dev, start) = match crate::io::track::partition_of(dev)? {
