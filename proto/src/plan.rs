@@ -142,6 +142,9 @@ pub struct PassFigures {
     pub read_busy_s: f64,
     /// True for the first pass of a volume (everything changed: no change rate).
     pub first: bool,
+    /// The pass read only what a change record named (and an audit
+    /// sample), not the whole volume.
+    pub tracked: bool,
 }
 
 /// The figures of one finished cutover, as the journal keeps them.
@@ -182,6 +185,13 @@ pub struct Forecast {
     pub pass_overhead_s: f64,
     /// Cost of the freeze beyond its passes.
     pub freeze_overhead_s: f64,
+    /// The final pass is assumed tracked (the last pass was): it reads the
+    /// chunks changed since and the audit sample, not the volume.
+    pub tracked: bool,
+    /// Seconds for a tracked proof: the receiver reads fresh what the
+    /// frozen pass read, after it (0 for a full pass, whose proof reads
+    /// the target alongside).
+    pub proof_s: f64,
 }
 
 fn median(v: &[f64]) -> Option<f64> {
@@ -204,12 +214,35 @@ fn recent(v: &[f64]) -> &[f64] {
 
 /// Read rates of the delta passes that read something, oldest first (a
 /// first pass reads while it writes everything: not the rate of a delta).
+/// The read rates of delta passes: of full ones when there are any (a
+/// tracked pass reads little, scattered, and its rate says little about a
+/// whole read), else of tracked ones.
 fn delta_read_rates(passes: &[PassFigures]) -> Vec<f64> {
-    passes
+    let rates = |tracked: bool| -> Vec<f64> {
+        passes
+            .iter()
+            .filter(|p| !p.first && p.scanned_bytes > 0 && p.tracked == tracked)
+            .map(PassFigures::read_rate)
+            .collect()
+    };
+    let full = rates(false);
+    if full.is_empty() {
+        rates(true)
+    } else {
+        full
+    }
+}
+
+/// Bytes a tracked pass reads beyond what changed (its audit sample, and
+/// chunks the record named whose content came back unchanged): the median
+/// over recent tracked passes.
+fn tracked_extra_bytes(passes: &[PassFigures]) -> f64 {
+    let extra: Vec<f64> = passes
         .iter()
-        .filter(|p| !p.first && p.scanned_bytes > 0)
-        .map(PassFigures::read_rate)
-        .collect()
+        .filter(|p| p.tracked)
+        .map(|p| p.scanned_bytes.saturating_sub(p.changed_bytes) as f64)
+        .collect();
+    median(recent(&extra)).unwrap_or(0.0)
 }
 
 impl PassFigures {
@@ -222,20 +255,13 @@ impl PassFigures {
 pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
     let passes = &history.passes;
     let last = passes.last()?;
-    if last.scanned_bytes == 0 && last.size_bytes > 0 {
+    if last.scanned_bytes == 0 && last.size_bytes > 0 && !last.tracked {
         return None;
     }
-    let read_rate = median(recent(&delta_read_rates(passes))).unwrap_or_else(|| last.read_rate());
-    // The proof's read of the target runs alongside: the slower read bounds.
-    let read_rate = match median(recent(&history.target_read_rates)) {
-        Some(target) if target > 0.0 => read_rate.min(target),
-        _ => read_rate,
-    };
-    let scan_s = if last.size_bytes == 0 {
-        0.0
-    } else {
-        last.size_bytes as f64 / read_rate
-    };
+    let source_rate = median(recent(&delta_read_rates(passes))).unwrap_or_else(|| last.read_rate());
+    let target_rate = median(recent(&history.target_read_rates)).filter(|t| *t > 0.0);
+    // A full proof's read of the target runs alongside: the slower read bounds.
+    let read_rate = target_rate.map_or(source_rate, |t| source_rate.min(t));
     let rates: Vec<f64> = passes
         .windows(2)
         .filter(|w| !w[1].first)
@@ -250,6 +276,19 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
     }
     let change_rate = rates.iter().sum::<f64>() / rates.len() as f64;
     let pending = change_rate * (now_unix_s - last.start_unix_s).max(0.0);
+    // A full pass reads the volume; a tracked one what changed and its
+    // audit, and its proof then has the receiver read the same again.
+    let (scan_s, proof_s) = if last.size_bytes == 0 {
+        (0.0, 0.0)
+    } else if last.tracked {
+        let bytes = (pending + tracked_extra_bytes(passes)).min(last.size_bytes as f64);
+        (
+            bytes / source_rate,
+            bytes / target_rate.unwrap_or(source_rate),
+        )
+    } else {
+        (last.size_bytes as f64 / read_rate, 0.0)
+    };
     let send_rate = passes
         .iter()
         .filter(|p| p.changed_bytes > 0 && p.duration_s > 0.0)
@@ -283,13 +322,15 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
     let freeze_overhead_s =
         median(recent(&freezes)).unwrap_or_else(|| default_freeze_overhead_s(last.size_bytes));
     Some(Forecast {
-        total_s: scan_s.max(send_s) + pass_overhead_s + freeze_overhead_s,
+        total_s: scan_s.max(send_s) + proof_s + pass_overhead_s + freeze_overhead_s,
         scan_s,
         send_s,
         pending_bytes: pending,
         change_rate_bps: change_rate,
         pass_overhead_s,
         freeze_overhead_s,
+        tracked: last.tracked,
+        proof_s,
     })
 }
 
@@ -349,6 +390,7 @@ mod tests {
             changed_bytes: changed,
             read_busy_s: 10.0,
             first,
+            tracked: false,
         }
     }
 
@@ -446,6 +488,34 @@ mod tests {
         h.target_read_rates = vec![500.0];
         let f = forecast(&h, 230.0).unwrap();
         assert!((f.scan_s - 10.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_tracked_final_pass_costs_what_changed_and_its_proof() {
+        // A full pass reads 1000 B at 100 B/s; then tracked passes read
+        // 60 B (20 changed + 40 audit) and 40 B (0 changed + 40 audit).
+        let tracked = |start: f64, scanned: u64, changed: u64| PassFigures {
+            scanned_bytes: scanned,
+            tracked: true,
+            read_busy_s: scanned as f64 / 100.0,
+            ..pass(start, 1.0, changed, false)
+        };
+        let passes = history(&[
+            pass(0.0, 100.0, 1000, true),
+            pass(100.0, 20.0, 200, false),
+            tracked(150.0, 60, 20),
+            tracked(160.0, 40, 0),
+        ]);
+        // A no-change tracked pass still forecasts.
+        let f = forecast(&passes, 170.0).unwrap();
+        assert!(f.tracked);
+        // change rate: (200/100 + 20/50 + 0/10) / 3 = 0.8 B/s; 10 s pending = 8 B;
+        // plus the audit's 40 B (median of 40, 40): 48 B at 100 B/s, twice.
+        assert!((f.pending_bytes - 8.0).abs() < 1e-9, "{f:?}");
+        assert!((f.scan_s - 0.48).abs() < 1e-9, "{f:?}");
+        assert!((f.proof_s - 0.48).abs() < 1e-9, "{f:?}");
+        let full = forecast(&history(&passes.passes[..2]), 170.0).unwrap();
+        assert!(!full.tracked && full.scan_s > 10.0 * f.scan_s, "{full:?}");
     }
 
     #[test]

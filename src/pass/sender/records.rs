@@ -211,6 +211,7 @@ pub fn status(
                 "source": last.source,
                 "passes": passes,
                 "forecast_final_pass_s": forecast.map(|f| f.total_s),
+                "forecast_scan": forecast.map(|f| if f.tracked { "tracked" } else { "full" }),
                 "cut_over": cut_over.map(|c| json!({
                     "at": crate::progress::rfc3339_seconds(c.freeze_unix_s),
                     "consistency_point": c.consistency_point,
@@ -260,9 +261,11 @@ pub(super) fn status_text(
     }
     text.push_str(&match forecast {
         Some(f) => format!(
-            "  forecast of a frozen final pass now: {:.1} s (scan {:.1} s, send {:.1} s of {} changed at {}/s; overheads: pass {:.2} s, freeze {:.2} s)",
+            "  forecast of a frozen final pass now: {:.1} s ({} scan {:.1} s{}, send {:.1} s of {} changed at {}/s; overheads: pass {:.2} s, freeze {:.2} s)",
             f.total_s,
+            if f.tracked { "tracked" } else { "full" },
             f.scan_s,
+            if f.tracked { format!(", proof {:.1} s", f.proof_s) } else { String::new() },
             f.send_s,
             crate::progress::human_bytes(f.pending_bytes as u64),
             crate::progress::human_bytes(f.change_rate_bps as u64),

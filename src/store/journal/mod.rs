@@ -370,6 +370,7 @@ pub fn figures(records: &[SenderRecord]) -> History {
                 changed_bytes: p.changed_bytes,
                 read_busy_s: p.read_busy_s,
                 first: p.first,
+                tracked: p.scan.as_deref() == Some("tracked"),
             }),
             SenderRecord::TargetRead(t) if t.duration_s > 0.0 => {
                 h.target_read_rates.push(t.size_bytes as f64 / t.duration_s)
