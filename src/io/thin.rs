@@ -13,12 +13,13 @@
 //! ## How a pass uses it (wyng-backup's method: `get_lvm_deltas` and
 //! `update_delta_digest_lvm` in its `src/wyng`)
 //! 1. **A thin snapshot per pass.** When pass N begins (for a cutover,
-//!    after the freeze), it takes `lvcreate -s -pr -n NAME VG/LV`: without
+//!    after the freeze), it takes `lvcreate -s -n NAME VG/LV`: without
 //!    `--size` that is a thin snapshot in the same pool, with a thin id of
-//!    its own (lvmthin(7), "Create a thin snapshot"; it is created with the
-//!    activation-skip flag, `lvchange -ay -K` activates it). The pass reads
-//!    that snapshot, so what it read is exactly what the next delta starts
-//!    from. [`thin_volume`] gives its identity ([`ThinVolume`]: VG, pool,
+//!    its own (lvmthin(7), "Create SnapLV"; it carries the activation-skip
+//!    flag, and `lvchange -ay -K` activates it: "Activation of thin
+//!    snapshots"). The pass reads that snapshot, so what it read is
+//!    exactly what the next delta starts from; the first pass, with no
+//!    snapshot before it, reads everything. [`thin_volume`] gives its identity ([`ThinVolume`]: VG, pool,
 //!    thin id, LV UUID), which the pass's record keeps with the origin's
 //!    LV UUID and size.
 //! 2. **The next pass's change set.** Pass N+1 takes snapshot S(N+1) the
