@@ -3,8 +3,9 @@
 //! Owns opening and reading sources, opening and writing targets
 //! ([`device`]), the read-and-hash pipeline ([`hash`]), fsfreeze, LVM
 //! snapshots and operator hooks ([`freeze`]), the kernel's record of block
-//! writes through a private tracefs instance ([`track`]), and every `unsafe` of the
-//! crate ([`sys`]). It must not know the protocol, the network or the state
+//! writes through a private tracefs instance ([`track`]), an LVM thin
+//! volume's change set between two thin snapshots and its identity
+//! ([`thin`]), and every `unsafe` of the crate ([`sys`]). It must not know the protocol, the network or the state
 //! directory's layout.
 
 pub mod device;
@@ -12,4 +13,5 @@ pub mod freeze;
 pub mod hash;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod thin;
 pub mod track;

@@ -21,6 +21,7 @@ mod reliability;
 mod safety;
 mod seal;
 mod sync;
+mod thin;
 mod tracefs;
 mod tracking;
 mod trust;
