@@ -233,6 +233,26 @@ fn delta_read_rates(passes: &[PassFigures]) -> Vec<f64> {
     }
 }
 
+/// The read rate of tracked passes (scattered chunks read one run at a
+/// time, slower per byte than a whole read), when any read enough to say.
+fn tracked_read_rate(passes: &[PassFigures]) -> Option<f64> {
+    let rates: Vec<f64> = passes
+        .iter()
+        .filter(|p| p.tracked && p.scanned_bytes >= 16 << 20)
+        .map(PassFigures::read_rate)
+        .collect();
+    median(recent(&rates))
+}
+
+/// The best rate at which a pass sent what changed.
+fn send_rate(passes: &[PassFigures]) -> f64 {
+    passes
+        .iter()
+        .filter(|p| p.changed_bytes > 0 && p.duration_s > 0.0)
+        .map(|p| p.changed_bytes as f64 / p.duration_s)
+        .fold(0.0f64, f64::max)
+}
+
 /// Bytes a tracked pass reads beyond what changed (its audit sample, and
 /// chunks the record named whose content came back unchanged): the median
 /// over recent tracked passes.
@@ -282,18 +302,15 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
         (0.0, 0.0)
     } else if last.tracked {
         let bytes = (pending + tracked_extra_bytes(passes)).min(last.size_bytes as f64);
-        (
-            bytes / source_rate,
-            bytes / target_rate.unwrap_or(source_rate),
-        )
+        // Scattered reads on both sides: at the rate tracked passes read,
+        // slowed as whole reads of the target are slower than the source's.
+        let rate = tracked_read_rate(passes).unwrap_or(source_rate);
+        let target = target_rate.map_or(rate, |t| rate * (t / source_rate).min(1.0));
+        (bytes / rate, bytes / target)
     } else {
         (last.size_bytes as f64 / read_rate, 0.0)
     };
-    let send_rate = passes
-        .iter()
-        .filter(|p| p.changed_bytes > 0 && p.duration_s > 0.0)
-        .map(|p| p.changed_bytes as f64 / p.duration_s)
-        .fold(0.0f64, f64::max);
+    let send_rate = send_rate(passes);
     let send_s = if pending <= 0.0 {
         0.0
     } else if send_rate > 0.0 {

@@ -173,7 +173,7 @@ impl LocalPair {
     pub fn pass(&self, source: &Path, kind: &'static str) -> SyncConfig {
         SyncConfig {
             scan_choice: ScanChoice::Auto,
-            audit_percent: 2.0,
+            audit_percent: 1.0,
             tracked_proof: false,
             source: source.to_owned(),
             dest: RemoteVolume {

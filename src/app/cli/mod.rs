@@ -135,9 +135,9 @@ pub struct ScanArg {
     /// Percent of the chunks a change record says are unchanged that a
     /// tracked pass reads anyway and compares with the target: a chunk
     /// found changed ends the record and makes the pass read everything.
-    /// Each pass audits another part, so at 2 the whole volume is audited
-    /// every 50 passes; 0 audits nothing.
-    #[arg(long, default_value_t = 2.0, value_parser = parse_percent)]
+    /// Each pass audits another part, so at 1 the whole volume is audited
+    /// every 100 passes; 0 audits nothing.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_percent)]
     pub audit: f64,
 }
 

@@ -338,7 +338,7 @@ pub(super) const AUDIT_RUN: u64 = 64;
 
 /// The audit sample of pass `pass_no`: one run of [`AUDIT_RUN`] chunks in
 /// every `100 / percent`, shifted by one run each pass, so that successive
-/// passes audit the whole volume (at 2%, every 50 passes).
+/// passes audit the whole volume (at 1%, every 100 passes).
 pub(super) fn audit_sample(geometry: &Geometry, percent: f64, pass_no: u64) -> ChunkSet {
     if percent <= 0.0 {
         return ChunkSet::empty(geometry);
