@@ -106,6 +106,51 @@ fn assert_device_copied(dev: &Path, target: &Path) {
     assert_same_prefix(dev, target, size_of(dev));
 }
 
+/// A loop device of random bytes as the source, a receiver exporting a
+/// target file, a sender pinned to it, and a tracker recording the device.
+/// Fields drop in order: the tracker first, the loop device last.
+struct TrackedVolume {
+    tracker: Option<Spawned>,
+    tx: Sender,
+    dest: String,
+    target: std::path::PathBuf,
+    _rx: Receiver,
+    backing: std::path::PathBuf,
+    lo: Loop,
+    s: Setup,
+}
+
+impl TrackedVolume {
+    fn new(size: u64, seed: u64, tracker_flags: &[&str]) -> TrackedVolume {
+        let s = Setup::new();
+        let (lo, backing) = random_loop(&s, "src.img", size, seed);
+        let target = s.path("target.img");
+        let rx = s.start_receiver(&[("vol", &target)]);
+        let tx = s.sender(&rx);
+        let dest = rx.dest("vol");
+        let tracker = Some(start_tracker(&s, &[&lo.dev], tracker_flags));
+        TrackedVolume {
+            tracker,
+            tx,
+            dest,
+            target,
+            _rx: rx,
+            backing,
+            lo,
+            s,
+        }
+    }
+
+    /// A sync of the device; its pass_end (the run must succeed).
+    fn pass(&self, extra: &[&str]) -> Value {
+        pass_end(&self.tx.sync(&self.lo.dev, &self.dest, extra))
+    }
+
+    fn tracker(&self) -> &Spawned {
+        self.tracker.as_ref().expect("a tracker runs")
+    }
+}
+
 fn pass_end(r: &Run) -> Value {
     r.ok();
     r.event("pass_end").clone()
@@ -124,27 +169,21 @@ fn a_tracked_pass_reads_only_the_chunks_written() {
     ) {
         return;
     }
-    let s = Setup::new();
     let size = 64 * MIB;
-    let (lo, _) = random_loop(&s, "src.img", size, 51);
-    let target = s.path("target.img");
-    let rx = s.start_receiver(&[("vol", &target)]);
-    let tx = s.sender(&rx);
-    let dest = rx.dest("vol");
-    let tracker = start_tracker(&s, &[&lo.dev], &[]);
-
-    let p1 = pass_end(&tx.sync(&lo.dev, &dest, &[]));
+    let mut v = TrackedVolume::new(size, 51, &[]);
+    let p1 = v.pass(&[]);
     assert_eq!(p1["scan"], "full", "{p1}");
     assert!(
         p1["scan_reason"].as_str().unwrap().contains("first pass"),
         "{p1}"
     );
-    assert_device_copied(&lo.dev, &target);
+    assert_device_copied(&v.lo.dev, &v.target);
 
     let last = size / 4096 - 1;
-    write_blocks(&lo.dev, 0, 1);
-    write_blocks(&lo.dev, last, 1);
-    write_blocks(&lo.dev, 5000, 3);
+    write_blocks(&v.lo.dev, 0, 1);
+    write_blocks(&v.lo.dev, last, 1);
+    write_blocks(&v.lo.dev, 5000, 3);
+    let dev = v.lo.dev.to_string_lossy().into_owned();
     run_tool(
         "blkdiscard",
         &[
@@ -152,10 +191,10 @@ fn a_tracked_pass_reads_only_the_chunks_written() {
             &(40 * MIB).to_string(),
             "-l",
             &(128 * 1024).to_string(),
-            &lo.dev.to_string_lossy(),
+            &dev,
         ],
     );
-    let p2 = pass_end(&tx.sync(&lo.dev, &dest, &["--audit", "0"]));
+    let p2 = v.pass(&["--audit", "0"]);
     assert_eq!(p2["scan"], "tracked", "{p2}");
     assert!(
         p2.get("scan_reason").is_none(),
@@ -169,14 +208,34 @@ fn a_tracked_pass_reads_only_the_chunks_written() {
         sent <= 5 * 4096,
         "the written blocks travel as patches, not chunks: {sent} bytes"
     );
-    assert_device_copied(&lo.dev, &target);
+    assert_device_copied(&v.lo.dev, &v.target);
 
-    let p3 = pass_end(&tx.sync(&lo.dev, &dest, &["--audit", "0"]));
+    let p3 = v.pass(&["--audit", "0"]);
     assert_eq!(
         (p3["scan"].as_str(), p3["read_bytes"].as_u64()),
         (Some("tracked"), Some(0)),
         "{p3}"
     );
+    // The forecast assumes a tracked final pass now, and still has one
+    // after a pass that read nothing.
+    let mut c = std::process::Command::new(bin());
+    c.args(["status", "--json", "--state-dir"])
+        .arg(&v.s.sender_state);
+    let st = run_command(c);
+    assert_eq!(
+        st.event("status")["forecast_scan"],
+        "tracked",
+        "{}",
+        st.context()
+    );
+    assert!(
+        st.event("status")["forecast_final_pass_s"]
+            .as_f64()
+            .is_some(),
+        "{}",
+        st.context()
+    );
+    let tracker = v.tracker.take().expect("a tracker runs");
     tracker.signal(libc::SIGTERM);
     let t = tracker.finish(Duration::from_secs(10));
     assert_eq!(
@@ -197,17 +256,11 @@ fn a_killed_tracker_makes_the_next_pass_full_and_a_new_one_resumes() {
     ) {
         return;
     }
-    let s = Setup::new();
-    let (lo, _) = random_loop(&s, "src.img", 16 * MIB, 52);
-    let target = s.path("target.img");
-    let rx = s.start_receiver(&[("vol", &target)]);
-    let tx = s.sender(&rx);
-    let dest = rx.dest("vol");
-    let tracker = start_tracker(&s, &[&lo.dev], &[]);
-    pass_end(&tx.sync(&lo.dev, &dest, &[]));
-    tracker.kill9();
-    write_blocks(&lo.dev, 7, 1);
-    let p = pass_end(&tx.sync(&lo.dev, &dest, &[]));
+    let mut v = TrackedVolume::new(16 * MIB, 52, &[]);
+    v.pass(&[]);
+    v.tracker.take().expect("a tracker runs").kill9();
+    write_blocks(&v.lo.dev, 7, 1);
+    let p = v.pass(&[]);
     assert_eq!(p["scan"], "full", "{p}");
     assert!(
         p["scan_reason"]
@@ -216,24 +269,23 @@ fn a_killed_tracker_makes_the_next_pass_full_and_a_new_one_resumes() {
             .contains("no tracker is recording"),
         "{p}"
     );
-    let refused = tx.sync(&lo.dev, &dest, &["--scan", "tracked"]);
+    let refused = v.tx.sync(&v.lo.dev, &v.dest, &["--scan", "tracked"]);
     refused.assert_refused("--scan tracked");
 
-    let tracker = start_tracker(&s, &[&lo.dev], &[]);
-    let p = pass_end(&tx.sync(&lo.dev, &dest, &[]));
+    v.tracker = Some(start_tracker(&v.s, &[&v.lo.dev], &[]));
+    let p = v.pass(&[]);
     assert_eq!(
         p["scan"], "full",
         "a new record begins with a full pass: {p}"
     );
-    write_blocks(&lo.dev, 9, 1);
-    let p = pass_end(&tx.sync(&lo.dev, &dest, &["--scan", "tracked", "--audit", "0"]));
+    write_blocks(&v.lo.dev, 9, 1);
+    let p = v.pass(&["--scan", "tracked", "--audit", "0"]);
     assert_eq!(
         (p["scan"].as_str(), p["read_bytes"].as_u64()),
         (Some("tracked"), Some(CHUNK)),
         "{p}"
     );
-    assert_device_copied(&lo.dev, &target);
-    drop(tracker);
+    assert_device_copied(&v.lo.dev, &v.target);
 }
 
 /// One tracker per device and state directory; an image file, or a
@@ -246,19 +298,20 @@ fn a_second_tracker_and_a_file_source_are_refused() {
     ) {
         return;
     }
-    let s = Setup::new();
-    let (lo, backing) = random_loop(&s, "src.img", 4 * MIB, 53);
-    let first = start_tracker(&s, &[&lo.dev], &[]);
-    for (what, path) in [("second tracker", lo.dev.clone()), ("image file", backing)] {
+    let v = TrackedVolume::new(4 * MIB, 53, &[]);
+    v.tracker();
+    for (what, path) in [
+        ("second tracker", v.lo.dev.clone()),
+        ("image file", v.backing.clone()),
+    ] {
         let mut c = std::process::Command::new(bin());
         c.arg("track")
             .arg(&path)
             .arg("--state-dir")
-            .arg(&s.sender_state);
+            .arg(&v.s.sender_state);
         let r = Spawned::start(c).finish(Duration::from_secs(20));
         assert_eq!(r.code, 2, "{what}: {}", r.stderr);
     }
-    drop(first);
 }
 
 /// A trace buffer too small for a heavy writer loses events: the record
@@ -269,35 +322,28 @@ fn lost_events_make_the_next_pass_full() {
     if !need_root("lost_events_make_the_next_pass_full", &["losetup", "dd"]) {
         return;
     }
-    let s = Setup::new();
-    let size = 32 * MIB;
-    let (lo, _) = random_loop(&s, "src.img", size, 54);
-    let target = s.path("target.img");
-    let rx = s.start_receiver(&[("vol", &target)]);
-    let tx = s.sender(&rx);
-    let dest = rx.dest("vol");
-    let tracker = start_tracker(&s, &[&lo.dev], &["--trace-buffer", "4K"]);
-    pass_end(&tx.sync(&lo.dev, &dest, &[]));
+    let v = TrackedVolume::new(32 * MIB, 54, &["--trace-buffer", "4K"]);
+    v.pass(&[]);
     // The tracker stopped (SIGSTOP) while thousands of separate writes
     // fill its 4 KiB buffer: the kernel overwrites what it did not read.
-    tracker.signal(libc::SIGSTOP);
+    v.tracker().signal(libc::SIGSTOP);
+    let of = format!("of={}", v.lo.dev.display());
     run_tool(
         "dd",
         &[
             "if=/dev/urandom",
-            &format!("of={}", lo.dev.display()),
+            &of,
             "bs=512",
             "count=20000",
             "oflag=direct",
             "status=none",
         ],
     );
-    tracker.signal(libc::SIGCONT);
-    let p = pass_end(&tx.sync(&lo.dev, &dest, &[]));
+    v.tracker().signal(libc::SIGCONT);
+    let p = v.pass(&[]);
     assert_eq!(p["scan"], "full", "{p}");
     assert!(p["scan_reason"].as_str().unwrap().contains("lost"), "{p}");
-    assert_device_copied(&lo.dev, &target);
-    drop(tracker);
+    assert_device_copied(&v.lo.dev, &v.target);
 }
 
 /// A chunk changed behind the tracker (the loop's backing file written
@@ -312,19 +358,12 @@ fn the_audit_catches_a_change_behind_the_record() {
     ) {
         return;
     }
-    let s = Setup::new();
-    let size = 16 * MIB;
-    let (lo, backing) = random_loop(&s, "src.img", size, 55);
-    let target = s.path("target.img");
-    let rx = s.start_receiver(&[("vol", &target)]);
-    let tx = s.sender(&rx);
-    let dest = rx.dest("vol");
-    let tracker = start_tracker(&s, &[&lo.dev], &[]);
-    pass_end(&tx.sync(&lo.dev, &dest, &[]));
-    write_at(&backing, 3 * CHUNK + 100, b"behind the tracker's back");
+    let v = TrackedVolume::new(16 * MIB, 55, &[]);
+    v.pass(&[]);
+    write_at(&v.backing, 3 * CHUNK + 100, b"behind the tracker's back");
     // The loop device caches nothing of it: drop its pages so it reads the file.
-    run_tool("blockdev", &["--flushbufs", &lo.dev.to_string_lossy()]);
-    let r = tx.sync(&lo.dev, &dest, &["--audit", "100"]);
+    run_tool("blockdev", &["--flushbufs", &v.lo.dev.to_string_lossy()]);
+    let r = v.tx.sync(&v.lo.dev, &v.dest, &["--audit", "100"]);
     assert_eq!(r.code, 0, "{}", r.context());
     let err = r
         .events
@@ -335,8 +374,7 @@ fn the_audit_catches_a_change_behind_the_record() {
     let p = r.event("pass_end");
     assert_eq!(p["scan"], "full", "{p}");
     assert!(p["scan_reason"].as_str().unwrap().contains("audit"), "{p}");
-    assert_device_copied(&lo.dev, &target);
-    drop(tracker);
+    assert_device_copied(&v.lo.dev, &v.target);
 }
 
 /// Writes made while a pass runs are read again by the next pass, whether
@@ -350,26 +388,23 @@ fn writes_during_a_pass_are_caught_by_the_next() {
     ) {
         return;
     }
-    let s = Setup::new();
     let size = 32 * MIB;
-    let (lo, _) = random_loop(&s, "src.img", size, 56);
-    let target = s.path("target.img");
-    let rx = s.start_receiver(&[("vol", &target)]);
-    let tx = s.sender(&rx);
-    let dest = rx.dest("vol");
-    let tracker = start_tracker(&s, &[&lo.dev], &[]);
-    pass_end(&tx.sync(&lo.dev, &dest, &[]));
+    let v = TrackedVolume::new(size, 56, &[]);
+    v.pass(&[]);
     // A pass slow enough to write into while it reads (all of the volume:
     // --scan full), over chunks both ahead of it and behind it.
-    let slow = tx.spawn_sync(&lo.dev, &dest, &["--scan", "full", "--read-limit", "16M"]);
+    let slow = v.tx.spawn_sync(
+        &v.lo.dev,
+        &v.dest,
+        &["--scan", "full", "--read-limit", "16M"],
+    );
     slow.expect_event("pass_start", Duration::from_secs(20));
     for i in 0..20u64 {
-        write_blocks(&lo.dev, (i * 409) % (size / 4096), 1);
+        write_blocks(&v.lo.dev, (i * 409) % (size / 4096), 1);
         std::thread::sleep(Duration::from_millis(50));
     }
     pass_end(&slow.finish(Duration::from_secs(60)));
-    let p = pass_end(&tx.sync(&lo.dev, &dest, &["--audit", "0"]));
+    let p = v.pass(&["--audit", "0"]);
     assert_eq!(p["scan"], "tracked", "{p}");
-    assert_device_copied(&lo.dev, &target);
-    drop(tracker);
+    assert_device_copied(&v.lo.dev, &v.target);
 }
