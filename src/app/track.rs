@@ -309,10 +309,17 @@ pub fn run(cfg: &TrackConfig, progress: &dyn Progress, stop: &AtomicBool) -> Res
     devs.dedup();
     let mut session = TraceSession::start(&devs, cfg.buffer_kb)?;
     let mut lost = session.health()?.lost();
-    for t in &tracked {
-        tracing::info!("tracking {}", t.path.display());
+    // Said with SOURCE as the operator gave it (a symlink such as
+    // /dev/vg0/filer01 stays so), once every source is recording.
+    for (t, given) in tracked.iter().zip(&cfg.sources) {
+        tracing::info!("tracking {}", given.display());
         if cfg.json {
-            let v = serde_json::json!({"event": "track_start", "source": t.path.display().to_string(), "epoch": t.epoch.id});
+            let v = serde_json::json!({
+                "event": "track_start",
+                "source": given.display().to_string(),
+                "device": t.path.display().to_string(),
+                "epoch": t.epoch.id,
+            });
             progress.event(&v, "");
         }
     }

@@ -408,3 +408,31 @@ fn writes_during_a_pass_are_caught_by_the_next() {
     assert_eq!(p["scan"], "tracked", "{p}");
     assert_device_copied(&v.lo.dev, &v.target);
 }
+
+/// The tracker names SOURCE as given (a symlink stays a symlink, as
+/// `/dev/vg0/filer01` does) on stderr, and with `--json` in a
+/// `track_start` event that also names the device.
+#[test]
+fn the_tracker_says_what_it_tracks_as_given() {
+    if !need_root("the_tracker_says_what_it_tracks_as_given", &["losetup"]) {
+        return;
+    }
+    let s = Setup::new();
+    let (lo, _) = random_loop(&s, "src.img", 4 * MIB, 57);
+    let link = s.path("filer01");
+    std::os::unix::fs::symlink(&lo.dev, &link).unwrap();
+    let t = start_tracker(&s, &[&link], &["--json"]);
+    assert!(
+        t.stderr().contains(&format!("tracking {}", link.display())),
+        "{}",
+        t.stderr()
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || t.saw("track_start")),
+        "no track_start event: {}",
+        t.stdout()
+    );
+    let start = t.wait_for_event("track_start", Duration::from_secs(1));
+    assert_eq!(start["source"], link.display().to_string(), "{start}");
+    assert_eq!(start["device"], lo.dev.display().to_string(), "{start}");
+}
