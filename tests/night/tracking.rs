@@ -436,3 +436,62 @@ fn the_tracker_says_what_it_tracks_as_given() {
     assert_eq!(start["source"], link.display().to_string(), "{start}");
     assert_eq!(start["device"], lo.dev.display().to_string(), "{start}");
 }
+
+/// `converge` with an unbroken record: its passes after the first are
+/// tracked and run alone (no whole read of the target alongside, which
+/// only a full pass's rehearsal needs), and it gets ready.
+#[test]
+fn converge_with_a_tracker_runs_tracked_passes_alone() {
+    if !need_root(
+        "converge_with_a_tracker_runs_tracked_passes_alone",
+        &["losetup", "dd"],
+    ) {
+        return;
+    }
+    let v = TrackedVolume::new(16 * MIB, 58, &[]);
+    v.pass(&[]);
+    let target_reads = || -> usize {
+        let mut n = 0;
+        let mut dirs = vec![v.s.sender_state.join("targets")];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.file_name().is_some_and(|f| f == "journal.jsonl") {
+                    n += std::fs::read_to_string(&p)
+                        .unwrap()
+                        .matches("\"target_read\"")
+                        .count();
+                }
+            }
+        }
+        n
+    };
+    let before = target_reads();
+    write_blocks(&v.lo.dev, 11, 1);
+    let mut c = std::process::Command::new(bin());
+    c.arg("converge").arg(&v.lo.dev).arg(&v.dest);
+    c.args([
+        "--server-fingerprint",
+        &v.tx.server_fp,
+        "--json",
+        "--identity",
+    ]);
+    c.arg(&v.tx.identity)
+        .arg("--state-dir")
+        .arg(&v.tx.state_dir);
+    c.args(["--window", "60s", "--max-passes", "3"]);
+    let r = run_command(c);
+    assert_eq!(r.code, 0, "{}", r.context());
+    for p in r.all("pass_end") {
+        assert_eq!(p["scan"], "tracked", "{p}");
+    }
+    assert_eq!(r.event("converge_end")["ready"], true, "{}", r.context());
+    assert_eq!(
+        target_reads(),
+        before,
+        "a tracked converge read the whole target"
+    );
+    assert_device_copied(&v.lo.dev, &v.target);
+}

@@ -141,14 +141,19 @@ fn not_converged(progress: &dyn Progress, event: &Value, why: &str) -> i32 {
     1
 }
 
-/// A daytime pass run the way the cutover's pass will run (the receiver
-/// reading its target alongside), so that the forecast measures the
-/// frozen pass's real read rate.
+/// A daytime pass run the way the cutover's pass will run, so that the
+/// forecast measures the frozen pass's real read rate: with the receiver
+/// reading its whole target alongside for a full pass; a tracked pass (an
+/// unbroken change record) runs alone, as a tracked cutover's does, and
+/// its proof's reads are forecast from its own.
 async fn rehearsal_pass(
     cfg: &SyncConfig,
     id: &Identity,
     progress: Arc<dyn Progress>,
 ) -> Result<PassEnd> {
+    if sender::would_be_tracked(cfg)? {
+        return sender::run_pass(cfg, id, progress).await;
+    }
     Ok(pass_with_target_read(cfg, id, progress, false, true)
         .await?
         .0)
