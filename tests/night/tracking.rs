@@ -114,7 +114,7 @@ struct TrackedVolume {
     tx: Sender,
     dest: String,
     target: std::path::PathBuf,
-    _rx: Receiver,
+    rx: Receiver,
     backing: std::path::PathBuf,
     lo: Loop,
     s: Setup,
@@ -134,7 +134,7 @@ impl TrackedVolume {
             tx,
             dest,
             target,
-            _rx: rx,
+            rx,
             backing,
             lo,
             s,
@@ -493,5 +493,37 @@ fn converge_with_a_tracker_runs_tracked_passes_alone() {
         before,
         "a tracked converge read the whole target"
     );
+    assert_device_copied(&v.lo.dev, &v.target);
+}
+
+/// A chunk the audit found changed in an attempt that then lost its link
+/// stays found when the pass resumes past it: the pass still says so and
+/// reads the whole volume.
+#[test]
+fn an_audit_finding_survives_a_lost_link() {
+    if !need_root("an_audit_finding_survives_a_lost_link", &["losetup", "dd"]) {
+        return;
+    }
+    let mut v = TrackedVolume::new(32 * MIB, 59, &[]);
+    v.pass(&[]);
+    write_at(&v.backing, 3 * CHUNK + 100, b"behind the tracker's back");
+    run_tool("blockdev", &["--flushbufs", &v.lo.dev.to_string_lossy()]);
+    // Slow enough (8 MiB/s of reads) to lose the link mid-pass, long after
+    // chunk 3 was read, found changed, sent and acknowledged.
+    let flags = ["--audit", "100", "--read-limit", "8M", "--retry-for", "60s"];
+    let run = v.tx.spawn_sync(&v.lo.dev, &v.dest, &flags);
+    run.expect_event("pass_start", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(1500));
+    v.rx.restart();
+    let r = run.finish(Duration::from_secs(90));
+    assert_eq!(r.code, 0, "{}", r.context());
+    let err = r.events.iter().find(|e| e["event"] == "error");
+    assert!(
+        err.is_some_and(|e| e["chunks"][0] == 3),
+        "no audit error for chunk 3\n{}",
+        r.context()
+    );
+    let p = r.event("pass_end");
+    assert_eq!(p["scan"], "full", "{p}");
     assert_device_copied(&v.lo.dev, &v.target);
 }

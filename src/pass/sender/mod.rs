@@ -410,10 +410,13 @@ impl<'a> PassRun<'a> {
         let named = named.union(&ChunkSet::from_indices(geometry, unknown));
         let sample = audit_sample(geometry, self.cfg.audit_percent, self.pass_no);
         let set = named.union(&sample);
+        // What an earlier attempt of this pass found stays found: the
+        // chunk it read may lie before this attempt's resume point.
+        let found = self.audit_found();
         self.shared.audit = Some(Arc::new(Audit {
             sample,
             named,
-            found: Mutex::default(),
+            found: Mutex::new(found),
         }));
         set
     }
