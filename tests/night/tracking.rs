@@ -151,6 +151,23 @@ impl TrackedVolume {
     }
 }
 
+impl Drop for TrackedVolume {
+    /// Stops the tracker the way an operator does (SIGTERM), so that it
+    /// removes its trace instance (a SIGKILL would leave it to the next
+    /// tracker to clear).
+    fn drop(&mut self) {
+        if let Some(t) = self.tracker.take() {
+            stop_tracker(t);
+        }
+    }
+}
+
+/// SIGTERM, then waits for the tracker to end.
+fn stop_tracker(t: Spawned) {
+    t.signal(libc::SIGTERM);
+    let _ = t.finish(Duration::from_secs(10));
+}
+
 fn pass_end(r: &Run) -> Value {
     r.ok();
     r.event("pass_end").clone()
@@ -435,6 +452,7 @@ fn the_tracker_says_what_it_tracks_as_given() {
     let start = t.wait_for_event("track_start", Duration::from_secs(1));
     assert_eq!(start["source"], link.display().to_string(), "{start}");
     assert_eq!(start["device"], lo.dev.display().to_string(), "{start}");
+    stop_tracker(t);
 }
 
 /// `converge` with an unbroken record: its passes after the first are
