@@ -55,6 +55,27 @@ impl ScanChoice {
     }
 }
 
+/// Where the tracker of a pass's source answers, and who asks.
+struct Tracker {
+    /// The source, canonical (as the tracker keys its record).
+    source: std::path::PathBuf,
+    /// The tracker's record directory.
+    dir: std::path::PathBuf,
+    /// This volume as the tracker's consumer: receiver fingerprint/name.
+    consumer: String,
+}
+
+impl Tracker {
+    fn of(cfg: &SyncConfig) -> Tracker {
+        let source = std::fs::canonicalize(&cfg.source).unwrap_or_else(|_| cfg.source.clone());
+        Tracker {
+            dir: tracking::tracking_dir(&cfg.state_dir, &source),
+            consumer: format!("{}/{}", cfg.server_fingerprint, cfg.dest.name),
+            source,
+        }
+    }
+}
+
 /// How long a pass waits for the tracker's cut (it drains its events first).
 const CUT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -162,9 +183,11 @@ fn take_cut(cfg: &SyncConfig, volume_dir: &Path) -> Result<ScanPlan> {
             None,
         ));
     }
-    let source = std::fs::canonicalize(&cfg.source).unwrap_or_else(|_| cfg.source.clone());
-    let tdir = tracking::tracking_dir(&cfg.state_dir, &source);
-    let consumer = format!("{}/{}", cfg.server_fingerprint, cfg.dest.name);
+    let Tracker {
+        source,
+        dir: tdir,
+        consumer,
+    } = Tracker::of(cfg);
     let answer = tracking::ask(&tdir, &Request::Cut { consumer }, CUT_TIMEOUT)?;
     let (epoch, seq, previous, file) = match answer {
         Some(Answer::Cut {
@@ -260,9 +283,11 @@ pub fn would_be_tracked(cfg: &SyncConfig) -> Result<bool> {
     if cfg.read_from.is_some() || cfg.scan_choice == ScanChoice::Full {
         return Ok(false);
     }
-    let source = std::fs::canonicalize(&cfg.source).unwrap_or_else(|_| cfg.source.clone());
-    let tdir = tracking::tracking_dir(&cfg.state_dir, &source);
-    let consumer = format!("{}/{}", cfg.server_fingerprint, cfg.dest.name);
+    let Tracker {
+        dir: tdir,
+        consumer,
+        ..
+    } = Tracker::of(cfg);
     let Some(Answer::Peek { epoch, seq }) =
         tracking::ask(&tdir, &Request::Peek { consumer }, CUT_TIMEOUT)?
     else {
@@ -276,8 +301,9 @@ pub fn would_be_tracked(cfg: &SyncConfig) -> Result<bool> {
 /// Asks the tracker of `cfg`'s source to end its epoch (an audit found the
 /// record wrong); a tracker that does not answer has ended it already.
 pub(super) fn end_epoch(cfg: &SyncConfig, reason: &str) {
-    let source = std::fs::canonicalize(&cfg.source).unwrap_or_else(|_| cfg.source.clone());
-    let tdir = tracking::tracking_dir(&cfg.state_dir, &source);
+    let Tracker {
+        source, dir: tdir, ..
+    } = Tracker::of(cfg);
     let request = Request::EndEpoch {
         reason: reason.to_string(),
     };
