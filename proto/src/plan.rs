@@ -17,7 +17,8 @@
 //! target_r  = median over recent whole-target reads alongside a pass of size / their duration
 //! scan_s    = size / min(read_rate, target_r)      the proof's read of the target runs alongside
 //! change_r  = mean over recent delta passes of changed_bytes_k / (start_k - start_{k-1})
-//! pending   = change_r * (now - start_last)       data written since the last pass began reading
+//! pending   = change_r * (now - start_last)       data written since the last pass began reading,
+//!             or, with an unbroken change record, the bytes of the chunks it names now
 //! send_rate = best changed_bytes / duration of the passes that moved data
 //! send_s    = pending / send_rate
 //! pass_oh   = median over recent delta passes of max(0, duration - max(read_busy, changed / send_rate))
@@ -166,6 +167,25 @@ pub struct History {
     /// Bytes per second of every whole-target read by the receiver alongside
     /// a pass (rehearsals and cutovers), measured from the sender's side.
     pub target_read_rates: Vec<f64>,
+    /// What the final pass will read, when the caller knows.
+    pub final_scan: FinalScan,
+}
+
+/// What the final pass will read, as its caller knows it now.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum FinalScan {
+    /// Not known: tracked when the last pass was, with what the change
+    /// rate predicts as changed.
+    #[default]
+    Unknown,
+    /// The whole volume (`--scan full`, a full proof).
+    Full,
+    /// Tracked, over the chunks an unbroken change record names as
+    /// written since the last pass's scan began, counted now.
+    Tracked {
+        /// Bytes of those chunks.
+        changed_bytes: f64,
+    },
 }
 
 /// A forecast of a frozen final pass, with its parts.
@@ -295,12 +315,17 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
         return None;
     }
     let change_rate = rates.iter().sum::<f64>() / rates.len() as f64;
-    let pending = change_rate * (now_unix_s - last.start_unix_s).max(0.0);
+    let predicted = change_rate * (now_unix_s - last.start_unix_s).max(0.0);
+    let (tracked, pending) = match history.final_scan {
+        FinalScan::Unknown => (last.tracked, predicted),
+        FinalScan::Full => (false, predicted),
+        FinalScan::Tracked { changed_bytes } => (true, changed_bytes),
+    };
     // A full pass reads the volume; a tracked one what changed and its
     // audit, and its proof then has the receiver read the same again.
     let (scan_s, proof_s) = if last.size_bytes == 0 {
         (0.0, 0.0)
-    } else if last.tracked {
+    } else if tracked {
         let bytes = (pending + tracked_extra_bytes(passes)).min(last.size_bytes as f64);
         // Scattered reads on both sides: at the rate tracked passes read,
         // slowed as whole reads of the target are slower than the source's.
@@ -346,7 +371,7 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
         change_rate_bps: change_rate,
         pass_overhead_s,
         freeze_overhead_s,
-        tracked: last.tracked,
+        tracked,
         proof_s,
     })
 }
@@ -533,6 +558,33 @@ mod tests {
         assert!((f.proof_s - 0.48).abs() < 1e-9, "{f:?}");
         let full = forecast(&history(&passes.passes[..2]), 170.0).unwrap();
         assert!(!full.tracked && full.scan_s > 10.0 * f.scan_s, "{full:?}");
+        // A live record that names 160 B of chunks replaces the rate's
+        // guess: (160 + 40) B at 100 B/s, twice; even after a full pass,
+        // whose successor the record makes tracked.
+        let known = History {
+            final_scan: FinalScan::Tracked {
+                changed_bytes: 160.0,
+            },
+            ..passes.clone()
+        };
+        let f = forecast(&known, 170.0).unwrap();
+        assert!((f.pending_bytes - 160.0).abs() < 1e-9, "{f:?}");
+        assert!(
+            (f.scan_s - 2.0).abs() < 1e-9 && (f.proof_s - 2.0).abs() < 1e-9,
+            "{f:?}"
+        );
+        let after_full = History {
+            final_scan: known.final_scan,
+            ..history(&passes.passes[..2])
+        };
+        assert!(forecast(&after_full, 170.0).unwrap().tracked);
+        // A final pass forced full reads the volume, whatever the last was.
+        let forced = History {
+            final_scan: FinalScan::Full,
+            ..passes.clone()
+        };
+        let f = forecast(&forced, 170.0).unwrap();
+        assert!(!f.tracked && (f.scan_s - 10.0).abs() < 1e-9, "{f:?}");
     }
 
     #[test]

@@ -65,7 +65,8 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Track(args) => track(args, progress, json).await,
         Command::Cutover(args) => {
-            let cfg = sync_config(&args.sync, &args.scan, "cutover")?;
+            let mut cfg = sync_config(&args.sync, &args.scan, "cutover")?;
+            cfg.scan_choice = args.scan_choice()?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));

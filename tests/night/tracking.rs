@@ -545,3 +545,75 @@ fn an_audit_finding_survives_a_lost_link() {
     assert_eq!(p["scan"], "full", "{p}");
     assert_device_copied(&v.lo.dev, &v.target);
 }
+
+/// A cutover with a tracker forecasts from the chunks the record names
+/// now (four chunks written since the last pass) and proves what its
+/// tracked pass read; after an unseal, `--proof full` reads the whole
+/// frozen source, forecasts a full pass and says `"proof":"full"`;
+/// `--proof full --scan tracked` contradicts itself (exit 2, nothing
+/// frozen).
+#[test]
+fn a_cutover_makes_the_proof_asked_and_forecasts_what_the_record_names() {
+    if !need_root(
+        "a_cutover_makes_the_proof_asked_and_forecasts_what_the_record_names",
+        &["losetup", "dd"],
+    ) {
+        return;
+    }
+    let size = 16 * MIB;
+    let v = TrackedVolume::new(size, 61, &[]);
+    v.pass(&[]);
+    assert_eq!(v.pass(&[])["scan"], "tracked");
+    let write_four = || {
+        for chunk in [1u64, 7, 100, 255] {
+            write_blocks(&v.lo.dev, chunk * CHUNK / 4096 + 3, 1);
+        }
+    };
+    write_four();
+    let cutover = |extra: &[&str]| {
+        let mut c = std::process::Command::new(bin());
+        c.arg("cutover").arg(&v.lo.dev).arg(&v.dest);
+        c.args(["--server-fingerprint", &v.tx.server_fp, "--identity"]);
+        c.arg(&v.tx.identity)
+            .arg("--state-dir")
+            .arg(&v.tx.state_dir);
+        c.args(["--assume-frozen", "--json", "--audit", "0"])
+            .args(extra);
+        run_command(c)
+    };
+    let bad = cutover(&["--proof", "full", "--scan", "tracked"]);
+    assert_eq!(bad.code, 2, "{}", bad.context());
+    assert!(bad.stderr.contains("contradicts"), "{}", bad.stderr);
+
+    let r = cutover(&[]);
+    assert_eq!(r.code, 0, "{}", r.context());
+    let f = r.event("cutover_forecast");
+    assert_eq!(
+        (f["scan"].as_str(), f["changed_bytes"].as_u64()),
+        (Some("tracked"), Some(4 * CHUNK)),
+        "the forecast counts the record's 4 chunks: {f}"
+    );
+    assert_eq!(
+        r.event("cutover_end")["proof"],
+        "tracked",
+        "{}",
+        r.context()
+    );
+    let last = r.all("pass_end").pop().expect("a frozen pass").clone();
+    assert_eq!(last["read_bytes"], 4 * CHUNK, "{last}");
+    assert_device_copied(&v.lo.dev, &v.target);
+
+    let mut c = std::process::Command::new(bin());
+    c.args(["unseal", "vol", "--json", "--state-dir"])
+        .arg(&v.rx.state);
+    assert_eq!(run_command(c).code, 0);
+    v.pass(&[]);
+    write_four();
+    let r = cutover(&["--proof", "full"]);
+    assert_eq!(r.code, 0, "{}", r.context());
+    assert_eq!(r.event("cutover_forecast")["scan"], "full");
+    assert_eq!(r.event("cutover_end")["proof"], "full", "{}", r.context());
+    let last = r.all("pass_end").pop().expect("a frozen pass").clone();
+    assert_eq!(last["read_bytes"], size, "{last}");
+    assert_device_copied(&v.lo.dev, &v.target);
+}

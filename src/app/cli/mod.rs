@@ -240,6 +240,54 @@ pub struct CutoverArgs {
     /// Prove the target identical by fresh reads (full), or skip that (none).
     #[arg(long, value_enum, default_value_t = Proof::Full)]
     pub verify: Proof,
+    /// Which proof: auto (tracked when the frozen pass is tracked, else
+    /// full), full (both sides read whole: the frozen pass then reads the
+    /// whole source, as --scan full), tracked (refused before anything is
+    /// frozen, exit 2, without an unbroken change record).
+    #[arg(long, value_enum, default_value_t = ProofKind::Auto)]
+    pub proof: ProofKind,
+}
+
+/// Which proof a cutover makes (`--proof`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProofKind {
+    /// Tracked when the frozen pass is, else full.
+    Auto,
+    /// Both sides read whole and compared.
+    Full,
+    /// The chunks the tracked pass read (and its audit sample), fresh on
+    /// both sides.
+    Tracked,
+}
+
+impl CutoverArgs {
+    /// What the cutover's frozen pass reads, from `--scan` and `--proof`
+    /// together; a contradiction (or a proof kind with `--verify none`) is
+    /// bad usage.
+    pub fn scan_choice(&self) -> Result<ScanChoice> {
+        let scan = self.scan.scan;
+        if self.verify == Proof::None && self.proof != ProofKind::Auto {
+            return Err(Error::input(
+                "--proof needs a proof: not with --verify none",
+            ));
+        }
+        match (self.proof, scan) {
+            (ProofKind::Auto, s) => Ok(s),
+            (ProofKind::Full, ScanChoice::Tracked) | (ProofKind::Tracked, ScanChoice::Full) => {
+                Err(Error::input(format!(
+                    "--proof {} contradicts --scan {}",
+                    if self.proof == ProofKind::Full {
+                        "full"
+                    } else {
+                        "tracked"
+                    },
+                    scan.name()
+                )))
+            }
+            (ProofKind::Full, _) => Ok(ScanChoice::Full),
+            (ProofKind::Tracked, _) => Ok(ScanChoice::Tracked),
+        }
+    }
 }
 
 /// How a cutover proves its copy (`--verify`).

@@ -37,7 +37,7 @@ use crate::io::freeze::{FreezeGuard, Method};
 use crate::net::transport::{self, Identity};
 use crate::pass::sender::{self, open_session, SyncConfig};
 use crate::progress::{now_unix, Progress};
-use crate::store::journal::{self, CutoverRecord, SenderRecord};
+use crate::store::journal::{CutoverRecord, SenderRecord};
 use crate::store::state::ManifestFile;
 
 /// Settings of `cutover`.
@@ -152,7 +152,8 @@ pub async fn cutover(
     cc.method.check(&cfg.source)?;
     let dir = sender::volume_state_dir(cfg)?;
     let journal = sender::journal(cfg);
-    let forecast = nightpass_proto::plan::forecast(&journal::figures(&journal.read()?), now_unix());
+    let forecast =
+        nightpass_proto::plan::forecast(&sender::history_now(cfg, &journal.read()?), now_unix());
     announce_forecast(cfg, cc, forecast.as_ref(), progress.as_ref())?;
     // An operator's freeze is checked by one more read of the source while
     // frozen: the default limit leaves room for it.
@@ -209,10 +210,7 @@ fn announce_forecast(
     progress: &dyn Progress,
 ) -> Result<()> {
     match forecast {
-        Some(f) => progress.note(&format!(
-            "forecast of the frozen pass: {:.2} s (scan {:.2} s, send {:.2} s, pass overhead {:.2} s, freeze overhead {:.2} s)",
-            f.total_s, f.scan_s, f.send_s, f.pass_overhead_s, f.freeze_overhead_s
-        )),
+        Some(f) => progress.event(&forecast_event(cfg, f), &forecast_note(f)),
         None if cc.force_no_forecast => progress.note(
             "no forecast (fewer than two passes recorded); --force-no-forecast: the frozen pass may copy the whole volume",
         ),
@@ -225,6 +223,40 @@ fn announce_forecast(
         }
     }
     Ok(())
+}
+
+/// The forecast as a `cutover_forecast` event, before anything is frozen.
+fn forecast_event(cfg: &SyncConfig, f: &Forecast) -> serde_json::Value {
+    let round = |x: f64| (x * 1000.0).round() / 1000.0;
+    serde_json::json!({
+        "event": "cutover_forecast",
+        "volume": cfg.dest.to_string(),
+        "forecast_s": round(f.total_s),
+        "scan": if f.tracked { "tracked" } else { "full" },
+        "changed_bytes": f.pending_bytes.round() as u64,
+        "scan_s": round(f.scan_s),
+        "send_s": round(f.send_s),
+        "proof_s": round(f.proof_s),
+        "pass_overhead_s": round(f.pass_overhead_s),
+        "freeze_overhead_s": round(f.freeze_overhead_s),
+    })
+}
+
+/// The forecast's parts, for the operator.
+fn forecast_note(f: &Forecast) -> String {
+    let what = if f.tracked {
+        format!(
+            "tracked: {:.2} MiB of changed chunks to read, proof {:.2} s, ",
+            f.pending_bytes / (1u64 << 20) as f64,
+            f.proof_s
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "forecast of the frozen pass: {:.2} s ({what}scan {:.2} s, send {:.2} s, pass overhead {:.2} s, freeze overhead {:.2} s)",
+        f.total_s, f.scan_s, f.send_s, f.pass_overhead_s, f.freeze_overhead_s
+    )
 }
 
 /// What the operator reads once the receiver accepted the preflight.

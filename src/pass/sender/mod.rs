@@ -63,7 +63,7 @@ pub use session::{open_session, preflight, Session};
 use stream::*;
 use streams::*;
 use tracked::*;
-pub use tracked::{would_be_tracked, ScanChoice};
+pub use tracked::{history_now, tracked_outlook, would_be_tracked, ScanChoice};
 
 /// Settings of a pass.
 #[derive(Debug, Clone)]
@@ -516,7 +516,7 @@ impl<'a> PassRun<'a> {
         pass_completed(&self.plan, &self.dir)?;
         self.records.push(record);
         let forecast =
-            plan::forecast(&journal::figures(&self.records), now_unix()).map(|f| f.total_s);
+            plan::forecast(&history_now(self.cfg, &self.records), now_unix()).map(|f| f.total_s);
         let end = PassEnd {
             start,
             scanned_bytes: self.scanned.bytes,

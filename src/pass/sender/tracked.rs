@@ -280,22 +280,77 @@ fn short(id: &str) -> &str {
 /// and its next cut would chain to the previous completed pass (nothing is
 /// taken). A cutover asks before it freezes, and again once frozen.
 pub fn would_be_tracked(cfg: &SyncConfig) -> Result<bool> {
+    Ok(tracked_outlook(cfg, None)?.is_some())
+}
+
+/// What a tracked pass of `cfg` run now would read as changed, when it
+/// would be tracked (see [`would_be_tracked`]): the bytes of the chunks of
+/// `chunk_size` holding a block written since the previous completed pass
+/// (the tracker's count since its last cut, plus what a failed pass left
+/// pending; the two may overlap, so this errs high). Without a chunk size,
+/// `Some(0)` says only that the pass would be tracked.
+pub fn tracked_outlook(cfg: &SyncConfig, chunk_size: Option<u64>) -> Result<Option<u64>> {
     if cfg.read_from.is_some() || cfg.scan_choice == ScanChoice::Full {
-        return Ok(false);
+        return Ok(None);
     }
     let Tracker {
         dir: tdir,
         consumer,
         ..
     } = Tracker::of(cfg);
-    let Some(Answer::Peek { epoch, seq }) =
-        tracking::ask(&tdir, &Request::Peek { consumer }, CUT_TIMEOUT)?
+    let request = Request::Peek {
+        consumer,
+        chunk_size,
+    };
+    let Some(Answer::Peek {
+        epoch, seq, chunks, ..
+    }) = tracking::ask(&tdir, &request, CUT_TIMEOUT)?
     else {
-        return Ok(false);
+        return Ok(None);
     };
     let dir = super::volume_state_dir(cfg)?;
-    let (head, _) = read_pending(&tracking::pending_path(&dir))?;
-    Ok(head.is_some_and(|h| h.complete && h.epoch == epoch.id && seq == Some(h.through)))
+    let (head, pending) = read_pending(&tracking::pending_path(&dir))?;
+    if !head.is_some_and(|h| h.complete && h.epoch == epoch.id && seq == Some(h.through)) {
+        return Ok(None);
+    }
+    Ok(Some(chunk_size.map_or(0, |cs| {
+        let left = pending.chunks_touched(cs / nightpass_proto::changes::BLOCK);
+        (chunks + left) * cs
+    })))
+}
+
+/// The forecast's inputs for a pass of `cfg` run now: the journal's
+/// figures, and what the final pass will read: the whole volume when
+/// `--scan full` says so or no unbroken record would make the pass
+/// tracked, what the change record names as changed when it would (a
+/// tracker whose answer cannot be read leaves the journal's guess).
+pub fn history_now(
+    cfg: &SyncConfig,
+    records: &[crate::store::journal::SenderRecord],
+) -> nightpass_proto::plan::History {
+    use nightpass_proto::plan::FinalScan;
+    let mut history = crate::store::journal::figures(records);
+    let chunk_size = crate::store::journal::passes(records)
+        .last()
+        .map(|p| p.chunk_size);
+    history.final_scan = if cfg.scan_choice == ScanChoice::Full || cfg.read_from.is_some() {
+        FinalScan::Full
+    } else if chunk_size.is_none() {
+        FinalScan::Unknown
+    } else {
+        match tracked_outlook(cfg, chunk_size) {
+            Ok(Some(b)) => FinalScan::Tracked {
+                changed_bytes: b as f64,
+            },
+            // No tracker, or a record that does not chain: a full read.
+            Ok(None) => FinalScan::Full,
+            Err(e) => {
+                tracing::debug!("no change count from the tracker: {e}");
+                FinalScan::Unknown
+            }
+        }
+    };
+    history
 }
 
 /// Asks the tracker of `cfg`'s source to end its epoch (an audit found the
