@@ -291,6 +291,13 @@ pub struct Mark {
     /// Seconds the source stayed frozen.
     #[prost(double, tag = "3")]
     pub frozen_s: f64,
+    /// A group cutover's consistency point (hex; empty for a cutover of
+    /// one volume): the root over its volumes' points in name order.
+    #[prost(string, tag = "4")]
+    pub group_point: String,
+    /// The group's volumes, in name order (empty for one volume).
+    #[prost(string, repeated, tag = "5")]
+    pub group_volumes: Vec<String>,
 }
 
 /// Receiver → sender: answers a [`Encoding::Probe`]: send these blocks of

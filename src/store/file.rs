@@ -204,6 +204,8 @@ mod tests {
                 freeze_unix_s: 1_796_000_100.5,
                 frozen_s: 3.25,
                 sealed_at: Some("2026-11-30T01:12:09Z".into()),
+                group_point: None,
+                group_volumes: Vec::new(),
             }),
             ReceiverRecord::Unsealed(ReceiverUnsealedRecord {
                 volume: "filer01".into(),

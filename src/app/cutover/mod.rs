@@ -18,6 +18,7 @@
 //! scan (both ends sharing CPUs or disks) included.
 
 mod converge;
+pub mod group;
 mod proof;
 
 use std::path::Path;
@@ -192,6 +193,7 @@ pub async fn cutover(
         consistency_point: record.consistency_point.clone(),
         freeze_unix_s: freeze_unix,
         frozen_s,
+        ..Default::default()
     };
     record_on_receiver(&frozen_cfg, id, mark).await?;
     // Recorded here once the receiver has sealed the volume: from now on

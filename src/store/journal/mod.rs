@@ -55,6 +55,9 @@ pub enum SenderRecord {
     Cutover(CutoverRecord),
     /// The receiver said the operator unsealed the last cutover.
     Unsealed(UnsealedRecord),
+    /// A group cutover this volume was part of: every volume of the group
+    /// proven and recorded, under one group consistency point.
+    GroupCutover(GroupCutoverRecord),
 }
 
 /// A record of a receiver's journal of one exported volume.
@@ -161,6 +164,19 @@ pub struct CutoverRecord {
     pub proof: Option<String>,
 }
 
+/// A group cutover, in the journal of each of its volumes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupCutoverRecord {
+    /// BLAKE3 over the volumes' consistency points in name order (hex).
+    pub consistency_point: String,
+    /// The group's volumes, in name order.
+    pub volumes: Vec<String>,
+    /// When the group was frozen, seconds since the Unix epoch.
+    pub freeze_unix_s: f64,
+    /// Seconds the group stayed frozen.
+    pub frozen_s: f64,
+}
+
 /// The sender's note that the operator unsealed a cutover on the receiver,
 /// so that passes of the volume may run again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -185,6 +201,13 @@ pub struct ReceiverCutoverRecord {
     /// When the volume was sealed, RFC 3339 UTC (absent in older records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_at: Option<String>,
+    /// The group consistency point of a group cutover (absent for one
+    /// volume's): BLAKE3 over the group's volumes' points in name order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_point: Option<String>,
+    /// The group's volumes, in name order (empty for one volume's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group_volumes: Vec<String>,
 }
 
 /// The operator unsealed a volume on the receiver.

@@ -73,6 +73,12 @@ fn every_sender_record() -> Vec<SenderRecord> {
             consistency_point: CP.into(),
             unix_s: 1_796_000_200.0,
         }),
+        SenderRecord::GroupCutover(GroupCutoverRecord {
+            consistency_point: CP.into(),
+            volumes: vec!["filer01-a".into(), "filer01-b".into()],
+            freeze_unix_s: 1_796_000_300.0,
+            frozen_s: 2.5,
+        }),
     ]
 }
 
@@ -84,6 +90,8 @@ fn every_receiver_record() -> Vec<ReceiverRecord> {
             freeze_unix_s: 1_796_000_100.5,
             frozen_s: 3.25,
             sealed_at: Some("2026-11-30T01:12:09Z".into()),
+            group_point: Some("ab".repeat(32)),
+            group_volumes: vec!["filer01".into(), "filer02".into()],
         }),
         ReceiverRecord::Unsealed(ReceiverUnsealedRecord {
             volume: "filer01".into(),
