@@ -12,6 +12,8 @@
 #   WORKDIR   parent of the temporary work directory (default /tmp)
 #   NO_BUILD  1 = use the existing target/release/nightpass
 #   WRITES    4 KiB writes for the tracker's cost (default 20000)
+#   OUT       a directory to keep every pass's JSON lines and the sender's
+#             journals in (to study the forecast's terms)
 #
 # Figures (each against its reference, measured in the same run):
 #   no-change pass     tracked vs --scan full                target: <= 5%
@@ -42,6 +44,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WORK=$(mktemp -d "${WORKDIR:-/tmp}/nightpass-tracking.XXXXXX")
 RPID="" TPID="" LOOP="" MNT="$WORK/mnt"
 cleanup() {
+    if [[ -n ${OUT:-} ]]; then
+        mkdir -p "$OUT"
+        cp "$WORK/all.jsonl" "$OUT/" 2>/dev/null || true
+        find "$WORK/sstate" -name journal.jsonl -exec cp {} "$OUT/sender-journal.jsonl" \; 2>/dev/null || true
+    fi
     [[ -n $TPID ]] && kill "$TPID" 2>/dev/null && wait "$TPID" 2>/dev/null || true
     [[ -n $RPID ]] && kill "$RPID" 2>/dev/null || true
     fsfreeze -u "$MNT" 2>/dev/null || true
@@ -83,6 +90,7 @@ run() {
     drop_caches
     "$BIN" "$cmd" "$LOOP" "$DEST" --server-fingerprint "$RFP" --identity sid \
         --state-dir sstate --json "$@" >out.jsonl 2>err.log || die "$cmd failed: $(cat err.log)"
+    cat out.jsonl >>all.jsonl
     grep "\"event\":\"$event\"" out.jsonl | tail -1
 }
 field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }

@@ -22,7 +22,8 @@
 //! send_rate = best changed_bytes / duration of the passes that moved data
 //! send_s    = pending / send_rate
 //! pass_oh   = median over recent delta passes of max(0, duration - max(read_busy, changed / send_rate))
-//! freeze_oh = median over recent cutovers of max(0, frozen_s - their passes' duration),
+//! freeze_oh = median over recent cutovers of max(0, frozen_s - their passes' duration
+//!             - a tracked proof's read),
 //!             else default_freeze_overhead_s(size) (0.075 s + 0.02 s per GiB, measured here)
 //! forecast  = max(scan_s, send_s) + pass_oh + freeze_oh   reading and sending overlap in the pipeline
 //! ```
@@ -155,6 +156,10 @@ pub struct CutoverFigures {
     pub frozen_s: f64,
     /// Seconds of that spent in the cutover's passes.
     pub passes_s: f64,
+    /// Seconds of it spent in a tracked proof's read after the passes
+    /// (forecast as its own term; 0 for a full proof, whose recheck is
+    /// part of the freeze's overhead).
+    pub proof_s: f64,
 }
 
 /// A volume's journal as forecast inputs, oldest first.
@@ -359,7 +364,7 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
     let freezes: Vec<f64> = history
         .cutovers
         .iter()
-        .map(|c| (c.frozen_s - c.passes_s).max(0.0))
+        .map(|c| (c.frozen_s - c.passes_s - c.proof_s).max(0.0))
         .collect();
     let freeze_overhead_s =
         median(recent(&freezes)).unwrap_or_else(|| default_freeze_overhead_s(last.size_bytes));
@@ -507,15 +512,18 @@ mod tests {
         assert!((f.send_s - 1.6).abs() < 1e-9);
         assert!((f.freeze_overhead_s - default_freeze_overhead_s(1000)).abs() < 1e-9);
         assert!((f.total_s - (10.0 + 1.0 + default_freeze_overhead_s(1000))).abs() < 1e-9);
-        // Cutovers measured their freeze: 0.3 s and 0.2 s beyond their passes.
+        // Cutovers measured their freeze: 0.3 s and 0.2 s beyond their
+        // passes (and, for the second, its tracked proof's read).
         h.cutovers = vec![
             CutoverFigures {
                 frozen_s: 20.0,
                 passes_s: 19.7,
+                proof_s: 0.0,
             },
             CutoverFigures {
                 frozen_s: 15.0,
-                passes_s: 14.8,
+                passes_s: 10.8,
+                proof_s: 4.0,
             },
         ];
         let f = forecast(&h, 230.0).unwrap();

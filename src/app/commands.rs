@@ -129,6 +129,7 @@ pub fn sync_config(args: &SyncArgs, scan: &ScanArg, kind: &'static str) -> Resul
         scan_choice: scan.scan,
         audit_percent: scan.audit,
         tracked_proof: false,
+        scan_reason: None,
     })
 }
 

@@ -175,6 +175,7 @@ impl LocalPair {
             scan_choice: ScanChoice::Auto,
             audit_percent: 1.0,
             tracked_proof: false,
+            scan_reason: None,
             source: source.to_owned(),
             dest: RemoteVolume {
                 host_port: self.addr.to_string(),

@@ -138,6 +138,7 @@ mod tests {
                 proved: true,
                 forecast_s: Some(2.5),
                 proof: Some("full".into()),
+                proof_s: Some(0.5),
             }),
             SenderRecord::Unsealed(UnsealedRecord {
                 consistency_point: CP.into(),

@@ -146,6 +146,18 @@ impl TrackedVolume {
         pass_end(&self.tx.sync(&self.lo.dev, &self.dest, extra))
     }
 
+    /// `cutover --assume-frozen --json` of the device, with `extra` flags.
+    fn cutover(&self, extra: &[&str]) -> Run {
+        let mut c = std::process::Command::new(bin());
+        c.arg("cutover").arg(&self.lo.dev).arg(&self.dest);
+        c.args(["--server-fingerprint", &self.tx.server_fp, "--identity"]);
+        c.arg(&self.tx.identity)
+            .arg("--state-dir")
+            .arg(&self.tx.state_dir);
+        c.args(["--assume-frozen", "--json"]).args(extra);
+        run_command(c)
+    }
+
     fn tracker(&self) -> &Spawned {
         self.tracker.as_ref().expect("a tracker runs")
     }
@@ -570,17 +582,7 @@ fn a_cutover_makes_the_proof_asked_and_forecasts_what_the_record_names() {
         }
     };
     write_four();
-    let cutover = |extra: &[&str]| {
-        let mut c = std::process::Command::new(bin());
-        c.arg("cutover").arg(&v.lo.dev).arg(&v.dest);
-        c.args(["--server-fingerprint", &v.tx.server_fp, "--identity"]);
-        c.arg(&v.tx.identity)
-            .arg("--state-dir")
-            .arg(&v.tx.state_dir);
-        c.args(["--assume-frozen", "--json", "--audit", "0"])
-            .args(extra);
-        run_command(c)
-    };
+    let cutover = |extra: &[&str]| v.cutover(&[&["--audit", "0"], extra].concat());
     let bad = cutover(&["--proof", "full", "--scan", "tracked"]);
     assert_eq!(bad.code, 2, "{}", bad.context());
     assert!(bad.stderr.contains("contradicts"), "{}", bad.stderr);
@@ -615,5 +617,44 @@ fn a_cutover_makes_the_proof_asked_and_forecasts_what_the_record_names() {
     assert_eq!(r.event("cutover_end")["proof"], "full", "{}", r.context());
     let last = r.all("pass_end").pop().expect("a frozen pass").clone();
     assert_eq!(last["read_bytes"], size, "{last}");
+    assert_device_copied(&v.lo.dev, &v.target);
+}
+
+/// Under `--scan auto`, a cutover whose change record names every chunk
+/// (a write in each) reads the whole volume instead, with its proof
+/// alongside, because that is forecast faster than reading every chunk
+/// one by one and then again for a tracked proof; it says why.
+#[test]
+fn a_cutover_reads_everything_when_that_is_forecast_faster() {
+    if !need_root(
+        "a_cutover_reads_everything_when_that_is_forecast_faster",
+        &["losetup", "dd"],
+    ) {
+        return;
+    }
+    let size = 16 * MIB;
+    let v = TrackedVolume::new(size, 67, &[]);
+    v.pass(&[]);
+    v.pass(&["--scan", "full"]);
+    for chunk in 0..size / CHUNK {
+        write_blocks(&v.lo.dev, chunk * CHUNK / 4096, 1);
+    }
+    assert_eq!(v.pass(&[])["scan"], "tracked");
+    for chunk in 0..size / CHUNK {
+        write_blocks(&v.lo.dev, chunk * CHUNK / 4096 + 1, 1);
+    }
+    let r = v.cutover(&[]);
+    assert_eq!(r.code, 0, "{}", r.context());
+    assert_eq!(
+        r.event("cutover_forecast")["scan"],
+        "full",
+        "{}",
+        r.context()
+    );
+    let last = r.all("pass_end").pop().expect("a frozen pass").clone();
+    assert_eq!(last["read_bytes"], size, "{last}");
+    let why = last["scan_reason"].as_str().unwrap_or_default();
+    assert!(why.contains("forecast faster"), "{last}");
+    assert_eq!(r.event("cutover_end")["proof"], "full");
     assert_device_copied(&v.lo.dev, &v.target);
 }

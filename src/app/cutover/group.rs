@@ -26,7 +26,7 @@ use serde_json::json;
 
 use super::proof::{check_source_unchanged, frozen_pass, Frozen};
 use super::{
-    announce_forecast, freeze_unchecked, frozen_config, max_freeze, record_on_receiver,
+    announce_forecast, freeze_unchecked, frozen_config, max_freeze, plan_final, record_on_receiver,
     report_cutover, within_max_freeze, CutoverConfig,
 };
 use crate::error::{Error, Result};
@@ -66,6 +66,9 @@ pub struct GroupConfig {
 
 /// A volume past its preflight: the receiver accepts its pass now.
 struct Ready {
+    /// Its pass settings for the night (a full read chosen over the
+    /// change record when forecast faster).
+    cfg: SyncConfig,
     welcome: wire::Welcome,
     dir: PathBuf,
     forecast: Option<Forecast>,
@@ -181,11 +184,16 @@ async fn preflight_all(
 }
 
 async fn preflight_one(v: &GroupVolume, gc: &GroupConfig, id: &Identity) -> Result<Ready> {
-    let cfg = &v.cfg;
-    v.method.check(&cfg.source)?;
-    let dir = sender::volume_state_dir(cfg)?;
-    let records = sender::journal(cfg).read()?;
-    let forecast = nightpass_proto::plan::forecast(&sender::history_now(cfg, &records), now_unix());
+    v.method.check(&v.cfg.source)?;
+    let dir = sender::volume_state_dir(&v.cfg)?;
+    let records = sender::journal(&v.cfg).read()?;
+    let (forecast, cfg) = plan_final(&v.cfg, &records);
+    let cfg = &cfg;
+    if let Some(why) = &cfg.scan_reason {
+        v.progress.note(&format!(
+            "the frozen pass will read the whole volume: {why}"
+        ));
+    }
     announce_forecast(
         cfg,
         &single(gc, &v.method),
@@ -199,6 +207,7 @@ async fn preflight_one(v: &GroupVolume, gc: &GroupConfig, id: &Identity) -> Resu
         ));
     }
     Ok(Ready {
+        cfg: cfg.clone(),
         welcome,
         dir,
         forecast,
@@ -384,7 +393,7 @@ async fn final_passes(
         .zip(&sources)
         .map(|((v, r), src)| Work {
             name: v.name.clone(),
-            cfg: frozen_config(&v.cfg, &r.dir, &r.welcome, src),
+            cfg: frozen_config(&r.cfg, &r.dir, &r.welcome, src),
             progress: v.progress.clone(),
             overlap: r.welcome.target_size > 0,
             check: r.check,
@@ -474,6 +483,7 @@ async fn certify(
             proved: gc.prove,
             forecast_s: r.forecast.map(|f| f.total_s),
             proof: Some(d.frozen.proof.to_string()),
+            proof_s: Some(d.frozen.proof_s),
         };
         let mark = wire::Mark {
             consistency_point: record.consistency_point.clone(),

@@ -111,6 +111,10 @@ pub struct SyncConfig {
     /// A cutover proves this pass by the chunks it reads (a tracked
     /// proof): a pass that collects its chunks' hashes may then be tracked.
     pub tracked_proof: bool,
+    /// Why this pass reads everything though a change record may be
+    /// unbroken, when its caller chose so (a cutover whose forecast says a
+    /// full pass is faster); shown as `scan_reason`.
+    pub scan_reason: Option<String>,
 }
 
 /// Runs one pass and returns its report.

@@ -117,16 +117,20 @@ pub(super) fn plan_scan(cfg: &SyncConfig, volume_dir: &Path, whole: bool) -> Res
                 "--scan tracked: this pass must read every chunk for its proof",
             ));
         }
+        let why = cfg.scan_reason.as_deref();
         return Ok(ScanPlan {
             scope: Scope::Full,
-            kind: ScanKind::Full("the cutover's proof reads every chunk".into()),
+            kind: ScanKind::Full(
+                why.unwrap_or("the cutover's proof reads every chunk")
+                    .into(),
+            ),
             ..plan
         });
     }
     match (cfg.scan_choice, &plan.kind) {
         (ScanChoice::Full, _) => Ok(ScanPlan {
             scope: Scope::Full,
-            kind: ScanKind::Full("--scan full".into()),
+            kind: ScanKind::Full(cfg.scan_reason.as_deref().unwrap_or("--scan full").into()),
             ..plan
         }),
         (ScanChoice::Tracked, ScanKind::Full(why)) => Err(Error::input(format!(

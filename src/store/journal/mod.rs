@@ -162,6 +162,10 @@ pub struct CutoverRecord {
     /// `"none"`; absent in records of releases before change tracking.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proof: Option<String>,
+    /// Seconds of the freeze spent re-reading chunks on the receiver after
+    /// the passes (absent in older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof_s: Option<f64>,
 }
 
 /// A group cutover, in the journal of each of its volumes.
@@ -399,13 +403,21 @@ pub fn figures(records: &[SenderRecord]) -> History {
                 h.target_read_rates.push(t.size_bytes as f64 / t.duration_s)
             }
             // Older records lack the time spent in passes: no measurement.
+            // A tracked proof's read is forecast on its own (Forecast::proof_s),
+            // so it is not part of the freeze's overhead.
             SenderRecord::Cutover(CutoverRecord {
                 frozen_s,
                 passes_s: Some(passes_s),
+                proof,
+                proof_s,
                 ..
             }) => h.cutovers.push(CutoverFigures {
                 frozen_s: *frozen_s,
                 passes_s: *passes_s,
+                proof_s: match proof.as_deref() {
+                    Some("tracked") => proof_s.unwrap_or(0.0),
+                    _ => 0.0,
+                },
             }),
             _ => {}
         }

@@ -67,7 +67,8 @@ fn every_sender_record() -> Vec<SenderRecord> {
             method: "fsfreeze".into(),
             proved: true,
             forecast_s: None,
-            proof: Some("full".into()),
+            proof: Some("tracked".into()),
+            proof_s: Some(0.75),
         }),
         SenderRecord::Unsealed(UnsealedRecord {
             consistency_point: CP.into(),
@@ -146,7 +147,8 @@ fn a_journal_of_the_previous_format_reads_as_it_was() {
         h.cutovers,
         [CutoverFigures {
             frozen_s: 0.051266855,
-            passes_s: 0.011365334
+            passes_s: 0.011365334,
+            proof_s: 0.0,
         }]
     );
     // Unsealed after the cutover: nothing holds passes back.
