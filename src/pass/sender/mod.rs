@@ -53,6 +53,7 @@ mod retry;
 mod session;
 mod stream;
 mod streams;
+mod thin;
 mod tracked;
 
 use records::*;
@@ -239,7 +240,8 @@ impl<'a> PassRun<'a> {
         }
         let ours = open_own_manifest(cfg, &dir.join("manifest"), progress.as_ref())?;
         let (chunk, explicit) = chunk_size(cfg, ours.as_ref())?;
-        let plan = plan_scan(cfg, &dir, collect)?;
+        let pass_no = journal::passes(&records).count() as u64 + 1;
+        let plan = plan_scan(cfg, &dir, collect, (size, pass_no))?;
         if let (ScanKind::Full(why), true) = (&plan.kind, plan.tracker_seen()) {
             progress.note(&format!("reading the whole volume: {why}"));
         }
@@ -250,9 +252,10 @@ impl<'a> PassRun<'a> {
             collected: None,
             written: plan.written(),
             audit: None,
+            read_from: plan.read_from.clone(),
         };
         Ok(PassRun {
-            pass_no: journal::passes(&records).count() as u64 + 1,
+            pass_no,
             cfg,
             id,
             progress,

@@ -231,6 +231,9 @@ pub(super) struct PassShared {
     /// The audit of a tracked pass: chunks the record says are unchanged,
     /// read anyway and compared with our view of the target.
     pub(super) audit: Option<Arc<Audit>>,
+    /// Where the pass reads when its plan says (an LVM thin volume's
+    /// snapshot), instead of the source.
+    pub(super) read_from: Option<std::path::PathBuf>,
 }
 
 /// The chunks a tracked pass audits, and those it found changed.
@@ -376,7 +379,9 @@ fn start_scan(
     pass: &PassShared,
     shared: &Arc<Shared>,
 ) -> Result<hash::Scan<Outgoing>> {
-    let source = cfg.read_from.clone().unwrap_or_else(|| cfg.source.clone());
+    let source = (pass.read_from.clone())
+        .or_else(|| cfg.read_from.clone())
+        .unwrap_or_else(|| cfg.source.clone());
     let vol = Arc::new(Volume::open_source_reader(&source, cfg.scan.read_mode())?);
     let sink = pass.collected.clone();
     // Compared with our live table, not a copy: a copy would cost 32 bytes

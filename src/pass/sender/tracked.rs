@@ -89,6 +89,11 @@ pub(super) struct ScanPlan {
     /// The cut this pass took: (epoch, number), to record as the chain's
     /// new start once the pass completes.
     cut: Option<(String, u64)>,
+    /// Where the pass reads, when not from the source itself (an LVM thin
+    /// volume's snapshot for this pass).
+    pub(super) read_from: Option<std::path::PathBuf>,
+    /// The thin snapshot this pass took, to chain from once it completes.
+    thin: Option<std::sync::Arc<super::thin::ThinPass>>,
 }
 
 /// The head of a volume's `tracked-pending` file.
@@ -109,8 +114,13 @@ struct PendingHead {
 ///
 /// `whole`: the caller needs every chunk's hash as read (a cutover's full
 /// proof): the pass reads everything, though it still takes the cut.
-pub(super) fn plan_scan(cfg: &SyncConfig, volume_dir: &Path, whole: bool) -> Result<ScanPlan> {
-    let plan = take_cut(cfg, volume_dir)?;
+pub(super) fn plan_scan(
+    cfg: &SyncConfig,
+    volume_dir: &Path,
+    whole: bool,
+    volume: (u64, u64),
+) -> Result<ScanPlan> {
+    let plan = take_cut(cfg, volume_dir, volume)?;
     if whole && !cfg.tracked_proof {
         if cfg.scan_choice == ScanChoice::Tracked {
             return Err(Error::input(
@@ -146,7 +156,23 @@ impl ScanPlan {
         ScanPlan {
             scope: Scope::Full,
             kind: ScanKind::Full(reason),
-            cut: self.cut,
+            ..self
+        }
+    }
+
+    /// A pass of an LVM thin volume, read from its snapshot `read_from`.
+    pub(super) fn thin(
+        scope: Scope,
+        kind: ScanKind,
+        read_from: std::path::PathBuf,
+        pass: std::sync::Arc<super::thin::ThinPass>,
+    ) -> ScanPlan {
+        ScanPlan {
+            scope,
+            kind,
+            cut: None,
+            read_from: Some(read_from),
+            thin: Some(pass),
         }
     }
 
@@ -174,13 +200,18 @@ fn full(reason: String, cut: Option<(String, u64)>) -> ScanPlan {
         scope: Scope::Full,
         kind: ScanKind::Full(reason),
         cut,
+        read_from: None,
+        thin: None,
     }
 }
 
 /// Takes a cut from the tracker of the source, records it in the pending
 /// set, and says whether it chains to the previous completed pass: a
 /// tracked plan when it does, a full one saying why otherwise.
-fn take_cut(cfg: &SyncConfig, volume_dir: &Path) -> Result<ScanPlan> {
+///
+/// Without a tracker, an LVM thin volume's change set comes from its
+/// snapshots instead ([`super::thin`]); `volume` is (size, pass number).
+fn take_cut(cfg: &SyncConfig, volume_dir: &Path, volume: (u64, u64)) -> Result<ScanPlan> {
     if cfg.read_from.is_some() {
         return Ok(full(
             "a pass from an LVM snapshot reads the whole snapshot".into(),
@@ -201,7 +232,13 @@ fn take_cut(cfg: &SyncConfig, volume_dir: &Path) -> Result<ScanPlan> {
             file,
             ..
         }) => (epoch, seq, previous, file),
-        None => return Ok(full(no_tracker(&tdir, &source), None)),
+        None => {
+            let (size, pass_no) = volume;
+            if let Some(plan) = super::thin::plan(cfg, volume_dir, size, pass_no)? {
+                return Ok(plan);
+            }
+            return Ok(full(no_tracker(&tdir, &source), None));
+        }
         Some(Answer::Error { message }) => {
             let why = format!("the tracker of {} failed: {message}", source.display());
             return Ok(full(why, None));
@@ -239,6 +276,8 @@ fn take_cut(cfg: &SyncConfig, volume_dir: &Path) -> Result<ScanPlan> {
             scope: Scope::Bytes(blocks.byte_ranges()),
             kind: ScanKind::Tracked,
             cut: taken,
+            read_from: None,
+            thin: None,
         });
     }
     let why = match previous {
@@ -360,6 +399,9 @@ pub fn history_now(
 /// Asks the tracker of `cfg`'s source to end its epoch (an audit found the
 /// record wrong); a tracker that does not answer has ended it already.
 pub(super) fn end_epoch(cfg: &SyncConfig, reason: &str) {
+    if let Ok(dir) = super::volume_state_dir(cfg) {
+        super::thin::forget(&dir);
+    }
     let Tracker {
         source, dir: tdir, ..
     } = Tracker::of(cfg);
@@ -377,6 +419,9 @@ pub(super) fn end_epoch(cfg: &SyncConfig, reason: &str) {
 /// The pass completed: everything up to its cut is on the target, so the
 /// chain starts again from that cut, with no pending block.
 pub(super) fn pass_completed(plan: &ScanPlan, volume_dir: &Path) -> Result<()> {
+    if let Some(t) = &plan.thin {
+        super::thin::completed(t, volume_dir)?;
+    }
     let Some((epoch, seq)) = &plan.cut else {
         return Ok(());
     };
