@@ -44,13 +44,18 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Serve(args) => serve(args).await,
         Command::Sync(args) => {
             let cfg = sync_config(&args.sync, &args.scan, "sync")?;
+            metrics(args.sync.metrics)?;
             let id = Identity::load(&args.sync.identity_dir())?;
             sender::run_pass(&cfg, &id, progress).await?;
             Ok(0)
         }
-        Command::Verify(args) => crate::app::verify::run(&args, progress).await,
+        Command::Verify(args) => {
+            metrics(args.metrics)?;
+            crate::app::verify::run(&args, progress).await
+        }
         Command::Converge(args) => {
             let cfg = sync_config(&args.sync, &args.scan, "converge")?;
+            metrics(args.sync.metrics)?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));
@@ -66,6 +71,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Track(args) => track(args, progress, json).await,
         Command::Cutover(args) => {
             let cfg = sync_config(&args.sync, &args.scan, "cutover")?;
+            metrics(args.sync.metrics)?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));
@@ -95,6 +101,15 @@ pub async fn run(cli: Cli) -> Result<i32> {
             crate::app::demo::run(size, progress).await?;
             Ok(0)
         }
+    }
+}
+
+/// Starts the metrics exporter when `--metrics` asks for one (exit 2 when
+/// its address cannot be served).
+fn metrics(addr: Option<std::net::SocketAddr>) -> Result<()> {
+    match addr {
+        Some(a) => crate::metrics::install(a),
+        None => Ok(()),
     }
 }
 
@@ -165,6 +180,7 @@ async fn track(
 
 async fn serve(args: ServeArgs) -> Result<i32> {
     let allowed = args.allowed()?;
+    metrics(args.metrics)?;
     let cfg = ServeConfig {
         listen: args.listen,
         volumes: args.volume_map()?,

@@ -19,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use nightpass_proto::chunk::ChunkSize;
 
 pub use serve::{Allowed, ServeArgs};
-pub use values::{parse_chunk_size, parse_duration, parse_size};
+pub use values::{parse_chunk_size, parse_duration, parse_metrics_addr, parse_size};
 
 use crate::error::{Error, Result};
 use crate::io::hash::ScanOptions;
@@ -349,6 +349,9 @@ pub struct SyncArgs {
     /// read (the volume moved to another device).
     #[arg(long)]
     pub new_source: bool,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics while the command runs.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_metrics_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     /// QUIC tuning.
     pub quic: QuicArgs,

@@ -226,8 +226,16 @@ async fn refuse_freeing(
     refuse(send, conn, r).await
 }
 
+tokio::task_local! {
+    /// Set by [`refuse`] in the task of a session it refused: that session
+    /// ends `refused` in `nightpass_sessions_total`, not `ok`.
+    static REFUSED: std::cell::Cell<bool>;
+}
+
 async fn refuse(send: &mut quinn::SendStream, conn: &quinn::Connection, r: Refuse) -> Result<()> {
     tracing::info!("refused a session: {}", r.1);
+    crate::metrics::refused(&format!("{:?}", r.0));
+    let _ = REFUSED.try_with(|c| c.set(true));
     let _ = transport::send_control(
         send,
         Msg::Refusal(wire::Refusal {

@@ -202,6 +202,8 @@ struct PassRun<'a> {
     /// recorded since the previous pass) and why; an attempt resumed after
     /// a lost link reads what remains of it.
     plan: ScanPlan,
+    /// The volume's `nightpass_pass_in_progress` is 1 while this lives.
+    _in_progress: crate::metrics::PassInProgress,
 }
 
 impl<'a> PassRun<'a> {
@@ -240,7 +242,7 @@ impl<'a> PassRun<'a> {
             progress.note(&format!("reading the whole volume: {why}"));
         }
         let shared = PassShared {
-            counters: Arc::default(),
+            counters: Arc::new(Counters::of(&cfg.dest.to_string())),
             pacer: cfg.bwlimit.map(|limit| Arc::new(Pacer::new(limit))),
             progress: progress.clone(),
             collected: None,
@@ -266,6 +268,7 @@ impl<'a> PassRun<'a> {
             shared,
             scanned: ScanStatsSum::default(),
             plan,
+            _in_progress: crate::metrics::PassInProgress::start(&cfg.dest.to_string()),
         })
     }
 
@@ -517,6 +520,7 @@ impl<'a> PassRun<'a> {
         self.records.push(record);
         let forecast =
             plan::forecast(&journal::figures(&self.records), now_unix()).map(|f| f.total_s);
+        crate::metrics::pass_completed(&self.cfg.dest.to_string(), duration_s, forecast);
         let end = PassEnd {
             start,
             scanned_bytes: self.scanned.bytes,
