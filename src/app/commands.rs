@@ -46,6 +46,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let cfg = sync_config(&args.sync, &args.scan, "sync")?;
             metrics(args.sync.metrics)?;
             let id = Identity::load(&args.sync.identity_dir())?;
+            if args.dry_run {
+                sender::dry_run(&cfg, &id, progress).await?;
+                return Ok(0);
+            }
             sender::run_pass(&cfg, &id, progress).await?;
             Ok(0)
         }

@@ -11,6 +11,7 @@ mod access;
 mod configs;
 mod cutover;
 mod devices;
+mod dryrun;
 mod harness;
 mod hostile;
 mod journal;

@@ -163,6 +163,9 @@ pub struct SyncCmdArgs {
     #[command(flatten)]
     /// What the pass reads.
     pub scan: ScanArg,
+    /// Scan and compare only: report what a pass would send; write and record nothing, on either side.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 impl clap::ValueEnum for ScanChoice {

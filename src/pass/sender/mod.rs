@@ -48,6 +48,7 @@ use crate::store::journal::{self, Journal, PassRecord, SenderRecord, UnsealedRec
 use crate::store::state::{self, Fill, ManifestFile, SourceRecord};
 use crate::store::{FileStore, SenderJournal, SenderVolume};
 
+mod dryrun;
 mod records;
 mod retry;
 mod session;
@@ -55,6 +56,7 @@ mod stream;
 mod streams;
 mod tracked;
 
+pub use dryrun::{dry_run, DryRunEnd};
 use records::*;
 pub use records::{canonical_source, journal, status, target_dir, volume_state_dir};
 use retry::*;
