@@ -13,7 +13,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 
 /// Protocol version spoken by this build. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Version 5 added [`Mode::DryRun`].
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// ALPN token of the protocol inside TLS.
 pub const ALPN: &[u8] = b"nightpass/1";
@@ -48,6 +49,12 @@ pub enum Mode {
     /// without taking the volume or writing anything: a cutover asks this
     /// before it freezes the source.
     Preflight = 4,
+    /// A dry run: the receiver answers what a sync session would start
+    /// from (its Welcome, and its table on a [`ManifestRequest`]) and
+    /// nothing else: it creates no target, opens none for writing, and
+    /// records nothing; a sealed volume answers too. The sender then ends
+    /// the session (version 5).
+    DryRun = 5,
 }
 
 /// Why a receiver refused a session.

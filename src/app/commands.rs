@@ -44,13 +44,22 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Serve(args) => serve(args).await,
         Command::Sync(args) => {
             let cfg = sync_config(&args.sync, &args.scan, "sync")?;
+            metrics(args.sync.metrics)?;
             let id = Identity::load(&args.sync.identity_dir())?;
+            if args.dry_run {
+                sender::dry_run(&cfg, &id, progress).await?;
+                return Ok(0);
+            }
             sender::run_pass(&cfg, &id, progress).await?;
             Ok(0)
         }
-        Command::Verify(args) => crate::app::verify::run(&args, progress).await,
+        Command::Verify(args) => {
+            metrics(args.metrics)?;
+            crate::app::verify::run(&args, progress).await
+        }
         Command::Converge(args) => {
             let cfg = sync_config(&args.sync, &args.scan, "converge")?;
+            metrics(args.sync.metrics)?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));
@@ -67,6 +76,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Cutover(args) => {
             let mut cfg = sync_config(&args.sync, &args.scan, "cutover")?;
             cfg.scan_choice = args.scan_choice()?;
+            metrics(args.sync.metrics)?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));
@@ -96,6 +106,15 @@ pub async fn run(cli: Cli) -> Result<i32> {
             crate::app::demo::run(size, progress).await?;
             Ok(0)
         }
+    }
+}
+
+/// Starts the metrics exporter when `--metrics` asks for one (exit 2 when
+/// its address cannot be served).
+fn metrics(addr: Option<std::net::SocketAddr>) -> Result<()> {
+    match addr {
+        Some(a) => crate::metrics::install(a),
+        None => Ok(()),
     }
 }
 
@@ -167,6 +186,7 @@ async fn track(
 
 async fn serve(args: ServeArgs) -> Result<i32> {
     let allowed = args.allowed()?;
+    metrics(args.metrics)?;
     let cfg = ServeConfig {
         listen: args.listen,
         volumes: args.volume_map()?,

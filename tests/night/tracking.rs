@@ -658,3 +658,41 @@ fn a_cutover_reads_everything_when_that_is_forecast_faster() {
     assert_eq!(r.event("cutover_end")["proof"], "full");
     assert_device_copied(&v.lo.dev, &v.target);
 }
+
+/// A dry run with a tracker running takes no cut from its record (that
+/// would consume what the next pass needs): after writes to 3 chunks it
+/// reads the whole device and reports those 3 chunks, and the next pass is
+/// still tracked and sends exactly them.
+#[test]
+fn a_dry_run_leaves_the_record_to_the_next_pass() {
+    if !need_root(
+        "a_dry_run_leaves_the_record_to_the_next_pass",
+        &["losetup", "dd"],
+    ) {
+        return;
+    }
+    let size = 32 * MIB;
+    let v = TrackedVolume::new(size, 57, &[]);
+    v.pass(&[]);
+    // Chunks 0, 62 (block 1000) and 312 (block 5000).
+    for block in [0, 1000, 5000] {
+        write_blocks(&v.lo.dev, block, 1);
+    }
+    let r =
+        v.tx.sync(&v.lo.dev, &v.dest, &["--dry-run", "--scan", "tracked"]);
+    r.ok();
+    let e = r.only("dry_run_end");
+    assert_eq!(
+        (e["chunks"].as_u64(), e["scanned_bytes"].as_u64()),
+        (Some(3), Some(size)),
+        "{e}"
+    );
+    let p2 = v.pass(&["--audit", "0", "--scan", "tracked"]);
+    assert_eq!(
+        p2["scan"], "tracked",
+        "the dry run consumed the record: {p2}"
+    );
+    assert_eq!(p2["changed_chunks"], 3, "{p2}");
+    assert_eq!(p2["read_bytes"], 3 * CHUNK, "{p2}");
+    assert_device_copied(&v.lo.dev, &v.target);
+}

@@ -19,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use nightpass_proto::chunk::ChunkSize;
 
 pub use serve::{Allowed, ServeArgs};
-pub use values::{parse_chunk_size, parse_duration, parse_size};
+pub use values::{parse_chunk_size, parse_duration, parse_metrics_addr, parse_size};
 
 use crate::error::{Error, Result};
 use crate::io::hash::ScanOptions;
@@ -163,6 +163,9 @@ pub struct SyncCmdArgs {
     #[command(flatten)]
     /// What the pass reads.
     pub scan: ScanArg,
+    /// Scan and compare only: report what a pass would send; write and record nothing, on either side.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 impl clap::ValueEnum for ScanChoice {
@@ -397,6 +400,9 @@ pub struct SyncArgs {
     /// read (the volume moved to another device).
     #[arg(long)]
     pub new_source: bool,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics while the command runs.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_metrics_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     /// QUIC tuning.
     pub quic: QuicArgs,

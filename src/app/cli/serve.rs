@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::values::parse_size;
+use super::values::{parse_metrics_addr, parse_size};
 use super::QuicArgs;
 use crate::error::{Error, Result};
 use crate::net::transport::parse_fingerprint;
@@ -47,6 +47,9 @@ pub struct ServeArgs {
     /// Most sessions one sender fingerprint may hold at once.
     #[arg(long, default_value_t = 8)]
     pub max_sessions_per_sender: usize,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_metrics_addr)]
+    pub metrics: Option<SocketAddr>,
     #[command(flatten)]
     /// QUIC tuning.
     pub quic: QuicArgs,

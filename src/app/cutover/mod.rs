@@ -355,6 +355,7 @@ impl Night<'_> {
         let work = self.final_pass(&frozen_cfg, welcome.target_size > 0, check);
         let result = within_max_freeze(limit, work).await;
         let frozen_s = guard.frozen_for();
+        crate::metrics::freeze(&self.cfg.dest.to_string(), frozen_s);
         let thawed = tokio::task::spawn_blocking(move || guard.thaw())
             .await
             .map_err(|_| Error::Io("thaw task failed".into()))?;

@@ -29,8 +29,9 @@
 //! `admission` (handshakes, slots, taking a volume), `target` (opening a
 //! volume and trusting its manifest), `sync` (a sync session and the check
 //! of every chunk), `writer` (the only code that writes a target),
-//! `verify` (fresh reads, forgetting entries) and `record` (the cutover's
-//! preflight and the record that seals).
+//! `verify` (fresh reads, forgetting entries), `record` (the cutover's
+//! preflight and the record that seals) and `dryrun` (what a sync would
+//! start from, answered without writing anything).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -60,6 +61,7 @@ use crate::store::state::{self, Fill, ManifestFile};
 use crate::store::{FileStore, Store};
 
 mod admission;
+mod dryrun;
 mod exports;
 mod record;
 mod sync;
@@ -68,6 +70,7 @@ mod verify;
 mod writer;
 
 use admission::*;
+use dryrun::*;
 pub use exports::check_exports;
 use exports::*;
 use record::*;
@@ -226,8 +229,16 @@ async fn refuse_freeing(
     refuse(send, conn, r).await
 }
 
+tokio::task_local! {
+    /// Set by [`refuse`] in the task of a session it refused: that session
+    /// ends `refused` in `nightpass_sessions_total`, not `ok`.
+    static REFUSED: std::cell::Cell<bool>;
+}
+
 async fn refuse(send: &mut quinn::SendStream, conn: &quinn::Connection, r: Refuse) -> Result<()> {
     tracing::info!("refused a session: {}", r.1);
+    crate::metrics::refused(&format!("{:?}", r.0));
+    let _ = REFUSED.try_with(|c| c.set(true));
     let _ = transport::send_control(
         send,
         Msg::Refusal(wire::Refusal {
@@ -271,8 +282,11 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
     if let Err(r) = admissible(&shared, &hello, &conn) {
         return refuse(&mut send, &conn, r).await;
     }
-    let exclusive = hello.mode == Mode::Sync as i32;
-    if exclusive && hello.resumes {
+    let sync = hello.mode == Mode::Sync as i32;
+    // A dry run holds the volume too (in memory only) while it reads the
+    // table it answers with.
+    let exclusive = sync || hello.mode == Mode::DryRun as i32;
+    if sync && hello.resumes {
         supersede(&shared, &hello).await;
     }
     // A preflight answers what a sync would be told: a holder that is
@@ -290,6 +304,10 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
         Ok(Mode::Sync) => match guard {
             Some(guard) => sync_session(shared, conn, send, recv, hello, guard, path).await,
             None => Err(Error::Io("sync session without the volume".into())),
+        },
+        Ok(Mode::DryRun) => match guard {
+            Some(guard) => dry_run_session(shared, conn, send, recv, hello, guard, path).await,
+            None => Err(Error::Io("dry run session without the volume".into())),
         },
         Ok(Mode::Verify) => verify_session(shared, conn, send, recv, hello, path).await,
         Ok(Mode::Record) => record_session(shared, conn, send, recv, hello).await,

@@ -190,7 +190,8 @@ fn spawn_writer(
         let _guard = guard;
         let mut manifest = manifest;
         let volume = volume;
-        if let Err(e) = writer_loop(&volume, &mut manifest, wrx, table_rx, &ctl) {
+        let meters = crate::metrics::ReceiverMeters::new(&name);
+        if let Err(e) = writer_loop(&volume, &mut manifest, wrx, table_rx, &ctl, &meters) {
             tracing::error!("volume '{name}': writer stopped: {e}");
             let _ = ctl.blocking_send(Msg::Failure(wire::Failure {
                 message: format!("receiver failed writing volume '{name}': {e}"),

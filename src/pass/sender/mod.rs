@@ -48,6 +48,7 @@ use crate::store::journal::{self, Journal, PassRecord, SenderRecord, UnsealedRec
 use crate::store::state::{self, Fill, ManifestFile, SourceRecord};
 use crate::store::{FileStore, SenderJournal, SenderVolume};
 
+mod dryrun;
 mod records;
 mod retry;
 mod session;
@@ -56,6 +57,7 @@ mod streams;
 mod thin;
 mod tracked;
 
+pub use dryrun::{dry_run, DryRunEnd};
 use records::*;
 pub use records::{canonical_source, journal, status, target_dir, volume_state_dir};
 use retry::*;
@@ -207,6 +209,8 @@ struct PassRun<'a> {
     /// recorded since the previous pass) and why; an attempt resumed after
     /// a lost link reads what remains of it.
     plan: ScanPlan,
+    /// The volume's `nightpass_pass_in_progress` is 1 while this lives.
+    _in_progress: crate::metrics::PassInProgress,
 }
 
 impl<'a> PassRun<'a> {
@@ -246,7 +250,7 @@ impl<'a> PassRun<'a> {
             progress.note(&format!("reading the whole volume: {why}"));
         }
         let shared = PassShared {
-            counters: Arc::default(),
+            counters: Arc::new(Counters::of(&cfg.dest.to_string())),
             pacer: cfg.bwlimit.map(|limit| Arc::new(Pacer::new(limit))),
             progress: progress.clone(),
             collected: None,
@@ -273,6 +277,7 @@ impl<'a> PassRun<'a> {
             shared,
             scanned: ScanStatsSum::default(),
             plan,
+            _in_progress: crate::metrics::PassInProgress::start(&cfg.dest.to_string()),
         })
     }
 
@@ -524,6 +529,7 @@ impl<'a> PassRun<'a> {
         self.records.push(record);
         let forecast =
             plan::forecast(&history_now(self.cfg, &self.records), now_unix()).map(|f| f.total_s);
+        crate::metrics::pass_completed(&self.cfg.dest.to_string(), duration_s, forecast);
         let end = PassEnd {
             start,
             scanned_bytes: self.scanned.bytes,

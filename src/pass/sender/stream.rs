@@ -390,11 +390,13 @@ fn start_scan(
     // entry before its comparison.
     let (scan_known, scan_shared) = (ours.clone(), shared.clone());
     let audit = pass.audit.clone();
+    let scanned = pass.counters.meters.scanned.clone();
     Ok(hash::scan(
         vol,
         set,
         cfg.scan.clone(),
         move |s| {
+            scanned.increment(s.data.len() as u64);
             let known = scan_known.lock().expect("not poisoned").entry(s.index);
             if let Some(a) = &audit {
                 a.check(s.index, &s.hash, &known);
