@@ -320,7 +320,9 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
         return None;
     }
     let change_rate = rates.iter().sum::<f64>() / rates.len() as f64;
-    let predicted = change_rate * (now_unix_s - last.start_unix_s).max(0.0);
+    // Never more than the volume holds, however long since the last pass.
+    let predicted =
+        (change_rate * (now_unix_s - last.start_unix_s).max(0.0)).min(last.size_bytes as f64);
     let (tracked, pending) = match history.final_scan {
         FinalScan::Unknown => (last.tracked, predicted),
         FinalScan::Full => (false, predicted),
@@ -593,6 +595,15 @@ mod tests {
         };
         let f = forecast(&forced, 170.0).unwrap();
         assert!(!f.tracked && (f.scan_s - 10.0).abs() < 1e-9, "{f:?}");
+    }
+
+    #[test]
+    fn what_changed_is_never_more_than_the_volume() {
+        // 200 B changed in 100 s of a 1000 B volume: 2 B/s, so a week
+        // later the rate alone would say 1.2 MB changed.
+        let h = history(&[pass(0.0, 100.0, 1000, true), pass(100.0, 20.0, 200, false)]);
+        let f = forecast(&h, 100.0 + 7.0 * 86400.0).unwrap();
+        assert_eq!(f.pending_bytes, 1000.0, "{f:?}");
     }
 
     #[test]
