@@ -37,6 +37,11 @@ pub struct Cli {
     /// No progress bars and no summaries (errors still go to stderr).
     #[arg(long, global = true)]
     pub quiet: bool,
+    /// Without a terminal (stderr not a tty, and neither --json nor
+    /// --quiet), print a progress line on stderr this often during a pass
+    /// or a verify; 0 prints none.
+    #[arg(long, global = true, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub progress_interval: Duration,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

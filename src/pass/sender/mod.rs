@@ -288,6 +288,7 @@ impl<'a> PassRun<'a> {
             }),
             pass_id: self.pass_id.to_vec(),
             resumes: self.attempts > 1,
+            pass: self.pass_no,
         }
     }
 

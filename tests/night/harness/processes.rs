@@ -198,7 +198,7 @@ impl Receiver {
 }
 
 /// Waits for `serve`'s `listening on 127.0.0.1:PORT fingerprint FP` line
-/// and returns the port and fingerprint; fails the test when it exits or
+/// (after the line's time and level) and returns the port and fingerprint; fails the test when it exits or
 /// stays silent for [`LISTEN_TIMEOUT`].
 fn wait_listening(child: &mut Child, stderr: &Mutex<Vec<u8>>) -> (u16, String) {
     let log = || String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
@@ -209,8 +209,7 @@ fn wait_listening(child: &mut Child, stderr: &Mutex<Vec<u8>>) -> (u16, String) {
         let complete = text.rfind('\n').map_or("", |i| &text[..i]);
         let found = complete
             .lines()
-            .find(|l| l.starts_with("listening on "))
-            .map(str::to_string);
+            .find_map(|l| l.find("listening on ").map(|at| l[at..].to_string()));
         if let Some(line) = found {
             break line;
         }
