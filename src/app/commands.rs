@@ -99,6 +99,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
             crate::app::demo::run(size, progress).await?;
             Ok(0)
         }
+        Command::Completions { shell } => {
+            crate::app::manual::completions(shell, json, progress.as_ref())
+        }
+        Command::Man { out } => crate::app::manual::man(out.as_deref(), json, progress.as_ref()),
     }
 }
 

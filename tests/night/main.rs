@@ -14,6 +14,7 @@ mod devices;
 mod harness;
 mod hostile;
 mod journal;
+mod ops;
 mod passes;
 mod refusals;
 mod relay;

@@ -110,6 +110,20 @@ pub enum Command {
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         size: u64,
     },
+    /// Print a shell completion script on stdout (e.g. `nightpass
+    /// completions bash > /etc/bash_completion.d/nightpass`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page nightpass(1) as roff on stdout, or write one
+    /// page per command to a directory.
+    Man {
+        /// Write nightpass.1 and nightpass-COMMAND.1 for every command here.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 /// `track` flags.
