@@ -91,11 +91,12 @@ fn main() {
         nightpass::app::cli::Command::Serve(_) | nightpass::app::cli::Command::Track(_)
     );
     // The daemons' lines carry their time (or the journal's priority); the
-    // sender's read as bare messages, as docs/CLI.md quotes them.
+    // sender's read as bare messages, as docs/CLI.md quotes them (with the
+    // journal's priority under systemd).
     log::install(if own_signals {
         log::Style::daemon()
     } else {
-        log::Style::Bare
+        log::Style::sender()
     });
     if own_signals {
         // A receiver outlives the terminal or ssh session that started it:

@@ -2,7 +2,7 @@
 //!
 //! Three styles. The sender's commands write each event as its bare
 //! message, as they always have (their stderr is read by a person at a
-//! terminal, next to the bars). The daemons (`serve`, `track`), which run
+//! terminal, next to the bars), with a journal priority under systemd. The daemons (`serve`, `track`), which run
 //! for weeks, stamp each line with the time (RFC 3339, UTC, to the
 //! millisecond) and the level. Under systemd, when stderr is the journal
 //! (`JOURNAL_STREAM` names stderr's device and inode), a line carries no
@@ -38,12 +38,27 @@ impl Style {
     /// The style for a daemon: [`Style::Journal`] when stderr is the
     /// journal, else [`Style::Stamped`].
     pub fn daemon() -> Style {
-        if stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref()) {
+        if journal() {
             Style::Journal
         } else {
             Style::Stamped
         }
     }
+
+    /// The style for the sender's commands: [`Style::Journal`] when stderr
+    /// is the journal (a converge unit), else [`Style::Bare`].
+    pub fn sender() -> Style {
+        if journal() {
+            Style::Journal
+        } else {
+            Style::Bare
+        }
+    }
+}
+
+/// Whether stderr is the journal, by this process's `JOURNAL_STREAM`.
+fn journal() -> bool {
+    stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref())
 }
 
 /// Whether stderr is the stream systemd connected to the journal:

@@ -167,6 +167,40 @@ fn under_the_journal_serve_writes_priorities_and_no_time() {
     );
 }
 
+/// The sender's commands keep bare lines, and take journal priorities
+/// when their stderr is the journal (a converge unit).
+#[test]
+fn a_senders_warning_under_the_journal_has_its_priority() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = scratch();
+    let id = keygen(root.path(), "id");
+    let key = id.dir.join("key.der");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = |journal: bool| {
+        let err_path = root.path().join(format!("err-{journal}"));
+        let err = std::fs::File::create(&err_path).unwrap();
+        let meta = err.metadata().unwrap();
+        let mut c = Command::new(bin());
+        c.args(["fingerprint", "--identity"])
+            .arg(&id.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err);
+        if journal {
+            c.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        }
+        assert!(c.status().unwrap().success());
+        std::fs::read_to_string(&err_path).unwrap()
+    };
+    let bare = run(false);
+    assert!(bare.starts_with("warning: identity key "), "{bare:?}");
+    let journal = run(true);
+    assert!(
+        journal.starts_with("<4>warning: identity key "),
+        "{journal:?}"
+    );
+}
+
 #[test]
 fn sighup_rereads_the_allow_file_and_serve_lives_on() {
     let root = scratch();
