@@ -368,7 +368,7 @@ run() {
     stop "$rpid"
     # Connections the receiver saw end in an error: each one a reconnect
     # (JSON mode keeps the sender's "link lost; reconnecting" notes quiet).
-    lost=$(grep -c 'ended with an error' "$WORK/serve-$tag.err" || true)
+    lost=$(grep -c 'result=error\|ended with an error' "$WORK/serve-$tag.err" || true)
     local drops
     drops="tbf data side: $(calc "printf \"%.1f\", ($s1 - $s0) / 1e6") MB sent, $((d1 - d0)) dropped; ack side: $(calc "printf \"%.1f\", ($r1 - $r0) / 1e6") MB sent"
     drops+="; UDP receive-buffer drops: sender side (sender, relay) $((u1s - u0s)), receiver side $((u1r - u0r))"
