@@ -340,6 +340,16 @@ impl Human {
             .map(|(m, _)| m.clone())
     }
 
+    /// Sets the drawn bars' ETA (the meter's) and the sent bar's total.
+    fn refresh(&self, meter: Option<&Meter>, scan: &ProgressBar, sent: &ProgressBar) {
+        let Some(m) = meter.filter(|_| self.drawn) else {
+            return;
+        };
+        let r = m.read();
+        scan.set_message(r.eta().map_or("-".into(), short_duration));
+        sent.set_length(r.expected_sent());
+    }
+
     /// Stops measuring (and printing lines).
     fn unmeasure(&self) {
         let taken = self.meter.lock().expect("not poisoned").take();
@@ -380,6 +390,7 @@ impl Progress for Human {
             .multi
             .add(ProgressBar::new(s.size_bytes).with_style(style));
         scan.set_prefix("scanned");
+        scan.set_message("-");
         // Sent out of what the pass is expected to send (the scan total
         // until the scan tells more).
         let sent_style = ProgressStyle::with_template(
@@ -406,11 +417,7 @@ impl Progress for Human {
         }
         if let Some((scan, sent)) = &*self.bars.lock().expect("not poisoned") {
             scan.inc(bytes);
-            if let Some(m) = meter.filter(|_| self.drawn) {
-                let r = m.read();
-                scan.set_message(r.eta().map_or("-".into(), short_duration));
-                sent.set_length(r.expected_sent());
-            }
+            self.refresh(meter.as_deref(), scan, sent);
         }
     }
     fn queued(&self, bytes: u64) {
@@ -422,8 +429,9 @@ impl Progress for Human {
         if let Some(m) = self.meter() {
             m.sent(bytes);
         }
-        if let Some((_, sent)) = &*self.bars.lock().expect("not poisoned") {
+        if let Some((scan, sent)) = &*self.bars.lock().expect("not poisoned") {
             sent.inc(bytes);
+            self.refresh(self.meter().as_deref(), scan, sent);
         }
     }
     fn pass_end(&self, e: &PassEnd) {

@@ -145,7 +145,10 @@ impl Reading {
             return self.total.max(self.sent);
         }
         let projected = found as f64 * self.total as f64 / self.scanned as f64;
-        (projected as u64).max(found)
+        // A pass sends at most its chunks whole (and again what a lost link
+        // dropped, which is already sent): a chunk found just before its
+        // block's bytes are counted as scanned must not inflate this.
+        (projected as u64).min(self.total).max(found)
     }
 
     /// Time left, by the slower of scanning (the bytes left to read at the
@@ -155,18 +158,23 @@ impl Reading {
     pub fn eta(&self) -> Option<Duration> {
         let send = self.send_eta();
         if self.scanned >= self.total {
-            return Some(send.unwrap_or(Duration::ZERO));
+            return send;
         }
         if self.scanned == 0 {
             return None;
         }
         let scan = (self.total - self.scanned) as f64 / self.scan_rate();
-        let send = send.map_or(0.0, |d| d.as_secs_f64());
+        let send = send?.as_secs_f64();
         Some(Duration::from_secs_f64(scan.max(send).min(1e9)))
     }
 
-    /// Time to send what is expected and not yet sent, at the send rate.
+    /// Time to send what is expected and not yet sent, at the send rate:
+    /// zero while nothing was found to send; unknown while something was
+    /// but nothing has left yet.
     fn send_eta(&self) -> Option<Duration> {
+        if self.queued.max(self.sent) == 0 {
+            return Some(Duration::ZERO);
+        }
         let left = self.expected_sent().saturating_sub(self.sent);
         if left == 0 {
             return Some(Duration::ZERO);
@@ -198,9 +206,9 @@ impl Reading {
     }
 }
 
-/// `2h05m`, `4m30s`, `12s`.
+/// `2h05m`, `4m30s`, `12s` (to the nearest second).
 pub fn short_duration(d: Duration) -> String {
-    let s = d.as_secs();
+    let s = d.as_secs_f64().round() as u64;
     match s {
         0..=59 => format!("{s}s"),
         60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
@@ -276,6 +284,11 @@ mod tests {
         assert_eq!(r.eta(), Some(Duration::from_secs(20)));
         assert_eq!(at(1000, 1000, 300, 300, 10).eta(), Some(Duration::ZERO));
         assert_eq!(at(1000, 0, 0, 0, 1).eta(), None);
+        // Found but nothing sent yet (connecting, or a slow first send):
+        // unknown, not the scan's.
+        assert_eq!(at(1000, 500, 100, 0, 1).eta(), None);
+        // Nothing found to send: the scan alone.
+        assert_eq!(at(1000, 500, 0, 0, 10).eta(), Some(Duration::from_secs(10)));
     }
 
     #[test]
@@ -283,6 +296,8 @@ mod tests {
         assert_eq!(at(1000, 0, 0, 0, 1).expected_sent(), 1000);
         assert_eq!(at(1000, 500, 0, 0, 1).expected_sent(), 1000);
         assert_eq!(at(1000, 500, 100, 50, 1).expected_sent(), 200);
+        // Found ahead of what is counted scanned: never more than the total.
+        assert_eq!(at(1000, 100, 300, 0, 1).expected_sent(), 1000);
         // A reporter that is not told what is queued projects what was sent.
         assert_eq!(at(1000, 500, 0, 100, 1).expected_sent(), 200);
     }
