@@ -124,6 +124,9 @@ pub trait Progress: Send + Sync {
     fn scanned(&self, bytes: u64);
     /// More payload bytes went on the wire.
     fn sent(&self, bytes: u64);
+    /// The pass just started reads only `bytes` of the volume (a tracked
+    /// pass): what its scan progress counts up to.
+    fn reads(&self, _bytes: u64) {}
     /// Chunks of `bytes` payload bytes were found to send and queued for
     /// the streams (they go on the wire later, reported by [`Progress::sent`]).
     fn queued(&self, _bytes: u64) {}
@@ -423,6 +426,14 @@ impl Progress for Human {
     fn queued(&self, bytes: u64) {
         if let Some(m) = self.meter() {
             m.queued(bytes);
+        }
+    }
+    fn reads(&self, bytes: u64) {
+        if let Some(m) = self.meter() {
+            m.set_total(bytes);
+        }
+        if let Some((scan, _)) = &*self.bars.lock().expect("not poisoned") {
+            scan.set_length(bytes);
         }
     }
     fn sent(&self, bytes: u64) {

@@ -22,7 +22,7 @@ pub struct Meter {
     /// What the line calls the work (`pass 3 of HOST:PORT/NAME`).
     label: String,
     /// Bytes to scan in all.
-    total: u64,
+    total: AtomicU64,
     /// Whether the work sends (a pass) or only reads (a verify).
     sends: bool,
     started: Instant,
@@ -56,7 +56,7 @@ impl Meter {
     pub fn new(label: &str, total: u64, sends: bool) -> Meter {
         Meter {
             label: label.to_string(),
-            total,
+            total: AtomicU64::new(total),
             sends,
             started: Instant::now(),
             scanned: AtomicU64::new(0),
@@ -66,10 +66,17 @@ impl Meter {
         }
     }
 
+    /// The work reads `total` bytes in all after all (a tracked pass reads
+    /// part of the volume).
+    pub fn set_total(&self, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+    }
+
     /// `n` more bytes scanned.
     pub fn scanned(&self, n: u64) {
+        let total = self.total.load(Ordering::Relaxed);
         let before = self.scanned.fetch_add(n, Ordering::Relaxed);
-        if before < self.total && before + n >= self.total {
+        if before < total && before + n >= total {
             let ns = self.started.elapsed().as_nanos().max(1) as u64;
             self.scan_end_ns.store(ns, Ordering::Relaxed);
         }
@@ -92,10 +99,11 @@ impl Meter {
             0 => elapsed,
             ns => Duration::from_nanos(ns),
         };
+        let total = self.total.load(Ordering::Relaxed);
         Reading {
             scanning,
-            total: self.total,
-            scanned: self.scanned.load(Ordering::Relaxed).min(self.total),
+            total,
+            scanned: self.scanned.load(Ordering::Relaxed).min(total),
             queued: self.queued.load(Ordering::Relaxed),
             sent: self.sent.load(Ordering::Relaxed),
             elapsed,

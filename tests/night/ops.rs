@@ -535,3 +535,92 @@ fn track_json_lines_have_ts() {
     assert_ts("track", &r);
     assert!(r.events.iter().any(|e: &Value| e["event"] == "track_start"));
 }
+
+/// A tracked pass's progress counts up to what it reads (the blocks
+/// written since the last pass and its audit sample), not the whole device.
+#[test]
+fn a_tracked_pass_shows_progress_out_of_what_it_reads() {
+    if !need_root(
+        "a_tracked_pass_shows_progress_out_of_what_it_reads",
+        &["losetup", "dd"],
+    ) {
+        return;
+    }
+    let s = Setup::new();
+    let backing = s.path("src.img");
+    random_file(&backing, 64 * MIB, 167);
+    let lo = Loop::attach(&backing);
+    let target = s.path("target.img");
+    let rx = s.start_receiver(&[("vol", &target)]);
+    let tx = s.sender(&rx);
+    let mut c = Command::new(bin());
+    c.arg("track")
+        .arg(&lo.dev)
+        .arg("--state-dir")
+        .arg(&s.sender_state);
+    let tracker = Spawned::start(c);
+    assert!(
+        wait_for(Duration::from_secs(10), || tracker
+            .stderr()
+            .contains("tracking ")),
+        "the tracker did not start: {}",
+        tracker.stderr()
+    );
+    let first = tx.sync(&lo.dev, &rx.dest("vol"), &[]);
+    assert_eq!(first.code, 0, "{}", first.context());
+    // 6 MiB written since: the next pass reads about that much.
+    let dd = |seek: u64| {
+        run_tool(
+            "dd",
+            &[
+                "if=/dev/urandom",
+                &format!("of={}", lo.dev.display()),
+                "bs=1M",
+                &format!("seek={seek}"),
+                "count=6",
+                "oflag=direct",
+                "conv=notrunc",
+                "status=none",
+            ],
+        )
+    };
+    dd(10);
+    let out = Command::new(bin())
+        .arg("sync")
+        .arg(&lo.dev)
+        .arg(rx.dest("vol"))
+        .args(["--server-fingerprint", &rx.fp, "--identity"])
+        .arg(&tx.identity)
+        .arg("--state-dir")
+        .arg(&tx.state_dir)
+        .args([
+            "--scan",
+            "tracked",
+            "--bwlimit",
+            "2M",
+            "--progress-interval",
+            "1s",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(": scanned "))
+        .collect();
+    assert!(
+        !lines.is_empty(),
+        "no progress line in a 3 s pass:\n{stderr}"
+    );
+    for l in &lines {
+        assert!(
+            !l.contains("of 64.00 MiB"),
+            "a tracked pass counts up to the whole device: {l}"
+        );
+    }
+    tracker.signal(libc::SIGTERM);
+    let _ = tracker.finish(Duration::from_secs(30));
+    drop(lo);
+}
