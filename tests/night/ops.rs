@@ -84,11 +84,13 @@ fn serve_logs_each_session_with_its_time_peer_volume_bytes_and_result() {
     sender.sync_ok(&src, &rx, "v", "first pass");
     let refused = sender.run("sync", &src, &rx.dest("nope"), &rx.fp, &[]);
     assert_eq!(refused.code, 2, "{}", refused.context());
+    let verified = sender.run("verify", &src, &rx.dest("v"), &rx.fp, &[]);
+    assert_eq!(verified.code, 0, "{}", verified.context());
     assert!(wait_for(Duration::from_secs(5), || rx
         .log()
         .matches("session end")
         .count()
-        >= 2));
+        >= 3));
     let log = rx.log();
     for line in log.lines() {
         stamped(line);
@@ -124,9 +126,17 @@ fn serve_logs_each_session_with_its_time_peer_volume_bytes_and_result() {
         "{no}"
     );
     assert_eq!(stamped(no).1, "WARN", "{no}");
+    let v = ends
+        .iter()
+        .find(|l| field(l, "kind") == Some("verify"))
+        .unwrap_or_else(|| panic!("no session end line for the verify:\n{log}"));
+    assert_eq!(field(v, "result"), Some("ok"), "{v}");
+    assert_eq!(field(v, "pass"), Some("-"), "{v}");
+    assert_eq!(field(v, "chunks"), Some("64"), "chunks hashed fresh: {v}");
+    assert_eq!(field(v, "bytes"), Some(&*(4 * MIB).to_string()), "{v}");
     assert_eq!(
         log.matches(" session start ").count(),
-        2,
+        3,
         "one start line per session:\n{log}"
     );
     drop(dst);

@@ -1,7 +1,8 @@
 //! The receiver's log of sessions: one line when a session's Hello has
 //! been read, and one when the session ends, saying who (the sender's
 //! fingerprint and address), what (volume, kind, the sender's pass number),
-//! how much (chunks and payload bytes received), how long, and how it ended
+//! how much (a sync's chunks and payload bytes received, a verify's chunks
+//! and bytes hashed fresh), how long, and how it ended
 //! (`ok`, `ended` before the end of its pass, `refused` or `error`, with the
 //! reason). Strings a peer chose (the volume name, reasons) are quoted and
 //! escaped, so no peer can forge a line.
@@ -84,6 +85,12 @@ impl SessionLog {
     pub(super) fn chunk(&self, bytes: usize) {
         self.chunks.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// `chunks` chunks of `bytes` bytes were read and hashed fresh (a verify).
+    pub(super) fn hashed(&self, chunks: u64, bytes: u64) {
+        self.chunks.fetch_add(chunks, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// The pass ended: its Done was sent.
