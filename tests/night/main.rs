@@ -15,6 +15,7 @@ mod harness;
 mod hostile;
 mod journal;
 mod ops;
+mod outputs;
 mod passes;
 mod refusals;
 mod relay;
