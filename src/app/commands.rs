@@ -45,7 +45,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(args, progress, json).await,
         Command::Sync(args) => {
             let cfg = sync_config(&args.sync, &args.scan, "sync")?;
             let id = Identity::load(&args.sync.identity_dir())?;
@@ -185,7 +185,9 @@ async fn track(
         .map_err(|_| Error::Io("the tracker failed".into()))?
 }
 
-async fn serve(args: ServeArgs) -> Result<i32> {
+/// `nightpass serve`: its log on stderr; on stdout nothing, or under
+/// `--json` one `listening` event (the address bound, a port 0 resolved).
+async fn serve(args: ServeArgs, progress: Arc<dyn Progress>, json: bool) -> Result<i32> {
     let allowed = args.allowed()?;
     let (updates_tx, updates) = tokio::sync::watch::channel(Access {
         allowed: allowed.fingerprints.clone(),
@@ -219,6 +221,13 @@ async fn serve(args: ServeArgs) -> Result<i32> {
         id,
         |addr, fp| {
             tracing::info!("listening on {addr} fingerprint {fp}");
+            // JSON only: a human reads the log line, and stdout stays empty.
+            if json {
+                progress.event(
+                    &json!({"event": "listening", "address": addr.to_string(), "fingerprint": fp}),
+                    "",
+                );
+            }
             // Under systemd (Type=notify): serving from now on.
             crate::app::track::notify_ready();
         },

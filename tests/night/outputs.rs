@@ -199,8 +199,8 @@ fn without_a_terminal_a_throttled_pass_prints_progress_lines() {
 /// Every command that has JSON output today prints only JSON lines with
 /// `ts` under `--json`: keygen and fingerprint (above), sync, verify,
 /// converge, cutover, status, unseal, demo, man --out and errors; `serve`
-/// has no JSON (its log is on stderr), `track` is checked where a block
-/// device can be tracked.
+/// (its `listening` event) and `track` (where a block device can be
+/// tracked) below.
 #[test]
 fn every_json_line_of_every_command_has_ts() {
     let (root, src, dst, sender, rx) = source_and_volume("src.img", "dst.img", 4 * MIB, 165);
@@ -353,4 +353,42 @@ fn a_tracked_pass_shows_progress_out_of_what_it_reads() {
     tracker.signal(libc::SIGTERM);
     let _ = tracker.finish(Duration::from_secs(30));
     drop(lo);
+}
+
+/// `serve --json` says where it listens on stdout, as a `listening` event
+/// with `ts` (the port a `:0` got), and nothing else there.
+#[test]
+fn serve_under_json_says_where_it_listens() {
+    let root = scratch();
+    let (rid, sid) = (keygen(root.path(), "r-id"), keygen(root.path(), "s-id"));
+    let mut c = Command::new(bin());
+    c.args([
+        "serve",
+        "--json",
+        "--listen",
+        "127.0.0.1:0",
+        "--allow",
+        &sid.fp,
+    ])
+    .arg("--volume")
+    .arg(format!("v={}", root.path().join("v.img").display()))
+    .arg("--identity")
+    .arg(&rid.dir)
+    .arg("--state-dir")
+    .arg(root.path().join("r-state"));
+    let serve = Spawned::start(c);
+    serve.expect_event("listening", Duration::from_secs(20));
+    serve.signal(libc::SIGTERM);
+    let r = serve.finish(Duration::from_secs(20));
+    assert_eq!(r.code, 0, "{}", r.context());
+    assert_ts("serve --json", &r);
+    let e = r.only("listening");
+    assert_eq!(e["fingerprint"], rid.fp.as_str(), "{e}");
+    let addr: std::net::SocketAddr = e["address"].as_str().unwrap().parse().unwrap();
+    assert_ne!(addr.port(), 0, "{e}");
+    assert!(
+        r.stderr.contains(&format!("listening on {addr}")),
+        "{}",
+        r.stderr
+    );
 }
