@@ -193,6 +193,11 @@ pub struct Hello {
     /// receiver may then end that pass's old session, which is presumed dead.
     #[prost(bool, tag = "10")]
     pub resumes: bool,
+    /// The sender's number of this pass of the volume (1 = first), for the
+    /// receiver's log; 0 when the session is not a pass or the sender does
+    /// not say. Decides nothing.
+    #[prost(uint64, tag = "11")]
+    pub pass: u64,
 }
 
 /// Receiver → sender: the session is accepted.
@@ -566,6 +571,7 @@ mod tests {
             ranges: vec![0, 4096],
             pass_id: vec![9; 16],
             resumes: false,
+            pass: 3,
         }));
         let frame = encode_frame(&hello);
         let (frames, err) = split_frames(frame, MAX_CONTROL_FRAME);

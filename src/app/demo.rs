@@ -143,6 +143,7 @@ impl LocalPair {
             tuning: Tuning::default(),
             max_sessions: 4,
             max_sessions_per_sender: 4,
+            access_updates: None,
         };
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();

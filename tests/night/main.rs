@@ -16,6 +16,8 @@ mod harness;
 mod hostile;
 mod journal;
 mod metrics;
+mod ops;
+mod outputs;
 mod passes;
 mod refusals;
 mod relay;

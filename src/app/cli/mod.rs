@@ -37,6 +37,11 @@ pub struct Cli {
     /// No progress bars and no summaries (errors still go to stderr).
     #[arg(long, global = true)]
     pub quiet: bool,
+    /// Without a terminal (stderr not a tty, and neither --json nor
+    /// --quiet), print a progress line on stderr this often during a pass
+    /// or a verify; 0 prints none.
+    #[arg(long, global = true, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub progress_interval: Duration,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -104,6 +109,20 @@ pub enum Command {
         /// Size of the generated volume.
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         size: u64,
+    },
+    /// Print a shell completion script on stdout (e.g. `nightpass
+    /// completions bash > /etc/bash_completion.d/nightpass`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page nightpass(1) as roff on stdout, or write one
+    /// page per command to a directory.
+    Man {
+        /// Write nightpass.1 and nightpass-COMMAND.1 for every command here.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
 }
 

@@ -300,6 +300,7 @@ impl<'a> PassRun<'a> {
             }),
             pass_id: self.pass_id.to_vec(),
             resumes: self.attempts > 1,
+            pass: self.pass_no,
         }
     }
 
@@ -347,8 +348,14 @@ impl<'a> PassRun<'a> {
         self.reconcile(&mut session, geometry, &theirs)
             .await
             .map_err(at)?;
+        let fresh = self.started.is_none();
         self.start(geometry);
         let set = self.chunks_to_read(&geometry).at_or_after(resume);
+        if fresh && set.len() < geometry.chunk_count() {
+            // A tracked pass: its progress is out of what it reads.
+            let bytes = set.len().saturating_mul(geometry.chunk_size().bytes());
+            self.progress.reads(bytes.min(self.size));
+        }
         let m = self.ours.take().expect("reconciled");
         let ours = Arc::new(Mutex::new(m));
         let r = stream_pass(

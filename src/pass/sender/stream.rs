@@ -391,6 +391,7 @@ fn start_scan(
     let (scan_known, scan_shared) = (ours.clone(), shared.clone());
     let audit = pass.audit.clone();
     let scanned = pass.counters.meters.scanned.clone();
+    let progress = pass.progress.clone();
     Ok(hash::scan(
         vol,
         set,
@@ -407,7 +408,12 @@ fn start_scan(
             if let Some(t) = &sink {
                 manifest::set_entry(&mut t.lock().expect("not poisoned"), s.index, &s.hash);
             }
-            plan_chunk(s, &known, in_block, &scan_shared)
+            let out = plan_chunk(s, &known, in_block, &scan_shared);
+            if let Some(o) = &out {
+                // Told as the chunk is read: the ETA counts what waits to leave.
+                progress.queued(o.chunk.payload.len() as u64);
+            }
+            out
         },
         pass.progress.clone(),
     ))
