@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -346,7 +347,11 @@ pub fn run(cfg: &TrackConfig, progress: &dyn Progress, stop: &AtomicBool) -> Res
     notify_ready();
     let mut sized = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        let events = session.poll(Duration::from_millis(100))?;
+        // A pass's request wakes the loop at once: a frozen device sends
+        // no events, and a cut or a peek waited out the whole timeout.
+        let wake: Vec<_> = tracked.iter().map(|t| t.listener.as_fd()).collect();
+        let events = session.poll(Duration::from_millis(100), &wake)?;
+        drop(wake);
         apply(&mut tracked, &events);
         lost = check_health(&mut session, &mut tracked, lost, &devs, cfg.buffer_kb)?;
         if sized.elapsed() >= SIZE_CHECK {

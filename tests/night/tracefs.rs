@@ -169,7 +169,10 @@ fn tracefs_poll_waits_for_the_first_event() {
     let mut t = TraceSession::start(&[d], 0).expect("start tracing");
 
     let t0 = Instant::now();
-    assert!(t.poll(Duration::from_millis(300)).expect("poll").is_empty());
+    assert!(t
+        .poll(Duration::from_millis(300), &[])
+        .expect("poll")
+        .is_empty());
     assert!(
         t0.elapsed() >= Duration::from_millis(290),
         "{:?}",
@@ -183,7 +186,7 @@ fn tracefs_poll_waits_for_the_first_event() {
         run_tool("blkdiscard", &["-z", "-o", "2097152", "-l", "65536", p]);
     });
     let t0 = Instant::now();
-    let mut events = t.poll(Duration::from_secs(20)).expect("poll");
+    let mut events = t.poll(Duration::from_secs(20), &[]).expect("poll");
     let waited = t0.elapsed();
     writer.join().unwrap();
     assert!(waited < Duration::from_secs(10), "poll took {waited:?}");
@@ -394,7 +397,7 @@ fn traced_writes(dev: &Path, size: u64, count: u64, seed: u64) -> (f64, f64, usi
         let poller = s.spawn(|| {
             let mut n = 0usize;
             while !stop.load(Ordering::Relaxed) {
-                n += t.poll(Duration::from_millis(100)).expect("poll").len();
+                n += t.poll(Duration::from_millis(100), &[]).expect("poll").len();
             }
             n += t.drain(Duration::from_secs(10)).expect("drain").len();
             (n, t.health().unwrap().lost())

@@ -22,8 +22,8 @@
 //! send_rate = best changed_bytes / duration of the passes that moved data
 //! send_s    = pending / send_rate
 //! pass_oh   = median over recent delta passes of max(0, duration - max(read_busy, changed / send_rate))
-//! freeze_oh = median over recent cutovers of max(0, frozen_s - their passes' duration
-//!             - a tracked proof's read),
+//! freeze_oh = median over recent cutovers (of the same kind, tracked or full, when
+//!             any) of max(0, frozen_s - their passes' duration - a tracked proof's read),
 //!             else default_freeze_overhead_s(size) (0.075 s + 0.02 s per GiB, measured here)
 //! forecast  = max(scan_s, send_s) + pass_oh + freeze_oh   reading and sending overlap in the pipeline
 //! ```
@@ -160,6 +160,9 @@ pub struct CutoverFigures {
     /// (forecast as its own term; 0 for a full proof, whose recheck is
     /// part of the freeze's overhead).
     pub proof_s: f64,
+    /// The cutover's proof was tracked: its overhead is a tracked
+    /// cutover's (a full proof's recheck of what the pass rewrote is not).
+    pub tracked: bool,
 }
 
 /// A volume's journal as forecast inputs, oldest first.
@@ -363,11 +366,17 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
         })
         .collect();
     let pass_overhead_s = median(recent(&residuals)).unwrap_or(0.0);
-    let freezes: Vec<f64> = history
-        .cutovers
-        .iter()
-        .map(|c| (c.frozen_s - c.passes_s - c.proof_s).max(0.0))
-        .collect();
+    // The overhead of cutovers of the kind forecast, when there are any.
+    let kind = |same: bool| -> Vec<f64> {
+        (history.cutovers.iter())
+            .filter(|c| !same || c.tracked == tracked)
+            .map(|c| (c.frozen_s - c.passes_s - c.proof_s).max(0.0))
+            .collect()
+    };
+    let freezes = match kind(true) {
+        same if !same.is_empty() => same,
+        _ => kind(false),
+    };
     let freeze_overhead_s =
         median(recent(&freezes)).unwrap_or_else(|| default_freeze_overhead_s(last.size_bytes));
     Some(Forecast {

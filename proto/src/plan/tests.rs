@@ -117,22 +117,39 @@ fn forecast_takes_medians_and_learns_overheads() {
     assert!((f.send_s - 1.6).abs() < 1e-9);
     assert!((f.freeze_overhead_s - default_freeze_overhead_s(1000)).abs() < 1e-9);
     assert!((f.total_s - (10.0 + 1.0 + default_freeze_overhead_s(1000))).abs() < 1e-9);
-    // Cutovers measured their freeze: 0.3 s and 0.2 s beyond their
-    // passes (and, for the second, its tracked proof's read).
+    // Full cutovers measured their freeze: 0.3 s and 0.2 s beyond their
+    // passes.
     h.cutovers = vec![
         CutoverFigures {
             frozen_s: 20.0,
             passes_s: 19.7,
             proof_s: 0.0,
+            tracked: false,
         },
         CutoverFigures {
             frozen_s: 15.0,
-            passes_s: 10.8,
+            passes_s: 14.8,
+            proof_s: 0.0,
+            tracked: false,
+        },
+        // A tracked cutover's overhead (1 s beyond its passes and its
+        // proof's read) is not a full one's.
+        CutoverFigures {
+            frozen_s: 8.0,
+            passes_s: 3.0,
             proof_s: 4.0,
+            tracked: true,
         },
     ];
     let f = forecast(&h, 230.0).unwrap();
-    assert!((f.freeze_overhead_s - 0.25).abs() < 1e-9);
+    assert!((f.freeze_overhead_s - 0.25).abs() < 1e-9, "{f:?}");
+    // A tracked final pass takes the tracked cutover's.
+    let tracked = History {
+        final_scan: FinalScan::Tracked { changed_bytes: 0.0 },
+        ..h.clone()
+    };
+    let t = forecast(&tracked, 230.0).unwrap();
+    assert!((t.freeze_overhead_s - 1.0).abs() < 1e-9, "{t:?}");
     assert!((f.total_s - 11.25).abs() < 1e-9);
     // The receiver read its target at 50 B/s in recent rehearsals (the
     // median of 40, 50, 200; an older 10 B/s read is not recent): the

@@ -6,7 +6,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -117,9 +117,11 @@ impl TraceSession {
     }
 
     /// Reads every event available now from every CPU, waiting at most
-    /// `timeout` for the first; returns the non-read events with sectors of
-    /// the traced devices (possibly none, when the time ran out).
-    pub fn poll(&mut self, timeout: Duration) -> Result<Vec<BlockEvent>> {
+    /// `timeout` for the first, or until one of `wake` is readable (a
+    /// pass's request on the tracker's socket: answered at once, not after
+    /// the timeout of a quiet device); returns the non-read events with
+    /// sectors of the traced devices (possibly none).
+    pub fn poll(&mut self, timeout: Duration, wake: &[BorrowedFd<'_>]) -> Result<Vec<BlockEvent>> {
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
         let mut markers = Vec::new();
@@ -129,10 +131,9 @@ impl TraceSession {
                 return Ok(out);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if left.is_zero() || self.wait(left, pages, wake)? {
                 return Ok(out);
             }
-            self.wait(left, pages)?;
         }
     }
 
@@ -180,7 +181,7 @@ impl TraceSession {
                     missing.join(", ")
                 )));
             }
-            self.wait(left, pages)?;
+            self.wait(left, pages, &[])?;
         }
     }
 
@@ -268,22 +269,30 @@ impl TraceSession {
     /// on the per-CPU files; the instance's `buffer_percent` is 0, so any
     /// data wakes us), then [`BATCH`] more so events come in pages, not
     /// one by one; a file that polls readable without data cannot spin.
-    fn wait(&self, left: Duration, pages_read: usize) -> Result<()> {
+    /// Returns true, without the extra wait, when one of `wake` is readable.
+    fn wait(&self, left: Duration, pages_read: usize, wake: &[BorrowedFd<'_>]) -> Result<bool> {
         use nix::poll::{PollFd, PollFlags, PollTimeout};
         let ms = u16::try_from(left.as_millis().clamp(1, 1000)).unwrap_or(1000);
         let mut fds: Vec<PollFd> = (self.cpus.iter())
             .map(|c| PollFd::new(c.file.as_fd(), PollFlags::POLLIN))
+            .chain(wake.iter().map(|w| PollFd::new(*w, PollFlags::POLLIN)))
             .collect();
         match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(Error::Io(format!("poll the tracing buffers: {e}"))),
+        }
+        let woken = fds[self.cpus.len()..]
+            .iter()
+            .any(|f| f.revents().is_some_and(|r| !r.is_empty()));
+        if woken {
+            return Ok(true);
         }
         // Let events gather before reading: one wake-up per event would cost
         // more CPU than the events (a full default buffer takes far longer
         // than BATCH to fill at any rate measured here).
         let _ = pages_read;
         std::thread::sleep(left.min(BATCH));
-        Ok(())
+        Ok(false)
     }
 
     /// Writes the marker `words` into every CPU's buffer from a thread

@@ -418,6 +418,7 @@ pub fn figures(records: &[SenderRecord]) -> History {
                     Some("tracked") => proof_s.unwrap_or(0.0),
                     _ => 0.0,
                 },
+                tracked: proof.as_deref() == Some("tracked"),
             }),
             _ => {}
         }

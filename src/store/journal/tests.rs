@@ -149,6 +149,7 @@ fn a_journal_of_the_previous_format_reads_as_it_was() {
             frozen_s: 0.051266855,
             passes_s: 0.011365334,
             proof_s: 0.0,
+            tracked: false,
         }]
     );
     // Unsealed after the cutover: nothing holds passes back.
