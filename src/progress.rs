@@ -132,6 +132,11 @@ pub trait Progress: Send + Sync {
     fn answer(&self, line: &str) {
         answer_line(line);
     }
+    /// The bars' board, for reporters of many volumes at once that draw a
+    /// bar per volume (a plan run); `None` when this reporter draws none.
+    fn board(&self) -> Option<MultiProgress> {
+        None
+    }
 }
 
 /// Writes `line` on stdout: a command's answer, whatever the reporter.
@@ -384,6 +389,9 @@ impl Progress for Human {
     }
     fn note(&self, human: &str) {
         self.say(human);
+    }
+    fn board(&self) -> Option<MultiProgress> {
+        (!self.quiet).then(|| self.multi.clone())
     }
 }
 

@@ -3,12 +3,13 @@
 //! Returns the exit status of a negative answer (1) as `Ok(1)`; failures are
 //! `Err` and map to their own statuses in `main.rs`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::app::cli::{Cli, Command, ScanArg, ServeArgs, SyncArgs};
+use crate::app::cli::{Cli, Command, ConvergeArgs, ScanArg, ServeArgs, SyncArgs};
+use crate::app::plan;
 use crate::error::{Error, Result};
 use crate::net::transport::{default_identity_dir, Identity};
 use crate::pass::receiver::{self, ServeConfig};
@@ -42,30 +43,33 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Serve(args) => serve(args).await,
-        Command::Sync(args) => {
-            let cfg = sync_config(&args.sync, &args.scan, "sync")?;
-            let id = Identity::load(&args.sync.identity_dir())?;
-            sender::run_pass(&cfg, &id, progress).await?;
-            Ok(0)
-        }
-        Command::Verify(args) => crate::app::verify::run(&args, progress).await,
-        Command::Converge(args) => {
-            let cfg = sync_config(&args.sync, &args.scan, "converge")?;
-            let id = Identity::load(&args.sync.identity_dir())?;
-            if args.margin.is_nan() || args.margin < 1.0 {
-                return Err(Error::input("--margin must be at least 1.0"));
+        Command::Sync(args) => match args.volumes.single() {
+            Some((source, dest)) => {
+                let cfg = sync_config(&args.sync, &args.scan, source, dest, "sync")?;
+                let id = Identity::load(&args.sync.identity_dir())?;
+                sender::run_pass(&cfg, &id, progress).await?;
+                Ok(0)
             }
-            let cc = crate::app::cutover::ConvergeConfig {
-                window: args.window,
-                max_passes: args.max_passes.max(1),
-                interval: args.interval,
-                margin: args.margin,
-            };
-            crate::app::cutover::converge(&cfg, &cc, &id, progress).await
+            None => plan::commands::sync(&args, progress).await,
+        },
+        Command::Verify(args) => match args.volumes.single() {
+            Some((source, dest)) => crate::app::verify::run(&args, source, dest, progress).await,
+            None => plan::commands::verify(&args, progress).await,
+        },
+        Command::Converge(args) => {
+            let cc = converge_config(&args)?;
+            match args.volumes.single() {
+                Some((source, dest)) => {
+                    let cfg = sync_config(&args.sync, &args.scan, source, dest, "converge")?;
+                    let id = Identity::load(&args.sync.identity_dir())?;
+                    crate::app::cutover::converge(&cfg, &cc, &id, progress).await
+                }
+                None => plan::commands::converge(&args, cc, progress).await,
+            }
         }
         Command::Track(args) => track(args, progress, json).await,
         Command::Cutover(args) => {
-            let cfg = sync_config(&args.sync, &args.scan, "cutover")?;
+            let cfg = sync_config(&args.sync, &args.scan, &args.source, &args.dest, "cutover")?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));
@@ -82,9 +86,22 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Unseal { name, state_dir } => {
             unseal(name, state_dir.unwrap_or_else(default_state_dir), progress).await
         }
-        Command::Status { source, state_dir } => {
+        Command::Status {
+            source,
+            plan: plan_file,
+            state_dir,
+            window,
+            margin,
+        } => {
             let dir = state_dir.unwrap_or_else(default_state_dir);
-            crate::pass::sender::status(&dir, source.as_deref(), progress.as_ref())?;
+            match plan_file {
+                Some(f) => {
+                    let p = plan::Plan::load(&f)?;
+                    let judge = plan::status::Judge { window, margin };
+                    plan::status::status(&p, &dir, judge, progress.as_ref())?;
+                }
+                None => crate::pass::sender::status(&dir, source.as_deref(), progress.as_ref())?,
+            }
             Ok(0)
         }
         Command::Bench { volume, size } => {
@@ -98,10 +115,30 @@ pub async fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-/// Typed pass settings from the flags.
-pub fn sync_config(args: &SyncArgs, scan: &ScanArg, kind: &'static str) -> Result<SyncConfig> {
-    let (dest, fp) = args.remote()?;
-    let tuning = args.tuning()?;
+/// Typed settings of `converge` beyond its passes'.
+fn converge_config(args: &ConvergeArgs) -> Result<crate::app::cutover::ConvergeConfig> {
+    if args.margin.is_nan() || args.margin < 1.0 {
+        return Err(Error::input("--margin must be at least 1.0"));
+    }
+    Ok(crate::app::cutover::ConvergeConfig {
+        window: args.window,
+        max_passes: args.max_passes.max(1),
+        interval: args.interval,
+        margin: args.margin,
+        stop: None,
+    })
+}
+
+/// Typed settings of a pass from `source` to `dest` from the flags.
+pub fn sync_config(
+    args: &SyncArgs,
+    scan: &ScanArg,
+    source: &Path,
+    dest: &str,
+    kind: &'static str,
+) -> Result<SyncConfig> {
+    let (dest, fp) = args.endpoint.remote(dest)?;
+    let tuning = args.endpoint.tuning()?;
     let streams = match args.streams {
         Some(n) if n == 0 || n > 32 => {
             return Err(Error::input("--streams must be between 1 and 32"))
@@ -110,13 +147,14 @@ pub fn sync_config(args: &SyncArgs, scan: &ScanArg, kind: &'static str) -> Resul
         None => tuning.default_streams(),
     };
     Ok(SyncConfig {
-        source: args.source.clone(),
+        source: source.to_owned(),
         dest,
         server_fingerprint: fp,
         state_dir: args.state_dir(),
         chunk_size: args.chunk_size,
         streams,
         bwlimit: args.bwlimit,
+        shared_pacer: None,
         scan: args.scan(),
         tuning,
         kind,

@@ -14,5 +14,6 @@ pub mod cli;
 pub mod commands;
 pub mod cutover;
 pub mod demo;
+pub mod plan;
 pub mod track;
 pub mod verify;

@@ -15,6 +15,12 @@
 //! order. Memory in flight is bounded by the queue depths: about
 //! `2 × workers + 2` blocks.
 //!
+//! One pool of hashing slots, one per core, is shared by every scan of the
+//! process ([`HashSlots`]): a worker holds a slot while it reads and
+//! hashes a block, so that the volumes of a plan run (or the sessions of a
+//! receiver) scanned at once share the cores instead of each taking them
+//! all. A worker waiting for a slot is not busy (see [`ScanStats::busy_s`]).
+//!
 //! Owns no sockets and no manifests.
 
 use std::sync::mpsc::{sync_channel, Receiver as StdReceiver, SyncSender};
@@ -193,6 +199,49 @@ impl<T> Scan<T> {
             bytes,
             busy_s: busy.as_secs_f64(),
         })
+    }
+}
+
+/// The process's hashing slots: at most one block read and hashed per
+/// core at a time, over every scan running.
+pub struct HashSlots {
+    free: Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl HashSlots {
+    /// The process's pool, one slot per core.
+    pub fn global() -> &'static HashSlots {
+        static SLOTS: std::sync::OnceLock<HashSlots> = std::sync::OnceLock::new();
+        SLOTS.get_or_init(|| HashSlots::new(worker_count(0)))
+    }
+
+    /// A pool of `n` slots.
+    pub fn new(n: usize) -> HashSlots {
+        HashSlots {
+            free: Mutex::new(n.max(1)),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Waits for a free slot and holds it until the guard drops.
+    pub fn take(&self) -> SlotGuard<'_> {
+        let mut free = self.free.lock().expect("not poisoned");
+        while *free == 0 {
+            free = self.freed.wait(free).expect("not poisoned");
+        }
+        *free -= 1;
+        SlotGuard(self)
+    }
+}
+
+/// A hashing slot held; freed on drop.
+pub struct SlotGuard<'a>(&'a HashSlots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().expect("not poisoned") += 1;
+        self.0.freed.notify_one();
     }
 }
 
@@ -376,15 +425,21 @@ where
                 s.ended_ns.fetch_max(ended, Ordering::Relaxed);
                 return;
             };
+            let t = Instant::now();
+            let slot = HashSlots::global().take();
+            let waited = t.elapsed().as_nanos() as u64;
+            s.blocked_ns.fetch_add(waited, Ordering::Relaxed);
             let read = match self.read(off, len) {
                 Ok(r) => r,
                 Err(e) => {
+                    drop(slot);
                     let _ = s.out.blocking_send(Err(e));
                     return;
                 }
             };
             let end = first_index + (len as u64).div_ceil(s.chunk as u64);
             let (items, total) = self.chunks(read, first_index);
+            drop(slot);
             s.progress.scanned(total as u64);
             let t = Instant::now();
             if s.out.blocking_send(Ok(Block { seq, end, items })).is_err() {
@@ -524,6 +579,31 @@ mod tests {
         let odd = geometry((8 << 20) + 5, 8 << 20);
         let all: Vec<_> = blocks(&ChunkSet::all(&odd), 8 << 20).collect();
         assert_eq!(all, [(0, 0, 0, 8 << 20), (1, 1, 8 << 20, 5)]);
+    }
+
+    #[test]
+    fn hashing_slots_bound_the_work_in_flight() {
+        let slots = Arc::new(HashSlots::new(2));
+        let busy = Arc::new(AtomicU64::new(0));
+        let most = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..6)
+            .map(|_| {
+                let (slots, busy, most) = (slots.clone(), busy.clone(), most.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        let _g = slots.take();
+                        let now = busy.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_micros(200));
+                        busy.fetch_sub(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 2);
     }
 
     #[test]

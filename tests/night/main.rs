@@ -15,6 +15,7 @@ mod harness;
 mod hostile;
 mod journal;
 mod passes;
+mod plan;
 mod refusals;
 mod relay;
 mod reliability;

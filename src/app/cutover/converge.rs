@@ -30,6 +30,8 @@ pub struct ConvergeConfig {
     pub interval: Duration,
     /// Safety margin the forecast is multiplied by.
     pub margin: f64,
+    /// A plan run's red button: once pressed, no further pass starts.
+    pub stop: Option<crate::app::plan::run::Stop>,
 }
 
 /// True when the last passes stopped shrinking: each of the last two moved
@@ -65,8 +67,21 @@ pub async fn converge(
     // that cannot connect rides out the outage (--retry-for).
     let mut cfg = cfg.clone();
     for n in 1..=cc.max_passes {
+        let stopped = || cc.stop.as_ref().is_some_and(|s| s.requested());
         if n > 1 && !cc.interval.is_zero() {
-            tokio::time::sleep(cc.interval).await;
+            // The red button ends the wait too, a second at most after it.
+            let until = tokio::time::Instant::now() + cc.interval;
+            while !stopped() && tokio::time::Instant::now() < until {
+                let left = until - tokio::time::Instant::now();
+                tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+            }
+        }
+        if n > 1 && stopped() {
+            let f = last.as_ref().and_then(|e| e.forecast_final_pass_s);
+            let event = json!({"event": "converge_end", "ready": false, "passes": n - 1, "reason": "stopped",
+                               "forecast_final_pass_s": f, "window_s": window});
+            let why = "stopped by the operator before its next pass";
+            return Ok(not_converged(progress.as_ref(), &event, why));
         }
         let end = if copied_before {
             rehearsal_pass(&cfg, id, progress.clone()).await?
