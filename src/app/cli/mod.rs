@@ -63,10 +63,19 @@ pub enum Command {
     /// Receive volumes: export NAME=PATH pairs to the allowed senders.
     Serve(ServeArgs),
     /// One delta pass: send the chunks that differ from what the target holds.
+    #[command(
+        override_usage = "nightpass sync [OPTIONS] SOURCE DEST\n       nightpass sync [OPTIONS] --plan FILE"
+    )]
     Sync(SyncCmdArgs),
     /// Compare source and target by fresh checksums; list differing ranges.
+    #[command(
+        override_usage = "nightpass verify [OPTIONS] SOURCE DEST\n       nightpass verify [OPTIONS] --plan FILE"
+    )]
     Verify(VerifyArgs),
     /// Repeat passes until a frozen final pass is forecast to fit the window.
+    #[command(
+        override_usage = "nightpass converge [OPTIONS] --window DURATION SOURCE DEST\n       nightpass converge [OPTIONS] --window DURATION --plan FILE"
+    )]
     Converge(ConvergeArgs),
     /// Freeze the source, run the final pass, prove the target identical, thaw.
     Cutover(CutoverArgs),
