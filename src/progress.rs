@@ -369,7 +369,10 @@ impl Progress for Human {
         ));
     }
     fn event(&self, _: &Value, human: &str) {
-        self.say(human);
+        // An event with no sentence (its words went to stderr) prints none.
+        if !human.is_empty() {
+            self.say(human);
+        }
     }
     fn begin(&self, label: &str, total: u64) {
         let style = ProgressStyle::with_template(

@@ -106,7 +106,8 @@ impl Filer {
 }
 
 /// Every line of a plan run carries `ts` and `volume`, the plan's name of
-/// a volume (`null` only in `plan_end`, which is about the whole plan).
+/// a volume (`null` only in `plan_end` and `plan_stopping`, which are about
+/// the whole plan).
 #[track_caller]
 fn assert_tagged(r: &Run, names: &[String]) {
     for e in &r.events {
@@ -114,7 +115,7 @@ fn assert_tagged(r: &Run, names: &[String]) {
         let v = e
             .get("volume")
             .unwrap_or_else(|| panic!("no volume in {e}\n{}", r.context()));
-        if e["event"] == "plan_end" {
+        if e["event"] == "plan_end" || e["event"] == "plan_stopping" {
             assert!(v.is_null(), "{e}");
         } else {
             assert!(
@@ -267,6 +268,19 @@ fn a_bad_plan_is_refused_whole() {
     );
     assert!(!f.sender.state.exists(), "the sender wrote state");
 
+    // One source under two names: a symlink is the file it points to.
+    std::os::unix::fs::symlink(f.source("v0"), f.dir.path().join("alias")).unwrap();
+    let plan = f.plan("");
+    let text = std::fs::read_to_string(&plan).unwrap();
+    let text = text.replace(
+        &f.source("v1").display().to_string(),
+        &f.dir.path().join("alias").display().to_string(),
+    );
+    std::fs::write(&plan, text).unwrap();
+    let r = f.run("sync", &plan, &[]);
+    assert_eq!(r.code, 2, "{}", r.context());
+    assert!(r.stderr.contains("have one source"), "{}", r.stderr);
+
     let plan = f.plan("speed = \"fast\"");
     let r = f.run("verify", &plan, &[]);
     assert_eq!(r.code, 2, "{}", r.context());
@@ -351,4 +365,61 @@ fn sigint_once_lets_the_passes_in_flight_end_and_starts_nothing() {
         "{}",
         r.context()
     );
+}
+
+#[test]
+fn converge_plan_and_status_plan() {
+    let f = Filer::new(2, 2 * MIB, &[]);
+    let plan = f.plan("");
+    let r = f.run("converge", &plan, &["--window", "1h", "--max-passes", "4"]);
+    r.ok();
+    assert_tagged(&r, &f.names);
+    let ends = r.all("converge_end");
+    assert_eq!(ends.len(), 2, "{}", r.context());
+    assert!(ends.iter().all(|e| e["ready"] == true), "{}", r.context());
+    let mut c = Command::new(bin());
+    c.args(["status", "--json", "--window", "1h", "--plan"])
+        .arg(&plan)
+        .arg("--state-dir")
+        .arg(&f.sender.state);
+    let s = run_command(c);
+    s.ok();
+    for l in s.all("plan_volume") {
+        assert_eq!(l["state"], "converged", "{l}");
+        assert!(l["forecast_final_pass_s"].as_f64().is_some(), "{l}");
+        assert_eq!(l["fits_window"], true, "{l}");
+    }
+}
+
+/// Threads of process `pid` whose name starts with `prefix`.
+fn threads_named(pid: u32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|n| n.starts_with(prefix))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_volumes_of_a_plan_share_one_hashing_pool() {
+    let f = Filer::new(4, 8 * MIB, &[]);
+    // Four volumes in flight together, slowly.
+    let plan = f.plan("bwlimit = \"4M\"");
+    let run = Spawned::start(f.command("sync", &plan, &[]));
+    let all_started = wait_for(Duration::from_secs(60), || {
+        run.stdout().matches("\"event\":\"pass_start\"").count() == 4
+    });
+    assert!(all_started, "four passes did not start: {}", run.stdout());
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let hashers = threads_named(run.child.id(), "nightpass-hash");
+    assert_eq!(
+        hashers, cores,
+        "one hashing thread per core for all four volumes"
+    );
+    run.signal(libc::SIGINT);
+    run.signal(libc::SIGINT);
+    let r = run.finish(COMMAND_TIMEOUT);
+    assert_eq!(r.code, 130, "{}", r.context());
 }

@@ -576,6 +576,29 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_or_source_and_dest() {
+        let p = |args: &[&str]| Cli::try_parse_from([&["nightpass"], args].concat());
+        let cli = p(&["sync", "--plan", "f.toml"]).unwrap();
+        assert!(cli.command.is_plan_run());
+        let Command::Sync(a) = cli.command else {
+            panic!("not a sync")
+        };
+        assert!(a.volumes.single().is_none());
+        assert!(!p(&["sync", "a", "h:1/v"]).unwrap().command.is_plan_run());
+        assert!(p(&["sync", "a", "h:1/v", "--plan", "f"]).is_err());
+        assert!(p(&["sync", "a"]).is_err());
+        assert!(p(&["verify", "--plan", "f"]).is_ok());
+        assert!(p(&["converge", "--plan", "f", "--window", "1h"]).is_ok());
+        assert!(p(&["status", "--plan", "f", "--window", "1h"]).is_ok());
+        assert!(p(&["status", "--window", "1h"]).is_err());
+        // The group cutover is not built: cutover takes no plan yet.
+        assert!(p(&["cutover", "--plan", "f", "--assume-frozen"]).is_err());
+        // verify lists only its own flags.
+        assert!(p(&["verify", "a", "h:1/v", "--bwlimit", "1M"]).is_err());
+        assert!(p(&["verify", "a", "h:1/v", "--retry-for", "1m"]).is_err());
+    }
+
+    #[test]
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();

@@ -48,6 +48,19 @@ pub fn stopped_shrinking(changed: &[u64]) -> bool {
     }
 }
 
+/// Waits `--interval` before a pass after the first; false when the red
+/// button of a plan run was pressed (before or during the wait: it ends
+/// the wait a second at most after).
+async fn interval_passed(cc: &ConvergeConfig) -> bool {
+    let stopped = || cc.stop.as_ref().is_some_and(|s| s.requested());
+    let until = tokio::time::Instant::now() + cc.interval;
+    while !stopped() && tokio::time::Instant::now() < until {
+        let left = until - tokio::time::Instant::now();
+        tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+    }
+    !stopped()
+}
+
 /// Runs passes until the forecast fits; returns 0 ready, 1 not converged.
 pub async fn converge(
     cfg: &SyncConfig,
@@ -67,16 +80,7 @@ pub async fn converge(
     // that cannot connect rides out the outage (--retry-for).
     let mut cfg = cfg.clone();
     for n in 1..=cc.max_passes {
-        let stopped = || cc.stop.as_ref().is_some_and(|s| s.requested());
-        if n > 1 && !cc.interval.is_zero() {
-            // The red button ends the wait too, a second at most after it.
-            let until = tokio::time::Instant::now() + cc.interval;
-            while !stopped() && tokio::time::Instant::now() < until {
-                let left = until - tokio::time::Instant::now();
-                tokio::time::sleep(left.min(Duration::from_secs(1))).await;
-            }
-        }
-        if n > 1 && stopped() {
+        if n > 1 && !interval_passed(cc).await {
             let f = last.as_ref().and_then(|e| e.forecast_final_pass_s);
             let event = json!({"event": "converge_end", "ready": false, "passes": n - 1, "reason": "stopped",
                                "forecast_final_pass_s": f, "window_s": window});

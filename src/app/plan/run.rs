@@ -100,12 +100,10 @@ where
                 });
                 let name = plan.volumes.get(i).map_or("?", |v| v.name.as_str());
                 volume_end(progress.as_ref(), &total, name, command, r, &mut tally);
-                if halt.is_none() && plan.max_failures.is_some_and(|m| tally.failed >= m) && next < plan.volumes.len() {
+                let limit = plan.max_failures.is_some_and(|m| tally.failed >= m);
+                if halt.is_none() && limit && next < plan.volumes.len() {
                     halt = Some(Halt::MaxFailures);
-                    progress.note(&format!(
-                        "{} volume(s) failed (max_failures = {}): no new volume starts; those in flight go on",
-                        tally.failed, plan.max_failures.unwrap_or(0)
-                    ));
+                    stopping(progress.as_ref(), Halt::MaxFailures, &tally);
                 }
             }
             _ = interrupts.next() => {
@@ -118,9 +116,7 @@ where
                 }
                 stop.press();
                 halt = Some(Halt::Signal);
-                progress.note(
-                    "stopping: no new volume starts; the passes in flight end durably (interrupt again to stop them now)",
-                );
+                stopping(progress.as_ref(), Halt::Signal, &tally);
             }
         }
     }
@@ -146,6 +142,18 @@ where
     })
 }
 
+/// No new volume starts: the `plan_stopping` event and why.
+fn stopping(progress: &dyn Progress, why: Halt, tally: &Tally) {
+    let (reason, human) = match why {
+        Halt::Signal => ("signal", "stopping: no new volume starts; the passes in flight end durably (interrupt again to stop them now)".to_string()),
+        Halt::MaxFailures => ("max_failures", format!("{} volume(s) failed (max_failures): no new volume starts; those in flight go on", tally.failed)),
+    };
+    progress.event(
+        &json!({"event": "plan_stopping", "volume": null, "reason": reason}),
+        &human,
+    );
+}
+
 /// One volume ended: its `volume_end` event (and the error, when it failed).
 fn volume_end(
     progress: &dyn Progress,
@@ -167,9 +175,12 @@ fn volume_end(
     }
     total.volume_done(r.is_err());
     if let Some(m) = &message {
+        // On stderr in every mode, as a single command's error; the event
+        // for --json (its human line is the volume_end below).
+        tracing::error!("nightpass: error: {name}: {m}");
         progress.event(
             &json!({"event": "error", "volume": name, "message": m, "exit_code": code}),
-            &format!("{name}: error: {m}"),
+            "",
         );
     }
     let human = match result {

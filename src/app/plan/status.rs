@@ -89,7 +89,7 @@ pub fn status(plan: &Plan, state_dir: &Path, judge: Judge, progress: &dyn Progre
                 })),
             }),
             &format!(
-                "{:<16} {:<11} {passes:>3} passes  {last_text}  {tail}",
+                "{:<16} {:<11} passes {passes:<3} {last_text}  {tail}",
                 v.name, state
             ),
         );
