@@ -10,16 +10,25 @@
 #   scripts/plan-figures.sh                  # SIZE=1G N=4
 #   SIZE=256M NO_BUILD=1 scripts/plan-figures.sh
 #   BWLIMIT=64M SIZE=256M scripts/plan-figures.sh
+#   DROP_CACHES=0 scripts/plan-figures.sh    # sources read from the page cache
+#   TARGETS=/dev/shm scripts/plan-figures.sh # targets in memory: no disk writes
+#
+# By default (as root) the page cache is dropped before every run, so the
+# sources are read from the disk: with all the image files on one disk,
+# volumes read at once compete for it, as they would not on a filer whose
+# volumes sit on separate disks. DROP_CACHES=0 takes the disk out.
 set -euo pipefail
 NAME=plan-figures.sh
 SIZE=${SIZE:-1G}
 N=${N:-4}
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 W=$(mktemp -d "${TMPDIR:-/var/tmp}/np-plan.XXXXXX")
+T=$W
+if [[ -n ${TARGETS:-} ]]; then T=$(mktemp -d "$TARGETS/np-plan-targets.XXXXXX"); fi
 RPID=
 cleanup() {
     [[ -n $RPID ]] && kill "$RPID" 2>/dev/null || true
-    rm -rf "$W"
+    rm -rf "$W" "$T"
 }
 trap cleanup EXIT
 
@@ -41,7 +50,7 @@ done
 SF=$("$BIN" keygen --identity "$W/sid")
 "$BIN" keygen --identity "$W/rid" >/dev/null
 vols=()
-for i in $(seq 0 $((N - 1))); do vols+=(--volume "v$i=$W/v$i.tgt"); done
+for i in $(seq 0 $((N - 1))); do vols+=(--volume "v$i=$T/v$i.tgt"); done
 "$BIN" serve --listen 127.0.0.1:0 "${vols[@]}" --allow "$SF" --identity "$W/rid" \
     --state-dir "$W/rstate" 2>"$W/serve.log" &
 RPID=$!
@@ -49,7 +58,7 @@ wait_listening "$RPID" "$W/serve.log"
 
 # fresh: forget every copy, on both sides, so each run is a first pass.
 fresh() {
-    rm -rf "$W"/v*.tgt "$W/sstate"
+    rm -rf "$T"/v*.tgt "$W/sstate"
     kill "$RPID"; wait "$RPID" 2>/dev/null || true
     rm -rf "$W/rstate"
     "$BIN" serve --listen "127.0.0.1:$PORT" "${vols[@]}" --allow "$SF" --identity "$W/rid" \
@@ -57,7 +66,11 @@ fresh() {
     RPID=$!
     wait_listening "$RPID" "$W/serve.log"
     sync
-    echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+    if [[ ${DROP_CACHES:-1} == 1 ]]; then
+        echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+    else
+        cat "$W"/v*.src >/dev/null
+    fi
 }
 
 plan() { # plan JOBS
@@ -102,7 +115,9 @@ PY
 done
 
 echo
-echo "$N volumes of $SIZE, first passes, $(nproc) cores${BWLIMIT:+, bwlimit $BWLIMIT}"
+cache="from the disk, targets in $T"
+[[ ${DROP_CACHES:-1} == 1 ]] || cache="from the page cache, targets in $T"
+echo "$N volumes of $SIZE, first passes, sources read $cache, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)${BWLIMIT:+, bwlimit $BWLIMIT}"
 printf '| %-28s | %9s | %9s |\n' run "wall (s)" "vs single"
 printf '|%s|%s|%s|\n' "------------------------------" "-----------" "-----------"
 printf '| %-28s | %9s | %9s |\n' "$N single syncs, in a row" "$single" "1.00"
