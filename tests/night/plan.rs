@@ -69,14 +69,25 @@ impl Filer {
 
     /// Writes a plan of every volume with the `top` keys and returns its path.
     fn plan(&self, top: &str) -> PathBuf {
+        let volumes: Vec<(String, PathBuf)> = self
+            .names
+            .iter()
+            .map(|n| (n.clone(), self.source(n)))
+            .collect();
+        self.plan_of(top, &volumes)
+    }
+
+    /// Writes a plan of the given volumes (name, source) with the `top`
+    /// keys and returns its path.
+    fn plan_of(&self, top: &str, volumes: &[(String, PathBuf)]) -> PathBuf {
         let mut text = format!(
             "receiver = \"127.0.0.1:{}\"\nserver_fingerprint = \"{}\"\n{top}\n",
             self.rx.port, self.rx.fp
         );
-        for n in &self.names {
+        for (n, source) in volumes {
             text.push_str(&format!(
                 "[[volume]]\nname = \"{n}\"\nsource = \"{}\"\n",
-                self.source(n).display()
+                source.display()
             ));
         }
         let path = self.dir.path().join("filer.toml");
@@ -422,4 +433,43 @@ fn the_volumes_of_a_plan_share_one_hashing_pool() {
     run.signal(libc::SIGINT);
     let r = run.finish(COMMAND_TIMEOUT);
     assert_eq!(r.code, 130, "{}", r.context());
+}
+
+#[test]
+fn block_device_sources_and_one_device_under_two_names() {
+    if !need_root(
+        "plan::block_device_sources_and_one_device_under_two_names",
+        &["losetup"],
+    ) {
+        return;
+    }
+    let f = Filer::new(2, 4 * MIB, &[]);
+    let loops: Vec<Loop> = f.names.iter().map(|n| Loop::attach(&f.source(n))).collect();
+    let volumes: Vec<(String, PathBuf)> = f
+        .names
+        .iter()
+        .cloned()
+        .zip(loops.iter().map(|l| l.dev.clone()))
+        .collect();
+    let r = f.run("sync", &f.plan_of("", &volumes), &[]);
+    r.ok();
+    assert_tagged(&r, &f.names);
+    for n in &f.names {
+        assert_same_file(&f.source(n), &f.target(n));
+    }
+    // The device and a symlink to it are one source: refused whole.
+    let alias = f.dir.path().join("disk-by-name");
+    std::os::unix::fs::symlink(&loops[0].dev, &alias).unwrap();
+    let twice = vec![
+        ("v0".to_string(), loops[0].dev.clone()),
+        ("v1".to_string(), alias),
+    ];
+    let r = f.run("sync", &f.plan_of("", &twice), &[]);
+    assert_eq!(r.code, 2, "{}", r.context());
+    assert!(r.stderr.contains("have one source"), "{}", r.stderr);
+    assert!(
+        r.events.iter().all(|e| e["event"] == "error"),
+        "something ran\n{}",
+        r.context()
+    );
 }
