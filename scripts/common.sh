@@ -28,11 +28,11 @@ wait_listening() {
     for _ in $(seq 100); do
         line=$(head -n 1 "$err" 2>/dev/null || true)
         # A whole line (newline written), not one still being printed.
-        [[ $line =~ ^listening\ on\ .*\ fingerprint\ [^[:space:]]+$ ]] && [[ $(wc -l <"$err") -ge 1 ]] && break
+        [[ $line =~ listening\ on\ .*\ fingerprint\ [^[:space:]]+$ ]] && [[ $(wc -l <"$err") -ge 1 ]] && break
         kill -0 "$pid" 2>/dev/null || { cat "$err" >&2; die "receiver exited at start"; }
         sleep 0.1
     done
-    [[ $line =~ ^listening\ on\ 127\.0\.0\.1:([0-9]+)\ fingerprint\ ([^[:space:]]+) ]] ||
+    [[ $line =~ listening\ on\ 127\.0\.0\.1:([0-9]+)\ fingerprint\ ([^[:space:]]+) ]] ||
         { cat "$err" >&2; die "no 'listening on ADDR fingerprint FP' line from the receiver: '$line'"; }
     PORT=${BASH_REMATCH[1]}
     RFP=${BASH_REMATCH[2]}

@@ -48,8 +48,8 @@ sync
 SF=$($B keygen --identity "$W/sid"); RF=$($B keygen --identity "$W/rid")
 $B serve --listen 127.0.0.1:0 --volume "v=$W/tgt.img" --allow "$SF" --identity "$W/rid" --state-dir "$W/rstate" 2> "$W/serve.log" &
 RPID=$!
-for _ in $(seq 50); do grep -q "^listening" "$W/serve.log" && break; sleep 0.1; done
-PORT=$(sed -n 's/^listening on 127.0.0.1:\([0-9]*\) .*/\1/p' "$W/serve.log")
+for _ in $(seq 50); do grep -q "listening on" "$W/serve.log" && break; sleep 0.1; done
+PORT=$(sed -n 's/^.*listening on 127.0.0.1:\([0-9]*\) .*/\1/p' "$W/serve.log")
 common=(--server-fingerprint "$RF" --identity "$W/sid" --state-dir "$W/sstate" --json)
 # The steady writer: new files, appends, deletions, about WRITE_KBPS KiB/s.
 python3 - "$W/mnt" "$WRITE_KBPS" <<'PY' &

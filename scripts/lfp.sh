@@ -332,7 +332,7 @@ run() {
         2>"$WORK/serve-$tag.err" &
     rpid=$!
     PIDS+=("$rpid")
-    wait_line "$WORK/serve-$tag.err" '^listening on ' "$rpid"
+    wait_line "$WORK/serve-$tag.err" 'listening on ' "$rpid"
     ip netns exec "$NS_S" "$RELAY" "$RELAY_ADDR" "$IP_R:$SERVE_PORT" "$DELAY_MS" 2>"$WORK/relay-$tag.err" &
     relpid=$!
     PIDS+=("$relpid")
@@ -368,7 +368,7 @@ run() {
     stop "$rpid"
     # Connections the receiver saw end in an error: each one a reconnect
     # (JSON mode keeps the sender's "link lost; reconnecting" notes quiet).
-    lost=$(grep -c 'ended with an error' "$WORK/serve-$tag.err" || true)
+    lost=$(grep -c 'result=error\|ended with an error' "$WORK/serve-$tag.err" || true)
     local drops
     drops="tbf data side: $(calc "printf \"%.1f\", ($s1 - $s0) / 1e6") MB sent, $((d1 - d0)) dropped; ack side: $(calc "printf \"%.1f\", ($r1 - $r0) / 1e6") MB sent"
     drops+="; UDP receive-buffer drops: sender side (sender, relay) $((u1s - u0s)), receiver side $((u1r - u0r))"
@@ -387,7 +387,7 @@ run() {
         # A failed pass is recorded, and the other runs still go ahead.
         printf '%-6s window %-4s run %s: FAIL: sync %s\n' "$cc" "$win" "$n" "$why"
         printf '    connections lost: %s; %s\n' "$lost" "$drops"
-        grep -v '^listening on\|^shutting down' "$WORK/serve-$tag.err" | sort | uniq -c | sed 's/^ */      receiver: /' | head -n 5
+        sed 's/^[0-9T:.Z-]* *[A-Z]* //' "$WORK/serve-$tag.err" | grep -v '^listening on\|^shutting down' | sort | uniq -c | sed 's/^ */      receiver: /' | head -n 5
         FAILED=1
         RESULTS+=("$cc $win $n - - FAIL $lost")
         return 0
@@ -412,7 +412,7 @@ run() {
         "$(calc "printf \"%.3f\", $rate / $NOMINAL")" "$sent" "$snd_cpu" "$serve_cpu" "$relay_cpu" "$busy" "$soft" "$(nproc)" \
         "$(awk '{ print $1 }' "$WORK/time-$tag")"
     printf '    connections lost and resumed: %s; %s\n' "$lost" "$drops"
-    [[ $lost == 0 ]] || grep -v '^listening on\|^shutting down' "$WORK/serve-$tag.err" | sort | uniq -c | sed 's/^ */      receiver: /' | head -n 5
+    [[ $lost == 0 ]] || sed 's/^[0-9T:.Z-]* *[A-Z]* //' "$WORK/serve-$tag.err" | grep -v '^listening on\|^shutting down' | sort | uniq -c | sed 's/^ */      receiver: /' | head -n 5
     printf '    relay: %s\n' "${relay_final:-?}"
     RESULTS+=("$cc $win $n $(mbit "$rate") $ratio $verdict $lost")
 }

@@ -109,6 +109,25 @@ impl Error {
     pub fn input(msg: impl Into<String>) -> Error {
         Error::Input(msg.into())
     }
+
+    /// The same error, its message prefixed with `what` (`"volume 'a'"`):
+    /// the kind, and so the exit status, stay.
+    pub fn context(self, what: &str) -> Error {
+        let p = |m: String| format!("{what}: {m}");
+        match self {
+            Error::Input(m) => Error::Input(p(m)),
+            Error::Io(m) => Error::Io(p(m)),
+            Error::Network(m) => Error::Network(p(m)),
+            Error::Peer(m) => Error::Peer(p(m)),
+            Error::Interrupted => Error::Interrupted,
+            Error::InUse(m) => Error::InUse(p(m)),
+            Error::TooSmall(m) => Error::TooSmall(p(m)),
+            Error::Refused { code, message } => Error::Refused {
+                code,
+                message: p(message),
+            },
+        }
+    }
 }
 
 impl From<SessionError> for Error {

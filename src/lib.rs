@@ -17,7 +17,7 @@
 //!                                     (knows no protocol, no network)
 //! store/  the state directory: the Store trait, state, journal, seal
 //!                                     (keeps records, decides nothing)
-//! error.rs, progress.rs: the vocabulary every folder shares
+//! error.rs, progress.rs, metrics.rs: the vocabulary every folder shares
 //! ```
 //! - [`app`]: flags into typed settings ([`app::cli`]), one function per
 //!   subcommand ([`app::commands`]), convergence and the frozen cutover
@@ -34,7 +34,8 @@
 //!   which journals, source records and seals are kept (the file store
 //!   today).
 //! - [`error`]: error kinds and exit statuses; [`progress`]: the progress
-//!   trait and its terminal/JSON implementations.
+//!   trait and its terminal/JSON implementations; [`metrics`]: the
+//!   Prometheus metrics operators scrape (`--metrics ADDR`).
 //!
 //! The library never prints: what the operator reads on stdout goes through
 //! [`progress`]; diagnostics and the receiver's log go through `tracing`
@@ -63,6 +64,7 @@
 pub mod app;
 pub mod error;
 pub mod io;
+pub mod metrics;
 pub mod net;
 pub mod pass;
 pub mod progress;

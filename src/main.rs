@@ -2,13 +2,14 @@
 //! statuses and print them. Everything else lives in the library, which
 //! never prints: operator output goes through `nightpass::progress`, and
 //! diagnostics and the receiver's log through `tracing`, written here to
-//! stderr. System calls that need `unsafe` go through the safe wrappers of
+//! stderr in the format of `nightpass::app::log`. System calls that need `unsafe` go through the safe wrappers of
 //! `nightpass::io::sys`.
 #![deny(unsafe_code)]
 
 use clap::Parser;
 use nightpass::app::cli::Cli;
 use nightpass::app::commands;
+use nightpass::app::log;
 use nightpass::error::Error;
 use nightpass::io::sys;
 use nightpass::net::transport;
@@ -25,29 +26,44 @@ async fn signal(kind: tokio::signal::unix::SignalKind) {
     }
 }
 
-/// Installs the one logging path: this crate's `tracing` events at INFO and
-/// above go to stderr as their bare message, with no level, target or time,
-/// so the lines docs/CLI.md quotes (`listening on ADDR fingerprint FP`, the
-/// receiver's log of refused and ended sessions and cutovers, warnings)
-/// read as they always have. They are written in every mode: `--quiet` and
-/// `--json` govern stdout and the bars, not the log. Other crates' events
-/// (quinn's) stay silent, as before there was a subscriber.
-fn install_log() {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let ours = tracing_subscriber::filter::Targets::new()
-        .with_target(env!("CARGO_CRATE_NAME"), tracing::Level::INFO);
-    let plain = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .without_time()
-        .with_level(false)
-        .with_target(false);
-    // Only fails when a subscriber is already installed: keep that one.
-    let _ = tracing_subscriber::registry()
-        .with(plain)
-        .with(ours)
-        .try_init();
+/// Whether `--json` is on the command line (before a `--`): known before
+/// clap has parsed it, so that a usage error can be a JSON event too.
+fn json_asked() -> bool {
+    std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
+}
+
+/// Parses the command line. A usage error prints clap's text on stderr,
+/// and under `--json` an `error` event on stdout as well, then exits 2;
+/// `--help` and `--version` print and exit 0 as clap does.
+fn parse() -> Cli {
+    let e = match Cli::try_parse() {
+        Ok(cli) => return cli,
+        Err(e) => e,
+    };
+    if !e.use_stderr() {
+        // --help, --version: not an error.
+        let _ = e.print();
+        std::process::exit(0);
+    }
+    let _ = e.print();
+    if json_asked() {
+        let rendered = e.to_string();
+        let first = rendered.lines().next().unwrap_or("");
+        let message = match first.trim_start_matches("error:").trim() {
+            "" => "invalid command line",
+            m => m,
+        };
+        println!(
+            "{}",
+            nightpass::progress::with_ts(
+                json!({"event": "error", "message": message, "exit_code": 2})
+            )
+        );
+    }
+    std::process::exit(2);
 }
 
 /// Prints an error as docs/CLI.md says: text on stderr, and an `error` event on
@@ -67,14 +83,21 @@ fn report_error(json: bool, e: &Error) {
 fn main() {
     // A closed stdout (e.g. `| head`) must end us quietly, not with a panic.
     sys::default_sigpipe();
-    install_log();
-    let cli = Cli::parse();
+    let cli = parse();
     let json = cli.json;
     // `serve` shuts down gracefully on its own signals; everything else stops at once.
     let own_signals = matches!(
         cli.command,
         nightpass::app::cli::Command::Serve(_) | nightpass::app::cli::Command::Track(_)
     );
+    // The daemons' lines carry their time (or the journal's priority); the
+    // sender's read as bare messages, as docs/CLI.md quotes them (with the
+    // journal's priority under systemd).
+    log::install(if own_signals {
+        log::Style::daemon()
+    } else {
+        log::Style::sender()
+    });
     // A plan run presses its own red button on SIGINT/SIGTERM: the first
     // stops starting volumes, the second drops those in flight.
     let plan_signals = cli.command.is_plan_run();

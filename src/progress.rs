@@ -8,10 +8,18 @@
 //! the binary writes to stderr; nothing here logs.
 
 use std::io::{IsTerminal, Write};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
+
+mod meter;
+pub use meter::{short_duration, Meter, Reading, Ticker};
+
+/// How often a pass prints its progress line without a terminal, unless
+/// told otherwise (`--progress-interval`).
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(30);
 
 /// What a pass reports at its start.
 #[derive(Debug, Clone)]
@@ -116,6 +124,12 @@ pub trait Progress: Send + Sync {
     fn scanned(&self, bytes: u64);
     /// More payload bytes went on the wire.
     fn sent(&self, bytes: u64);
+    /// The pass just started reads only `bytes` of the volume (a tracked
+    /// pass): what its scan progress counts up to.
+    fn reads(&self, _bytes: u64) {}
+    /// Chunks of `bytes` payload bytes were found to send and queued for
+    /// the streams (they go on the wire later, reported by [`Progress::sent`]).
+    fn queued(&self, _bytes: u64) {}
     /// A pass ended.
     fn pass_end(&self, e: &PassEnd);
     /// Any other event (verify_end, cutover_end, converge decisions…): a JSON
@@ -133,10 +147,24 @@ pub trait Progress: Send + Sync {
         answer_line(line);
     }
     /// The bars' board, for reporters of many volumes at once that draw a
-    /// bar per volume (a plan run); `None` when this reporter draws none.
-    fn board(&self) -> Option<MultiProgress> {
+    /// bar (or print a progress line) per volume (a plan run); `None` when
+    /// this reporter shows no progress.
+    fn board(&self) -> Option<Board> {
         None
     }
+}
+
+/// Where a reporter of many volumes at once shows each volume's progress
+/// ([`Progress::board`]).
+#[derive(Debug, Clone)]
+pub struct Board {
+    /// The bars, drawn on a terminal (hidden otherwise).
+    pub multi: MultiProgress,
+    /// Bars are drawn: stderr is a terminal.
+    pub drawn: bool,
+    /// Without bars, every how long a progress line is printed (zero:
+    /// never).
+    pub every: Duration,
 }
 
 /// Writes `line` on stdout: a command's answer, whatever the reporter.
@@ -266,11 +294,19 @@ pub fn rfc3339_seconds(unix_s: f64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
 }
 
-/// Progress bars on a terminal (stderr), summaries on stdout.
+/// Progress bars on a terminal (stderr), summaries on stdout; without a
+/// terminal, a progress line on stderr every interval instead of the bars.
 pub struct Human {
     multi: MultiProgress,
     bars: Mutex<Option<(ProgressBar, ProgressBar)>>,
     quiet: bool,
+    /// Bars are drawn (stderr is a terminal, not `quiet`).
+    drawn: bool,
+    /// Every how long to print the progress line without a terminal;
+    /// zero: never.
+    every: Duration,
+    /// The work in progress, and its ticker when lines are printed.
+    meter: Mutex<Option<(Arc<Meter>, Option<Ticker>)>>,
 }
 
 impl std::fmt::Debug for Human {
@@ -280,9 +316,12 @@ impl std::fmt::Debug for Human {
 }
 
 impl Human {
-    /// Bars only when stderr is a terminal and not `quiet`.
+    /// Bars only when stderr is a terminal and not `quiet`; without a
+    /// terminal (and not `quiet`), a progress line every
+    /// [`DEFAULT_PROGRESS_INTERVAL`].
     pub fn new(quiet: bool) -> Self {
-        let target = if !quiet && std::io::stderr().is_terminal() {
+        let drawn = !quiet && std::io::stderr().is_terminal();
+        let target = if drawn {
             ProgressDrawTarget::stderr()
         } else {
             ProgressDrawTarget::hidden()
@@ -291,7 +330,52 @@ impl Human {
             multi: MultiProgress::with_draw_target(target),
             bars: Mutex::new(None),
             quiet,
+            drawn,
+            every: DEFAULT_PROGRESS_INTERVAL,
+            meter: Mutex::new(None),
         }
+    }
+
+    /// Prints the progress line without a terminal every `every` instead
+    /// (zero: never).
+    pub fn progress_every(mut self, every: Duration) -> Self {
+        self.every = every;
+        self
+    }
+
+    /// Starts measuring new work; its line is printed every interval when
+    /// there are no bars.
+    fn measure(&self, meter: Meter) -> Arc<Meter> {
+        let meter = Arc::new(meter);
+        let ticker = (!self.quiet && !self.drawn && !self.every.is_zero())
+            .then(|| Ticker::start(meter.clone(), self.every));
+        *self.meter.lock().expect("not poisoned") = Some((meter.clone(), ticker));
+        meter
+    }
+
+    /// The work measured now.
+    fn meter(&self) -> Option<Arc<Meter>> {
+        self.meter
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .map(|(m, _)| m.clone())
+    }
+
+    /// Sets the drawn bars' ETA (the meter's) and the sent bar's total.
+    fn refresh(&self, meter: Option<&Meter>, scan: &ProgressBar, sent: &ProgressBar) {
+        let Some(m) = meter.filter(|_| self.drawn) else {
+            return;
+        };
+        let r = m.read();
+        scan.set_message(r.eta().map_or("-".into(), short_duration));
+        sent.set_length(r.expected_sent());
+    }
+
+    /// Stops measuring (and printing lines).
+    fn unmeasure(&self) {
+        let taken = self.meter.lock().expect("not poisoned").take();
+        drop(taken);
     }
 
     fn say(&self, text: &str) {
@@ -312,8 +396,15 @@ pub fn human_bytes(b: u64) -> String {
 
 impl Progress for Human {
     fn pass_start(&self, s: &PassStart) {
+        self.measure(Meter::new(
+            &format!("pass {} of {}", s.pass, s.volume),
+            s.size_bytes,
+            true,
+        ));
+        // The ETA is the meter's (the slower of scanning and sending), not
+        // the scan bar's own.
         let style = ProgressStyle::with_template(
-            "{prefix:>8} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            "{prefix:>8} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {msg}",
         )
         .expect("valid template")
         .progress_chars("=> ");
@@ -321,9 +412,16 @@ impl Progress for Human {
             .multi
             .add(ProgressBar::new(s.size_bytes).with_style(style));
         scan.set_prefix("scanned");
-        let sent_style = ProgressStyle::with_template("{prefix:>8} {bytes} {binary_bytes_per_sec}")
-            .expect("valid template");
-        let sent = self.multi.add(ProgressBar::new(0).with_style(sent_style));
+        scan.set_message("-");
+        // Sent out of what the pass is expected to send (the scan total
+        // until the scan tells more).
+        let sent_style = ProgressStyle::with_template(
+            "{prefix:>8} {bytes}/~{total_bytes} {binary_bytes_per_sec}",
+        )
+        .expect("valid template");
+        let sent = self
+            .multi
+            .add(ProgressBar::new(s.size_bytes).with_style(sent_style));
         sent.set_prefix("sent");
         *self.bars.lock().expect("not poisoned") = Some((scan, sent));
         self.say(&format!(
@@ -335,16 +433,39 @@ impl Progress for Human {
         ));
     }
     fn scanned(&self, bytes: u64) {
-        if let Some((scan, _)) = &*self.bars.lock().expect("not poisoned") {
+        let meter = self.meter();
+        if let Some(m) = &meter {
+            m.scanned(bytes);
+        }
+        if let Some((scan, sent)) = &*self.bars.lock().expect("not poisoned") {
             scan.inc(bytes);
+            self.refresh(meter.as_deref(), scan, sent);
+        }
+    }
+    fn queued(&self, bytes: u64) {
+        if let Some(m) = self.meter() {
+            m.queued(bytes);
+        }
+    }
+    fn reads(&self, bytes: u64) {
+        if let Some(m) = self.meter() {
+            m.set_total(bytes);
+        }
+        if let Some((scan, _)) = &*self.bars.lock().expect("not poisoned") {
+            scan.set_length(bytes);
         }
     }
     fn sent(&self, bytes: u64) {
-        if let Some((_, sent)) = &*self.bars.lock().expect("not poisoned") {
+        if let Some(m) = self.meter() {
+            m.sent(bytes);
+        }
+        if let Some((scan, sent)) = &*self.bars.lock().expect("not poisoned") {
             sent.inc(bytes);
+            self.refresh(self.meter().as_deref(), scan, sent);
         }
     }
     fn pass_end(&self, e: &PassEnd) {
+        self.unmeasure();
         if let Some((a, b)) = self.bars.lock().expect("not poisoned").take() {
             a.finish_and_clear();
             b.finish_and_clear();
@@ -375,6 +496,7 @@ impl Progress for Human {
         }
     }
     fn begin(&self, label: &str, total: u64) {
+        self.measure(Meter::new(label, total, false));
         let style = ProgressStyle::with_template(
             "{prefix:>8} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
         )
@@ -385,6 +507,7 @@ impl Progress for Human {
         *self.bars.lock().expect("not poisoned") = Some((bar, ProgressBar::hidden()));
     }
     fn finish(&self) {
+        self.unmeasure();
         if let Some((a, b)) = self.bars.lock().expect("not poisoned").take() {
             a.finish_and_clear();
             b.finish_and_clear();
@@ -393,8 +516,12 @@ impl Progress for Human {
     fn note(&self, human: &str) {
         self.say(human);
     }
-    fn board(&self) -> Option<MultiProgress> {
-        (!self.quiet).then(|| self.multi.clone())
+    fn board(&self) -> Option<Board> {
+        (!self.quiet).then(|| Board {
+            multi: self.multi.clone(),
+            drawn: self.drawn,
+            every: self.every,
+        })
     }
 }
 

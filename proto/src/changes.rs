@@ -93,6 +93,26 @@ impl BlockRuns {
         self.blocks
     }
 
+    /// How many chunks of `chunk_blocks` blocks hold at least one block of
+    /// the set: what a pass reading the set whole-chunk reads.
+    pub fn chunks_touched(&self, chunk_blocks: u64) -> u64 {
+        let cb = chunk_blocks.max(1);
+        let mut count = 0;
+        let mut last: Option<u64> = None;
+        for r in self.runs() {
+            let (first, end) = (r.start / cb, (r.end - 1) / cb);
+            let from = match last {
+                Some(l) if l >= first => l + 1,
+                _ => first,
+            };
+            if end >= from {
+                count += end - from + 1;
+            }
+            last = Some(end);
+        }
+        count
+    }
+
     /// Whether no block is in the set.
     pub fn is_empty(&self) -> bool {
         self.runs.is_empty()
@@ -190,6 +210,17 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn chunks_touched_counts_each_chunk_once(ranges in proptest::collection::vec((0u64..300, 0u64..20), 0..40), cb in 1u64..20) {
+            let mut set = BlockRuns::new();
+            let mut naive = BTreeSet::new();
+            for (s, n) in &ranges {
+                set.insert(*s..s + n);
+                naive.extend((*s..s + n).map(|b| b / cb));
+            }
+            prop_assert_eq!(set.chunks_touched(cb), naive.len() as u64);
+        }
+
         #[test]
         fn runs_hold_exactly_the_blocks_inserted(ranges in proptest::collection::vec((0u64..300, 0u64..20), 0..40)) {
             let mut set = BlockRuns::new();

@@ -13,7 +13,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 
 /// Protocol version spoken by this build. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Version 5 added [`Mode::DryRun`].
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// ALPN token of the protocol inside TLS.
 pub const ALPN: &[u8] = b"nightpass/1";
@@ -48,6 +49,12 @@ pub enum Mode {
     /// without taking the volume or writing anything: a cutover asks this
     /// before it freezes the source.
     Preflight = 4,
+    /// A dry run: the receiver answers what a sync session would start
+    /// from (its Welcome, and its table on a [`ManifestRequest`]) and
+    /// nothing else: it creates no target, opens none for writing, and
+    /// records nothing; a sealed volume answers too. The sender then ends
+    /// the session (version 5).
+    DryRun = 5,
 }
 
 /// Why a receiver refused a session.
@@ -186,6 +193,11 @@ pub struct Hello {
     /// receiver may then end that pass's old session, which is presumed dead.
     #[prost(bool, tag = "10")]
     pub resumes: bool,
+    /// The sender's number of this pass of the volume (1 = first), for the
+    /// receiver's log; 0 when the session is not a pass or the sender does
+    /// not say. Decides nothing.
+    #[prost(uint64, tag = "11")]
+    pub pass: u64,
 }
 
 /// Receiver → sender: the session is accepted.
@@ -291,6 +303,13 @@ pub struct Mark {
     /// Seconds the source stayed frozen.
     #[prost(double, tag = "3")]
     pub frozen_s: f64,
+    /// A group cutover's consistency point (hex; empty for a cutover of
+    /// one volume): the root over its volumes' points in name order.
+    #[prost(string, tag = "4")]
+    pub group_point: String,
+    /// The group's volumes, in name order (empty for one volume).
+    #[prost(string, repeated, tag = "5")]
+    pub group_volumes: Vec<String>,
 }
 
 /// Receiver → sender: answers a [`Encoding::Probe`]: send these blocks of
@@ -552,6 +571,7 @@ mod tests {
             ranges: vec![0, 4096],
             pass_id: vec![9; 16],
             resumes: false,
+            pass: 3,
         }));
         let frame = encode_frame(&hello);
         let (frames, err) = split_frames(frame, MAX_CONTROL_FRAME);

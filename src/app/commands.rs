@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::app::cli::{Cli, Command, ConvergeArgs, ScanArg, ServeArgs, SyncArgs};
+use crate::app::cli::{Allowed, Cli, Command, ConvergeArgs, ScanArg, ServeArgs, SyncArgs};
 use crate::app::plan;
 use crate::error::{Error, Result};
 use crate::net::transport::{default_identity_dir, Identity};
-use crate::pass::receiver::{self, ServeConfig};
+use crate::pass::receiver::{self, Access, ServeConfig};
 use crate::pass::sender::{self, SyncConfig};
 use crate::progress::{Human, JsonLines, Progress};
 use crate::store::state::default_state_dir;
@@ -22,7 +22,7 @@ pub fn reporter(cli: &Cli) -> Arc<dyn Progress> {
     if cli.json {
         Arc::new(JsonLines::default())
     } else {
-        Arc::new(Human::new(cli.quiet))
+        Arc::new(Human::new(cli.quiet).progress_every(cli.progress_interval))
     }
 }
 
@@ -34,30 +34,45 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Keygen { identity, force } => {
             let dir = identity.unwrap_or_else(default_identity_dir);
             let id = Identity::generate(&dir, force)?;
-            progress.answer(&id.fingerprint());
+            say_identity(progress.as_ref(), json, &id.fingerprint());
             Ok(0)
         }
         Command::Fingerprint { identity } => {
             let dir = identity.unwrap_or_else(default_identity_dir);
-            progress.answer(&Identity::load(&dir)?.fingerprint());
+            say_identity(
+                progress.as_ref(),
+                json,
+                &Identity::load(&dir)?.fingerprint(),
+            );
             Ok(0)
         }
-        Command::Serve(args) => serve(args).await,
-        Command::Sync(args) => match args.volumes.single() {
-            Some((source, dest)) => {
-                let cfg = sync_config(&args.sync, &args.scan, source, dest, "sync")?;
-                let id = Identity::load(&args.sync.identity_dir())?;
-                sender::run_pass(&cfg, &id, progress).await?;
-                Ok(0)
+        Command::Serve(args) => serve(args, progress, json).await,
+        Command::Sync(args) => {
+            metrics(args.sync.endpoint.metrics)?;
+            let Some((source, dest)) = args.volumes.single() else {
+                return plan::commands::sync(&args, progress).await;
+            };
+            let cfg = sync_config(&args.sync, &args.scan, source, dest, "sync")?;
+            let id = Identity::load(&args.sync.identity_dir())?;
+            if args.dry_run {
+                sender::dry_run(&cfg, &id, progress).await?;
+                return Ok(0);
             }
-            None => plan::commands::sync(&args, progress).await,
-        },
-        Command::Verify(args) => match args.volumes.single() {
-            Some((source, dest)) => crate::app::verify::run(&args, source, dest, progress).await,
-            None => plan::commands::verify(&args, progress).await,
-        },
+            sender::run_pass(&cfg, &id, progress).await?;
+            Ok(0)
+        }
+        Command::Verify(args) => {
+            metrics(args.endpoint.metrics)?;
+            match args.volumes.single() {
+                Some((source, dest)) => {
+                    crate::app::verify::run(&args, source, dest, progress).await
+                }
+                None => plan::commands::verify(&args, progress).await,
+            }
+        }
         Command::Converge(args) => {
             let cc = converge_config(&args)?;
+            metrics(args.sync.endpoint.metrics)?;
             match args.volumes.single() {
                 Some((source, dest)) => {
                     let cfg = sync_config(&args.sync, &args.scan, source, dest, "converge")?;
@@ -69,7 +84,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Track(args) => track(args, progress, json).await,
         Command::Cutover(args) => {
-            let cfg = sync_config(&args.sync, &args.scan, &args.source, &args.dest, "cutover")?;
+            let mut cfg = sync_config(&args.sync, &args.scan, &args.source, &args.dest, "cutover")?;
+            cfg.scan_choice = args.scan_choice()?;
+            metrics(args.sync.endpoint.metrics)?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));
@@ -112,6 +129,33 @@ pub async fn run(cli: Cli) -> Result<i32> {
             crate::app::demo::run(size, progress).await?;
             Ok(0)
         }
+        Command::Completions { shell } => {
+            crate::app::manual::completions(shell, json, progress.as_ref())
+        }
+        Command::Man { out } => crate::app::manual::man(out.as_deref(), json, progress.as_ref()),
+    }
+}
+
+/// `keygen`'s and `fingerprint`'s answer: the bare fingerprint line (the
+/// only line on stdout, `--quiet` included), or under `--json` an
+/// `identity` event.
+fn say_identity(progress: &dyn Progress, json: bool, fingerprint: &str) {
+    if json {
+        progress.event(
+            &json!({"event": "identity", "fingerprint": fingerprint}),
+            fingerprint,
+        );
+    } else {
+        progress.answer(fingerprint);
+    }
+}
+
+/// Starts the metrics exporter when `--metrics` asks for one (exit 2 when
+/// its address cannot be served).
+fn metrics(addr: Option<std::net::SocketAddr>) -> Result<()> {
+    match addr {
+        Some(a) => crate::metrics::install(a),
+        None => Ok(()),
     }
 }
 
@@ -166,6 +210,7 @@ pub fn sync_config(
         scan_choice: scan.scan,
         audit_percent: scan.audit,
         tracked_proof: false,
+        scan_reason: None,
     })
 }
 
@@ -201,20 +246,29 @@ async fn track(
         .map_err(|_| Error::Io("the tracker failed".into()))?
 }
 
-async fn serve(args: ServeArgs) -> Result<i32> {
+/// `nightpass serve`: its log on stderr; on stdout nothing, or under
+/// `--json` one `listening` event (the address bound, a port 0 resolved).
+async fn serve(args: ServeArgs, progress: Arc<dyn Progress>, json: bool) -> Result<i32> {
     let allowed = args.allowed()?;
+    metrics(args.metrics)?;
+    let (updates_tx, updates) = tokio::sync::watch::channel(Access {
+        allowed: allowed.fingerprints.clone(),
+        limits: allowed.limits.clone(),
+    });
     let cfg = ServeConfig {
         listen: args.listen,
         volumes: args.volume_map()?,
-        allowed: allowed.fingerprints,
-        limits: allowed.limits,
+        allowed: allowed.fingerprints.clone(),
+        limits: allowed.limits.clone(),
         max_size: args.max_size,
         state_dir: args.state_dir.clone().unwrap_or_else(default_state_dir),
         tuning: args.quic.tuning(),
         max_sessions: args.max_sessions,
         max_sessions_per_sender: args.max_sessions_per_sender,
+        access_updates: Some(updates),
     };
     let id = Identity::load(&args.identity.clone().unwrap_or_else(default_identity_dir))?;
+    let reloads = tokio::spawn(reload_on_sighup(args, allowed, updates_tx));
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -224,14 +278,102 @@ async fn serve(args: ServeArgs) -> Result<i32> {
         }
         tracing::info!("shutting down: finishing durable writes");
     };
-    receiver::serve(
+    let served = receiver::serve(
         cfg,
         id,
-        |addr, fp| tracing::info!("listening on {addr} fingerprint {fp}"),
+        |addr, fp| {
+            tracing::info!("listening on {addr} fingerprint {fp}");
+            // JSON only: a human reads the log line, and stdout stays empty.
+            if json {
+                progress.event(
+                    &json!({"event": "listening", "address": addr.to_string(), "fingerprint": fp}),
+                    "",
+                );
+            }
+            // Under systemd (Type=notify): serving from now on.
+            crate::app::track::notify_ready();
+        },
         shutdown,
     )
-    .await?;
+    .await;
+    reloads.abort();
+    served?;
     Ok(0)
+}
+
+/// On each SIGHUP, re-reads the allowed senders (`--allow` and
+/// `--allow-file`), logs what changed and hands the new list to the
+/// receiver; a file that cannot be read or parsed is logged and changes
+/// nothing. A SIGHUP never ends `serve`.
+async fn reload_on_sighup(
+    args: ServeArgs,
+    mut now: Allowed,
+    updates: tokio::sync::watch::Sender<Access>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let Some(file) = &args.allow_file else {
+            tracing::info!(
+                "SIGHUP: no --allow-file to re-read; the allowed senders stay as they are"
+            );
+            continue;
+        };
+        let fresh = match args.allowed() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!("SIGHUP: {e}; the allowed senders stay as they were");
+                continue;
+            }
+        };
+        let changes = allow_changes(&now, &fresh);
+        if changes.is_empty() {
+            tracing::info!("SIGHUP: re-read {}: no change", file.display());
+            continue;
+        }
+        tracing::info!(
+            "SIGHUP: re-read {}: {}; sessions in progress run to their end",
+            file.display(),
+            changes.join("; ")
+        );
+        let _ = updates.send(Access {
+            allowed: fresh.fingerprints.clone(),
+            limits: fresh.limits.clone(),
+        });
+        now = fresh;
+    }
+}
+
+/// What differs between two lists of allowed senders, one phrase per
+/// sender, in fingerprint order: `allowed FP (every volume)`, `removed FP`,
+/// `FP now on a, b`.
+pub fn allow_changes(old: &Allowed, new: &Allowed) -> Vec<String> {
+    let scope = |a: &Allowed, fp: &str| match a.limits.get(fp) {
+        None => "every volume".to_string(),
+        Some(names) => {
+            let mut n: Vec<&str> = names.iter().map(String::as_str).collect();
+            n.sort();
+            n.join(",")
+        }
+    };
+    let mut fps: Vec<&String> = old.fingerprints.union(&new.fingerprints).collect();
+    fps.sort();
+    fps.into_iter()
+        .filter_map(
+            |fp| match (old.fingerprints.contains(fp), new.fingerprints.contains(fp)) {
+                (false, true) => Some(format!("allowed {fp} ({})", scope(new, fp))),
+                (true, false) => Some(format!("removed {fp}")),
+                _ if scope(old, fp) != scope(new, fp) => Some(format!(
+                    "{fp} now on {} (was {})",
+                    scope(new, fp),
+                    scope(old, fp)
+                )),
+                _ => None,
+            },
+        )
+        .collect()
 }
 
 /// `nightpass unseal NAME`: lifts a volume's seal on the receiver host.

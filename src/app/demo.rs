@@ -143,6 +143,7 @@ impl LocalPair {
             tuning: Tuning::default(),
             max_sessions: 4,
             max_sessions_per_sender: 4,
+            access_updates: None,
         };
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -175,6 +176,7 @@ impl LocalPair {
             scan_choice: ScanChoice::Auto,
             audit_percent: 1.0,
             tracked_proof: false,
+            scan_reason: None,
             source: source.to_owned(),
             dest: RemoteVolume {
                 host_port: self.addr.to_string(),

@@ -186,10 +186,10 @@ impl Tracked {
             Request::Cut { consumer } => self.cut(&consumer).unwrap_or_else(|e| Answer::Error {
                 message: e.to_string(),
             }),
-            Request::Peek { consumer } => Answer::Peek {
-                epoch: self.epoch.clone(),
-                seq: self.consumers.get(&consumer).map(|c| c.seq),
-            },
+            Request::Peek {
+                consumer,
+                chunk_size,
+            } => self.peek(&consumer, chunk_size),
             Request::EndEpoch { reason } => match self.end_epoch(&reason) {
                 Ok(()) => Answer::Status {
                     epoch: self.epoch.clone(),
@@ -201,6 +201,26 @@ impl Tracked {
             },
         };
         reply(stream, &answer);
+    }
+
+    /// The consumer's last cut and what its next would hold, without
+    /// taking it. Blocks recorded before the consumer's first cut belong
+    /// to no chain: a consumer not seen yet has none.
+    fn peek(&self, consumer: &str, chunk_size: Option<u64>) -> Answer {
+        let c = self.consumers.get(consumer);
+        let blocks = c.map_or(0, |c| c.blocks.blocks());
+        let chunks = match (c, chunk_size) {
+            (Some(c), Some(cs)) => c
+                .blocks
+                .chunks_touched(cs / nightpass_proto::changes::BLOCK),
+            _ => 0,
+        };
+        Answer::Peek {
+            epoch: self.epoch.clone(),
+            seq: c.map(|c| c.seq),
+            blocks,
+            chunks,
+        }
     }
 
     fn cut(&mut self, consumer: &str) -> Result<Answer> {
@@ -384,8 +404,9 @@ fn check_health(
     Ok(session.health()?.lost())
 }
 
-/// Answers the passes' requests: a cut drains every event up to now into
-/// the record first, and checks nothing was lost before it answers.
+/// Answers the passes' requests: a cut (and a peek, which counts what the
+/// next cut would hold) drains every event up to now into the record
+/// first, and checks nothing was lost before it answers.
 fn serve_requests(
     session: &mut TraceSession,
     tracked: &mut [Tracked],
@@ -404,7 +425,7 @@ fn serve_requests(
     }
     if waiting
         .iter()
-        .any(|(_, _, r)| matches!(r, Request::Cut { .. }))
+        .any(|(_, _, r)| matches!(r, Request::Cut { .. } | Request::Peek { .. }))
     {
         match session.drain(DRAIN_TIMEOUT) {
             Ok(drained) => apply(tracked, &drained),

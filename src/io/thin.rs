@@ -4,11 +4,12 @@
 //! epoch rules compare.
 //!
 //! Owns running `thin_delta` (thin-provisioning-tools) and `lvs`, reading
-//! their output ([`delta`], [`lvs`]), and the device-mapper names of a
-//! pool's layers. Must not create, activate or remove snapshots, send
-//! device-mapper messages, or decide when a change set may be used: those
-//! belong to the pass (`src/pass/`) and its records, which this module does
-//! not touch. Runs no tool that writes.
+//! their output ([`delta`], [`lvs`]), the device-mapper names of a pool's
+//! layers, and ([`snap`]) the commands that write: a thin snapshot per
+//! pass, its removal, the pool's metadata snapshot. Must not decide when
+//! to take, keep or remove a snapshot, or when a change set may be used:
+//! those belong to the pass (`pass::sender::thin`) and its records, which
+//! this module does not touch.
 //!
 //! ## How a pass uses it (wyng-backup's method: `get_lvm_deltas` and
 //! `update_delta_digest_lvm` in its `src/wyng`)
@@ -64,6 +65,7 @@
 
 pub mod delta;
 pub mod lvs;
+pub mod snap;
 
 use std::ffi::OsStr;
 use std::io::{BufReader, Read};

@@ -24,6 +24,21 @@ pub fn server_endpoint(
     listen: SocketAddr,
     tuning: &Tuning,
 ) -> Result<quinn::Endpoint> {
+    let cfg = server_config(id, allowed, tuning)?;
+    let socket =
+        udp_socket(listen).map_err(|e| Error::input(format!("cannot listen on {listen}: {e}")))?;
+    endpoint(Some(cfg), socket).map_err(|e| Error::input(format!("cannot listen on {listen}: {e}")))
+}
+
+/// A receiver's QUIC and TLS settings, accepting only `allowed` senders:
+/// what [`server_endpoint`] starts with, and what a receiver that re-reads
+/// its allowed senders gives its endpoint (`set_server_config`), which
+/// applies to the handshakes that follow.
+pub fn server_config(
+    id: &Identity,
+    allowed: HashSet<String>,
+    tuning: &Tuning,
+) -> Result<quinn::ServerConfig> {
     let provider = provider();
     let verifier = Arc::new(AllowedClients {
         allowed,
@@ -41,9 +56,7 @@ pub fn server_endpoint(
         .map_err(|e| Error::Io(format!("QUIC TLS setup: {e}")))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport_config(tuning));
-    let socket =
-        udp_socket(listen).map_err(|e| Error::input(format!("cannot listen on {listen}: {e}")))?;
-    endpoint(Some(cfg), socket).map_err(|e| Error::input(format!("cannot listen on {listen}: {e}")))
+    Ok(cfg)
 }
 
 /// A UDP socket bound to `addr` with [`UDP_BUFFER`]-sized kernel buffers

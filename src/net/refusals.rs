@@ -21,8 +21,10 @@ static REFUSALS: Mutex<Kinds> = Mutex::new(Vec::new());
 /// limit), at most one per `kind` per second: a flood of connections must
 /// not become a flood of log lines (an unauthorized peer made a receiver
 /// print 2,903 lines in 30 s). A line logged after others of its kind were
-/// left out says how many.
+/// left out says how many. Every refusal, logged or not, is counted in
+/// `nightpass_refusals_total` by its kind.
 pub fn log_refusal(kind: &'static str, line: impl FnOnce() -> String) {
+    crate::metrics::refused(kind);
     let left_out = admit(
         &mut REFUSALS.lock().expect("not poisoned"),
         kind,

@@ -6,7 +6,7 @@
 //! Owns nothing of its own.
 
 pub use super::endpoint::{
-    close_clients, close_session, connect, explain, server_endpoint, RemoteVolume,
+    close_clients, close_session, connect, explain, server_config, server_endpoint, RemoteVolume,
 };
 pub use super::framing::{
     read_data_frame, read_frame, recv_control, send_control, with_heartbeats, write_bufs,

@@ -138,6 +138,7 @@ mod tests {
                 proved: true,
                 forecast_s: Some(2.5),
                 proof: Some("full".into()),
+                proof_s: Some(0.5),
             }),
             SenderRecord::Unsealed(UnsealedRecord {
                 consistency_point: CP.into(),
@@ -204,6 +205,8 @@ mod tests {
                 freeze_unix_s: 1_796_000_100.5,
                 frozen_s: 3.25,
                 sealed_at: Some("2026-11-30T01:12:09Z".into()),
+                group_point: None,
+                group_volumes: Vec::new(),
             }),
             ReceiverRecord::Unsealed(ReceiverUnsealedRecord {
                 volume: "filer01".into(),

@@ -168,6 +168,8 @@ pub fn record_cutover(
             freeze_unix_s: seal.cutover_unix_s,
             frozen_s: seal.frozen_s,
             sealed_at: Some(crate::progress::rfc3339_seconds(seal.sealed_unix_s)),
+            group_point: (!mark.group_point.is_empty()).then(|| mark.group_point.clone()),
+            group_volumes: mark.group_volumes.clone(),
         }),
     )?;
     Ok(seal)
@@ -295,6 +297,7 @@ mod tests {
             consistency_point: cp.into(),
             freeze_unix_s: 1_796_000_000.0,
             frozen_s: 1.5,
+            ..Default::default()
         }
     }
 

@@ -255,6 +255,26 @@ pub enum Fill {
     Zeros,
 }
 
+/// Entries `first..first + n` (fewer at the end of the table) of a new
+/// table of `geometry` filled with `fill`, into `out`.
+pub fn fill_piece(geometry: &Geometry, fill: Fill, first: u64, n: u64, out: &mut Vec<u8>) {
+    let n = geometry.chunk_count().saturating_sub(first).min(n);
+    out.clear();
+    out.resize(n as usize * manifest::ENTRY_LEN, 0);
+    if let Fill::Zeros = fill {
+        let full_zero = manifest::zero_hash(geometry.chunk_size().usize());
+        for i in 0..n {
+            let len = geometry.chunk_len(first + i).expect("index below count");
+            let h = if len == geometry.chunk_size().usize() {
+                full_zero
+            } else {
+                manifest::zero_hash(len)
+            };
+            manifest::set_entry(out, i, &h);
+        }
+    }
+}
+
 /// An open, locked, memory-mapped manifest.
 #[derive(Debug)]
 pub struct ManifestFile {
@@ -287,22 +307,8 @@ impl ManifestFile {
         create_private_dir(dir)?;
         let tmp = path.with_extension("new");
         // Built and written in pieces: a 1 TiB volume has a 512 MiB table.
-        let full_zero = manifest::zero_hash(geometry.chunk_size().usize());
         let piece = |first: u64, out: &mut Vec<u8>| {
-            let n = (geometry.chunk_count() - first).min(PIECE_ENTRIES);
-            out.clear();
-            out.resize(n as usize * manifest::ENTRY_LEN, 0);
-            if let Fill::Zeros = fill {
-                for i in 0..n {
-                    let len = geometry.chunk_len(first + i).expect("index below count");
-                    let h = if len == geometry.chunk_size().usize() {
-                        full_zero
-                    } else {
-                        manifest::zero_hash(len)
-                    };
-                    manifest::set_entry(out, i, &h);
-                }
-            }
+            fill_piece(&geometry, fill, first, PIECE_ENTRIES, out);
         };
         let mut buf = Vec::new();
         let mut root = manifest::RootHasher::new(&geometry);

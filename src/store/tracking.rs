@@ -163,6 +163,10 @@ pub enum Request {
     Peek {
         /// The volume asking.
         consumer: String,
+        /// The volume's chunk size, to count the chunks its next cut
+        /// would touch (`None`: count blocks only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        chunk_size: Option<u64>,
     },
     /// End the epoch (a pass's audit found a chunk changed that the record
     /// does not name): every volume's next pass reads everything.
@@ -203,6 +207,12 @@ pub enum Answer {
         epoch: Epoch,
         /// The number of the consumer's last cut.
         seq: Option<u64>,
+        /// 4 KiB blocks written since that cut (what the next would hold).
+        #[serde(default)]
+        blocks: u64,
+        /// Chunks of the asked size those blocks touch (0 when not asked).
+        #[serde(default)]
+        chunks: u64,
     },
     /// The request could not be served.
     Error {

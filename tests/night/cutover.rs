@@ -20,21 +20,21 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-const TOOLS: &[&str] = &["losetup", "mkfs.ext4", "fsck.ext4", "fsfreeze", "mount"];
+pub(crate) const TOOLS: &[&str] = &["losetup", "mkfs.ext4", "fsck.ext4", "fsfreeze", "mount"];
 const FS_SIZE: u64 = 128 << 20;
 
 // ---------------------------------------------------------------- helpers
 
 /// An ext4 on a loop device over a sparse image file, mounted read-write.
 /// Fields drop in order: unmount, then detach.
-struct Fs {
+pub(crate) struct Fs {
     mnt: Mount,
-    lo: Loop,
+    pub(crate) lo: Loop,
     img: PathBuf,
 }
 
 impl Fs {
-    fn new(root: &Path, name: &str) -> Fs {
+    pub(crate) fn new(root: &Path, name: &str) -> Fs {
         let img = root.join(format!("{name}.img"));
         File::create(&img).unwrap().set_len(FS_SIZE).unwrap();
         let lo = Loop::attach(&img);
@@ -44,11 +44,11 @@ impl Fs {
         Fs { mnt, lo, img }
     }
 
-    fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.mnt.dir
     }
 
-    fn data(&self) -> PathBuf {
+    pub(crate) fn data(&self) -> PathBuf {
         self.mnt.dir.join("data")
     }
 }
@@ -114,7 +114,7 @@ impl Job {
 
 /// How the background writer loads the filesystem.
 #[derive(Clone, Copy)]
-enum Load {
+pub(crate) enum Load {
     /// Files named by the BLAKE3 hex of their content (4 KiB - 256 KiB),
     /// written as `tmp-*` (whole, or appended piecewise) and renamed; old
     /// files deleted; live data kept under `live_limit` bytes.
@@ -126,7 +126,7 @@ enum Load {
 
 /// A writer thread on a mounted filesystem. Stops (after a best-effort thaw,
 /// so it can never hang on a frozen filesystem) on drop.
-struct Writer {
+pub(crate) struct Writer {
     stop: Arc<AtomicBool>,
     created: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
@@ -136,7 +136,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn start(mount: &Path, load: Load, seed: u64) -> Writer {
+    pub(crate) fn start(mount: &Path, load: Load, seed: u64) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let created = Arc::new(AtomicU64::new(0));
         let written = Arc::new(AtomicU64::new(0));
@@ -162,11 +162,11 @@ impl Writer {
         }
     }
 
-    fn created(&self) -> u64 {
+    pub(crate) fn created(&self) -> u64 {
         self.created.load(Ordering::SeqCst)
     }
 
-    fn written(&self) -> u64 {
+    pub(crate) fn written(&self) -> u64 {
         self.written.load(Ordering::SeqCst)
     }
 
@@ -175,7 +175,7 @@ impl Writer {
     }
 
     /// Stops the thread and waits for it.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.handle.take() {
             let _ = Command::new("fsfreeze")
@@ -343,7 +343,7 @@ fn probe_write(dir: &Path, name: &str) -> mpsc::Receiver<std::io::Result<()>> {
 }
 
 /// Asserts the filesystem at `dir` takes a write within 5 s.
-fn assert_writable(dir: &Path, name: &str, why: &str) {
+pub(crate) fn assert_writable(dir: &Path, name: &str, why: &str) {
     match probe_write(dir, name).recv_timeout(Duration::from_secs(5)) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => panic!("{why}: write to {} failed: {e}", dir.display()),
@@ -362,8 +362,14 @@ struct TargetCopy {
 }
 
 fn check_and_mount_target(job: &Job, name: &str) -> TargetCopy {
-    let copy = job.root.join(format!("{name}.img"));
-    std::fs::copy(&job.target, &copy).unwrap();
+    check_and_mount(&job.root, &job.target, name)
+}
+
+/// A copy of `target` under `root`, checked by `fsck.ext4 -n -f` and
+/// mounted read-only.
+fn check_and_mount(root: &Path, target: &Path, name: &str) -> TargetCopy {
+    let copy = root.join(format!("{name}.img"));
+    std::fs::copy(target, &copy).unwrap();
     let out = Command::new("fsck.ext4")
         .args(["-n", "-f"])
         .arg(&copy)
@@ -377,7 +383,7 @@ fn check_and_mount_target(job: &Job, name: &str) -> TargetCopy {
         String::from_utf8_lossy(&out.stderr)
     );
     let lo = Loop::attach(&copy);
-    let mnt = Mount::mount(&lo.dev, &job.root.join(format!("{name}-mnt")), "ro,noload");
+    let mnt = Mount::mount(&lo.dev, &root.join(format!("{name}-mnt")), "ro,noload");
     TargetCopy { mnt, _lo: lo }
 }
 
@@ -389,7 +395,7 @@ fn changed_bytes(end: &Value) -> u64 {
 
 /// Writes `count` files of `len` random bytes into `data`, each named by the
 /// BLAKE3 hex of its content, and syncs them to the device.
-fn seed_files(data: &Path, count: u64, len: u64, seed: u64) {
+pub(crate) fn seed_files(data: &Path, count: u64, len: u64, seed: u64) {
     let mut rng = Rng::new(seed);
     let mut buf = vec![0u8; len as usize];
     for _ in 0..count {
@@ -527,7 +533,12 @@ fn cutover_fsfreeze_under_a_live_writer_is_a_consistent_filesystem() {
 /// The cutover's target, copied, is a clean ext4 (fsck) in which every
 /// complete file's content matches its name; returns the files checked.
 fn assert_copy_intact(job: &Job, name: &str) -> usize {
-    let t = check_and_mount_target(job, name);
+    assert_image_intact(&job.root, &job.target, name)
+}
+
+/// [`assert_copy_intact`] of any target image.
+pub(crate) fn assert_image_intact(root: &Path, target: &Path, name: &str) -> usize {
+    let t = check_and_mount(root, target, name);
     let mut checked = 0;
     let mut bad = Vec::new();
     for e in std::fs::read_dir(t.mnt.dir.join("data")).unwrap() {

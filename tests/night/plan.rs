@@ -473,3 +473,51 @@ fn block_device_sources_and_one_device_under_two_names() {
         r.context()
     );
 }
+
+#[test]
+fn without_a_terminal_each_volume_prints_its_progress_line() {
+    let f = Filer::new(2, 8 * MIB, &[]);
+    // Two volumes at once, about 4 s each under the shared limit.
+    let plan = f.plan("bwlimit = \"4M\"");
+    let mut c = Command::new(bin());
+    c.args(["sync", "--progress-interval", "1s", "--plan"])
+        .arg(&plan)
+        .arg("--identity")
+        .arg(&f.sender.id.dir)
+        .arg("--state-dir")
+        .arg(&f.sender.state)
+        .stdin(Stdio::null());
+    // Human output (not JSON): read as text.
+    let out = c.output().expect("run nightpass sync --plan");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    for n in &f.names {
+        let line = format!("pass 1 of {n}: scanned");
+        assert!(stderr.contains(&line), "no progress line of {n}:\n{stderr}");
+    }
+    assert!(stdout.contains("2 succeeded"), "no summary:\n{stdout}");
+}
+
+#[test]
+fn a_dry_run_of_a_plan_reports_each_volume_and_writes_nothing() {
+    let f = Filer::new(2, 2 * MIB, &[]);
+    let plan = f.plan("");
+    f.run("sync", &plan, &[]).ok();
+    write_at(&f.source("v1"), MIB, &[0x77; 10]);
+    let before: Vec<_> = f.names.iter().map(|n| file_hash(&f.target(n))).collect();
+    let r = f.run("sync", &plan, &["--dry-run"]);
+    r.ok();
+    assert_tagged(&r, &f.names);
+    let ends = r.all("dry_run_end");
+    assert_eq!(ends.len(), 2, "{}", r.context());
+    for e in ends {
+        let want = if e["volume"] == "v1" { 1 } else { 0 };
+        assert_eq!(e["chunks"], want, "{e}");
+    }
+    let after: Vec<_> = f.names.iter().map(|n| file_hash(&f.target(n))).collect();
+    assert_eq!(before, after, "a dry run wrote a target");
+    assert_eq!(r.only("plan_end")["succeeded"], 2);
+}

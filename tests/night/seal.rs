@@ -86,6 +86,7 @@ fn mark(consistency_point: String) -> wire::Mark {
         consistency_point,
         freeze_unix_s: 1_795_983_532.0,
         frozen_s: 0.5,
+        ..Default::default()
     }
 }
 

@@ -146,6 +146,18 @@ impl TrackedVolume {
         pass_end(&self.tx.sync(&self.lo.dev, &self.dest, extra))
     }
 
+    /// `cutover --assume-frozen --json` of the device, with `extra` flags.
+    fn cutover(&self, extra: &[&str]) -> Run {
+        let mut c = std::process::Command::new(bin());
+        c.arg("cutover").arg(&self.lo.dev).arg(&self.dest);
+        c.args(["--server-fingerprint", &self.tx.server_fp, "--identity"]);
+        c.arg(&self.tx.identity)
+            .arg("--state-dir")
+            .arg(&self.tx.state_dir);
+        c.args(["--assume-frozen", "--json"]).args(extra);
+        run_command(c)
+    }
+
     fn tracker(&self) -> &Spawned {
         self.tracker.as_ref().expect("a tracker runs")
     }
@@ -543,5 +555,144 @@ fn an_audit_finding_survives_a_lost_link() {
     );
     let p = r.event("pass_end");
     assert_eq!(p["scan"], "full", "{p}");
+    assert_device_copied(&v.lo.dev, &v.target);
+}
+
+/// A cutover with a tracker forecasts from the chunks the record names
+/// now (four chunks written since the last pass) and proves what its
+/// tracked pass read; after an unseal, `--proof full` reads the whole
+/// frozen source, forecasts a full pass and says `"proof":"full"`;
+/// `--proof full --scan tracked` contradicts itself (exit 2, nothing
+/// frozen).
+#[test]
+fn a_cutover_makes_the_proof_asked_and_forecasts_what_the_record_names() {
+    if !need_root(
+        "a_cutover_makes_the_proof_asked_and_forecasts_what_the_record_names",
+        &["losetup", "dd"],
+    ) {
+        return;
+    }
+    let size = 16 * MIB;
+    let v = TrackedVolume::new(size, 61, &[]);
+    v.pass(&[]);
+    assert_eq!(v.pass(&[])["scan"], "tracked");
+    let write_four = || {
+        for chunk in [1u64, 7, 100, 255] {
+            write_blocks(&v.lo.dev, chunk * CHUNK / 4096 + 3, 1);
+        }
+    };
+    write_four();
+    let cutover = |extra: &[&str]| v.cutover(&[&["--audit", "0"], extra].concat());
+    let bad = cutover(&["--proof", "full", "--scan", "tracked"]);
+    assert_eq!(bad.code, 2, "{}", bad.context());
+    assert!(bad.stderr.contains("contradicts"), "{}", bad.stderr);
+
+    let r = cutover(&[]);
+    assert_eq!(r.code, 0, "{}", r.context());
+    let f = r.event("cutover_forecast");
+    assert_eq!(
+        (f["scan"].as_str(), f["changed_bytes"].as_u64()),
+        (Some("tracked"), Some(4 * CHUNK)),
+        "the forecast counts the record's 4 chunks: {f}"
+    );
+    assert_eq!(
+        r.event("cutover_end")["proof"],
+        "tracked",
+        "{}",
+        r.context()
+    );
+    let last = r.all("pass_end").pop().expect("a frozen pass").clone();
+    assert_eq!(last["read_bytes"], 4 * CHUNK, "{last}");
+    assert_device_copied(&v.lo.dev, &v.target);
+
+    let mut c = std::process::Command::new(bin());
+    c.args(["unseal", "vol", "--json", "--state-dir"])
+        .arg(&v.rx.state);
+    assert_eq!(run_command(c).code, 0);
+    v.pass(&[]);
+    write_four();
+    let r = cutover(&["--proof", "full"]);
+    assert_eq!(r.code, 0, "{}", r.context());
+    assert_eq!(r.event("cutover_forecast")["scan"], "full");
+    assert_eq!(r.event("cutover_end")["proof"], "full", "{}", r.context());
+    let last = r.all("pass_end").pop().expect("a frozen pass").clone();
+    assert_eq!(last["read_bytes"], size, "{last}");
+    assert_device_copied(&v.lo.dev, &v.target);
+}
+
+/// Under `--scan auto`, a cutover whose change record names every chunk
+/// (a write in each) reads the whole volume instead, with its proof
+/// alongside, because that is forecast faster than reading every chunk
+/// one by one and then again for a tracked proof; it says why.
+#[test]
+fn a_cutover_reads_everything_when_that_is_forecast_faster() {
+    if !need_root(
+        "a_cutover_reads_everything_when_that_is_forecast_faster",
+        &["losetup", "dd"],
+    ) {
+        return;
+    }
+    let size = 16 * MIB;
+    let v = TrackedVolume::new(size, 67, &[]);
+    v.pass(&[]);
+    v.pass(&["--scan", "full"]);
+    for chunk in 0..size / CHUNK {
+        write_blocks(&v.lo.dev, chunk * CHUNK / 4096, 1);
+    }
+    assert_eq!(v.pass(&[])["scan"], "tracked");
+    for chunk in 0..size / CHUNK {
+        write_blocks(&v.lo.dev, chunk * CHUNK / 4096 + 1, 1);
+    }
+    let r = v.cutover(&[]);
+    assert_eq!(r.code, 0, "{}", r.context());
+    assert_eq!(
+        r.event("cutover_forecast")["scan"],
+        "full",
+        "{}",
+        r.context()
+    );
+    let last = r.all("pass_end").pop().expect("a frozen pass").clone();
+    assert_eq!(last["read_bytes"], size, "{last}");
+    let why = last["scan_reason"].as_str().unwrap_or_default();
+    assert!(why.contains("forecast faster"), "{last}");
+    assert_eq!(r.event("cutover_end")["proof"], "full");
+    assert_device_copied(&v.lo.dev, &v.target);
+}
+
+/// A dry run with a tracker running takes no cut from its record (that
+/// would consume what the next pass needs): after writes to 3 chunks it
+/// reads the whole device and reports those 3 chunks, and the next pass is
+/// still tracked and sends exactly them.
+#[test]
+fn a_dry_run_leaves_the_record_to_the_next_pass() {
+    if !need_root(
+        "a_dry_run_leaves_the_record_to_the_next_pass",
+        &["losetup", "dd"],
+    ) {
+        return;
+    }
+    let size = 32 * MIB;
+    let v = TrackedVolume::new(size, 57, &[]);
+    v.pass(&[]);
+    // Chunks 0, 62 (block 1000) and 312 (block 5000).
+    for block in [0, 1000, 5000] {
+        write_blocks(&v.lo.dev, block, 1);
+    }
+    let r =
+        v.tx.sync(&v.lo.dev, &v.dest, &["--dry-run", "--scan", "tracked"]);
+    r.ok();
+    let e = r.only("dry_run_end");
+    assert_eq!(
+        (e["chunks"].as_u64(), e["scanned_bytes"].as_u64()),
+        (Some(3), Some(size)),
+        "{e}"
+    );
+    let p2 = v.pass(&["--audit", "0", "--scan", "tracked"]);
+    assert_eq!(
+        p2["scan"], "tracked",
+        "the dry run consumed the record: {p2}"
+    );
+    assert_eq!(p2["changed_chunks"], 3, "{p2}");
+    assert_eq!(p2["read_bytes"], 3 * CHUNK, "{p2}");
     assert_device_copied(&v.lo.dev, &v.target);
 }

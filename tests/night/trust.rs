@@ -373,7 +373,9 @@ fn source_larger_than_max_size_is_refused() {
     let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     std::io::BufRead::read_line(&mut err, &mut line).unwrap();
-    let words: Vec<&str> = line.split_whitespace().collect();
+    // After the line's time and level.
+    let from = line.find("listening on ").unwrap_or(0);
+    let words: Vec<&str> = line[from..].split_whitespace().collect();
     assert_eq!(words.first(), Some(&"listening"), "{line}");
     let port = words[2].rsplit(':').next().unwrap();
     let dest = format!("127.0.0.1:{port}/v");

@@ -19,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use nightpass_proto::chunk::ChunkSize;
 
 pub use serve::{Allowed, ServeArgs};
-pub use values::{parse_chunk_size, parse_duration, parse_size};
+pub use values::{parse_chunk_size, parse_duration, parse_metrics_addr, parse_size};
 
 use crate::error::{Error, Result};
 use crate::io::hash::ScanOptions;
@@ -37,6 +37,11 @@ pub struct Cli {
     /// No progress bars and no summaries (errors still go to stderr).
     #[arg(long, global = true)]
     pub quiet: bool,
+    /// Without a terminal (stderr not a tty, and neither --json nor
+    /// --quiet), print a progress line on stderr this often during a pass
+    /// or a verify; 0 prints none.
+    #[arg(long, global = true, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub progress_interval: Duration,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -125,6 +130,20 @@ pub enum Command {
         /// Size of the generated volume.
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         size: u64,
+    },
+    /// Print a shell completion script on stdout (e.g. `nightpass
+    /// completions bash > /etc/bash_completion.d/nightpass`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page nightpass(1) as roff on stdout, or write one
+    /// page per command to a directory.
+    Man {
+        /// Write nightpass.1 and nightpass-COMMAND.1 for every command here.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -224,6 +243,9 @@ pub struct SyncCmdArgs {
     #[command(flatten)]
     /// What the pass reads.
     pub scan: ScanArg,
+    /// Scan and compare only: report what a pass would send; write and record nothing, on either side.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 impl clap::ValueEnum for ScanChoice {
@@ -308,6 +330,54 @@ pub struct CutoverArgs {
     /// Prove the target identical by fresh reads (full), or skip that (none).
     #[arg(long, value_enum, default_value_t = Proof::Full)]
     pub verify: Proof,
+    /// Which proof: auto (tracked when the frozen pass is tracked, else
+    /// full), full (both sides read whole: the frozen pass then reads the
+    /// whole source, as --scan full), tracked (refused before anything is
+    /// frozen, exit 2, without an unbroken change record).
+    #[arg(long, value_enum, default_value_t = ProofKind::Auto)]
+    pub proof: ProofKind,
+}
+
+/// Which proof a cutover makes (`--proof`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProofKind {
+    /// Tracked when the frozen pass is, else full.
+    Auto,
+    /// Both sides read whole and compared.
+    Full,
+    /// The chunks the tracked pass read (and its audit sample), fresh on
+    /// both sides.
+    Tracked,
+}
+
+impl CutoverArgs {
+    /// What the cutover's frozen pass reads, from `--scan` and `--proof`
+    /// together; a contradiction (or a proof kind with `--verify none`) is
+    /// bad usage.
+    pub fn scan_choice(&self) -> Result<ScanChoice> {
+        let scan = self.scan.scan;
+        if self.verify == Proof::None && self.proof != ProofKind::Auto {
+            return Err(Error::input(
+                "--proof needs a proof: not with --verify none",
+            ));
+        }
+        match (self.proof, scan) {
+            (ProofKind::Auto, s) => Ok(s),
+            (ProofKind::Full, ScanChoice::Tracked) | (ProofKind::Tracked, ScanChoice::Full) => {
+                Err(Error::input(format!(
+                    "--proof {} contradicts --scan {}",
+                    if self.proof == ProofKind::Full {
+                        "full"
+                    } else {
+                        "tracked"
+                    },
+                    scan.name()
+                )))
+            }
+            (ProofKind::Full, _) => Ok(ScanChoice::Full),
+            (ProofKind::Tracked, _) => Ok(ScanChoice::Tracked),
+        }
+    }
 }
 
 /// How a cutover proves its copy (`--verify`).
@@ -384,6 +454,9 @@ pub struct Endpoint {
     /// (exit 3): a wrong host or port, or a firewall dropping UDP.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub connect_timeout: Duration,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics while the command runs.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_metrics_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     /// QUIC tuning.
     pub quic: QuicArgs,

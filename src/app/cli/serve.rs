@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::values::parse_size;
+use super::values::{parse_metrics_addr, parse_size};
 use super::QuicArgs;
 use crate::error::{Error, Result};
 use crate::net::transport::parse_fingerprint;
@@ -17,8 +17,10 @@ use crate::net::transport::parse_fingerprint;
 /// `serve` flags.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address and port to listen on (UDP).
-    #[arg(long)]
+    /// Address and port to listen on (UDP): an IP address or a host name
+    /// (`localhost:7400`, `newfiler:7400`), resolved at start to its first
+    /// address.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_listen)]
     pub listen: SocketAddr,
     /// An exported volume, NAME=PATH (repeatable).
     #[arg(long = "volume", required = true)]
@@ -47,9 +49,34 @@ pub struct ServeArgs {
     /// Most sessions one sender fingerprint may hold at once.
     #[arg(long, default_value_t = 8)]
     pub max_sessions_per_sender: usize,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_metrics_addr)]
+    pub metrics: Option<SocketAddr>,
     #[command(flatten)]
     /// QUIC tuning.
     pub quic: QuicArgs,
+}
+
+/// A `--listen` value: `ADDR:PORT`, `[V6]:PORT` or `HOST:PORT`, a host name
+/// resolved now to the first address it has (the one a sender resolving
+/// it picks too).
+pub fn parse_listen(s: &str) -> std::result::Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("'{s}' is not HOST:PORT (e.g. 0.0.0.0:7400)"));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("'{s}' is not HOST:PORT (e.g. 0.0.0.0:7400)"));
+    }
+    match s.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("host '{host}' resolves to no address")),
+        Err(e) => Err(format!("cannot resolve host '{host}': {e}")),
+    }
 }
 
 impl ServeArgs {
@@ -182,6 +209,24 @@ mod tests {
             super::super::Command::Serve(args) => args,
             _ => panic!("not a serve"),
         }
+    }
+
+    #[test]
+    fn listen_takes_addresses_and_host_names() {
+        assert_eq!(
+            parse_listen("127.0.0.1:7400").unwrap(),
+            "127.0.0.1:7400".parse::<SocketAddr>().unwrap()
+        );
+        assert!(parse_listen("[::1]:7400").unwrap().is_ipv6());
+        assert!(parse_listen("localhost:7400").unwrap().ip().is_loopback());
+        for bad in ["localhost", ":7400", "localhost:port", "localhost:70000"] {
+            assert!(parse_listen(bad).is_err(), "{bad}");
+        }
+        let e = parse_listen("no-such-host.invalid:7400").unwrap_err();
+        assert!(
+            e.contains("cannot resolve host 'no-such-host.invalid'"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -30,6 +30,16 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     Ok(v.round() as u64)
 }
 
+/// Parses `--metrics HOST:PORT` (a host name is resolved; its first
+/// address is used).
+pub fn parse_metrics_addr(s: &str) -> std::result::Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .map_err(|e| format!("'{s}' is not HOST:PORT ({e})"))?
+        .next()
+        .ok_or_else(|| format!("'{s}' names no address"))
+}
+
 /// Parses a chunk size into a [`ChunkSize`].
 pub fn parse_chunk_size(s: &str) -> std::result::Result<ChunkSize, String> {
     ChunkSize::new(parse_size(s)?).map_err(|e| e.to_string())

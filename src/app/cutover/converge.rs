@@ -69,6 +69,7 @@ pub async fn converge(
     progress: Arc<dyn Progress>,
 ) -> Result<i32> {
     let window = cc.window.as_secs_f64();
+    crate::metrics::window(&cfg.dest.to_string(), window);
     let mut changed: Vec<u64> = Vec::new();
     let mut last: Option<PassEnd> = None;
     sender::volume_state_dir(cfg)?;

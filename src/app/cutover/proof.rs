@@ -129,6 +129,10 @@ pub(super) struct Frozen {
     pub(super) proof: &'static str,
     /// Seconds spent in passes (the first, and any repairs).
     pub(super) passes_s: f64,
+    /// Seconds spent after the passes re-reading chunks on the receiver
+    /// (a tracked proof's read of what the pass read; a full proof's
+    /// recheck of the chunks that differed).
+    pub(super) proof_s: f64,
     /// The source's chunk table as the final pass read it (when asked for).
     table: Vec<u8>,
 }
@@ -152,6 +156,7 @@ pub(super) async fn frozen_pass(
             end,
             proof: "none",
             passes_s,
+            proof_s: 0.0,
             table,
         });
     }
@@ -164,6 +169,7 @@ pub(super) async fn frozen_pass(
         (end, ours, suspects, "full")
     };
     let mut passes_s = end.duration_s;
+    let mut proof_s = 0.0;
     let mut round = 0;
     loop {
         // Chunks the parallel read saw before the pass rewrote them (or
@@ -172,7 +178,10 @@ pub(super) async fn frozen_pass(
         let still = if suspects.is_empty() {
             suspects
         } else {
-            recheck(cfg, id, &suspects, &ours).await?
+            let began = Instant::now();
+            let still = recheck(cfg, id, &suspects, &ours).await?;
+            proof_s += began.elapsed().as_secs_f64();
+            still
         };
         if still.is_empty() {
             progress.note(match proof {
@@ -184,6 +193,7 @@ pub(super) async fn frozen_pass(
                 end,
                 proof,
                 passes_s,
+                proof_s,
                 table,
             });
         }

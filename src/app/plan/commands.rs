@@ -73,16 +73,22 @@ fn config_of(cfgs: &HashMap<String, SyncConfig>, name: &str) -> Result<SyncConfi
         .ok_or_else(|| Error::Io(format!("no settings for volume '{name}'")))
 }
 
-/// `sync --plan`: one pass of every volume.
+/// `sync --plan`: one pass of every volume (with `--dry-run`, what each
+/// would send).
 pub async fn sync(args: &SyncCmdArgs, progress: Arc<dyn Progress>) -> Result<i32> {
     let plan = load(args.volumes.plan.as_deref())?;
     let cfgs = Arc::new(pass_configs(&args.sync, &args.scan, &plan, "sync")?);
     let id = Arc::new(Identity::load(&args.sync.identity_dir())?);
+    let dry_run = args.dry_run;
     run(&plan, "sync", progress, move |v, p, _stop| {
         let (cfgs, id) = (cfgs.clone(), id.clone());
         async move {
             let cfg = config_of(&cfgs, &v.name)?;
-            sender::run_pass(&cfg, &id, p).await.map(|_| 0)
+            if dry_run {
+                sender::dry_run(&cfg, &id, p).await.map(|_| 0)
+            } else {
+                sender::run_pass(&cfg, &id, p).await.map(|_| 0)
+            }
         }
     })
     .await

@@ -74,9 +74,9 @@ where
     Fut: Future<Output = Result<i32>> + Send + 'static,
 {
     let started = Instant::now();
-    let board = progress.board();
+    let board = progress.board().filter(|b| b.drawn);
     let bytes = plan.volumes.iter().map(|v| v.size).sum();
-    let total = Total::new(board.as_ref(), plan.volumes.len(), bytes);
+    let total = Total::new(board.as_ref().map(|b| &b.multi), plan.volumes.len(), bytes);
     let stop = Stop::default();
     let mut interrupts = Interrupts::new()?;
     let mut set: JoinSet<(usize, Result<i32>)> = JoinSet::new();

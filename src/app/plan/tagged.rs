@@ -2,9 +2,12 @@
 //!
 //! [`Tagged`] wraps the command's reporter for one volume: every JSON event
 //! carries `"volume"` (the plan's name of the volume), human lines start
-//! with that name, and on a terminal the volume has its own bar on the
-//! reporter's board, under which [`Total`] draws the plan's total. Owns no
-//! output of its own: lines still go through the wrapped reporter.
+//! with that name, and each volume measures its own work (a [`Meter`]: the
+//! ETA follows the slower of scanning and sending). On a terminal the
+//! volume has its own bar on the reporter's board, under which [`Total`]
+//! draws the plan's total; without one, each volume prints its own progress
+//! line every interval. Owns no output of its own: lines still go through
+//! the wrapped reporter (or the meter's ticker, as a single command's).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-use crate::progress::{human_bytes, PassEnd, PassStart, Progress};
+use crate::progress::{
+    human_bytes, short_duration, Board, Meter, PassEnd, PassStart, Progress, Ticker,
+};
 
 /// The plan's total bar: bytes read by every volume against the sum of
 /// their sizes, bytes sent, and the volumes done.
@@ -82,15 +87,29 @@ impl Total {
     }
 }
 
+/// The work a volume is doing now: its meter, the ticker printing its line
+/// without a terminal, and its bar on one.
+struct Work {
+    meter: Arc<Meter>,
+    _ticker: Option<Ticker>,
+    bar: Option<ProgressBar>,
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
 /// One volume's reporter in a plan run.
 pub struct Tagged {
     name: String,
     inner: Arc<dyn Progress>,
-    board: Option<MultiProgress>,
+    board: Option<Board>,
     total: Arc<Total>,
-    bar: Mutex<Option<ProgressBar>>,
-    /// Bytes this volume sent in its current pass.
-    sent: AtomicU64,
+    work: Mutex<Option<Work>>,
 }
 
 impl Tagged {
@@ -101,8 +120,7 @@ impl Tagged {
             board: inner.board(),
             inner,
             total,
-            bar: Mutex::new(None),
-            sent: AtomicU64::new(0),
+            work: Mutex::new(None),
         })
     }
 
@@ -115,27 +133,42 @@ impl Tagged {
         v
     }
 
-    /// A bar of `total` bytes labelled `what` on the board, replacing this
-    /// volume's previous one.
-    fn new_bar(&self, what: &str, total: u64) {
-        let Some(board) = &self.board else { return };
-        let style = ProgressStyle::with_template(
-            "{prefix:>16} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> ");
-        // New bars go above the total, which stays last.
-        let bar = board.insert_before(&self.total.bar, ProgressBar::new(total).with_style(style));
-        bar.set_prefix(self.name.clone());
-        bar.set_message(what.to_string());
-        if let Some(old) = self.bar.lock().expect("not poisoned").replace(bar) {
-            old.finish_and_clear();
-        }
+    /// Starts measuring new work (`label`, `total` bytes; `sends`: a pass)
+    /// on the board, replacing the volume's previous work.
+    fn start(&self, board: &Board, label: &str, total: u64, sends: bool) {
+        let meter = Arc::new(Meter::new(label, total, sends));
+        let ticker = (!board.drawn && !board.every.is_zero())
+            .then(|| Ticker::start(meter.clone(), board.every));
+        let bar = board.drawn.then(|| {
+            let style = ProgressStyle::with_template(
+                "{prefix:>16} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> ");
+            // New bars go above the total, which stays last.
+            let bar = board
+                .multi
+                .insert_before(&self.total.bar, ProgressBar::new(total).with_style(style));
+            bar.set_prefix(self.name.clone());
+            bar
+        });
+        *self.work.lock().expect("not poisoned") = Some(Work {
+            meter,
+            _ticker: ticker,
+            bar,
+        });
     }
 
-    fn drop_bar(&self) {
-        if let Some(b) = self.bar.lock().expect("not poisoned").take() {
-            b.finish_and_clear();
+    /// Ends the work measured now.
+    fn stop(&self) {
+        let taken = self.work.lock().expect("not poisoned").take();
+        drop(taken);
+    }
+
+    /// Runs `f` on the work measured now, if any.
+    fn with_work(&self, f: impl FnOnce(&Work)) {
+        if let Some(w) = &*self.work.lock().expect("not poisoned") {
+            f(w);
         }
     }
 
@@ -147,48 +180,77 @@ impl Tagged {
     }
 }
 
-impl Drop for Tagged {
-    fn drop(&mut self) {
-        self.drop_bar();
+/// A bar's message: the ETA (the slower of scanning and sending) and the
+/// bytes sent.
+fn refresh(w: &Work) {
+    if let Some(b) = &w.bar {
+        let r = w.meter.read();
+        let eta = r.eta().map_or("-".into(), short_duration);
+        b.set_message(format!("ETA {eta}, sent {}", human_bytes(r.sent)));
     }
 }
 
 impl Progress for Tagged {
     fn pass_start(&self, s: &PassStart) {
         let s = self.renamed(s);
-        if self.board.is_some() {
-            // The wrapped reporter would draw one pair of bars for the
-            // whole process: this volume draws its own.
-            self.sent.store(0, Ordering::Relaxed);
-            self.new_bar(&format!("pass {}", s.pass), s.size_bytes);
-            self.inner.note(&format!(
-                "{}: pass {}: {} in chunks of {}",
-                self.name,
-                s.pass,
-                human_bytes(s.size_bytes),
-                human_bytes(s.chunk_size)
-            ));
-        } else {
-            self.inner.pass_start(&s);
-        }
+        let Some(board) = &self.board else {
+            return self.inner.pass_start(&s);
+        };
+        // The wrapped reporter measures one work at a time for the whole
+        // process: this volume measures its own.
+        let label = format!("pass {} of {}", s.pass, self.name);
+        self.start(board, &label, s.size_bytes, true);
+        self.inner.note(&format!(
+            "{}: pass {}: {} in chunks of {}",
+            self.name,
+            s.pass,
+            human_bytes(s.size_bytes),
+            human_bytes(s.chunk_size)
+        ));
     }
     fn scanned(&self, bytes: u64) {
-        if let Some(b) = &*self.bar.lock().expect("not poisoned") {
-            b.inc(bytes);
-        }
         self.total.bar.inc(bytes);
+        if self.board.is_none() {
+            return self.inner.scanned(bytes);
+        }
+        self.with_work(|w| {
+            w.meter.scanned(bytes);
+            if let Some(b) = &w.bar {
+                b.inc(bytes);
+            }
+            refresh(w);
+        });
+    }
+    fn reads(&self, bytes: u64) {
+        if self.board.is_none() {
+            return self.inner.reads(bytes);
+        }
+        self.with_work(|w| {
+            w.meter.set_total(bytes);
+            if let Some(b) = &w.bar {
+                b.set_length(bytes);
+            }
+        });
+    }
+    fn queued(&self, bytes: u64) {
+        if self.board.is_none() {
+            return self.inner.queued(bytes);
+        }
+        self.with_work(|w| w.meter.queued(bytes));
     }
     fn sent(&self, bytes: u64) {
         self.total.sent.fetch_add(bytes, Ordering::Relaxed);
-        let sent = self.sent.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if let Some(b) = &*self.bar.lock().expect("not poisoned") {
-            b.set_message(format!("sent {}", human_bytes(sent)));
-        }
         self.total.redraw();
-        self.inner.sent(bytes);
+        if self.board.is_none() {
+            return self.inner.sent(bytes);
+        }
+        self.with_work(|w| {
+            w.meter.sent(bytes);
+            refresh(w);
+        });
     }
     fn pass_end(&self, e: &PassEnd) {
-        self.drop_bar();
+        self.stop();
         let e = PassEnd {
             start: self.renamed(&e.start),
             ..e.clone()
@@ -196,24 +258,26 @@ impl Progress for Tagged {
         self.inner.pass_end(&e);
     }
     fn event(&self, json: &Value, human: &str) {
-        self.inner
-            .event(&self.tag(json), &format!("{}: {human}", self.name));
+        let human = if human.is_empty() {
+            String::new()
+        } else {
+            format!("{}: {human}", self.name)
+        };
+        self.inner.event(&self.tag(json), &human);
     }
     fn note(&self, human: &str) {
         self.inner.note(&format!("{}: {human}", self.name));
     }
     fn begin(&self, label: &str, total: u64) {
-        if self.board.is_some() {
-            self.new_bar(label, total);
-        } else {
-            self.inner.begin(label, total);
+        match &self.board {
+            Some(board) => self.start(board, &format!("{label} {}", self.name), total, false),
+            None => self.inner.begin(label, total),
         }
     }
     fn finish(&self) {
-        if self.board.is_some() {
-            self.drop_bar();
-        } else {
-            self.inner.finish();
+        match &self.board {
+            Some(_) => self.stop(),
+            None => self.inner.finish(),
         }
     }
     fn answer(&self, line: &str) {

@@ -209,9 +209,19 @@ pub(super) fn admit(shared: &Arc<Shared>, limits: &Arc<Limits>, incoming: quinn:
             }
         };
         let _slot = slot;
-        if let Err(e) = session(shared, conn.clone()).await {
-            tracing::warn!("session from {remote} ended with an error: {e}");
-            conn.close(1u32.into(), e.to_string().as_bytes());
+        let (ended, refused) = REFUSED
+            .scope(std::cell::Cell::new(false), async {
+                let ended = session(shared, conn.clone()).await;
+                (ended, REFUSED.with(|r| r.get()))
+            })
+            .await;
+        match ended {
+            Ok(()) => crate::metrics::session_ended(if refused { "refused" } else { "ok" }),
+            Err(e) => {
+                crate::metrics::session_ended("error");
+                tracing::warn!("session from {remote} ended with an error: {e}");
+                conn.close(1u32.into(), e.to_string().as_bytes());
+            }
         }
     });
 }

@@ -107,13 +107,15 @@ pub(super) fn authorized(
     fp: Option<&str>,
     volume: &str,
 ) -> std::result::Result<(), Refuse> {
+    let access = shared.access.read().expect("not poisoned");
     let ok = match fp {
-        Some(fp) => match shared.cfg.limits.get(fp) {
-            None => shared.cfg.allowed.contains(fp),
+        Some(fp) => match access.limits.get(fp) {
+            None => access.allowed.contains(fp),
             Some(names) => names.contains(volume),
         },
         None => false,
     };
+    drop(access);
     if ok {
         return Ok(());
     }

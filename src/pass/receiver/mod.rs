@@ -29,8 +29,9 @@
 //! `admission` (handshakes, slots, taking a volume), `target` (opening a
 //! volume and trusting its manifest), `sync` (a sync session and the check
 //! of every chunk), `writer` (the only code that writes a target),
-//! `verify` (fresh reads, forgetting entries) and `record` (the cutover's
-//! preflight and the record that seals).
+//! `verify` (fresh reads, forgetting entries), `record` (the cutover's
+//! preflight and the record that seals) and `dryrun` (what a sync would
+//! start from, answered without writing anything).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -60,7 +61,9 @@ use crate::store::state::{self, Fill, ManifestFile};
 use crate::store::{FileStore, Store};
 
 mod admission;
+mod dryrun;
 mod exports;
+mod log;
 mod record;
 mod sync;
 mod target;
@@ -68,8 +71,10 @@ mod verify;
 mod writer;
 
 use admission::*;
+use dryrun::*;
 pub use exports::check_exports;
 use exports::*;
+use log::SessionLog;
 use record::*;
 use sync::*;
 use target::*;
@@ -101,6 +106,21 @@ pub struct ServeConfig {
     pub max_sessions: usize,
     /// Most of those from one sender fingerprint (`--max-sessions-per-sender`).
     pub max_sessions_per_sender: usize,
+    /// New lists of allowed senders (`serve` re-reads its `--allow-file`
+    /// on SIGHUP): each replaces `allowed` and `limits` for the handshakes
+    /// and sessions that follow; sessions in progress run to their end.
+    pub access_updates: Option<tokio::sync::watch::Receiver<Access>>,
+}
+
+/// Who may come in, and on which volumes: [`ServeConfig::allowed`] and
+/// [`ServeConfig::limits`] as one value, as an update brings them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Fingerprints of the senders allowed in.
+    pub allowed: HashSet<String>,
+    /// Senders limited to some volumes; one of `allowed` missing here may
+    /// use every volume.
+    pub limits: HashMap<String, HashSet<String>>,
 }
 
 /// From the end of the handshake to a complete Hello, at most.
@@ -122,6 +142,9 @@ struct Shared {
     store: FileStore,
     busy: Mutex<HashMap<String, Holder>>,
     writers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The senders allowed now: `cfg.allowed` and `cfg.limits` at start,
+    /// then the latest update.
+    access: std::sync::RwLock<Access>,
 }
 
 /// Holds a volume for one session; released on drop.
@@ -180,8 +203,13 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| Error::io("listening socket", e))?;
     ready(local, &identity.fingerprint());
+    let mut updates = cfg.access_updates.take();
     let shared = Arc::new(Shared {
         store: FileStore::new(&cfg.state_dir),
+        access: std::sync::RwLock::new(Access {
+            allowed: cfg.allowed.clone(),
+            limits: cfg.limits.clone(),
+        }),
         cfg,
         busy: Mutex::new(HashMap::new()),
         writers: Mutex::new(Vec::new()),
@@ -196,6 +224,9 @@ pub async fn serve(
                 admit(&shared, &limits, incoming);
             }
             _ = flush.tick() => transport::flush_refusals(),
+            Some(access) = next_access(&mut updates) => {
+                apply_access(&shared, &ep, &identity, access);
+            }
             _ = &mut shutdown => break,
         }
     }
@@ -214,6 +245,49 @@ pub async fn serve(
     Ok(())
 }
 
+/// The next update of the allowed senders; never, without updates (or
+/// once their sender is gone).
+async fn next_access(updates: &mut Option<tokio::sync::watch::Receiver<Access>>) -> Option<Access> {
+    let Some(rx) = updates.as_mut() else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        *updates = None;
+        return std::future::pending().await;
+    }
+    let access = rx.borrow_and_update().clone();
+    Some(access)
+}
+
+/// Lets in the senders of `access` from now on: the endpoint's TLS
+/// settings for the handshakes that follow, and the volumes each may use
+/// for the sessions that follow.
+fn apply_access(shared: &Shared, ep: &quinn::Endpoint, identity: &Identity, access: Access) {
+    if access.allowed.is_empty() {
+        tracing::error!("an update allows no sender; keeping the senders allowed before");
+        return;
+    }
+    let unknown = access
+        .limits
+        .iter()
+        .flat_map(|(fp, names)| names.iter().map(move |n| (fp, n)))
+        .find(|(_, n)| !shared.cfg.volumes.contains_key(n.as_str()));
+    if let Some((fp, name)) = unknown {
+        tracing::error!(
+            "an update allows {fp} on volume '{name}', which is not exported; keeping the senders allowed before"
+        );
+        return;
+    }
+    match transport::server_config(identity, access.allowed.clone(), &shared.cfg.tuning) {
+        Ok(cfg) => ep.set_server_config(Some(cfg)),
+        Err(e) => {
+            tracing::error!("cannot apply the allowed senders: {e}; keeping those allowed before");
+            return;
+        }
+    }
+    *shared.access.write().expect("not poisoned") = access;
+}
+
 /// Frees the volume, then refuses: an operator who fixes the mistake and
 /// reruns at once must not be told the volume is in use.
 async fn refuse_freeing(
@@ -226,8 +300,20 @@ async fn refuse_freeing(
     refuse(send, conn, r).await
 }
 
+tokio::task_local! {
+    /// Set by [`refuse`] in the task of a session it refused: that session
+    /// ends `refused` in `nightpass_sessions_total`, not `ok`.
+    static REFUSED: std::cell::Cell<bool>;
+}
+
 async fn refuse(send: &mut quinn::SendStream, conn: &quinn::Connection, r: Refuse) -> Result<()> {
-    tracing::info!("refused a session: {}", r.1);
+    crate::metrics::refused(&format!("{:?}", r.0));
+    let _ = REFUSED.try_with(|c| c.set(true));
+    match SessionLog::current() {
+        // Said in the session's end line.
+        Some(log) => log.refused(&r.1),
+        None => tracing::info!("refused a session: {}", r.1),
+    }
     let _ = transport::send_control(
         send,
         Msg::Refusal(wire::Refusal {
@@ -253,7 +339,7 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
         let first = transport::recv_control(&mut recv).await?;
         Ok::<_, Error>((send, recv, first))
     };
-    let (mut send, recv, first) = tokio::time::timeout(HELLO_DEADLINE, opening)
+    let (send, recv, first) = tokio::time::timeout(HELLO_DEADLINE, opening)
         .await
         .map_err(|_| {
             Error::Peer(format!(
@@ -266,13 +352,36 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
         Some(_) => return Err(Error::Peer("first message was not a hello".into())),
         None => return Ok(()),
     };
+    let log = SessionLog::begin(&hello, &conn);
+    let result = log
+        .scope(dispatch(shared, conn.clone(), send, recv, hello))
+        .await;
+    log.end(&result);
+    if let Err(e) = result {
+        // Logged first: whoever sees the close finds the reason in the log.
+        conn.close(1u32.into(), e.to_string().as_bytes());
+    }
+    Ok(())
+}
+
+/// A session after its Hello: admission, then the work of its mode.
+async fn dispatch(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    hello: wire::Hello,
+) -> Result<()> {
     // Before anything touches another session (supersede, the liveness
     // check): a peer limited to other volumes must not reach this one's holder.
     if let Err(r) = admissible(&shared, &hello, &conn) {
         return refuse(&mut send, &conn, r).await;
     }
-    let exclusive = hello.mode == Mode::Sync as i32;
-    if exclusive && hello.resumes {
+    let sync = hello.mode == Mode::Sync as i32;
+    // A dry run holds the volume too (in memory only) while it reads the
+    // table it answers with.
+    let exclusive = sync || hello.mode == Mode::DryRun as i32;
+    if sync && hello.resumes {
         supersede(&shared, &hello).await;
     }
     // A preflight answers what a sync would be told: a holder that is
@@ -290,6 +399,10 @@ async fn session(shared: Arc<Shared>, conn: quinn::Connection) -> Result<()> {
         Ok(Mode::Sync) => match guard {
             Some(guard) => sync_session(shared, conn, send, recv, hello, guard, path).await,
             None => Err(Error::Io("sync session without the volume".into())),
+        },
+        Ok(Mode::DryRun) => match guard {
+            Some(guard) => dry_run_session(shared, conn, send, recv, hello, guard, path).await,
+            None => Err(Error::Io("dry run session without the volume".into())),
         },
         Ok(Mode::Verify) => verify_session(shared, conn, send, recv, hello, path).await,
         Ok(Mode::Record) => record_session(shared, conn, send, recv, hello).await,

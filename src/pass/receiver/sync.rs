@@ -56,6 +56,7 @@ pub(super) async fn sync_session(
         target: reader,
         ctl: ctl_tx.clone(),
         abandoned: Arc::default(),
+        log: SessionLog::current(),
     });
     let abandoned = each.abandoned.clone();
     let data = DataStreams {
@@ -190,7 +191,8 @@ fn spawn_writer(
         let _guard = guard;
         let mut manifest = manifest;
         let volume = volume;
-        if let Err(e) = writer_loop(&volume, &mut manifest, wrx, table_rx, &ctl) {
+        let meters = crate::metrics::ReceiverMeters::new(&name);
+        if let Err(e) = writer_loop(&volume, &mut manifest, wrx, table_rx, &ctl, &meters) {
             tracing::error!("volume '{name}': writer stopped: {e}");
             let _ = ctl.blocking_send(Msg::Failure(wire::Failure {
                 message: format!("receiver failed writing volume '{name}': {e}"),
@@ -221,6 +223,8 @@ pub(super) struct StreamContext {
     /// A stream the sender reset ends without error, but the frames it
     /// dropped leave the pass unfinishable: see [`ReceiverSession`].
     abandoned: Arc<std::sync::atomic::AtomicBool>,
+    /// The session's log, which counts the chunks received.
+    log: Option<Arc<SessionLog>>,
 }
 
 impl DataStreams {
@@ -279,6 +283,9 @@ async fn control_loop(
                     .send(rx::done(&summary))
                     .await
                     .map_err(|_| Error::Network("control stream closed".into()))?;
+                if let Some(log) = SessionLog::current() {
+                    log.done();
+                }
                 // One pass per session: nothing may follow Done.
                 return Ok(());
             }
@@ -396,6 +403,7 @@ pub(super) async fn data_stream(mut s: quinn::RecvStream, each: Arc<StreamContex
         target,
         ctl,
         abandoned,
+        log,
     } = &*each;
     let geometry = *geometry;
     let max = geometry.chunk_size().usize() + 4096;
@@ -422,6 +430,7 @@ pub(super) async fn data_stream(mut s: quinn::RecvStream, each: Arc<StreamContex
         // read that would wait for the disk, or a full writer queue move to
         // a blocking thread. (A hand-off per chunk cost the receiver a third
         // of its CPU time in thread wake-ups.)
+        let payload = body.len();
         let inline = if geometry.chunk_size().usize() <= INLINE_CHECK_MAX {
             check_chunk(body.clone(), &geometry, target, false)?
         } else {
@@ -439,6 +448,9 @@ pub(super) async fn data_stream(mut s: quinn::RecvStream, each: Arc<StreamContex
         };
         match checked {
             Checked::Write(msg) => {
+                if let Some(log) = log {
+                    log.chunk(payload);
+                }
                 match wtx.try_send(msg) {
                     Ok(()) => {}
                     Err(TrySendError::Full(msg)) => {

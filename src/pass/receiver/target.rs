@@ -17,6 +17,21 @@ pub(super) fn prepare_target(
     chunk: ChunkSize,
     explicit: bool,
 ) -> std::result::Result<(), Refuse> {
+    check_target(cfg, dir, path, size, chunk, explicit, true)
+}
+
+/// [`prepare_target`]'s checks; without `writable`, those that write
+/// nothing only (a dry run's: the state directory is neither created nor
+/// probed).
+pub(super) fn check_target(
+    cfg: &ServeConfig,
+    dir: &Path,
+    path: &Path,
+    size: u64,
+    chunk: ChunkSize,
+    explicit: bool,
+    writable: bool,
+) -> std::result::Result<(), Refuse> {
     let mpath = dir.join("manifest");
     let have = state::peek_geometry(&mpath);
     let chunk = match have {
@@ -29,7 +44,9 @@ pub(super) fn prepare_target(
             format!("a source of {size} bytes in chunks of {chunk}: {e}"),
         )
     })?;
-    state::check_writable(dir)?;
+    if writable {
+        state::check_writable(dir)?;
+    }
     if have != Some(geometry) {
         let need = state::manifest_len(&geometry);
         let free = state::free_bytes(dir)?;
@@ -119,52 +136,23 @@ pub(super) fn open_manifest(
     created: Created,
     offer: &rx::Offer,
 ) -> std::result::Result<ManifestFile, Refuse> {
-    let rx::Offer {
-        size: source_size,
-        chunk,
-        explicit,
-    } = *offer;
     let mpath = dir.join("manifest");
     let record = state::TargetRecord {
         path: target.to_owned(),
         identity: volume.identity()?,
     };
-    let (existing, rebuild) = existing_manifest(dir, name, volume, &record, created)?;
     let marked = state::marked_for_rebuild(dir);
-    let chunk = match &existing {
-        Some(m) => {
-            let have = m.geometry().chunk_size();
-            if explicit && have != chunk {
-                return Err(Refuse(
-                    RefuseCode::ChunkSize,
-                    format!(
-                        "volume '{name}' was first copied with chunk size {have}; a pass with chunk size {chunk} would re-chunk it. Drop --chunk-size to keep {have}, or remove the receiver's state of this volume to start over"
-                    ),
-                ));
-            }
-            if !rebuild {
-                if m.geometry().size() == source_size {
-                    return Ok(existing.expect("matched Some"));
-                }
-                tracing::warn!(
-                    "volume '{name}': source size changed from {} to {source_size} bytes; starting from nothing known",
-                    m.geometry().size()
-                );
-            }
-            have
-        }
-        None => chunk,
+    let (geometry, rebuild) = match manifest_start(dir, name, volume, &record, created, offer)? {
+        Start::Keep(m) => return Ok(m),
+        Start::New { geometry, rebuild } => (geometry, rebuild),
     };
-    drop(existing);
-    let geometry = Geometry::new(source_size, chunk)
-        .map_err(|e| Refuse(RefuseCode::BadRequest, e.to_string()))?;
     let fill = if created == Created::New {
         Fill::Zeros
     } else {
         Fill::Unknown
     };
     let mut m = ManifestFile::create(&mpath, geometry, rand::random(), fill)?;
-    if rebuild && volume.size() >= source_size {
+    if rebuild && volume.size() >= geometry.size() {
         // What the target holds, read fresh and made durable first, so the
         // rebuilt entries describe bytes that are on the disk.
         volume.sync_data()?;
@@ -178,6 +166,68 @@ pub(super) fn open_manifest(
         state::clear_rebuild_mark(dir)?;
     }
     Ok(m)
+}
+
+/// How a sync session starts its manifest of a target.
+pub(super) enum Start {
+    /// The manifest found describes this target, in this geometry: kept.
+    Keep(ManifestFile),
+    /// A new manifest of `geometry`: every entry unknown (the zero chunk
+    /// for a target the session created), or with `rebuild` the table of
+    /// a fresh read of the target.
+    New {
+        /// The source's size in the chunk size in force.
+        geometry: Geometry,
+        /// Rebuilt from a fresh read of the target (when it holds the source's size).
+        rebuild: bool,
+    },
+}
+
+/// Decides, reading only, how a sync session of `offer` starts its
+/// manifest of the target `record` describes ([`open_manifest`] then
+/// writes it; a dry run only reports it).
+pub(super) fn manifest_start(
+    dir: &Path,
+    name: &str,
+    volume: &Volume,
+    record: &state::TargetRecord,
+    created: Created,
+    offer: &rx::Offer,
+) -> std::result::Result<Start, Refuse> {
+    let rx::Offer {
+        size: source_size,
+        chunk,
+        explicit,
+    } = *offer;
+    let (existing, rebuild) = existing_manifest(dir, name, volume, record, created)?;
+    let chunk = match &existing {
+        Some(m) => {
+            let have = m.geometry().chunk_size();
+            if explicit && have != chunk {
+                return Err(Refuse(
+                    RefuseCode::ChunkSize,
+                    format!(
+                        "volume '{name}' was first copied with chunk size {have}; a pass with chunk size {chunk} would re-chunk it. Drop --chunk-size to keep {have}, or remove the receiver's state of this volume to start over"
+                    ),
+                ));
+            }
+            if !rebuild {
+                if m.geometry().size() == source_size {
+                    return Ok(Start::Keep(existing.expect("matched Some")));
+                }
+                tracing::warn!(
+                    "volume '{name}': source size changed from {} to {source_size} bytes; starting from nothing known",
+                    m.geometry().size()
+                );
+            }
+            have
+        }
+        None => chunk,
+    };
+    drop(existing);
+    let geometry = Geometry::new(source_size, chunk)
+        .map_err(|e| Refuse(RefuseCode::BadRequest, e.to_string()))?;
+    Ok(Start::New { geometry, rebuild })
 }
 
 /// True when the manifest in `dir` was made for the target `record`

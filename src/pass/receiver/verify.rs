@@ -56,7 +56,8 @@ pub(super) async fn verify_session(
             hash_whole(server, volume, &ctl_tx).await?
         } else {
             let tx = ctl_tx.clone();
-            tokio::task::spawn_blocking(move || hash_ranges(server, &volume, &tx))
+            let log = SessionLog::current();
+            tokio::task::spawn_blocking(move || hash_ranges(server, &volume, &tx, log))
                 .await
                 .map_err(|_| Error::Io("hash task failed".into()))??
         };
@@ -108,8 +109,18 @@ async fn hash_whole(
     );
     let mut pending: std::collections::BTreeMap<u64, Vec<(u64, Hash)>> = Default::default();
     let mut next_seq = 0u64;
+    let log = SessionLog::current();
     while let Some(block) = scan.rx.recv().await {
         let block = block?;
+        if let Some(log) = &log {
+            let bytes = block
+                .items
+                .iter()
+                .filter_map(|(i, _)| geometry.range(*i))
+                .map(|r| r.end - r.start)
+                .sum();
+            log.hashed(block.items.len() as u64, bytes);
+        }
         pending.insert(block.seq, block.items);
         while let Some(items) = pending.remove(&next_seq) {
             next_seq += 1;
@@ -134,6 +145,7 @@ fn hash_ranges(
     mut server: VerifyServer,
     volume: &Volume,
     tx: &mpsc::Sender<Msg>,
+    log: Option<Arc<SessionLog>>,
 ) -> Result<VerifyServer> {
     volume.drop_cache(0, volume.size());
     let geometry = *server
@@ -149,6 +161,9 @@ fn hash_ranges(
             let b = &mut buf[..(r.end - r.start) as usize];
             volume.read_exact_at(b, r.start)?;
             hashes.extend_from_slice(blake3::hash(b).as_bytes());
+            if let Some(log) = &log {
+                log.hashed(1, r.end - r.start);
+            }
         }
         server.handle_hashes(run.start, &hashes)?;
         while let Some(m) = server.poll_transmit() {

@@ -54,13 +54,15 @@ fn send_tables(manifest: &ManifestFile, table_rx: &std::sync::mpsc::Receiver<mps
 /// Runs the writer of a session until its queue closes: gathers verified
 /// chunks into batches (lingering briefly for more), commits each durably,
 /// acknowledges it, and answers the Finish once every chunk announced is
-/// committed ([`WriterLedger`]).
+/// committed ([`WriterLedger`]). What each batch wrote is counted in
+/// `meters`.
 pub(super) fn writer_loop(
     volume: &Volume,
     manifest: &mut ManifestFile,
     rx: std::sync::mpsc::Receiver<WriterMsg>,
     table_rx: std::sync::mpsc::Receiver<mpsc::Sender<Bytes>>,
     ctl: &mpsc::Sender<Msg>,
+    meters: &crate::metrics::ReceiverMeters,
 ) -> Result<()> {
     let geometry = manifest.geometry();
     let mut ledger = WriterLedger::new();
@@ -98,7 +100,9 @@ pub(super) fn writer_loop(
         }
         if !batch.chunks.is_empty() {
             let chunks = std::mem::take(&mut batch).chunks;
-            let (written, refused) = commit_batch(volume, manifest, &geometry, chunks)?;
+            let (written, refused, bytes) = commit_batch(volume, manifest, &geometry, chunks)?;
+            meters.chunks.increment(written.len() as u64);
+            meters.written.increment(bytes);
             let generation = manifest.header().generation;
             let out = ledger.handle_committed(written, refused, generation);
             for m in out
@@ -126,7 +130,9 @@ pub(super) fn writer_loop(
 }
 
 /// Commits one batch durably (see the module docs). Returns the indices
-/// written, and a request for the whole chunk for each patch refused.
+/// written, a request for the whole chunk for each patch refused, and the
+/// bytes of the target written (a zero chunk's whole length, a patch's
+/// blocks).
 ///
 /// A patch is checked here, in order with the batch's other writes, not when
 /// its frame arrives: the blocks it keeps are read from the target after
@@ -137,7 +143,7 @@ pub(super) fn commit_batch(
     manifest: &mut ManifestFile,
     geometry: &Geometry,
     batch: Vec<(u64, Hash, Content)>,
-) -> Result<(Vec<u64>, Vec<wire::Need>)> {
+) -> Result<(Vec<u64>, Vec<wire::Need>, u64)> {
     let indices: Vec<u64> = batch.iter().map(|(i, _, _)| *i).collect();
     let clear = WriterLedger::to_clear(&indices, |i| manifest.entry(i));
     if !clear.is_empty() {
@@ -148,19 +154,27 @@ pub(super) fn commit_batch(
     }
     let mut written = Vec::with_capacity(batch.len());
     let mut refused = Vec::new();
+    let mut bytes = 0u64;
     for (index, hash, data) in &batch {
         let range = geometry
             .range(*index)
             .expect("index checked against geometry");
         match data {
-            Content::Whole(d) => volume.write_all_at(d, range.start)?,
-            Content::Zero => volume.zero_range(range.start, range.end - range.start)?,
+            Content::Whole(d) => {
+                volume.write_all_at(d, range.start)?;
+                bytes += d.len() as u64;
+            }
+            Content::Zero => {
+                volume.zero_range(range.start, range.end - range.start)?;
+                bytes += range.end - range.start;
+            }
             Content::Patch { blocks, payload } => {
                 let len = (range.end - range.start) as usize;
                 let mut chunk = volume.read_vec_at(len, range.start)?;
                 match rx::check_patch(*index, hash, &mut chunk, blocks, payload) {
                     Ok(runs) => {
                         for run in runs {
+                            bytes += run.len() as u64;
                             volume.write_all_at(
                                 &chunk[run.clone()],
                                 range.start + run.start as u64,
@@ -181,5 +195,9 @@ pub(super) fn commit_batch(
         manifest.set(*index, hash);
     }
     manifest.flush_table()?;
-    Ok((written.into_iter().map(|(i, _)| i).collect(), refused))
+    Ok((
+        written.into_iter().map(|(i, _)| i).collect(),
+        refused,
+        bytes,
+    ))
 }

@@ -48,13 +48,16 @@ use crate::store::journal::{self, Journal, PassRecord, SenderRecord, UnsealedRec
 use crate::store::state::{self, Fill, ManifestFile, SourceRecord};
 use crate::store::{FileStore, SenderJournal, SenderVolume};
 
+mod dryrun;
 mod records;
 mod retry;
 mod session;
 mod stream;
 mod streams;
+mod thin;
 mod tracked;
 
+pub use dryrun::{dry_run, DryRunEnd};
 use records::*;
 pub use records::{canonical_source, journal, status, target_dir, volume_state_dir};
 use retry::*;
@@ -64,7 +67,7 @@ use stream::*;
 pub use streams::Pacer;
 use streams::*;
 use tracked::*;
-pub use tracked::{would_be_tracked, ScanChoice};
+pub use tracked::{history_now, tracked_outlook, would_be_tracked, ScanChoice};
 
 /// Settings of a pass.
 #[derive(Debug, Clone)]
@@ -115,6 +118,10 @@ pub struct SyncConfig {
     /// A cutover proves this pass by the chunks it reads (a tracked
     /// proof): a pass that collects its chunks' hashes may then be tracked.
     pub tracked_proof: bool,
+    /// Why this pass reads everything though a change record may be
+    /// unbroken, when its caller chose so (a cutover whose forecast says a
+    /// full pass is faster); shown as `scan_reason`.
+    pub scan_reason: Option<String>,
 }
 
 /// Runs one pass and returns its report.
@@ -206,6 +213,8 @@ struct PassRun<'a> {
     /// recorded since the previous pass) and why; an attempt resumed after
     /// a lost link reads what remains of it.
     plan: ScanPlan,
+    /// The volume's `nightpass_pass_in_progress` is 1 while this lives.
+    _in_progress: crate::metrics::PassInProgress,
 }
 
 impl<'a> PassRun<'a> {
@@ -239,12 +248,13 @@ impl<'a> PassRun<'a> {
         }
         let ours = open_own_manifest(cfg, &dir.join("manifest"), progress.as_ref())?;
         let (chunk, explicit) = chunk_size(cfg, ours.as_ref())?;
-        let plan = plan_scan(cfg, &dir, collect)?;
+        let pass_no = journal::passes(&records).count() as u64 + 1;
+        let plan = plan_scan(cfg, &dir, collect, (size, pass_no))?;
         if let (ScanKind::Full(why), true) = (&plan.kind, plan.tracker_seen()) {
             progress.note(&format!("reading the whole volume: {why}"));
         }
         let shared = PassShared {
-            counters: Arc::default(),
+            counters: Arc::new(Counters::of(&cfg.dest.to_string())),
             pacer: cfg
                 .shared_pacer
                 .clone()
@@ -253,9 +263,10 @@ impl<'a> PassRun<'a> {
             collected: None,
             written: plan.written(),
             audit: None,
+            read_from: plan.read_from.clone(),
         };
         Ok(PassRun {
-            pass_no: journal::passes(&records).count() as u64 + 1,
+            pass_no,
             cfg,
             id,
             progress,
@@ -273,6 +284,7 @@ impl<'a> PassRun<'a> {
             shared,
             scanned: ScanStatsSum::default(),
             plan,
+            _in_progress: crate::metrics::PassInProgress::start(&cfg.dest.to_string()),
         })
     }
 
@@ -295,6 +307,7 @@ impl<'a> PassRun<'a> {
             }),
             pass_id: self.pass_id.to_vec(),
             resumes: self.attempts > 1,
+            pass: self.pass_no,
         }
     }
 
@@ -342,8 +355,14 @@ impl<'a> PassRun<'a> {
         self.reconcile(&mut session, geometry, &theirs)
             .await
             .map_err(at)?;
+        let fresh = self.started.is_none();
         self.start(geometry);
         let set = self.chunks_to_read(&geometry).at_or_after(resume);
+        if fresh && set.len() < geometry.chunk_count() {
+            // A tracked pass: its progress is out of what it reads.
+            let bytes = set.len().saturating_mul(geometry.chunk_size().bytes());
+            self.progress.reads(bytes.min(self.size));
+        }
         let m = self.ours.take().expect("reconciled");
         let ours = Arc::new(Mutex::new(m));
         let r = stream_pass(
@@ -523,7 +542,8 @@ impl<'a> PassRun<'a> {
         pass_completed(&self.plan, &self.dir)?;
         self.records.push(record);
         let forecast =
-            plan::forecast(&journal::figures(&self.records), now_unix()).map(|f| f.total_s);
+            plan::forecast(&history_now(self.cfg, &self.records), now_unix()).map(|f| f.total_s);
+        crate::metrics::pass_completed(&self.cfg.dest.to_string(), duration_s, forecast);
         let end = PassEnd {
             start,
             scanned_bytes: self.scanned.bytes,

@@ -261,7 +261,8 @@ pub(super) fn status_text(
     }
     text.push_str(&match forecast {
         Some(f) => format!(
-            "  forecast of a frozen final pass now: {:.1} s ({} scan {:.1} s{}, send {:.1} s of {} changed at {}/s; overheads: pass {:.2} s, freeze {:.2} s)",
+            "  forecast of a frozen final pass at {} (now): {:.1} s ({} scan {:.1} s{}, send {:.1} s of {} changed at {}/s; overheads: pass {:.2} s, freeze {:.2} s)",
+            crate::progress::rfc3339_seconds(now_unix()),
             f.total_s,
             if f.tracked { "tracked" } else { "full" },
             f.scan_s,

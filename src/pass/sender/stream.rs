@@ -231,6 +231,9 @@ pub(super) struct PassShared {
     /// The audit of a tracked pass: chunks the record says are unchanged,
     /// read anyway and compared with our view of the target.
     pub(super) audit: Option<Arc<Audit>>,
+    /// Where the pass reads when its plan says (an LVM thin volume's
+    /// snapshot), instead of the source.
+    pub(super) read_from: Option<std::path::PathBuf>,
 }
 
 /// The chunks a tracked pass audits, and those it found changed.
@@ -376,7 +379,9 @@ fn start_scan(
     pass: &PassShared,
     shared: &Arc<Shared>,
 ) -> Result<hash::Scan<Outgoing>> {
-    let source = cfg.read_from.clone().unwrap_or_else(|| cfg.source.clone());
+    let source = (pass.read_from.clone())
+        .or_else(|| cfg.read_from.clone())
+        .unwrap_or_else(|| cfg.source.clone());
     let vol = Arc::new(Volume::open_source_reader(&source, cfg.scan.read_mode())?);
     let sink = pass.collected.clone();
     // Compared with our live table, not a copy: a copy would cost 32 bytes
@@ -385,11 +390,14 @@ fn start_scan(
     // entry before its comparison.
     let (scan_known, scan_shared) = (ours.clone(), shared.clone());
     let audit = pass.audit.clone();
+    let scanned = pass.counters.meters.scanned.clone();
+    let progress = pass.progress.clone();
     Ok(hash::scan(
         vol,
         set,
         cfg.scan.clone(),
         move |s| {
+            scanned.increment(s.data.len() as u64);
             let known = scan_known.lock().expect("not poisoned").entry(s.index);
             if let Some(a) = &audit {
                 a.check(s.index, &s.hash, &known);
@@ -400,7 +408,12 @@ fn start_scan(
             if let Some(t) = &sink {
                 manifest::set_entry(&mut t.lock().expect("not poisoned"), s.index, &s.hash);
             }
-            plan_chunk(s, &known, in_block, &scan_shared)
+            let out = plan_chunk(s, &known, in_block, &scan_shared);
+            if let Some(o) = &out {
+                // Told as the chunk is read: the ETA counts what waits to leave.
+                progress.queued(o.chunk.payload.len() as u64);
+            }
+            out
         },
         pass.progress.clone(),
     ))

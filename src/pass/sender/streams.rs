@@ -16,6 +16,18 @@ pub(super) struct Counters {
     pub(super) sent_bytes: AtomicU64,
     /// Chunks sent as zero markers.
     pub(super) zero_chunks: AtomicU64,
+    /// The same, and the bytes scanned, as Prometheus counters of the volume.
+    pub(super) meters: crate::metrics::SenderMeters,
+}
+
+impl Counters {
+    /// Zeroed counters of a pass of `volume`.
+    pub(super) fn of(volume: &str) -> Counters {
+        Counters {
+            meters: crate::metrics::SenderMeters::new(volume),
+            ..Counters::default()
+        }
+    }
 }
 
 /// Paces payload bytes to a rate: one per pass, or one shared by every
@@ -96,9 +108,11 @@ pub(super) async fn stream_task(
         let mut bufs = wire::encode_chunk_frame(&head, o.payload);
         transport::write_bufs(s.stream(), &mut bufs).await?;
         counters.sent_bytes.fetch_add(n, Ordering::Relaxed);
+        counters.meters.sent.increment(n);
         if o.encoding != Encoding::Probe {
             // A probe is counted when its patch (or whole chunk) leaves.
             counters.chunks.fetch_add(1, Ordering::Relaxed);
+            counters.meters.chunks.increment(1);
             counters
                 .changed_bytes
                 .fetch_add(u64::from(o.len), Ordering::Relaxed);

@@ -89,6 +89,11 @@ pub(super) struct ScanPlan {
     /// The cut this pass took: (epoch, number), to record as the chain's
     /// new start once the pass completes.
     cut: Option<(String, u64)>,
+    /// Where the pass reads, when not from the source itself (an LVM thin
+    /// volume's snapshot for this pass).
+    pub(super) read_from: Option<std::path::PathBuf>,
+    /// The thin snapshot this pass took, to chain from once it completes.
+    thin: Option<std::sync::Arc<super::thin::ThinPass>>,
 }
 
 /// The head of a volume's `tracked-pending` file.
@@ -109,24 +114,33 @@ struct PendingHead {
 ///
 /// `whole`: the caller needs every chunk's hash as read (a cutover's full
 /// proof): the pass reads everything, though it still takes the cut.
-pub(super) fn plan_scan(cfg: &SyncConfig, volume_dir: &Path, whole: bool) -> Result<ScanPlan> {
-    let plan = take_cut(cfg, volume_dir)?;
+pub(super) fn plan_scan(
+    cfg: &SyncConfig,
+    volume_dir: &Path,
+    whole: bool,
+    volume: (u64, u64),
+) -> Result<ScanPlan> {
+    let plan = take_cut(cfg, volume_dir, volume)?;
     if whole && !cfg.tracked_proof {
         if cfg.scan_choice == ScanChoice::Tracked {
             return Err(Error::input(
                 "--scan tracked: this pass must read every chunk for its proof",
             ));
         }
+        let why = cfg.scan_reason.as_deref();
         return Ok(ScanPlan {
             scope: Scope::Full,
-            kind: ScanKind::Full("the cutover's proof reads every chunk".into()),
+            kind: ScanKind::Full(
+                why.unwrap_or("the cutover's proof reads every chunk")
+                    .into(),
+            ),
             ..plan
         });
     }
     match (cfg.scan_choice, &plan.kind) {
         (ScanChoice::Full, _) => Ok(ScanPlan {
             scope: Scope::Full,
-            kind: ScanKind::Full("--scan full".into()),
+            kind: ScanKind::Full(cfg.scan_reason.as_deref().unwrap_or("--scan full").into()),
             ..plan
         }),
         (ScanChoice::Tracked, ScanKind::Full(why)) => Err(Error::input(format!(
@@ -142,7 +156,23 @@ impl ScanPlan {
         ScanPlan {
             scope: Scope::Full,
             kind: ScanKind::Full(reason),
-            cut: self.cut,
+            ..self
+        }
+    }
+
+    /// A pass of an LVM thin volume, read from its snapshot `read_from`.
+    pub(super) fn thin(
+        scope: Scope,
+        kind: ScanKind,
+        read_from: std::path::PathBuf,
+        pass: std::sync::Arc<super::thin::ThinPass>,
+    ) -> ScanPlan {
+        ScanPlan {
+            scope,
+            kind,
+            cut: None,
+            read_from: Some(read_from),
+            thin: Some(pass),
         }
     }
 
@@ -170,13 +200,18 @@ fn full(reason: String, cut: Option<(String, u64)>) -> ScanPlan {
         scope: Scope::Full,
         kind: ScanKind::Full(reason),
         cut,
+        read_from: None,
+        thin: None,
     }
 }
 
 /// Takes a cut from the tracker of the source, records it in the pending
 /// set, and says whether it chains to the previous completed pass: a
 /// tracked plan when it does, a full one saying why otherwise.
-fn take_cut(cfg: &SyncConfig, volume_dir: &Path) -> Result<ScanPlan> {
+///
+/// Without a tracker, an LVM thin volume's change set comes from its
+/// snapshots instead ([`super::thin`]); `volume` is (size, pass number).
+fn take_cut(cfg: &SyncConfig, volume_dir: &Path, volume: (u64, u64)) -> Result<ScanPlan> {
     if cfg.read_from.is_some() {
         return Ok(full(
             "a pass from an LVM snapshot reads the whole snapshot".into(),
@@ -197,7 +232,13 @@ fn take_cut(cfg: &SyncConfig, volume_dir: &Path) -> Result<ScanPlan> {
             file,
             ..
         }) => (epoch, seq, previous, file),
-        None => return Ok(full(no_tracker(&tdir, &source), None)),
+        None => {
+            let (size, pass_no) = volume;
+            if let Some(plan) = super::thin::plan(cfg, volume_dir, size, pass_no)? {
+                return Ok(plan);
+            }
+            return Ok(full(no_tracker(&tdir, &source), None));
+        }
         Some(Answer::Error { message }) => {
             let why = format!("the tracker of {} failed: {message}", source.display());
             return Ok(full(why, None));
@@ -235,6 +276,8 @@ fn take_cut(cfg: &SyncConfig, volume_dir: &Path) -> Result<ScanPlan> {
             scope: Scope::Bytes(blocks.byte_ranges()),
             kind: ScanKind::Tracked,
             cut: taken,
+            read_from: None,
+            thin: None,
         });
     }
     let why = match previous {
@@ -280,27 +323,85 @@ fn short(id: &str) -> &str {
 /// and its next cut would chain to the previous completed pass (nothing is
 /// taken). A cutover asks before it freezes, and again once frozen.
 pub fn would_be_tracked(cfg: &SyncConfig) -> Result<bool> {
+    Ok(tracked_outlook(cfg, None)?.is_some())
+}
+
+/// What a tracked pass of `cfg` run now would read as changed, when it
+/// would be tracked (see [`would_be_tracked`]): the bytes of the chunks of
+/// `chunk_size` holding a block written since the previous completed pass
+/// (the tracker's count since its last cut, plus what a failed pass left
+/// pending; the two may overlap, so this errs high). Without a chunk size,
+/// `Some(0)` says only that the pass would be tracked.
+pub fn tracked_outlook(cfg: &SyncConfig, chunk_size: Option<u64>) -> Result<Option<u64>> {
     if cfg.read_from.is_some() || cfg.scan_choice == ScanChoice::Full {
-        return Ok(false);
+        return Ok(None);
     }
     let Tracker {
         dir: tdir,
         consumer,
         ..
     } = Tracker::of(cfg);
-    let Some(Answer::Peek { epoch, seq }) =
-        tracking::ask(&tdir, &Request::Peek { consumer }, CUT_TIMEOUT)?
+    let request = Request::Peek {
+        consumer,
+        chunk_size,
+    };
+    let Some(Answer::Peek {
+        epoch, seq, chunks, ..
+    }) = tracking::ask(&tdir, &request, CUT_TIMEOUT)?
     else {
-        return Ok(false);
+        return Ok(None);
     };
     let dir = super::volume_state_dir(cfg)?;
-    let (head, _) = read_pending(&tracking::pending_path(&dir))?;
-    Ok(head.is_some_and(|h| h.complete && h.epoch == epoch.id && seq == Some(h.through)))
+    let (head, pending) = read_pending(&tracking::pending_path(&dir))?;
+    if !head.is_some_and(|h| h.complete && h.epoch == epoch.id && seq == Some(h.through)) {
+        return Ok(None);
+    }
+    Ok(Some(chunk_size.map_or(0, |cs| {
+        let left = pending.chunks_touched(cs / nightpass_proto::changes::BLOCK);
+        (chunks + left) * cs
+    })))
+}
+
+/// The forecast's inputs for a pass of `cfg` run now: the journal's
+/// figures, and what the final pass will read: the whole volume when
+/// `--scan full` says so or no unbroken record would make the pass
+/// tracked, what the change record names as changed when it would (a
+/// tracker whose answer cannot be read leaves the journal's guess).
+pub fn history_now(
+    cfg: &SyncConfig,
+    records: &[crate::store::journal::SenderRecord],
+) -> nightpass_proto::plan::History {
+    use nightpass_proto::plan::FinalScan;
+    let mut history = crate::store::journal::figures(records);
+    let chunk_size = crate::store::journal::passes(records)
+        .last()
+        .map(|p| p.chunk_size);
+    history.final_scan = if cfg.scan_choice == ScanChoice::Full || cfg.read_from.is_some() {
+        FinalScan::Full
+    } else if chunk_size.is_none() {
+        FinalScan::Unknown
+    } else {
+        match tracked_outlook(cfg, chunk_size) {
+            Ok(Some(b)) => FinalScan::Tracked {
+                changed_bytes: b as f64,
+            },
+            // No tracker, or a record that does not chain: a full read.
+            Ok(None) => FinalScan::Full,
+            Err(e) => {
+                tracing::debug!("no change count from the tracker: {e}");
+                FinalScan::Unknown
+            }
+        }
+    };
+    history
 }
 
 /// Asks the tracker of `cfg`'s source to end its epoch (an audit found the
 /// record wrong); a tracker that does not answer has ended it already.
 pub(super) fn end_epoch(cfg: &SyncConfig, reason: &str) {
+    if let Ok(dir) = super::volume_state_dir(cfg) {
+        super::thin::forget(&dir);
+    }
     let Tracker {
         source, dir: tdir, ..
     } = Tracker::of(cfg);
@@ -318,6 +419,9 @@ pub(super) fn end_epoch(cfg: &SyncConfig, reason: &str) {
 /// The pass completed: everything up to its cut is on the target, so the
 /// chain starts again from that cut, with no pending block.
 pub(super) fn pass_completed(plan: &ScanPlan, volume_dir: &Path) -> Result<()> {
+    if let Some(t) = &plan.thin {
+        super::thin::completed(t, volume_dir)?;
+    }
     let Some((epoch, seq)) = &plan.cut else {
         return Ok(());
     };

@@ -55,6 +55,9 @@ pub enum SenderRecord {
     Cutover(CutoverRecord),
     /// The receiver said the operator unsealed the last cutover.
     Unsealed(UnsealedRecord),
+    /// A group cutover this volume was part of: every volume of the group
+    /// proven and recorded, under one group consistency point.
+    GroupCutover(GroupCutoverRecord),
 }
 
 /// A record of a receiver's journal of one exported volume.
@@ -159,6 +162,23 @@ pub struct CutoverRecord {
     /// `"none"`; absent in records of releases before change tracking.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proof: Option<String>,
+    /// Seconds of the freeze spent re-reading chunks on the receiver after
+    /// the passes (absent in older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof_s: Option<f64>,
+}
+
+/// A group cutover, in the journal of each of its volumes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupCutoverRecord {
+    /// BLAKE3 over the volumes' consistency points in name order (hex).
+    pub consistency_point: String,
+    /// The group's volumes, in name order.
+    pub volumes: Vec<String>,
+    /// When the group was frozen, seconds since the Unix epoch.
+    pub freeze_unix_s: f64,
+    /// Seconds the group stayed frozen.
+    pub frozen_s: f64,
 }
 
 /// The sender's note that the operator unsealed a cutover on the receiver,
@@ -185,6 +205,13 @@ pub struct ReceiverCutoverRecord {
     /// When the volume was sealed, RFC 3339 UTC (absent in older records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_at: Option<String>,
+    /// The group consistency point of a group cutover (absent for one
+    /// volume's): BLAKE3 over the group's volumes' points in name order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_point: Option<String>,
+    /// The group's volumes, in name order (empty for one volume's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group_volumes: Vec<String>,
 }
 
 /// The operator unsealed a volume on the receiver.
@@ -376,13 +403,21 @@ pub fn figures(records: &[SenderRecord]) -> History {
                 h.target_read_rates.push(t.size_bytes as f64 / t.duration_s)
             }
             // Older records lack the time spent in passes: no measurement.
+            // A tracked proof's read is forecast on its own (Forecast::proof_s),
+            // so it is not part of the freeze's overhead.
             SenderRecord::Cutover(CutoverRecord {
                 frozen_s,
                 passes_s: Some(passes_s),
+                proof,
+                proof_s,
                 ..
             }) => h.cutovers.push(CutoverFigures {
                 frozen_s: *frozen_s,
                 passes_s: *passes_s,
+                proof_s: match proof.as_deref() {
+                    Some("tracked") => proof_s.unwrap_or(0.0),
+                    _ => 0.0,
+                },
             }),
             _ => {}
         }

@@ -67,11 +67,18 @@ fn every_sender_record() -> Vec<SenderRecord> {
             method: "fsfreeze".into(),
             proved: true,
             forecast_s: None,
-            proof: Some("full".into()),
+            proof: Some("tracked".into()),
+            proof_s: Some(0.75),
         }),
         SenderRecord::Unsealed(UnsealedRecord {
             consistency_point: CP.into(),
             unix_s: 1_796_000_200.0,
+        }),
+        SenderRecord::GroupCutover(GroupCutoverRecord {
+            consistency_point: CP.into(),
+            volumes: vec!["filer01-a".into(), "filer01-b".into()],
+            freeze_unix_s: 1_796_000_300.0,
+            frozen_s: 2.5,
         }),
     ]
 }
@@ -84,6 +91,8 @@ fn every_receiver_record() -> Vec<ReceiverRecord> {
             freeze_unix_s: 1_796_000_100.5,
             frozen_s: 3.25,
             sealed_at: Some("2026-11-30T01:12:09Z".into()),
+            group_point: Some("ab".repeat(32)),
+            group_volumes: vec!["filer01".into(), "filer02".into()],
         }),
         ReceiverRecord::Unsealed(ReceiverUnsealedRecord {
             volume: "filer01".into(),
@@ -138,7 +147,8 @@ fn a_journal_of_the_previous_format_reads_as_it_was() {
         h.cutovers,
         [CutoverFigures {
             frozen_s: 0.051266855,
-            passes_s: 0.011365334
+            passes_s: 0.011365334,
+            proof_s: 0.0,
         }]
     );
     // Unsealed after the cutover: nothing holds passes back.

@@ -103,8 +103,9 @@ impl Receiver {
     }
 
     /// Starts a receiver like [`Receiver::start`], with `extra_args` (more
-    /// `serve` flags, such as `--max-sessions-per-sender 2`) after the others;
-    /// a restart keeps them.
+    /// `serve` flags, such as `--max-sessions-per-sender 2`, or a
+    /// `--listen` of its own instead of 127.0.0.1) after the others; a
+    /// restart keeps them.
     pub fn start_with(
         id: &Ident,
         state: &Path,
@@ -114,8 +115,12 @@ impl Receiver {
         extra_args: &[&str],
     ) -> Receiver {
         let mut cmd = Command::new(bin());
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--identity")
+        cmd.arg("serve");
+        // `extra_args` may name the address itself (`--listen localhost:0`).
+        if !extra_args.contains(&"--listen") {
+            cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
+        }
+        cmd.arg("--identity")
             .arg(&id.dir)
             .arg("--state-dir")
             .arg(state);
@@ -185,6 +190,15 @@ impl Receiver {
         String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
     }
 
+    /// Asserts that the receiver's log says `words` within `limit`.
+    pub fn assert_log_says_within(&self, words: &str, limit: Duration) {
+        assert!(
+            super::wait_for(limit, || self.log().contains(words)),
+            "the receiver's log does not say {words:?} within {limit:?}:\n{}",
+            self.log()
+        );
+    }
+
     /// Asserts that the receiver's log says `words` by now; `why` is what
     /// it means when it does not (e.g. "the receiver did not say why it
     /// ended the session").
@@ -198,7 +212,7 @@ impl Receiver {
 }
 
 /// Waits for `serve`'s `listening on 127.0.0.1:PORT fingerprint FP` line
-/// and returns the port and fingerprint; fails the test when it exits or
+/// (after the line's time and level) and returns the port and fingerprint; fails the test when it exits or
 /// stays silent for [`LISTEN_TIMEOUT`].
 fn wait_listening(child: &mut Child, stderr: &Mutex<Vec<u8>>) -> (u16, String) {
     let log = || String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
@@ -209,8 +223,7 @@ fn wait_listening(child: &mut Child, stderr: &Mutex<Vec<u8>>) -> (u16, String) {
         let complete = text.rfind('\n').map_or("", |i| &text[..i]);
         let found = complete
             .lines()
-            .find(|l| l.starts_with("listening on "))
-            .map(str::to_string);
+            .find_map(|l| l.find("listening on ").map(|at| l[at..].to_string()));
         if let Some(line) = found {
             break line;
         }
