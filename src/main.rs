@@ -98,6 +98,9 @@ fn main() {
     } else {
         log::Style::sender()
     });
+    // A plan run presses its own red button on SIGINT/SIGTERM: the first
+    // stops starting volumes, the second drops those in flight.
+    let plan_signals = cli.command.is_plan_run();
     if own_signals {
         // A receiver outlives the terminal or ssh session that started it:
         // a hang-up must not end it (and the sessions it serves).
@@ -123,11 +126,11 @@ fn main() {
                 }
             },
             // Dropping the command's future runs its guards: a frozen source is thawed.
-            _ = tokio::signal::ctrl_c(), if !own_signals => {
+            _ = tokio::signal::ctrl_c(), if !own_signals && !plan_signals => {
                 report_error(json, &Error::Interrupted);
                 130
             }
-            _ = signal(SignalKind::terminate()), if !own_signals => {
+            _ = signal(SignalKind::terminate()), if !own_signals && !plan_signals => {
                 report_error(json, &Error::Interrupted);
                 143
             }

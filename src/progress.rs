@@ -146,6 +146,25 @@ pub trait Progress: Send + Sync {
     fn answer(&self, line: &str) {
         answer_line(line);
     }
+    /// The bars' board, for reporters of many volumes at once that draw a
+    /// bar (or print a progress line) per volume (a plan run); `None` when
+    /// this reporter shows no progress.
+    fn board(&self) -> Option<Board> {
+        None
+    }
+}
+
+/// Where a reporter of many volumes at once shows each volume's progress
+/// ([`Progress::board`]).
+#[derive(Debug, Clone)]
+pub struct Board {
+    /// The bars, drawn on a terminal (hidden otherwise).
+    pub multi: MultiProgress,
+    /// Bars are drawn: stderr is a terminal.
+    pub drawn: bool,
+    /// Without bars, every how long a progress line is printed (zero:
+    /// never).
+    pub every: Duration,
 }
 
 /// Writes `line` on stdout: a command's answer, whatever the reporter.
@@ -471,7 +490,10 @@ impl Progress for Human {
         ));
     }
     fn event(&self, _: &Value, human: &str) {
-        self.say(human);
+        // An event with no sentence (its words went to stderr) prints none.
+        if !human.is_empty() {
+            self.say(human);
+        }
     }
     fn begin(&self, label: &str, total: u64) {
         self.measure(Meter::new(label, total, false));
@@ -493,6 +515,13 @@ impl Progress for Human {
     }
     fn note(&self, human: &str) {
         self.say(human);
+    }
+    fn board(&self) -> Option<Board> {
+        (!self.quiet).then(|| Board {
+            multi: self.multi.clone(),
+            drawn: self.drawn,
+            every: self.every,
+        })
     }
 }
 

@@ -3,12 +3,13 @@
 //! Returns the exit status of a negative answer (1) as `Ok(1)`; failures are
 //! `Err` and map to their own statuses in `main.rs`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::app::cli::{Allowed, Cli, Command, ScanArg, ServeArgs, SyncArgs};
+use crate::app::cli::{Allowed, Cli, Command, ConvergeArgs, ScanArg, ServeArgs, SyncArgs};
+use crate::app::plan;
 use crate::error::{Error, Result};
 use crate::net::transport::{default_identity_dir, Identity};
 use crate::pass::receiver::{self, Access, ServeConfig};
@@ -47,8 +48,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Serve(args) => serve(args, progress, json).await,
         Command::Sync(args) => {
-            let cfg = sync_config(&args.sync, &args.scan, "sync")?;
-            metrics(args.sync.metrics)?;
+            metrics(args.sync.endpoint.metrics)?;
+            let Some((source, dest)) = args.volumes.single() else {
+                return plan::commands::sync(&args, progress).await;
+            };
+            let cfg = sync_config(&args.sync, &args.scan, source, dest, "sync")?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.dry_run {
                 sender::dry_run(&cfg, &id, progress).await?;
@@ -58,29 +62,31 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Verify(args) => {
-            metrics(args.metrics)?;
-            crate::app::verify::run(&args, progress).await
+            metrics(args.endpoint.metrics)?;
+            match args.volumes.single() {
+                Some((source, dest)) => {
+                    crate::app::verify::run(&args, source, dest, progress).await
+                }
+                None => plan::commands::verify(&args, progress).await,
+            }
         }
         Command::Converge(args) => {
-            let cfg = sync_config(&args.sync, &args.scan, "converge")?;
-            metrics(args.sync.metrics)?;
-            let id = Identity::load(&args.sync.identity_dir())?;
-            if args.margin.is_nan() || args.margin < 1.0 {
-                return Err(Error::input("--margin must be at least 1.0"));
+            let cc = converge_config(&args)?;
+            metrics(args.sync.endpoint.metrics)?;
+            match args.volumes.single() {
+                Some((source, dest)) => {
+                    let cfg = sync_config(&args.sync, &args.scan, source, dest, "converge")?;
+                    let id = Identity::load(&args.sync.identity_dir())?;
+                    crate::app::cutover::converge(&cfg, &cc, &id, progress).await
+                }
+                None => plan::commands::converge(&args, cc, progress).await,
             }
-            let cc = crate::app::cutover::ConvergeConfig {
-                window: args.window,
-                max_passes: args.max_passes.max(1),
-                interval: args.interval,
-                margin: args.margin,
-            };
-            crate::app::cutover::converge(&cfg, &cc, &id, progress).await
         }
         Command::Track(args) => track(args, progress, json).await,
         Command::Cutover(args) => {
-            let mut cfg = sync_config(&args.sync, &args.scan, "cutover")?;
+            let mut cfg = sync_config(&args.sync, &args.scan, &args.source, &args.dest, "cutover")?;
             cfg.scan_choice = args.scan_choice()?;
-            metrics(args.sync.metrics)?;
+            metrics(args.sync.endpoint.metrics)?;
             let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));
@@ -97,9 +103,22 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Unseal { name, state_dir } => {
             unseal(name, state_dir.unwrap_or_else(default_state_dir), progress).await
         }
-        Command::Status { source, state_dir } => {
+        Command::Status {
+            source,
+            plan: plan_file,
+            state_dir,
+            window,
+            margin,
+        } => {
             let dir = state_dir.unwrap_or_else(default_state_dir);
-            crate::pass::sender::status(&dir, source.as_deref(), progress.as_ref())?;
+            match plan_file {
+                Some(f) => {
+                    let p = plan::Plan::load(&f)?;
+                    let judge = plan::status::Judge { window, margin };
+                    plan::status::status(&p, &dir, judge, progress.as_ref())?;
+                }
+                None => crate::pass::sender::status(&dir, source.as_deref(), progress.as_ref())?,
+            }
             Ok(0)
         }
         Command::Bench { volume, size } => {
@@ -140,10 +159,30 @@ fn metrics(addr: Option<std::net::SocketAddr>) -> Result<()> {
     }
 }
 
-/// Typed pass settings from the flags.
-pub fn sync_config(args: &SyncArgs, scan: &ScanArg, kind: &'static str) -> Result<SyncConfig> {
-    let (dest, fp) = args.remote()?;
-    let tuning = args.tuning()?;
+/// Typed settings of `converge` beyond its passes'.
+fn converge_config(args: &ConvergeArgs) -> Result<crate::app::cutover::ConvergeConfig> {
+    if args.margin.is_nan() || args.margin < 1.0 {
+        return Err(Error::input("--margin must be at least 1.0"));
+    }
+    Ok(crate::app::cutover::ConvergeConfig {
+        window: args.window,
+        max_passes: args.max_passes.max(1),
+        interval: args.interval,
+        margin: args.margin,
+        stop: None,
+    })
+}
+
+/// Typed settings of a pass from `source` to `dest` from the flags.
+pub fn sync_config(
+    args: &SyncArgs,
+    scan: &ScanArg,
+    source: &Path,
+    dest: &str,
+    kind: &'static str,
+) -> Result<SyncConfig> {
+    let (dest, fp) = args.endpoint.remote(dest)?;
+    let tuning = args.endpoint.tuning()?;
     let streams = match args.streams {
         Some(n) if n == 0 || n > 32 => {
             return Err(Error::input("--streams must be between 1 and 32"))
@@ -152,13 +191,14 @@ pub fn sync_config(args: &SyncArgs, scan: &ScanArg, kind: &'static str) -> Resul
         None => tuning.default_streams(),
     };
     Ok(SyncConfig {
-        source: args.source.clone(),
+        source: source.to_owned(),
         dest,
         server_fingerprint: fp,
         state_dir: args.state_dir(),
         chunk_size: args.chunk_size,
         streams,
         bwlimit: args.bwlimit,
+        shared_pacer: None,
         scan: args.scan(),
         tuning,
         kind,

@@ -187,6 +187,7 @@ impl LocalPair {
             chunk_size: None,
             streams: Tuning::default().default_streams(),
             bwlimit: None,
+            shared_pacer: None,
             scan: ScanOptions::default(),
             tuning: Tuning::default(),
             kind,

@@ -17,5 +17,6 @@ pub mod cutover;
 pub mod demo;
 pub mod log;
 pub mod manual;
+pub mod plan;
 pub mod track;
 pub mod verify;

@@ -29,7 +29,7 @@ use nightpass_proto::session::verify::{VerifyClient, VerifyOutcome, VerifyReques
 use nightpass_proto::wire::control::Msg;
 use serde_json::json;
 
-use crate::app::cli::SyncArgs;
+use crate::app::cli::VerifyArgs;
 use crate::error::{Error, Result};
 use crate::io::device::{Kind, ReadMode, Volume};
 use crate::io::hash::{self, ScanOptions};
@@ -99,12 +99,13 @@ impl Comparison {
 
 pub use nightpass_proto::session::verify::{compare, table_entry};
 
-fn chunk_for(args: &SyncArgs, remote: Option<&RemoteVolume>) -> ChunkSize {
+fn chunk_for(args: &VerifyArgs, dest: &str, remote: Option<&RemoteVolume>) -> ChunkSize {
     if let Some(c) = args.chunk_size {
         return c;
     }
-    if let (Some(r), Some(fp)) = (remote, args.remote().ok().map(|(_, fp)| fp)) {
-        let p = target_dir(&args.state_dir(), &fp, r).join("manifest");
+    let fp = args.endpoint.remote(dest).ok().map(|(_, fp)| fp);
+    if let (Some(r), Some(fp)) = (remote, fp) {
+        let p = target_dir(&args.endpoint.state_dir(), &fp, r).join("manifest");
         if let Ok(Some(Ok(m))) = ManifestFile::open(&p) {
             return m.geometry().chunk_size();
         }
@@ -112,24 +113,29 @@ fn chunk_for(args: &SyncArgs, remote: Option<&RemoteVolume>) -> ChunkSize {
     ChunkSize::DEFAULT
 }
 
-/// Runs `nightpass verify`; returns 0 identical, 1 differences.
-pub async fn run(args: &SyncArgs, progress: Arc<dyn Progress>) -> Result<i32> {
+/// Runs `nightpass verify SOURCE DEST`; returns 0 identical, 1 differences.
+pub async fn run(
+    args: &VerifyArgs,
+    source: &Path,
+    dest: &str,
+    progress: Arc<dyn Progress>,
+) -> Result<i32> {
     let started = Instant::now();
     let source = Arc::new(Volume::open_source_reader(
-        &args.source,
-        args.scan().read_mode(),
+        source,
+        args.read.scan().read_mode(),
     )?);
-    let remote = RemoteVolume::parse(&args.dest);
-    let chunk = chunk_for(args, remote.as_ref());
+    let remote = RemoteVolume::parse(dest);
+    let chunk = chunk_for(args, dest, remote.as_ref());
     let cmp = match &remote {
         Some(_) => {
-            let (dest, fp) = args.remote()?;
-            let id = Identity::load(&args.identity_dir())?;
+            let (dest, fp) = args.endpoint.remote(dest)?;
+            let id = Identity::load(&args.endpoint.identity_dir())?;
             verify_remote(source, &dest, &fp, &id, chunk, args, progress.clone()).await?
         }
         None => {
-            let scan = args.scan();
-            let mut target = Volume::open_for_verify(Path::new(&args.dest))?;
+            let scan = args.read.scan();
+            let mut target = Volume::open_for_verify(Path::new(dest))?;
             if scan.read_mode() == ReadMode::Mapped {
                 target = target.map_reads();
             }
@@ -318,15 +324,15 @@ async fn verify_remote(
     fp: &str,
     id: &Identity,
     chunk: ChunkSize,
-    args: &SyncArgs,
+    args: &VerifyArgs,
     progress: Arc<dyn Progress>,
 ) -> Result<Comparison> {
     let ssize = source.size();
-    let (mut vs, geometry) =
-        open_verify(id, dest, fp, &args.tuning()?, ssize, chunk, Vec::new()).await?;
+    let tuning = args.endpoint.tuning()?;
+    let (mut vs, geometry) = open_verify(id, dest, fp, &tuning, ssize, chunk, Vec::new()).await?;
     // Both sides read at once: the receiver its target, we the source.
     progress.begin("verified", geometry.size());
-    let (scan, p) = (args.scan(), progress.clone());
+    let (scan, p) = (args.read.scan(), progress.clone());
     let ours = tokio::task::spawn_blocking(move || hash::hash_all(source, geometry, scan, p));
     receive(&mut vs).await?;
     // The source may take far longer to read than the target.

@@ -1,8 +1,9 @@
 //! The read-and-hash pipeline: a dispatcher thread handing out blocks in
-//! volume order (and pacing `--read-limit`), and one worker per core that
-//! reads and hashes them, joined by bounded queues.
+//! volume order (and pacing `--read-limit`) as jobs to the process's one
+//! pool of hashing threads ([`crate::io::pool`], one per core, shared by
+//! every scan running), which read and hash them.
 //!
-//! A worker reads its block of `max(chunk size, 4 MiB)` into a fresh buffer
+//! A job reads its block of `max(chunk size, 4 MiB)` into a fresh buffer
 //! (or, for a hole of a sparse image file, reads nothing), so the copies out
 //! of the page cache or the device spread over the cores; it cuts the block
 //! into chunks (zero-copy
@@ -12,16 +13,17 @@
 //! caller's `work` on it (the sender compares and compresses there; verify
 //! only keeps the hash). Results leave through a bounded channel, block by
 //! block, in completion order with a sequence number for callers that need
-//! order. Memory in flight is bounded by the queue depths: about
-//! `2 × workers + 2` blocks.
+//! order. A scan has at most `workers + 1` blocks queued, being read or
+//! waiting for its consumer (its tokens): memory in flight is bounded, a
+//! job never waits for the consumer (its token reserved room for its
+//! block), and volumes scanned at once (a plan run) share the cores instead
+//! of each taking them all.
 //!
 //! Owns no sockets and no manifests.
 
-use std::sync::mpsc::{sync_channel, Receiver as StdReceiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use nightpass_proto::chunk::Geometry;
@@ -30,6 +32,7 @@ use nightpass_proto::manifest::{self, Hash};
 
 use crate::error::{Error, Result};
 use crate::io::device::{ReadMode, Volume};
+use crate::io::pool::{InFlight, Pool, Token, Tokens};
 use crate::progress::Progress;
 
 /// A block for a worker to read: (seq, first chunk index, offset, length).
@@ -103,6 +106,9 @@ pub struct Block<T> {
     pub end: u64,
     /// Results of the block's chunks for which `work` returned `Some`.
     pub items: Vec<T>,
+    /// The scan's token for this block: given back when the consumer drops
+    /// the block, so the scan reads on.
+    _token: Token,
 }
 
 /// Scan settings.
@@ -145,50 +151,43 @@ pub struct ScanStats {
     pub busy_s: f64,
 }
 
-/// A running scan: the results and the threads producing them.
+/// A running scan: the results and the dispatcher producing them.
 pub struct Scan<T> {
     /// Blocks of results; an `Err` ends the stream.
     pub rx: tokio::sync::mpsc::Receiver<Result<Block<T>>>,
     /// The dispatcher thread: returns the bytes handed out and the time
-    /// spent pacing them.
+    /// spent pacing them, once every job of the scan ended and released
+    /// the work closure (and what it holds).
     dispatcher: std::thread::JoinHandle<(u64, Duration)>,
-    /// The hashing threads; they own the work closure (and what it holds).
-    workers: Vec<std::thread::JoinHandle<()>>,
     figures: ScanFigures,
 }
 
-/// What the threads of a scan measure of their own time.
+/// What the jobs of a scan measure of their own time.
 struct ScanFigures {
     start: Instant,
-    workers: usize,
-    blocked_ns: Arc<AtomicU64>,
-    ended_ns: Arc<AtomicU64>,
+    /// Jobs the scan may have in flight at once.
+    parallel: usize,
+    /// Nanoseconds its jobs spent reading, hashing and working, summed.
+    work_ns: Arc<AtomicU64>,
 }
 
 impl<T> Scan<T> {
-    /// Stops taking results, waits for the dispatcher and every worker (so
+    /// Stops taking results, waits for the dispatcher and every job (so
     /// whatever the work closure holds is released), and returns the scan's
     /// figures.
     pub fn finish(self) -> Result<ScanStats> {
         drop(self.rx);
-        let dispatched = self
+        let (bytes, paced) = self
             .dispatcher
             .join()
-            .map_err(|_| Error::Io("block dispatcher panicked".into()));
-        for w in self.workers {
-            let _ = w.join();
-        }
-        let (bytes, paced) = dispatched?;
+            .map_err(|_| Error::Io("block dispatcher panicked".into()))?;
         let f = &self.figures;
-        let ended = Duration::from_nanos(f.ended_ns.load(Ordering::Relaxed));
-        let ended = if ended.is_zero() {
-            f.start.elapsed()
-        } else {
-            ended
-        };
-        let blocked =
-            Duration::from_nanos(f.blocked_ns.load(Ordering::Relaxed) / f.workers.max(1) as u64);
-        let busy = ended.saturating_sub(blocked).saturating_sub(paced);
+        // Busy: the jobs' own time spread over the scan's parallelism,
+        // which excludes waiting for the pool (other scans), the consumer
+        // (the link) and the pacing.
+        let spread = f.work_ns.load(Ordering::Relaxed) / f.parallel.max(1) as u64;
+        let wall = f.start.elapsed().saturating_sub(paced);
+        let busy = Duration::from_nanos(spread).min(wall);
         Ok(ScanStats {
             bytes,
             busy_s: busy.as_secs_f64(),
@@ -217,7 +216,7 @@ fn zero_hashes(g: &Geometry) -> (Hash, Hash) {
     (full, last)
 }
 
-/// Starts scanning chunks `first..geometry.chunk_count()` of `vol`.
+/// Starts scanning the chunks of `set` in `vol` on the process's pool.
 pub fn scan<T, F>(
     vol: Arc<Volume>,
     set: ChunkSet,
@@ -229,47 +228,46 @@ where
     T: Send + 'static,
     F: Fn(Scanned) -> Option<T> + Send + Sync + 'static,
 {
-    let workers = worker_count(opts.workers);
+    let pool = Pool::global();
+    let parallel = worker_count(opts.workers).min(pool.threads());
+    let tokens = parallel + 1;
     let geometry = *set.geometry();
     let chunk = geometry.chunk_size().bytes();
     let block = chunk.max(4 << 20);
-    // Blocks to read: (seq, first chunk index, offset, length). Each worker
-    // reads its own blocks, so the copies out of the page cache (or the
-    // device) spread over every core instead of bounding the scan on one.
-    let (btx, brx) = sync_channel::<ReadTask>(workers);
-    let (otx, orx) = tokio::sync::mpsc::channel::<Result<Block<T>>>(workers + 1);
+    // Room for every token's block: a job never waits for the consumer.
+    let (otx, orx) = tokio::sync::mpsc::channel::<Result<Block<T>>>(tokens);
     let figures = ScanFigures {
         start: Instant::now(),
-        workers,
-        blocked_ns: Arc::new(AtomicU64::new(0)),
-        ended_ns: Arc::new(AtomicU64::new(0)),
+        parallel,
+        work_ns: Arc::new(AtomicU64::new(0)),
     };
-    let shared = Arc::new(WorkerShared {
-        tasks: Mutex::new(brx),
+    let shared = Arc::new(ScanShared {
         out: otx,
         vol,
         chunk: chunk as usize,
         zeros: zero_hashes(&geometry),
+        zero_chunk: std::sync::OnceLock::new(),
+        copy_next: AtomicBool::new(false),
+        failed: AtomicBool::new(false),
         drop_cache: opts.drop_cache,
         work,
         progress,
-        start: figures.start,
-        blocked_ns: figures.blocked_ns.clone(),
-        ended_ns: figures.ended_ns.clone(),
+        work_ns: figures.work_ns.clone(),
     });
-    let worker_threads = (0..workers)
-        .map(|_| {
-            let shared = shared.clone();
-            std::thread::spawn(move || Worker::new(shared).run())
-        })
-        .collect();
     let (start, read_limit) = (figures.start, opts.read_limit);
-    let dispatcher =
-        std::thread::spawn(move || dispatch(&btx, blocks(&set, block), read_limit, start));
+    let dispatcher = std::thread::spawn(move || {
+        let tokens = Tokens::new(tokens);
+        let in_flight = Arc::new(InFlight::default());
+        let tasks = blocks(&set, block);
+        let r = dispatch(&shared, &tokens, &in_flight, tasks, read_limit, start);
+        // The jobs hold the work closure: let them end first.
+        drop(shared);
+        in_flight.wait_idle();
+        r
+    });
     Scan {
         rx: orx,
         dispatcher,
-        workers: worker_threads,
         figures,
     }
 }
@@ -297,14 +295,22 @@ fn pace(bytes: u64, limit: u64, elapsed: Duration) -> Duration {
     Duration::from_secs_f64(bytes as f64 / limit as f64).saturating_sub(elapsed)
 }
 
-/// The dispatcher: hands `tasks` to the workers in order, pacing them to
-/// `read_limit`; returns the bytes handed out and the time spent pacing.
-fn dispatch(
-    btx: &SyncSender<ReadTask>,
+/// The dispatcher: hands `tasks` to the pool as jobs, in order, each once
+/// a token is free, pacing them to `read_limit`; stops when the consumer
+/// is gone or a job failed. Returns the bytes handed out and the time
+/// spent pacing.
+fn dispatch<T, F>(
+    shared: &Arc<ScanShared<T, F>>,
+    tokens: &Tokens,
+    in_flight: &Arc<InFlight>,
     tasks: impl Iterator<Item = ReadTask>,
     read_limit: Option<u64>,
     start: Instant,
-) -> (u64, Duration) {
+) -> (u64, Duration)
+where
+    T: Send + 'static,
+    F: Fn(Scanned) -> Option<T> + Send + Sync + 'static,
+{
     let mut paced = Duration::ZERO;
     let mut bytes = 0u64;
     for task in tasks {
@@ -316,146 +322,138 @@ fn dispatch(
                 paced += wait;
             }
         }
-        if btx.send(task).is_err() {
+        let token = tokens.take();
+        if shared.out.is_closed() || shared.failed.load(Ordering::Relaxed) {
             break;
         }
+        in_flight.start();
+        let (s, done) = (shared.clone(), in_flight.clone());
+        Pool::global().submit(Box::new(move || {
+            run_job(&s, task, token);
+            // Release the work closure before saying the job ended.
+            drop(s);
+            done.end();
+        }));
     }
     (bytes, paced)
 }
 
-/// What every worker of one scan shares.
-struct WorkerShared<T, F> {
-    tasks: Mutex<StdReceiver<ReadTask>>,
+/// What every job of one scan shares.
+struct ScanShared<T, F> {
     out: tokio::sync::mpsc::Sender<Result<Block<T>>>,
     vol: Arc<Volume>,
     chunk: usize,
     /// Hashes of an all-zero chunk: (full, last).
     zeros: (Hash, Hash),
+    /// A chunk of zeros, made at the first hole.
+    zero_chunk: std::sync::OnceLock<Bytes>,
+    /// Read the next block into a buffer instead of mapping it (see
+    /// STABILIZED).
+    copy_next: AtomicBool,
+    /// A job failed: the scan hands out no more.
+    failed: AtomicBool,
     drop_cache: bool,
     work: F,
     progress: Arc<dyn Progress>,
-    start: Instant,
-    /// Nanoseconds workers spent blocked on the consumer (summed), and the
-    /// end of the last worker, since `start`: the scan's busy time
-    /// excludes waiting on the link.
-    blocked_ns: Arc<AtomicU64>,
-    ended_ns: Arc<AtomicU64>,
+    /// Nanoseconds the jobs spent reading, hashing and working, summed.
+    work_ns: Arc<AtomicU64>,
 }
 
-/// One hashing thread: reads its blocks, cuts them into chunks, hashes
-/// them and runs the work on each.
-struct Worker<T, F> {
-    shared: Arc<WorkerShared<T, F>>,
-    /// A chunk of zeros, made at the first hole.
-    zero_chunk: Bytes,
-    /// Read the next block into a buffer instead of mapping it (see
-    /// STABILIZED).
-    copy_next: bool,
-}
-
-impl<T, F> Worker<T, F>
+/// One job: reads the block of `task`, cuts it into chunks, hashes them,
+/// runs the work on each, and puts the block (or the error) in the
+/// channel, where `token` reserved room for it.
+fn run_job<T, F>(s: &ScanShared<T, F>, task: ReadTask, token: Token)
 where
     T: Send + 'static,
     F: Fn(Scanned) -> Option<T> + Send + Sync + 'static,
 {
-    fn new(shared: Arc<WorkerShared<T, F>>) -> Self {
-        Worker {
-            shared,
-            zero_chunk: Bytes::new(),
-            copy_next: false,
-        }
+    let (seq, first_index, off, len) = task;
+    if s.out.is_closed() {
+        return;
     }
-
-    /// Takes blocks until there are none or the consumer is gone.
-    fn run(mut self) {
-        let s = self.shared.clone();
-        loop {
-            let next = s.tasks.lock().expect("not poisoned").recv();
-            let Ok((seq, first_index, off, len)) = next else {
-                let ended = s.start.elapsed().as_nanos() as u64;
-                s.ended_ns.fetch_max(ended, Ordering::Relaxed);
-                return;
-            };
-            let read = match self.read(off, len) {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = s.out.blocking_send(Err(e));
-                    return;
-                }
-            };
-            let end = first_index + (len as u64).div_ceil(s.chunk as u64);
-            let (items, total) = self.chunks(read, first_index);
-            s.progress.scanned(total as u64);
-            let t = Instant::now();
-            if s.out.blocking_send(Ok(Block { seq, end, items })).is_err() {
-                return;
-            }
-            let blocked = t.elapsed().as_nanos() as u64;
-            s.blocked_ns.fetch_add(blocked, Ordering::Relaxed);
+    let t = Instant::now();
+    let read = match read(s, off, len) {
+        Ok(r) => r,
+        Err(e) => {
+            s.failed.store(true, Ordering::Relaxed);
+            drop(token);
+            let _ = s.out.try_send(Err(e));
+            return;
         }
-    }
+    };
+    let end = first_index + (len as u64).div_ceil(s.chunk as u64);
+    let (items, total) = chunks(s, read, first_index);
+    s.work_ns
+        .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    s.progress.scanned(total as u64);
+    let _ = s.out.try_send(Ok(Block {
+        seq,
+        end,
+        items,
+        _token: token,
+    }));
+}
 
-    /// Reads the block at `off` (a hole is not read), dropping its pages
-    /// behind when asked to.
-    fn read(&self, off: u64, len: usize) -> Result<Read> {
-        let vol = &self.shared.vol;
-        let read = if vol.is_hole(off, len as u64) {
-            Read::Hole(len)
+/// Reads the block at `off` (a hole is not read), dropping its pages
+/// behind when asked to.
+fn read<T, F>(s: &ScanShared<T, F>, off: u64, len: usize) -> Result<Read> {
+    let copy = s.copy_next.load(Ordering::Relaxed);
+    let read = if s.vol.is_hole(off, len as u64) {
+        Read::Hole(len)
+    } else {
+        Read::Data(s.vol.read_block(len, off, copy)?)
+    };
+    if s.drop_cache {
+        s.vol.drop_cache(off, len as u64);
+    }
+    Ok(read)
+}
+
+/// Cuts a block into chunks from `first_index` on, hashes each and runs
+/// the work on it; returns the work's results and the block's length.
+fn chunks<T, F>(s: &ScanShared<T, F>, read: Read, first_index: u64) -> (Vec<T>, usize)
+where
+    F: Fn(Scanned) -> Option<T>,
+{
+    let chunk = s.chunk;
+    let copying = s.copy_next.load(Ordering::Relaxed);
+    let mapped = s.vol.reads_mapped() && !copying && matches!(read, Read::Data(_));
+    STABILIZED.with(|c| c.set(0));
+    // A hole is `n` bytes of zeros: neither read nor hashed.
+    let (data, hole) = match read {
+        Read::Data(d) => (d, None),
+        Read::Hole(n) => (Bytes::new(), Some(n)),
+    };
+    let zero_chunk = || s.zero_chunk.get_or_init(|| Bytes::from(vec![0u8; chunk]));
+    let total = hole.unwrap_or(data.len());
+    let mut items = Vec::new();
+    for (i, off) in (0..total).step_by(chunk).enumerate() {
+        let len = (total - off).min(chunk);
+        let (data, hash, zero) = if hole.is_some() {
+            let hash = if len == chunk { s.zeros.0 } else { s.zeros.1 };
+            (zero_chunk().slice(..len), hash, true)
         } else {
-            Read::Data(vol.read_block(len, off, self.copy_next)?)
+            let bytes = data.slice(off..off + len);
+            let hash = *blake3::hash(&bytes).as_bytes();
+            (bytes, hash, hash == s.zeros.0 || hash == s.zeros.1)
         };
-        if self.shared.drop_cache {
-            vol.drop_cache(off, len as u64);
-        }
-        Ok(read)
-    }
-
-    /// Cuts a block into chunks from `first_index` on, hashes each and runs
-    /// the work on it; returns the work's results and the block's length.
-    fn chunks(&mut self, read: Read, first_index: u64) -> (Vec<T>, usize) {
-        let s = &self.shared;
-        let chunk = s.chunk;
-        let mapped = s.vol.reads_mapped() && !self.copy_next && matches!(read, Read::Data(_));
-        STABILIZED.with(|c| c.set(0));
-        // A hole is `n` bytes of zeros: neither read nor hashed.
-        let (data, hole) = match read {
-            Read::Data(d) => (d, None),
-            Read::Hole(n) => {
-                if self.zero_chunk.is_empty() {
-                    self.zero_chunk = Bytes::from(vec![0u8; chunk]);
-                }
-                (Bytes::new(), Some(n))
-            }
+        let index = first_index + i as u64;
+        let scanned = Scanned {
+            index,
+            hash,
+            data,
+            zero,
+            mapped,
         };
-        let total = hole.unwrap_or(data.len());
-        let mut items = Vec::new();
-        for (i, off) in (0..total).step_by(chunk).enumerate() {
-            let len = (total - off).min(chunk);
-            let (data, hash, zero) = if hole.is_some() {
-                let hash = if len == chunk { s.zeros.0 } else { s.zeros.1 };
-                (self.zero_chunk.slice(..len), hash, true)
-            } else {
-                let bytes = data.slice(off..off + len);
-                let hash = *blake3::hash(&bytes).as_bytes();
-                (bytes, hash, hash == s.zeros.0 || hash == s.zeros.1)
-            };
-            let index = first_index + i as u64;
-            let scanned = Scanned {
-                index,
-                hash,
-                data,
-                zero,
-                mapped,
-            };
-            items.extend((s.work)(scanned));
-        }
-        if s.vol.reads_mapped() && hole.is_none() {
-            let chunks = total.div_ceil(chunk);
-            let stabilized = STABILIZED.with(|c| c.get());
-            self.copy_next = copy_next(stabilized, items.len(), chunks, self.copy_next);
-        }
-        (items, total)
+        items.extend((s.work)(scanned));
     }
+    if s.vol.reads_mapped() && hole.is_none() {
+        let chunks = total.div_ceil(chunk);
+        let stabilized = STABILIZED.with(|c| c.get());
+        let next = copy_next(stabilized, items.len(), chunks, copying);
+        s.copy_next.store(next, Ordering::Relaxed);
+    }
+    (items, total)
 }
 
 /// Whether a worker reading from maps should read its next block into a

@@ -11,6 +11,7 @@
 pub mod device;
 pub mod freeze;
 pub mod hash;
+pub mod pool;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod thin;

@@ -19,6 +19,7 @@ mod metrics;
 mod ops;
 mod outputs;
 mod passes;
+mod plan;
 mod refusals;
 mod relay;
 mod reliability;

@@ -68,10 +68,19 @@ pub enum Command {
     /// Receive volumes: export NAME=PATH pairs to the allowed senders.
     Serve(ServeArgs),
     /// One delta pass: send the chunks that differ from what the target holds.
+    #[command(
+        override_usage = "nightpass sync [OPTIONS] SOURCE DEST\n       nightpass sync [OPTIONS] --plan FILE"
+    )]
     Sync(SyncCmdArgs),
     /// Compare source and target by fresh checksums; list differing ranges.
-    Verify(SyncArgs),
+    #[command(
+        override_usage = "nightpass verify [OPTIONS] SOURCE DEST\n       nightpass verify [OPTIONS] --plan FILE"
+    )]
+    Verify(VerifyArgs),
     /// Repeat passes until a frozen final pass is forecast to fit the window.
+    #[command(
+        override_usage = "nightpass converge [OPTIONS] --window DURATION SOURCE DEST\n       nightpass converge [OPTIONS] --window DURATION --plan FILE"
+    )]
     Converge(ConvergeArgs),
     /// Freeze the source, run the final pass, prove the target identical, thaw.
     Cutover(CutoverArgs),
@@ -90,10 +99,22 @@ pub enum Command {
     /// Pass history and forecast from the state directory.
     Status {
         /// Only volumes copied from this source.
+        #[arg(conflicts_with = "plan")]
         source: Option<PathBuf>,
+        /// One line per volume of this plan file (state, passes, last pass,
+        /// forecast).
+        #[arg(long, value_name = "FILE")]
+        plan: Option<PathBuf>,
         /// Sender state directory.
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// With --plan: a volume whose forecast × --margin fits this night
+        /// window shows as converged.
+        #[arg(long, value_parser = parse_duration, requires = "plan")]
+        window: Option<Duration>,
+        /// Safety margin the forecast is multiplied by (with --window).
+        #[arg(long, default_value_t = 1.5, requires = "window")]
+        margin: f64,
     },
     /// Measure each stage of a pass on this machine (read, BLAKE3, zstd, QUIC).
     Bench {
@@ -124,6 +145,18 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
+}
+
+impl Command {
+    /// True for a command run over the volumes of a plan file (`--plan`).
+    pub fn is_plan_run(&self) -> bool {
+        match self {
+            Command::Sync(a) => a.volumes.plan.is_some(),
+            Command::Converge(a) => a.volumes.plan.is_some(),
+            Command::Verify(a) => a.volumes.plan.is_some(),
+            _ => false,
+        }
+    }
 }
 
 /// `track` flags.
@@ -173,9 +206,37 @@ fn parse_percent(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+/// SOURCE and DEST of one volume, or the plan file of many.
+#[derive(Debug, Args, Clone)]
+pub struct Volumes {
+    /// Source volume: a block device or an image file.
+    #[arg(required_unless_present = "plan")]
+    pub source: Option<PathBuf>,
+    /// Destination: HOST:PORT/NAME (or, for verify, a local path).
+    #[arg(required_unless_present = "plan")]
+    pub dest: Option<String>,
+    /// Every volume of a filer in one run: a plan file (TOML) instead of
+    /// SOURCE and DEST.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["source", "dest"])]
+    pub plan: Option<PathBuf>,
+}
+
+impl Volumes {
+    /// SOURCE and DEST, when no plan was given.
+    pub fn single(&self) -> Option<(&std::path::Path, &str)> {
+        match (&self.source, &self.dest) {
+            (Some(s), Some(d)) if self.plan.is_none() => Some((s.as_path(), d.as_str())),
+            _ => None,
+        }
+    }
+}
+
 /// `sync` flags.
 #[derive(Debug, Args)]
 pub struct SyncCmdArgs {
+    #[command(flatten)]
+    /// What to copy.
+    pub volumes: Volumes,
     #[command(flatten)]
     /// The pass flags.
     pub sync: SyncArgs,
@@ -201,6 +262,9 @@ impl clap::ValueEnum for ScanChoice {
 #[derive(Debug, Args)]
 pub struct ConvergeArgs {
     #[command(flatten)]
+    /// What to copy.
+    pub volumes: Volumes,
+    #[command(flatten)]
     /// The pass flags.
     pub sync: SyncArgs,
     #[command(flatten)]
@@ -224,6 +288,10 @@ pub struct ConvergeArgs {
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("freeze").required(true).args(["fsfreeze", "lvm_snapshot", "pre", "assume_frozen"])))]
 pub struct CutoverArgs {
+    /// Source volume: a block device or an image file.
+    pub source: PathBuf,
+    /// Destination: HOST:PORT/NAME.
+    pub dest: String,
     #[command(flatten)]
     /// The pass flags.
     pub sync: SyncArgs,
@@ -369,56 +437,23 @@ impl QuicArgs {
     }
 }
 
-/// Flags of the sender's commands.
+/// How to reach and trust the receiver, shared by every sender command.
 #[derive(Debug, Args, Clone)]
-pub struct SyncArgs {
-    /// Source volume: a block device or an image file.
-    pub source: PathBuf,
-    /// Destination: HOST:PORT/NAME (or, for verify, a local path).
-    pub dest: String,
-    /// Identity directory.
+pub struct Endpoint {
+    /// Identity directory [default: $NIGHTPASS_HOME/identity or ~/.config/nightpass/identity].
     #[arg(long)]
     pub identity: Option<PathBuf>,
-    /// Sender state directory.
+    /// Sender state directory [default: $NIGHTPASS_HOME/state or ~/.local/state/nightpass].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// Fingerprint of the receiver (required when DEST is remote).
+    /// Fingerprint of the receiver (required when DEST is remote; a plan
+    /// names it itself).
     #[arg(long)]
     pub server_fingerprint: Option<String>,
-    /// Limit chunk payload bytes sent per second (e.g. 100M).
-    #[arg(long, value_parser = parse_size)]
-    pub bwlimit: Option<u64>,
-    /// Limit source reads in bytes per second, to spare a production disk.
-    #[arg(long, value_parser = parse_size)]
-    pub read_limit: Option<u64>,
-    /// Chunk size, a power of two from 4K to 64M; effective on a volume's first pass.
-    #[arg(long, value_parser = parse_chunk_size)]
-    pub chunk_size: Option<ChunkSize>,
-    /// Parallel QUIC data streams, 1 to 32 (default: enough streams of
-    /// 2 MiB window each to fill --quic-window, 4 to 16; 16 streams keep
-    /// 32 MiB in flight, enough for 2.5 Gbit/s at 100 ms round trip).
-    #[arg(long)]
-    pub streams: Option<usize>,
-    /// Drop source pages from the page cache behind the reader (reads with
-    /// pread; without it, blocks are read through memory maps).
-    #[arg(long)]
-    pub drop_cache: bool,
-    /// Read the source with O_DIRECT, bypassing the page cache entirely
-    /// (block devices; image files on filesystems that support it).
-    #[arg(long)]
-    pub direct: bool,
-    /// Keep reconnecting this long after the link is lost, then fail (exit 3); 0 fails at once.
-    /// A receiver that never answered is not retried: see --connect-timeout.
-    #[arg(long, value_parser = parse_duration, default_value = "3m")]
-    pub retry_for: Duration,
     /// How long to wait for the receiver's first answer before failing
     /// (exit 3): a wrong host or port, or a firewall dropping UDP.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub connect_timeout: Duration,
-    /// Accept a SOURCE other than the one earlier passes of this volume
-    /// read (the volume moved to another device).
-    #[arg(long)]
-    pub new_source: bool,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics while the command runs.
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_metrics_addr)]
     pub metrics: Option<std::net::SocketAddr>,
@@ -427,7 +462,7 @@ pub struct SyncArgs {
     pub quic: QuicArgs,
 }
 
-impl SyncArgs {
+impl Endpoint {
     /// The identity directory in force.
     pub fn identity_dir(&self) -> PathBuf {
         self.identity.clone().unwrap_or_else(default_identity_dir)
@@ -438,12 +473,11 @@ impl SyncArgs {
         self.state_dir.clone().unwrap_or_else(default_state_dir)
     }
 
-    /// The remote destination and its pinned fingerprint.
-    pub fn remote(&self) -> Result<(RemoteVolume, String)> {
-        let dest = RemoteVolume::parse(&self.dest).ok_or_else(|| {
+    /// Remote volume `dest` and its pinned fingerprint.
+    pub fn remote(&self, dest: &str) -> Result<(RemoteVolume, String)> {
+        let dest = RemoteVolume::parse(dest).ok_or_else(|| {
             Error::input(format!(
-                "'{}' is not a remote volume (expected HOST:PORT/NAME, e.g. 10.0.0.2:7400/filer01)",
-                self.dest
+                "'{dest}' is not a remote volume (expected HOST:PORT/NAME, e.g. 10.0.0.2:7400/filer01)"
             ))
         })?;
         let fp = self.server_fingerprint.as_deref().ok_or_else(|| {
@@ -464,7 +498,25 @@ impl SyncArgs {
             ..self.quic.tuning()
         })
     }
+}
 
+/// How the source is read, shared by every command that reads it.
+#[derive(Debug, Args, Clone)]
+pub struct ReadArgs {
+    /// Limit source reads in bytes per second, to spare a production disk.
+    #[arg(long, value_parser = parse_size)]
+    pub read_limit: Option<u64>,
+    /// Drop source pages from the page cache behind the reader (reads with
+    /// pread; without it, blocks are read through memory maps).
+    #[arg(long)]
+    pub drop_cache: bool,
+    /// Read the source with O_DIRECT, bypassing the page cache entirely
+    /// (block devices; image files on filesystems that support it).
+    #[arg(long)]
+    pub direct: bool,
+}
+
+impl ReadArgs {
     /// Reader settings.
     pub fn scan(&self) -> ScanOptions {
         ScanOptions {
@@ -474,6 +526,74 @@ impl SyncArgs {
             direct: self.direct,
         }
     }
+}
+
+/// Flags of the commands that send passes (sync, converge, cutover).
+#[derive(Debug, Args, Clone)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    /// The receiver.
+    pub endpoint: Endpoint,
+    #[command(flatten)]
+    /// The source's reads.
+    pub read: ReadArgs,
+    /// Limit chunk payload bytes sent per second (e.g. 100M); with --plan,
+    /// one limit for all the plan's volumes together (wins over the plan's
+    /// `bwlimit`).
+    #[arg(long, value_parser = parse_size)]
+    pub bwlimit: Option<u64>,
+    /// Chunk size, a power of two from 4K to 64M; effective on a volume's first pass.
+    #[arg(long, value_parser = parse_chunk_size)]
+    pub chunk_size: Option<ChunkSize>,
+    /// Parallel QUIC data streams, 1 to 32 (default: enough streams of
+    /// 2 MiB window each to fill --quic-window, 4 to 16; 16 streams keep
+    /// 32 MiB in flight, enough for 2.5 Gbit/s at 100 ms round trip).
+    #[arg(long)]
+    pub streams: Option<usize>,
+    /// Keep reconnecting this long after the link is lost, then fail (exit 3); 0 fails at once.
+    /// A receiver that never answered is not retried: see --connect-timeout.
+    #[arg(long, value_parser = parse_duration, default_value = "3m")]
+    pub retry_for: Duration,
+    /// Accept a SOURCE other than the one earlier passes of this volume
+    /// read (the volume moved to another device).
+    #[arg(long)]
+    pub new_source: bool,
+}
+
+impl SyncArgs {
+    /// The identity directory in force.
+    pub fn identity_dir(&self) -> PathBuf {
+        self.endpoint.identity_dir()
+    }
+
+    /// The state directory in force.
+    pub fn state_dir(&self) -> PathBuf {
+        self.endpoint.state_dir()
+    }
+
+    /// Reader settings.
+    pub fn scan(&self) -> ScanOptions {
+        self.read.scan()
+    }
+}
+
+/// `verify` flags: what it compares, the receiver, and how the source is
+/// read.
+#[derive(Debug, Args, Clone)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    /// What to compare.
+    pub volumes: Volumes,
+    #[command(flatten)]
+    /// The receiver.
+    pub endpoint: Endpoint,
+    #[command(flatten)]
+    /// The source's reads.
+    pub read: ReadArgs,
+    /// Chunk size of the comparison (default: the one the volume was copied
+    /// with, else 64K).
+    #[arg(long, value_parser = parse_chunk_size)]
+    pub chunk_size: Option<ChunkSize>,
 }
 
 #[cfg(test)]
@@ -487,7 +607,7 @@ mod tests {
             panic!("not a sync")
         };
         assert_eq!(args.scan.scan, ScanChoice::Auto);
-        assert_eq!(args.sync.quic.tuning(), Tuning::default());
+        assert_eq!(args.sync.endpoint.quic.tuning(), Tuning::default());
         assert_eq!(Tuning::default().stream_window, 2 << 20);
         assert_eq!(Tuning::default().default_streams(), 16);
     }
@@ -511,7 +631,7 @@ mod tests {
             panic!("not a cutover")
         };
         assert_eq!(args.verify, Proof::None);
-        assert!(args.sync.quic.tuning().bbr);
+        assert!(args.sync.endpoint.quic.tuning().bbr);
         assert!(matches!(
             args.method(),
             crate::io::freeze::Method::LvmSnapshot { size } if size == 1 << 30
@@ -526,6 +646,29 @@ mod tests {
             "half"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn a_plan_or_source_and_dest() {
+        let p = |args: &[&str]| Cli::try_parse_from([&["nightpass"], args].concat());
+        let cli = p(&["sync", "--plan", "f.toml"]).unwrap();
+        assert!(cli.command.is_plan_run());
+        let Command::Sync(a) = cli.command else {
+            panic!("not a sync")
+        };
+        assert!(a.volumes.single().is_none());
+        assert!(!p(&["sync", "a", "h:1/v"]).unwrap().command.is_plan_run());
+        assert!(p(&["sync", "a", "h:1/v", "--plan", "f"]).is_err());
+        assert!(p(&["sync", "a"]).is_err());
+        assert!(p(&["verify", "--plan", "f"]).is_ok());
+        assert!(p(&["converge", "--plan", "f", "--window", "1h"]).is_ok());
+        assert!(p(&["status", "--plan", "f", "--window", "1h"]).is_ok());
+        assert!(p(&["status", "--window", "1h"]).is_err());
+        // The group cutover is not built: cutover takes no plan yet.
+        assert!(p(&["cutover", "--plan", "f", "--assume-frozen"]).is_err());
+        // verify lists only its own flags.
+        assert!(p(&["verify", "a", "h:1/v", "--bwlimit", "1M"]).is_err());
+        assert!(p(&["verify", "a", "h:1/v", "--retry-for", "1m"]).is_err());
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct ConvergeConfig {
     pub interval: Duration,
     /// Safety margin the forecast is multiplied by.
     pub margin: f64,
+    /// A plan run's red button: once pressed, no further pass starts.
+    pub stop: Option<crate::app::plan::run::Stop>,
 }
 
 /// True when the last passes stopped shrinking: each of the last two moved
@@ -44,6 +46,19 @@ pub fn stopped_shrinking(changed: &[u64]) -> bool {
         );
         b > 0.9 * a && c > 0.9 * b
     }
+}
+
+/// Waits `--interval` before a pass after the first; false when the red
+/// button of a plan run was pressed (before or during the wait: it ends
+/// the wait a second at most after).
+async fn interval_passed(cc: &ConvergeConfig) -> bool {
+    let stopped = || cc.stop.as_ref().is_some_and(|s| s.requested());
+    let until = tokio::time::Instant::now() + cc.interval;
+    while !stopped() && tokio::time::Instant::now() < until {
+        let left = until - tokio::time::Instant::now();
+        tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+    }
+    !stopped()
 }
 
 /// Runs passes until the forecast fits; returns 0 ready, 1 not converged.
@@ -66,8 +81,12 @@ pub async fn converge(
     // that cannot connect rides out the outage (--retry-for).
     let mut cfg = cfg.clone();
     for n in 1..=cc.max_passes {
-        if n > 1 && !cc.interval.is_zero() {
-            tokio::time::sleep(cc.interval).await;
+        if n > 1 && !interval_passed(cc).await {
+            let f = last.as_ref().and_then(|e| e.forecast_final_pass_s);
+            let event = json!({"event": "converge_end", "ready": false, "passes": n - 1, "reason": "stopped",
+                               "forecast_final_pass_s": f, "window_s": window});
+            let why = "stopped by the operator before its next pass";
+            return Ok(not_converged(progress.as_ref(), &event, why));
         }
         let end = if copied_before {
             rehearsal_pass(&cfg, id, progress.clone()).await?

@@ -64,6 +64,7 @@ use retry::*;
 use session::*;
 pub use session::{open_session, preflight, Session};
 use stream::*;
+pub use streams::Pacer;
 use streams::*;
 use tracked::*;
 pub use tracked::{history_now, tracked_outlook, would_be_tracked, ScanChoice};
@@ -85,6 +86,9 @@ pub struct SyncConfig {
     pub streams: usize,
     /// Limit on payload bytes per second.
     pub bwlimit: Option<u64>,
+    /// A pacer shared with other passes (a plan run's one `--bwlimit` for
+    /// all its volumes); when set, `bwlimit` is not paced on its own.
+    pub shared_pacer: Option<Arc<Pacer>>,
     /// Reader settings.
     pub scan: ScanOptions,
     /// QUIC settings.
@@ -251,7 +255,10 @@ impl<'a> PassRun<'a> {
         }
         let shared = PassShared {
             counters: Arc::new(Counters::of(&cfg.dest.to_string())),
-            pacer: cfg.bwlimit.map(|limit| Arc::new(Pacer::new(limit))),
+            pacer: cfg
+                .shared_pacer
+                .clone()
+                .or_else(|| cfg.bwlimit.map(|limit| Arc::new(Pacer::new(limit)))),
             progress: progress.clone(),
             collected: None,
             written: plan.written(),

@@ -30,8 +30,10 @@ impl Counters {
     }
 }
 
-/// Paces payload bytes to a rate.
-pub(super) struct Pacer {
+/// Paces payload bytes to a rate: one per pass, or one shared by every
+/// pass of a plan run, so that their sum keeps to the limit.
+#[derive(Debug)]
+pub struct Pacer {
     limit: u64,
     /// When the first payload was paced: time spent connecting before it
     /// earns no credit.
@@ -41,7 +43,7 @@ pub(super) struct Pacer {
 
 impl Pacer {
     /// A pacer of `limit` payload bytes per second, from its first payload.
-    pub(super) fn new(limit: u64) -> Pacer {
+    pub fn new(limit: u64) -> Pacer {
         Pacer {
             limit,
             start: std::sync::OnceLock::new(),
