@@ -84,15 +84,23 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Track(args) => track(args, progress, json).await,
         Command::Cutover(args) => {
-            let mut cfg = sync_config(&args.sync, &args.scan, &args.source, &args.dest, "cutover")?;
-            cfg.scan_choice = args.scan_choice()?;
             metrics(args.sync.endpoint.metrics)?;
-            let id = Identity::load(&args.sync.identity_dir())?;
             if args.margin.is_nan() || args.margin < 1.0 {
                 return Err(Error::input("--margin must be at least 1.0"));
             }
+            let Some((source, dest)) = args.volumes.single() else {
+                return plan::commands::cutover(&args, progress).await;
+            };
+            let method = args.method().ok_or_else(|| {
+                Error::input(
+                    "cutover needs a FREEZE: --fsfreeze MOUNTPOINT, --lvm-snapshot, --pre CMD --post CMD, or --assume-frozen",
+                )
+            })?;
+            let mut cfg = sync_config(&args.sync, &args.scan, source, dest, "cutover")?;
+            cfg.scan_choice = args.scan_choice()?;
+            let id = Identity::load(&args.sync.identity_dir())?;
             let cc = crate::app::cutover::CutoverConfig {
-                method: args.method(),
+                method,
                 max_freeze: args.max_freeze,
                 prove: args.verify == crate::app::cli::Proof::Full,
                 force_no_forecast: args.force_no_forecast,

@@ -117,8 +117,8 @@ impl Filer {
 }
 
 /// Every line of a plan run carries `ts` and `volume`, the plan's name of
-/// a volume (`null` only in `plan_end` and `plan_stopping`, which are about
-/// the whole plan).
+/// a volume (`null` only in the events about the whole plan: `plan_end`,
+/// `plan_stopping`, `plan_forecast` and `group_cutover_end`).
 #[track_caller]
 fn assert_tagged(r: &Run, names: &[String]) {
     for e in &r.events {
@@ -126,7 +126,13 @@ fn assert_tagged(r: &Run, names: &[String]) {
         let v = e
             .get("volume")
             .unwrap_or_else(|| panic!("no volume in {e}\n{}", r.context()));
-        if e["event"] == "plan_end" || e["event"] == "plan_stopping" {
+        let whole = [
+            "plan_end",
+            "plan_stopping",
+            "plan_forecast",
+            "group_cutover_end",
+        ];
+        if whole.iter().any(|w| e["event"] == *w) {
             assert!(v.is_null(), "{e}");
         } else {
             assert!(
@@ -400,6 +406,19 @@ fn converge_plan_and_status_plan() {
         assert!(l["forecast_final_pass_s"].as_f64().is_some(), "{l}");
         assert_eq!(l["fits_window"], true, "{l}");
     }
+    // The group's forecast: both frozen passes within jobs = 2, against
+    // the window, in converge's answer and in status.
+    for run in [&r, &s] {
+        let g = run.event("plan_forecast");
+        assert_eq!(
+            (g["jobs"].as_u64(), &g["fits_window"]),
+            (Some(2), &Value::Bool(true)),
+            "{g}"
+        );
+    }
+    // A window no frozen pass can fit: converge's answer is no (exit 1).
+    let no = f.run("converge", &plan, &["--window", "1ms", "--max-passes", "2"]);
+    assert_eq!(no.code, 1, "{}", no.context());
 }
 
 /// Threads of process `pid` whose name starts with `prefix`.

@@ -286,12 +286,11 @@ pub struct ConvergeArgs {
 
 /// `cutover` flags.
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("freeze").required(true).args(["fsfreeze", "lvm_snapshot", "pre", "assume_frozen"])))]
+#[command(group(clap::ArgGroup::new("freeze").required(false).args(["fsfreeze", "lvm_snapshot", "pre", "assume_frozen"])))]
 pub struct CutoverArgs {
-    /// Source volume: a block device or an image file.
-    pub source: PathBuf,
-    /// Destination: HOST:PORT/NAME.
-    pub dest: String,
+    #[command(flatten)]
+    /// What to cut over: one volume, or every volume of a plan at once.
+    pub volumes: Volumes,
     #[command(flatten)]
     /// The pass flags.
     pub sync: SyncArgs,
@@ -400,21 +399,25 @@ pub enum Congestion {
 
 impl CutoverArgs {
     /// The freeze method chosen.
-    pub fn method(&self) -> crate::io::freeze::Method {
+    /// The freeze method given on the command line, if any (one volume's
+    /// cutover needs one; a plan's may take it from the plan).
+    pub fn method(&self) -> Option<crate::io::freeze::Method> {
         use crate::io::freeze::Method;
         if let Some(mp) = &self.fsfreeze {
-            Method::Fsfreeze(mp.clone())
+            Some(Method::Fsfreeze(mp.clone()))
         } else if self.lvm_snapshot {
-            Method::LvmSnapshot {
+            Some(Method::LvmSnapshot {
                 size: self.snapshot_size,
-            }
+            })
         } else if let (Some(pre), Some(post)) = (&self.pre, &self.post) {
-            Method::Hooks {
+            Some(Method::Hooks {
                 pre: pre.clone(),
                 post: post.clone(),
-            }
+            })
+        } else if self.assume_frozen {
+            Some(Method::AssumeFrozen)
         } else {
-            Method::AssumeFrozen
+            None
         }
     }
 }
@@ -634,7 +637,7 @@ mod tests {
         assert!(args.sync.endpoint.quic.tuning().bbr);
         assert!(matches!(
             args.method(),
-            crate::io::freeze::Method::LvmSnapshot { size } if size == 1 << 30
+            Some(crate::io::freeze::Method::LvmSnapshot { size }) if size == 1 << 30
         ));
         assert!(Cli::try_parse_from([
             "nightpass",
@@ -664,8 +667,19 @@ mod tests {
         assert!(p(&["converge", "--plan", "f", "--window", "1h"]).is_ok());
         assert!(p(&["status", "--plan", "f", "--window", "1h"]).is_ok());
         assert!(p(&["status", "--window", "1h"]).is_err());
-        // The group cutover is not built: cutover takes no plan yet.
-        assert!(p(&["cutover", "--plan", "f", "--assume-frozen"]).is_err());
+        // The group cutover: the plan's freeze, or the command line's.
+        assert!(p(&["cutover", "--plan", "f"]).is_ok());
+        assert!(p(&["cutover", "--plan", "f", "--assume-frozen"]).is_ok());
+        assert!(p(&["cutover", "a", "h:1/v", "--plan", "f"]).is_err());
+        assert!(p(&[
+            "cutover",
+            "a",
+            "h:1/v",
+            "--fsfreeze",
+            "/m",
+            "--assume-frozen"
+        ])
+        .is_err());
         // verify lists only its own flags.
         assert!(p(&["verify", "a", "h:1/v", "--bwlimit", "1M"]).is_err());
         assert!(p(&["verify", "a", "h:1/v", "--retry-for", "1m"]).is_err());

@@ -149,8 +149,8 @@ fn check_cost(r: &Ready, f: Forecast) -> f64 {
 }
 
 /// The time `durations` take on `jobs` slots, longest first, each to the
-/// slot free soonest: how [`final_passes`] starts them.
-fn makespan(durations: &[f64], jobs: usize) -> f64 {
+/// slot free soonest: how the group cutover starts its final passes.
+pub fn makespan(durations: &[f64], jobs: usize) -> f64 {
     let mut d = durations.to_vec();
     d.sort_by(|a, b| b.total_cmp(a));
     let mut slots = vec![0.0f64; jobs.max(1)];
@@ -519,6 +519,7 @@ async fn certify(
     c.progress.event(
         &json!({
             "event": "group_cutover_end",
+            "volume": null,
             "consistency_point": group_point,
             "volumes": names,
             "frozen_s": (c.frozen_s * 1000.0).round() / 1000.0,

@@ -10,12 +10,18 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::run::run;
-use super::Plan;
-use crate::app::cli::{ConvergeArgs, Endpoint, ScanArg, SyncArgs, SyncCmdArgs, VerifyArgs};
+use super::run::{group_end, run};
+use super::status::{group_forecast, Judge};
+use super::tagged::{Tagged, Total};
+use super::{FilerFreeze, Plan};
+use crate::app::cli::{
+    ConvergeArgs, CutoverArgs, Endpoint, Proof, ScanArg, SyncArgs, SyncCmdArgs, VerifyArgs,
+};
 use crate::app::commands::sync_config;
+use crate::app::cutover::group::{group_cutover, GroupConfig, GroupVolume};
 use crate::app::cutover::ConvergeConfig;
 use crate::error::{Error, Result};
+use crate::io::freeze::Method;
 use crate::net::transport::{parse_fingerprint, Identity};
 use crate::pass::sender::{self, Pacer, SyncConfig};
 use crate::progress::Progress;
@@ -103,18 +109,49 @@ pub async fn converge(
     let plan = load(args.volumes.plan.as_deref())?;
     let cfgs = Arc::new(pass_configs(&args.sync, &args.scan, &plan, "converge")?);
     let id = Arc::new(Identity::load(&args.sync.identity_dir())?);
-    run(&plan, "converge", progress, move |v, p, stop| {
+    // The group cutover runs the frozen passes `jobs` at a time: each
+    // volume must fit its share of the window, ceil(volumes / jobs) in a row.
+    let rounds = plan.volumes.len().div_ceil(plan.jobs).max(1) as u32;
+    let judge = Judge {
+        window: Some(cc.window),
+        margin: cc.margin,
+    };
+    let share = ConvergeConfig {
+        window: cc.window / rounds,
+        ..cc
+    };
+    let (group_cfgs, group_plan, group_progress) = (cfgs.clone(), plan.clone(), progress.clone());
+    let code = run(&plan, "converge", progress, move |v, p, stop| {
         let (cfgs, id) = (cfgs.clone(), id.clone());
         let cc = ConvergeConfig {
             stop: Some(stop),
-            ..cc.clone()
+            ..share.clone()
         };
         async move {
             let cfg = config_of(&cfgs, &v.name)?;
             crate::app::cutover::converge(&cfg, &cc, &id, p).await
         }
     })
-    .await
+    .await?;
+    if code != 0 {
+        return Ok(code);
+    }
+    // Every volume fits its share; the group's forecast says it fits whole.
+    let forecasts = group_plan
+        .volumes
+        .iter()
+        .map(|v| {
+            let cfg = config_of(&group_cfgs, &v.name)?;
+            let records = sender::journal(&cfg).read()?;
+            let history = sender::history_now(&cfg, &records);
+            Ok(
+                nightpass_proto::plan::forecast(&history, crate::progress::now_unix())
+                    .map(|f| f.total_s),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let fits = group_forecast(&group_plan, &forecasts, 0, judge, group_progress.as_ref());
+    Ok(if fits == Some(true) { 0 } else { 1 })
 }
 
 /// `verify --plan`: every volume compared with its target.
@@ -130,4 +167,85 @@ pub async fn verify(args: &VerifyArgs, progress: Arc<dyn Progress>) -> Result<i3
         async move { crate::app::verify::run(&args, &v.source, &v.dest.to_string(), p).await }
     })
     .await
+}
+
+/// The freeze of each volume of a plan cutover: its own `fsfreeze` mount,
+/// else the filer's (the command line's `--pre`/`--post`/`--assume-frozen`,
+/// which win, else the plan's); a volume with neither makes the plan bad
+/// for a cutover (exit 2).
+fn freeze_of(args: &CutoverArgs, plan: &Plan) -> Result<HashMap<String, Method>> {
+    if args.fsfreeze.is_some() || args.lvm_snapshot {
+        return Err(Error::input(
+            "with --plan, a volume's mount to freeze is its plan entry's fsfreeze; --fsfreeze and --lvm-snapshot name one volume's freeze",
+        ));
+    }
+    let filer = args.method().or_else(|| match &plan.freeze {
+        FilerFreeze {
+            pre: Some(pre),
+            post: Some(post),
+            ..
+        } => Some(Method::Hooks {
+            pre: pre.clone(),
+            post: post.clone(),
+        }),
+        f if f.assume_frozen => Some(Method::AssumeFrozen),
+        _ => None,
+    });
+    plan.volumes
+        .iter()
+        .map(|v| {
+            let m = match (&v.fsfreeze, &filer) {
+                (Some(mp), _) => Method::Fsfreeze(mp.clone()),
+                (None, Some(f)) => f.clone(),
+                (None, None) => {
+                    return Err(Error::input(format!(
+                        "plan {}: volume '{}' has no fsfreeze and the filer no freeze (pre and post, or assume_frozen, in the plan or on the command line): nothing would stop its writers; nothing was started",
+                        plan.path.display(),
+                        v.name
+                    )))
+                }
+            };
+            m.check(&v.source)
+                .map_err(|e| e.context(&format!("volume '{}'", v.name)))?;
+            Ok((v.name.clone(), m))
+        })
+        .collect()
+}
+
+/// `cutover --plan`: every volume frozen at once, their final passes run
+/// within `jobs`, proven, thawed, and certified all or none under one group
+/// consistency point ([`crate::app::cutover::group`]).
+pub async fn cutover(args: &CutoverArgs, progress: Arc<dyn Progress>) -> Result<i32> {
+    let plan = load(args.volumes.plan.as_deref())?;
+    let methods = freeze_of(args, &plan)?;
+    let mut cfgs = pass_configs(&args.sync, &args.scan, &plan, "cutover")?;
+    let choice = args.scan_choice()?;
+    for cfg in cfgs.values_mut() {
+        cfg.scan_choice = choice;
+    }
+    let id = Arc::new(Identity::load(&args.sync.identity_dir())?);
+    let total = Total::new(None, plan.volumes.len(), 0);
+    let volumes = plan
+        .volumes
+        .iter()
+        .map(|v| {
+            Ok(GroupVolume {
+                name: v.name.clone(),
+                cfg: config_of(&cfgs, &v.name)?,
+                method: methods[&v.name].clone(),
+                progress: Tagged::new(&v.name, progress.clone(), total.clone()),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let gc = GroupConfig {
+        jobs: plan.jobs,
+        max_freeze: args.max_freeze,
+        prove: args.verify == Proof::Full,
+        force_no_forecast: args.force_no_forecast,
+        margin: args.margin,
+    };
+    let started = std::time::Instant::now();
+    let r = group_cutover(volumes, &gc, id, progress.clone()).await;
+    group_end(progress.as_ref(), &plan, r.as_ref().err(), started);
+    r
 }

@@ -194,6 +194,27 @@ fn volume_end(
     );
 }
 
+/// The summary of a group cutover, which certifies every volume or none:
+/// `plan_end` with all succeeded, or all failed.
+pub fn group_end(progress: &dyn Progress, plan: &Plan, failed: Option<&Error>, started: Instant) {
+    let n = plan.volumes.len();
+    let tally = match failed {
+        None => Tally {
+            succeeded: n,
+            ..Tally::default()
+        },
+        Some(Error::Interrupted) => Tally {
+            interrupted: n,
+            ..Tally::default()
+        },
+        Some(_) => Tally {
+            failed: n,
+            ..Tally::default()
+        },
+    };
+    plan_end(progress, plan, "cutover", &tally, 0, None, started);
+}
+
 /// The run's summary: the `plan_end` event and its human line.
 fn plan_end(
     progress: &dyn Progress,

@@ -25,8 +25,11 @@ pub struct Judge {
     pub margin: f64,
 }
 
-/// Prints one `plan_volume` line per volume of `plan`.
+/// Prints one `plan_volume` line per volume of `plan`, then the group's
+/// forecast (`plan_forecast`).
 pub fn status(plan: &Plan, state_dir: &Path, judge: Judge, progress: &dyn Progress) -> Result<()> {
+    let mut forecasts = Vec::new();
+    let mut cut_over = 0;
     for v in &plan.volumes {
         let dir = target_dir(state_dir, &plan.server_fingerprint, &v.dest);
         let records = if dir.join(journal::FILE_NAME).exists() {
@@ -41,6 +44,8 @@ pub fn status(plan: &Plan, state_dir: &Path, judge: Judge, progress: &dyn Progre
             Some(_) => None,
             None => forecast::forecast(&journal::figures(&records), now_unix()).map(|f| f.total_s),
         };
+        forecasts.push(f);
+        cut_over += usize::from(cut.is_some());
         let fits = match (judge.window, f) {
             (Some(w), Some(f)) => Some(f * judge.margin <= w.as_secs_f64()),
             _ => None,
@@ -94,5 +99,59 @@ pub fn status(plan: &Plan, state_dir: &Path, judge: Judge, progress: &dyn Progre
             ),
         );
     }
+    group_forecast(plan, &forecasts, cut_over, judge, progress);
     Ok(())
+}
+
+/// The group cutover's forecast: every volume's frozen pass, run at most
+/// `jobs` at a time (as the group cutover runs them, longest first), against
+/// the window when one is given. Nothing when the filer is cut over, or a
+/// volume has no forecast yet.
+/// Returns whether it fits the window (`None`: no forecast, or no window).
+pub(super) fn group_forecast(
+    plan: &Plan,
+    forecasts: &[Option<f64>],
+    cut_over: usize,
+    judge: Judge,
+    progress: &dyn Progress,
+) -> Option<bool> {
+    let all: Option<Vec<f64>> = forecasts.iter().copied().collect();
+    let group = match (cut_over, all) {
+        (0, Some(all)) => crate::app::cutover::group::makespan(&all, plan.jobs),
+        _ => return None,
+    };
+    let fits = judge
+        .window
+        .map(|w| group * judge.margin <= w.as_secs_f64());
+    let against = match (judge.window, fits) {
+        (Some(w), Some(true)) => format!(
+            "; × {} margin fits the {:.0} s window",
+            judge.margin,
+            w.as_secs_f64()
+        ),
+        (Some(w), _) => format!(
+            "; × {} margin does NOT fit the {:.0} s window",
+            judge.margin,
+            w.as_secs_f64()
+        ),
+        _ => String::new(),
+    };
+    progress.event(
+        &json!({
+            "event": "plan_forecast",
+            "volume": null,
+            "forecast_s": (group * 100.0).round() / 100.0,
+            "jobs": plan.jobs,
+            "window_s": judge.window.map(|w| w.as_secs_f64()),
+            "fits_window": fits,
+            "computed_at": rfc3339_seconds(now_unix()),
+        }),
+        &format!(
+            "group cutover forecast at {}: {group:.1} s frozen ({} volumes, jobs = {}){against}",
+            rfc3339_seconds(now_unix()),
+            plan.volumes.len(),
+            plan.jobs
+        ),
+    );
+    fits
 }
