@@ -262,6 +262,17 @@ fn a_failed_volume_and_max_failures() {
         r.context()
     );
     assert!(!g.target("v2").exists(), "v2's target was created");
+
+    // The same from the command line, which wins over the plan's values.
+    let h = Filer::new(3, 2 * MIB, &["v1"]);
+    let plan = h.plan("jobs = 3");
+    let r = h.run("sync", &plan, &["--jobs", "1", "--max-failures", "1"]);
+    assert_eq!(r.code, 3, "{}", r.context());
+    assert_eq!(most_in_flight(&r), 1, "{}", r.context());
+    assert_eq!(r.only("plan_end")["not_started"], 1, "{}", r.context());
+    assert!(!h.target("v2").exists(), "v2's target was created");
+    let bad = h.run("sync", &plan, &["--jobs", "0"]);
+    assert_eq!(bad.code, 2, "{}", bad.context());
 }
 
 #[test]

@@ -219,6 +219,13 @@ pub struct Volumes {
     /// SOURCE and DEST.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["source", "dest"])]
     pub plan: Option<PathBuf>,
+    /// With --plan: volumes in flight at once (wins over the plan's `jobs`).
+    #[arg(long, value_name = "N", requires = "plan")]
+    pub jobs: Option<usize>,
+    /// With --plan: after this many failed volumes no new one starts (wins
+    /// over the plan's `max_failures`).
+    #[arg(long, value_name = "N", requires = "plan")]
+    pub max_failures: Option<usize>,
 }
 
 impl Volumes {

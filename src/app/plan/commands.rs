@@ -7,7 +7,6 @@
 //! `--server-fingerprint` is refused). Owns no pass.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use super::run::{group_end, run};
@@ -15,7 +14,7 @@ use super::status::{group_forecast, Judge};
 use super::tagged::{Tagged, Total};
 use super::{FilerFreeze, Plan};
 use crate::app::cli::{
-    ConvergeArgs, CutoverArgs, Endpoint, Proof, ScanArg, SyncArgs, SyncCmdArgs, VerifyArgs,
+    ConvergeArgs, CutoverArgs, Endpoint, Proof, ScanArg, SyncArgs, SyncCmdArgs, VerifyArgs, Volumes,
 };
 use crate::app::commands::sync_config;
 use crate::app::cutover::group::{group_cutover, GroupConfig, GroupVolume};
@@ -28,9 +27,25 @@ use crate::progress::Progress;
 
 /// The plan named by `--plan` (clap requires it when SOURCE and DEST are
 /// absent), checked whole.
-fn load(plan: Option<&Path>) -> Result<Plan> {
-    let path = plan.ok_or_else(|| Error::input("give SOURCE and DEST, or --plan FILE"))?;
-    Plan::load(path)
+fn load(volumes: &Volumes) -> Result<Plan> {
+    let path = (volumes.plan.as_deref())
+        .ok_or_else(|| Error::input("give SOURCE and DEST, or --plan FILE"))?;
+    let mut plan = Plan::load(path)?;
+    match volumes.jobs {
+        Some(0) => {
+            return Err(Error::input(
+                "--jobs 0: at least one volume must be in flight",
+            ))
+        }
+        Some(j) => plan.jobs = j,
+        None => {}
+    }
+    match volumes.max_failures {
+        Some(0) => return Err(Error::input("--max-failures 0: use at least 1")),
+        Some(m) => plan.max_failures = Some(m),
+        None => {}
+    }
+    Ok(plan)
 }
 
 /// The command line's receiver settings with the plan's fingerprint.
@@ -82,7 +97,7 @@ fn config_of(cfgs: &HashMap<String, SyncConfig>, name: &str) -> Result<SyncConfi
 /// `sync --plan`: one pass of every volume (with `--dry-run`, what each
 /// would send).
 pub async fn sync(args: &SyncCmdArgs, progress: Arc<dyn Progress>) -> Result<i32> {
-    let plan = load(args.volumes.plan.as_deref())?;
+    let plan = load(&args.volumes)?;
     let cfgs = Arc::new(pass_configs(&args.sync, &args.scan, &plan, "sync")?);
     let id = Arc::new(Identity::load(&args.sync.identity_dir())?);
     let dry_run = args.dry_run;
@@ -106,7 +121,7 @@ pub async fn converge(
     cc: ConvergeConfig,
     progress: Arc<dyn Progress>,
 ) -> Result<i32> {
-    let plan = load(args.volumes.plan.as_deref())?;
+    let plan = load(&args.volumes)?;
     let cfgs = Arc::new(pass_configs(&args.sync, &args.scan, &plan, "converge")?);
     let id = Arc::new(Identity::load(&args.sync.identity_dir())?);
     // The group cutover runs the frozen passes `jobs` at a time: each
@@ -156,7 +171,7 @@ pub async fn converge(
 
 /// `verify --plan`: every volume compared with its target.
 pub async fn verify(args: &VerifyArgs, progress: Arc<dyn Progress>) -> Result<i32> {
-    let plan = load(args.volumes.plan.as_deref())?;
+    let plan = load(&args.volumes)?;
     let mut args = args.clone();
     args.endpoint = endpoint(&args.endpoint, &plan)?;
     args.endpoint.tuning()?;
@@ -216,7 +231,7 @@ fn freeze_of(args: &CutoverArgs, plan: &Plan) -> Result<HashMap<String, Method>>
 /// within `jobs`, proven, thawed, and certified all or none under one group
 /// consistency point ([`crate::app::cutover::group`]).
 pub async fn cutover(args: &CutoverArgs, progress: Arc<dyn Progress>) -> Result<i32> {
-    let plan = load(args.volumes.plan.as_deref())?;
+    let plan = load(&args.volumes)?;
     let methods = freeze_of(args, &plan)?;
     let mut cfgs = pass_configs(&args.sync, &args.scan, &plan, "cutover")?;
     let choice = args.scan_choice()?;
