@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::app::cli::{Allowed, Cli, Command, ConvergeArgs, ScanArg, ServeArgs, SyncArgs};
+use crate::app::cli::{
+    Allowed, Cli, Command, ConvergeArgs, CutoverArgs, ScanArg, ServeArgs, SyncArgs, SyncCmdArgs,
+};
 use crate::app::plan;
 use crate::error::{Error, Result};
 use crate::net::transport::{default_identity_dir, Identity};
@@ -47,20 +49,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Serve(args) => serve(args, progress, json).await,
-        Command::Sync(args) => {
-            metrics(args.sync.endpoint.metrics)?;
-            let Some((source, dest)) = args.volumes.single() else {
-                return plan::commands::sync(&args, progress).await;
-            };
-            let cfg = sync_config(&args.sync, &args.scan, source, dest, "sync")?;
-            let id = Identity::load(&args.sync.identity_dir())?;
-            if args.dry_run {
-                sender::dry_run(&cfg, &id, progress).await?;
-                return Ok(0);
-            }
-            sender::run_pass(&cfg, &id, progress).await?;
-            Ok(0)
-        }
+        Command::Sync(args) => sync(args, progress).await,
         Command::Verify(args) => {
             metrics(args.endpoint.metrics)?;
             match args.volumes.single() {
@@ -70,44 +59,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 None => plan::commands::verify(&args, progress).await,
             }
         }
-        Command::Converge(args) => {
-            let cc = converge_config(&args)?;
-            metrics(args.sync.endpoint.metrics)?;
-            match args.volumes.single() {
-                Some((source, dest)) => {
-                    let cfg = sync_config(&args.sync, &args.scan, source, dest, "converge")?;
-                    let id = Identity::load(&args.sync.identity_dir())?;
-                    crate::app::cutover::converge(&cfg, &cc, &id, progress).await
-                }
-                None => plan::commands::converge(&args, cc, progress).await,
-            }
-        }
+        Command::Converge(args) => converge(args, progress).await,
         Command::Track(args) => track(args, progress, json).await,
-        Command::Cutover(args) => {
-            metrics(args.sync.endpoint.metrics)?;
-            if args.margin.is_nan() || args.margin < 1.0 {
-                return Err(Error::input("--margin must be at least 1.0"));
-            }
-            let Some((source, dest)) = args.volumes.single() else {
-                return plan::commands::cutover(&args, progress).await;
-            };
-            let method = args.method().ok_or_else(|| {
-                Error::input(
-                    "cutover needs a FREEZE: --fsfreeze MOUNTPOINT, --lvm-snapshot, --pre CMD --post CMD, or --assume-frozen",
-                )
-            })?;
-            let mut cfg = sync_config(&args.sync, &args.scan, source, dest, "cutover")?;
-            cfg.scan_choice = args.scan_choice()?;
-            let id = Identity::load(&args.sync.identity_dir())?;
-            let cc = crate::app::cutover::CutoverConfig {
-                method,
-                max_freeze: args.max_freeze,
-                prove: args.verify == crate::app::cli::Proof::Full,
-                force_no_forecast: args.force_no_forecast,
-                margin: args.margin,
-            };
-            crate::app::cutover::cutover(&cfg, &cc, &id, progress).await
-        }
+        Command::Cutover(args) => cutover(args, progress).await,
         Command::Unseal { name, state_dir } => {
             unseal(name, state_dir.unwrap_or_else(default_state_dir), progress).await
         }
@@ -119,15 +73,8 @@ pub async fn run(cli: Cli) -> Result<i32> {
             margin,
         } => {
             let dir = state_dir.unwrap_or_else(default_state_dir);
-            match plan_file {
-                Some(f) => {
-                    let p = plan::Plan::load(&f)?;
-                    let judge = plan::status::Judge { window, margin };
-                    plan::status::status(&p, &dir, judge, progress.as_ref())?;
-                }
-                None => crate::pass::sender::status(&dir, source.as_deref(), progress.as_ref())?,
-            }
-            Ok(0)
+            let judge = plan::status::Judge { window, margin };
+            status(&dir, source, plan_file, judge, progress.as_ref())
         }
         Command::Bench { volume, size } => {
             crate::app::benchmark::run(volume, size.max(16 << 20), progress).await?;
@@ -142,6 +89,79 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Man { out } => crate::app::manual::man(out.as_deref(), json, progress.as_ref()),
     }
+}
+
+/// `sync`: one pass (or a dry run) of one volume, or of a plan's.
+async fn sync(args: SyncCmdArgs, progress: Arc<dyn Progress>) -> Result<i32> {
+    metrics(args.sync.endpoint.metrics)?;
+    let Some((source, dest)) = args.volumes.single() else {
+        return plan::commands::sync(&args, progress).await;
+    };
+    let cfg = sync_config(&args.sync, &args.scan, source, dest, "sync")?;
+    let id = Identity::load(&args.sync.identity_dir())?;
+    if args.dry_run {
+        sender::dry_run(&cfg, &id, progress).await?;
+        return Ok(0);
+    }
+    sender::run_pass(&cfg, &id, progress).await?;
+    Ok(0)
+}
+
+/// `converge` of one volume, or of a plan's.
+async fn converge(args: ConvergeArgs, progress: Arc<dyn Progress>) -> Result<i32> {
+    let cc = converge_config(&args)?;
+    metrics(args.sync.endpoint.metrics)?;
+    match args.volumes.single() {
+        Some((source, dest)) => {
+            let cfg = sync_config(&args.sync, &args.scan, source, dest, "converge")?;
+            let id = Identity::load(&args.sync.identity_dir())?;
+            crate::app::cutover::converge(&cfg, &cc, &id, progress).await
+        }
+        None => plan::commands::converge(&args, cc, progress).await,
+    }
+}
+
+/// `cutover` of one volume (which needs a FREEZE), or the group cutover
+/// of a plan's.
+async fn cutover(args: CutoverArgs, progress: Arc<dyn Progress>) -> Result<i32> {
+    metrics(args.sync.endpoint.metrics)?;
+    if args.margin.is_nan() || args.margin < 1.0 {
+        return Err(Error::input("--margin must be at least 1.0"));
+    }
+    let Some((source, dest)) = args.volumes.single() else {
+        return plan::commands::cutover(&args, progress).await;
+    };
+    let method = args.method().ok_or_else(|| {
+        Error::input(
+            "cutover needs a FREEZE: --fsfreeze MOUNTPOINT, --lvm-snapshot, --pre CMD --post CMD, or --assume-frozen",
+        )
+    })?;
+    let mut cfg = sync_config(&args.sync, &args.scan, source, dest, "cutover")?;
+    cfg.scan_choice = args.scan_choice()?;
+    let id = Identity::load(&args.sync.identity_dir())?;
+    let cc = crate::app::cutover::CutoverConfig {
+        method,
+        max_freeze: args.max_freeze,
+        prove: args.verify == crate::app::cli::Proof::Full,
+        force_no_forecast: args.force_no_forecast,
+        margin: args.margin,
+    };
+    crate::app::cutover::cutover(&cfg, &cc, &id, progress).await
+}
+
+/// `status`: the volumes of the state directory, or of a plan.
+fn status(
+    dir: &std::path::Path,
+    source: Option<std::path::PathBuf>,
+    plan_file: Option<std::path::PathBuf>,
+    judge: plan::status::Judge,
+    progress: &dyn Progress,
+) -> Result<i32> {
+    match plan_file {
+        Some(f) => plan::status::status(&plan::Plan::load(&f)?, dir, judge, progress)?,
+        None => crate::pass::sender::status(dir, source.as_deref(), progress)?,
+    }
+    Ok(0)
 }
 
 /// `keygen`'s and `fingerprint`'s answer: the bare fingerprint line (the

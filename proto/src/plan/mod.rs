@@ -299,6 +299,56 @@ impl PassFigures {
     }
 }
 
+/// The mean change rate (bytes per second) over recent delta passes, from
+/// what each sent and the time since the one before; none before a delta.
+fn change_rate(passes: &[PassFigures]) -> Option<f64> {
+    let rates: Vec<f64> = passes
+        .windows(2)
+        .filter(|w| !w[1].first)
+        .map(|w| {
+            let dt = (w[1].start_unix_s - w[0].start_unix_s).max(1e-3);
+            w[1].changed_bytes as f64 / dt
+        })
+        .collect();
+    let rates = recent(&rates);
+    (!rates.is_empty()).then(|| rates.iter().sum::<f64>() / rates.len() as f64)
+}
+
+/// A pass's fixed cost: the median over recent delta passes of what their
+/// duration had beyond reading and sending.
+fn pass_overhead(passes: &[PassFigures], send_rate: f64) -> f64 {
+    let residuals: Vec<f64> = passes
+        .iter()
+        .filter(|p| !p.first)
+        .map(|p| {
+            let sending = if send_rate > 0.0 {
+                p.changed_bytes as f64 / send_rate
+            } else {
+                0.0
+            };
+            (p.duration_s - p.read_busy_s.max(sending)).max(0.0)
+        })
+        .collect();
+    median(recent(&residuals)).unwrap_or(0.0)
+}
+
+/// The freeze's cost beyond its passes (and a tracked proof's read): the
+/// median over recent cutovers of the kind forecast (`tracked` or full)
+/// when there are any, else over all; none before the first cutover.
+fn freeze_overhead(cutovers: &[CutoverFigures], tracked: bool) -> Option<f64> {
+    let kind = |same: bool| -> Vec<f64> {
+        (cutovers.iter())
+            .filter(|c| !same || c.tracked == tracked)
+            .map(|c| (c.frozen_s - c.passes_s - c.proof_s).max(0.0))
+            .collect()
+    };
+    let freezes = match kind(true) {
+        same if !same.is_empty() => same,
+        _ => kind(false),
+    };
+    median(recent(&freezes))
+}
+
 /// Forecasts a frozen final pass run at `now_unix_s` (see the module docs).
 pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
     let passes = &history.passes;
@@ -310,19 +360,7 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
     let target_rate = median(recent(&history.target_read_rates)).filter(|t| *t > 0.0);
     // A full proof's read of the target runs alongside: the slower read bounds.
     let read_rate = target_rate.map_or(source_rate, |t| source_rate.min(t));
-    let rates: Vec<f64> = passes
-        .windows(2)
-        .filter(|w| !w[1].first)
-        .map(|w| {
-            let dt = (w[1].start_unix_s - w[0].start_unix_s).max(1e-3);
-            w[1].changed_bytes as f64 / dt
-        })
-        .collect();
-    let rates = recent(&rates);
-    if rates.is_empty() {
-        return None;
-    }
-    let change_rate = rates.iter().sum::<f64>() / rates.len() as f64;
+    let change_rate = change_rate(passes)?;
     // Never more than the volume holds, however long since the last pass.
     let predicted =
         (change_rate * (now_unix_s - last.start_unix_s).max(0.0)).min(last.size_bytes as f64);
@@ -353,32 +391,9 @@ pub fn forecast(history: &History, now_unix_s: f64) -> Option<Forecast> {
     } else {
         f64::INFINITY
     };
-    let residuals: Vec<f64> = passes
-        .iter()
-        .filter(|p| !p.first)
-        .map(|p| {
-            let sending = if send_rate > 0.0 {
-                p.changed_bytes as f64 / send_rate
-            } else {
-                0.0
-            };
-            (p.duration_s - p.read_busy_s.max(sending)).max(0.0)
-        })
-        .collect();
-    let pass_overhead_s = median(recent(&residuals)).unwrap_or(0.0);
-    // The overhead of cutovers of the kind forecast, when there are any.
-    let kind = |same: bool| -> Vec<f64> {
-        (history.cutovers.iter())
-            .filter(|c| !same || c.tracked == tracked)
-            .map(|c| (c.frozen_s - c.passes_s - c.proof_s).max(0.0))
-            .collect()
-    };
-    let freezes = match kind(true) {
-        same if !same.is_empty() => same,
-        _ => kind(false),
-    };
-    let freeze_overhead_s =
-        median(recent(&freezes)).unwrap_or_else(|| default_freeze_overhead_s(last.size_bytes));
+    let pass_overhead_s = pass_overhead(passes, send_rate);
+    let freeze_overhead_s = freeze_overhead(&history.cutovers, tracked)
+        .unwrap_or_else(|| default_freeze_overhead_s(last.size_bytes));
     Some(Forecast {
         total_s: scan_s.max(send_s) + proof_s + pass_overhead_s + freeze_overhead_s,
         scan_s,

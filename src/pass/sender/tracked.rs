@@ -280,24 +280,29 @@ fn take_cut(cfg: &SyncConfig, volume_dir: &Path, volume: (u64, u64)) -> Result<S
             thin: None,
         });
     }
-    let why = match previous {
+    Ok(full(unchained(previous, &tdir, &source, &epoch.id), taken))
+}
+
+/// Why a cut that does not chain to the previous completed pass makes a
+/// full pass: the record's first cut for this volume, or a gap.
+fn unchained(previous: Option<u64>, tdir: &Path, source: &Path, epoch: &str) -> String {
+    match previous {
         None => {
-            let before = tracking::last_ended(&tdir)
+            let before = tracking::last_ended(tdir)
                 .map(|r| format!("; the record before it ended: {r}"))
                 .unwrap_or_default();
             format!(
                 "first pass since the tracker of {} began its record (epoch {}){before}",
                 source.display(),
-                short(&epoch.id)
+                short(epoch)
             )
         }
         Some(_) => format!(
             "the record of {} does not reach back to the previous completed pass (epoch {})",
             source.display(),
-            short(&epoch.id)
+            short(epoch)
         ),
-    };
-    Ok(full(why, taken))
+    }
 }
 
 /// Why there is no record to use when no tracker answers.
