@@ -71,10 +71,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
             state_dir,
             window,
             margin,
+            jobs,
         } => {
             let dir = state_dir.unwrap_or_else(default_state_dir);
             let judge = plan::status::Judge { window, margin };
-            status(&dir, source, plan_file, judge, progress.as_ref())
+            status(&dir, source, plan_file, jobs, judge, progress.as_ref())
         }
         Command::Bench { volume, size } => {
             crate::app::benchmark::run(volume, size.max(16 << 20), progress).await?;
@@ -154,11 +155,24 @@ fn status(
     dir: &std::path::Path,
     source: Option<std::path::PathBuf>,
     plan_file: Option<std::path::PathBuf>,
+    jobs: Option<usize>,
     judge: plan::status::Judge,
     progress: &dyn Progress,
 ) -> Result<i32> {
     match plan_file {
-        Some(f) => plan::status::status(&plan::Plan::load(&f)?, dir, judge, progress)?,
+        Some(f) => {
+            let mut p = plan::Plan::load(&f)?;
+            match jobs {
+                Some(0) => {
+                    return Err(Error::input(
+                        "--jobs 0: at least one volume must be in flight",
+                    ))
+                }
+                Some(j) => p.jobs = j,
+                None => {}
+            }
+            plan::status::status(&p, dir, judge, progress)?
+        }
         None => crate::pass::sender::status(dir, source.as_deref(), progress)?,
     }
     Ok(0)

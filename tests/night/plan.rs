@@ -427,6 +427,22 @@ fn converge_plan_and_status_plan() {
             "{g}"
         );
     }
+    // The group's forecast with one volume in flight at a time: the sum.
+    let mut c = Command::new(bin());
+    c.args(["status", "--json", "--jobs", "1", "--plan"])
+        .arg(&plan)
+        .arg("--state-dir")
+        .arg(&f.sender.state);
+    let one = run_command(c);
+    one.ok();
+    let sum: f64 = s
+        .all("plan_volume")
+        .iter()
+        .map(|l| l["forecast_final_pass_s"].as_f64().unwrap())
+        .sum();
+    let g1 = one.event("plan_forecast");
+    assert_eq!(g1["jobs"], 1, "{g1}");
+    assert!((g1["forecast_s"].as_f64().unwrap() - sum).abs() < 0.05, "{g1} vs {sum}");
     // A window no frozen pass can fit: converge's answer is no (exit 1).
     let no = f.run("converge", &plan, &["--window", "1ms", "--max-passes", "2"]);
     assert_eq!(no.code, 1, "{}", no.context());

@@ -115,6 +115,11 @@ pub enum Command {
         /// Safety margin the forecast is multiplied by (with --window).
         #[arg(long, default_value_t = 1.5, requires = "window")]
         margin: f64,
+        /// With --plan: the group cutover's forecast with this many volumes
+        /// in flight (as `cutover --plan --jobs N` would run them) instead
+        /// of the plan's `jobs`.
+        #[arg(long, value_name = "N", requires = "plan")]
+        jobs: Option<usize>,
     },
     /// Measure each stage of a pass on this machine (read, BLAKE3, zstd, QUIC).
     Bench {
