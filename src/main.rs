@@ -51,10 +51,11 @@ fn parse() -> Cli {
     let _ = e.print();
     if json_asked() {
         let rendered = e.to_string();
-        let first = rendered.lines().next().unwrap_or("");
-        let message = match first.trim_start_matches("error:").trim() {
-            "" => "invalid command line",
-            m => m,
+        let text = usage_message(&rendered);
+        let message = if text.is_empty() {
+            "invalid command line"
+        } else {
+            text.as_str()
         };
         println!(
             "{}",
@@ -64,6 +65,20 @@ fn parse() -> Cli {
         );
     }
     std::process::exit(2);
+}
+
+/// clap's error text without its usage and help lines, on one line: the
+/// error and what it names (a missing argument is listed on the lines
+/// after "the following required arguments were not provided:").
+fn usage_message(rendered: &str) -> String {
+    rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .map(|l| l.trim_start_matches("error:").trim())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Prints an error as docs/CLI.md says: text on stderr, and an `error` event on

@@ -324,7 +324,7 @@ async fn serve(args: ServeArgs, progress: Arc<dyn Progress>, json: bool) -> Resu
         cfg,
         id,
         |addr, fp| {
-            tracing::info!("listening on {addr} fingerprint {fp}");
+            tracing::info!(target: "nightpass::contract", "listening on {addr} fingerprint {fp}");
             // JSON only: a human reads the log line, and stdout stays empty.
             if json {
                 progress.event(

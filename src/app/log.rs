@@ -90,6 +90,11 @@ pub fn priority(level: Level) -> u8 {
     }
 }
 
+/// The target of log lines whose exact words are part of the command-line
+/// contract (docs/CLI.md): written without a time stamp in every style
+/// but the journal's, whose priority prefix systemd strips.
+pub const CONTRACT: &str = "nightpass::contract";
+
 /// A [`FormatEvent`] writing one line per event in a [`Style`]: the
 /// prefix, then the message and the event's fields (`key=value`).
 #[derive(Debug, Clone, Copy)]
@@ -107,8 +112,12 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let level = *event.metadata().level();
+        // A line whose words scripts rely on (the receiver's `listening on
+        // ADDR fingerprint FP`) starts with them, without a stamp.
+        let contract = event.metadata().target() == CONTRACT;
         match self.0 {
             Style::Bare => {}
+            Style::Stamped if contract => {}
             Style::Stamped => write!(w, "{} {:>5} ", rfc3339(now_unix()), level)?,
             Style::Journal => write!(w, "<{}>", priority(level))?,
         }

@@ -170,6 +170,22 @@ fn a_group_cutover_certifies_every_volume_under_one_point() {
         let last = f.receiver_journal(name).pop().expect("a receiver record");
         assert_eq!(last["group_point"], point.as_str(), "{last}");
     }
+    // status --plan shows the cutover, sealed, with the group's point.
+    let mut c = Command::new(bin());
+    c.args(["status", "--json", "--plan"]).arg(&f.plan);
+    c.arg("--state-dir").arg(&f.sender.state);
+    let st = run_command(c);
+    assert_eq!(st.all("plan_volume").len(), 2, "{}", st.context());
+    for l in st.all("plan_volume") {
+        assert_eq!(l["state"], "cut_over", "{l}");
+        assert_eq!(l["cut_over"]["sealed"], true, "{l}");
+        assert_eq!(
+            l["cut_over"]["group_consistency_point"],
+            point.as_str(),
+            "{l}"
+        );
+    }
+    assert!(st.all("plan_forecast").is_empty(), "{}", st.context());
     for (i, t) in f.targets.iter().enumerate() {
         assert_image_intact(&f.root, t, &format!("copy{i}"));
     }

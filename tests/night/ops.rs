@@ -48,9 +48,20 @@ fn serve_logs_each_session_with_its_time_peer_volume_bytes_and_result() {
         .count()
         >= 3));
     let log = rx.log();
+    // Every line is stamped, but the start line, whose words scripts
+    // match (CLI.md: `listening on ADDR fingerprint FP`).
     for line in log.lines() {
+        if line.starts_with("listening on ") {
+            continue;
+        }
         stamped(line);
     }
+    assert!(
+        log.lines()
+            .next()
+            .is_some_and(|l| l.starts_with("listening on 127.0.0.1:")),
+        "{log}"
+    );
     let ends: Vec<&str> = log
         .lines()
         .filter(|l| l.contains(" session end "))

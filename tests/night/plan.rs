@@ -442,7 +442,10 @@ fn converge_plan_and_status_plan() {
         .sum();
     let g1 = one.event("plan_forecast");
     assert_eq!(g1["jobs"], 1, "{g1}");
-    assert!((g1["forecast_s"].as_f64().unwrap() - sum).abs() < 0.05, "{g1} vs {sum}");
+    assert!(
+        (g1["forecast_s"].as_f64().unwrap() - sum).abs() < 0.05,
+        "{g1} vs {sum}"
+    );
     // A window no frozen pass can fit: converge's answer is no (exit 1).
     let no = f.run("converge", &plan, &["--window", "1ms", "--max-passes", "2"]);
     assert_eq!(no.code, 1, "{}", no.context());

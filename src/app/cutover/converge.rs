@@ -34,6 +34,11 @@ pub struct ConvergeConfig {
     pub stop: Option<crate::app::plan::run::Stop>,
 }
 
+/// A forecast as events give it: rounded to hundredths of a second.
+fn hundredths<T: Into<Option<f64>>>(f: T) -> Option<f64> {
+    f.into().map(|f| (f * 100.0).round() / 100.0)
+}
+
 /// True when the last passes stopped shrinking: each of the last two moved
 /// more than 90% of the data of the one before.
 pub fn stopped_shrinking(changed: &[u64]) -> bool {
@@ -84,7 +89,7 @@ pub async fn converge(
         if n > 1 && !interval_passed(cc).await {
             let f = last.as_ref().and_then(|e| e.forecast_final_pass_s);
             let event = json!({"event": "converge_end", "ready": false, "passes": n - 1, "reason": "stopped",
-                               "forecast_final_pass_s": f, "window_s": window});
+                               "forecast_final_pass_s": hundredths(f), "window_s": window});
             let why = "stopped by the operator before its next pass";
             return Ok(not_converged(progress.as_ref(), &event, why));
         }
@@ -111,7 +116,7 @@ pub async fn converge(
         if fits == Some(true) {
             let f = end.forecast_final_pass_s.unwrap_or(0.0);
             progress.event(
-                &json!({"event": "converge_end", "ready": true, "passes": n, "forecast_final_pass_s": f,
+                &json!({"event": "converge_end", "ready": true, "passes": n, "forecast_final_pass_s": hundredths(f),
                         "margin": cc.margin, "window_s": window}),
                 &format!(
                     "ready for cutover: a frozen final pass is forecast at {f:.1} s; × {} margin fits the {window:.0} s window",
@@ -136,7 +141,7 @@ pub async fn converge(
         cc.margin
     );
     let event = json!({"event": "converge_end", "ready": false, "passes": cc.max_passes, "reason": "max passes",
-                       "forecast_final_pass_s": f, "window_s": window});
+                       "forecast_final_pass_s": hundredths(f), "window_s": window});
     Ok(not_converged(progress.as_ref(), &event, &why))
 }
 

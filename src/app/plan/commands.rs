@@ -101,7 +101,8 @@ pub async fn sync(args: &SyncCmdArgs, progress: Arc<dyn Progress>) -> Result<i32
     let cfgs = Arc::new(pass_configs(&args.sync, &args.scan, &plan, "sync")?);
     let id = Arc::new(Identity::load(&args.sync.identity_dir())?);
     let dry_run = args.dry_run;
-    run(&plan, "sync", progress, move |v, p, _stop| {
+    let command = if dry_run { "dry_run" } else { "sync" };
+    run(&plan, command, progress, move |v, p, _stop| {
         let (cfgs, id) = (cfgs.clone(), id.clone());
         async move {
             let cfg = config_of(&cfgs, &v.name)?;
@@ -148,10 +149,11 @@ pub async fn converge(
         }
     })
     .await?;
-    if code != 0 {
+    if code == 130 {
         return Ok(code);
     }
-    // Every volume fits its share; the group's forecast says it fits whole.
+    // Every volume fits its share (or not: the forecast still says where
+    // the filer stands); the group's forecast says whether it fits whole.
     let forecasts = group_plan
         .volumes
         .iter()
@@ -166,7 +168,11 @@ pub async fn converge(
         })
         .collect::<Result<Vec<_>>>()?;
     let fits = group_forecast(&group_plan, &forecasts, 0, judge, group_progress.as_ref());
-    Ok(if fits == Some(true) { 0 } else { 1 })
+    Ok(match (code, fits) {
+        (0, Some(true)) => 0,
+        (0, _) => 1,
+        _ => code,
+    })
 }
 
 /// `verify --plan`: every volume compared with its target.

@@ -68,9 +68,12 @@ pub fn status(plan: &Plan, state_dir: &Path, judge: Judge, progress: &dyn Progre
         });
         let tail = match (cut, f) {
             (Some(c), _) => format!(
-                "cut over at {}, consistency point {}",
+                "cut over at {}, consistency point {}{}, sealed",
                 rfc3339_seconds(c.freeze_unix_s),
-                c.consistency_point
+                c.consistency_point,
+                group_point(&records, c)
+                    .map(|g| format!(" (group {g})"))
+                    .unwrap_or_default()
             ),
             (None, Some(f)) => format!("forecast {f:.1} s"),
             (None, None) => "no forecast yet".into(),
@@ -91,6 +94,10 @@ pub fn status(plan: &Plan, state_dir: &Path, judge: Judge, progress: &dyn Progre
                 "cut_over": cut.map(|c| json!({
                     "at": rfc3339_seconds(c.freeze_unix_s),
                     "consistency_point": c.consistency_point,
+                    "frozen_s": c.frozen_s,
+                    "proved": c.proved,
+                    "sealed": true,
+                    "group_consistency_point": group_point(&records, c),
                 })),
             }),
             &format!(
@@ -101,6 +108,16 @@ pub fn status(plan: &Plan, state_dir: &Path, judge: Judge, progress: &dyn Progre
     }
     group_forecast(plan, &forecasts, cut_over, judge, progress);
     Ok(())
+}
+
+/// The group consistency point of the group cutover `cut` was part of.
+fn group_point(records: &[SenderRecord], cut: &journal::CutoverRecord) -> Option<String> {
+    records.iter().rev().find_map(|r| match r {
+        SenderRecord::GroupCutover(g) if g.freeze_unix_s == cut.freeze_unix_s => {
+            Some(g.consistency_point.clone())
+        }
+        _ => None,
+    })
 }
 
 /// The group cutover's forecast: every volume's frozen pass, run at most
