@@ -67,6 +67,35 @@ fn parse() -> Cli {
     std::process::exit(2);
 }
 
+/// The exit status of a command that ended, its error reported.
+fn finish(json: bool, r: nightpass::error::Result<i32>) -> i32 {
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            report_error(json, &e);
+            e.exit_code()
+        }
+    }
+}
+
+/// A signal arrived: the command is dropped (its guards run, a frozen
+/// source is thawed) and the process exits `code`, unless the command is
+/// recording a cutover's consistency points on the receiver, a few round
+/// trips that would otherwise leave a group sealed in part: then it ends
+/// first, and its own status stands.
+async fn interrupted(
+    json: bool,
+    command: std::pin::Pin<&mut impl std::future::Future<Output = nightpass::error::Result<i32>>>,
+    code: i32,
+) -> i32 {
+    if nightpass::app::cutover::recording() {
+        eprintln!("nightpass: interrupted while recording the consistency points on the receiver: finishing that first");
+        return finish(json, command.await);
+    }
+    report_error(json, &Error::Interrupted);
+    code
+}
+
 /// clap's error text without its usage and help lines, on one line: the
 /// error and what it names (a missing argument is listed on the lines
 /// after "the following required arguments were not provided:").
@@ -132,27 +161,20 @@ fn main() {
         }
     };
     let code = rt.block_on(async {
+        let command = commands::run(cli);
+        tokio::pin!(command);
         let code = tokio::select! {
-            r = commands::run(cli) => match r {
-                Ok(code) => code,
-                Err(e) => {
-                    report_error(json, &e);
-                    e.exit_code()
-                }
-            },
+            r = &mut command => finish(json, r),
             // Dropping the command's future runs its guards: a frozen source is thawed.
             _ = tokio::signal::ctrl_c(), if !own_signals && !plan_signals => {
-                report_error(json, &Error::Interrupted);
-                130
+                interrupted(json, command, 130).await
             }
             _ = signal(SignalKind::terminate()), if !own_signals && !plan_signals => {
-                report_error(json, &Error::Interrupted);
-                143
+                interrupted(json, command, 143).await
             }
             // A cutover whose ssh session drops must thaw, not die frozen.
             _ = signal(SignalKind::hangup()), if !own_signals => {
-                report_error(json, &Error::Interrupted);
-                129
+                interrupted(json, command, 129).await
             }
         };
         if matches!(code, 129 | 130 | 143) {

@@ -258,3 +258,53 @@ fn a_failure_of_one_volume_thaws_all_and_certifies_none() {
     assert_eq!(again.code, 0, "{}", again.context());
     drop(f.rx);
 }
+
+/// An interrupt right after the thaw, while the volumes' consistency
+/// points are being recorded on the receiver (the operator's `post`
+/// command signals the sender 5 ms after it runs), never leaves the group
+/// sealed in part: the recording ends first, and every volume is sealed,
+/// or, had the signal come before the recording began, none.
+#[test]
+fn an_interrupt_while_recording_leaves_all_sealed_or_none() {
+    if !need_root(
+        "an_interrupt_while_recording_leaves_all_sealed_or_none",
+        TOOLS,
+    ) {
+        return;
+    }
+    let post = "(sleep 0.005; kill -INT $PPID) >/dev/null 2>&1 &";
+    let f = Filer::new(false, &format!("pre = \"true\"\npost = \"{post}\""));
+    for (i, m) in f.mounts().iter().enumerate() {
+        seed_files(&m.join("data"), 4, 256 << 10, 501 + i as u64);
+    }
+    for _ in 0..2 {
+        let r = f.run("sync", &[]);
+        assert_eq!(r.code, 0, "{}", r.context());
+    }
+    let r = f.run("cutover", &[]);
+    let sealed: Vec<bool> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            f.receiver_journal(n)
+                .iter()
+                .any(|e| e["event"] == "cutover")
+        })
+        .collect();
+    assert!(
+        sealed.iter().all(|s| *s) || sealed.iter().all(|s| !*s),
+        "a group sealed in part ({sealed:?}): {}",
+        r.context()
+    );
+    if sealed[0] {
+        assert_eq!(r.code, 0, "{}", r.context());
+        assert!(!r.all("group_cutover_end").is_empty(), "{}", r.context());
+    }
+    for m in f.mounts() {
+        assert_writable(
+            m,
+            "after-interrupt",
+            "an interrupted group cutover must thaw",
+        );
+    }
+    drop(f.rx);
+}

@@ -472,6 +472,8 @@ async fn certify(
     let group_point = group_point(&points)?;
     let names: Vec<String> = volumes.iter().map(|v| v.name.clone()).collect();
     let mut sealed: Vec<&str> = Vec::new();
+    // Until every volume is recorded, an interrupt waits (see `recording`).
+    let _recording = super::Recording::begin();
     for ((v, r), d) in volumes.iter().zip(ready).zip(done) {
         let record = CutoverRecord {
             volume: v.cfg.dest.to_string(),

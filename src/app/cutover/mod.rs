@@ -78,6 +78,32 @@ where
     }
 }
 
+/// Set while a cutover records its consistency points on the receiver.
+static RECORDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a cutover is recording its consistency points on the receiver
+/// now: every proof passed, and a few round trips seal the volumes; an
+/// interrupt waits for them rather than leave a group sealed in part.
+pub fn recording() -> bool {
+    RECORDING.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// [`recording`] for as long as it lives.
+struct Recording;
+
+impl Recording {
+    fn begin() -> Recording {
+        RECORDING.store(true, std::sync::atomic::Ordering::SeqCst);
+        Recording
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        RECORDING.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Tells the receiver to journal the consistency point.
 async fn record_on_receiver(cfg: &SyncConfig, id: &Identity, mark: wire::Mark) -> Result<()> {
     let hello = wire::Hello {
@@ -201,10 +227,12 @@ pub async fn cutover(
         frozen_s,
         ..Default::default()
     };
+    let recording = Recording::begin();
     record_on_receiver(&frozen_cfg, id, mark).await?;
     // Recorded here once the receiver has sealed the volume: from now on
     // this sender refuses passes of it too.
     journal.append(&SenderRecord::Cutover(record.clone()))?;
+    drop(recording);
     report_cutover(progress.as_ref(), &record, started.elapsed().as_secs_f64());
     Ok(0)
 }
