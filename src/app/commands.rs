@@ -83,6 +83,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             }
         }
         Command::Track(args) => track(args, progress, json).await,
+        Command::Fleet(args) => crate::fleet::run(args, progress.as_ref()).await,
         Command::Cutover(args) => {
             metrics(args.sync.endpoint.metrics)?;
             if args.margin.is_nan() || args.margin < 1.0 {
