@@ -84,6 +84,16 @@ fn init_twice_changes_nothing() {
     let run = fleet(&db, &["status"]);
     expect(&run, 0);
     assert_eq!(events(&run, "fleet")[0]["schema_version"], v);
+    // A schema newer than this binary: refused, by init too, saying so.
+    pg.sql(&format!(
+        "INSERT INTO nightpass.schema_version (version, applied_by) VALUES ({}, 'later')",
+        v + 1
+    ));
+    for args in [&["status"][..], &["init"], &["pause"]] {
+        let run = fleet(&db, args);
+        expect(&run, 2);
+        assert!(run.stderr.contains("newer"), "{}", run.context());
+    }
 }
 
 #[test]

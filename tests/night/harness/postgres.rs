@@ -162,6 +162,30 @@ impl Postgres {
         );
     }
 
+    /// Runs one SQL statement through `psql` (stops on its first error).
+    pub fn sql(&self, statement: &str) {
+        let sock = self.socket_dir().display().to_string();
+        let port = self.port.to_string();
+        self.run(
+            "psql",
+            &[
+                "-h",
+                &sock,
+                "-p",
+                &port,
+                "-U",
+                "fleet",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                statement,
+            ],
+            true,
+        );
+    }
+
     /// Runs `tool` (from PostgreSQL's bin directory when `pg`) as the
     /// server's account; panics with its output when it fails.
     fn run(&self, tool: &str, args: &[&str], pg: bool) {
