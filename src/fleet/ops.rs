@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use super::db::{sqlstate, Pool};
+use super::db::{sqlstate, Conn, Pool};
 use super::schema;
 use crate::app::plan::Plan;
 use crate::error::{Error, Result};
@@ -58,102 +58,38 @@ pub async fn add(pool: &Pool, req: AddRequest<'_>, progress: &dyn Progress) -> R
         Some(h) => h,
         None => this_host()?,
     };
-    schema::check(pool).await?;
-    let mut conn = pool.get().await?;
     let plan_path = std::fs::canonicalize(req.plan)
         .unwrap_or_else(|_| req.plan.to_owned())
         .display()
         .to_string();
-    let work = async {
-        let tx = conn.transaction().await?;
-        let there = tx
-            .query_opt(
-                "SELECT 1 FROM nightpass.filers WHERE name = $1 FOR UPDATE",
-                &[&filer],
-            )
-            .await?;
-        let started: Option<i64> = match there {
-            None => None,
-            Some(_) => Some(
-                tx.query_one(
-                    "SELECT count(*) FROM nightpass.volumes \
-                     WHERE filer = $1 AND state <> 'pending'",
-                    &[&filer],
-                )
-                .await?
-                .get(0),
-            ),
-        };
-        match (started, req.replace) {
-            (None, _) => {}
-            (Some(_), false) => return Ok(Err(Already::Exists)),
-            (Some(n), true) if n > 0 => return Ok(Err(Already::Started(n))),
-            (Some(_), true) => {
-                tx.execute("DELETE FROM nightpass.filers WHERE name = $1", &[&filer])
-                    .await?;
-            }
-        }
-        // Two adds at once: the second meets the first's row (23505).
-        let inserted = tx.execute(
-            "INSERT INTO nightpass.filers (name, plan_path, plan, host, receiver, fingerprint, jobs) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            &[
-                &filer,
-                &plan_path,
-                &text,
-                &host,
-                &plan.receiver,
-                &plan.server_fingerprint,
-                &(plan.jobs.min(i32::MAX as usize) as i32),
-            ],
-        )
-        .await;
-        match inserted {
-            Err(e) if sqlstate(&e) == Some("23505") => return Ok(Err(Already::Exists)),
-            r => r?,
-        };
-        for v in &plan.volumes {
-            let id: i64 = tx
-                .query_one(
-                    "INSERT INTO nightpass.volumes (filer, name, source, fsfreeze, size_bytes) \
-                     VALUES ($1, $2, $3, $4, $5) RETURNING id",
-                    &[
-                        &filer,
-                        &v.name,
-                        &v.source.display().to_string(),
-                        &v.fsfreeze.as_ref().map(|p| p.display().to_string()),
-                        &(v.size.min(i64::MAX as u64) as i64),
-                    ],
-                )
-                .await?
-                .get(0);
-            tx.execute(
-                "INSERT INTO nightpass.history (volume, from_state, to_state, agent) \
-                 VALUES ($1, NULL, 'pending', $2)",
-                &[
-                    &id,
-                    &format!("fleet add on {}", this_host().unwrap_or_default()),
-                ],
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok::<_, tokio_postgres::Error>(Ok(()))
+    schema::check(pool).await?;
+    let mut conn = pool.get().await?;
+    let filer_row = FilerRow {
+        name: &filer,
+        host: &host,
+        plan: &plan,
+        text: &text,
+        plan_path: &plan_path,
     };
-    match pool.timed("registering the filer", work).await {
-        Ok(Ok(())) => {}
-        Ok(Err(Already::Exists)) => {
+    match pool
+        .timed(
+            "registering the filer",
+            register(&mut conn, &filer_row, req.replace),
+        )
+        .await?
+    {
+        Ok(()) => {}
+        Err(Already::Exists) => {
             return Err(Error::input(format!(
                 "filer '{filer}' is already in the fleet; give --replace to register it anew \
                  (only while none of its volumes has started)"
             )))
         }
-        Ok(Err(Already::Started(n))) => {
+        Err(Already::Started(n)) => {
             return Err(Error::input(format!(
                 "filer '{filer}': {n} of its volumes have started; it cannot be replaced"
             )))
         }
-        Err(e) => return Err(e),
     }
     progress.event(
         &json!({
@@ -171,6 +107,95 @@ pub async fn add(pool: &Pool, req: AddRequest<'_>, progress: &dyn Progress) -> R
         ),
     );
     Ok(())
+}
+
+/// A filer as `add` registers it.
+struct FilerRow<'a> {
+    name: &'a str,
+    host: &'a str,
+    plan: &'a Plan,
+    text: &'a str,
+    plan_path: &'a str,
+}
+
+/// In one transaction: refuses a filer already there (unless `replace`
+/// and nothing started), then inserts the filer, its volumes `pending`
+/// and their first history rows.
+async fn register(
+    conn: &mut Conn,
+    f: &FilerRow<'_>,
+    replace: bool,
+) -> std::result::Result<std::result::Result<(), Already>, tokio_postgres::Error> {
+    let tx = conn.transaction().await?;
+    let there = tx
+        .query_opt(
+            "SELECT 1 FROM nightpass.filers WHERE name = $1 FOR UPDATE",
+            &[&f.name],
+        )
+        .await?;
+    if there.is_some() {
+        let started: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM nightpass.volumes WHERE filer = $1 AND state <> 'pending'",
+                &[&f.name],
+            )
+            .await?
+            .get(0);
+        match (replace, started) {
+            (false, _) => return Ok(Err(Already::Exists)),
+            (true, n) if n > 0 => return Ok(Err(Already::Started(n))),
+            (true, _) => {
+                tx.execute("DELETE FROM nightpass.filers WHERE name = $1", &[&f.name])
+                    .await?;
+            }
+        }
+    }
+    // Two adds at once: the second meets the first's row (23505).
+    let inserted = tx
+        .execute(
+            "INSERT INTO nightpass.filers \
+             (name, plan_path, plan, host, receiver, fingerprint, jobs) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &f.name,
+                &f.plan_path,
+                &f.text,
+                &f.host,
+                &f.plan.receiver,
+                &f.plan.server_fingerprint,
+                &(f.plan.jobs.min(i32::MAX as usize) as i32),
+            ],
+        )
+        .await;
+    match inserted {
+        Err(e) if sqlstate(&e) == Some("23505") => return Ok(Err(Already::Exists)),
+        r => r?,
+    };
+    let by = format!("fleet add on {}", this_host().unwrap_or_default());
+    for v in &f.plan.volumes {
+        let id: i64 = tx
+            .query_one(
+                "INSERT INTO nightpass.volumes (filer, name, source, fsfreeze, size_bytes) \
+                 VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                &[
+                    &f.name,
+                    &v.name,
+                    &v.source.display().to_string(),
+                    &v.fsfreeze.as_ref().map(|p| p.display().to_string()),
+                    &(v.size.min(i64::MAX as u64) as i64),
+                ],
+            )
+            .await?
+            .get(0);
+        tx.execute(
+            "INSERT INTO nightpass.history (volume, from_state, to_state, agent) \
+             VALUES ($1, NULL, 'pending', $2)",
+            &[&id, &by],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Ok(()))
 }
 
 /// Why `add` refused, found inside its transaction.
