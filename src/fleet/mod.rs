@@ -5,7 +5,8 @@
 //! connection string from `--db` or `NIGHTPASS_DB`, a small pool, every
 //! query bounded by a timeout), its schema and versioned migrations
 //! ([`schema`]), and the operator's commands `fleet init | add | status |
-//! pause | resume | schedule` ([`ops`]). It sits beside [`crate::app`]:
+//! pause | resume | schedule` ([`ops`]), and the leases with fencing
+//! tokens under which an agent claims and changes a volume ([`lease`]). It sits beside [`crate::app`]:
 //! it reads plan files through [`crate::app::plan::Plan::load`] and speaks
 //! to the operator through [`crate::progress`], and `app::commands`
 //! dispatches to it. It must not run a pass, touch a volume or a state
@@ -13,6 +14,7 @@
 //! does that through the pass machinery, under the leases kept here.
 
 pub mod db;
+pub mod lease;
 pub mod ops;
 pub mod schema;
 

@@ -284,3 +284,97 @@ fn a_database_not_running_exits_3_after_the_bounded_wait() {
     expect(&run, 2);
     assert!(run.stderr.contains("NIGHTPASS_DB"), "{}", run.context());
 }
+
+/// The lease primitives the agent will use, against the real schema: a
+/// claim takes a volume no one holds (concurrent claims never take one
+/// twice), an expired lease is taken over with a larger token, and the
+/// old holder can neither renew nor change the volume any more.
+#[test]
+fn leases_fence_an_agent_that_lost_its_volume() {
+    use nightpass::fleet::{lease, DbSettings, Pool};
+    let Some(pg) = Postgres::start("fleet::leases_fence_an_agent_that_lost_its_volume") else {
+        return;
+    };
+    let db = pg.url();
+    let dir = scratch();
+    init(&db);
+    let filer = plan(dir.path(), "filer9", 3);
+    expect(
+        &fleet(&db, &["add", filer.to_str().unwrap(), "--host", "h1"]),
+        0,
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pool = || {
+        let s = DbSettings::resolve(Some(&db), Duration::from_secs(5), Duration::from_secs(10));
+        Pool::new(s.unwrap(), 2)
+    };
+    let ttl = Duration::from_secs(60);
+    // Eight agents claim at once: the three volumes, each once.
+    let claims: Vec<Option<lease::Lease>> = rt.block_on(async {
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let p = pool();
+                tokio::spawn(async move {
+                    lease::claim(&p, "h1", &format!("agent-{i}"), ttl)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let held: Vec<&lease::Lease> = claims.iter().flatten().collect();
+    let mut ids: Vec<i64> = held.iter().map(|l| l.volume).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((held.len(), ids.len()), (3, 3), "{claims:?}");
+    let p = pool();
+    let old = held[0].clone();
+    rt.block_on(async {
+        assert!(lease::claim(&p, "h1", "late", ttl).await.unwrap().is_none());
+        assert!(lease::claim(&p, "h2", "other", ttl)
+            .await
+            .unwrap()
+            .is_none());
+        assert!(lease::transition(&p, &old, "copying", None, None)
+            .await
+            .unwrap());
+        assert!(lease::renew(&p, &old, ttl).await.unwrap());
+    });
+    // The holder's lease runs out (its agent hung): another agent takes over.
+    pg.sql(&format!(
+        "UPDATE nightpass.leases SET expires_at = now() - interval '1 second' WHERE volume = {}",
+        old.volume
+    ));
+    rt.block_on(async {
+        let new = lease::claim(&p, "h1", "successor", ttl)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(new.volume, old.volume);
+        assert_eq!(new.state, "copying");
+        assert!(held.iter().all(|l| new.token > l.token), "{new:?} {held:?}");
+        assert!(!lease::renew(&p, &old, ttl).await.unwrap());
+        let figures = serde_json::json!({"pass": 2, "sent_bytes": 4096});
+        assert!(!lease::transition(&p, &old, "ready", None, Some(&figures))
+            .await
+            .unwrap());
+        assert!(
+            lease::transition(&p, &new, "converging", None, Some(&figures))
+                .await
+                .unwrap()
+        );
+    });
+    let run = fleet(&db, &["status"]);
+    let v = events(&run, "fleet_volume")
+        .into_iter()
+        .find(|v| v["volume"] == old.name)
+        .unwrap()
+        .clone();
+    assert_eq!(v["state"], "converging", "{}", run.context());
+    assert_eq!(v["agent"], "successor");
+}
