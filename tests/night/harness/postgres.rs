@@ -141,7 +141,7 @@ impl Postgres {
         let data = self.data_dir().display().to_string();
         let log = self.root().join("log").display().to_string();
         let opts = format!(
-            "-p {} -k {} -c listen_addresses='' -c fsync=off",
+            "-p {} -k {} -c listen_addresses='' -c fsync=off -c shared_buffers=16MB -c max_connections=40",
             self.port,
             self.socket_dir().display()
         );
