@@ -17,6 +17,8 @@
 //!                                     (knows no protocol, no network)
 //! store/  the state directory: the Store trait, state, journal, seal
 //!                                     (keeps records, decides nothing)
+//! fleet/  many filers through PostgreSQL: schema, migrations, the
+//!         operator's fleet commands (beside app; uses app::plan)
 //! error.rs, progress.rs, metrics.rs: the vocabulary every folder shares
 //! ```
 //! - [`app`]: flags into typed settings ([`app::cli`]), one function per
@@ -33,6 +35,9 @@
 //!   typed records, sealed volumes, and the [`store::Store`] trait through
 //!   which journals, source records and seals are kept (the file store
 //!   today).
+//! - [`fleet`]: the fleet's PostgreSQL database (pool, timeouts,
+//!   versioned migrations) and `fleet init | add | status | pause | resume
+//!   | schedule`.
 //! - [`error`]: error kinds and exit statuses; [`progress`]: the progress
 //!   trait and its terminal/JSON implementations; [`metrics`]: the
 //!   Prometheus metrics operators scrape (`--metrics ADDR`).
@@ -63,6 +68,7 @@
 
 pub mod app;
 pub mod error;
+pub mod fleet;
 pub mod io;
 pub mod metrics;
 pub mod net;

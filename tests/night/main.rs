@@ -12,6 +12,7 @@ mod configs;
 mod cutover;
 mod devices;
 mod dryrun;
+mod fleet;
 mod group;
 mod harness;
 mod hostile;

@@ -9,6 +9,7 @@
 //! `serve.rs` holds the receiver's flags, `values.rs` the parsers of sizes
 //! and durations. Owns no behaviour: `commands` runs what these describe.
 
+mod fleet;
 mod serve;
 mod values;
 
@@ -18,6 +19,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use nightpass_proto::chunk::ChunkSize;
 
+pub use fleet::{FleetArgs, FleetCommand};
 pub use serve::{Allowed, ServeArgs};
 pub use values::{parse_chunk_size, parse_duration, parse_metrics_addr, parse_size};
 
@@ -96,6 +98,9 @@ pub enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Many filers through PostgreSQL: the fleet's schema, filers, state,
+    /// red button and nights.
+    Fleet(FleetArgs),
     /// Pass history and forecast from the state directory.
     Status {
         /// Only volumes copied from this source.

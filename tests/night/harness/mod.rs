@@ -6,7 +6,8 @@
 //! background), [`events`] (a command's
 //! `--json` events and the assertions made on them), [`files`] (random
 //! data, checksums, byte comparison, manifests on disk), [`system`] (root,
-//! tools, loop devices, mounts, ext4) and [`peer`] (a peer driven by hand
+//! tools, loop devices, mounts, ext4), [`postgres`] (a private PostgreSQL
+//! server per test) and [`peer`] (a peer driven by hand
 //! over QUIC). Every test owns its scratch directory, identities and
 //! receiver, so tests run in parallel threads and share nothing.
 //!
@@ -19,6 +20,7 @@ mod commands;
 mod events;
 mod files;
 mod peer;
+mod postgres;
 mod processes;
 mod system;
 
@@ -26,6 +28,7 @@ pub use commands::*;
 pub use events::*;
 pub use files::*;
 pub use peer::*;
+pub use postgres::*;
 pub use processes::*;
 pub use system::*;
 

@@ -1,0 +1,78 @@
+//! A fleet of filers coordinated through PostgreSQL: the shared state
+//! table every host's agent works from, and the operator's commands on it.
+//!
+//! Owns the fleet's database: how nightpass reaches it ([`db`]: the
+//! connection string from `--db` or `NIGHTPASS_DB`, a small pool, every
+//! query bounded by a timeout), its schema and versioned migrations
+//! ([`schema`]), and the operator's commands `fleet init | add | status |
+//! pause | resume | schedule` ([`ops`]), and the leases with fencing
+//! tokens under which an agent claims and changes a volume ([`lease`]). It sits beside [`crate::app`]:
+//! it reads plan files through [`crate::app::plan::Plan::load`] and speaks
+//! to the operator through [`crate::progress`], and `app::commands`
+//! dispatches to it. It must not run a pass, touch a volume or a state
+//! directory, or speak the protocol: the agent that will do a host's work
+//! does that through the pass machinery, under the leases kept here.
+
+pub mod db;
+pub mod lease;
+pub mod ops;
+pub mod schema;
+
+pub use db::{DbSettings, Pool};
+
+use crate::app::cli::{FleetArgs, FleetCommand};
+use crate::error::Result;
+use crate::progress::Progress;
+
+/// Runs `nightpass fleet …`; `Ok(0)` when done.
+pub async fn run(args: FleetArgs, progress: &dyn Progress) -> Result<i32> {
+    let settings = DbSettings::resolve(args.db.as_deref(), args.db_wait, args.db_timeout)?;
+    // One connection at a time is all an operator's command needs.
+    let pool = Pool::new(settings, 1);
+    match args.command {
+        FleetCommand::Init => {
+            let m = schema::init(&pool).await?;
+            let human = if m.from == m.to {
+                format!("fleet schema at version {}: nothing to do", m.to)
+            } else if m.from == 0 {
+                format!("fleet schema created (version {})", m.to)
+            } else {
+                format!("fleet schema upgraded from version {} to {}", m.from, m.to)
+            };
+            progress.event(
+                &serde_json::json!({
+                    "event": "fleet_schema",
+                    "database": pool.target(),
+                    "from_version": m.from,
+                    "version": m.to,
+                    "changed": m.from != m.to,
+                }),
+                &human,
+            );
+        }
+        FleetCommand::Add {
+            plan,
+            filer,
+            host,
+            replace,
+        } => {
+            let req = ops::AddRequest {
+                plan: &plan,
+                filer,
+                host,
+                replace,
+            };
+            ops::add(&pool, req, progress).await?;
+        }
+        FleetCommand::Status => ops::status(&pool, progress).await?,
+        FleetCommand::Pause { reason } => {
+            ops::set_paused(&pool, true, reason.as_deref(), progress).await?
+        }
+        FleetCommand::Resume => ops::set_paused(&pool, false, None, progress).await?,
+        FleetCommand::Schedule { filer, at, window } => {
+            let at = ops::parse_at(&at)?;
+            ops::schedule(&pool, &filer, &at, window, progress).await?
+        }
+    }
+    Ok(0)
+}

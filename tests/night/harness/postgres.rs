@@ -1,0 +1,238 @@
+//! A private PostgreSQL per test: `initdb` in the test's scratch directory
+//! as an unprivileged user (`postgres` when that account exists, else
+//! `nobody`; ourselves when not root), started with `pg_ctl` on a free port
+//! with its unix socket in the scratch directory and no TCP listener,
+//! stopped and removed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::{have_tool, scratch, skip};
+
+/// A running private PostgreSQL server.
+pub struct Postgres {
+    /// Removed on drop, after the server stops.
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    user: Option<String>,
+    port: u16,
+}
+
+/// The directory holding `initdb` and `pg_ctl`: on the PATH, else
+/// Debian's `/usr/lib/postgresql/N/bin` (newest first).
+fn pg_bin() -> Option<PathBuf> {
+    if have_tool("initdb") && have_tool("pg_ctl") {
+        let out = Command::new("sh")
+            .args(["-c", "command -v pg_ctl"])
+            .output()
+            .ok()?;
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let real = std::fs::canonicalize(&p).unwrap_or(p);
+        return real.parent().map(Path::to_path_buf);
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|b| b.join("initdb").exists() && b.join("pg_ctl").exists())
+        .collect();
+    versions.sort();
+    versions.pop()
+}
+
+/// The account the server runs as when we are root.
+fn pg_user() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let exists = |u: &str| {
+        Command::new("id")
+            .arg(u)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    Some(
+        if exists("postgres") {
+            "postgres"
+        } else {
+            "nobody"
+        }
+        .to_string(),
+    )
+}
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().unwrap().port()
+}
+
+impl Postgres {
+    /// A fresh server, or `None` after [`skip`] when PostgreSQL is not
+    /// installed (a failure under `CI=true`).
+    pub fn start(test: &str) -> Option<Postgres> {
+        let Some(bin) = pg_bin() else {
+            skip(
+                test,
+                "needs PostgreSQL's initdb and pg_ctl (Debian: postgresql)",
+            );
+            return None;
+        };
+        let dir = scratch();
+        let user = pg_user();
+        let pg = Postgres {
+            dir,
+            bin,
+            user,
+            port: free_port(),
+        };
+        std::fs::create_dir_all(pg.socket_dir()).unwrap();
+        if let Some(u) = &pg.user {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(pg.dir.path(), std::fs::Permissions::from_mode(0o755))
+                .unwrap();
+            pg.run("chown", &["-R", u, &pg.root().display().to_string()], false);
+        }
+        let data = pg.data_dir().display().to_string();
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "fleet",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            true,
+        );
+        pg.pg_ctl_start();
+        Some(pg)
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("pg")
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.root().join("data")
+    }
+
+    /// The directory of the server's unix socket.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.root().join("sock")
+    }
+
+    /// The connection string for nightpass (`NIGHTPASS_DB`).
+    pub fn url(&self) -> String {
+        format!(
+            "host={} port={} user=fleet dbname=postgres",
+            self.socket_dir().display(),
+            self.port
+        )
+    }
+
+    /// Starts (or restarts) the server and waits until it accepts connections.
+    pub fn pg_ctl_start(&self) {
+        let data = self.data_dir().display().to_string();
+        let log = self.root().join("log").display().to_string();
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses='' -c fsync=off -c shared_buffers=16MB -c max_connections=40",
+            self.port,
+            self.socket_dir().display()
+        );
+        self.run(
+            "pg_ctl",
+            &["-D", &data, "-l", &log, "-o", &opts, "-w", "start"],
+            true,
+        );
+    }
+
+    /// Stops the server at once (as a crash would).
+    pub fn stop(&self) {
+        let data = self.data_dir().display().to_string();
+        self.run(
+            "pg_ctl",
+            &["-D", &data, "-m", "immediate", "-w", "stop"],
+            true,
+        );
+    }
+
+    /// Runs one SQL statement through `psql` (stops on its first error).
+    pub fn sql(&self, statement: &str) {
+        let sock = self.socket_dir().display().to_string();
+        let port = self.port.to_string();
+        self.run(
+            "psql",
+            &[
+                "-h",
+                &sock,
+                "-p",
+                &port,
+                "-U",
+                "fleet",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                statement,
+            ],
+            true,
+        );
+    }
+
+    /// Runs `tool` (from PostgreSQL's bin directory when `pg`) as the
+    /// server's account; panics with its output when it fails.
+    fn run(&self, tool: &str, args: &[&str], pg: bool) {
+        let program = if pg {
+            self.bin.join(tool).display().to_string()
+        } else {
+            tool.to_string()
+        };
+        let mut c = match (&self.user, pg) {
+            (Some(u), true) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--", &program]);
+                c
+            }
+            _ => Command::new(&program),
+        };
+        let out = c
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.data_dir().display().to_string();
+        let mut c = match &self.user {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--"]).arg(self.bin.join("pg_ctl"));
+                c
+            }
+            None => Command::new(self.bin.join("pg_ctl")),
+        };
+        let _ = c
+            .args(["-D", &data, "-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
