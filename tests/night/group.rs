@@ -241,6 +241,36 @@ fn a_failure_of_one_volume_thaws_all_and_certifies_none() {
         "the error names the volume: {}",
         r.stderr
     );
+    // As every event of a plan run, the error carries the volume; each
+    // volume ends, and the run with plan_end.
+    let errors = r.all("error");
+    assert_eq!(errors.len(), 1, "{}", r.context());
+    assert_eq!(errors[0]["volume"], "b", "{}", r.context());
+    let ends: Vec<(String, String)> = r
+        .all("volume_end")
+        .iter()
+        .map(|e| {
+            (
+                e["volume"].as_str().unwrap().into(),
+                e["result"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ends,
+        [
+            ("a".into(), "not_certified".into()),
+            ("b".into(), "failed".into())
+        ],
+        "{}",
+        r.context()
+    );
+    assert_eq!(r.only("plan_end")["succeeded"], 0, "{}", r.context());
+    assert!(
+        r.events.iter().all(|e| e.get("volume").is_some()),
+        "{}",
+        r.context()
+    );
     for name in ["a", "b"] {
         assert!(
             f.receiver_journal(name)

@@ -64,6 +64,33 @@ pub struct GroupConfig {
     pub margin: f64,
 }
 
+/// Why a group cutover failed, and in which volume (none when the group
+/// failed as a whole: `--max-freeze`, a thaw).
+#[derive(Debug)]
+pub struct GroupFailure {
+    /// The volume whose preflight, freeze, pass, proof or record failed.
+    pub volume: Option<String>,
+    /// What failed (its exit status is the run's).
+    pub error: Error,
+}
+
+impl From<Error> for GroupFailure {
+    fn from(error: Error) -> GroupFailure {
+        GroupFailure {
+            volume: None,
+            error,
+        }
+    }
+}
+
+/// `error` in volume `name`: named in the message as well.
+fn failed_in(name: &str, error: Error) -> GroupFailure {
+    GroupFailure {
+        volume: Some(name.to_string()),
+        error: error.context(&format!("volume '{name}'")),
+    }
+}
+
 /// A volume past its preflight: the receiver accepts its pass now.
 struct Ready {
     /// Its pass settings for the night (a full read chosen over the
@@ -88,7 +115,7 @@ pub async fn group_cutover(
     gc: &GroupConfig,
     id: Arc<Identity>,
     progress: Arc<dyn Progress>,
-) -> Result<i32> {
+) -> Result<i32, GroupFailure> {
     let mut volumes = volumes;
     volumes.sort_by(|a, b| a.name.cmp(&b.name));
     let ready = preflight_all(&volumes, gc, &id).await?;
@@ -172,12 +199,12 @@ async fn preflight_all(
     volumes: &[GroupVolume],
     gc: &GroupConfig,
     id: &Identity,
-) -> Result<Vec<Ready>> {
+) -> Result<Vec<Ready>, GroupFailure> {
     let mut ready = Vec::with_capacity(volumes.len());
     for v in volumes {
         let r = preflight_one(v, gc, id)
             .await
-            .map_err(|e| e.context(&format!("volume '{}'", v.name)))?;
+            .map_err(|e| failed_in(&v.name, e))?;
         ready.push(r);
     }
     Ok(ready)
@@ -264,20 +291,23 @@ async fn frozen_group(
     id: &Arc<Identity>,
     limit: Option<Duration>,
     order: Vec<usize>,
-) -> Result<(Vec<Done>, f64)> {
+) -> Result<(Vec<Done>, f64), GroupFailure> {
     let mut guards: Vec<(PathBuf, FreezeGuard)> = Vec::new();
     let since = Instant::now();
     let mut froze = Ok(());
     for (method, source) in freezes(volumes) {
         let s = source.clone();
-        match tokio::task::spawn_blocking(move || FreezeGuard::freeze(&method, &s)).await {
-            Ok(Ok(g)) => guards.push((source, g)),
-            Ok(Err(e)) => {
-                froze = Err(e);
-                break;
-            }
-            Err(_) => {
-                froze = Err(Error::Io("freeze task failed".into()));
+        let frozen = tokio::task::spawn_blocking(move || FreezeGuard::freeze(&method, &s))
+            .await
+            .unwrap_or_else(|_| Err(Error::Io("freeze task failed".into())));
+        match frozen {
+            Ok(g) => guards.push((source, g)),
+            Err(e) => {
+                let v = volumes.iter().find(|v| v.cfg.source == source);
+                froze = Err(match v {
+                    Some(v) => failed_in(&v.name, e),
+                    None => e.into(),
+                });
                 break;
             }
         }
@@ -285,8 +315,11 @@ async fn frozen_group(
     let result = match froze {
         Ok(()) => {
             let sources = read_from(volumes, &guards);
-            let work = final_passes(volumes, ready, gc, id, sources, order);
-            within_max_freeze(limit, work).await
+            let work = async { Ok(final_passes(volumes, ready, gc, id, sources, order).await) };
+            within_max_freeze(limit, work)
+                .await
+                .map_err(GroupFailure::from)
+                .and_then(|r| r)
         }
         Err(e) => Err(e),
     };
@@ -343,7 +376,7 @@ struct Board {
     /// The order the volumes start in (longest forecast first).
     order: Vec<usize>,
     next: Mutex<usize>,
-    failed: Mutex<Option<Error>>,
+    failed: Mutex<Option<GroupFailure>>,
     results: Mutex<Vec<Option<Done>>>,
 }
 
@@ -369,7 +402,7 @@ impl Board {
             Err(e) => {
                 let mut f = self.failed.lock().expect("lock");
                 if f.is_none() {
-                    *f = Some(e.context(&format!("volume '{}'", self.work[i].name)));
+                    *f = Some(failed_in(&self.work[i].name, e));
                 }
             }
         }
@@ -386,7 +419,7 @@ async fn final_passes(
     id: &Arc<Identity>,
     sources: Vec<PathBuf>,
     order: Vec<usize>,
-) -> Result<Vec<Done>> {
+) -> Result<Vec<Done>, GroupFailure> {
     let work: Vec<Work> = volumes
         .iter()
         .zip(ready)
@@ -420,7 +453,7 @@ async fn final_passes(
     }
     while let Some(joined) = tasks.join_next().await {
         if joined.is_err() {
-            return Err(Error::Io("a final pass's task failed".into()));
+            return Err(Error::Io("a final pass's task failed".into()).into());
         }
     }
     if let Some(e) = board.failed.lock().expect("lock").take() {
@@ -429,7 +462,7 @@ async fn final_passes(
     let done: Option<Vec<Done>> = std::mem::take(&mut *board.results.lock().expect("lock"))
         .into_iter()
         .collect();
-    done.ok_or_else(|| Error::Io("a volume's final pass did not report".into()))
+    done.ok_or_else(|| Error::Io("a volume's final pass did not report".into()).into())
 }
 
 /// One volume's frozen pass, its proof, and the check of an operator's
@@ -467,7 +500,7 @@ async fn certify(
     gc: &GroupConfig,
     id: &Identity,
     c: Certify<'_>,
-) -> Result<i32> {
+) -> Result<i32, GroupFailure> {
     let points: Vec<&str> = done.iter().map(|d| d.frozen.end.root.as_str()).collect();
     let group_point = group_point(&points)?;
     let names: Vec<String> = volumes.iter().map(|v| v.name.clone()).collect();
@@ -495,11 +528,17 @@ async fn certify(
             group_volumes: names.clone(),
         };
         if let Err(e) = record_on_receiver(&d.cfg, id, mark).await {
-            return Err(e.context(&format!(
-                "every volume was proven, but recording volume '{}' on the receiver failed (volumes recorded and sealed so far: {})",
-                v.name,
-                if sealed.is_empty() { "none".to_string() } else { sealed.join(", ") }
-            )));
+            let so_far = if sealed.is_empty() {
+                "none".to_string()
+            } else {
+                sealed.join(", ")
+            };
+            return Err(failed_in(
+                &v.name,
+                e.context(&format!(
+                    "every volume was proven, but recording it on the receiver failed (volumes recorded and sealed so far: {so_far}; lift their seals with `nightpass unseal` on the receiver before running the group cutover again)"
+                )),
+            ));
         }
         sealed.push(&v.name);
         sender::journal(&v.cfg).append(&SenderRecord::Cutover(record.clone()))?;

@@ -356,7 +356,7 @@ pub(super) async fn check_source_unchanged(
     .map_err(|_| Error::Io("source check task failed".into()))??;
     if changed > 0 {
         return Err(Error::Io(format!(
-            "the source changed in {changed} chunks after the final pass read them: writers are still running, so the target is no consistency point and nothing was certified. Stop every writer (or use --fsfreeze / --lvm-snapshot) and run the cutover again"
+            "the source changed in {changed} chunks after the final pass read them: writers are still running, so the target is no consistency point and nothing was certified. Stop every writer (or freeze the filesystem: --fsfreeze, or a plan volume's fsfreeze) and run the cutover again"
         )));
     }
     Ok(())

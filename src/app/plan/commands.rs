@@ -17,7 +17,7 @@ use crate::app::cli::{
     ConvergeArgs, CutoverArgs, Endpoint, Proof, ScanArg, SyncArgs, SyncCmdArgs, VerifyArgs, Volumes,
 };
 use crate::app::commands::sync_config;
-use crate::app::cutover::group::{group_cutover, GroupConfig, GroupVolume};
+use crate::app::cutover::group::{group_cutover, GroupConfig, GroupFailure, GroupVolume};
 use crate::app::cutover::ConvergeConfig;
 use crate::error::{Error, Result};
 use crate::io::freeze::Method;
@@ -233,6 +233,35 @@ fn freeze_of(args: &CutoverArgs, plan: &Plan) -> Result<HashMap<String, Method>>
         .collect()
 }
 
+/// Reports a failed group cutover as a plan run reports its volumes: the
+/// error (on stderr, and as an `error` event naming the volume it failed
+/// in), a `volume_end` per volume (that one `failed`, the others
+/// `not_certified`), then `plan_end`; returns the exit status.
+fn group_failed(
+    progress: &dyn Progress,
+    plan: &Plan,
+    f: GroupFailure,
+    started: std::time::Instant,
+) -> i32 {
+    let code = f.error.exit_code();
+    let message = f.error.to_string();
+    tracing::error!("nightpass: error: {message}");
+    progress.event(
+        &serde_json::json!({"event": "error", "volume": f.volume, "message": message, "exit_code": code}),
+        "",
+    );
+    for v in &plan.volumes {
+        let culprit = f.volume.as_deref() == Some(v.name.as_str());
+        let result = if culprit { "failed" } else { "not_certified" };
+        progress.event(
+            &serde_json::json!({"event": "volume_end", "volume": v.name, "command": "cutover", "result": result, "exit_code": code}),
+            &format!("{}: cutover {}", v.name, if culprit { "failed" } else { "not certified (the group failed)" }),
+        );
+    }
+    group_end(progress, plan, Some(&f.error), started);
+    code
+}
+
 /// `cutover --plan`: every volume frozen at once, their final passes run
 /// within `jobs`, proven, thawed, and certified all or none under one group
 /// consistency point ([`crate::app::cutover::group`]).
@@ -266,7 +295,11 @@ pub async fn cutover(args: &CutoverArgs, progress: Arc<dyn Progress>) -> Result<
         margin: args.margin,
     };
     let started = std::time::Instant::now();
-    let r = group_cutover(volumes, &gc, id, progress.clone()).await;
-    group_end(progress.as_ref(), &plan, r.as_ref().err(), started);
-    r
+    match group_cutover(volumes, &gc, id, progress.clone()).await {
+        Ok(code) => {
+            group_end(progress.as_ref(), &plan, None, started);
+            Ok(code)
+        }
+        Err(f) => Ok(group_failed(progress.as_ref(), &plan, f, started)),
+    }
 }
