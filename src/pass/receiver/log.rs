@@ -40,6 +40,7 @@ fn kind_name(mode: i32) -> &'static str {
         Ok(Mode::Verify) => "verify",
         Ok(Mode::Preflight) => "preflight",
         Ok(Mode::Record) => "cutover",
+        Ok(Mode::DryRun) => "dry_run",
         _ => "unknown",
     }
 }
@@ -149,5 +150,26 @@ impl SessionLog {
             Some(why) if outcome == "ended" => line!(info, reason = ?why,),
             Some(why) => line!(warn, reason = ?why,),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_session_mode_has_its_name_in_the_log() {
+        let names: Vec<&str> = [
+            Mode::Sync,
+            Mode::Verify,
+            Mode::Preflight,
+            Mode::Record,
+            Mode::DryRun,
+        ]
+        .iter()
+        .map(|m| kind_name(*m as i32))
+        .collect();
+        assert_eq!(names, ["sync", "verify", "preflight", "cutover", "dry_run"]);
+        assert_eq!(kind_name(99), "unknown");
     }
 }
