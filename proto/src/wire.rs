@@ -310,6 +310,22 @@ pub struct Mark {
     /// The group's volumes, in name order (empty for one volume).
     #[prost(string, repeated, tag = "5")]
     pub group_volumes: Vec<String>,
+    /// A group's record: every volume's consistency point, all recorded
+    /// and sealed by the receiver, or none (empty: the session's volume
+    /// alone, with `consistency_point`).
+    #[prost(message, repeated, tag = "6")]
+    pub members: Vec<MarkMember>,
+}
+
+/// One volume of a group's [`Mark`].
+#[derive(Clone, PartialEq, Message)]
+pub struct MarkMember {
+    /// The exported volume's name.
+    #[prost(string, tag = "1")]
+    pub volume: String,
+    /// Root hash (hex) of its final manifest.
+    #[prost(string, tag = "2")]
+    pub consistency_point: String,
 }
 
 /// Receiver → sender: answers a [`Encoding::Probe`]: send these blocks of

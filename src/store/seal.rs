@@ -125,6 +125,15 @@ pub fn record_cutover(
     name: &str,
     mark: &wire::Mark,
 ) -> Result<Seal> {
+    let seal = prepare_cutover(volume_dir, name, mark)?;
+    apply_cutover(store, &seal, mark)?;
+    Ok(seal)
+}
+
+/// The seal `mark` would set on volume `name`, when its consistency point
+/// is the root of the manifest in `volume_dir` as it is now; writes
+/// nothing (a group is checked whole before any volume is sealed).
+pub fn prepare_cutover(volume_dir: &Path, name: &str, mark: &wire::Mark) -> Result<Seal> {
     if state::marked_for_rebuild(volume_dir) {
         return Err(Error::input(format!(
             "this receiver's manifest of volume '{name}' is to be rebuilt since it was unsealed; run a pass first"
@@ -149,17 +158,23 @@ pub fn record_cutover(
             mark.consistency_point
         )));
     }
-    let seal = Seal {
+    Ok(Seal {
         volume: name.to_string(),
         consistency_point: have,
         cutover_unix_s: mark.freeze_unix_s,
         cutover_at: crate::progress::rfc3339_seconds(mark.freeze_unix_s),
         frozen_s: mark.frozen_s,
         sealed_unix_s: crate::progress::now_unix(),
-    };
+    })
+}
+
+/// Seals the volume of `seal` (from [`prepare_cutover`]) and journals the
+/// cutover `mark` recorded, with its group's point when it has one.
+pub fn apply_cutover(store: &dyn Store, seal: &Seal, mark: &wire::Mark) -> Result<()> {
+    let name = seal.volume.as_str();
     // Sealed first: a crash before the journal line leaves the volume
     // sealed (safe) rather than a recorded cutover without a seal.
-    store.set_seal(name, &seal)?;
+    store.set_seal(name, seal)?;
     store.append_receiver_record(
         name,
         &ReceiverRecord::Cutover(ReceiverCutoverRecord {
@@ -171,8 +186,7 @@ pub fn record_cutover(
             group_point: (!mark.group_point.is_empty()).then(|| mark.group_point.clone()),
             group_volumes: mark.group_volumes.clone(),
         }),
-    )?;
-    Ok(seal)
+    )
 }
 
 /// Writes the seal record into the volume's directory, durably (the file

@@ -326,3 +326,66 @@ fn unseal_refuses_what_is_not_sealed() {
     assert_eq!(u.code, 2, "{}", u.stderr);
     assert!(u.stderr.contains("does not exist"), "{}", u.stderr);
 }
+
+/// A group's record is checked whole before any volume is sealed: a group
+/// naming the true root of `v` and a volume this receiver does not export
+/// (or a false root) seals nothing, journals nothing, and says so; the
+/// same group of `v` alone with its true root seals it, with the group's
+/// point in its journal.
+#[test]
+fn a_group_record_seals_every_volume_or_none() {
+    let (_dir, source, _target, sender, rx) =
+        source_and_volume("source.img", "target.img", 4 * MIB, 47);
+    let rstate = rx.state.clone();
+    let r = sender.sync_ok(&source, &rx, "v", "sync");
+    let root = r.event("pass_end")["root"].as_str().unwrap().to_string();
+    let seal_file = volume_state(&rstate, "v").join("seal");
+    let id = Identity::load(&sender.id.dir).unwrap();
+    let rt = runtime();
+    let member = |volume: &str, cp: &str| wire::MarkMember {
+        volume: volume.into(),
+        consistency_point: cp.into(),
+    };
+    let group = |members: Vec<wire::MarkMember>| wire::Mark {
+        group_point: "ab".repeat(32),
+        group_volumes: members.iter().map(|m| m.volume.clone()).collect(),
+        members,
+        ..mark(root.clone())
+    };
+    let not_ours = "0123456789abcdef".repeat(4);
+    for (members, expect) in [
+        (vec![member("v", &root), member("w", &root)], "not exported"),
+        (
+            vec![member("v", &not_ours)],
+            "is not what this receiver holds",
+        ),
+        (vec![member("v", &root), member("v", &root)], "twice"),
+    ] {
+        match rt.block_on(record(&id, rx.port, &rx.fp, "v", group(members))) {
+            Msg::Failure(f) => {
+                assert!(f.message.contains(expect), "{}", f.message);
+                assert!(
+                    f.message.contains("no volume of the group is sealed"),
+                    "{}",
+                    f.message
+                );
+            }
+            other => panic!("a bad group was answered {other:?}"),
+        }
+        assert!(!seal_file.exists(), "a bad group sealed v");
+        assert!(journal(&rstate, "v", "cutover").is_empty());
+    }
+    match rt.block_on(record(
+        &id,
+        rx.port,
+        &rx.fp,
+        "v",
+        group(vec![member("v", &root)]),
+    )) {
+        Msg::Done(_) => {}
+        other => panic!("the true group was answered {other:?}"),
+    }
+    assert!(seal_file.exists());
+    let cut = journal(&rstate, "v", "cutover");
+    assert_eq!(cut[0]["group_point"], "ab".repeat(32).as_str(), "{cut:?}");
+}

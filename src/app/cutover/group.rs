@@ -11,10 +11,11 @@
 //! proof, the receiver's record) from its siblings and must not change
 //! them; it does not parse plans (the caller builds its [`GroupVolume`]s).
 //!
-//! All or none: no receiver is told of a consistency point (which seals
-//! the volume there) before every volume's pass is proven. A receiver that
-//! cannot be reached for that record after every proof passed leaves the
-//! volumes recorded so far sealed; the error names them.
+//! All or none: the receiver is told the volumes' consistency points
+//! (which seals them there) only once every volume's pass is proven, in one
+//! record for the whole group, which it checks whole before it seals any
+//! volume (`pass::receiver::record`); a signal during that record waits for
+//! it to end.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -504,9 +505,30 @@ async fn certify(
     let points: Vec<&str> = done.iter().map(|d| d.frozen.end.root.as_str()).collect();
     let group_point = group_point(&points)?;
     let names: Vec<String> = volumes.iter().map(|v| v.name.clone()).collect();
-    let mut sealed: Vec<&str> = Vec::new();
-    // Until every volume is recorded, an interrupt waits (see `recording`).
+    // Until the group is recorded, an interrupt waits (see `recording`).
     let _recording = super::Recording::begin();
+    // One record for the whole group: the receiver checks every volume's
+    // point, then seals them all, or none.
+    let mark = wire::Mark {
+        consistency_point: done[0].frozen.end.root.clone(),
+        freeze_unix_s: c.freeze_unix,
+        frozen_s: c.frozen_s,
+        group_point: group_point.clone(),
+        group_volumes: names.clone(),
+        members: volumes
+            .iter()
+            .zip(done)
+            .map(|(v, d)| wire::MarkMember {
+                volume: v.cfg.dest.name.clone(),
+                consistency_point: d.frozen.end.root.clone(),
+            })
+            .collect(),
+    };
+    record_on_receiver(&done[0].cfg, id, mark).await.map_err(|e| {
+        GroupFailure::from(e.context(
+            "every volume was proven, but the receiver did not confirm recording the group: if it recorded it, every volume of the group is sealed there (its log says so, and a new pass is refused naming the cutover); if not, none is",
+        ))
+    })?;
     for ((v, r), d) in volumes.iter().zip(ready).zip(done) {
         let record = CutoverRecord {
             volume: v.cfg.dest.to_string(),
@@ -520,27 +542,6 @@ async fn certify(
             proof: Some(d.frozen.proof.to_string()),
             proof_s: Some(d.frozen.proof_s),
         };
-        let mark = wire::Mark {
-            consistency_point: record.consistency_point.clone(),
-            freeze_unix_s: c.freeze_unix,
-            frozen_s: c.frozen_s,
-            group_point: group_point.clone(),
-            group_volumes: names.clone(),
-        };
-        if let Err(e) = record_on_receiver(&d.cfg, id, mark).await {
-            let so_far = if sealed.is_empty() {
-                "none".to_string()
-            } else {
-                sealed.join(", ")
-            };
-            return Err(failed_in(
-                &v.name,
-                e.context(&format!(
-                    "every volume was proven, but recording it on the receiver failed (volumes recorded and sealed so far: {so_far}; lift their seals with `nightpass unseal` on the receiver before running the group cutover again)"
-                )),
-            ));
-        }
-        sealed.push(&v.name);
         sender::journal(&v.cfg).append(&SenderRecord::Cutover(record.clone()))?;
         report_cutover(
             v.progress.as_ref(),

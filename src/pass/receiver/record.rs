@@ -148,6 +148,10 @@ pub(super) async fn record_session(
         _ => return Err(Error::Peer("record session without a mark".into())),
     };
     let name = hello.volume.clone();
+    if !mark.members.is_empty() {
+        let recorded = record_group(&shared, &conn, &hello, &mark).await;
+        return reply_group(send, &conn, &mark, recorded).await;
+    }
     let recorded = match crate::store::seal::check_mark(&mark) {
         Err(why) => Err(Error::input(why)),
         Ok(()) => match take_volume_waiting(&shared, &name).await {
@@ -180,6 +184,122 @@ pub(super) async fn record_session(
             let message = format!(
                 "receiver refused to record the cutover of volume '{name}': {e}; nothing recorded, the volume is not sealed"
             );
+            tracing::error!("{message}");
+            Msg::Failure(wire::Failure { message })
+        }
+    };
+    transport::send_control(&mut send, reply).await?;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    Ok(())
+}
+
+/// Says, in a failed group record's message, that some volumes were sealed.
+const PARTLY: &str = "after sealing";
+
+/// A group's record: every member volume exported, this sender authorized
+/// on it (as admission checks the session's own volume), its mark well
+/// formed, all of them held, then every consistency point checked against
+/// what this receiver holds before any is sealed: all sealed, or none.
+async fn record_group(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    hello: &wire::Hello,
+    mark: &wire::Mark,
+) -> Result<Vec<crate::store::seal::Seal>> {
+    let mut names: Vec<String> = mark.members.iter().map(|m| m.volume.clone()).collect();
+    names.sort();
+    names.dedup();
+    if names.len() != mark.members.len() || !names.contains(&hello.volume) {
+        return Err(Error::input(
+            "a group's record names a volume twice, or not the session's own",
+        ));
+    }
+    let marks: Vec<(String, wire::Mark)> = mark
+        .members
+        .iter()
+        .map(|m| {
+            let member = wire::Mark {
+                consistency_point: m.consistency_point.clone(),
+                members: Vec::new(),
+                ..mark.clone()
+            };
+            (m.volume.clone(), member)
+        })
+        .collect();
+    for (name, m) in &marks {
+        let as_session = wire::Hello {
+            volume: name.clone(),
+            ..hello.clone()
+        };
+        admissible(shared, &as_session, conn).map_err(|r| Error::input(r.1))?;
+        crate::store::seal::check_mark(m)
+            .map_err(|why| Error::input(format!("volume '{name}': {why}")))?;
+    }
+    let mut guards = Vec::new();
+    for name in &names {
+        match take_volume_waiting(shared, name).await {
+            Some(g) => guards.push(g),
+            None => {
+                return Err(Error::Io(format!(
+                    "volume '{name}' stayed in use by another session"
+                )))
+            }
+        }
+    }
+    let s = shared.clone();
+    let dirs: Vec<_> = marks.iter().map(|(n, _)| volume_dir(shared, n)).collect();
+    let sealed = tokio::task::spawn_blocking(move || {
+        let seals = (marks.iter().zip(&dirs))
+            .map(|((n, m), d)| crate::store::seal::prepare_cutover(d, n, m))
+            .collect::<Result<Vec<_>>>()?;
+        // Every point checked: sealing now fails only on a local I/O error,
+        // which says which volumes it had sealed.
+        for (k, (seal, (_, m))) in seals.iter().zip(&marks).enumerate() {
+            if let Err(e) = crate::store::seal::apply_cutover(&s.store, seal, m) {
+                let done: Vec<&str> = seals[..k].iter().map(|s| s.volume.as_str()).collect();
+                return Err(Error::Io(format!(
+                    "{e}, {PARTLY} [{}] of the group (I/O on this receiver; unseal them to retry)",
+                    done.join(", ")
+                )));
+            }
+        }
+        Ok::<_, Error>(seals)
+    })
+    .await
+    .map_err(|_| Error::Io("record task failed".into()))
+    .and_then(|r| r);
+    drop(guards);
+    sealed
+}
+
+/// Answers a group's record: `Done` when every volume is sealed, else
+/// `Failure` saying that none is.
+async fn reply_group(
+    mut send: quinn::SendStream,
+    conn: &quinn::Connection,
+    mark: &wire::Mark,
+    recorded: Result<Vec<crate::store::seal::Seal>>,
+) -> Result<()> {
+    let reply = match recorded {
+        Ok(seals) => {
+            for seal in &seals {
+                tracing::info!(
+                    "volume '{}': group cutover complete, consistency point {} (group {}); the volume is sealed until `nightpass unseal {}`",
+                    seal.volume, seal.consistency_point, mark.group_point, seal.volume
+                );
+            }
+            Msg::Done(wire::Done { summary: None })
+        }
+        Err(e) => {
+            let said = e.to_string();
+            let message = if said.contains(PARTLY) {
+                format!("receiver failed to record the whole group cutover: {said}")
+            } else {
+                format!(
+                    "receiver refused to record the group cutover: {said}; nothing recorded, no volume of the group is sealed"
+                )
+            };
             tracing::error!("{message}");
             Msg::Failure(wire::Failure { message })
         }
