@@ -184,10 +184,21 @@ pub(super) async fn record_session(
             let message = format!(
                 "receiver refused to record the cutover of volume '{name}': {e}; nothing recorded, the volume is not sealed"
             );
-            tracing::error!("{message}");
-            Msg::Failure(wire::Failure { message })
+            failure(message)
         }
     };
+    answer(send, &conn, reply).await
+}
+
+/// A refusal to record: logged, and the message for the sender.
+fn failure(message: String) -> Msg {
+    tracing::error!("{message}");
+    Msg::Failure(wire::Failure { message })
+}
+
+/// Sends a record session's one answer and waits (a little) for the
+/// sender to close.
+async fn answer(mut send: quinn::SendStream, conn: &quinn::Connection, reply: Msg) -> Result<()> {
     transport::send_control(&mut send, reply).await?;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
@@ -276,7 +287,7 @@ async fn record_group(
 /// Answers a group's record: `Done` when every volume is sealed, else
 /// `Failure` saying that none is.
 async fn reply_group(
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     conn: &quinn::Connection,
     mark: &wire::Mark,
     recorded: Result<Vec<crate::store::seal::Seal>>,
@@ -300,12 +311,8 @@ async fn reply_group(
                     "receiver refused to record the group cutover: {said}; nothing recorded, no volume of the group is sealed"
                 )
             };
-            tracing::error!("{message}");
-            Msg::Failure(wire::Failure { message })
+            failure(message)
         }
     };
-    transport::send_control(&mut send, reply).await?;
-    let _ = send.finish();
-    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-    Ok(())
+    answer(send, conn, reply).await
 }
