@@ -59,20 +59,7 @@ fn dm_escape(name: &str) -> String {
 
 /// Asks `lvs` for the identity of thin volume `lv` (`VG/LV` or a path).
 pub fn thin_volume(lv: &str) -> Result<ThinVolume> {
-    let out = Command::new("lvs")
-        .args(["--reportformat", "json", "-o", FIELDS, lv])
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::input(format!(
-                    "'lvs' is not installed: {lv} cannot be read as an LVM thin volume (apt-get install lvm2)"
-                ))
-            } else {
-                Error::Io(format!("cannot run lvs: {e}"))
-            }
-        })?;
+    let out = lvm_tool("lvs", &["--reportformat", "json", "-o", FIELDS, lv])?;
     if !out.status.success() {
         return Err(Error::input(format!(
             "{lv} is not an LVM logical volume (lvs: {})",
@@ -80,6 +67,26 @@ pub fn thin_volume(lv: &str) -> Result<ThinVolume> {
         )));
     }
     parse_lvs(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Runs an LVM or device-mapper tool in the C locale and returns its
+/// output; a tool that is not installed is the operator's to fix (exit 2,
+/// naming the package).
+pub(super) fn lvm_tool(program: &str, args: &[&str]) -> Result<std::process::Output> {
+    Command::new(program)
+        .args(args)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::input(format!(
+                    "'{program}' is not installed: an LVM thin volume's change set needs it (apt-get install lvm2)"
+                ))
+            } else {
+                Error::Io(format!("cannot run {program}: {e}"))
+            }
+        })
 }
 
 /// Reads `lvs --reportformat json -o` [`FIELDS`] output about one LV;

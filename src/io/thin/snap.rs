@@ -11,7 +11,6 @@
 //! nothing here ever removes an LV it did not create.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use super::{thin_delta_live, thin_volume, ThinVolume};
 use crate::error::{Error, Result};
@@ -27,20 +26,7 @@ pub fn snapshot_name(origin: &str, pass_no: u64) -> String {
 
 /// Runs an LVM or device-mapper command; its stderr is the error.
 fn run(program: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(program)
-        .args(args)
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::input(format!(
-                    "'{program}' is not installed: an LVM thin volume's change set needs it (apt-get install lvm2)"
-                ))
-            } else {
-                Error::Io(format!("cannot run {program}: {e}"))
-            }
-        })?;
+    let out = super::lvs::lvm_tool(program, args)?;
     if !out.status.success() {
         return Err(Error::Io(format!(
             "{program} {} failed: {}",
