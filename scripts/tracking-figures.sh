@@ -95,20 +95,23 @@ run() {
 }
 field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
-# 1% of the volume rewritten in 4 KiB writes at random offsets of the data file.
-scatter() {
-    python3 - "$MNT/data" "$((BYTES / 100 / 4096))" "$1" <<'EOF'
+# 1% of the volume rewritten in writes of BLOCK bytes at random offsets
+# (multiples of BLOCK) of the data file: rewrite BLOCK SEED.
+rewrite() {
+    python3 - "$MNT/data" "$1" "$((BYTES / 100 / $1))" "$2" <<'EOF'
 import os, random, sys
-path, count, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, block, count, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rng = random.Random(seed)
 fd = os.open(path, os.O_WRONLY)
-blocks = os.fstat(fd).st_size // 4096
+blocks = os.fstat(fd).st_size // block
 for _ in range(count):
-    os.pwrite(fd, os.urandom(4096), rng.randrange(blocks) * 4096)
+    os.pwrite(fd, os.urandom(block), rng.randrange(blocks) * block)
 os.fsync(fd)
 os.close(fd)
 EOF
 }
+scatter() { rewrite 4096 "$1"; }   # 4 KiB writes
+cluster() { rewrite 1048576 "$1"; } # 1 MiB extents (files rewritten whole)
 
 echo "== first pass, then no-change and 1% delta passes reading everything" >&2
 run sync pass_end --scan full >/dev/null
@@ -136,20 +139,6 @@ run sync pass_end --scan full >/dev/null
 scatter 5
 C_FULL=$(run cutover cutover_end --fsfreeze "$MNT" --scan full)
 
-# 1% of the volume rewritten in 1 MiB extents at random offsets of the data file.
-cluster() {
-    python3 - "$MNT/data" "$((BYTES / 100 / 1048576))" "$1" <<'EOF'
-import os, random, sys
-path, count, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-rng = random.Random(seed)
-fd = os.open(path, os.O_WRONLY)
-extents = os.fstat(fd).st_size // 1048576
-for _ in range(count):
-    os.pwrite(fd, os.urandom(1048576), rng.randrange(extents) * 1048576)
-os.fsync(fd)
-os.close(fd)
-EOF
-}
 
 echo "== cutovers at 1% change in 1 MiB extents: tracked, then (unsealed) full" >&2
 "$BIN" unseal v --state-dir rstate >/dev/null 2>&1

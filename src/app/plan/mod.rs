@@ -255,7 +255,7 @@ fn volumes(path: &Path, receiver: &str, entries: Vec<VolumeEntry>) -> Result<Vec
                 ),
             ));
         }
-        let canonical = v.source.canonicalize().map_err(|e| {
+        let unreadable = |e: &dyn std::fmt::Display| {
             bad(
                 path,
                 format!(
@@ -264,7 +264,8 @@ fn volumes(path: &Path, receiver: &str, entries: Vec<VolumeEntry>) -> Result<Vec
                     v.source.display()
                 ),
             )
-        })?;
+        };
+        let canonical = v.source.canonicalize().map_err(|e| unreadable(&e))?;
         if let Some(other) = sources.insert(canonical.clone(), v.name.clone()) {
             return Err(bad(
                 path,
@@ -275,16 +276,7 @@ fn volumes(path: &Path, receiver: &str, entries: Vec<VolumeEntry>) -> Result<Vec
                 ),
             ));
         }
-        let size = readable_size(&v.source).map_err(|e| {
-            bad(
-                path,
-                format!(
-                    "volume '{}': cannot read source {}: {e}",
-                    v.name,
-                    v.source.display()
-                ),
-            )
-        })?;
+        let size = readable_size(&v.source).map_err(|e| unreadable(&e))?;
         if let Some(mp) = &v.fsfreeze {
             if !mp.is_absolute() {
                 return Err(bad(
