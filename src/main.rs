@@ -129,11 +129,12 @@ fn main() {
     sys::default_sigpipe();
     let cli = parse();
     let json = cli.json;
-    // `serve` shuts down gracefully on its own signals; everything else stops at once.
+    // `serve`, `track` and `fleet agent` shut down gracefully on their own
+    // signals; everything else stops at once.
     let own_signals = matches!(
         cli.command,
         nightpass::app::cli::Command::Serve(_) | nightpass::app::cli::Command::Track(_)
-    );
+    ) || cli.command.is_agent();
     // The daemons' lines carry their time (or the journal's priority); the
     // sender's read as bare messages, as docs/CLI.md quotes them (with the
     // journal's priority under systemd).

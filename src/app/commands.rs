@@ -61,7 +61,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Converge(args) => converge(args, progress).await,
         Command::Track(args) => track(args, progress, json).await,
-        Command::Fleet(args) => crate::fleet::run(args, progress.as_ref()).await,
+        Command::Fleet(args) => crate::fleet::run(args, progress).await,
         Command::Cutover(args) => cutover(args, progress).await,
         Command::Unseal { name, state_dir } => {
             unseal(name, state_dir.unwrap_or_else(default_state_dir), progress).await

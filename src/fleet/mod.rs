@@ -13,6 +13,7 @@
 //! directory, or speak the protocol: the agent that will do a host's work
 //! does that through the pass machinery, under the leases kept here.
 
+pub mod agent;
 pub mod db;
 pub mod lease;
 pub mod ops;
@@ -20,13 +21,19 @@ pub mod schema;
 
 pub use db::{DbSettings, Pool};
 
+use std::sync::Arc;
+
 use crate::app::cli::{FleetArgs, FleetCommand};
 use crate::error::Result;
 use crate::progress::Progress;
 
 /// Runs `nightpass fleet …`; `Ok(0)` when done.
-pub async fn run(args: FleetArgs, progress: &dyn Progress) -> Result<i32> {
+pub async fn run(args: FleetArgs, progress: Arc<dyn Progress>) -> Result<i32> {
     let settings = DbSettings::resolve(args.db.as_deref(), args.db_wait, args.db_timeout)?;
+    if let FleetCommand::Agent(a) = args.command {
+        return agent::run(*a, settings, progress).await;
+    }
+    let progress = progress.as_ref();
     // One connection at a time is all an operator's command needs.
     let pool = Pool::new(settings, 1);
     match args.command {
@@ -65,6 +72,8 @@ pub async fn run(args: FleetArgs, progress: &dyn Progress) -> Result<i32> {
             ops::add(&pool, req, progress).await?;
         }
         FleetCommand::Status => ops::status(&pool, progress).await?,
+        FleetCommand::Limits(l) => ops::limits(&pool, &l, progress).await?,
+        FleetCommand::Agent(_) => unreachable!("the agent ran above"),
         FleetCommand::Pause { reason } => {
             ops::set_paused(&pool, true, reason.as_deref(), progress).await?
         }

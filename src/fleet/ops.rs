@@ -371,6 +371,17 @@ pub async fn set_paused(
     Ok(())
 }
 
+/// `fleet limits`: changes the limits given, then shows them all
+/// (`fleet_limits`).
+pub async fn limits(
+    pool: &Pool,
+    args: &crate::app::cli::LimitsArgs,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let _ = (pool, args, progress);
+    Err(Error::input("fleet limits is not built yet"))
+}
+
 /// When `fleet schedule --at` says, as the operator wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum At {

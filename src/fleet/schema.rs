@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 const INIT_LOCK: i64 = 0x6e69_6768_7470_6173;
 
 /// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
-pub const MIGRATIONS: &[&str] = &[MIGRATION_1];
+pub const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
 
 /// The schema version this binary reads and writes.
 pub fn latest() -> i32 {
@@ -137,6 +137,42 @@ CREATE TABLE nightpass.schedules (
     set_at     timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX schedules_at ON nightpass.schedules (at);
+"#;
+
+/// Version 2, for the agents: a pass row is written when the pass starts
+/// (`at`; `ok` NULL while it runs) and completed when it ends (`ended_at`,
+/// `ok`, `failure`, the record); the retry policy (`max_attempts`, the
+/// first `retry_after`, doubled at each failure); a filer's night (why
+/// its agent did not cut it over, the group's consistency point); the
+/// fleet's own log (the red button pressed and lifted, by whom and why).
+pub const MIGRATION_2: &str = r#"
+ALTER TABLE nightpass.passes
+    ALTER COLUMN ok DROP NOT NULL,
+    ALTER COLUMN record DROP NOT NULL,
+    ADD COLUMN ended_at timestamptz,
+    ADD COLUMN failure text,
+    ADD COLUMN kind text NOT NULL DEFAULT 'pass' CHECK (kind IN ('pass', 'cutover'));
+CREATE INDEX passes_ended ON nightpass.passes (ended_at) WHERE ok IS NOT NULL;
+
+ALTER TABLE nightpass.settings
+    ADD COLUMN max_attempts integer NOT NULL DEFAULT 5 CHECK (max_attempts > 0),
+    ADD COLUMN retry_after interval NOT NULL DEFAULT interval '30 seconds'
+        CHECK (retry_after >= interval '0');
+
+ALTER TABLE nightpass.filers
+    ADD COLUMN night_note text,
+    ADD COLUMN night_note_at timestamptz,
+    ADD COLUMN group_point text,
+    ADD COLUMN cut_over_at timestamptz;
+
+CREATE TABLE nightpass.fleet_log (
+    id     bigserial PRIMARY KEY,
+    at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    by     text NOT NULL,
+    event  text NOT NULL,
+    detail jsonb
+);
+CREATE INDEX fleet_log_at ON nightpass.fleet_log (at);
 "#;
 
 /// What [`init`] did.

@@ -22,7 +22,7 @@ use clap::{Args, Parser, Subcommand};
 use nightpass_proto::chunk::ChunkSize;
 
 pub use cutover::{CutoverArgs, Proof, ProofKind};
-pub use fleet::{FleetArgs, FleetCommand};
+pub use fleet::{AgentArgs, FleetArgs, FleetCommand, LimitsArgs};
 pub use serve::{Allowed, ServeArgs};
 pub use values::{parse_chunk_size, parse_duration, parse_metrics_addr, parse_size};
 
@@ -161,6 +161,11 @@ pub enum Command {
 }
 
 impl Command {
+    /// True for `fleet agent`: a daemon that stops on its own signals.
+    pub fn is_agent(&self) -> bool {
+        matches!(self, Command::Fleet(f) if matches!(f.command, FleetCommand::Agent(_)))
+    }
+
     /// True for a command run over the volumes of a plan file (`--plan`).
     pub fn is_plan_run(&self) -> bool {
         match self {
