@@ -225,8 +225,9 @@ pub async fn record_pass(pool: &Pool, r: &PassRecord) -> Result<Recorded> {
     pool.timed("recording a pass", work).await
 }
 
-/// Completes the pass's row (written at its claim); false when it was
-/// completed before.
+/// Completes the pass's row (written at its claim, or closed as
+/// abandoned by the volume's next holder); false when it was completed
+/// before.
 async fn write_pass_row(
     tx: &tokio_postgres::Transaction<'_>,
     r: &PassRecord,
@@ -242,7 +243,7 @@ async fn write_pass_row(
              VALUES ($1, $2, $3, 1, $4, $5, $6, clock_timestamp()) \
              ON CONFLICT (volume, token, seq) DO UPDATE SET ok = excluded.ok, \
              record = excluded.record, failure = excluded.failure, ended_at = excluded.ended_at \
-             WHERE nightpass.passes.ok IS NULL",
+             WHERE nightpass.passes.ok IS NULL OR nightpass.passes.record ? 'abandoned'",
             &[
                 &r.lease.volume,
                 &r.lease.agent,
