@@ -287,8 +287,16 @@ async fn apply(
             tx.execute(
                 "UPDATE nightpass.volumes SET state = $2, failure = NULL, attempts = 0, \
                  forecast_final_pass_s = $3, next_attempt_at = now() + make_interval(secs => $4), \
-                 fence_token = $5, updated_at = now() WHERE id = $1",
-                &[&lease.volume, &at, &forecast, &wait, &lease.token],
+                 fence_token = $5, size_bytes = coalesce($6, size_bytes), updated_at = now() \
+                 WHERE id = $1",
+                &[
+                    &lease.volume,
+                    &at,
+                    &forecast,
+                    &wait,
+                    &lease.token,
+                    &record["size_bytes"].as_i64(),
+                ],
             )
             .await?;
             Ok(at)
