@@ -36,6 +36,8 @@ pub struct NightVolume {
     pub forecast_s: Option<f64>,
     /// Whether a live lease holds it.
     pub leased: bool,
+    /// Why it failed, when it did.
+    pub failure: Option<String>,
 }
 
 /// A filer whose night is open now.
@@ -74,7 +76,7 @@ pub async fn open(pool: &Pool, host: &str) -> Result<Vec<Night>> {
                  extract(epoch FROM s.at + s.window_len - now())::float8, f.night_note, \
                  f.jobs, v.id, v.name, v.state, v.forecast_final_pass_s, \
                  EXISTS (SELECT 1 FROM nightpass.leases l WHERE l.volume = v.id \
-                         AND l.expires_at > now()) \
+                         AND l.expires_at > now()), v.failure \
                  FROM nightpass.filers f JOIN nightpass.schedules s ON s.filer = f.name \
                  JOIN nightpass.volumes v ON v.filer = f.name \
                  WHERE f.host = $1 AND f.cut_over_at IS NULL \
@@ -104,6 +106,7 @@ pub async fn open(pool: &Pool, host: &str) -> Result<Vec<Night>> {
             state: r.get(10),
             forecast_s: r.get(11),
             leased: r.get(12),
+            failure: r.get(13),
         });
     }
     Ok(nights.into_values().collect())

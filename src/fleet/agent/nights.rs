@@ -65,6 +65,13 @@ pub async fn consider(
 /// The group's forecast (with margin) when the filer may be cut over
 /// now; otherwise why not.
 fn judge(ctx: &Ctx, n: &Night) -> std::result::Result<f64, String> {
+    if let Some(v) = n.volumes.iter().find(|v| v.state == "failed") {
+        return Err(format!(
+            "not ready: volume '{}' failed ({}); nothing frozen until it is ready again",
+            v.name,
+            v.failure.as_deref().unwrap_or("no reason recorded")
+        ));
+    }
     if let Some(v) = n.volumes.iter().find(|v| v.state != "ready") {
         let forecast = v
             .forecast_s

@@ -115,10 +115,11 @@ pub fn share_s(f: &FilerPlan, default_s: f64) -> f64 {
     f.window_s.unwrap_or(default_s) / rounds.max(1.0)
 }
 
-/// The plan the filer was registered with, read again (its sources
-/// checked on this host).
+/// The plan the filer was registered with, read again. Its sources are
+/// not checked here, all at once: each pass reads its own, so that one
+/// vanished source fails its volume alone, not every volume of its filer.
 pub fn plan_of(f: &FilerPlan) -> Result<Plan> {
-    Plan::parse(Path::new(&f.plan_path), &f.plan)
+    Plan::parse_elsewhere(Path::new(&f.plan_path), &f.plan)
 }
 
 /// Volume `name`'s pass settings from the filer's plan and the agent's
