@@ -457,9 +457,15 @@ async fn set_limits(
     tokio_postgres::Error,
 > {
     let tx = conn.transaction().await?;
+    // Only shown: no lock, so no claim waits for it.
+    let lock = if *w == Wanted::default() {
+        ""
+    } else {
+        " FOR UPDATE"
+    };
     let old = tx
         .query_one(
-            &format!("SELECT {LIMITS_COLUMNS} FROM nightpass.settings FOR UPDATE"),
+            &format!("SELECT {LIMITS_COLUMNS} FROM nightpass.settings{lock}"),
             &[],
         )
         .await?;
