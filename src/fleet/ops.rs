@@ -1,13 +1,21 @@
-//! The operator's fleet commands over the database: `add`, `status`,
-//! `pause`, `resume` and `schedule` (`init` is [`super::schema::init`]).
+//! The operator's fleet commands over the database: `add` and `schedule`
+//! here, `status` in [`status`](status()), `pause`, `resume` and `limits` in
+//! [`controls`] (`init` is [`super::schema::init`]).
 //!
 //! Each checks the schema version first, then reads or writes a few rows
 //! in one transaction, every statement bounded by the pool's timeout. What
-//! the operator reads goes through [`Progress`] (`fleet_*` events).
+//! the operator reads goes through [`Progress`] (`fleet_*` events). None
+//! of them takes a lease or runs a pass: that is the agent's.
+
+pub mod controls;
+mod status;
+
+pub use controls::{limits, set_paused, Limits};
+pub use status::{filer_state, status};
 
 use std::path::Path;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::db::{sqlstate, Conn, Pool};
 use super::schema;
@@ -202,184 +210,6 @@ async fn register(
 enum Already {
     Exists,
     Started(i64),
-}
-
-/// `fleet status`: the fleet's summary (`fleet` event: paused or not, the
-/// count of volumes per state), then one `fleet_volume` line per volume.
-pub async fn status(pool: &Pool, progress: &dyn Progress) -> Result<()> {
-    schema::check(pool).await?;
-    let conn = pool.get().await?;
-    let settings = pool
-        .timed(
-            "reading the fleet's settings",
-            conn.query_one(
-                "SELECT paused, pause_reason, \
-                 extract(epoch FROM paused_at)::float8, paused_by FROM nightpass.settings",
-                &[],
-            ),
-        )
-        .await?;
-    let rows = pool
-        .timed(
-            "reading the volumes",
-            conn.query(
-                "SELECT v.filer, v.name, f.host, v.state, \
-                 (SELECT count(*) FROM nightpass.passes p WHERE p.volume = v.id), \
-                 v.forecast_final_pass_s, v.consistency_point, v.failure, v.attempts, \
-                 l.agent, f.receiver, v.source, \
-                 extract(epoch FROM s.at)::float8, extract(epoch FROM s.window_len)::float8 \
-                 FROM nightpass.volumes v JOIN nightpass.filers f ON f.name = v.filer \
-                 LEFT JOIN nightpass.leases l ON l.volume = v.id AND l.expires_at > now() \
-                 LEFT JOIN nightpass.schedules s ON s.filer = v.filer \
-                 ORDER BY v.filer, v.id",
-                &[],
-            ),
-        )
-        .await?;
-    let paused: bool = settings.get(0);
-    let reason: Option<String> = settings.get(1);
-    let mut states = serde_json::Map::new();
-    for r in &rows {
-        let s: String = r.get(3);
-        let n = states.get(&s).and_then(Value::as_u64).unwrap_or(0);
-        states.insert(s, json!(n + 1));
-    }
-    let filers: std::collections::BTreeSet<String> = rows.iter().map(|r| r.get(0)).collect();
-    let counts: Vec<String> = states.iter().map(|(k, v)| format!("{v} {k}")).collect();
-    progress.event(
-        &json!({
-            "event": "fleet",
-            "paused": paused,
-            "pause_reason": reason,
-            "paused_at": settings.get::<_, Option<f64>>(2).map(rfc3339_seconds),
-            "paused_by": settings.get::<_, Option<String>>(3),
-            "filers": filers.len(),
-            "volumes": rows.len(),
-            "states": states,
-            "schema_version": schema::latest(),
-        }),
-        &format!(
-            "fleet: {}; {} filers, {} volumes{}{}",
-            match (paused, &reason) {
-                (true, Some(r)) => format!("PAUSED ({r})"),
-                (true, None) => "PAUSED".into(),
-                (false, _) => "running".into(),
-            },
-            filers.len(),
-            rows.len(),
-            if counts.is_empty() { "" } else { ": " },
-            counts.join(", ")
-        ),
-    );
-    for r in &rows {
-        volume_line(r, progress);
-    }
-    Ok(())
-}
-
-/// One `fleet_volume` event from a row of [`status`]'s query.
-fn volume_line(r: &tokio_postgres::Row, progress: &dyn Progress) {
-    let (filer, volume, host, state): (String, String, String, String) =
-        (r.get(0), r.get(1), r.get(2), r.get(3));
-    let passes: i64 = r.get(4);
-    let forecast: Option<f64> = r.get(5);
-    let point: Option<String> = r.get(6);
-    let failure: Option<String> = r.get(7);
-    let attempts: i32 = r.get(8);
-    let agent: Option<String> = r.get(9);
-    let at: Option<f64> = r.get(12);
-    let window: Option<f64> = r.get(13);
-    let mut tail = match (&point, forecast, &failure) {
-        (Some(p), _, _) => format!("consistency point {p}"),
-        (None, _, Some(f)) => format!("failed (attempt {attempts}): {f}"),
-        (None, Some(f), None) => format!("forecast {f:.1} s"),
-        (None, None, None) => "no forecast yet".into(),
-    };
-    if let Some(a) = &agent {
-        tail.push_str(&format!(", leased by {a}"));
-    }
-    if let (Some(at), Some(w)) = (at, window) {
-        tail.push_str(&format!(", night {} for {w:.0} s", rfc3339_seconds(at)));
-    }
-    progress.event(
-        &json!({
-            "event": "fleet_volume",
-            "filer": filer,
-            "volume": volume,
-            "host": host,
-            "state": state,
-            "passes": passes,
-            "forecast_final_pass_s": forecast.map(|f| (f * 100.0).round() / 100.0),
-            "consistency_point": point,
-            "failure": failure,
-            "attempts": attempts,
-            "agent": agent,
-            "receiver": r.get::<_, String>(10),
-            "source": r.get::<_, String>(11),
-            "window_at": at.map(rfc3339_seconds),
-            "window_s": window,
-        }),
-        &format!("{filer:<12} {volume:<16} {host:<12} {state:<12} passes {passes:<3} {tail}"),
-    );
-}
-
-/// `fleet pause` (with a reason) or `fleet resume` (`reason` unused): sets
-/// the red button for every agent and says so (`fleet_paused` or
-/// `fleet_resumed`).
-pub async fn set_paused(
-    pool: &Pool,
-    paused: bool,
-    reason: Option<&str>,
-    progress: &dyn Progress,
-) -> Result<()> {
-    schema::check(pool).await?;
-    let conn = pool.get().await?;
-    // The red button never fails for want of this machine's name.
-    let host = this_host().unwrap_or_else(|_| "an unnamed host".into());
-    let by = format!(
-        "fleet {} on {host}",
-        if paused { "pause" } else { "resume" },
-    );
-    let was: bool = pool
-        .timed(
-            "setting the red button",
-            conn.query_one(
-                "UPDATE nightpass.settings AS s SET paused = $1, \
-                 pause_reason = CASE WHEN $1 THEN $2 END, \
-                 paused_at = CASE WHEN $1 THEN now() END, \
-                 paused_by = CASE WHEN $1 THEN $3 END \
-                 FROM (SELECT paused FROM nightpass.settings FOR UPDATE) AS old \
-                 RETURNING old.paused",
-                &[&paused, &reason, &by],
-            ),
-        )
-        .await?
-        .get(0);
-    let (event, human) = match (paused, was) {
-        (true, true) => (
-            "fleet_paused",
-            "the fleet was already paused; reason updated",
-        ),
-        (true, false) => ("fleet_paused", "fleet paused: no new pass starts anywhere"),
-        (false, true) => ("fleet_resumed", "fleet resumed: agents start passes again"),
-        (false, false) => ("fleet_resumed", "the fleet was not paused"),
-    };
-    progress.event(
-        &json!({"event": event, "paused": paused, "was_paused": was, "reason": reason}),
-        human,
-    );
-    Ok(())
-}
-
-/// `fleet limits`: changes the limits given, then shows them all
-/// (`fleet_limits`).
-pub async fn limits(
-    pool: &Pool,
-    args: &crate::app::cli::LimitsArgs,
-    progress: &dyn Progress,
-) -> Result<()> {
-    let _ = (pool, args, progress);
-    Err(Error::input("fleet limits is not built yet"))
 }
 
 /// When `fleet schedule --at` says, as the operator wrote it.

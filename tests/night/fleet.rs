@@ -3,7 +3,10 @@
 //! filer twice refused), `fleet status --json`, the red button
 //! (`pause`/`resume`), `fleet schedule`, and a database that is not running
 //! (exit 3 after the bounded wait, naming the database without its
-//! password).
+//! password). The operator's controls and `fleet status`'s filers:
+//! [`controls`].
+
+mod controls;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
