@@ -13,6 +13,7 @@ mod cutover;
 mod devices;
 mod dryrun;
 mod fleet;
+mod fleet_agent;
 mod group;
 mod harness;
 mod hostile;
