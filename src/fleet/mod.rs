@@ -16,7 +16,9 @@
 pub mod agent;
 pub mod db;
 pub mod lease;
+pub mod night;
 pub mod ops;
+pub mod record;
 pub mod schema;
 
 pub use db::{DbSettings, Pool};

@@ -318,6 +318,7 @@ fn leases_fence_an_agent_that_lost_its_volume() {
                     lease::claim(&p, "h1", &format!("agent-{i}"), ttl)
                         .await
                         .unwrap()
+                        .ok()
                 })
             })
             .collect();
@@ -335,11 +336,8 @@ fn leases_fence_an_agent_that_lost_its_volume() {
     let p = pool();
     let old = held[0].clone();
     rt.block_on(async {
-        assert!(lease::claim(&p, "h1", "late", ttl).await.unwrap().is_none());
-        assert!(lease::claim(&p, "h2", "other", ttl)
-            .await
-            .unwrap()
-            .is_none());
+        assert!(lease::claim(&p, "h1", "late", ttl).await.unwrap().is_err());
+        assert!(lease::claim(&p, "h2", "other", ttl).await.unwrap().is_err());
         assert!(lease::transition(&p, &old, "copying", None, None)
             .await
             .unwrap());
@@ -355,6 +353,7 @@ fn leases_fence_an_agent_that_lost_its_volume() {
             .await
             .unwrap()
             .unwrap();
+        assert_eq!(new.agent, "successor");
         assert_eq!(new.volume, old.volume);
         assert_eq!(new.state, "copying");
         assert!(held.iter().all(|l| new.token > l.token), "{new:?} {held:?}");

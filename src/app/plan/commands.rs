@@ -65,7 +65,7 @@ fn endpoint(e: &Endpoint, plan: &Plan) -> Result<Endpoint> {
 
 /// Every volume's pass settings, checked before the first starts, with
 /// one pacer for all of them when a bandwidth limit is in force.
-fn pass_configs(
+pub fn pass_configs(
     args: &SyncArgs,
     scan: &ScanArg,
     plan: &Plan,
@@ -88,7 +88,7 @@ fn pass_configs(
 
 /// The settings of volume `name`, which [`pass_configs`] made for every
 /// volume of the plan.
-fn config_of(cfgs: &HashMap<String, SyncConfig>, name: &str) -> Result<SyncConfig> {
+pub fn config_of(cfgs: &HashMap<String, SyncConfig>, name: &str) -> Result<SyncConfig> {
     cfgs.get(name)
         .cloned()
         .ok_or_else(|| Error::Io(format!("no settings for volume '{name}'")))
@@ -200,7 +200,15 @@ fn freeze_of(args: &CutoverArgs, plan: &Plan) -> Result<HashMap<String, Method>>
             "with --plan, a volume's mount to freeze is its plan entry's fsfreeze; --fsfreeze and --lvm-snapshot name one volume's freeze",
         ));
     }
-    let filer = args.method().or_else(|| match &plan.freeze {
+    plan_freeze(args.method(), plan)
+}
+
+/// The freeze of each volume of `plan`'s cutover: its own `fsfreeze`
+/// mount, else `filer` (the command line's), else the plan's `pre`/`post`
+/// or `assume_frozen`; a volume with none makes the plan bad for a
+/// cutover (exit 2).
+pub fn plan_freeze(filer: Option<Method>, plan: &Plan) -> Result<HashMap<String, Method>> {
+    let filer = filer.or_else(|| match &plan.freeze {
         FilerFreeze {
             pre: Some(pre),
             post: Some(post),

@@ -1,0 +1,234 @@
+//! A filer's night inside an agent: whether to start its group cutover,
+//! and running it.
+//!
+//! Owns the night's decision (every volume ready, none in a pass, the
+//! group's forecast × margin within what is left of the window: otherwise
+//! nothing is frozen and the filer's night note says why) and its run:
+//! the plan's group cutover ([`group_cutover`], the plan's freeze), its
+//! leases renewed meanwhile, its outcome handed to [`super::Ctx::send`].
+//! The rows are [`crate::fleet::night`]'s.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::pass::{keep_all, plan_of};
+use super::report::Report;
+use super::spool::Spooled;
+use super::Ctx;
+use crate::app::cutover::group::{group_cutover, makespan, GroupConfig, GroupVolume};
+use crate::app::plan::commands::{config_of, pass_configs, plan_freeze};
+use crate::error::Result;
+use crate::fleet::lease::{FilerPlan, Lease};
+use crate::fleet::night::{self, Night, NightRecord};
+use crate::progress::{rfc3339_seconds, Progress};
+
+/// Looks at the host's open nights: starts the group cutover of each
+/// filer that is ready (a task in `tasks`, its name in `running`), and
+/// notes why the others wait.
+pub async fn consider(
+    ctx: &Arc<Ctx>,
+    running: &mut std::collections::HashSet<String>,
+    tasks: &mut tokio::task::JoinSet<String>,
+) -> Result<()> {
+    for n in night::open(&ctx.pool, &ctx.host).await? {
+        if running.contains(&n.filer) {
+            continue;
+        }
+        let forecast = match judge(ctx, &n) {
+            Ok(f) => f,
+            Err(why) => {
+                say(ctx, &n, &why).await?;
+                continue;
+            }
+        };
+        let figures = night::start_figures(&n, forecast);
+        match night::claim(&ctx.pool, &n, &ctx.name, ctx.args.lease, &figures).await? {
+            Err(why) => say(ctx, &n, &why).await?,
+            Ok(leases) => {
+                let why = format!(
+                    "the night is open and every volume is ready: group cutover starts \
+                     (forecast {forecast:.1} s with margin, {:.0} s left of the window)",
+                    n.left_s
+                );
+                say(ctx, &n, &why).await?;
+                running.insert(n.filer.clone());
+                tasks.spawn(run(ctx.clone(), n, leases));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The group's forecast (with margin) when the filer may be cut over
+/// now; otherwise why not.
+fn judge(ctx: &Ctx, n: &Night) -> std::result::Result<f64, String> {
+    if let Some(v) = n.volumes.iter().find(|v| v.state != "ready") {
+        let forecast = v
+            .forecast_s
+            .map(|f| format!(", its final pass forecast {f:.1} s"))
+            .unwrap_or_default();
+        return Err(format!(
+            "not ready: volume '{}' is {}{forecast}; nothing frozen",
+            v.name, v.state
+        ));
+    }
+    if let Some(v) = n.volumes.iter().find(|v| v.leased) {
+        return Err(format!(
+            "waiting: volume '{}' is in a pass; nothing frozen",
+            v.name
+        ));
+    }
+    let forecasts: Vec<f64> = n
+        .volumes
+        .iter()
+        .map(|v| v.forecast_s.unwrap_or(f64::INFINITY))
+        .collect();
+    let total = makespan(&forecasts, n.jobs.max(1) as usize) * ctx.args.margin;
+    if total > n.left_s {
+        return Err(format!(
+            "not ready: the group's final passes are forecast at {total:.1} s with margin \
+             {:.2}, more than the {:.0} s left of the window; nothing frozen",
+            ctx.args.margin, n.left_s
+        ));
+    }
+    Ok(total)
+}
+
+/// Says why `n`'s night waits (or starts), once per change: the filer's
+/// night note, and a `fleet_night` event.
+async fn say(ctx: &Ctx, n: &Night, why: &str) -> Result<()> {
+    if n.note.as_deref() == Some(why) {
+        return Ok(());
+    }
+    night::note(&ctx.pool, &n.filer, why).await?;
+    let report = Report::new(&n.filer, None, ctx.progress.clone());
+    report.event(
+        &json!({
+            "event": "fleet_night",
+            "ready": why.contains("group cutover starts"),
+            "reason": why,
+            "window_at": rfc3339_seconds(n.at),
+            "window_s": n.window_s,
+            "left_s": (n.left_s * 10.0).round() / 10.0,
+        }),
+        why,
+    );
+    Ok(())
+}
+
+/// Runs `n`'s group cutover under `leases` and records it; returns the
+/// filer's name.
+async fn run(ctx: Arc<Ctx>, n: Night, leases: Vec<Lease>) -> String {
+    let report = Report::new(&n.filer, None, ctx.progress.clone());
+    let outcome = tokio::select! {
+        r = cutover(&ctx, &n, &report) => r,
+        _ = keep_all(&ctx, &leases) => unreachable!("renewals never end"),
+    };
+    let (points, group_point, failure, figures) = match outcome {
+        Ok((points, group, figures)) => (points, Some(group), None, figures),
+        Err((volume, why)) => {
+            let figures = json!({"failed": why, "volume": volume});
+            (BTreeMap::new(), None, Some((volume, why)), figures)
+        }
+    };
+    let done = failure.is_none();
+    let record = NightRecord {
+        filer: n.filer.clone(),
+        leases,
+        points,
+        group_point: group_point.clone(),
+        failure: failure.clone(),
+        figures,
+    };
+    ctx.send(Spooled::Night(record)).await;
+    if done {
+        report.event(
+            &json!({
+                "event": "fleet_cut_over",
+                "consistency_point": group_point,
+                "volumes": n.volumes.iter().map(|v| v.name.clone()).collect::<Vec<_>>(),
+            }),
+            &format!(
+                "cut over: group consistency point {}",
+                group_point.as_deref().unwrap_or("-")
+            ),
+        );
+    } else if let Some((_, why)) = failure {
+        report.note(&format!(
+            "the group cutover failed, every volume thawed: {why}"
+        ));
+    }
+    n.filer
+}
+
+/// Consistency points by volume, the group's, and the group's figures.
+type Points = (BTreeMap<String, String>, String, Value);
+
+/// The plan's group cutover for `n`: the plan's freeze, final passes
+/// within its `jobs`, full proofs, never frozen past the window's end.
+async fn cutover(
+    ctx: &Ctx,
+    n: &Night,
+    report: &Arc<Report>,
+) -> std::result::Result<Points, (Option<String>, String)> {
+    let fail = |e: crate::error::Error| (None, e.to_string());
+    let filer = FilerPlan {
+        plan: n.plan.clone(),
+        plan_path: n.plan_path.clone(),
+        window_s: Some(n.window_s),
+        volumes: n.volumes.len() as i64,
+        jobs: n.jobs,
+    };
+    let plan = plan_of(&filer).map_err(fail)?;
+    let methods = plan_freeze(None, &plan).map_err(fail)?;
+    let cfgs = pass_configs(&ctx.args.sync, &ctx.args.scan, &plan, "cutover").map_err(fail)?;
+    let mut reports = Vec::new();
+    let mut volumes = Vec::new();
+    for v in &plan.volumes {
+        let r = Report::new(&n.filer, Some(&v.name), ctx.progress.clone());
+        volumes.push(GroupVolume {
+            name: v.name.clone(),
+            cfg: config_of(&cfgs, &v.name).map_err(fail)?,
+            method: methods[&v.name].clone(),
+            progress: r.clone(),
+        });
+        reports.push((v.name.clone(), r));
+    }
+    let gc = GroupConfig {
+        jobs: plan.jobs,
+        max_freeze: Some(Duration::from_secs_f64(n.left_s.max(1.0))),
+        prove: true,
+        force_no_forecast: true,
+        margin: ctx.args.margin,
+    };
+    let progress: Arc<dyn Progress> = report.clone();
+    match group_cutover(volumes, &gc, ctx.identity.clone(), progress).await {
+        Ok(0) => {}
+        Ok(code) => return Err((None, format!("the group cutover ended with status {code}"))),
+        Err(f) => return Err((f.volume, f.error.to_string())),
+    }
+    let mut points = BTreeMap::new();
+    for (name, r) in &reports {
+        let point = r
+            .kept("cutover_end")
+            .and_then(|e| e["consistency_point"].as_str().map(str::to_string))
+            .ok_or_else(|| {
+                (
+                    Some(name.clone()),
+                    "no consistency point reported".to_string(),
+                )
+            })?;
+        points.insert(name.clone(), point);
+    }
+    let end = report
+        .kept("group_cutover_end")
+        .ok_or_else(|| (None, "no group consistency point reported".to_string()))?;
+    let group = end["consistency_point"]
+        .as_str()
+        .ok_or_else(|| (None, "no group consistency point reported".to_string()))?
+        .to_string();
+    Ok((points, group, end))
+}

@@ -1,0 +1,355 @@
+//! A filer's night in the fleet's database: which nights are open for a
+//! host, the claim of a whole filer for its group cutover, and what the
+//! cutover leaves behind.
+//!
+//! Owns the rows of a night: [`open`] reads the host's filers whose
+//! window is open; [`claim`] leases every volume of a filer at once (all
+//! `ready`, none held, the fleet not paused) and moves them to
+//! `cutting_over` in one transaction; [`finish`] writes the outcome
+//! (`cut_over` with each consistency point and the group's, or back to
+//! `ready`, the culprit `failed`); [`note`] keeps why a night did not
+//! start. A volume in `cutting_over` is never claimed for a pass, so the
+//! outcome is written whatever became of the leases meanwhile: it is the
+//! receiver's truth. It runs no cutover: the agent does.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::db::Pool;
+use super::lease::Lease;
+use super::record::backoff;
+use crate::error::Result;
+
+/// One volume of a filer whose night is open.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NightVolume {
+    /// Its id.
+    pub id: i64,
+    /// Its name in the plan.
+    pub name: String,
+    /// Its state.
+    pub state: String,
+    /// Its last forecast of a frozen final pass.
+    pub forecast_s: Option<f64>,
+    /// Whether a live lease holds it.
+    pub leased: bool,
+}
+
+/// A filer whose night is open now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Night {
+    /// The filer.
+    pub filer: String,
+    /// Its plan as registered, and where it was read from.
+    pub plan: String,
+    /// The plan's path when registered.
+    pub plan_path: String,
+    /// When the window opened (Unix seconds).
+    pub at: f64,
+    /// The window's length in seconds.
+    pub window_s: f64,
+    /// Seconds left in the window.
+    pub left_s: f64,
+    /// The note already recorded, if any.
+    pub note: Option<String>,
+    /// The plan's `jobs`: final passes at once.
+    pub jobs: i32,
+    /// Its volumes, in name order.
+    pub volumes: Vec<NightVolume>,
+}
+
+/// The filers of `host` whose window is open now and that are not cut
+/// over.
+pub async fn open(pool: &Pool, host: &str) -> Result<Vec<Night>> {
+    let conn = pool.get().await?;
+    let rows = pool
+        .timed(
+            "reading the open nights",
+            conn.query(
+                "SELECT f.name, f.plan, f.plan_path, extract(epoch FROM s.at)::float8, \
+                 extract(epoch FROM s.window_len)::float8, \
+                 extract(epoch FROM s.at + s.window_len - now())::float8, f.night_note, \
+                 f.jobs, v.id, v.name, v.state, v.forecast_final_pass_s, \
+                 EXISTS (SELECT 1 FROM nightpass.leases l WHERE l.volume = v.id \
+                         AND l.expires_at > now()) \
+                 FROM nightpass.filers f JOIN nightpass.schedules s ON s.filer = f.name \
+                 JOIN nightpass.volumes v ON v.filer = f.name \
+                 WHERE f.host = $1 AND f.cut_over_at IS NULL \
+                 AND now() >= s.at AND now() < s.at + s.window_len \
+                 ORDER BY f.name, v.name",
+                &[&host],
+            ),
+        )
+        .await?;
+    let mut nights: BTreeMap<String, Night> = BTreeMap::new();
+    for r in rows {
+        let filer: String = r.get(0);
+        let night = nights.entry(filer.clone()).or_insert_with(|| Night {
+            filer,
+            plan: r.get(1),
+            plan_path: r.get(2),
+            at: r.get(3),
+            window_s: r.get(4),
+            left_s: r.get(5),
+            note: r.get(6),
+            jobs: r.get(7),
+            volumes: Vec::new(),
+        });
+        night.volumes.push(NightVolume {
+            id: r.get(8),
+            name: r.get(9),
+            state: r.get(10),
+            forecast_s: r.get(11),
+            leased: r.get(12),
+        });
+    }
+    Ok(nights.into_values().collect())
+}
+
+/// Records why `filer`'s night did not start (or how it went), when that
+/// is new.
+pub async fn note(pool: &Pool, filer: &str, note: &str) -> Result<()> {
+    let conn = pool.get().await?;
+    pool.timed(
+        "noting a filer's night",
+        conn.execute(
+            "UPDATE nightpass.filers SET night_note = $2, night_note_at = now() \
+             WHERE name = $1 AND night_note IS DISTINCT FROM $2",
+            &[&filer, &note],
+        ),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Leases every volume of `night` to `agent` for `ttl` and moves them to
+/// `cutting_over`, in one transaction: only when the fleet is not paused,
+/// every volume is `ready` and none is held. `Err(why)` otherwise
+/// (nothing changed).
+pub async fn claim(
+    pool: &Pool,
+    night: &Night,
+    agent: &str,
+    ttl: Duration,
+    figures: &Value,
+) -> Result<std::result::Result<Vec<Lease>, String>> {
+    let mut conn = pool.get().await?;
+    let secs = ttl.as_secs_f64();
+    let work = async {
+        let tx = conn.transaction().await?;
+        let set = tx
+            .query_one(
+                "SELECT paused, pause_reason FROM nightpass.settings FOR UPDATE",
+                &[],
+            )
+            .await?;
+        if set.get::<_, bool>(0) {
+            let why: Option<String> = set.get(1);
+            return Ok(Err(format!(
+                "the fleet is paused{}",
+                why.map(|w| format!(" ({w})")).unwrap_or_default()
+            )));
+        }
+        let rows = tx
+            .query(
+                "SELECT v.id, v.name, v.state, EXISTS (SELECT 1 FROM nightpass.leases l \
+                 WHERE l.volume = v.id AND l.expires_at > now()) \
+                 FROM nightpass.volumes v WHERE v.filer = $1 ORDER BY v.name FOR UPDATE OF v",
+                &[&night.filer],
+            )
+            .await?;
+        if let Some(r) = rows
+            .iter()
+            .find(|r| r.get::<_, String>(2) != "ready" || r.get::<_, bool>(3))
+        {
+            return Ok(Err(format!(
+                "volume '{}' is {}",
+                r.get::<_, String>(1),
+                if r.get::<_, bool>(3) {
+                    "in a pass".to_string()
+                } else {
+                    r.get::<_, String>(2)
+                }
+            )));
+        }
+        let mut leases = Vec::new();
+        for r in &rows {
+            let volume: i64 = r.get(0);
+            let token: i64 = tx
+                .query_one(
+                    "INSERT INTO nightpass.leases (volume, agent, expires_at, in_pass) \
+                     VALUES ($1, $2, now() + make_interval(secs => $3), true) \
+                     ON CONFLICT (volume) DO UPDATE SET agent = excluded.agent, \
+                     token = excluded.token, acquired_at = now(), renewed_at = now(), \
+                     expires_at = excluded.expires_at, in_pass = true RETURNING token",
+                    &[&volume, &agent, &secs],
+                )
+                .await?
+                .get(0);
+            tx.execute(
+                "UPDATE nightpass.volumes SET state = 'cutting_over', fence_token = $2, \
+                 updated_at = now() WHERE id = $1",
+                &[&volume, &token],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO nightpass.history (volume, from_state, to_state, agent, token, figures) \
+                 VALUES ($1, 'ready', 'cutting_over', $2, $3, $4)",
+                &[&volume, &agent, &token, figures],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO nightpass.passes (volume, agent, token, seq, ok, kind) \
+                 VALUES ($1, $2, $3, 1, NULL, 'cutover')",
+                &[&volume, &agent, &token],
+            )
+            .await?;
+            leases.push(Lease {
+                volume,
+                filer: night.filer.clone(),
+                name: r.get(1),
+                state: "cutting_over".into(),
+                agent: agent.to_string(),
+                token,
+            });
+        }
+        tx.commit().await?;
+        Ok::<_, tokio_postgres::Error>(Ok(leases))
+    };
+    pool.timed("claiming a filer for its night", work).await
+}
+
+/// How a filer's group cutover ended, as the agent records it (and spools
+/// while the database is away).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NightRecord {
+    /// The filer.
+    pub filer: String,
+    /// The leases of its volumes, taken by [`claim`].
+    pub leases: Vec<Lease>,
+    /// Each volume's consistency point, by name (all, on success).
+    pub points: BTreeMap<String, String>,
+    /// The group's consistency point, on success.
+    pub group_point: Option<String>,
+    /// Why it failed, and in which volume (none: the group as a whole).
+    pub failure: Option<(Option<String>, String)>,
+    /// The cutover's figures (`group_cutover_end`, or the error).
+    pub figures: Value,
+}
+
+/// Writes `r` in one transaction: every volume still `cutting_over` moves
+/// to `cut_over` with its consistency point (the filer gets the group's),
+/// or back to `ready` (the failing volume to `failed`, retried under the
+/// policy; all of them when the group failed as a whole); the leases are
+/// released. Sent twice, the second changes
+/// nothing.
+pub async fn finish(pool: &Pool, r: &NightRecord) -> Result<()> {
+    let mut conn = pool.get().await?;
+    let work = async {
+        let tx = conn.transaction().await?;
+        let retry_s: f64 = tx
+            .query_one(
+                "SELECT extract(epoch FROM retry_after)::float8 FROM nightpass.settings",
+                &[],
+            )
+            .await?
+            .get(0);
+        for lease in &r.leases {
+            let still = tx
+                .query_opt(
+                    "SELECT attempts FROM nightpass.volumes WHERE id = $1 \
+                     AND state = 'cutting_over' FOR UPDATE",
+                    &[&lease.volume],
+                )
+                .await?;
+            let Some(still) = still else { continue };
+            let attempts: i32 = still.get(0);
+            let (to, failure, point) = outcome_of(r, &lease.name);
+            let attempts = if to == "failed" { attempts + 1 } else { 0 };
+            let wait = backoff(Duration::from_secs_f64(retry_s.max(0.0)), attempts);
+            tx.execute(
+                "UPDATE nightpass.volumes SET state = $2, failure = $3, consistency_point = \
+                 coalesce($4, consistency_point), attempts = $5, \
+                 next_attempt_at = now() + make_interval(secs => $6), updated_at = now() \
+                 WHERE id = $1",
+                &[
+                    &lease.volume,
+                    &to,
+                    &failure,
+                    &point,
+                    &attempts,
+                    &wait.as_secs_f64(),
+                ],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO nightpass.history (volume, from_state, to_state, agent, token, figures) \
+                 VALUES ($1, 'cutting_over', $2, $3, $4, $5)",
+                &[&lease.volume, &to, &lease.agent, &lease.token, &r.figures],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE nightpass.passes SET ok = $4, record = $5, failure = $6, \
+                 ended_at = clock_timestamp() WHERE volume = $1 AND token = $2 AND seq = 1 \
+                 AND agent = $3 AND ok IS NULL",
+                &[
+                    &lease.volume,
+                    &lease.token,
+                    &lease.agent,
+                    &r.failure.is_none(),
+                    &r.figures,
+                    &r.failure.as_ref().map(|f| f.1.clone()),
+                ],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM nightpass.leases WHERE volume = $1 AND token = $2",
+                &[&lease.volume, &lease.token],
+            )
+            .await?;
+        }
+        let note = match &r.failure {
+            None => format!(
+                "cut over: group consistency point {}",
+                r.group_point.as_deref().unwrap_or("-")
+            ),
+            Some((_, why)) => format!("the group cutover failed, every volume thawed: {why}"),
+        };
+        tx.execute(
+            "UPDATE nightpass.filers SET group_point = coalesce($2, group_point), \
+             cut_over_at = CASE WHEN $2::text IS NULL THEN cut_over_at ELSE now() END, \
+             night_note = $3, night_note_at = now() WHERE name = $1",
+            &[&r.filer, &r.group_point, &note],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok::<_, tokio_postgres::Error>(())
+    };
+    pool.timed("recording a filer's night", work).await
+}
+
+/// Volume `name`'s state after `r`, its failure and its consistency point.
+fn outcome_of(r: &NightRecord, name: &str) -> (&'static str, Option<String>, Option<String>) {
+    match &r.failure {
+        None => ("cut_over", None, r.points.get(name).cloned()),
+        Some((Some(culprit), why)) if culprit == name => ("failed", Some(why.clone()), None),
+        Some((Some(_), _)) => ("ready", None, None),
+        // The group failed as a whole (its freeze, --max-freeze): every
+        // volume waits for a retry, so that the night is not tried again
+        // at once.
+        Some((None, why)) => ("failed", Some(why.clone()), None),
+    }
+}
+
+/// The figures of a night's start, for the history rows.
+pub fn start_figures(n: &Night, group_forecast_s: f64) -> Value {
+    json!({
+        "night_at": crate::progress::rfc3339_seconds(n.at),
+        "window_s": n.window_s,
+        "left_s": n.left_s,
+        "group_forecast_s": group_forecast_s,
+    })
+}
