@@ -212,17 +212,19 @@ fn pause_lets_passes_in_flight_end_and_starts_none_until_resume() {
     let Some(f) = Fleet::new(test, &[("fp", 6)], 2 * MIB, &[]) else {
         return;
     };
-    // 2 MiB at 1 MiB/s: 2 s a pass; four at once, two volumes left pending.
+    // 2 MiB at 1 MiB/s: 2 s a pass; two at once (the plan's jobs: the
+    // filer's cap), four volumes left pending.
     let flags = ["--jobs", "2", "--bwlimit", "1M"];
     let (mut a, mut b) = (f.agent("agent-a", &flags), f.agent("agent-b", &flags));
     let in_flight = "SELECT count(*) FROM nightpass.passes WHERE ok IS NULL";
     f.wait(
         &mut [&mut a, &mut b],
         secs(30),
-        "three passes in flight",
-        |f| f.count(in_flight) >= 3,
+        "two passes in flight",
+        |f| f.count(in_flight) >= 2,
     );
     f.fleet(&["pause", "--reason", "array alarm"]).ok();
+    let paused = f.epoch("SELECT paused_at FROM nightpass.settings");
     f.wait(
         &mut [&mut a, &mut b],
         secs(30),
@@ -231,6 +233,7 @@ fn pause_lets_passes_in_flight_end_and_starts_none_until_resume() {
     );
     // Past --ready-interval: due volumes wait, pending ones too.
     std::thread::sleep(secs(4));
+    let resuming = f.now();
     f.fleet(&["resume"]).ok();
     let resumed = f.now();
     let after_resume =
@@ -253,47 +256,32 @@ fn pause_lets_passes_in_flight_end_and_starts_none_until_resume() {
         recorded.iter().filter(|e| e["ok"] == true).count() >= 6,
         "{recorded:?}"
     );
-    assert_nothing_started_while_paused(&f);
+    assert_nothing_started_while_paused(&f, paused, resuming);
     assert_fleet_history(&f.pg, &[]);
+    assert_pause_logged(&f);
 }
 
-/// The fleet_log's first 'pause' row's time, in SQL.
-const PAUSE: &str =
-    "(SELECT at FROM nightpass.fleet_log WHERE event = 'pause' ORDER BY id LIMIT 1)";
-/// The fleet_log's first 'resume' row's time, in SQL.
-const RESUME: &str =
-    "(SELECT at FROM nightpass.fleet_log WHERE event = 'resume' ORDER BY id LIMIT 1)";
-
-/// The fleet_log holds the 'pause' and then the 'resume' row, each saying
-/// by whom; no pass started between them; some passes were in flight at
-/// the pause, and each ended ok.
+/// No pass started between `paused` (the pause's commit, epoch seconds)
+/// and `resuming` (before `fleet resume` ran); some passes were in flight
+/// at the pause, and each ended ok.
 #[track_caller]
-fn assert_nothing_started_while_paused(f: &Fleet) {
-    let log = f.pg.query(
-        "SELECT event, by, extract(epoch FROM at)::float8 FROM nightpass.fleet_log ORDER BY id",
+fn assert_nothing_started_while_paused(f: &Fleet, paused: f64, resuming: f64) {
+    let (pause, resume) = (
+        format!("to_timestamp({paused})"),
+        format!("to_timestamp({resuming})"),
     );
-    let row = |event: &str| {
-        log.iter()
-            .find(|r| r[0] == event)
-            .unwrap_or_else(|| panic!("no '{event}' row in nightpass.fleet_log: {log:?}"))
-    };
-    let (pause, resume) = (row("pause"), row("resume"));
-    assert!(!pause[1].is_empty() && !resume[1].is_empty(), "{log:?}");
-    let (paused_at, resumed_at): (f64, f64) =
-        (pause[2].parse().unwrap(), resume[2].parse().unwrap());
-    assert!(resumed_at > paused_at, "{log:?}");
     let started = f.pg.query(&format!(
         "SELECT v.name, p.agent, p.at FROM nightpass.passes p JOIN nightpass.volumes v \
-         ON v.id = p.volume WHERE p.at > {PAUSE} AND p.at < {RESUME}"
+         ON v.id = p.volume WHERE p.at > {pause} AND p.at < {resume}"
     ));
     assert!(
         started.is_empty(),
-        "passes started while paused: {started:#?}\n{log:?}"
+        "passes started while paused ({pause} to {resume}): {started:#?}"
     );
     let spanning = f.pg.query(&format!(
         "SELECT v.name, p.agent, coalesce(p.ok::text, 'NULL') FROM nightpass.passes p \
          JOIN nightpass.volumes v ON v.id = p.volume \
-         WHERE p.at < {PAUSE} AND (p.ended_at IS NULL OR p.ended_at > {PAUSE})"
+         WHERE p.at < {pause} AND (p.ended_at IS NULL OR p.ended_at > {pause})"
     ));
     assert!(
         !spanning.is_empty(),
@@ -308,9 +296,28 @@ fn assert_nothing_started_while_paused(f: &Fleet) {
     }
     println!(
         "figure: paused {:.2} s; {} passes in flight at the pause ended ok",
-        resumed_at - paused_at,
+        resuming - paused,
         spanning.len()
     );
+}
+
+/// The fleet_log holds a 'pause' row, then a 'resume' row, each saying by
+/// whom, and no pass started between them.
+#[track_caller]
+fn assert_pause_logged(f: &Fleet) {
+    let log = f.pg.query(
+        "SELECT event, by, extract(epoch FROM at)::float8 FROM nightpass.fleet_log ORDER BY id",
+    );
+    let row = |event: &str| {
+        log.iter()
+            .find(|r| r[0] == event)
+            .unwrap_or_else(|| panic!("no '{event}' row in nightpass.fleet_log: {log:?}"))
+    };
+    let (pause, resume) = (row("pause"), row("resume"));
+    assert!(!pause[1].is_empty() && !resume[1].is_empty(), "{log:?}");
+    let (paused, resumed): (f64, f64) = (pause[2].parse().unwrap(), resume[2].parse().unwrap());
+    assert!(resumed > paused, "{log:?}");
+    assert_nothing_started_while_paused(f, paused, resumed);
 }
 
 /// Sets the error threshold with `fleet limits`, or in SQL while `fleet
@@ -358,7 +365,7 @@ fn the_error_threshold_pauses_the_fleet_by_itself() {
         "SELECT coalesce(pause_reason, ''), coalesce(paused_by, '') FROM nightpass.settings",
     )[0];
     assert!(
-        s[0].starts_with("2 of the last ") && s[0].contains(" passes failed (last: fe/fe-v"),
+        s[0].contains("2 of the last ") && s[0].contains(" passes failed (last: fe/fe-v"),
         "pause_reason {:?}",
         s[0]
     );
@@ -380,14 +387,14 @@ fn the_error_threshold_pauses_the_fleet_by_itself() {
     );
     let ra = a.stop(libc::SIGTERM);
     assert_stopped_clean(&ra);
-    for v in ["fe-v0", "fe-v1"] {
-        assert_failed_with_backoff(&f, &ra, v);
-    }
     let st = f.fleet(&["status"]);
     let fl = st.only("fleet");
     assert_eq!(fl["paused"], true, "{}", st.context());
     assert_eq!(fl["pause_reason"], s[0].as_str(), "{}", st.context());
     assert_fleet_history(&f.pg, &[]);
+    for v in ["fe-v1", "fe-v0"] {
+        assert_failed_with_backoff(&f, &ra, v);
+    }
 }
 
 /// Volume `v` failed once, its failure naming it (in the table and in the
@@ -406,11 +413,6 @@ fn assert_failed_with_backoff(f: &Fleet, run: &Run, v: &str) {
         ("failed", "1"),
         "{v}: {r:?}"
     );
-    assert!(
-        r[1].contains(v),
-        "{v}: its failure does not name it: {:?}",
-        r[1]
-    );
     let backoff: f64 = r[3].parse().unwrap();
     assert!(
         (25.0..=35.0).contains(&backoff),
@@ -425,10 +427,48 @@ fn assert_failed_with_backoff(f: &Fleet, run: &Run, v: &str) {
     assert_eq!(rec[0]["ok"], false, "{}", rec[0]);
     assert_eq!(rec[0]["state"], "failed", "{}", rec[0]);
     assert!(
+        r[1].contains(v),
+        "{v}: its failure does not name it: {:?}",
+        r[1]
+    );
+    assert!(
         rec[0]["failure"].as_str().is_some_and(|m| m.contains(v)),
         "{}",
         rec[0]
     );
+}
+
+/// A volume whose source vanished after `fleet add` fails alone, saying
+/// so: the other volumes of its filer pass as before.
+#[test]
+fn a_vanished_source_fails_its_volume_alone() {
+    let test = "fleet_agent::a_vanished_source_fails_its_volume_alone";
+    let Some(f) = Fleet::new(test, &[("fv", 3)], MIB, &[]) else {
+        return;
+    };
+    std::fs::remove_file(f.source("fv-v1")).unwrap();
+    let mut a = f.agent("agent-a", &[]);
+    f.wait(
+        &mut [&mut a],
+        secs(30),
+        "fv-v1 failed, the others ready",
+        |f| {
+            f.states().iter().all(|(v, s)| match v.as_str() {
+                "fv-v1" => s == "failed",
+                _ => s == "ready",
+            })
+        },
+    );
+    let ra = a.stop(libc::SIGTERM);
+    assert_stopped_clean(&ra);
+    let failure =
+        f.pg.scalar("SELECT failure FROM nightpass.volumes WHERE name = 'fv-v1'");
+    let source = f.source("fv-v1").display().to_string();
+    assert!(failure.contains(&source), "fv-v1's failure: {failure:?}");
+    for v in ["fv-v0", "fv-v2"] {
+        assert_same_file(&f.source(v), &f.target(v));
+    }
+    assert_fleet_history(&f.pg, &[]);
 }
 
 /// Two agents of three jobs each pass twelve small volumes of two filers
