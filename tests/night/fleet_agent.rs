@@ -540,6 +540,7 @@ fn postgres_restarted_under_running_agents_loses_nothing() {
     f.pg.stop();
     std::thread::sleep(secs(5));
     let during = a.pass_ends() + b.pass_ends() - before;
+    let spooled = spool(&a.state).len() + spool(&b.state).len();
     let running = a.running() && b.running();
     let both = format!("{}\n{}", a.output(), b.output());
     assert!(running, "an agent exited with the database down\n{both}");
@@ -548,6 +549,10 @@ fn postgres_restarted_under_running_agents_loses_nothing() {
         during >= 1,
         "no pass ended while the database was down: nothing was spooled\n{both}"
     );
+    assert!(
+        spooled >= during,
+        "{during} passes ended with the database down, {spooled} records spooled\n{both}"
+    );
     println!("figure: {during} passes ended while PostgreSQL was down for 5 s");
     f.wait_all(&mut [&mut a, &mut b], secs(90), &["ready"]);
     let (ra, rb) = (a.stop(libc::SIGTERM), b.stop(libc::SIGTERM));
@@ -555,15 +560,15 @@ fn postgres_restarted_under_running_agents_loses_nothing() {
     assert_stopped_clean(&rb);
     assert_pass_ends_recorded(&f.pg, &[("agent-a", &ra), ("agent-b", &rb)]);
     for dir in [&a.state, &b.state] {
-        let spool = dir.join("fleet-spool");
-        let left: Vec<_> = std::fs::read_dir(&spool)
-            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-            .unwrap_or_default();
-        assert!(
-            left.is_empty(),
-            "records left in {}: {left:?}",
-            spool.display()
-        );
+        let left = spool(dir);
+        assert!(left.is_empty(), "records left in the spool: {left:?}");
     }
     assert_fleet_history(&f.pg, &[]);
+}
+
+/// The files in an agent's spool (`STATE_DIR/fleet-spool/`).
+fn spool(state: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(state.join("fleet-spool"))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
 }
