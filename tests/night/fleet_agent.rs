@@ -3,8 +3,10 @@
 //! filers over in their window; an agent killed mid-pass (its volume
 //! waits for the lease, then the other agent takes it); the red button
 //! pressed while passes run; the error threshold pressing it by itself;
-//! never one volume held by two agents at once; PostgreSQL restarted
-//! under running agents (nothing lost).
+//! a vanished source failing its volume alone; never one volume held by
+//! two agents at once; PostgreSQL restarted under running agents (nothing
+//! lost). After each, the tables' history is checked whole
+//! ([`checks::assert_fleet_history`]).
 //!
 //! The figures the issue asks for (passes per minute, window opening to
 //! group cutover, a killed agent's volume's wait) are printed as
