@@ -134,6 +134,7 @@ pub async fn claim(
                 &[&volume],
             )
             .await?;
+        abandon(&tx, volume, token).await?;
         tx.execute(
             "INSERT INTO nightpass.passes (volume, agent, token, seq, ok, kind) \
              VALUES ($1, $2, $3, 1, NULL, 'pass')",
@@ -151,6 +152,25 @@ pub async fn claim(
         }))
     };
     pool.timed("claiming a volume", work).await
+}
+
+/// Closes the pass rows of `volume` that an earlier holder left open (its
+/// agent died, or lost its lease and never said): `ok` false, marked
+/// `abandoned`, not counted by the error threshold. Their agent's own
+/// record, should it come later from its spool, still replaces them.
+pub async fn abandon(
+    tx: &tokio_postgres::Transaction<'_>,
+    volume: i64,
+    token: i64,
+) -> std::result::Result<u64, tokio_postgres::Error> {
+    tx.execute(
+        "UPDATE nightpass.passes SET ok = false, ended_at = clock_timestamp(), \
+         failure = 'abandoned: its agent stopped renewing the lease before the pass ended', \
+         record = jsonb_build_object('dropped', 'abandoned', 'abandoned', true) \
+         WHERE volume = $1 AND ok IS NULL AND token < $2",
+        &[&volume, &token],
+    )
+    .await
 }
 
 /// Gives `lease` up (its volume claimable at once); nothing when it was

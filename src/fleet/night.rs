@@ -201,6 +201,7 @@ pub async fn claim(
                 &[&volume, &agent, &token, figures],
             )
             .await?;
+            super::lease::abandon(&tx, volume, token).await?;
             tx.execute(
                 "INSERT INTO nightpass.passes (volume, agent, token, seq, ok, kind) \
                  VALUES ($1, $2, $3, 1, NULL, 'cutover')",

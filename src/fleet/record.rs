@@ -225,8 +225,9 @@ pub async fn record_pass(pool: &Pool, r: &PassRecord) -> Result<Recorded> {
     pool.timed("recording a pass", work).await
 }
 
-/// Completes the pass's row (written at its claim); false when it was
-/// completed before.
+/// Completes the pass's row (written at its claim, or closed as
+/// abandoned by the volume's next holder); false when it was completed
+/// before.
 async fn write_pass_row(
     tx: &tokio_postgres::Transaction<'_>,
     r: &PassRecord,
@@ -242,7 +243,7 @@ async fn write_pass_row(
              VALUES ($1, $2, $3, 1, $4, $5, $6, clock_timestamp()) \
              ON CONFLICT (volume, token, seq) DO UPDATE SET ok = excluded.ok, \
              record = excluded.record, failure = excluded.failure, ended_at = excluded.ended_at \
-             WHERE nightpass.passes.ok IS NULL",
+             WHERE nightpass.passes.ok IS NULL OR nightpass.passes.record ? 'abandoned'",
             &[
                 &r.lease.volume,
                 &r.lease.agent,
@@ -286,8 +287,16 @@ async fn apply(
             tx.execute(
                 "UPDATE nightpass.volumes SET state = $2, failure = NULL, attempts = 0, \
                  forecast_final_pass_s = $3, next_attempt_at = now() + make_interval(secs => $4), \
-                 fence_token = $5, updated_at = now() WHERE id = $1",
-                &[&lease.volume, &at, &forecast, &wait, &lease.token],
+                 fence_token = $5, size_bytes = coalesce($6, size_bytes), updated_at = now() \
+                 WHERE id = $1",
+                &[
+                    &lease.volume,
+                    &at,
+                    &forecast,
+                    &wait,
+                    &lease.token,
+                    &record["size_bytes"].as_i64(),
+                ],
             )
             .await?;
             Ok(at)

@@ -138,6 +138,18 @@ impl Plan {
 
     /// Checks plan `text` (read from `path`, for messages).
     pub fn parse(path: &Path, text: &str) -> Result<Plan> {
+        Plan::parse_with(path, text, Sources::Here)
+    }
+
+    /// Checks plan `text` for a filer whose sources are on another host
+    /// (`fleet add --host`): everything but the sources themselves, which
+    /// must then be absolute paths; each volume's `size` is 0 (unknown
+    /// here). The agent on that host checks them at every pass.
+    pub fn parse_elsewhere(path: &Path, text: &str) -> Result<Plan> {
+        Plan::parse_with(path, text, Sources::Elsewhere)
+    }
+
+    fn parse_with(path: &Path, text: &str, sources: Sources) -> Result<Plan> {
         let file: PlanFile = toml::from_str(text).map_err(|e| {
             bad(
                 path,
@@ -178,7 +190,7 @@ impl Plan {
             ),
             None => None,
         };
-        let volumes = volumes(path, &file.receiver, file.volumes)?;
+        let volumes = volumes(path, &file.receiver, file.volumes, sources)?;
         Ok(Plan {
             path: path.to_owned(),
             receiver: file.receiver,
@@ -223,9 +235,25 @@ fn freeze(path: &Path, file: &PlanFile) -> Result<FilerFreeze> {
     })
 }
 
-/// Checks every volume: its name, its destination, its source readable,
-/// and no name or source (after resolving symlinks) given twice.
-fn volumes(path: &Path, receiver: &str, entries: Vec<VolumeEntry>) -> Result<Vec<PlanVolume>> {
+/// Where a plan's sources are, for its check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sources {
+    /// On this host: each must be readable, a block device or a regular
+    /// file, not empty.
+    Here,
+    /// On another host: each must be an absolute path; nothing is read.
+    Elsewhere,
+}
+
+/// Checks every volume: its name, its destination, its source readable
+/// (when here), and no name or source (after resolving symlinks, when
+/// here) given twice.
+fn volumes(
+    path: &Path,
+    receiver: &str,
+    entries: Vec<VolumeEntry>,
+    sources_are: Sources,
+) -> Result<Vec<PlanVolume>> {
     if receiver.contains('/') || RemoteVolume::parse(&format!("{receiver}/x")).is_none() {
         return Err(bad(
             path,
@@ -265,7 +293,20 @@ fn volumes(path: &Path, receiver: &str, entries: Vec<VolumeEntry>) -> Result<Vec
                 ),
             )
         };
-        let canonical = v.source.canonicalize().map_err(|e| unreadable(&e))?;
+        let canonical = match sources_are {
+            Sources::Here => v.source.canonicalize().map_err(|e| unreadable(&e))?,
+            Sources::Elsewhere if v.source.is_absolute() => v.source.clone(),
+            Sources::Elsewhere => {
+                return Err(bad(
+                    path,
+                    format!(
+                        "volume '{}': source {} is not an absolute path (its host reads it)",
+                        v.name,
+                        v.source.display()
+                    ),
+                ))
+            }
+        };
         if let Some(other) = sources.insert(canonical.clone(), v.name.clone()) {
             return Err(bad(
                 path,
@@ -276,7 +317,10 @@ fn volumes(path: &Path, receiver: &str, entries: Vec<VolumeEntry>) -> Result<Vec
                 ),
             ));
         }
-        let size = readable_size(&v.source).map_err(|e| unreadable(&e))?;
+        let size = match sources_are {
+            Sources::Here => readable_size(&v.source).map_err(|e| unreadable(&e))?,
+            Sources::Elsewhere => 0,
+        };
         if let Some(mp) = &v.fsfreeze {
             if !mp.is_absolute() {
                 return Err(bad(
@@ -346,6 +390,30 @@ mod tests {
         let e = r.expect_err("the plan should be refused");
         assert_eq!(e.exit_code(), 2, "{e}");
         assert!(e.to_string().contains(words), "{e} does not say {words:?}");
+    }
+
+    #[test]
+    fn a_plan_for_another_host_checks_all_but_its_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = |src: &str| {
+            format!(
+                "receiver = \"127.0.0.1:7400\"\nserver_fingerprint = \"{}\"\n\
+                 [[volume]]\nname = \"a\"\nsource = \"{src}\"\n",
+                fp()
+            )
+        };
+        let path = dir.path().join("plan.toml");
+        // Not here: refused by the local check, taken for another host.
+        let far = text("/dev/vg9/not-on-this-host");
+        assert_eq!(Plan::parse(&path, &far).unwrap_err().exit_code(), 2);
+        let p = Plan::parse_elsewhere(&path, &far).unwrap();
+        assert_eq!(p.volumes[0].size, 0);
+        // A relative source means nothing on another host.
+        let e = Plan::parse_elsewhere(&path, &text("vg9/a")).unwrap_err();
+        assert!(e.to_string().contains("absolute"), "{e}");
+        // The rest is still checked.
+        let dup = format!("{far}[[volume]]\nname = \"a\"\nsource = \"/dev/b\"\n");
+        assert!(Plan::parse_elsewhere(&path, &dup).is_err());
     }
 
     #[test]
