@@ -13,6 +13,7 @@ mod cutover;
 mod devices;
 mod dryrun;
 mod fleet;
+mod fleet_agent;
 mod fleet_night;
 mod group;
 mod harness;

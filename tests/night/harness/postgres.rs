@@ -164,31 +164,58 @@ impl Postgres {
 
     /// Runs one SQL statement through `psql` (stops on its first error).
     pub fn sql(&self, statement: &str) {
+        self.psql(&["-c", statement]);
+    }
+
+    /// Runs one query through `psql` and returns its rows, each a list of
+    /// its fields as text (NULL: an empty string; a row of one NULL field
+    /// reads as no row, so coalesce such a column).
+    pub fn query(&self, statement: &str) -> Vec<Vec<String>> {
+        let out = self.psql(&["-A", "-t", "-F", "\x1f", "-R", "\x1e", "-c", statement]);
+        out.trim_end_matches('\n')
+            .split('\x1e')
+            .filter(|r| !r.is_empty())
+            .map(|r| r.split('\x1f').map(str::to_string).collect())
+            .collect()
+    }
+
+    /// The one field of the one row `statement` returns.
+    #[track_caller]
+    pub fn scalar(&self, statement: &str) -> String {
+        let rows = self.query(statement);
+        assert!(
+            rows.len() == 1 && rows[0].len() == 1,
+            "{statement}: expected one field, got {rows:?}"
+        );
+        rows[0][0].clone()
+    }
+
+    /// `psql ARGS` against this server (stops on its first error); its stdout.
+    fn psql(&self, args: &[&str]) -> String {
         let sock = self.socket_dir().display().to_string();
         let port = self.port.to_string();
-        self.run(
-            "psql",
-            &[
-                "-h",
-                &sock,
-                "-p",
-                &port,
-                "-U",
-                "fleet",
-                "-d",
-                "postgres",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                statement,
-            ],
-            true,
-        );
+        let mut all = vec![
+            "-X",
+            "-q",
+            "-h",
+            &sock,
+            "-p",
+            &port,
+            "-U",
+            "fleet",
+            "-d",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ];
+        all.extend_from_slice(args);
+        self.run("psql", &all, true)
     }
 
     /// Runs `tool` (from PostgreSQL's bin directory when `pg`) as the
-    /// server's account; panics with its output when it fails.
-    fn run(&self, tool: &str, args: &[&str], pg: bool) {
+    /// server's account; panics with its output when it fails, else
+    /// returns its stdout.
+    fn run(&self, tool: &str, args: &[&str], pg: bool) -> String {
         let program = if pg {
             self.bin.join(tool).display().to_string()
         } else {
@@ -215,6 +242,7 @@ impl Postgres {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
