@@ -4,14 +4,19 @@
 //! Owns the fleet's database: how nightpass reaches it ([`db`]: the
 //! connection string from `--db` or `NIGHTPASS_DB`, a small pool, every
 //! query bounded by a timeout), its schema and versioned migrations
-//! ([`schema`]), and the operator's commands `fleet init | add | status |
-//! pause | resume | schedule` ([`ops`]), and the leases with fencing
-//! tokens under which an agent claims and changes a volume ([`lease`]). It sits beside [`crate::app`]:
-//! it reads plan files through [`crate::app::plan::Plan::load`] and speaks
-//! to the operator through [`crate::progress`], and `app::commands`
-//! dispatches to it. It must not run a pass, touch a volume or a state
-//! directory, or speak the protocol: the agent that will do a host's work
-//! does that through the pass machinery, under the leases kept here.
+//! ([`schema`]), the operator's commands `fleet init | add | status |
+//! pause | resume | limits | schedule` ([`ops`]), the leases with fencing
+//! tokens under which an agent claims and changes a volume ([`lease`]),
+//! what a pass leaves in the database and the state machine it drives
+//! ([`record`]), a filer's night ([`night`]), and the agent that does a
+//! sender host's work ([`agent`]). It sits beside [`crate::app`]: it reads
+//! plan files through [`crate::app::plan::Plan`], runs passes and group
+//! cutovers only through the sender's own machinery
+//! ([`crate::pass::sender::run_pass`],
+//! [`crate::app::cutover::group::group_cutover`]), and speaks to the
+//! operator through [`crate::progress`]; `app::commands` dispatches to it.
+//! It must not speak the protocol or write a volume itself. Only
+//! [`agent`] runs passes; every SQL statement is in the other modules.
 
 pub mod agent;
 pub mod db;

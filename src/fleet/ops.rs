@@ -43,11 +43,23 @@ pub fn this_host() -> Result<String> {
         .map_err(|e| Error::io("reading this machine's host name", e))
 }
 
+/// The plan for a filer whose sources `host` reads: checked whole, its
+/// sources absolute paths (an agent reads them, from its own directory);
+/// on this host they must also be readable (`true`), on another they are
+/// that host's agent's to read at each pass (`false`).
+fn checked_plan(path: &Path, text: &str, host: &str) -> Result<(Plan, bool)> {
+    let plan = Plan::parse_elsewhere(path, text)?;
+    let here = this_host().is_ok_and(|h| h == host);
+    if here {
+        return Ok((Plan::parse(path, text)?, true));
+    }
+    Ok((plan, false))
+}
+
 /// `fleet add`: checks the plan, then registers its filer and volumes
 /// (all `pending`). A filer already there is refused (exit 2) unless
 /// `replace` is given and none of its volumes has left `pending`.
 pub async fn add(pool: &Pool, req: AddRequest<'_>, progress: &dyn Progress) -> Result<()> {
-    let plan = Plan::load(req.plan)?;
     let text = std::fs::read_to_string(req.plan)
         .map_err(|e| Error::input(format!("cannot read plan {}: {e}", req.plan.display())))?;
     let filer = match req.filer {
@@ -66,6 +78,7 @@ pub async fn add(pool: &Pool, req: AddRequest<'_>, progress: &dyn Progress) -> R
         Some(h) => h,
         None => this_host()?,
     };
+    let (plan, here) = checked_plan(req.plan, &text, &host)?;
     let plan_path = std::fs::canonicalize(req.plan)
         .unwrap_or_else(|_| req.plan.to_owned())
         .display()
@@ -107,11 +120,17 @@ pub async fn add(pool: &Pool, req: AddRequest<'_>, progress: &dyn Progress) -> R
             "receiver": plan.receiver,
             "volumes": plan.volumes.len(),
             "plan": plan_path,
+            "sources_checked": here,
         }),
         &format!(
-            "filer '{filer}' added: {} volumes pending on host {host}, receiver {}",
+            "filer '{filer}' added: {} volumes pending on host {host}, receiver {}{}",
             plan.volumes.len(),
-            plan.receiver
+            plan.receiver,
+            if here {
+                ""
+            } else {
+                " (sources not checked here: that host's agent reads them)"
+            }
         ),
     );
     Ok(())

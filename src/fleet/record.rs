@@ -202,6 +202,13 @@ pub async fn record_pass(pool: &Pool, r: &PassRecord) -> Result<Recorded> {
     let mut conn = pool.get().await?;
     let work = async {
         let tx = conn.transaction().await?;
+        if matches!(r.ended, Ended::Failed(_)) {
+            // The error threshold may press the red button: the settings
+            // row is locked first, as the claims and `fleet resume` lock
+            // it, so that the three never wait on each other in a circle.
+            tx.execute("SELECT 1 FROM nightpass.settings FOR UPDATE", &[])
+                .await?;
+        }
         let fresh = write_pass_row(&tx, r).await?;
         let mut out = Recorded::default();
         if !fresh {

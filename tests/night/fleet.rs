@@ -380,3 +380,56 @@ fn leases_fence_an_agent_that_lost_its_volume() {
     assert_eq!(v["state"], "converging", "{}", run.context());
     assert_eq!(v["agent"], "successor");
 }
+
+/// A filer whose sources another host reads is registered without reading
+/// them here (`sources_checked: false`), but only with absolute source
+/// paths; for this host, a source that cannot be read refuses the plan.
+#[test]
+fn add_for_another_host_does_not_read_its_sources() {
+    let Some(pg) = Postgres::start("fleet::add_for_another_host") else {
+        return;
+    };
+    let db = pg.url();
+    let dir = scratch();
+    init(&db);
+    let fp = keygen(dir.path(), "rx").fp;
+    let write = |name: &str, source: &str| {
+        let p = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "receiver = \"127.0.0.1:7400\"\nserver_fingerprint = \"{fp}\"\n\
+                 [[volume]]\nname = \"v\"\nsource = \"{source}\"\n"
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let far = write("far", "/dev/vg-elsewhere/far-v");
+    let run = fleet(
+        &db,
+        &["add", far.to_str().unwrap(), "--host", "another-host"],
+    );
+    expect(&run, 0);
+    assert_eq!(
+        events(&run, "fleet_filer_added")[0]["sources_checked"],
+        false
+    );
+    // For this host the same source is read, and refused.
+    let here = write("here", "/dev/vg-elsewhere/far-v");
+    let run = fleet(&db, &["add", here.to_str().unwrap()]);
+    expect(&run, 2);
+    assert!(
+        run.stderr.contains("cannot read source"),
+        "{}",
+        run.context()
+    );
+    // A relative source means nothing on the host that reads it.
+    let rel = write("rel", "vg/rel-v");
+    let run = fleet(
+        &db,
+        &["add", rel.to_str().unwrap(), "--host", "another-host"],
+    );
+    expect(&run, 2);
+    assert!(run.stderr.contains("absolute"), "{}", run.context());
+}
