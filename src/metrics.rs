@@ -42,6 +42,15 @@ pub const SESSIONS: &str = "nightpass_sessions_total";
 /// Sessions and connections refused, by reason (receiver).
 pub const REFUSALS: &str = "nightpass_refusals_total";
 
+/// Passes a fleet agent recorded, by result (ok, failed, dropped).
+pub const FLEET_PASSES: &str = "nightpass_fleet_passes_recorded_total";
+/// Records a fleet agent keeps in its spool, waiting for the database.
+pub const FLEET_SPOOLED: &str = "nightpass_fleet_spooled_records";
+/// 1 while a fleet agent finds the fleet paused, else 0.
+pub const FLEET_PAUSED: &str = "nightpass_fleet_paused";
+/// Passes a fleet agent runs now.
+pub const FLEET_IN_FLIGHT: &str = "nightpass_fleet_passes_in_flight";
+
 /// Starts the exporter: `GET /metrics` on `addr` answers the metrics in
 /// Prometheus' text format. Call once, inside the runtime, before the
 /// command's work. An address that cannot be bound (taken, not local) is
@@ -107,6 +116,29 @@ fn describe() {
         REFUSALS,
         "Sessions and connections the receiver refused, by reason."
     );
+    describe_counter!(
+        FLEET_PASSES,
+        "Passes a fleet agent recorded in the database, by result (ok, failed, dropped)."
+    );
+    describe_gauge!(
+        FLEET_SPOOLED,
+        "Records a fleet agent keeps in its spool until the database takes them."
+    );
+    describe_gauge!(FLEET_PAUSED, "1 while the agent finds the fleet paused.");
+    describe_gauge!(FLEET_IN_FLIGHT, "Passes the agent runs now.");
+}
+
+/// A fleet agent recorded a pass that ended with `result`.
+pub fn fleet_pass_recorded(result: &'static str) {
+    counter!(FLEET_PASSES, "result" => result).increment(1);
+}
+
+/// A fleet agent's state: records spooled, the red button as last seen,
+/// passes in flight.
+pub fn fleet_agent(spooled: usize, paused: bool, in_flight: usize) {
+    gauge!(FLEET_SPOOLED).set(spooled as f64);
+    gauge!(FLEET_PAUSED).set(if paused { 1.0 } else { 0.0 });
+    gauge!(FLEET_IN_FLIGHT).set(in_flight as f64);
 }
 
 /// The sender's per-volume handles, taken once per pass so that the

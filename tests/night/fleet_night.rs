@@ -397,7 +397,8 @@ fn a_failing_night_certifies_nothing_and_waits_for_its_retry() {
 
 /// `max_passes_per_host = 1`: two agents of the host, two passes each
 /// allowed, never run two passes at once (their rows' spans never
-/// overlap), and every volume is still copied.
+/// overlap), and every volume is still copied; an agent's `--metrics`
+/// endpoint counts the passes it recorded.
 #[test]
 fn the_per_host_cap_holds_across_agents() {
     let test = "fleet_night::the_per_host_cap_holds_across_agents";
@@ -415,8 +416,27 @@ fn the_per_host_cap_holds_across_agents() {
     pg.sql("UPDATE nightpass.settings SET max_passes_per_host = 1");
     let slow = ["--bwlimit", "3M", "--jobs", "2", "--ready-interval", "1h"];
     let (s1, s2) = (root.join("st1"), root.join("st2"));
-    let a1 = agent(&db, &sender, &s1, "a1", &slow);
-    let a2 = agent(&db, &sender, &s2, "a2", &slow);
+    let ports = [crate::metrics::free_port(), crate::metrics::free_port()];
+    let flags = |port: u16| {
+        let mut f: Vec<String> = slow.iter().map(|s| s.to_string()).collect();
+        f.extend(["--metrics".to_string(), format!("127.0.0.1:{port}")]);
+        f
+    };
+    let (f1, f2) = (flags(ports[0]), flags(ports[1]));
+    let a1 = agent(
+        &db,
+        &sender,
+        &s1,
+        "a1",
+        &f1.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let a2 = agent(
+        &db,
+        &sender,
+        &s2,
+        "a2",
+        &f2.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     wait_value(
         &pg,
         "SELECT count(*) FROM nightpass.volumes WHERE state IN ('converging', 'ready')",
@@ -439,6 +459,35 @@ fn the_per_host_cap_holds_across_agents() {
             "SELECT agent, at, ended_at FROM nightpass.passes ORDER BY at"
         )
     );
+    // Each agent's endpoint counts what it recorded, as the database has
+    // it (the agents go on passing: between a count before and one after).
+    let mut total = 0.0;
+    for (port, name) in ports.into_iter().zip(["a1", "a2"]) {
+        let count = || -> f64 {
+            one(
+                &pg,
+                &format!("SELECT count(*) FROM nightpass.passes WHERE agent = '{name}' AND ok"),
+            )
+            .parse()
+            .unwrap()
+        };
+        let before = count();
+        let body = crate::metrics::scrape_when_up(port);
+        let after = count();
+        let ok = crate::metrics::value(
+            &body,
+            "nightpass_fleet_passes_recorded_total",
+            "result=\"ok\"",
+        )
+        .unwrap_or(0.0);
+        assert!(
+            before <= ok && ok <= after,
+            "{name}: {before} {ok} {after}: {body}"
+        );
+        assert!(body.contains("nightpass_fleet_spooled_records 0"), "{body}");
+        total += ok;
+    }
+    assert!(total >= 3.0, "{total} passes recorded for three volumes");
     for name in names {
         assert_eq!(
             std::fs::read(root.join(format!("{name}.img"))).unwrap(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::harness::*;
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -20,7 +20,7 @@ fn free_port() -> u16 {
 
 /// The body of `GET /metrics` on 127.0.0.1:`port`, or `None` when nothing
 /// answers there (yet).
-fn scrape(port: u16) -> Option<String> {
+pub(crate) fn scrape(port: u16) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
@@ -37,14 +37,14 @@ fn scrape(port: u16) -> Option<String> {
 
 /// The value of metric `name` whose labels include `label` (e.g.
 /// `volume="vol"`), if the scrape has it.
-fn value(body: &str, name: &str, label: &str) -> Option<f64> {
+pub(crate) fn value(body: &str, name: &str, label: &str) -> Option<f64> {
     body.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// A scrape of `port`, waiting up to 10 s for the endpoint to answer.
-fn scrape_when_up(port: u16) -> String {
+pub(crate) fn scrape_when_up(port: u16) -> String {
     let mut body = None;
     wait_for(Duration::from_secs(10), || {
         body = scrape(port);

@@ -131,10 +131,12 @@ impl Ctx {
             return;
         };
         let report = Report::new(&p.lease.filer, Some(&p.lease.name), self.progress.clone());
-        let (ok, failure) = match &p.ended {
-            Ended::Done(_) => (true, None),
-            Ended::Failed(w) | Ended::Dropped(w) => (false, Some(w.clone())),
+        let (ok, failure, result) = match &p.ended {
+            Ended::Done(_) => (true, None, "ok"),
+            Ended::Failed(w) => (false, Some(w.clone()), "failed"),
+            Ended::Dropped(w) => (false, Some(w.clone()), "dropped"),
         };
+        crate::metrics::fleet_pass_recorded(result);
         let state = r.state.clone();
         report.event(
             &json!({
@@ -294,6 +296,9 @@ async fn wait_for_schema(ctx: &Ctx, signals: &mut Signals) -> Result<bool> {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(args: AgentArgs, db: DbSettings, progress: Arc<dyn Progress>) -> Result<i32> {
+    if let Some(addr) = args.sync.endpoint.metrics {
+        crate::metrics::install(addr)?;
+    }
     let ctx = Arc::new(context(args, db, progress)?);
     let mut signals = Signals::new()?;
     if !wait_for_schema(&ctx, &mut signals).await? {
@@ -325,7 +330,8 @@ pub async fn run(args: AgentArgs, db: DbSettings, progress: Arc<dyn Progress>) -
         if let Err(e) = nights::consider(&ctx, &mut work.running, &mut work.nights).await {
             ctx.waiting("database", &e.to_string());
         }
-        fill(&ctx, &mut work.passes, &cancelled).await;
+        let paused = fill(&ctx, &mut work.passes, &cancelled).await;
+        crate::metrics::fleet_agent(ctx.spool.waiting().len(), paused, work.passes.len());
         tokio::select! {
             Some(_) = work.passes.join_next(), if !work.passes.is_empty() => {}
             Some(r) = work.nights.join_next(), if !work.nights.is_empty() => work.ended_night(r),
@@ -364,8 +370,9 @@ impl Work {
     }
 }
 
-/// Claims volumes until `--jobs` passes are in flight or nothing is due.
-async fn fill(ctx: &Arc<Ctx>, passes: &mut JoinSet<()>, cancelled: &watch::Receiver<bool>) {
+/// Claims volumes until `--jobs` passes are in flight or nothing is due;
+/// true when the fleet is paused.
+async fn fill(ctx: &Arc<Ctx>, passes: &mut JoinSet<()>, cancelled: &watch::Receiver<bool>) -> bool {
     while passes.len() < ctx.args.jobs {
         match lease::claim(&ctx.pool, &ctx.host, &ctx.name, ctx.args.lease).await {
             Ok(Ok(l)) => {
@@ -378,20 +385,21 @@ async fn fill(ctx: &Arc<Ctx>, passes: &mut JoinSet<()>, cancelled: &watch::Recei
                     "paused",
                     &format!("the fleet is paused ({why}): no new pass"),
                 );
-                return;
+                return true;
             }
             Ok(Err(NoClaim::Idle)) => {
                 if passes.is_empty() {
                     ctx.waiting("idle", "nothing due on this host");
                 }
-                return;
+                return false;
             }
             Err(e) => {
                 ctx.waiting("database", &e.to_string());
-                return;
+                return false;
             }
         }
     }
+    false
 }
 
 /// After the first signal: no new claim; the work in flight ends and is
