@@ -12,21 +12,33 @@
 //! `tokio-postgres` and a semaphore; a general pool (deadpool, bb8) would
 //! add its own configuration and runtime glue for no more than that.
 //!
-//! Connections are made without TLS (`NoTls`): reach the database over a
-//! unix socket (`host=/run/postgresql`) or a trusted network; TLS comes
-//! with the agent's deployment.
+//! A unix socket (`host=/run/postgresql`) is reached without TLS (the
+//! server offers none there); a TCP host with TLS whenever the server
+//! offers it (libpq's `sslmode=prefer`, the default), or always
+//! (`sslmode=require`), and the server's certificate and name are then
+//! always verified against the system's trusted certificates and the CA
+//! given ([`super::tls`]); `sslmode=disable` is plain TCP, for a trusted
+//! network.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::config::Host;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Config, NoTls, Socket};
+
+use super::tls;
 
 use crate::error::{Error, Result};
 
 /// The environment variable read when `--db` is not given.
 pub const ENV_DB: &str = "NIGHTPASS_DB";
+
+/// The environment variable naming the database's CA when `--db-ca` is
+/// not given.
+pub const ENV_DB_CA: &str = "NIGHTPASS_DB_CA";
 
 /// How nightpass reaches the database.
 #[derive(Clone)]
@@ -35,6 +47,10 @@ pub struct DbSettings {
     config: Config,
     /// The database as the operator names it, without the password.
     target: String,
+    /// TLS for a TCP host (none for a unix socket or `sslmode=disable`).
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// The CA file trusted besides the system's, when one was given.
+    ca: Option<PathBuf>,
     /// How long to keep trying to connect before giving up (exit 3).
     pub wait: Duration,
     /// The longest one query (or one transaction) may take.
@@ -64,18 +80,40 @@ impl DbSettings {
                  e.g. host=/run/postgresql dbname=nightpass)"
             )));
         };
-        let config: Config = text.parse().map_err(|e| {
+        let bad = |e: &dyn std::fmt::Display| {
             Error::input(format!(
                 "the database connection string is not one PostgreSQL reads: {e}"
             ))
-        })?;
+        };
+        let split = tls::split_libpq(&text).map_err(|e| bad(&e))?;
+        let config: Config = split.text.parse().map_err(|e| bad(&e))?;
         let target = describe(&config);
-        Ok(DbSettings {
+        let from_env = std::env::var_os(ENV_DB_CA).filter(|s| !s.is_empty());
+        let ca = split.ca.or(from_env.map(PathBuf::from));
+        let settings = DbSettings {
             config,
             target,
+            tls: None,
+            ca: None,
             wait,
             query_timeout,
-        })
+        };
+        settings.with_ca(ca.as_deref())
+    }
+
+    /// These settings trusting the CA in `ca` (`--db-ca`, which wins over
+    /// `NIGHTPASS_DB_CA` and `sslrootcert`) besides the system's.
+    pub fn with_ca(mut self, ca: Option<&Path>) -> Result<Self> {
+        if let Some(ca) = ca {
+            self.ca = Some(ca.to_owned());
+        }
+        let tcp = matches!(self.config.get_hosts().first(), Some(Host::Tcp(_)) | None);
+        self.tls = if tcp && self.config.get_ssl_mode() != SslMode::Disable {
+            Some(tls::client_config(self.ca.as_deref())?)
+        } else {
+            None
+        };
+        Ok(self)
     }
 
     /// The database as `postgresql://USER@HOST:PORT/DBNAME`, never with its
@@ -228,6 +266,48 @@ impl Pool {
     }
 }
 
+/// Opens one connection with `tls`; its driver runs on its own task.
+async fn open<T>(
+    config: &Config,
+    tls: T,
+    target: &str,
+) -> std::result::Result<Client, tokio_postgres::Error>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = config.connect(tls).await?;
+    let target = target.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("database {target}: connection ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// A TLS failure waiting cannot cure (a certificate not trusted, a name
+/// that does not match, a server without TLS under `sslmode=require`),
+/// said with what to do: exit 3 at once.
+fn tls_refusal(s: &DbSettings, e: &tokio_postgres::Error) -> Option<Error> {
+    let text = e.to_string();
+    let detail = std::error::Error::source(e).map_or(text.clone(), |c| format!("{text}: {c}"));
+    let hint = if detail.contains("does not support TLS") {
+        "the server offers no TLS: enable ssl on it, or use sslmode=disable on a trusted network"
+    } else if detail.contains("certificate") || detail.contains("InvalidDnsName") {
+        match &s.ca {
+            Some(_) => "its certificate is not signed by the CA given, or not for this host name",
+            None => "give the CA that signed its certificate with --db-ca FILE, NIGHTPASS_DB_CA or sslrootcert=FILE",
+        }
+    } else {
+        return None;
+    };
+    Some(Error::Network(format!(
+        "database {}: TLS: {detail}: {hint}",
+        s.target
+    )))
+}
+
 /// A new connection, tried again until `s.wait` has passed; its driver
 /// runs on its own task. A refusal that waiting cannot cure (bad password,
 /// no such database) fails at once.
@@ -240,16 +320,25 @@ async fn connect(s: &DbSettings) -> Result<Client> {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(left.clamp(Duration::from_millis(100), Duration::from_secs(5)));
         }
-        let attempt =
-            tokio::time::timeout(left.max(Duration::from_millis(100)), config.connect(NoTls));
-        let why = match attempt.await {
-            Ok(Ok((client, connection))) => {
-                let target = s.target.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!("database {target}: connection ended: {e}");
-                    }
-                });
+        let opened = match &s.tls {
+            Some(t) => {
+                let make = tokio_postgres_rustls::MakeRustlsConnect::new((**t).clone());
+                tokio::time::timeout(
+                    left.max(Duration::from_millis(100)),
+                    open(&config, make, &s.target),
+                )
+                .await
+            }
+            None => {
+                tokio::time::timeout(
+                    left.max(Duration::from_millis(100)),
+                    open(&config, NoTls, &s.target),
+                )
+                .await
+            }
+        };
+        let why = match opened {
+            Ok(Ok(client)) => {
                 // The server bounds every statement too, so that a query
                 // abandoned by our timeout does not run on.
                 let ms = s.query_timeout.as_millis().max(1);
@@ -266,6 +355,9 @@ async fn connect(s: &DbSettings) -> Result<Client> {
                 // Class 28 (authorization), 3D (no such database): waiting won't help.
                 if matches!(sqlstate(&e).map(|c| &c[..2]), Some("28" | "3D")) {
                     return Err(db_error(&s.target, "cannot connect", &e));
+                }
+                if let Some(refusal) = tls_refusal(s, &e) {
+                    return Err(refusal);
                 }
                 e.to_string()
             }

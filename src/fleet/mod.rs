@@ -25,6 +25,7 @@ pub mod night;
 pub mod ops;
 pub mod record;
 pub mod schema;
+pub mod tls;
 
 pub use db::{DbSettings, Pool};
 
@@ -36,7 +37,8 @@ use crate::progress::Progress;
 
 /// Runs `nightpass fleet …`; `Ok(0)` when done.
 pub async fn run(args: FleetArgs, progress: Arc<dyn Progress>) -> Result<i32> {
-    let settings = DbSettings::resolve(args.db.as_deref(), args.db_wait, args.db_timeout)?;
+    let settings = DbSettings::resolve(args.db.as_deref(), args.db_wait, args.db_timeout)?
+        .with_ca(args.db_ca.as_deref())?;
     if let FleetCommand::Agent(a) = args.command {
         return agent::run(*a, settings, progress).await;
     }

@@ -433,3 +433,51 @@ fn add_for_another_host_does_not_read_its_sources() {
     expect(&run, 2);
     assert!(run.stderr.contains("absolute"), "{}", run.context());
 }
+
+/// Over TCP the database is reached with TLS and its certificate checked:
+/// with the CA given (`NIGHTPASS_DB_CA`, `--db-ca`, or libpq's
+/// `sslrootcert` with `sslmode=verify-full`, in a string or a URL) every
+/// command works and the server logs TLS connections; without it the
+/// certificate is refused at once (exit 3), saying how to give the CA.
+#[test]
+fn the_database_is_reached_over_tls_with_its_certificate_checked() {
+    let Some(pg) = Postgres::start("fleet::the_database_is_reached_over_tls") else {
+        return;
+    };
+    let ca = pg.enable_tls();
+    let ca_s = ca.to_str().unwrap();
+    let with_ca = |db: &str, args: &[&str]| {
+        let mut c = Command::new(bin());
+        c.args(["--json", "fleet"])
+            .args(args)
+            .env("NIGHTPASS_DB", db);
+        c.env("NIGHTPASS_DB_CA", ca_s).stdin(Stdio::null());
+        run_command(c)
+    };
+    let require = pg.tcp_url("localhost", "sslmode=require");
+    expect(&with_ca(&require, &["init"]), 0);
+    assert!(pg.log().contains("SSL enabled"), "{}", pg.log());
+    // No CA: the server's certificate is not trusted, and waiting won't
+    // change that.
+    let t = Instant::now();
+    let run = fleet(&require, &["status", "--db-wait", "30s"]);
+    expect(&run, 3);
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert!(run.stderr.contains("--db-ca"), "{}", run.context());
+    let run = fleet(&require, &["status", "--db-ca", ca_s]);
+    expect(&run, 0);
+    // libpq's own options, as operators copy them.
+    let verify = pg.tcp_url(
+        "localhost",
+        &format!("sslmode=verify-full sslrootcert={ca_s}"),
+    );
+    expect(&fleet(&verify, &["status"]), 0);
+    let url = format!(
+        "postgres://fleet@127.0.0.1:{}/postgres?sslmode=verify-ca&sslrootcert={ca_s}",
+        pg.port()
+    );
+    expect(&fleet(&url, &["status"]), 0);
+    // A CA file that holds no certificate is bad input.
+    let run = fleet(&require, &["status", "--db-ca", "/etc/hostname"]);
+    expect(&run, 2);
+}

@@ -18,6 +18,11 @@ pub struct FleetArgs {
     /// line, so never put a password here).
     #[arg(long, global = true, value_name = "URL")]
     pub db: Option<String>,
+    /// A PEM file of the CA that signed the database's TLS certificate,
+    /// trusted besides the system's (also NIGHTPASS_DB_CA, or libpq's
+    /// sslrootcert= in the connection string).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub db_ca: Option<PathBuf>,
     /// How long to keep trying to reach the database before giving up
     /// (exit 3).
     #[arg(long, global = true, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]

@@ -16,6 +16,8 @@ pub struct Postgres {
     bin: PathBuf,
     user: Option<String>,
     port: u16,
+    /// Also listening on 127.0.0.1 (TCP), with TLS: [`Postgres::enable_tls`].
+    tcp: std::sync::atomic::AtomicBool,
 }
 
 /// The directory holding `initdb` and `pg_ctl`: on the PATH, else
@@ -87,6 +89,7 @@ impl Postgres {
             bin,
             user,
             port: free_port(),
+            tcp: Default::default(),
         };
         std::fs::create_dir_all(pg.socket_dir()).unwrap();
         if let Some(u) = &pg.user {
@@ -140,8 +143,13 @@ impl Postgres {
     pub fn pg_ctl_start(&self) {
         let data = self.data_dir().display().to_string();
         let log = self.root().join("log").display().to_string();
+        let listen = if self.tcp.load(std::sync::atomic::Ordering::SeqCst) {
+            "127.0.0.1"
+        } else {
+            ""
+        };
         let opts = format!(
-            "-p {} -k {} -c listen_addresses='' -c fsync=off -c shared_buffers=16MB -c max_connections=40",
+            "-p {} -k {} -c listen_addresses='{listen}' -c fsync=off -c shared_buffers=16MB -c max_connections=40",
             self.port,
             self.socket_dir().display()
         );
@@ -150,6 +158,70 @@ impl Postgres {
             &["-D", &data, "-l", &log, "-o", &opts, "-w", "start"],
             true,
         );
+    }
+
+    /// Restarts the server listening on 127.0.0.1 too, with TLS: a
+    /// certificate for `localhost` and 127.0.0.1 signed by a CA of its
+    /// own, and connections logged (their TLS too). Returns the CA's PEM
+    /// file.
+    pub fn enable_tls(&self) -> PathBuf {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let data = self.data_dir();
+        std::fs::write(data.join("server.crt"), cert.pem()).unwrap();
+        std::fs::write(data.join("server.key"), key.serialize_pem()).unwrap();
+        let ca_file = self.dir.path().join("fleet-ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let conf = "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nlog_connections = on\n";
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
+        if let Some(u) = &self.user {
+            for file in ["server.crt", "server.key"] {
+                let path = data.join(file).display().to_string();
+                self.run("chown", &[u, &path], false);
+            }
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        self.stop();
+        self.tcp.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.pg_ctl_start();
+        ca_file
+    }
+
+    /// The connection string over TCP to `host` (127.0.0.1 or
+    /// localhost), after [`Postgres::enable_tls`], with `extra` options.
+    pub fn tcp_url(&self, host: &str, extra: &str) -> String {
+        format!(
+            "host={host} port={} user=fleet dbname=postgres {extra}",
+            self.port
+        )
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root().join("log")).unwrap_or_default()
     }
 
     /// Stops the server at once (as a crash would).
