@@ -23,6 +23,10 @@ use crate::store::state::default_state_dir;
 pub fn reporter(cli: &Cli) -> Arc<dyn Progress> {
     if cli.json {
         Arc::new(JsonLines::default())
+    } else if cli.command.is_agent() {
+        // A daemon: its lines go to the log, with their time (or the
+        // journal's priority), not as a terminal's bars.
+        Arc::new(crate::fleet::agent::report::LogLines)
     } else {
         Arc::new(Human::new(cli.quiet).progress_every(cli.progress_interval))
     }

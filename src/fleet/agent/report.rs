@@ -123,3 +123,27 @@ impl Progress for Report {
         self.inner.note(&format!("{}: {human}", self.label()));
     }
 }
+
+/// An agent's human output when not `--json`: every line through the log
+/// (stderr, each with its time, or the journal's priority under
+/// systemd), none drawn as a bar.
+pub struct LogLines;
+
+impl Progress for LogLines {
+    fn pass_start(&self, s: &PassStart) {
+        tracing::info!("{}: pass {} started", s.volume, s.pass);
+    }
+    fn scanned(&self, _: u64) {}
+    fn sent(&self, _: u64) {}
+    fn pass_end(&self, e: &PassEnd) {
+        tracing::info!("{}: pass {} ended", e.start.volume, e.start.pass);
+    }
+    fn event(&self, _: &Value, human: &str) {
+        if !human.is_empty() {
+            tracing::info!("{human}");
+        }
+    }
+    fn note(&self, human: &str) {
+        tracing::info!("{human}");
+    }
+}
