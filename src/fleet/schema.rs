@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 const INIT_LOCK: i64 = 0x6e69_6768_7470_6173;
 
 /// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
-pub const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
+pub const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3];
 
 /// The schema version this binary reads and writes.
 pub fn latest() -> i32 {
@@ -173,6 +173,16 @@ CREATE TABLE nightpass.fleet_log (
     detail jsonb
 );
 CREATE INDEX fleet_log_at ON nightpass.fleet_log (at);
+"#;
+
+/// Version 3: a filer's failed nights, so that a group cutover that fails
+/// is retried under the retry policy (`retry_after` doubled at each
+/// failure, at most `max_attempts`, then it waits for `fleet resume`),
+/// never in a loop.
+pub const MIGRATION_3: &str = r#"
+ALTER TABLE nightpass.filers
+    ADD COLUMN night_failures integer NOT NULL DEFAULT 0 CHECK (night_failures >= 0),
+    ADD COLUMN night_retry_at timestamptz;
 "#;
 
 /// What [`init`] did.

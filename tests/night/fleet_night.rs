@@ -292,8 +292,8 @@ fn a_night_that_is_not_ready_freezes_nothing_and_says_why() {
     );
     wait_value(
         &pg,
-        "SELECT count(*) FROM nightpass.passes WHERE ok AND record->>'forecast_final_pass_s' IS NOT NULL",
-        "2",
+        "SELECT count(*) >= 2 FROM nightpass.passes WHERE ok AND record->>'forecast_final_pass_s' IS NOT NULL",
+        "t",
         Duration::from_secs(30),
         &[&ag],
     );
