@@ -36,6 +36,7 @@ pub fn reporter(cli: &Cli) -> Arc<dyn Progress> {
 pub async fn run(cli: Cli) -> Result<i32> {
     let progress = reporter(&cli);
     let json = cli.json;
+    let every = cli.progress_interval;
     match cli.command {
         Command::Keygen { identity, force } => {
             let dir = identity.unwrap_or_else(default_identity_dir);
@@ -65,7 +66,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Converge(args) => converge(args, progress).await,
         Command::Track(args) => track(args, progress, json).await,
-        Command::Fleet(args) => crate::fleet::run(args, progress).await,
+        Command::Fleet(args) => crate::fleet::run(args, progress, every).await,
         Command::Cutover(args) => cutover(args, progress).await,
         Command::Unseal { name, state_dir } => {
             unseal(name, state_dir.unwrap_or_else(default_state_dir), progress).await

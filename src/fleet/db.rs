@@ -308,60 +308,67 @@ fn tls_refusal(s: &DbSettings, e: &tokio_postgres::Error) -> Option<Error> {
     )))
 }
 
+/// Why one connection attempt failed.
+#[derive(Debug)]
+pub enum Attempt {
+    /// Waiting may cure it (the server down, restarting, slow): why.
+    Retry(String),
+    /// Waiting will not (a wrong password, no such database, a TLS
+    /// certificate not trusted): exit 3 at once.
+    Lasting(Error),
+}
+
+/// One connection attempt, given at most `left`.
+async fn attempt(s: &DbSettings, left: Duration) -> std::result::Result<Client, Attempt> {
+    let mut config = s.config.clone();
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(left.clamp(Duration::from_millis(100), Duration::from_secs(5)));
+    }
+    let limit = left.max(Duration::from_millis(100));
+    let opened = match &s.tls {
+        Some(t) => {
+            let make = tokio_postgres_rustls::MakeRustlsConnect::new((**t).clone());
+            tokio::time::timeout(limit, open(&config, make, &s.target)).await
+        }
+        None => tokio::time::timeout(limit, open(&config, NoTls, &s.target)).await,
+    };
+    let client = match opened {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => {
+            // Class 28 (authorization), 3D (no such database): waiting won't help.
+            if matches!(sqlstate(&e).map(|c| &c[..2]), Some("28" | "3D")) {
+                return Err(Attempt::Lasting(db_error(&s.target, "cannot connect", &e)));
+            }
+            if let Some(refusal) = tls_refusal(s, &e) {
+                return Err(Attempt::Lasting(refusal));
+            }
+            return Err(Attempt::Retry(e.to_string()));
+        }
+        Err(_) => return Err(Attempt::Retry("no answer".to_string())),
+    };
+    // The server bounds every statement too, so that a query abandoned
+    // by our timeout does not run on.
+    let ms = s.query_timeout.as_millis().max(1);
+    let set = format!("SET statement_timeout = {ms}; SET lock_timeout = {ms}");
+    match tokio::time::timeout(s.query_timeout, client.batch_execute(&set)).await {
+        Ok(Ok(())) => Ok(client),
+        Ok(Err(e)) => Err(Attempt::Retry(format!("setting timeouts: {e}"))),
+        Err(_) => Err(Attempt::Retry("no answer to SET".into())),
+    }
+}
+
 /// A new connection, tried again until `s.wait` has passed; its driver
 /// runs on its own task. A refusal that waiting cannot cure (bad password,
-/// no such database) fails at once.
+/// no such database, a certificate not trusted) fails at once.
 async fn connect(s: &DbSettings) -> Result<Client> {
     let deadline = Instant::now() + s.wait;
     let mut pause = Duration::from_millis(100);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut config = s.config.clone();
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(left.clamp(Duration::from_millis(100), Duration::from_secs(5)));
-        }
-        let opened = match &s.tls {
-            Some(t) => {
-                let make = tokio_postgres_rustls::MakeRustlsConnect::new((**t).clone());
-                tokio::time::timeout(
-                    left.max(Duration::from_millis(100)),
-                    open(&config, make, &s.target),
-                )
-                .await
-            }
-            None => {
-                tokio::time::timeout(
-                    left.max(Duration::from_millis(100)),
-                    open(&config, NoTls, &s.target),
-                )
-                .await
-            }
-        };
-        let why = match opened {
-            Ok(Ok(client)) => {
-                // The server bounds every statement too, so that a query
-                // abandoned by our timeout does not run on.
-                let ms = s.query_timeout.as_millis().max(1);
-                let set = format!("SET statement_timeout = {ms}; SET lock_timeout = {ms}");
-                tokio::time::timeout(s.query_timeout, client.batch_execute(&set))
-                    .await
-                    .map_err(|_| {
-                        Error::Network(format!("database {}: no answer to SET", s.target))
-                    })?
-                    .map_err(|e| db_error(&s.target, "setting timeouts", &e))?;
-                return Ok(client);
-            }
-            Ok(Err(e)) => {
-                // Class 28 (authorization), 3D (no such database): waiting won't help.
-                if matches!(sqlstate(&e).map(|c| &c[..2]), Some("28" | "3D")) {
-                    return Err(db_error(&s.target, "cannot connect", &e));
-                }
-                if let Some(refusal) = tls_refusal(s, &e) {
-                    return Err(refusal);
-                }
-                e.to_string()
-            }
-            Err(_) => "no answer".to_string(),
+        let why = match attempt(s, left).await {
+            Ok(client) => return Ok(client),
+            Err(Attempt::Lasting(e)) => return Err(e),
+            Err(Attempt::Retry(why)) => why,
         };
         if Instant::now() + pause >= deadline {
             return Err(Error::Network(format!(
@@ -372,6 +379,19 @@ async fn connect(s: &DbSettings) -> Result<Client> {
         tracing::debug!("database {}: cannot connect yet: {why}", s.target);
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+impl Pool {
+    /// One connection attempt (kept in the pool when it succeeds): tells
+    /// a database that is away for now from one that refuses for good.
+    pub async fn probe(&self) -> std::result::Result<(), Attempt> {
+        let s = &self.inner.settings;
+        let client = attempt(s, s.wait.min(Duration::from_secs(5))).await?;
+        if let Ok(mut idle) = self.inner.idle.lock() {
+            idle.push(client);
+        }
+        Ok(())
     }
 }
 

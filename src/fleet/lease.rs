@@ -293,3 +293,18 @@ pub async fn filer_plan(pool: &Pool, filer: &str) -> Result<Option<FilerPlan>> {
         jobs: r.get(4),
     }))
 }
+
+/// The hosts that have filers in the fleet, in name order.
+pub async fn hosts(pool: &Pool) -> Result<Vec<String>> {
+    let conn = pool.get().await?;
+    let rows = pool
+        .timed(
+            "reading the fleet's hosts",
+            conn.query(
+                "SELECT DISTINCT host FROM nightpass.filers ORDER BY host",
+                &[],
+            ),
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}

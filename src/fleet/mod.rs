@@ -36,11 +36,18 @@ use crate::error::Result;
 use crate::progress::Progress;
 
 /// Runs `nightpass fleet …`; `Ok(0)` when done.
-pub async fn run(args: FleetArgs, progress: Arc<dyn Progress>) -> Result<i32> {
+///
+/// `every`: how often an agent's pass says how far it is
+/// (`--progress-interval`; 0: never).
+pub async fn run(
+    args: FleetArgs,
+    progress: Arc<dyn Progress>,
+    every: std::time::Duration,
+) -> Result<i32> {
     let settings = DbSettings::resolve(args.db.as_deref(), args.db_wait, args.db_timeout)?
         .with_ca(args.db_ca.as_deref())?;
     if let FleetCommand::Agent(a) = args.command {
-        return agent::run(*a, settings, progress).await;
+        return agent::run(*a, settings, progress, every).await;
     }
     let progress = progress.as_ref();
     // One connection at a time is all an operator's command needs.

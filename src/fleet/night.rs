@@ -59,6 +59,15 @@ pub struct Night {
     pub note: Option<String>,
     /// The plan's `jobs`: final passes at once.
     pub jobs: i32,
+    /// Its group cutovers that failed since its night was scheduled (or
+    /// the fleet resumed).
+    pub failures: i32,
+    /// Seconds until its night may be tried again after a failure (none,
+    /// or not positive: now).
+    pub retry_in_s: Option<f64>,
+    /// The fleet's `max_attempts`: failed nights before it waits for
+    /// `fleet resume`.
+    pub max_attempts: i32,
     /// Its volumes, in name order.
     pub volumes: Vec<NightVolume>,
 }
@@ -74,7 +83,9 @@ pub async fn open(pool: &Pool, host: &str) -> Result<Vec<Night>> {
                 "SELECT f.name, f.plan, f.plan_path, extract(epoch FROM s.at)::float8, \
                  extract(epoch FROM s.window_len)::float8, \
                  extract(epoch FROM s.at + s.window_len - now())::float8, f.night_note, \
-                 f.jobs, v.id, v.name, v.state, v.forecast_final_pass_s, \
+                 f.jobs, f.night_failures, extract(epoch FROM f.night_retry_at - now())::float8, \
+                 (SELECT max_attempts FROM nightpass.settings), \
+                 v.id, v.name, v.state, v.forecast_final_pass_s, \
                  EXISTS (SELECT 1 FROM nightpass.leases l WHERE l.volume = v.id \
                          AND l.expires_at > now()), v.failure \
                  FROM nightpass.filers f JOIN nightpass.schedules s ON s.filer = f.name \
@@ -98,15 +109,18 @@ pub async fn open(pool: &Pool, host: &str) -> Result<Vec<Night>> {
             left_s: r.get(5),
             note: r.get(6),
             jobs: r.get(7),
+            failures: r.get(8),
+            retry_in_s: r.get(9),
+            max_attempts: r.get(10),
             volumes: Vec::new(),
         });
         night.volumes.push(NightVolume {
-            id: r.get(8),
-            name: r.get(9),
-            state: r.get(10),
-            forecast_s: r.get(11),
-            leased: r.get(12),
-            failure: r.get(13),
+            id: r.get(11),
+            name: r.get(12),
+            state: r.get(13),
+            forecast_s: r.get(14),
+            leased: r.get(15),
+            failure: r.get(16),
         });
     }
     Ok(nights.into_values().collect())
@@ -226,6 +240,135 @@ pub async fn claim(
     pool.timed("claiming a filer for its night", work).await
 }
 
+/// Leases every volume of `night` to `agent` when its night's agent was
+/// lost: every volume `cutting_over`, and no lease on any of them live, or
+/// expired for less than `ttl` (a slow renewal is not a lost agent). The
+/// volumes stay `cutting_over`; the lost agent's open pass rows are closed
+/// as abandoned. `None` when that is not so (nothing changed).
+pub async fn claim_stale(
+    pool: &Pool,
+    night: &Night,
+    agent: &str,
+    ttl: Duration,
+) -> Result<Option<Vec<Lease>>> {
+    let mut conn = pool.get().await?;
+    let secs = ttl.as_secs_f64();
+    let work = async {
+        let tx = conn.transaction().await?;
+        let rows = tx
+            .query(
+                "SELECT v.id, v.name, v.state, EXISTS (SELECT 1 FROM nightpass.leases l \
+                 WHERE l.volume = v.id AND l.expires_at > now() - make_interval(secs => $2)) \
+                 FROM nightpass.volumes v WHERE v.filer = $1 ORDER BY v.name FOR UPDATE OF v",
+                &[&night.filer, &secs],
+            )
+            .await?;
+        let stale = !rows.is_empty()
+            && rows
+                .iter()
+                .all(|r| r.get::<_, String>(2) == "cutting_over" && !r.get::<_, bool>(3));
+        if !stale {
+            return Ok(None);
+        }
+        let mut leases = Vec::new();
+        for r in &rows {
+            let volume: i64 = r.get(0);
+            let token: i64 = tx
+                .query_one(
+                    "INSERT INTO nightpass.leases (volume, agent, expires_at, in_pass) \
+                     VALUES ($1, $2, now() + make_interval(secs => $3), true) \
+                     ON CONFLICT (volume) DO UPDATE SET agent = excluded.agent, \
+                     token = excluded.token, acquired_at = now(), renewed_at = now(), \
+                     expires_at = excluded.expires_at, in_pass = true RETURNING token",
+                    &[&volume, &agent, &secs],
+                )
+                .await?
+                .get(0);
+            super::lease::abandon(&tx, volume, token).await?;
+            leases.push(Lease {
+                volume,
+                filer: night.filer.clone(),
+                name: r.get(1),
+                state: "cutting_over".into(),
+                agent: agent.to_string(),
+                token,
+            });
+        }
+        tx.commit().await?;
+        Ok::<_, tokio_postgres::Error>(Some(leases))
+    };
+    pool.timed("taking over a lost night", work).await
+}
+
+/// A lost night the receiver sealed nothing of: every volume back to
+/// `ready` (a history row saying why), the filer's night note saying it,
+/// the leases released; the night may run again.
+pub async fn settle_unsealed(pool: &Pool, leases: &[Lease], why: &str) -> Result<()> {
+    let mut conn = pool.get().await?;
+    let work = async {
+        let tx = conn.transaction().await?;
+        let figures = json!({"recovered": why});
+        for l in leases {
+            let n = tx
+                .execute(
+                    "UPDATE nightpass.volumes SET state = 'ready', fence_token = $2, \
+                     updated_at = now() WHERE id = $1 AND state = 'cutting_over'",
+                    &[&l.volume, &l.token],
+                )
+                .await?;
+            if n == 1 {
+                tx.execute(
+                    "INSERT INTO nightpass.history (volume, from_state, to_state, agent, token, figures) \
+                     VALUES ($1, 'cutting_over', 'ready', $2, $3, $4)",
+                    &[&l.volume, &l.agent, &l.token, &figures],
+                )
+                .await?;
+            }
+            tx.execute(
+                "DELETE FROM nightpass.leases WHERE volume = $1 AND token = $2",
+                &[&l.volume, &l.token],
+            )
+            .await?;
+        }
+        if let Some(l) = leases.first() {
+            tx.execute(
+                "UPDATE nightpass.filers SET night_note = $2, night_note_at = now() WHERE name = $1",
+                &[&l.filer, &why],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok::<_, tokio_postgres::Error>(())
+    };
+    pool.timed("settling a lost night", work).await
+}
+
+/// Releases `leases` and notes `why` on their filer, changing no state
+/// (a lost night the receiver could not tell about).
+pub async fn give_up(pool: &Pool, leases: &[Lease], why: &str) -> Result<()> {
+    let mut conn = pool.get().await?;
+    let work = async {
+        let tx = conn.transaction().await?;
+        for l in leases {
+            tx.execute(
+                "DELETE FROM nightpass.leases WHERE volume = $1 AND token = $2",
+                &[&l.volume, &l.token],
+            )
+            .await?;
+        }
+        if let Some(l) = leases.first() {
+            tx.execute(
+                "UPDATE nightpass.filers SET night_note = $2, night_note_at = now() WHERE name = $1",
+                &[&l.filer, &why],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok::<_, tokio_postgres::Error>(())
+    };
+    pool.timed("releasing a lost night", work).await
+}
+
 /// How a filer's group cutover ended, as the agent records it (and spools
 /// while the database is away).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,6 +385,9 @@ pub struct NightRecord {
     pub failure: Option<(Option<String>, String)>,
     /// The cutover's figures (`group_cutover_end`, or the error).
     pub figures: Value,
+    /// When it ended (Unix seconds, the agent's clock).
+    #[serde(default)]
+    pub ended_unix: Option<f64>,
 }
 
 /// Writes `r` in one transaction: every volume still `cutting_over` moves
@@ -262,15 +408,19 @@ pub async fn finish(pool: &Pool, r: &NightRecord) -> Result<()> {
             .await?
             .get(0);
         for lease in &r.leases {
+            // A success is the receiver's truth (the volumes are sealed):
+            // written whatever the row says now; a failure only over a
+            // night still in progress.
             let still = tx
                 .query_opt(
-                    "SELECT attempts FROM nightpass.volumes WHERE id = $1 \
-                     AND state = 'cutting_over' FOR UPDATE",
-                    &[&lease.volume],
+                    "SELECT attempts, state FROM nightpass.volumes WHERE id = $1 \
+                     AND (state = 'cutting_over' OR ($2 AND state <> 'cut_over')) FOR UPDATE",
+                    &[&lease.volume, &r.failure.is_none()],
                 )
                 .await?;
             let Some(still) = still else { continue };
             let attempts: i32 = still.get(0);
+            let from: String = still.get(1);
             let (to, failure, point) = outcome_of(r, &lease.name);
             let attempts = if to == "failed" { attempts + 1 } else { 0 };
             let wait = backoff(Duration::from_secs_f64(retry_s.max(0.0)), attempts);
@@ -291,21 +441,22 @@ pub async fn finish(pool: &Pool, r: &NightRecord) -> Result<()> {
             .await?;
             tx.execute(
                 "INSERT INTO nightpass.history (volume, from_state, to_state, agent, token, figures) \
-                 VALUES ($1, 'cutting_over', $2, $3, $4, $5)",
-                &[&lease.volume, &to, &lease.agent, &lease.token, &r.figures],
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&lease.volume, &from, &to, &lease.agent, &lease.token, &r.figures],
             )
             .await?;
             tx.execute(
                 "UPDATE nightpass.passes SET ok = $4, record = $5, failure = $6, \
-                 ended_at = clock_timestamp() WHERE volume = $1 AND token = $2 AND seq = 1 \
-                 AND agent = $3 AND ok IS NULL",
+                 ended_at = coalesce(to_timestamp($7), clock_timestamp()) \
+                 WHERE volume = $1 AND token = $2 AND seq = 1 AND agent = $3 AND ok IS NULL",
                 &[
                     &lease.volume,
                     &lease.token,
                     &lease.agent,
                     &r.failure.is_none(),
-                    &r.figures,
+                    &row_record(r, &lease.name),
                     &r.failure.as_ref().map(|f| f.1.clone()),
+                    &r.ended_unix,
                 ],
             )
             .await?;
@@ -329,10 +480,71 @@ pub async fn finish(pool: &Pool, r: &NightRecord) -> Result<()> {
             &[&r.filer, &r.group_point, &note],
         )
         .await?;
+        if let Some((volume, why)) = &r.failure {
+            night_failed(&tx, r, volume.as_deref(), why, retry_s).await?;
+        }
         tx.commit().await?;
         Ok::<_, tokio_postgres::Error>(())
     };
     pool.timed("recording a filer's night", work).await
+}
+
+/// A failed night: the filer's night waits `retry_after × 2^(failures −
+/// 1)` (at most an hour) before it is tried again, and after
+/// `max_attempts` failures for `fleet resume`; the failure counts for the
+/// error threshold (once per night, not per volume).
+async fn night_failed(
+    tx: &tokio_postgres::Transaction<'_>,
+    r: &NightRecord,
+    volume: Option<&str>,
+    why: &str,
+    retry_s: f64,
+) -> std::result::Result<(), tokio_postgres::Error> {
+    let failures: i32 = tx
+        .query_one(
+            "UPDATE nightpass.filers SET night_failures = night_failures + 1 \
+             WHERE name = $1 RETURNING night_failures",
+            &[&r.filer],
+        )
+        .await?
+        .get(0);
+    let wait = backoff(Duration::from_secs_f64(retry_s.max(0.0)), failures);
+    tx.execute(
+        "UPDATE nightpass.filers SET night_retry_at = now() + make_interval(secs => $2) \
+         WHERE name = $1",
+        &[&r.filer, &wait.as_secs_f64()],
+    )
+    .await?;
+    let agent = r.leases.first().map_or("", |l| l.agent.as_str());
+    let label = match volume {
+        Some(v) => format!("{}/{v}", r.filer),
+        None => format!("{} (group cutover)", r.filer),
+    };
+    super::record::threshold(tx, agent, &label, why).await?;
+    Ok(())
+}
+
+/// The record of volume `name`'s pass row: the night's figures; when the
+/// night failed in another volume (or as a whole, for all but the first),
+/// marked `dropped` so that one failed night counts once.
+fn row_record(r: &NightRecord, name: &str) -> Value {
+    let Some((culprit, _)) = &r.failure else {
+        return r.figures.clone();
+    };
+    let counted = match culprit {
+        Some(c) => c == name,
+        None => r.leases.first().is_some_and(|l| l.name == name),
+    };
+    let mut v = r.figures.clone();
+    if !counted {
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "dropped".into(),
+                Value::from("the group cutover failed in another volume"),
+            );
+        }
+    }
+    v
 }
 
 /// Volume `name`'s state after `r`, its failure and its consistency point.

@@ -61,6 +61,10 @@ pub struct PassRecord {
     pub forecast_s: Option<f64>,
     /// What decides the next state.
     pub readiness: Readiness,
+    /// When it ended (Unix seconds, the agent's clock): its row's
+    /// `ended_at`, however late the record reaches the database.
+    #[serde(default)]
+    pub ended_unix: Option<f64>,
 }
 
 /// The state a claimed volume works in: a pending volume (or a failed one
@@ -223,8 +227,9 @@ pub async fn record_pass(pool: &Pool, r: &PassRecord) -> Result<Recorded> {
             &[&r.lease.volume, &r.lease.token],
         )
         .await?;
-        if matches!(r.ended, Ended::Failed(_)) {
-            out.auto_paused = threshold(&tx, r).await?;
+        if let Ended::Failed(why) = &r.ended {
+            let label = format!("{}/{}", r.lease.filer, r.lease.name);
+            out.auto_paused = threshold(&tx, &r.lease.agent, &label, why).await?;
         }
         tx.commit().await?;
         Ok::<_, tokio_postgres::Error>(out)
@@ -247,7 +252,7 @@ async fn write_pass_row(
     let n = tx
         .execute(
             "INSERT INTO nightpass.passes (volume, agent, token, seq, ok, record, failure, ended_at) \
-             VALUES ($1, $2, $3, 1, $4, $5, $6, clock_timestamp()) \
+             VALUES ($1, $2, $3, 1, $4, $5, $6, coalesce(to_timestamp($7), clock_timestamp())) \
              ON CONFLICT (volume, token, seq) DO UPDATE SET ok = excluded.ok, \
              record = excluded.record, failure = excluded.failure, ended_at = excluded.ended_at \
              WHERE nightpass.passes.ok IS NULL OR nightpass.passes.record ? 'abandoned'",
@@ -258,6 +263,7 @@ async fn write_pass_row(
                 &ok,
                 &record,
                 &failure,
+                &r.ended_unix,
             ],
         )
         .await?;
@@ -342,9 +348,11 @@ async fn apply(
 /// `error_window` ended passes (those an agent gave up not counted) reach
 /// `error_threshold` and the fleet is running, pauses it, saying why;
 /// returns the reason when it did.
-async fn threshold(
+pub async fn threshold(
     tx: &tokio_postgres::Transaction<'_>,
-    r: &PassRecord,
+    agent: &str,
+    label: &str,
+    why: &str,
 ) -> std::result::Result<Option<String>, tokio_postgres::Error> {
     let set = tx
         .query_one(
@@ -368,24 +376,19 @@ async fn threshold(
     if failed < i64::from(limit) {
         return Ok(None);
     }
-    let why = match &r.ended {
-        Ended::Failed(w) => w.as_str(),
-        _ => "",
-    };
     let reason = format!(
-        "error threshold: {failed} of the last {window} passes failed (last: {}/{}: {why})",
-        r.lease.filer, r.lease.name
+        "error threshold: {failed} of the last {window} passes failed (last: {label}: {why})"
     );
     tx.execute(
         "UPDATE nightpass.settings SET paused = true, pause_reason = $1, \
          paused_at = clock_timestamp(), paused_by = $2",
-        &[&reason, &r.lease.agent],
+        &[&reason, &agent],
     )
     .await?;
     tx.execute(
         "INSERT INTO nightpass.fleet_log (by, event, detail) VALUES ($1, 'auto_pause', $2)",
         &[
-            &r.lease.agent,
+            &agent,
             &json!({"reason": reason, "failed": failed, "window": window}),
         ],
     )

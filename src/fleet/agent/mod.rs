@@ -28,7 +28,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::db::Pool;
+use super::db::{Attempt, Pool};
 use super::lease::{self, NoClaim};
 use super::ops::this_host;
 use super::record::{Ended, Readiness, Recorded};
@@ -60,6 +60,8 @@ pub struct Ctx {
     sending: Mutex<HashSet<PathBuf>>,
     /// The last condition said while waiting (said once, not every poll).
     said: Mutex<String>,
+    /// How often a pass says how far it is (0: never).
+    pub every: Duration,
 }
 
 impl Ctx {
@@ -274,18 +276,27 @@ fn context(args: AgentArgs, db: DbSettings, progress: Arc<dyn Progress>) -> Resu
         progress,
         sending: Mutex::new(HashSet::new()),
         said: Mutex::new(String::new()),
+        every: Duration::ZERO,
     })
 }
 
 /// Waits until the database answers with the schema this binary knows;
-/// false when a signal came first. A schema that is missing or not ours
-/// is an error (exit 2): waiting would not cure it.
+/// false when a signal came first. What waiting would not cure is an
+/// error: a schema missing or not ours (exit 2), a wrong password, no such
+/// database, a certificate not trusted (exit 3).
 async fn wait_for_schema(ctx: &Ctx, signals: &mut Signals) -> Result<bool> {
     loop {
-        match schema::check(&ctx.pool).await {
-            Ok(()) => return Ok(true),
-            Err(e @ Error::Network(_)) => ctx.waiting("database", &e.to_string()),
-            Err(e) => return Err(e),
+        match ctx.pool.probe().await {
+            Err(Attempt::Lasting(e)) => return Err(e),
+            Err(Attempt::Retry(why)) => ctx.waiting(
+                "database",
+                &format!("database {}: cannot connect yet: {why}", ctx.pool.target()),
+            ),
+            Ok(()) => match schema::check(&ctx.pool).await {
+                Ok(()) => return Ok(true),
+                Err(e @ Error::Network(_)) => ctx.waiting("database", &e.to_string()),
+                Err(e) => return Err(e),
+            },
         }
         tokio::select! {
             _ = tokio::time::sleep(ctx.args.poll.max(Duration::from_secs(1))) => {}
@@ -295,11 +306,18 @@ async fn wait_for_schema(ctx: &Ctx, signals: &mut Signals) -> Result<bool> {
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(args: AgentArgs, db: DbSettings, progress: Arc<dyn Progress>) -> Result<i32> {
+pub async fn run(
+    args: AgentArgs,
+    db: DbSettings,
+    progress: Arc<dyn Progress>,
+    every: Duration,
+) -> Result<i32> {
     if let Some(addr) = args.sync.endpoint.metrics {
         crate::metrics::install(addr)?;
     }
-    let ctx = Arc::new(context(args, db, progress)?);
+    let mut ctx = context(args, db, progress)?;
+    ctx.every = every;
+    let ctx = Arc::new(ctx);
     let mut signals = Signals::new()?;
     if !wait_for_schema(&ctx, &mut signals).await? {
         return Ok(signals.code());
@@ -323,6 +341,7 @@ pub async fn run(args: AgentArgs, db: DbSettings, progress: Arc<dyn Progress>) -
             ctx.args.lease.as_secs_f64()
         ),
     );
+    warn_unknown_host(&ctx).await;
     let (cancel, cancelled) = watch::channel(false);
     let mut work = Work::default();
     while signals.count == 0 {
@@ -347,7 +366,36 @@ pub async fn run(args: AgentArgs, db: DbSettings, progress: Arc<dyn Progress>) -
                 "spooled": ctx.spool.waiting().len()}),
         &format!("agent {} stopped", ctx.name),
     );
+    if code == 130 {
+        // Stopped by SIGINT: said as every interrupted command says it.
+        return Err(Error::Interrupted);
+    }
     Ok(code)
+}
+
+/// Says so when no filer of the fleet is registered for this agent's host
+/// (a host name that differs from `fleet add --host`'s), naming those that
+/// are; the agent still waits for one.
+async fn warn_unknown_host(ctx: &Ctx) {
+    let Ok(hosts) = lease::hosts(&ctx.pool).await else {
+        return;
+    };
+    if hosts.contains(&ctx.host) {
+        return;
+    }
+    let known = if hosts.is_empty() {
+        "none yet".to_string()
+    } else {
+        hosts.join(", ")
+    };
+    ctx.waiting(
+        "no_filer",
+        &format!(
+            "no filer is registered for host '{}' (hosts in the fleet: {known}); \
+             --host must name the host as `fleet add --host` did",
+            ctx.host
+        ),
+    );
 }
 
 /// The agent's work in flight.
@@ -374,10 +422,11 @@ impl Work {
 /// true when the fleet is paused.
 async fn fill(ctx: &Arc<Ctx>, passes: &mut JoinSet<()>, cancelled: &watch::Receiver<bool>) -> bool {
     while passes.len() < ctx.args.jobs {
+        let asked = tokio::time::Instant::now();
         match lease::claim(&ctx.pool, &ctx.host, &ctx.name, ctx.args.lease).await {
             Ok(Ok(l)) => {
                 ctx.working();
-                passes.spawn(pass::run(ctx.clone(), l, cancelled.clone()));
+                passes.spawn(pass::run(ctx.clone(), l, asked, cancelled.clone()));
             }
             Ok(Err(NoClaim::Paused(why))) => {
                 let why = why.unwrap_or_else(|| "no reason given".into());

@@ -12,7 +12,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde_json::json;
 use tokio::sync::watch;
@@ -28,9 +27,15 @@ use crate::fleet::record::{self, Ended, PassRecord, Readiness};
 use crate::pass::sender::{self, SyncConfig};
 use crate::progress::Progress;
 
-/// Runs the pass `lease` was claimed for, then records it.
-pub async fn run(ctx: Arc<Ctx>, lease: Lease, mut cancel: watch::Receiver<bool>) {
-    let report = Report::new(&lease.filer, Some(&lease.name), ctx.progress.clone());
+/// Runs the pass `lease` was claimed for (the claim asked no later than
+/// `asked`), then records it.
+pub async fn run(
+    ctx: Arc<Ctx>,
+    lease: Lease,
+    asked: tokio::time::Instant,
+    mut cancel: watch::Receiver<bool>,
+) {
+    let report = Report::with_progress(&lease.filer, &lease.name, ctx.progress.clone(), ctx.every);
     report.event(
         &json!({
             "event": "fleet_claim",
@@ -40,7 +45,7 @@ pub async fn run(ctx: Arc<Ctx>, lease: Lease, mut cancel: watch::Receiver<bool>)
         }),
         &format!("claimed ({}, lease token {})", lease.state, lease.token),
     );
-    let (ended, forecast_s, readiness) = work(&ctx, &lease, &report, &mut cancel).await;
+    let (ended, forecast_s, readiness) = work(&ctx, &lease, asked, &report, &mut cancel).await;
     if let Ended::Failed(why) | Ended::Dropped(why) = &ended {
         report.note(&format!("pass not completed: {why}"));
     }
@@ -49,6 +54,7 @@ pub async fn run(ctx: Arc<Ctx>, lease: Lease, mut cancel: watch::Receiver<bool>)
         ended,
         forecast_s,
         readiness,
+        ended_unix: Some(crate::progress::now_unix()),
     };
     ctx.send(Spooled::Pass(record)).await;
 }
@@ -57,6 +63,7 @@ pub async fn run(ctx: Arc<Ctx>, lease: Lease, mut cancel: watch::Receiver<bool>)
 async fn work(
     ctx: &Ctx,
     lease: &Lease,
+    asked: tokio::time::Instant,
     report: &Arc<Report>,
     cancel: &mut watch::Receiver<bool>,
 ) -> (Ended, Option<f64>, Readiness) {
@@ -98,7 +105,7 @@ async fn work(
             }
             Err(e) => (Ended::Failed(e.to_string()), None, readiness),
         },
-        why = keep(ctx, lease) => (Ended::Dropped(why), None, readiness),
+        why = keep(ctx, lease, asked) => (Ended::Dropped(why), None, readiness),
         _ = cancel.wait_for(|c| *c) => (
             Ended::Dropped("the agent was stopped by a second signal".into()),
             None,
@@ -131,34 +138,36 @@ fn config(ctx: &Ctx, f: &FilerPlan, name: &str) -> Result<SyncConfig> {
 }
 
 /// Renews `lease` every third of its length while the pass runs; returns
-/// (ending the pass) only when it is lost, or could not be renewed for
-/// 90% of its length (the database away): past that it may have expired,
-/// and another agent may hold the volume.
-pub async fn keep(ctx: &Ctx, lease: &Lease) -> String {
+/// (ending the pass) when it is lost, or when 90% of its length has passed
+/// since the last renewal the database confirmed (the database away):
+/// past that it may have expired, and another agent may hold the volume.
+/// A renewal is never waited for past that deadline, so a pass never runs
+/// on past it.
+pub async fn keep(ctx: &Ctx, lease: &Lease, asked: tokio::time::Instant) -> String {
     let ttl = ctx.args.lease;
     let every = ttl / 3;
-    let mut renewed = Instant::now();
+    // The database gave the lease no earlier than the claim was asked.
+    let mut renewed = asked;
+    let mut next = renewed + every;
     loop {
-        tokio::time::sleep(every).await;
-        let asked = Instant::now();
-        match tokio::time::timeout(every, lease::renew(&ctx.pool, lease, ttl)).await {
+        let deadline = renewed + ttl.mul_f64(0.9);
+        tokio::time::sleep_until(next.min(deadline)).await;
+        if tokio::time::Instant::now() >= deadline {
+            return format!(
+                "the lease could not be renewed for {:.0} s (the database did not answer): \
+                 it may have expired",
+                renewed.elapsed().as_secs_f64()
+            );
+        }
+        let asked = tokio::time::Instant::now();
+        next = asked + every;
+        match tokio::time::timeout_at(deadline, lease::renew(&ctx.pool, lease, ttl)).await {
             Ok(Ok(true)) => renewed = asked,
             Ok(Ok(false)) => {
                 return "the lease was lost (it expired, or another agent took it)".into()
             }
-            Ok(Err(e)) if renewed.elapsed() >= ttl.mul_f64(0.9) => {
-                return format!(
-                    "the lease could not be renewed for {:.0} s: {e}",
-                    renewed.elapsed().as_secs_f64()
-                )
-            }
-            Err(_) if renewed.elapsed() >= ttl.mul_f64(0.9) => {
-                return format!(
-                    "the lease could not be renewed for {:.0} s: the database did not answer",
-                    renewed.elapsed().as_secs_f64()
-                )
-            }
-            _ => {}
+            Ok(Err(e)) => tracing::warn!("{}/{}: renewing the lease: {e}", lease.filer, lease.name),
+            Err(_) => {}
         }
     }
 }

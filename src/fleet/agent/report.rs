@@ -6,7 +6,9 @@
 //! and runs several passes at once), one line per event, notes prefixed
 //! with the volume they are about. It decides nothing.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -21,6 +23,13 @@ pub struct Report {
     volume: Option<String>,
     inner: Arc<dyn Progress>,
     kept: Mutex<Vec<Value>>,
+    /// How far the pass running now is, said every `every` (0: never).
+    every: Duration,
+    said: Mutex<Instant>,
+    pass: AtomicU64,
+    size: AtomicU64,
+    scanned: AtomicU64,
+    sent: AtomicU64,
 }
 
 impl Report {
@@ -31,7 +40,58 @@ impl Report {
             volume: volume.map(str::to_string),
             inner,
             kept: Mutex::new(Vec::new()),
+            every: Duration::ZERO,
+            said: Mutex::new(Instant::now()),
+            pass: AtomicU64::new(0),
+            size: AtomicU64::new(0),
+            scanned: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
         })
+    }
+
+    /// Reports about volume `volume` of `filer` that say how far a pass is
+    /// every `every` (0: never), as a plan run does without a terminal.
+    pub fn with_progress(
+        filer: &str,
+        volume: &str,
+        inner: Arc<dyn Progress>,
+        every: Duration,
+    ) -> Arc<Report> {
+        let mut r = Arc::into_inner(Report::new(filer, Some(volume), inner))
+            .expect("a new report has one owner");
+        r.every = every;
+        Arc::new(r)
+    }
+
+    /// Says how far the pass is when `every` has passed since last said.
+    fn tick(&self) {
+        if self.every.is_zero() {
+            return;
+        }
+        let Ok(mut said) = self.said.lock() else {
+            return;
+        };
+        if said.elapsed() < self.every {
+            return;
+        }
+        *said = Instant::now();
+        let (size, scanned) = (
+            self.size.load(Ordering::Relaxed),
+            self.scanned.load(Ordering::Relaxed),
+        );
+        let pct = if size == 0 {
+            100.0
+        } else {
+            scanned as f64 * 100.0 / size as f64
+        };
+        self.inner.note(&format!(
+            "{}: pass {}: scanned {} of {} ({pct:.0}%), sent {}",
+            self.label(),
+            self.pass.load(Ordering::Relaxed),
+            human_bytes(scanned),
+            human_bytes(size),
+            human_bytes(self.sent.load(Ordering::Relaxed)),
+        ));
     }
 
     /// `v` with `"filer"`, and `"volume"` when this reporter has one.
@@ -71,6 +131,13 @@ impl Report {
 
 impl Progress for Report {
     fn pass_start(&self, s: &PassStart) {
+        self.pass.store(s.pass, Ordering::Relaxed);
+        self.size.store(s.size_bytes, Ordering::Relaxed);
+        self.scanned.store(0, Ordering::Relaxed);
+        self.sent.store(0, Ordering::Relaxed);
+        if let Ok(mut said) = self.said.lock() {
+            *said = Instant::now();
+        }
         let v = json!({
             "event": "pass_start",
             "pass": s.pass,
@@ -86,8 +153,17 @@ impl Progress for Report {
         );
         self.inner.event(&self.tag(&v), &human);
     }
-    fn scanned(&self, _: u64) {}
-    fn sent(&self, _: u64) {}
+    fn scanned(&self, bytes: u64) {
+        self.scanned.fetch_add(bytes, Ordering::Relaxed);
+        self.tick();
+    }
+    fn sent(&self, bytes: u64) {
+        self.sent.fetch_add(bytes, Ordering::Relaxed);
+        self.tick();
+    }
+    fn reads(&self, bytes: u64) {
+        self.size.store(bytes, Ordering::Relaxed);
+    }
     fn pass_end(&self, e: &PassEnd) {
         let mut v = e.to_json();
         if let Some(o) = v.as_object_mut() {
