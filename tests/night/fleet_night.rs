@@ -541,6 +541,9 @@ fn an_agent_ends_its_pass_on_sigterm_and_drops_it_on_a_second_sigint() {
     a2.signal(libc::SIGINT);
     let end = a2.finish(Duration::from_secs(30));
     assert_eq!(end.code, 130, "{}", end.context());
+    // Said as every interrupted command says it.
+    let err = end.event("error");
+    assert_eq!(err["exit_code"], 130, "{err}");
     let row = query(
         &pg,
         "SELECT ok::text, failure FROM nightpass.passes WHERE agent = 'a2'",
@@ -552,4 +555,216 @@ fn an_agent_ends_its_pass_on_sigterm_and_drops_it_on_a_second_sigint() {
         one(&pg, "SELECT state FROM nightpass.volumes"),
         "converging"
     );
+}
+
+/// A night whose freeze keeps failing is retried under the retry policy
+/// (`retry_after` doubled per failure), never in a loop, and after
+/// `max_attempts` failed nights it waits for the operator, saying so.
+#[test]
+fn a_failing_night_is_retried_with_backoff_then_waits() {
+    let test = "fleet_night::a_failing_night_is_retried_with_backoff_then_waits";
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    let db = pg.url();
+    let dir = scratch();
+    let root = dir.path();
+    let sender = SenderSide::new(root, "s");
+    let rx = receiver(root, &sender, &["x", "y"]);
+    let plan = image_plan(
+        root,
+        &rx,
+        &["x", "y"],
+        1 << 20,
+        "pre = \"exit 3\"\npost = \"true\"",
+    );
+    register(&db, &plan);
+    pg.sql("UPDATE nightpass.settings SET retry_after = interval '1 second', max_attempts = 2");
+    let r = fleet(
+        &db,
+        &["schedule", "filer", "--at", &at_in(2), "--window", "10m"],
+    );
+    assert_eq!(r.code, 0, "{}", r.context());
+    let ag = agent(
+        &db,
+        &sender,
+        &root.join("st"),
+        "a1",
+        &["--ready-interval", "1s"],
+    );
+    wait_value(
+        &pg,
+        "SELECT night_failures FROM nightpass.filers",
+        "2",
+        Duration::from_secs(60),
+        &[&ag],
+    );
+    // Six seconds on: still two nights (two volumes each), and the note
+    // says the filer waits for the operator.
+    std::thread::sleep(Duration::from_secs(6));
+    let nights = "SELECT count(*) FROM nightpass.history WHERE to_state = 'cutting_over'";
+    assert_eq!(one(&pg, nights), "4");
+    let note = one(&pg, "SELECT night_note FROM nightpass.filers");
+    assert!(
+        note.contains("gave up") && note.contains("fleet resume"),
+        "{note}"
+    );
+    // One failed night counts once for the error threshold.
+    let counted = one(
+        &pg,
+        "SELECT count(*) FROM nightpass.passes WHERE kind = 'cutover' AND NOT ok AND NOT (record ? 'dropped')",
+    );
+    assert_eq!(counted, "2");
+    ag.signal(libc::SIGTERM);
+    assert_eq!(ag.finish(Duration::from_secs(30)).code, 0);
+}
+
+/// The agent running a night is killed while its filer is frozen (its
+/// `pre` still running): the other agent of the host says nothing about
+/// the night while it runs, and once the lease has run out takes it over,
+/// finds the receiver sealed nothing, sets the volumes back to `ready`,
+/// and cuts the filer over itself.
+#[test]
+fn a_night_whose_agent_died_is_taken_over_and_finished() {
+    let test = "fleet_night::a_night_whose_agent_died_is_taken_over";
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    let db = pg.url();
+    let dir = scratch();
+    let root = dir.path();
+    let sender = SenderSide::new(root, "s");
+    let rx = receiver(root, &sender, &["x", "y"]);
+    let plan = image_plan(
+        root,
+        &rx,
+        &["x", "y"],
+        1 << 20,
+        "pre = \"sleep 4\"\npost = \"true\"",
+    );
+    register(&db, &plan);
+    let r = fleet(
+        &db,
+        &["schedule", "filer", "--at", &at_in(4), "--window", "10m"],
+    );
+    assert_eq!(r.code, 0, "{}", r.context());
+    let flags = ["--ready-interval", "1s"];
+    let mut agents = vec![
+        Some(agent(&db, &sender, &root.join("s1"), "a1", &flags)),
+        Some(agent(&db, &sender, &root.join("s2"), "a2", &flags)),
+    ];
+    let all: Vec<&Spawned> = agents.iter().flatten().collect();
+    wait_value(
+        &pg,
+        "SELECT count(*) FROM nightpass.volumes WHERE state = 'cutting_over'",
+        "2",
+        Duration::from_secs(60),
+        &all,
+    );
+    let runner = one(&pg, "SELECT DISTINCT agent FROM nightpass.leases");
+    std::thread::sleep(Duration::from_secs(1));
+    let note = one(&pg, "SELECT coalesce(night_note, '') FROM nightpass.filers");
+    assert!(
+        !note.contains("nothing frozen"),
+        "said during the freeze: {note}"
+    );
+    let i = if runner == "a1" { 0 } else { 1 };
+    agents[i].take().unwrap().kill9();
+    let survivor = agents[1 - i].take().unwrap();
+    wait_value(
+        &pg,
+        "SELECT count(*) FROM nightpass.volumes WHERE state = 'cut_over'",
+        "2",
+        Duration::from_secs(90),
+        &[&survivor],
+    );
+    let recovered = one(
+        &pg,
+        "SELECT count(*) FROM nightpass.history WHERE from_state = 'cutting_over' \
+         AND to_state = 'ready' AND figures ? 'recovered'",
+    );
+    assert_eq!(recovered, "2");
+    for name in ["x", "y"] {
+        let journal =
+            std::fs::read_to_string(rx.state.join("volumes").join(name).join("journal.jsonl"))
+                .unwrap();
+        let last: Value = serde_json::from_str(journal.lines().last().unwrap()).unwrap();
+        let point = one(
+            &pg,
+            &format!("SELECT consistency_point FROM nightpass.volumes WHERE name = '{name}'"),
+        );
+        assert_eq!(last["consistency_point"], point.as_str(), "{last}");
+        assert_eq!(
+            std::fs::read(root.join(format!("{name}.img"))).unwrap(),
+            std::fs::read(root.join(format!("target-{name}.img"))).unwrap()
+        );
+    }
+    survivor.signal(libc::SIGTERM);
+    assert_eq!(survivor.finish(Duration::from_secs(30)).code, 0);
+}
+
+/// An agent whose database refuses for good (no such database) ends at
+/// once (exit 3) saying why, instead of waiting as for an outage.
+#[test]
+fn an_agent_whose_database_refuses_for_good_ends_at_once() {
+    let test = "fleet_night::an_agent_whose_database_refuses_for_good";
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    let dir = scratch();
+    let sender = SenderSide::new(dir.path(), "s");
+    let db = pg.url().replace("dbname=postgres", "dbname=nosuchdb");
+    let ag = agent(&db, &sender, &dir.path().join("st"), "a1", &[]);
+    let end = ag.finish(Duration::from_secs(15));
+    assert_eq!(end.code, 3, "{}", end.context());
+    assert!(end.stderr.contains("nosuchdb"), "{}", end.context());
+}
+
+/// Without `--json`, an agent's pass says how far it is every
+/// `--progress-interval`, each line with its time, as `serve` logs.
+#[test]
+fn an_agents_pass_says_how_far_it_is() {
+    let test = "fleet_night::an_agents_pass_says_how_far_it_is";
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    let db = pg.url();
+    let dir = scratch();
+    let root = dir.path();
+    let sender = SenderSide::new(root, "s");
+    let rx = receiver(root, &sender, &["x"]);
+    let plan = image_plan(root, &rx, &["x"], 6 << 20, "");
+    register(&db, &plan);
+    let mut c = Command::new(bin());
+    c.args([
+        "fleet",
+        "agent",
+        "--host",
+        "h",
+        "--name",
+        "a1",
+        "--progress-interval",
+        "1s",
+    ]);
+    c.arg("--identity").arg(&sender.id.dir);
+    c.arg("--state-dir").arg(root.join("st"));
+    c.args(["--bwlimit", "2M", "--jobs", "1", "--poll", "300ms"]);
+    c.env("NIGHTPASS_DB", &db).env_remove("JOURNAL_STREAM");
+    let ag = Spawned::start(c);
+    assert!(
+        wait_for(Duration::from_secs(20), || ag
+            .stderr()
+            .contains("pass 1: scanned")),
+        "{}",
+        ag.stderr()
+    );
+    let line = ag
+        .stderr()
+        .lines()
+        .find(|l| l.contains("pass 1: scanned"))
+        .unwrap()
+        .to_string();
+    assert!(line.starts_with("20") && line.contains("filer/x"), "{line}");
+    ag.signal(libc::SIGTERM);
+    assert_eq!(ag.finish(Duration::from_secs(30)).code, 0);
 }
