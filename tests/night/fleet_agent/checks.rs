@@ -274,7 +274,7 @@ pub fn assert_group_point(pg: &Postgres, runs: &[&Run], filer: &str) -> String {
 pub fn assert_pass_ends_recorded(pg: &Postgres, runs: &[(&str, &Run)]) {
     let rows = pg.query(
         "SELECT p.agent, v.name, coalesce(p.record->>'pass', ''), \
-         coalesce(p.record->>'sent_bytes', '') \
+         coalesce(p.record->>'sent_bytes', ''), extract(epoch FROM p.ended_at)::text \
          FROM nightpass.passes p JOIN nightpass.volumes v ON v.id = p.volume \
          WHERE p.ok AND p.kind = 'pass'",
     );
@@ -294,6 +294,14 @@ pub fn assert_pass_ends_recorded(pg: &Postgres, runs: &[(&str, &Run)]) {
                 "{agent}'s {e} in nightpass.passes: {rows:#?}"
             );
             assert_eq!(found[0][3], sent, "sent_bytes of {agent}'s {e}");
+            // Its end is when it ended, not when the record reached the
+            // database (a spooled record is sent late).
+            let ended: f64 = found[0][4].parse().unwrap();
+            let ts = unix_of(e["ts"].as_str().unwrap());
+            assert!(
+                (ended - ts).abs() < 2.0,
+                "ended_at {ended} of {agent}'s {e}"
+            );
         }
     }
     assert_eq!(
@@ -301,4 +309,20 @@ pub fn assert_pass_ends_recorded(pg: &Postgres, runs: &[(&str, &Run)]) {
         ends,
         "ok pass rows, not one per pass_end: {rows:#?}"
     );
+}
+
+/// Unix seconds of an RFC 3339 UTC time as events carry it
+/// (`2026-11-30T04:57:42.689Z`).
+fn unix_of(ts: &str) -> f64 {
+    let n = |r: std::ops::Range<usize>| ts[r].parse::<i64>().unwrap();
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    let secs: f64 = ts[17..ts.len() - 1].parse().unwrap();
+    (days * 86400 + n(11..13) * 3600 + n(14..16) * 60) as f64 + secs
 }
