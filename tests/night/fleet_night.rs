@@ -649,7 +649,7 @@ fn a_night_whose_agent_died_is_taken_over_and_finished() {
     );
     assert_eq!(r.code, 0, "{}", r.context());
     let flags = ["--ready-interval", "1s"];
-    let mut agents = vec![
+    let mut agents = [
         Some(agent(&db, &sender, &root.join("s1"), "a1", &flags)),
         Some(agent(&db, &sender, &root.join("s2"), "a2", &flags)),
     ];
