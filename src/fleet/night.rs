@@ -195,17 +195,7 @@ pub async fn claim(
         let mut leases = Vec::new();
         for r in &rows {
             let volume: i64 = r.get(0);
-            let token: i64 = tx
-                .query_one(
-                    "INSERT INTO nightpass.leases (volume, agent, expires_at, in_pass) \
-                     VALUES ($1, $2, now() + make_interval(secs => $3), true) \
-                     ON CONFLICT (volume) DO UPDATE SET agent = excluded.agent, \
-                     token = excluded.token, acquired_at = now(), renewed_at = now(), \
-                     expires_at = excluded.expires_at, in_pass = true RETURNING token",
-                    &[&volume, &agent, &secs],
-                )
-                .await?
-                .get(0);
+            let token = lease_volume(&tx, volume, agent, secs).await?;
             tx.execute(
                 "UPDATE nightpass.volumes SET state = 'cutting_over', fence_token = $2, \
                  updated_at = now() WHERE id = $1",
@@ -273,17 +263,7 @@ pub async fn claim_stale(
         let mut leases = Vec::new();
         for r in &rows {
             let volume: i64 = r.get(0);
-            let token: i64 = tx
-                .query_one(
-                    "INSERT INTO nightpass.leases (volume, agent, expires_at, in_pass) \
-                     VALUES ($1, $2, now() + make_interval(secs => $3), true) \
-                     ON CONFLICT (volume) DO UPDATE SET agent = excluded.agent, \
-                     token = excluded.token, acquired_at = now(), renewed_at = now(), \
-                     expires_at = excluded.expires_at, in_pass = true RETURNING token",
-                    &[&volume, &agent, &secs],
-                )
-                .await?
-                .get(0);
+            let token = lease_volume(&tx, volume, agent, secs).await?;
             super::lease::abandon(&tx, volume, token).await?;
             leases.push(Lease {
                 volume,
@@ -330,13 +310,7 @@ pub async fn settle_unsealed(pool: &Pool, leases: &[Lease], why: &str) -> Result
             )
             .await?;
         }
-        if let Some(l) = leases.first() {
-            tx.execute(
-                "UPDATE nightpass.filers SET night_note = $2, night_note_at = now() WHERE name = $1",
-                &[&l.filer, &why],
-            )
-            .await?;
-        }
+        note_on(&tx, leases, why).await?;
         tx.commit().await?;
         Ok::<_, tokio_postgres::Error>(())
     };
@@ -356,13 +330,7 @@ pub async fn give_up(pool: &Pool, leases: &[Lease], why: &str) -> Result<()> {
             )
             .await?;
         }
-        if let Some(l) = leases.first() {
-            tx.execute(
-                "UPDATE nightpass.filers SET night_note = $2, night_note_at = now() WHERE name = $1",
-                &[&l.filer, &why],
-            )
-            .await?;
-        }
+        note_on(&tx, leases, why).await?;
         tx.commit().await?;
         Ok::<_, tokio_postgres::Error>(())
     };
@@ -558,6 +526,44 @@ fn outcome_of(r: &NightRecord, name: &str) -> (&'static str, Option<String>, Opt
         // at once.
         Some((None, why)) => ("failed", Some(why.clone()), None),
     }
+}
+
+/// A lease on `volume` for `agent` for `secs` seconds, in a pass, taken
+/// over from any earlier holder (the caller has checked it may): its new
+/// token.
+async fn lease_volume(
+    tx: &tokio_postgres::Transaction<'_>,
+    volume: i64,
+    agent: &str,
+    secs: f64,
+) -> std::result::Result<i64, tokio_postgres::Error> {
+    Ok(tx
+        .query_one(
+            "INSERT INTO nightpass.leases (volume, agent, expires_at, in_pass) \
+             VALUES ($1, $2, now() + make_interval(secs => $3), true) \
+             ON CONFLICT (volume) DO UPDATE SET agent = excluded.agent, \
+             token = excluded.token, acquired_at = now(), renewed_at = now(), \
+             expires_at = excluded.expires_at, in_pass = true RETURNING token",
+            &[&volume, &agent, &secs],
+        )
+        .await?
+        .get(0))
+}
+
+/// `why` as the night note of the filer of `leases`.
+async fn note_on(
+    tx: &tokio_postgres::Transaction<'_>,
+    leases: &[Lease],
+    why: &str,
+) -> std::result::Result<(), tokio_postgres::Error> {
+    if let Some(l) = leases.first() {
+        tx.execute(
+            "UPDATE nightpass.filers SET night_note = $2, night_note_at = now() WHERE name = $1",
+            &[&l.filer, &why],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// The figures of a night's start, for the history rows.
