@@ -94,6 +94,9 @@ pub async fn run(
             ops::set_paused(&pool, true, reason.as_deref(), progress).await?
         }
         FleetCommand::Resume => ops::set_paused(&pool, false, None, progress).await?,
+        FleetCommand::Remove { filer, force } => {
+            ops::remove(&pool, &filer, force, progress).await?
+        }
         FleetCommand::Schedule { filer, at, window } => {
             let at = ops::parse_at(&at)?;
             ops::schedule(&pool, &filer, &at, window, progress).await?

@@ -4,9 +4,12 @@
 //! (`pause`/`resume`), `fleet schedule`, and a database that is not running
 //! (exit 3 after the bounded wait, naming the database without its
 //! password). The operator's controls and `fleet status`'s filers:
-//! [`controls`].
+//! [`controls`]; what `fleet add` and `fleet schedule` refuse: [`guards`];
+//! `fleet remove`: [`remove`].
 
 mod controls;
+mod guards;
+mod remove;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -38,10 +41,16 @@ fn events<'a>(run: &'a Run, name: &str) -> Vec<&'a Value> {
     run.events.iter().filter(|e| e["event"] == name).collect()
 }
 
-/// A plan file `dir/NAME.toml` of `n` image volumes, 1 MiB each.
+/// A plan file `dir/NAME.toml` of `n` image volumes, 1 MiB each, frozen
+/// by `assume_frozen`, for a receiver of its own (its own port and key:
+/// two filers never name one receiver volume).
 fn plan(dir: &Path, name: &str, n: usize) -> PathBuf {
+    static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(7400);
+    let port = PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let fp = keygen(dir, &format!("{name}-rx")).fp;
-    let mut text = format!("receiver = \"127.0.0.1:7400\"\nserver_fingerprint = \"{fp}\"\n");
+    let mut text = format!(
+        "receiver = \"127.0.0.1:{port}\"\nserver_fingerprint = \"{fp}\"\nassume_frozen = true\n"
+    );
     for i in 0..n {
         let src = dir.join(format!("{name}-v{i}.img"));
         random_file(&src, MIB, 1700 + i as u64);
@@ -191,7 +200,7 @@ fn schedule_a_known_filer_and_refuse_an_unknown_one() {
             "schedule",
             "nosuch",
             "--at",
-            "2026-12-03T01:00:00Z",
+            "2096-12-03T01:00:00Z",
             "--window",
             "2h",
         ],
@@ -204,18 +213,18 @@ fn schedule_a_known_filer_and_refuse_an_unknown_one() {
             "schedule",
             "filer8",
             "--at",
-            "2026-12-03T02:00:00+01:00",
+            "2096-12-03T02:00:00+01:00",
             "--window",
             "2h",
         ],
     );
     expect(&run, 0);
     let e = events(&run, "fleet_scheduled")[0];
-    assert_eq!(e["at"], "2026-12-03T01:00:00Z", "{}", run.context());
+    assert_eq!(e["at"], "2096-12-03T01:00:00Z", "{}", run.context());
     assert_eq!(e["window_s"], 7200.0);
     let run = fleet(&db, &["status"]);
     let v = events(&run, "fleet_volume")[0];
-    assert_eq!(v["window_at"], "2026-12-03T01:00:00Z", "{}", run.context());
+    assert_eq!(v["window_at"], "2096-12-03T01:00:00Z", "{}", run.context());
     // Local time and a time that is not one.
     let mut c = Command::new(bin());
     c.args([
@@ -224,7 +233,7 @@ fn schedule_a_known_filer_and_refuse_an_unknown_one() {
         "schedule",
         "filer8",
         "--at",
-        "2026-12-03 01:30",
+        "2096-12-03 01:30",
     ])
     .args(["--window", "1h"])
     .env("NIGHTPASS_DB", &db)
@@ -233,7 +242,7 @@ fn schedule_a_known_filer_and_refuse_an_unknown_one() {
     expect(&run, 0);
     assert_eq!(
         events(&run, "fleet_scheduled")[0]["at"],
-        "2026-12-03T00:30:00Z"
+        "2096-12-03T00:30:00Z"
     );
     let run = fleet(
         &db,
@@ -241,7 +250,7 @@ fn schedule_a_known_filer_and_refuse_an_unknown_one() {
             "schedule",
             "filer8",
             "--at",
-            "2026-13-03 01:00",
+            "2096-13-03 01:00",
             "--window",
             "1h",
         ],
@@ -399,7 +408,7 @@ fn add_for_another_host_does_not_read_its_sources() {
             &p,
             format!(
                 "receiver = \"127.0.0.1:7400\"\nserver_fingerprint = \"{fp}\"\n\
-                 [[volume]]\nname = \"v\"\nsource = \"{source}\"\n"
+                 assume_frozen = true\n[[volume]]\nname = \"v\"\nsource = \"{source}\"\n"
             ),
         )
         .unwrap();

@@ -71,8 +71,18 @@ pub enum FleetCommand {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// Lift `fleet pause`.
+    /// Lift `fleet pause`; retry the failed volumes and nights.
     Resume,
+    /// Remove a filer added by mistake, with its volumes and their rows
+    /// (never while an agent works on one of them).
+    Remove {
+        /// The filer's name in the fleet.
+        filer: String,
+        /// Remove a filer that was cut over too (its rows are the record
+        /// of its migration).
+        #[arg(long)]
+        force: bool,
+    },
     /// The night of a filer's group cutover.
     Schedule {
         /// The filer's name in the fleet.

@@ -1,7 +1,7 @@
 //! The fleet's controls: the red button (`fleet pause` / `fleet resume`)
-//! and the limits (`fleet limits`), all kept in the one row of
-//! `nightpass.settings`, and every change of them written to
-//! `nightpass.fleet_log`.
+//! and the limits (shown here; `fleet limits` changes them in
+//! [`super::limits`]), all kept in the one row of `nightpass.settings`,
+//! and every change of them written to `nightpass.fleet_log`.
 //!
 //! Owns what an operator changes in `settings` and how such a change is
 //! logged. Each change is one transaction that first locks the settings
@@ -13,7 +13,6 @@
 use serde_json::{json, Map, Value};
 
 use super::this_host;
-use crate::app::cli::LimitsArgs;
 use crate::error::{Error, Result};
 use crate::fleet::db::{sqlstate, Conn, Pool};
 use crate::fleet::schema;
@@ -74,7 +73,7 @@ impl Limits {
     }
 
     /// Every limit's column name and value, in the table's order.
-    fn fields(&self) -> [(&'static str, Value); 8] {
+    pub(super) fn fields(&self) -> [(&'static str, Value); 8] {
         [
             ("max_passes", json!(self.max_passes)),
             ("max_passes_per_filer", json!(self.per_filer)),
@@ -106,7 +105,7 @@ impl Limits {
     }
 
     /// The table `fleet limits` prints.
-    fn table(&self) -> String {
+    pub(super) fn table(&self) -> String {
         let cap = |c: Option<i32>, none: &str| c.map_or(none.to_string(), |n| n.to_string());
         let rows = [
             (
@@ -160,15 +159,6 @@ fn seconds(s: f64) -> String {
     }
 }
 
-/// A limit's value for a human: `null` is `none`.
-fn shown(v: &Value) -> String {
-    if v.is_null() {
-        "none".into()
-    } else {
-        v.to_string()
-    }
-}
-
 /// `n` and `what`, plural unless `n` is 1: `2 failed volumes`.
 fn count(n: i64, what: &str) -> String {
     format!("{n} {what}{}", if n == 1 { "" } else { "s" })
@@ -177,7 +167,7 @@ fn count(n: i64, what: &str) -> String {
 /// The name an operator's command writes in `fleet_log.by` and
 /// `settings.paused_by`: `fleet COMMAND on HOST`. Never fails for want of
 /// this machine's name.
-fn by(command: &str) -> String {
+pub(super) fn by(command: &str) -> String {
     let host = this_host().unwrap_or_else(|_| "an unnamed host".into());
     format!("fleet {command} on {host}")
 }
@@ -215,16 +205,25 @@ async fn unless_victim<T>(
 /// What the red button's transaction found and did.
 struct Toggled {
     was_paused: bool,
+    /// The press in effect after the change (pause only): its reason,
+    /// time and author.
+    reason: Option<String>,
+    paused_at: Option<f64>,
+    paused_by: Option<String>,
     /// `failed` volumes made due (resume only).
     retried: i64,
     /// Of those, the ones given fresh attempts.
     fresh: i64,
+    /// Filers whose failed nights were forgotten (resume only).
+    nights: i64,
 }
 
 /// `fleet pause` (with a reason) or `fleet resume`: sets the red button for
 /// every agent, logs it in `fleet_log`, and says so (`fleet_paused` or
-/// `fleet_resumed`). `resume` also makes every `failed` volume due now,
-/// with fresh attempts for those that had used up `max_attempts`.
+/// `fleet_resumed`). A pause of a paused fleet keeps its press (reason,
+/// time, author), only a new reason replacing the reason. `resume` also
+/// makes every `failed` volume due now, with fresh attempts for those that
+/// had used up `max_attempts`, and lets every filer's night be tried again.
 pub async fn set_paused(
     pool: &Pool,
     paused: bool,
@@ -251,16 +250,7 @@ pub async fn set_paused(
         )));
     };
     if paused {
-        let human = if t.was_paused {
-            "the fleet was already paused; reason updated"
-        } else {
-            "fleet paused: no new pass starts anywhere"
-        };
-        progress.event(
-            &json!({"event": "fleet_paused", "paused": true, "was_paused": t.was_paused,
-                    "reason": reason}),
-            human,
-        );
+        paused_event(&t, reason, progress);
         return Ok(());
     }
     let head = if t.was_paused {
@@ -276,16 +266,44 @@ pub async fn set_paused(
             count(n, "failed volume")
         ),
     };
+    let nights = match t.nights {
+        0 => String::new(),
+        n => format!(
+            "; the failed nights of {} may be tried again",
+            count(n, "filer")
+        ),
+    };
     progress.event(
         &json!({"event": "fleet_resumed", "paused": false, "was_paused": t.was_paused,
-                "reason": null, "retried_volumes": t.retried, "fresh_attempts": t.fresh}),
-        &format!("{head}{retried}"),
+                "reason": null, "retried_volumes": t.retried, "fresh_attempts": t.fresh,
+                "retried_nights": t.nights}),
+        &format!("{head}{retried}{nights}"),
     );
     Ok(())
 }
 
+/// The `fleet_paused` event of a pause that did `t` (`reason`: the one
+/// given).
+fn paused_event(t: &Toggled, reason: Option<&str>, progress: &dyn Progress) {
+    let human = match (t.was_paused, reason) {
+        (false, _) => "fleet paused: no new pass starts anywhere".to_string(),
+        (true, given) => format!(
+            "the fleet was already paused{}; reason {}: {}",
+            pressed(t.paused_at, t.paused_by.as_deref()),
+            if given.is_some() { "now" } else { "kept" },
+            t.reason.as_deref().unwrap_or("none given")
+        ),
+    };
+    progress.event(
+        &json!({"event": "fleet_paused", "paused": true, "was_paused": t.was_paused,
+                "reason": t.reason, "paused_at": t.paused_at.map(rfc3339_seconds),
+                "paused_by": t.paused_by}),
+        &human,
+    );
+}
+
 /// The red button's transaction: lock the settings row, log, set it, and
-/// on resume make the failed volumes due.
+/// on resume make the failed volumes due and the failed nights tried.
 async fn toggle(
     conn: &mut Conn,
     paused: bool,
@@ -293,11 +311,15 @@ async fn toggle(
     by: &str,
 ) -> std::result::Result<Toggled, tokio_postgres::Error> {
     let tx = conn.transaction().await?;
-    let was_paused: bool = tx
-        .query_one("SELECT paused FROM nightpass.settings FOR UPDATE", &[])
-        .await?
-        .get(0);
-    let (mut retried, mut fresh) = (0, 0);
+    let old = tx
+        .query_one(
+            "SELECT paused, pause_reason, extract(epoch FROM paused_at)::float8, paused_by \
+             FROM nightpass.settings FOR UPDATE",
+            &[],
+        )
+        .await?;
+    let was_paused: bool = old.get(0);
+    let (mut retried, mut fresh, mut nights) = (0, 0, 0);
     if !paused {
         let row = tx
             .query_one(
@@ -312,194 +334,52 @@ async fn toggle(
             )
             .await?;
         (retried, fresh) = (row.get(0), row.get(1));
+        nights = tx
+            .execute(
+                "UPDATE nightpass.filers SET night_failures = 0, night_retry_at = NULL \
+                 WHERE night_failures > 0 OR night_retry_at IS NOT NULL",
+                &[],
+            )
+            .await? as i64;
     }
+    // A pause of a paused fleet keeps its press; a new reason replaces
+    // the reason alone.
+    let (reason, kept_at, kept_by) = match (paused && was_paused, reason) {
+        (true, None) => (old.get(1), old.get(2), old.get(3)),
+        (true, Some(r)) => (Some(r.to_string()), old.get(2), old.get(3)),
+        (false, r) => (r.map(str::to_string), None, None),
+    };
     let detail = if paused {
-        json!({"reason": reason, "was_paused": was_paused})
+        json!({"reason": reason, "was_paused": was_paused, "paused_by": kept_by})
     } else {
-        json!({"was_paused": was_paused, "retried_volumes": retried, "fresh_attempts": fresh})
+        json!({"was_paused": was_paused, "retried_volumes": retried, "fresh_attempts": fresh,
+               "retried_nights": nights})
     };
     let event = if paused { "pause" } else { "resume" };
     let at = log(&tx, by, event, &detail).await?;
+    let keep = paused && was_paused;
+    let (paused_at, paused_by) = match (paused, keep) {
+        (true, true) => (kept_at, kept_by),
+        (true, false) => (Some(at), Some(by.to_string())),
+        (false, _) => (None, None),
+    };
     tx.execute(
-        "UPDATE nightpass.settings SET paused = $1, \
-         pause_reason = CASE WHEN $1 THEN $2 END, \
-         paused_at = CASE WHEN $1 THEN to_timestamp($4) END, \
-         paused_by = CASE WHEN $1 THEN $3 END",
-        &[&paused, &reason, &by, &at],
+        "UPDATE nightpass.settings SET paused = $1, pause_reason = CASE WHEN $1 THEN $2 END, \
+         paused_at = CASE WHEN NOT $1 THEN NULL WHEN $5 THEN paused_at ELSE to_timestamp($4) END, \
+         paused_by = CASE WHEN NOT $1 THEN NULL WHEN $5 THEN paused_by ELSE $3 END",
+        &[&paused, &reason, &by, &at, &keep],
     )
     .await?;
     tx.commit().await?;
     Ok(Toggled {
         was_paused,
+        reason,
+        paused_at,
+        paused_by,
         retried,
         fresh,
+        nights,
     })
-}
-
-/// The limits `fleet limits` was given, checked: `Some` for each flag.
-#[derive(Debug, Clone, Default, PartialEq)]
-struct Wanted {
-    /// `Some(None)`: no limit (the flag's 0).
-    max_passes: Option<Option<i32>>,
-    per_filer: Option<Option<i32>>,
-    per_host: Option<Option<i32>>,
-    per_receiver: Option<Option<i32>>,
-    error_threshold: Option<i32>,
-    error_window: Option<i32>,
-    max_attempts: Option<i32>,
-    retry_after_s: Option<f64>,
-}
-
-impl Wanted {
-    /// Checks `args` on their own (not against the database): exit 2 for
-    /// a value the settings cannot hold.
-    fn from_args(a: &LimitsArgs) -> Result<Wanted> {
-        let int = |flag: &str, v: u32| {
-            i32::try_from(v)
-                .map_err(|_| Error::input(format!("--{flag} {v}: at most {}", i32::MAX)))
-        };
-        let cap = |flag: &str, v: Option<u32>| -> Result<Option<Option<i32>>> {
-            v.map(|v| Ok(if v == 0 { None } else { Some(int(flag, v)?) }))
-                .transpose()
-        };
-        let positive = |flag: &str, v: Option<u32>, what: &str| -> Result<Option<i32>> {
-            match v {
-                Some(0) => Err(Error::input(format!(
-                    "--{flag} must be at least 1 ({what})"
-                ))),
-                Some(v) => int(flag, v).map(Some),
-                None => Ok(None),
-            }
-        };
-        Ok(Wanted {
-            max_passes: cap("max-passes", a.max_passes)?,
-            per_filer: cap("per-filer", a.per_filer)?,
-            per_host: cap("per-host", a.per_host)?,
-            per_receiver: cap("per-receiver", a.per_receiver)?,
-            error_threshold: positive(
-                "error-threshold",
-                a.error_threshold,
-                "one failure or more pauses the fleet",
-            )?,
-            error_window: positive("error-window", a.error_window, "passes counted")?,
-            max_attempts: positive("max-attempts", a.max_attempts, "a volume's first attempt")?,
-            retry_after_s: a.retry_after.map(|d| d.as_secs_f64()),
-        })
-    }
-
-    /// `old` with these changes made.
-    fn apply(&self, old: &Limits) -> Limits {
-        Limits {
-            max_passes: self.max_passes.unwrap_or(old.max_passes),
-            per_filer: self.per_filer.unwrap_or(old.per_filer),
-            per_host: self.per_host.unwrap_or(old.per_host),
-            per_receiver: self.per_receiver.unwrap_or(old.per_receiver),
-            error_threshold: self.error_threshold.unwrap_or(old.error_threshold),
-            error_window: self.error_window.unwrap_or(old.error_window),
-            max_attempts: self.max_attempts.unwrap_or(old.max_attempts),
-            retry_after_s: self.retry_after_s.unwrap_or(old.retry_after_s),
-        }
-    }
-}
-
-/// The limits that differ from `old` to `new`: `{name: {from, to}}`.
-fn changes(old: &Limits, new: &Limits) -> Map<String, Value> {
-    old.fields()
-        .into_iter()
-        .zip(new.fields())
-        .filter(|((_, a), (_, b))| a != b)
-        .map(|((k, a), (_, b))| (k.to_string(), json!({"from": a, "to": b})))
-        .collect()
-}
-
-/// Why a limits change was refused inside its transaction.
-struct Refused(String);
-
-/// `fleet limits`: changes the limits given (none given: changes nothing)
-/// in one transaction, logs what changed in `fleet_log`, then shows them
-/// all (`fleet_limits`). A bad value, or an error window shorter than the
-/// threshold: exit 2, nothing changed.
-pub async fn limits(pool: &Pool, args: &LimitsArgs, progress: &dyn Progress) -> Result<()> {
-    let wanted = Wanted::from_args(args)?;
-    schema::check(pool).await?;
-    let mut conn = pool.get().await?;
-    let by = by("limits");
-    let work = set_limits(&mut conn, &wanted, &by);
-    let (now, changed) = match pool.timed("changing the fleet's limits", work).await? {
-        Ok(v) => v,
-        Err(Refused(why)) => return Err(Error::input(why)),
-    };
-    let mut event = Map::new();
-    event.insert("event".into(), json!("fleet_limits"));
-    event.extend(now.to_json());
-    event.insert("changed".into(), Value::Object(changed.clone()));
-    let head = if changed.is_empty() {
-        "fleet limits:".to_string()
-    } else {
-        let what: Vec<String> = changed
-            .iter()
-            .map(|(k, c)| format!("{k} {} → {}", shown(&c["from"]), shown(&c["to"])))
-            .collect();
-        format!("fleet limits changed ({}):", what.join(", "))
-    };
-    progress.event(&Value::Object(event), &format!("{head}\n{}", now.table()));
-    Ok(())
-}
-
-/// The limits' transaction: lock the settings row, apply `w`, refuse an
-/// error window shorter than the threshold, write and log the changes.
-async fn set_limits(
-    conn: &mut Conn,
-    w: &Wanted,
-    by: &str,
-) -> std::result::Result<
-    std::result::Result<(Limits, Map<String, Value>), Refused>,
-    tokio_postgres::Error,
-> {
-    let tx = conn.transaction().await?;
-    // Only shown: no lock, so no claim waits for it.
-    let lock = if *w == Wanted::default() {
-        ""
-    } else {
-        " FOR UPDATE"
-    };
-    let old = tx
-        .query_one(
-            &format!("SELECT {LIMITS_COLUMNS} FROM nightpass.settings{lock}"),
-            &[],
-        )
-        .await?;
-    let old = Limits::from_row(&old, 0);
-    let new = w.apply(&old);
-    if new.error_window < new.error_threshold {
-        return Ok(Err(Refused(format!(
-            "the error window ({} passes) must be at least the error threshold ({} failures): \
-             the failures are counted among the last error-window passes; nothing changed",
-            new.error_window, new.error_threshold
-        ))));
-    }
-    let changed = changes(&old, &new);
-    if !changed.is_empty() {
-        tx.execute(
-            "UPDATE nightpass.settings SET max_passes = $1, max_passes_per_filer = $2, \
-             max_passes_per_host = $3, max_passes_per_receiver = $4, error_threshold = $5, \
-             error_window = $6, max_attempts = $7, retry_after = make_interval(secs => $8)",
-            &[
-                &new.max_passes,
-                &new.per_filer,
-                &new.per_host,
-                &new.per_receiver,
-                &new.error_threshold,
-                &new.error_window,
-                &new.max_attempts,
-                &new.retry_after_s,
-            ],
-        )
-        .await?;
-        log(&tx, by, "limits", &Value::Object(changed.clone())).await?;
-    }
-    tx.commit().await?;
-    Ok(Ok((new, changed)))
 }
 
 /// When the red button was pressed, for a human: `at T by WHO`.
@@ -507,67 +387,4 @@ pub fn pressed(at: Option<f64>, by: Option<&str>) -> String {
     let at = at.map(|t| format!(" at {}", rfc3339_seconds(t)));
     let by = by.map(|b| format!(" by {b}"));
     format!("{}{}", at.unwrap_or_default(), by.unwrap_or_default())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args() -> LimitsArgs {
-        LimitsArgs {
-            max_passes: None,
-            per_filer: None,
-            per_host: None,
-            per_receiver: None,
-            error_threshold: None,
-            error_window: None,
-            max_attempts: None,
-            retry_after: None,
-        }
-    }
-
-    fn defaults() -> Limits {
-        Limits {
-            max_passes: None,
-            per_filer: None,
-            per_host: Some(2),
-            per_receiver: None,
-            error_threshold: 3,
-            error_window: 10,
-            max_attempts: 5,
-            retry_after_s: 30.0,
-        }
-    }
-
-    #[test]
-    fn zero_means_no_limit_and_the_rest_must_be_positive() {
-        let w = Wanted::from_args(&LimitsArgs {
-            max_passes: Some(8),
-            per_host: Some(0),
-            ..args()
-        })
-        .unwrap();
-        let new = w.apply(&defaults());
-        assert_eq!((new.max_passes, new.per_host), (Some(8), None));
-        let c = changes(&defaults(), &new);
-        assert_eq!(c.len(), 2, "{c:?}");
-        assert_eq!(c["max_passes_per_host"]["from"], 2);
-        for bad in [
-            LimitsArgs {
-                max_attempts: Some(0),
-                ..args()
-            },
-            LimitsArgs {
-                error_threshold: Some(0),
-                ..args()
-            },
-            LimitsArgs {
-                max_passes: Some(u32::MAX),
-                ..args()
-            },
-        ] {
-            assert_eq!(Wanted::from_args(&bad).unwrap_err().exit_code(), 2);
-        }
-        assert!(changes(&defaults(), &Wanted::default().apply(&defaults())).is_empty());
-    }
 }

@@ -25,7 +25,9 @@ const VOLUMES_SQL: &str = "SELECT v.filer, v.name, f.host, v.state, \
      extract(epoch FROM s.at)::float8, extract(epoch FROM s.window_len)::float8, \
      (SELECT extract(epoch FROM max(p.ended_at))::float8 FROM nightpass.passes p \
       WHERE p.volume = v.id), \
-     coalesce(l.in_pass, false) \
+     coalesce(l.in_pass, false), extract(epoch FROM v.next_attempt_at)::float8, \
+     extract(epoch FROM l.expires_at)::float8, \
+     extract(epoch FROM l.expires_at - now())::float8 \
      FROM nightpass.volumes v JOIN nightpass.filers f ON f.name = v.filer \
      LEFT JOIN nightpass.leases l ON l.volume = v.id AND l.expires_at > now() \
      LEFT JOIN nightpass.schedules s ON s.filer = v.filer \
@@ -36,7 +38,8 @@ const FILERS_SQL: &str = "SELECT f.name, f.host, f.receiver, \
      extract(epoch FROM s.at)::float8, extract(epoch FROM s.window_len)::float8, \
      coalesce(now() >= s.at AND now() < s.at + s.window_len, false), \
      f.night_note, extract(epoch FROM f.night_note_at)::float8, \
-     f.group_point, extract(epoch FROM f.cut_over_at)::float8 \
+     f.group_point, extract(epoch FROM f.cut_over_at)::float8, \
+     f.night_failures, extract(epoch FROM f.night_retry_at)::float8 \
      FROM nightpass.filers f LEFT JOIN nightpass.schedules s ON s.filer = f.name \
      ORDER BY f.name";
 
@@ -167,8 +170,12 @@ fn summary(settings: &Row, filers: usize, volumes: &[Row], progress: &dyn Progre
     );
 }
 
+/// Where an operator reads what to do when a night's agent was lost.
+const LOST: &str = "its night's agent was lost: see docs/CLI.md 'An agent lost during a night'";
+
 /// One `fleet_filer` event from a row of [`FILERS_SQL`] and its volumes'
-/// rows.
+/// rows. A filer with volumes `cutting_over` none of which a live lease
+/// holds lost the agent of its night.
 fn filer_line(r: &Row, volumes: &[&Row], progress: &dyn Progress) {
     let (filer, host, receiver): (String, String, String) = (r.get(0), r.get(1), r.get(2));
     let (at, window, open): (Option<f64>, Option<f64>, bool) = (r.get(3), r.get(4), r.get(5));
@@ -176,8 +183,17 @@ fn filer_line(r: &Row, volumes: &[&Row], progress: &dyn Progress) {
     let note_at: Option<f64> = r.get(7);
     let point: Option<String> = r.get(8);
     let cut_at: Option<f64> = r.get(9);
+    let failures: i32 = r.get(10);
+    let retry_at: Option<f64> = r.get(11);
     let states: Vec<String> = volumes.iter().map(|v| v.get(3)).collect();
     let state = filer_state(states.iter().map(String::as_str));
+    let cutting = volumes
+        .iter()
+        .filter(|v| v.get::<_, String>(3) == "cutting_over");
+    let lost = cutting.clone().count() > 0
+        && cutting
+            .clone()
+            .all(|v| v.get::<_, Option<String>>(9).is_none());
     let mut human = format!(
         "{filer} ({host} → {receiver}): {state}, {} volumes",
         volumes.len()
@@ -195,6 +211,17 @@ fn filer_line(r: &Row, volumes: &[&Row], progress: &dyn Progress) {
         let when = note_at.map(|t| format!(" ({})", rfc3339_seconds(t)));
         human.push_str(&format!("; night: {n}{}", when.unwrap_or_default()));
     }
+    if failures > 0 {
+        let next = retry_at.map(|t| format!(", next try from {}", rfc3339_seconds(t)));
+        human.push_str(&format!(
+            "; {failures} failed night{}{}",
+            if failures == 1 { "" } else { "s" },
+            next.unwrap_or_default()
+        ));
+    }
+    if lost {
+        human.push_str(&format!("; {LOST}"));
+    }
     progress.event(
         &json!({
             "event": "fleet_filer",
@@ -210,6 +237,9 @@ fn filer_line(r: &Row, volumes: &[&Row], progress: &dyn Progress) {
             "night_note_at": note_at.map(rfc3339_seconds),
             "group_point": point,
             "cut_over_at": cut_at.map(rfc3339_seconds),
+            "night_failures": failures,
+            "night_retry_at": retry_at.map(rfc3339_seconds),
+            "night_agent_lost": lost,
         }),
         &human,
     );
@@ -230,9 +260,13 @@ fn volume_line(r: &Row, max_attempts: i32, progress: &dyn Progress) {
     let window: Option<f64> = r.get(13);
     let last: Option<f64> = r.get(14);
     let in_pass: bool = r.get(15);
+    let next_at: f64 = r.get(16);
+    let expires: Option<f64> = r.get(17);
+    let ends_in: Option<f64> = r.get(18);
+    let waits = state == "failed" && attempts >= max_attempts;
     let mut tail = match (&point, forecast, &failure) {
         (Some(p), _, _) => format!("consistency point {p}"),
-        (None, _, Some(f)) if state == "failed" && attempts >= max_attempts => {
+        (None, _, Some(f)) if waits => {
             format!("failed (attempt {attempts}, the last: waits for `fleet resume`): {f}")
         }
         (None, _, Some(f)) => format!("failed (attempt {attempts}): {f}"),
@@ -246,6 +280,9 @@ fn volume_line(r: &Row, max_attempts: i32, progress: &dyn Progress) {
         (Some(a), true) => tail.push_str(&format!(", in a pass by {a}")),
         (Some(a), false) => tail.push_str(&format!(", leased by {a}")),
         (None, _) => {}
+    }
+    if let (Some(_), Some(s)) = (&agent, ends_in) {
+        tail.push_str(&format!(" (lease ends in {:.0} s)", s.max(0.0).ceil()));
     }
     progress.event(
         &json!({
@@ -266,6 +303,9 @@ fn volume_line(r: &Row, max_attempts: i32, progress: &dyn Progress) {
             "source": r.get::<_, String>(11),
             "window_at": at.map(rfc3339_seconds),
             "window_s": window,
+            "next_attempt_at": rfc3339_seconds(next_at),
+            "waits_for_resume": waits,
+            "lease_expires_at": expires.map(rfc3339_seconds),
         }),
         &format!("  {volume:<16} {state:<12} passes {passes:<3} {tail}"),
     );

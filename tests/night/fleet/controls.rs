@@ -1,7 +1,9 @@
 //! The operator's controls and view of the fleet against a private
 //! PostgreSQL: `fleet limits` (set, shown, refused with nothing changed),
 //! the red button's rows in `nightpass.fleet_log`, `fleet resume` making
-//! failed volumes due again, and `fleet status`'s `fleet_filer` lines.
+//! failed volumes due again (and failed nights), a second pause keeping
+//! the first's reason, and `fleet status`'s `fleet_filer` lines, leases and
+//! nights whose agent was lost.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -70,7 +72,10 @@ fn fleet_log(db: &str) -> Vec<(String, String, Value)> {
 
 /// A private PostgreSQL with the schema and `filers` (name, volumes) added
 /// on host `h1`, and the directory of their plans and images.
-fn fleet_of(test: &str, filers: &[(&str, usize)]) -> Option<(Postgres, tempfile::TempDir)> {
+pub(super) fn fleet_of(
+    test: &str,
+    filers: &[(&str, usize)],
+) -> Option<(Postgres, tempfile::TempDir)> {
     let pg = Postgres::start(test)?;
     let db = pg.url();
     let dir = scratch();
@@ -333,9 +338,10 @@ fn status_shows_each_filer_before_its_volumes() {
         (&"converging".into(), &2.into()),
         "{fa}"
     );
-    assert_eq!(
-        (&fa["host"], &fa["receiver"]),
-        (&"h1".into(), &"127.0.0.1:7400".into())
+    assert_eq!(fa["host"], "h1", "{fa}");
+    assert!(
+        fa["receiver"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{fa}"
     );
     assert_eq!(fa["window_open"], true, "{fa}");
     assert_eq!(fa["window_s"], 7200.0);
@@ -379,4 +385,140 @@ fn status_shows_each_filer_before_its_volumes() {
         "{text}"
     );
     assert!(lines[at + 1].trim_start().starts_with("v0"), "{text}");
+}
+
+#[test]
+fn a_second_pause_keeps_the_first_unless_it_gives_a_reason() {
+    let Some((pg, _dir)) = fleet_of("fleet::controls::a_second_pause_keeps_the_first", &[]) else {
+        return;
+    };
+    let db = pg.url();
+    let pressed = "SELECT pause_reason, paused_at::text, paused_by FROM nightpass.settings";
+    expect(&fleet(&db, &["pause", "--reason", "array alarm"]), 0);
+    let first = pg.query(pressed);
+    let run = fleet(&db, &["pause"]);
+    expect(&run, 0);
+    let e = events(&run, "fleet_paused")[0];
+    assert_eq!(
+        (&e["was_paused"], &e["reason"]),
+        (&true.into(), &"array alarm".into()),
+        "{e}"
+    );
+    assert!(
+        e["paused_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("fleet pause on "),
+        "{e}"
+    );
+    assert!(e["paused_at"].is_string(), "{e}");
+    assert_eq!(
+        pg.query(pressed),
+        first,
+        "a pause without a reason changed the first"
+    );
+    let (code, text) = human(&db, &["pause"]);
+    assert_eq!(code, 0);
+    assert!(text.contains("already paused"), "{text}");
+    assert!(
+        text.contains("by fleet pause on ") && text.contains("array alarm"),
+        "{text}"
+    );
+    // A new reason replaces the reason only.
+    expect(&fleet(&db, &["pause", "--reason", "receiver moved"]), 0);
+    let now = pg.query(pressed);
+    assert_eq!(now[0][0], "receiver moved");
+    assert_eq!(now[0][1..], first[0][1..]);
+    let log = fleet_log(&db);
+    assert_eq!(log.len(), 4, "{log:?}");
+    assert_eq!(log[1].2["was_paused"], true, "{log:?}");
+    assert_eq!(log[1].2["reason"], "array alarm", "{log:?}");
+}
+
+#[test]
+fn resume_lets_failed_nights_be_tried_again() {
+    let Some((pg, _dir)) = fleet_of(
+        "fleet::controls::resume_lets_failed_nights",
+        &[("na", 1), ("nb", 1), ("nc", 1)],
+    ) else {
+        return;
+    };
+    let db = pg.url();
+    pg.sql(
+        "UPDATE nightpass.filers SET night_failures = 5, night_retry_at = now() + interval '1 day' \
+         WHERE name = 'na'; \
+         UPDATE nightpass.filers SET night_failures = 1, night_retry_at = now() + interval '1 minute' \
+         WHERE name = 'nb'",
+    );
+    let run = fleet(&db, &["resume"]);
+    expect(&run, 0);
+    let r = events(&run, "fleet_resumed")[0];
+    assert_eq!(r["retried_nights"], 2, "{}", run.context());
+    assert_eq!(
+        pg.scalar(
+            "SELECT count(*) FROM nightpass.filers \
+             WHERE night_failures = 0 AND night_retry_at IS NULL"
+        ),
+        "3"
+    );
+    assert_eq!(fleet_log(&db)[0].2["retried_nights"], 2);
+    let (_, text) = human(&db, &["resume"]);
+    assert!(!text.contains("night"), "nothing to retry: {text}");
+}
+
+#[test]
+fn status_shows_leases_running_out_and_a_night_whose_agent_was_lost() {
+    let Some((pg, _dir)) = fleet_of(
+        "fleet::controls::status_shows_leases_running_out",
+        &[("fa", 2), ("fb", 1), ("fc", 1)],
+    ) else {
+        return;
+    };
+    let db = pg.url();
+    pg.sql(
+        "UPDATE nightpass.volumes SET state = 'failed', failure = 'disk gone', attempts = 5, \
+         next_attempt_at = now() + interval '1 day' WHERE filer = 'fa' AND name = 'v0'; \
+         UPDATE nightpass.volumes SET state = 'converging' WHERE filer = 'fa' AND name = 'v1'; \
+         UPDATE nightpass.filers SET night_failures = 2, night_retry_at = now() + interval '10 minutes' \
+         WHERE name = 'fa'; \
+         UPDATE nightpass.volumes SET state = 'cutting_over' WHERE filer IN ('fb', 'fc'); \
+         INSERT INTO nightpass.leases (volume, agent, expires_at, in_pass) \
+         SELECT id, CASE filer WHEN 'fa' THEN 'a1' WHEN 'fb' THEN 'a2' ELSE 'a3' END, \
+         now() + CASE filer WHEN 'fb' THEN interval '-5 seconds' ELSE interval '30 seconds' END, \
+         filer = 'fa' FROM nightpass.volumes WHERE name = 'v1' OR filer <> 'fa'",
+    );
+    let run = fleet(&db, &["status"]);
+    expect(&run, 0);
+    let filers = events(&run, "fleet_filer");
+    let vols = events(&run, "fleet_volume");
+    let (v0, v1) = (vols[0], vols[1]);
+    assert_eq!(v0["waits_for_resume"], true, "{v0}");
+    assert!(v0["next_attempt_at"].is_string(), "{v0}");
+    assert!(v0["lease_expires_at"].is_null(), "{v0}");
+    assert_eq!(v1["waits_for_resume"], false, "{v1}");
+    assert!(v1["lease_expires_at"].is_string(), "{v1}");
+    assert_eq!(
+        (&filers[0]["night_failures"], &filers[0]["night_agent_lost"]),
+        (&2.into(), &false.into())
+    );
+    assert!(filers[0]["night_retry_at"].is_string(), "{}", filers[0]);
+    // fb's agent died in its night; fc's still holds its volume.
+    assert_eq!(filers[1]["night_agent_lost"], true, "{}", filers[1]);
+    assert!(vols[2]["agent"].is_null() && vols[2]["lease_expires_at"].is_null());
+    assert_eq!(filers[2]["night_agent_lost"], false, "{}", filers[2]);
+    assert!(filers[2]["night_retry_at"].is_null());
+    let (_, text) = human(&db, &["status"]);
+    let line = |start: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(start))
+            .unwrap_or_else(|| panic!("{start}: {text}"))
+            .to_string()
+    };
+    let lost = "its night's agent was lost: see docs/CLI.md 'An agent lost during a night'";
+    assert!(line("fb (").contains(lost), "{text}");
+    assert!(!line("fc (").contains(lost), "{text}");
+    assert!(
+        line("v1").contains("in a pass by a1 (lease ends in "),
+        "{text}"
+    );
 }
