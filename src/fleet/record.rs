@@ -196,6 +196,9 @@ pub struct Recorded {
     pub state: Option<String>,
     /// The red button, pressed by this failure: why.
     pub auto_paused: Option<String>,
+    /// The volume is no longer in the fleet (`fleet remove`): nothing
+    /// was written.
+    pub removed: bool,
 }
 
 /// Records `r` in one transaction: the pass's row (idempotent: a record
@@ -213,8 +216,19 @@ pub async fn record_pass(pool: &Pool, r: &PassRecord) -> Result<Recorded> {
             tx.execute("SELECT 1 FROM nightpass.settings FOR UPDATE", &[])
                 .await?;
         }
-        let fresh = write_pass_row(&tx, r).await?;
         let mut out = Recorded::default();
+        let there = tx
+            .query_opt(
+                "SELECT 1 FROM nightpass.volumes WHERE id = $1",
+                &[&r.lease.volume],
+            )
+            .await?;
+        if there.is_none() {
+            // `fleet remove` took its filer out of the fleet meanwhile.
+            out.removed = true;
+            return Ok(out);
+        }
+        let fresh = write_pass_row(&tx, r).await?;
         if !fresh {
             // Sent before (a spooled record whose commit was not seen).
             return Ok(out);

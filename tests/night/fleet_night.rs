@@ -411,7 +411,7 @@ fn the_per_host_cap_holds_across_agents() {
     let sender = SenderSide::new(root, "s");
     let names = ["p", "q", "r"];
     let rx = receiver(root, &sender, &names);
-    let plan = image_plan(root, &rx, &names, 3 << 20, "");
+    let plan = image_plan(root, &rx, &names, 3 << 20, "assume_frozen = true");
     register(&db, &plan);
     pg.sql("UPDATE nightpass.settings SET max_passes_per_host = 1");
     let slow = ["--bwlimit", "3M", "--jobs", "2", "--ready-interval", "1h"];
@@ -514,7 +514,7 @@ fn an_agent_ends_its_pass_on_sigterm_and_drops_it_on_a_second_sigint() {
     let root = dir.path();
     let sender = SenderSide::new(root, "s");
     let rx = receiver(root, &sender, &["x"]);
-    let plan = image_plan(root, &rx, &["x"], 6 << 20, "");
+    let plan = image_plan(root, &rx, &["x"], 6 << 20, "assume_frozen = true");
     register(&db, &plan);
     let slow = ["--bwlimit", "2M", "--jobs", "1"];
     let a1 = agent(&db, &sender, &root.join("st1"), "a1", &slow);
@@ -733,7 +733,7 @@ fn an_agents_pass_says_how_far_it_is() {
     let root = dir.path();
     let sender = SenderSide::new(root, "s");
     let rx = receiver(root, &sender, &["x"]);
-    let plan = image_plan(root, &rx, &["x"], 6 << 20, "");
+    let plan = image_plan(root, &rx, &["x"], 6 << 20, "assume_frozen = true");
     register(&db, &plan);
     let mut c = Command::new(bin());
     c.args([
@@ -765,6 +765,47 @@ fn an_agents_pass_says_how_far_it_is() {
         .unwrap()
         .to_string();
     assert!(line.starts_with("20") && line.contains("filer/x"), "{line}");
+    ag.signal(libc::SIGTERM);
+    assert_eq!(ag.finish(Duration::from_secs(30)).code, 0);
+}
+
+/// An agent that hung past its lease (SIGSTOP) while its filer was removed
+/// (`fleet remove`) wakes to find the volume gone: its pass's record is
+/// dropped, said, and not kept in its spool to be sent forever.
+#[test]
+fn a_record_for_a_removed_filer_is_dropped_not_spooled() {
+    let test = "fleet_night::a_record_for_a_removed_filer_is_dropped";
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    let db = pg.url();
+    let dir = scratch();
+    let root = dir.path();
+    let sender = SenderSide::new(root, "s");
+    let rx = receiver(root, &sender, &["x"]);
+    let plan = image_plan(root, &rx, &["x"], 6 << 20, "assume_frozen = true");
+    register(&db, &plan);
+    let state = root.join("st");
+    let ag = agent(
+        &db,
+        &sender,
+        &state,
+        "a1",
+        &["--bwlimit", "1M", "--jobs", "1"],
+    );
+    ag.wait_for_event("pass_start", Duration::from_secs(20));
+    ag.signal(libc::SIGSTOP);
+    // The lease (4 s) runs out; the filer can then be removed.
+    let removed = wait_for(Duration::from_secs(20), || {
+        fleet(&db, &["remove", "filer"]).code == 0
+    });
+    ag.signal(libc::SIGCONT);
+    assert!(removed, "fleet remove never succeeded");
+    let rec = ag.wait_for_event("fleet_pass_recorded", Duration::from_secs(30));
+    assert_eq!(rec["removed"], true, "{rec}");
+    let spool = state.join("fleet-spool");
+    let left = std::fs::read_dir(&spool).map_or(0, |d| d.count());
+    assert_eq!(left, 0, "records left in {}", spool.display());
     ag.signal(libc::SIGTERM);
     assert_eq!(ag.finish(Duration::from_secs(30)).code, 0);
 }

@@ -150,10 +150,14 @@ impl Ctx {
                 "forecast_final_pass_s": p.forecast_s.map(|f| (f * 100.0).round() / 100.0),
                 "failure": failure,
                 "auto_paused": r.auto_paused,
+                "removed": r.removed,
             }),
-            &match &state {
-                Some(s) => format!("recorded; now {s}"),
-                None => "recorded (the lease had been lost: its state left to its holder)".into(),
+            &match (&state, r.removed) {
+                (_, true) => "not recorded: the volume was removed from the fleet".into(),
+                (Some(s), _) => format!("recorded; now {s}"),
+                (None, _) => {
+                    "recorded (the lease had been lost: its state left to its holder)".into()
+                }
             },
         );
         if let Some(why) = &r.auto_paused {
