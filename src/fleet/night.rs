@@ -362,8 +362,7 @@ pub struct NightRecord {
 /// to `cut_over` with its consistency point (the filer gets the group's),
 /// or back to `ready` (the failing volume to `failed`, retried under the
 /// policy; all of them when the group failed as a whole); the leases are
-/// released. Sent twice, the second changes
-/// nothing.
+/// released. Sent twice (a spooled record), the second changes nothing.
 pub async fn finish(pool: &Pool, r: &NightRecord) -> Result<()> {
     let mut conn = pool.get().await?;
     let work = async {
@@ -375,86 +374,123 @@ pub async fn finish(pool: &Pool, r: &NightRecord) -> Result<()> {
             )
             .await?
             .get(0);
+        let mut applied = 0;
         for lease in &r.leases {
-            // A success is the receiver's truth (the volumes are sealed):
-            // written whatever the row says now; a failure only over a
-            // night still in progress.
-            let still = tx
-                .query_opt(
-                    "SELECT attempts, state FROM nightpass.volumes WHERE id = $1 \
-                     AND (state = 'cutting_over' OR ($2 AND state <> 'cut_over')) FOR UPDATE",
-                    &[&lease.volume, &r.failure.is_none()],
-                )
-                .await?;
-            let Some(still) = still else { continue };
-            let attempts: i32 = still.get(0);
-            let from: String = still.get(1);
-            let (to, failure, point) = outcome_of(r, &lease.name);
-            let attempts = if to == "failed" { attempts + 1 } else { 0 };
-            let wait = backoff(Duration::from_secs_f64(retry_s.max(0.0)), attempts);
-            tx.execute(
-                "UPDATE nightpass.volumes SET state = $2, failure = $3, consistency_point = \
-                 coalesce($4, consistency_point), attempts = $5, \
-                 next_attempt_at = now() + make_interval(secs => $6), updated_at = now() \
-                 WHERE id = $1",
-                &[
-                    &lease.volume,
-                    &to,
-                    &failure,
-                    &point,
-                    &attempts,
-                    &wait.as_secs_f64(),
-                ],
-            )
-            .await?;
-            tx.execute(
-                "INSERT INTO nightpass.history (volume, from_state, to_state, agent, token, figures) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&lease.volume, &from, &to, &lease.agent, &lease.token, &r.figures],
-            )
-            .await?;
-            tx.execute(
-                "UPDATE nightpass.passes SET ok = $4, record = $5, failure = $6, \
-                 ended_at = coalesce(to_timestamp($7), clock_timestamp()) \
-                 WHERE volume = $1 AND token = $2 AND seq = 1 AND agent = $3 AND ok IS NULL",
-                &[
-                    &lease.volume,
-                    &lease.token,
-                    &lease.agent,
-                    &r.failure.is_none(),
-                    &row_record(r, &lease.name),
-                    &r.failure.as_ref().map(|f| f.1.clone()),
-                    &r.ended_unix,
-                ],
-            )
-            .await?;
-            tx.execute(
-                "DELETE FROM nightpass.leases WHERE volume = $1 AND token = $2",
-                &[&lease.volume, &lease.token],
-            )
-            .await?;
+            if finish_volume(&tx, r, lease, retry_s).await? {
+                applied += 1;
+            }
         }
-        let note = match &r.failure {
-            None => format!(
-                "cut over: group consistency point {}",
-                r.group_point.as_deref().unwrap_or("-")
-            ),
-            Some((_, why)) => format!("the group cutover failed, every volume thawed: {why}"),
-        };
-        tx.execute(
-            "UPDATE nightpass.filers SET group_point = coalesce($2, group_point), \
-             cut_over_at = CASE WHEN $2::text IS NULL THEN cut_over_at ELSE now() END, \
-             night_note = $3, night_note_at = now() WHERE name = $1",
-            &[&r.filer, &r.group_point, &note],
-        )
-        .await?;
-        if let Some((volume, why)) = &r.failure {
-            night_failed(&tx, r, volume.as_deref(), why, retry_s).await?;
+        if applied > 0 {
+            // Not when sent before: the filer's night is written once.
+            finish_filer(&tx, r, retry_s).await?;
         }
         tx.commit().await?;
         Ok::<_, tokio_postgres::Error>(())
     };
     pool.timed("recording a filer's night", work).await
+}
+
+/// `lease`'s volume after night `r`: its state, history row, pass row, and
+/// the lease released; false when there was nothing to change.
+async fn finish_volume(
+    tx: &tokio_postgres::Transaction<'_>,
+    r: &NightRecord,
+    lease: &Lease,
+    retry_s: f64,
+) -> std::result::Result<bool, tokio_postgres::Error> {
+    // A success is the receiver's truth (the volumes are sealed): written
+    // whatever the row says now; a failure only over a night still in
+    // progress.
+    let still = tx
+        .query_opt(
+            "SELECT attempts, state FROM nightpass.volumes WHERE id = $1 \
+             AND (state = 'cutting_over' OR ($2 AND state <> 'cut_over')) FOR UPDATE",
+            &[&lease.volume, &r.failure.is_none()],
+        )
+        .await?;
+    let Some(still) = still else {
+        return Ok(false);
+    };
+    let (attempts, from): (i32, String) = (still.get(0), still.get(1));
+    let (to, failure, point) = outcome_of(r, &lease.name);
+    let attempts = if to == "failed" { attempts + 1 } else { 0 };
+    let wait = backoff(Duration::from_secs_f64(retry_s.max(0.0)), attempts);
+    tx.execute(
+        "UPDATE nightpass.volumes SET state = $2, failure = $3, consistency_point = \
+         coalesce($4, consistency_point), attempts = $5, \
+         next_attempt_at = now() + make_interval(secs => $6), updated_at = now() \
+         WHERE id = $1",
+        &[
+            &lease.volume,
+            &to,
+            &failure,
+            &point,
+            &attempts,
+            &wait.as_secs_f64(),
+        ],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO nightpass.history (volume, from_state, to_state, agent, token, figures) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[
+            &lease.volume,
+            &from,
+            &to,
+            &lease.agent,
+            &lease.token,
+            &r.figures,
+        ],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE nightpass.passes SET ok = $4, record = $5, failure = $6, \
+         ended_at = coalesce(to_timestamp($7), clock_timestamp()) \
+         WHERE volume = $1 AND token = $2 AND seq = 1 AND agent = $3 AND ok IS NULL",
+        &[
+            &lease.volume,
+            &lease.token,
+            &lease.agent,
+            &r.failure.is_none(),
+            &row_record(r, &lease.name),
+            &r.failure.as_ref().map(|f| f.1.clone()),
+            &r.ended_unix,
+        ],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM nightpass.leases WHERE volume = $1 AND token = $2",
+        &[&lease.volume, &lease.token],
+    )
+    .await?;
+    Ok(true)
+}
+
+/// The filer after night `r`: its group point and cutover time, or its
+/// failed night (retried under the policy); its night note either way.
+async fn finish_filer(
+    tx: &tokio_postgres::Transaction<'_>,
+    r: &NightRecord,
+    retry_s: f64,
+) -> std::result::Result<(), tokio_postgres::Error> {
+    let note = match &r.failure {
+        None => format!(
+            "cut over: group consistency point {}",
+            r.group_point.as_deref().unwrap_or("-")
+        ),
+        Some((_, why)) => format!("the group cutover failed, every volume thawed: {why}"),
+    };
+    tx.execute(
+        "UPDATE nightpass.filers SET group_point = coalesce($2, group_point), \
+         cut_over_at = CASE WHEN $2::text IS NULL THEN cut_over_at ELSE now() END, \
+         night_note = $3, night_note_at = now() WHERE name = $1",
+        &[&r.filer, &r.group_point, &note],
+    )
+    .await?;
+    if let Some((volume, why)) = &r.failure {
+        night_failed(tx, r, volume.as_deref(), why, retry_s).await?;
+    }
+    Ok(())
 }
 
 /// A failed night: the filer's night waits `retry_after × 2^(failures −

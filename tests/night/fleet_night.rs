@@ -809,3 +809,70 @@ fn a_record_for_a_removed_filer_is_dropped_not_spooled() {
     ag.signal(libc::SIGTERM);
     assert_eq!(ag.finish(Duration::from_secs(30)).code, 0);
 }
+
+/// A night's record sent twice (a spooled record whose commit the agent
+/// did not see) changes nothing the second time: one failed night counts
+/// once, its volumes' history has one row each.
+#[test]
+fn a_nights_record_sent_twice_counts_once() {
+    use nightpass::fleet::night::{self, NightRecord};
+    use nightpass::fleet::{DbSettings, Pool};
+    let Some(pg) = Postgres::start("fleet_night::a_nights_record_sent_twice_counts_once") else {
+        return;
+    };
+    let db = pg.url();
+    let dir = scratch();
+    let root = dir.path();
+    let sender = SenderSide::new(root, "s");
+    let rx = receiver(root, &sender, &["x", "y"]);
+    let plan = image_plan(root, &rx, &["x", "y"], 1 << 20, "assume_frozen = true");
+    register(&db, &plan);
+    let r = fleet(
+        &db,
+        &["schedule", "filer", "--at", &at_in(-1), "--window", "10m"],
+    );
+    assert_eq!(r.code, 0, "{}", r.context());
+    pg.sql("UPDATE nightpass.volumes SET state = 'ready'");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let settings = DbSettings::resolve(Some(&db), Duration::from_secs(5), Duration::from_secs(10));
+    let pool = Pool::new(settings.unwrap(), 2);
+    rt.block_on(async {
+        let nights = night::open(&pool, "h").await.unwrap();
+        assert_eq!(nights.len(), 1, "{nights:?}");
+        let leases = night::claim(
+            &pool,
+            &nights[0],
+            "a1",
+            Duration::from_secs(30),
+            &Value::Null,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let record = NightRecord {
+            filer: "filer".into(),
+            leases,
+            points: Default::default(),
+            group_point: None,
+            failure: Some((Some("x".into()), "the freeze failed".into())),
+            figures: serde_json::json!({"failed": "the freeze failed"}),
+            ended_unix: None,
+        };
+        night::finish(&pool, &record).await.unwrap();
+        night::finish(&pool, &record).await.unwrap();
+    });
+    assert_eq!(one(&pg, "SELECT night_failures FROM nightpass.filers"), "1");
+    assert_eq!(
+        one(
+            &pg,
+            "SELECT count(*) FROM nightpass.history WHERE from_state = 'cutting_over'"
+        ),
+        "2"
+    );
+    let states = query(
+        &pg,
+        "SELECT name, state FROM nightpass.volumes ORDER BY name",
+    );
+    assert_eq!(states[0][1], "failed", "{states:?}");
+    assert_eq!(states[1][1], "ready", "{states:?}");
+}
