@@ -62,9 +62,9 @@ pub struct Night {
     /// Its group cutovers that failed since its night was scheduled (or
     /// the fleet resumed).
     pub failures: i32,
-    /// Seconds until its night may be tried again after a failure (none,
-    /// or not positive: now).
-    pub retry_in_s: Option<f64>,
+    /// When its night may be tried again after a failure (Unix seconds;
+    /// none, or past: now).
+    pub retry_at: Option<f64>,
     /// The fleet's `max_attempts`: failed nights before it waits for
     /// `fleet resume`.
     pub max_attempts: i32,
@@ -83,7 +83,7 @@ pub async fn open(pool: &Pool, host: &str) -> Result<Vec<Night>> {
                 "SELECT f.name, f.plan, f.plan_path, extract(epoch FROM s.at)::float8, \
                  extract(epoch FROM s.window_len)::float8, \
                  extract(epoch FROM s.at + s.window_len - now())::float8, f.night_note, \
-                 f.jobs, f.night_failures, extract(epoch FROM f.night_retry_at - now())::float8, \
+                 f.jobs, f.night_failures, extract(epoch FROM f.night_retry_at)::float8, \
                  (SELECT max_attempts FROM nightpass.settings), \
                  v.id, v.name, v.state, v.forecast_final_pass_s, \
                  EXISTS (SELECT 1 FROM nightpass.leases l WHERE l.volume = v.id \
@@ -110,7 +110,7 @@ pub async fn open(pool: &Pool, host: &str) -> Result<Vec<Night>> {
             note: r.get(6),
             jobs: r.get(7),
             failures: r.get(8),
-            retry_in_s: r.get(9),
+            retry_at: r.get(9),
             max_attempts: r.get(10),
             volumes: Vec::new(),
         });
@@ -265,6 +265,14 @@ pub async fn claim_stale(
             let volume: i64 = r.get(0);
             let token = lease_volume(&tx, volume, agent, secs).await?;
             super::lease::abandon(&tx, volume, token).await?;
+            // The lost night's own row: made good if the receiver sealed it.
+            tx.execute(
+                "UPDATE nightpass.passes SET record = record || '{\"night_lost\": true}' \
+                 WHERE volume = $1 AND record ? 'abandoned' AND id = (SELECT max(id) \
+                 FROM nightpass.passes WHERE volume = $1 AND kind = 'cutover')",
+                &[&volume],
+            )
+            .await?;
             leases.push(Lease {
                 volume,
                 filer: night.filer.clone(),
@@ -289,6 +297,13 @@ pub async fn settle_unsealed(pool: &Pool, leases: &[Lease], why: &str) -> Result
         let tx = conn.transaction().await?;
         let figures = json!({"recovered": why});
         for l in leases {
+            // The lost night certified nothing: its row stays a failure.
+            tx.execute(
+                "UPDATE nightpass.passes SET record = record - 'night_lost' \
+                 WHERE volume = $1 AND record ? 'night_lost'",
+                &[&l.volume],
+            )
+            .await?;
             let n = tx
                 .execute(
                     "UPDATE nightpass.volumes SET state = 'ready', fence_token = $2, \
@@ -398,6 +413,17 @@ async fn finish_volume(
     lease: &Lease,
     retry_s: f64,
 ) -> std::result::Result<bool, tokio_postgres::Error> {
+    if r.failure.is_none() {
+        // A night whose agent was lost and the receiver sealed: its row,
+        // closed as abandoned by the takeover, was a success after all.
+        tx.execute(
+            "UPDATE nightpass.passes SET ok = true, failure = NULL, \
+             record = ($2::jsonb || '{\"recovered\": true}') \
+             WHERE volume = $1 AND record ? 'night_lost'",
+            &[&lease.volume, &r.figures],
+        )
+        .await?;
+    }
     // A success is the receiver's truth (the volumes are sealed): written
     // whatever the row says now; a failure only over a night still in
     // progress.

@@ -876,3 +876,90 @@ fn a_nights_record_sent_twice_counts_once() {
     assert_eq!(states[0][1], "failed", "{states:?}");
     assert_eq!(states[1][1], "ready", "{states:?}");
 }
+
+/// The agent running a night is killed after the receiver sealed the
+/// volumes but before the database heard of it (PostgreSQL down through
+/// the night's end): the other agent takes the night over, finds every
+/// volume sealed, and records the cutover with the receiver's points; the
+/// night's pass rows read as the success they were.
+#[test]
+fn a_sealed_night_whose_agent_died_is_recorded_by_another() {
+    let test = "fleet_night::a_sealed_night_whose_agent_died_is_recorded";
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    let db = pg.url();
+    let dir = scratch();
+    let root = dir.path();
+    let sender = SenderSide::new(root, "s");
+    let rx = receiver(root, &sender, &["x", "y"]);
+    let plan = image_plan(
+        root,
+        &rx,
+        &["x", "y"],
+        1 << 20,
+        "pre = \"sleep 2\"\npost = \"true\"",
+    );
+    register(&db, &plan);
+    let r = fleet(
+        &db,
+        &["schedule", "filer", "--at", &at_in(3), "--window", "10m"],
+    );
+    assert_eq!(r.code, 0, "{}", r.context());
+    let flags = ["--ready-interval", "1s"];
+    let mut agents = [
+        Some(agent(&db, &sender, &root.join("s1"), "a1", &flags)),
+        Some(agent(&db, &sender, &root.join("s2"), "a2", &flags)),
+    ];
+    let all: Vec<&Spawned> = agents.iter().flatten().collect();
+    wait_value(
+        &pg,
+        "SELECT count(*) FROM nightpass.volumes WHERE state = 'cutting_over'",
+        "2",
+        Duration::from_secs(60),
+        &all,
+    );
+    let runner = one(&pg, "SELECT DISTINCT agent FROM nightpass.leases");
+    pg.stop();
+    let journal = |name: &str| {
+        std::fs::read_to_string(rx.state.join("volumes").join(name).join("journal.jsonl"))
+            .unwrap_or_default()
+    };
+    let sealed = wait_for(Duration::from_secs(30), || {
+        ["x", "y"]
+            .iter()
+            .all(|n| journal(n).contains("group_point"))
+    });
+    assert!(sealed, "the receiver never sealed the night");
+    let i = if runner == "a1" { 0 } else { 1 };
+    agents[i].take().unwrap().kill9();
+    pg.pg_ctl_start();
+    let survivor = agents[1 - i].take().unwrap();
+    wait_value(
+        &pg,
+        "SELECT count(*) FROM nightpass.volumes WHERE state = 'cut_over'",
+        "2",
+        Duration::from_secs(90),
+        &[&survivor],
+    );
+    for name in ["x", "y"] {
+        let last: Value = serde_json::from_str(journal(name).lines().last().unwrap()).unwrap();
+        let point = one(
+            &pg,
+            &format!("SELECT consistency_point FROM nightpass.volumes WHERE name = '{name}'"),
+        );
+        assert_eq!(last["consistency_point"], point.as_str(), "{last}");
+        let group = one(&pg, "SELECT group_point FROM nightpass.filers");
+        assert_eq!(last["group_point"], group.as_str(), "{last}");
+    }
+    let failed = query(
+        &pg,
+        "SELECT volume, failure FROM nightpass.passes WHERE kind = 'cutover' AND NOT ok",
+    );
+    assert!(
+        failed.is_empty(),
+        "a sealed night recorded as failed: {failed:?}"
+    );
+    survivor.signal(libc::SIGTERM);
+    assert_eq!(survivor.finish(Duration::from_secs(30)).code, 0);
+}

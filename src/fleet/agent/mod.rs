@@ -154,6 +154,10 @@ impl Ctx {
             }),
             &match (&state, r.removed) {
                 (_, true) => "not recorded: the volume was removed from the fleet".into(),
+                (Some(s), _) if !ok => format!(
+                    "pass not completed: {}; now {s}",
+                    failure.as_deref().unwrap_or("")
+                ),
                 (Some(s), _) => format!("recorded; now {s}"),
                 (None, _) => {
                     "recorded (the lease had been lost: its state left to its holder)".into()

@@ -103,11 +103,7 @@ fn waits(n: &Night) -> Option<String> {
     let last = n
         .volumes
         .iter()
-        .find_map(|v| {
-            v.failure
-                .as_ref()
-                .map(|f| format!(" (last: volume '{}': {f})", v.name))
-        })
+        .find_map(|v| v.failure.as_ref().map(|f| format!(" (last: {f})")))
         .unwrap_or_default();
     if n.failures >= n.max_attempts {
         return Some(format!(
@@ -116,11 +112,12 @@ fn waits(n: &Night) -> Option<String> {
             n.failures, n.max_attempts
         ));
     }
-    if let Some(left) = n.retry_in_s.filter(|s| *s > 0.0) {
+    if let Some(at) = n.retry_at.filter(|t| *t > crate::progress::now_unix()) {
         return Some(format!(
-            "waiting: the group cutover failed {} time(s){last}; tried again in {left:.0} s; \
+            "waiting: the group cutover failed {} time(s){last}; tried again from {}; \
              nothing frozen",
-            n.failures
+            n.failures,
+            rfc3339_seconds(at)
         ));
     }
     if let Some(v) = n.volumes.iter().find(|v| v.state == "failed") {
@@ -177,8 +174,11 @@ async fn recover(ctx: &Arc<Ctx>, n: &Night) -> Result<()> {
         return Ok(());
     };
     let report = Report::new(&n.filer, None, ctx.progress.clone());
-    report
-        .note("the agent running this filer's night was lost; asking the receiver what it sealed");
+    let lost = "the agent running this filer's night was lost; asking the receiver what it sealed";
+    report.event(
+        &json!({"event": "fleet_night", "ready": false, "lost": true, "reason": lost}),
+        lost,
+    );
     match sealed_by_receiver(ctx, n).await {
         Ok(Seals::None) => {
             let why = "the agent running the night was lost before the receiver sealed \
@@ -215,7 +215,10 @@ async fn recover(ctx: &Arc<Ctx>, n: &Night) -> Result<()> {
                  lost during a night'"
             );
             night::give_up(&ctx.pool, &leases, &why).await?;
-            report.note(&why);
+            report.event(
+                &json!({"event": "fleet_night", "ready": false, "lost": true, "reason": why}),
+                &why,
+            );
         }
     }
     Ok(())
@@ -338,10 +341,13 @@ async fn run(ctx: Arc<Ctx>, n: Night, leases: Vec<Lease>) -> String {
                 group_point.as_deref().unwrap_or("-")
             ),
         );
-    } else if let Some((_, why)) = failure {
-        report.note(&format!(
-            "the group cutover failed, every volume thawed: {why}"
-        ));
+    } else if let Some((volume, why)) = failure {
+        let said = format!("the group cutover failed, every volume thawed: {why}");
+        report.event(
+            &json!({"event": "fleet_night", "ready": false, "failed": true,
+                    "failed_volume": volume, "reason": said}),
+            &said,
+        );
     }
     n.filer
 }

@@ -46,9 +46,6 @@ pub async fn run(
         &format!("claimed ({}, lease token {})", lease.state, lease.token),
     );
     let (ended, forecast_s, readiness) = work(&ctx, &lease, asked, &report, &mut cancel).await;
-    if let Ended::Failed(why) | Ended::Dropped(why) = &ended {
-        report.note(&format!("pass not completed: {why}"));
-    }
     let record = PassRecord {
         lease,
         ended,

@@ -214,12 +214,71 @@ impl Progress for LogLines {
     fn pass_end(&self, e: &PassEnd) {
         tracing::info!("{}: pass {} ended", e.start.volume, e.start.pass);
     }
-    fn event(&self, _: &Value, human: &str) {
-        if !human.is_empty() {
-            tracing::info!("{human}");
+    fn event(&self, json: &Value, human: &str) {
+        if human.is_empty() {
+            return;
+        }
+        match severity(json) {
+            tracing::Level::ERROR => tracing::error!("{human}"),
+            tracing::Level::WARN => tracing::warn!("{human}"),
+            _ => tracing::info!("{human}"),
         }
     }
     fn note(&self, human: &str) {
         tracing::info!("{human}");
+    }
+}
+
+/// How grave an agent's event is for its log (the journal's priority
+/// under systemd): a failure, a lost lease or night, the fleet paused, the
+/// database away are warnings; an `error` event is an error.
+pub fn severity(v: &Value) -> tracing::Level {
+    let warn = match v["event"].as_str().unwrap_or("") {
+        "error" => return tracing::Level::ERROR,
+        "fleet_pass_recorded" => v["ok"] == false || v["removed"] == true,
+        "fleet_paused" => true,
+        "fleet_agent_waiting" => matches!(v["reason"].as_str(), Some("database" | "no_filer")),
+        "fleet_night" => v["failed"] == true || v["lost"] == true,
+        _ => false,
+    };
+    if warn {
+        tracing::Level::WARN
+    } else {
+        tracing::Level::INFO
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_warnings_in_the_log() {
+        let level = |v: Value| severity(&v);
+        assert_eq!(
+            level(json!({"event": "fleet_pass_recorded", "ok": false})),
+            tracing::Level::WARN
+        );
+        assert_eq!(
+            level(json!({"event": "fleet_pass_recorded", "ok": true})),
+            tracing::Level::INFO
+        );
+        assert_eq!(
+            level(json!({"event": "fleet_night", "failed": true})),
+            tracing::Level::WARN
+        );
+        assert_eq!(
+            level(json!({"event": "fleet_night", "ready": false})),
+            tracing::Level::INFO
+        );
+        assert_eq!(
+            level(json!({"event": "fleet_agent_waiting", "reason": "database"})),
+            tracing::Level::WARN
+        );
+        assert_eq!(
+            level(json!({"event": "fleet_agent_waiting", "reason": "idle"})),
+            tracing::Level::INFO
+        );
+        assert_eq!(level(json!({"event": "error"})), tracing::Level::ERROR);
     }
 }

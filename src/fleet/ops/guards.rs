@@ -89,31 +89,88 @@ pub async fn conflict(
             plan.receiver
         )));
     }
-    let sources: Vec<String> = plan
-        .volumes
-        .iter()
-        .map(|v| v.source.display().to_string())
-        .collect();
-    let source = tx
-        .query_opt(
+    let others = tx
+        .query(
             "SELECT f.name, v.name, v.source FROM nightpass.volumes v \
              JOIN nightpass.filers f ON f.name = v.filer \
-             WHERE f.name <> $1 AND f.host = $2 AND v.source = ANY($3) \
-             ORDER BY f.name, v.id LIMIT 1",
-            &[&filer, &host, &sources],
+             WHERE f.name <> $1 AND f.host = $2 ORDER BY f.name, v.id",
+            &[&filer, &host],
         )
         .await?;
-    Ok(source.map(|r| {
+    for r in &others {
         let (other, volume, source): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-        let mine = plan
+        let Some(mine) = plan
             .volumes
             .iter()
-            .find(|v| v.source.display().to_string() == source)
-            .map_or(String::new(), |v| format!("volume '{}' ", v.name));
-        format!(
-            "filer '{filer}': {mine}reads {source} on host {host}, which filer '{other}' \
-             already reads (its volume '{volume}'): two filers would read one device; \
-             nothing was added"
-        )
-    }))
+            .find(|v| same_source(&v.source, std::path::Path::new(&source)))
+        else {
+            continue;
+        };
+        return Ok(Some(format!(
+            "filer '{filer}': volume '{}' reads {} on host {host}, which filer '{other}' \
+             already reads as {source} (its volume '{volume}'): two filers would read one \
+             device; nothing was added",
+            mine.name,
+            mine.source.display()
+        )));
+    }
+    Ok(None)
+}
+
+/// Whether `a` and `b` name one source: the same path once `.`, `..` and
+/// repeated slashes are read as the kernel reads them, or (on the sender
+/// host itself, where both resolve) the same file after symlinks.
+fn same_source(a: &std::path::Path, b: &std::path::Path) -> bool {
+    if lexical(a) == lexical(b) {
+        return true;
+    }
+    matches!(
+        (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+        (Ok(x), Ok(y)) if x == y
+    )
+}
+
+/// `p` with `.` dropped, `..` taking off the part before it, and repeated
+/// slashes as one, without reading the filesystem.
+fn lexical(p: &std::path::Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c.as_os_str()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn one_source_spelled_two_ways_is_one_source() {
+        assert!(same_source(
+            Path::new("/srv/img/a1.img"),
+            Path::new("/srv/img/../img/./a1.img")
+        ));
+        assert!(same_source(
+            Path::new("/dev//vg0/a"),
+            Path::new("/dev/vg0/a")
+        ));
+        assert!(!same_source(
+            Path::new("/dev/vg0/a"),
+            Path::new("/dev/vg0/b")
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.img");
+        std::fs::write(&real, b"x").unwrap();
+        let link = dir.path().join("link.img");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(same_source(&real, &link));
+    }
 }

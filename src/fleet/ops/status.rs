@@ -115,7 +115,7 @@ pub async fn status(pool: &Pool, progress: &dyn Progress) -> Result<()> {
     let max_attempts = Limits::from_row(&settings, 4).max_attempts;
     for f in &filers {
         let vols = by_filer.remove(&f.get::<_, String>(0)).unwrap_or_default();
-        filer_line(f, &vols, progress);
+        filer_line(f, &vols, max_attempts, progress);
         for v in vols {
             volume_line(v, max_attempts, progress);
         }
@@ -176,7 +176,7 @@ const LOST: &str = "its night's agent was lost: see docs/CLI.md 'An agent lost d
 /// One `fleet_filer` event from a row of [`FILERS_SQL`] and its volumes'
 /// rows. A filer with volumes `cutting_over` none of which a live lease
 /// holds lost the agent of its night.
-fn filer_line(r: &Row, volumes: &[&Row], progress: &dyn Progress) {
+fn filer_line(r: &Row, volumes: &[&Row], max_attempts: i32, progress: &dyn Progress) {
     let (filer, host, receiver): (String, String, String) = (r.get(0), r.get(1), r.get(2));
     let (at, window, open): (Option<f64>, Option<f64>, bool) = (r.get(3), r.get(4), r.get(5));
     let note: Option<String> = r.get(6);
@@ -212,7 +212,11 @@ fn filer_line(r: &Row, volumes: &[&Row], progress: &dyn Progress) {
         human.push_str(&format!("; night: {n}{}", when.unwrap_or_default()));
     }
     if failures > 0 {
-        let next = retry_at.map(|t| format!(", next try from {}", rfc3339_seconds(t)));
+        let next = if failures >= max_attempts {
+            Some(", gave up: `fleet resume` tries again".to_string())
+        } else {
+            retry_at.map(|t| format!(", next try from {}", rfc3339_seconds(t)))
+        };
         human.push_str(&format!(
             "; {failures} failed night{}{}",
             if failures == 1 { "" } else { "s" },
@@ -269,7 +273,10 @@ fn volume_line(r: &Row, max_attempts: i32, progress: &dyn Progress) {
         (None, _, Some(f)) if waits => {
             format!("failed (attempt {attempts}, the last: waits for `fleet resume`): {f}")
         }
-        (None, _, Some(f)) => format!("failed (attempt {attempts}): {f}"),
+        (None, _, Some(f)) => format!(
+            "failed (attempt {attempts}, next try from {}): {f}",
+            rfc3339_seconds(next_at)
+        ),
         (None, Some(f), None) => format!("forecast {f:.1} s"),
         (None, None, None) => "no forecast yet".into(),
     };
