@@ -55,13 +55,9 @@ pub fn this_host() -> Result<String> {
 /// The plan for a filer whose sources `host` reads: checked whole, its
 /// sources absolute paths (an agent reads them, from its own directory);
 /// on this host they must also be readable (`true`), on another they are
-/// that host's agent's to read at each pass (`false`). A volume nothing
-/// would freeze at its night is refused first, before any source is read.
+/// that host's agent's to read at each pass (`false`).
 fn checked_plan(path: &Path, text: &str, host: &str) -> Result<(Plan, bool)> {
     let plan = Plan::parse_elsewhere(path, text)?;
-    if let Some(why) = guards::unfrozen(&plan) {
-        return Err(Error::input(why));
-    }
     let here = this_host().is_ok_and(|h| h == host);
     if here {
         return Ok((Plan::parse(path, text)?, true));
@@ -94,6 +90,12 @@ pub async fn add(pool: &Pool, req: AddRequest<'_>, progress: &dyn Progress) -> R
         None => this_host()?,
     };
     let (plan, here) = checked_plan(req.plan, &text, &host)?;
+    // A plan no night could freeze still takes daytime passes (as `sync
+    // --plan` takes it); its night is refused by `fleet schedule`.
+    let unfrozen = guards::unfrozen(&plan);
+    if let Some(why) = &unfrozen {
+        tracing::warn!("{why}");
+    }
     let plan_path = std::fs::canonicalize(req.plan)
         .unwrap_or_else(|_| req.plan.to_owned())
         .display()
@@ -137,6 +139,7 @@ pub async fn add(pool: &Pool, req: AddRequest<'_>, progress: &dyn Progress) -> R
             "volumes": plan.volumes.len(),
             "plan": plan_path,
             "sources_checked": here,
+            "warning": unfrozen,
         }),
         &format!(
             "filer '{filer}' added: {} volumes pending on host {host}, receiver {}{}",

@@ -40,7 +40,9 @@ pub fn unfrozen(plan: &Plan) -> Option<String> {
     Some(format!(
         "plan {}: {which} {} {has} no freeze, so the fleet could never cut {} over: add \
          `fsfreeze = \"MOUNTPOINT\"` to {}, or to the plan `pre` and `post` (the commands \
-         that stop and restart the filer's writers) or `assume_frozen = true`; nothing was added",
+         that stop and restart the filer's writers) or `assume_frozen = true`, then `fleet \
+         remove` the filer and add it again: until then its volumes take daytime passes, and \
+         `fleet schedule` refuses its night",
         plan.path.display(),
         loose.join(", "),
         if loose.len() == 1 { "it" } else { "them" },

@@ -78,6 +78,8 @@ enum Found {
     CutOver(f64),
     /// The night (its start) was over at its end (seconds).
     Over(f64, f64),
+    /// Its plan leaves a volume nothing would freeze: why.
+    Unfrozen(String),
 }
 
 /// `fleet schedule`: the night of `filer`'s cutover, from `at` for
@@ -135,6 +137,11 @@ pub async fn schedule(
                 rfc3339_seconds(t)
             )))
         }
+        Found::Unfrozen(why) => {
+            return Err(Error::input(format!(
+                "filer {filer}: no night can be scheduled: {why}"
+            )))
+        }
         Found::Over(start, end) => {
             return Err(Error::input(format!(
                 "filer {filer}: the night from {} for {secs:.0} s was over at {}: give a \
@@ -176,7 +183,7 @@ async fn set_night(
         .query_opt(
             "SELECT extract(epoch FROM f.cut_over_at)::float8, extract(epoch FROM t.at)::float8, \
              t.at + make_interval(secs => $5) <= now(), \
-             extract(epoch FROM t.at + make_interval(secs => $5))::float8 \
+             extract(epoch FROM t.at + make_interval(secs => $5))::float8, f.plan, f.plan_path \
              FROM nightpass.filers f, (SELECT CASE WHEN $4 THEN $2::text::timestamp \
              AT TIME ZONE $3::text ELSE $2::text::timestamptz END AS at) t \
              WHERE f.name = $1 FOR UPDATE OF f",
@@ -193,6 +200,13 @@ async fn set_night(
     }
     if over {
         return Ok(Found::Over(at_s, end));
+    }
+    let (plan, path): (String, String) = (row.get(4), row.get(5));
+    let unfrozen = crate::app::plan::Plan::parse_elsewhere(std::path::Path::new(&path), &plan)
+        .ok()
+        .and_then(|p| super::guards::unfrozen(&p));
+    if let Some(why) = unfrozen {
+        return Ok(Found::Unfrozen(why));
     }
     tx.execute(
         "INSERT INTO nightpass.schedules (filer, at, window_len) \

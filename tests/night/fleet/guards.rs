@@ -141,9 +141,12 @@ fn add_refuses_a_second_filer_of_one_receiver_volume_or_one_source() {
     );
 }
 
+/// A plan whose volume nothing would freeze is registered for its
+/// daytime passes with a warning naming the volume and what to add
+/// (without reading its sources), and its night is refused.
 #[test]
-fn add_refuses_a_volume_nothing_freezes_without_reading_its_sources() {
-    let Some(pg) = Postgres::start("fleet::guards::add_refuses_a_volume_nothing_freezes") else {
+fn a_volume_nothing_freezes_is_warned_at_add_and_its_night_refused() {
+    let Some(pg) = Postgres::start("fleet::guards::a_volume_nothing_freezes") else {
         return;
     };
     let db = pg.url();
@@ -152,8 +155,7 @@ fn add_refuses_a_volume_nothing_freezes_without_reading_its_sources() {
     init(&db);
     let fp = keygen(d, "rx").fp;
     let rx = ("127.0.0.1:7400", fp.as_str());
-    // Sources that are nowhere: for this host too the freeze is refused
-    // first, before any source is read.
+    // Sources that are nowhere, on another host: not read.
     let (gone, gone2) = (
         Path::new("/dev/vg-nowhere/gone"),
         Path::new("/dev/vg-nowhere/gone2"),
@@ -165,17 +167,31 @@ fn add_refuses_a_volume_nothing_freezes_without_reading_its_sources() {
         "",
         &[("frozen", gone, Some("/srv/a")), ("loose", gone2, None)],
     );
-    for extra in [&[][..], &["--host", "hostB"]] {
-        let run = add(&db, &bare, extra);
-        refused(&run, &["'loose'", "fsfreeze", "assume_frozen", "pre"]);
-        assert!(!run.stderr.contains("'frozen'"), "{}", run.context());
-        assert!(
-            !run.stderr.contains("cannot read source"),
-            "{}",
-            run.context()
-        );
+    let run = add(&db, &bare, &["--host", "hostB"]);
+    expect(&run, 0);
+    let warning = run.event("fleet_filer_added")["warning"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no warning: {}", run.context()))
+        .to_string();
+    for word in ["'loose'", "fsfreeze", "assume_frozen", "pre"] {
+        assert!(warning.contains(word), "{word}: {warning}");
     }
-    assert!(registered(&pg).is_empty());
+    assert!(!warning.contains("'frozen'"), "{warning}");
+    assert!(run.stderr.contains("'loose'"), "{}", run.context());
+    let mut c = std::process::Command::new(bin());
+    c.args([
+        "--json",
+        "fleet",
+        "schedule",
+        "bare",
+        "--at",
+        "2096-12-03T01:00:00Z",
+    ]);
+    c.args(["--window", "2h"]).env("NIGHTPASS_DB", &db);
+    let night = run_command(c);
+    refused(&night, &["'loose'", "fsfreeze"]);
+    let nights = pg.query("SELECT filer FROM nightpass.schedules");
+    assert!(nights.is_empty(), "{nights:?}");
     // A filer's freeze covers every volume.
     let rx2 = ("127.0.0.1:7401", fp.as_str());
     let hooks = write(
@@ -183,19 +199,28 @@ fn add_refuses_a_volume_nothing_freezes_without_reading_its_sources() {
         "hooks",
         rx2,
         "pre = \"true\"\npost = \"true\"",
-        &[("h", gone, None)],
+        &[("h", Path::new("/dev/vg-nowhere/gone3"), None)],
     );
-    expect(&add(&db, &hooks, &["--host", "hostB"]), 0);
+    let run = add(&db, &hooks, &["--host", "hostB"]);
+    expect(&run, 0);
+    assert!(
+        run.event("fleet_filer_added")["warning"].is_null(),
+        "{}",
+        run.context()
+    );
     let rx3 = ("127.0.0.1:7402", fp.as_str());
     let assumed = write(
         d,
         "assumed",
         rx3,
         "assume_frozen = true",
-        &[("s", gone2, None)],
+        &[("s", Path::new("/dev/vg-nowhere/gone4"), None)],
     );
     expect(&add(&db, &assumed, &["--host", "hostB"]), 0);
-    assert_eq!(registered(&pg), ["assumed/s", "hooks/h"]);
+    assert_eq!(
+        registered(&pg),
+        ["assumed/s", "bare/frozen", "bare/loose", "hooks/h"]
+    );
 }
 
 /// `fleet schedule FILER --at AT --window WINDOW`.
