@@ -215,14 +215,7 @@ pub async fn claim(
                 &[&volume, &agent, &token],
             )
             .await?;
-            leases.push(Lease {
-                volume,
-                filer: night.filer.clone(),
-                name: r.get(1),
-                state: "cutting_over".into(),
-                agent: agent.to_string(),
-                token,
-            });
+            leases.push(night_lease(night, volume, r.get(1), agent, token));
         }
         tx.commit().await?;
         Ok::<_, tokio_postgres::Error>(Ok(leases))
@@ -273,14 +266,7 @@ pub async fn claim_stale(
                 &[&volume],
             )
             .await?;
-            leases.push(Lease {
-                volume,
-                filer: night.filer.clone(),
-                name: r.get(1),
-                state: "cutting_over".into(),
-                agent: agent.to_string(),
-                token,
-            });
+            leases.push(night_lease(night, volume, r.get(1), agent, token));
         }
         tx.commit().await?;
         Ok::<_, tokio_postgres::Error>(Some(leases))
@@ -456,19 +442,7 @@ async fn finish_volume(
         ],
     )
     .await?;
-    tx.execute(
-        "INSERT INTO nightpass.history (volume, from_state, to_state, agent, token, figures) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-        &[
-            &lease.volume,
-            &from,
-            &to,
-            &lease.agent,
-            &lease.token,
-            &r.figures,
-        ],
-    )
-    .await?;
+    super::record::step(tx, lease, &from, to, Some(&r.figures)).await?;
     tx.execute(
         "UPDATE nightpass.passes SET ok = $4, record = $5, failure = $6, \
          ended_at = coalesce(to_timestamp($7), clock_timestamp()) \
@@ -610,6 +584,19 @@ async fn lease_volume(
         )
         .await?
         .get(0))
+}
+
+/// The lease of volume `volume` (`name`) of `night`, held by `agent`
+/// under `token` for its cutover.
+fn night_lease(night: &Night, volume: i64, name: String, agent: &str, token: i64) -> Lease {
+    Lease {
+        volume,
+        filer: night.filer.clone(),
+        name,
+        state: "cutting_over".into(),
+        agent: agent.to_string(),
+        token,
+    }
 }
 
 /// `why` as the night note of the filer of `leases`.

@@ -166,7 +166,7 @@ async fn fenced(
 }
 
 /// One history row: `lease`'s volume went from `from` to `to`.
-async fn step(
+pub(super) async fn step(
     tx: &tokio_postgres::Transaction<'_>,
     lease: &Lease,
     from: &str,

@@ -627,76 +627,38 @@ fn a_failing_night_is_retried_with_backoff_then_waits() {
 #[test]
 fn a_night_whose_agent_died_is_taken_over_and_finished() {
     let test = "fleet_night::a_night_whose_agent_died_is_taken_over";
-    let Some(pg) = Postgres::start(test) else {
+    let filer = "pre = \"sleep 4\"\npost = \"true\"";
+    let Some(mut n) = Night::start(test, filer, 4) else {
         return;
     };
-    let db = pg.url();
-    let dir = scratch();
-    let root = dir.path();
-    let sender = SenderSide::new(root, "s");
-    let rx = receiver(root, &sender, &["x", "y"]);
-    let plan = image_plan(
-        root,
-        &rx,
-        &["x", "y"],
-        1 << 20,
-        "pre = \"sleep 4\"\npost = \"true\"",
-    );
-    register(&db, &plan);
-    let r = fleet(
-        &db,
-        &["schedule", "filer", "--at", &at_in(4), "--window", "10m"],
-    );
-    assert_eq!(r.code, 0, "{}", r.context());
-    let flags = ["--ready-interval", "1s"];
-    let mut agents = [
-        Some(agent(&db, &sender, &root.join("s1"), "a1", &flags)),
-        Some(agent(&db, &sender, &root.join("s2"), "a2", &flags)),
-    ];
-    let all: Vec<&Spawned> = agents.iter().flatten().collect();
-    wait_value(
-        &pg,
-        "SELECT count(*) FROM nightpass.volumes WHERE state = 'cutting_over'",
-        "2",
-        Duration::from_secs(60),
-        &all,
-    );
-    let runner = one(&pg, "SELECT DISTINCT agent FROM nightpass.leases");
     std::thread::sleep(Duration::from_secs(1));
-    let note = one(&pg, "SELECT coalesce(night_note, '') FROM nightpass.filers");
+    let note = one(
+        &n.pg,
+        "SELECT coalesce(night_note, '') FROM nightpass.filers",
+    );
     assert!(
         !note.contains("nothing frozen"),
         "said during the freeze: {note}"
     );
-    let i = if runner == "a1" { 0 } else { 1 };
-    agents[i].take().unwrap().kill9();
-    let survivor = agents[1 - i].take().unwrap();
+    let survivor = n.kill_runner();
     wait_value(
-        &pg,
+        &n.pg,
         "SELECT count(*) FROM nightpass.volumes WHERE state = 'cut_over'",
         "2",
         Duration::from_secs(90),
         &[&survivor],
     );
     let recovered = one(
-        &pg,
+        &n.pg,
         "SELECT count(*) FROM nightpass.history WHERE from_state = 'cutting_over' \
          AND to_state = 'ready' AND figures ? 'recovered'",
     );
     assert_eq!(recovered, "2");
+    n.assert_points_are_the_receivers();
     for name in ["x", "y"] {
-        let journal =
-            std::fs::read_to_string(rx.state.join("volumes").join(name).join("journal.jsonl"))
-                .unwrap();
-        let last: Value = serde_json::from_str(journal.lines().last().unwrap()).unwrap();
-        let point = one(
-            &pg,
-            &format!("SELECT consistency_point FROM nightpass.volumes WHERE name = '{name}'"),
-        );
-        assert_eq!(last["consistency_point"], point.as_str(), "{last}");
         assert_eq!(
-            std::fs::read(root.join(format!("{name}.img"))).unwrap(),
-            std::fs::read(root.join(format!("target-{name}.img"))).unwrap()
+            std::fs::read(n.root.join(format!("{name}.img"))).unwrap(),
+            std::fs::read(n.root.join(format!("target-{name}.img"))).unwrap()
         );
     }
     survivor.signal(libc::SIGTERM);
@@ -885,75 +847,34 @@ fn a_nights_record_sent_twice_counts_once() {
 #[test]
 fn a_sealed_night_whose_agent_died_is_recorded_by_another() {
     let test = "fleet_night::a_sealed_night_whose_agent_died_is_recorded";
-    let Some(pg) = Postgres::start(test) else {
+    let filer = "pre = \"sleep 2\"\npost = \"true\"";
+    let Some(mut n) = Night::start(test, filer, 3) else {
         return;
     };
-    let db = pg.url();
-    let dir = scratch();
-    let root = dir.path();
-    let sender = SenderSide::new(root, "s");
-    let rx = receiver(root, &sender, &["x", "y"]);
-    let plan = image_plan(
-        root,
-        &rx,
-        &["x", "y"],
-        1 << 20,
-        "pre = \"sleep 2\"\npost = \"true\"",
-    );
-    register(&db, &plan);
-    let r = fleet(
-        &db,
-        &["schedule", "filer", "--at", &at_in(3), "--window", "10m"],
-    );
-    assert_eq!(r.code, 0, "{}", r.context());
-    let flags = ["--ready-interval", "1s"];
-    let mut agents = [
-        Some(agent(&db, &sender, &root.join("s1"), "a1", &flags)),
-        Some(agent(&db, &sender, &root.join("s2"), "a2", &flags)),
-    ];
-    let all: Vec<&Spawned> = agents.iter().flatten().collect();
-    wait_value(
-        &pg,
-        "SELECT count(*) FROM nightpass.volumes WHERE state = 'cutting_over'",
-        "2",
-        Duration::from_secs(60),
-        &all,
-    );
-    let runner = one(&pg, "SELECT DISTINCT agent FROM nightpass.leases");
-    pg.stop();
-    let journal = |name: &str| {
-        std::fs::read_to_string(rx.state.join("volumes").join(name).join("journal.jsonl"))
-            .unwrap_or_default()
-    };
+    n.pg.stop();
     let sealed = wait_for(Duration::from_secs(30), || {
         ["x", "y"]
             .iter()
-            .all(|n| journal(n).contains("group_point"))
+            .all(|v| n.journal(v).contains("group_point"))
     });
     assert!(sealed, "the receiver never sealed the night");
-    let i = if runner == "a1" { 0 } else { 1 };
-    agents[i].take().unwrap().kill9();
-    pg.pg_ctl_start();
-    let survivor = agents[1 - i].take().unwrap();
+    let survivor = n.kill_runner();
+    n.pg.pg_ctl_start();
     wait_value(
-        &pg,
+        &n.pg,
         "SELECT count(*) FROM nightpass.volumes WHERE state = 'cut_over'",
         "2",
         Duration::from_secs(90),
         &[&survivor],
     );
+    n.assert_points_are_the_receivers();
+    let group = one(&n.pg, "SELECT group_point FROM nightpass.filers");
     for name in ["x", "y"] {
-        let last: Value = serde_json::from_str(journal(name).lines().last().unwrap()).unwrap();
-        let point = one(
-            &pg,
-            &format!("SELECT consistency_point FROM nightpass.volumes WHERE name = '{name}'"),
-        );
-        assert_eq!(last["consistency_point"], point.as_str(), "{last}");
-        let group = one(&pg, "SELECT group_point FROM nightpass.filers");
+        let last: Value = serde_json::from_str(n.journal(name).lines().last().unwrap()).unwrap();
         assert_eq!(last["group_point"], group.as_str(), "{last}");
     }
     let failed = query(
-        &pg,
+        &n.pg,
         "SELECT volume, failure FROM nightpass.passes WHERE kind = 'cutover' AND NOT ok",
     );
     assert!(
@@ -962,4 +883,87 @@ fn a_sealed_night_whose_agent_died_is_recorded_by_another() {
     );
     survivor.signal(libc::SIGTERM);
     assert_eq!(survivor.finish(Duration::from_secs(30)).code, 0);
+}
+
+/// A filer of two 1 MiB image volumes with the filer lines `filer`,
+/// registered, its night opening in `opens_in` s, and two agents for its
+/// host, once both its volumes are `cutting_over`: the database, the
+/// receiver, the sender, the agent running the night (by index into the
+/// agents) and the agents.
+struct Night {
+    pg: Postgres,
+    rx: Receiver,
+    root: PathBuf,
+    runner: usize,
+    agents: [Option<Spawned>; 2],
+    _dir: tempfile::TempDir,
+}
+
+impl Night {
+    fn start(test: &str, filer: &str, opens_in: i64) -> Option<Night> {
+        let pg = Postgres::start(test)?;
+        let db = pg.url();
+        let dir = scratch();
+        let root = dir.path().to_owned();
+        let sender = SenderSide::new(&root, "s");
+        let rx = receiver(&root, &sender, &["x", "y"]);
+        let plan = image_plan(&root, &rx, &["x", "y"], 1 << 20, filer);
+        register(&db, &plan);
+        let at = at_in(opens_in);
+        let r = fleet(&db, &["schedule", "filer", "--at", &at, "--window", "10m"]);
+        assert_eq!(r.code, 0, "{}", r.context());
+        let flags = ["--ready-interval", "1s"];
+        let agents = [
+            Some(agent(&db, &sender, &root.join("s1"), "a1", &flags)),
+            Some(agent(&db, &sender, &root.join("s2"), "a2", &flags)),
+        ];
+        let all: Vec<&Spawned> = agents.iter().flatten().collect();
+        wait_value(
+            &pg,
+            "SELECT count(*) FROM nightpass.volumes WHERE state = 'cutting_over'",
+            "2",
+            Duration::from_secs(60),
+            &all,
+        );
+        let runner = one(&pg, "SELECT DISTINCT agent FROM nightpass.leases");
+        Some(Night {
+            pg,
+            rx,
+            root,
+            runner: if runner == "a1" { 0 } else { 1 },
+            agents,
+            _dir: dir,
+        })
+    }
+
+    /// SIGKILLs the agent running the night; returns the other.
+    fn kill_runner(&mut self) -> Spawned {
+        self.agents[self.runner].take().unwrap().kill9();
+        self.agents[1 - self.runner].take().unwrap()
+    }
+
+    /// The receiver's journal of volume `name`.
+    fn journal(&self, name: &str) -> String {
+        let p = self
+            .rx
+            .state
+            .join("volumes")
+            .join(name)
+            .join("journal.jsonl");
+        std::fs::read_to_string(p).unwrap_or_default()
+    }
+
+    /// Asserts each volume's consistency point in the database is the one
+    /// the receiver journaled.
+    fn assert_points_are_the_receivers(&self) {
+        for name in ["x", "y"] {
+            let journal = self.journal(name);
+            let last: Value = serde_json::from_str(journal.lines().last().unwrap()).unwrap();
+            let point = one(
+                &self.pg,
+                &format!("SELECT consistency_point FROM nightpass.volumes WHERE name = '{name}'"),
+            );
+            assert_eq!(last["consistency_point"], point.as_str(), "{last}");
+        }
+    }
 }
