@@ -298,19 +298,10 @@ pub async fn settle_unsealed(pool: &Pool, leases: &[Lease], why: &str) -> Result
                 )
                 .await?;
             if n == 1 {
-                tx.execute(
-                    "INSERT INTO nightpass.history (volume, from_state, to_state, agent, token, figures) \
-                     VALUES ($1, 'cutting_over', 'ready', $2, $3, $4)",
-                    &[&l.volume, &l.agent, &l.token, &figures],
-                )
-                .await?;
+                super::record::step(&tx, l, "cutting_over", "ready", Some(&figures)).await?;
             }
-            tx.execute(
-                "DELETE FROM nightpass.leases WHERE volume = $1 AND token = $2",
-                &[&l.volume, &l.token],
-            )
-            .await?;
         }
+        release(&tx, leases).await?;
         note_on(&tx, leases, why).await?;
         tx.commit().await?;
         Ok::<_, tokio_postgres::Error>(())
@@ -324,13 +315,7 @@ pub async fn give_up(pool: &Pool, leases: &[Lease], why: &str) -> Result<()> {
     let mut conn = pool.get().await?;
     let work = async {
         let tx = conn.transaction().await?;
-        for l in leases {
-            tx.execute(
-                "DELETE FROM nightpass.leases WHERE volume = $1 AND token = $2",
-                &[&l.volume, &l.token],
-            )
-            .await?;
-        }
+        release(&tx, leases).await?;
         note_on(&tx, leases, why).await?;
         tx.commit().await?;
         Ok::<_, tokio_postgres::Error>(())
@@ -597,6 +582,21 @@ fn night_lease(night: &Night, volume: i64, name: String, agent: &str, token: i64
         agent: agent.to_string(),
         token,
     }
+}
+
+/// Gives `leases` up (their volumes' states untouched).
+async fn release(
+    tx: &tokio_postgres::Transaction<'_>,
+    leases: &[Lease],
+) -> std::result::Result<(), tokio_postgres::Error> {
+    for l in leases {
+        tx.execute(
+            "DELETE FROM nightpass.leases WHERE volume = $1 AND token = $2",
+            &[&l.volume, &l.token],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// `why` as the night note of the filer of `leases`.

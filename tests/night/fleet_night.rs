@@ -267,31 +267,25 @@ fn a_fleet_night_cuts_over_live_ext4_volumes_frozen_by_their_mounts() {
 #[test]
 fn a_night_that_is_not_ready_freezes_nothing_and_says_why() {
     let test = "fleet_night::a_night_that_is_not_ready_freezes_nothing";
-    let Some(pg) = Postgres::start(test) else {
+    let Some(f) = Setup::start(test, &["x", "y"], 2 << 20, "assume_frozen = true") else {
         return;
     };
-    let db = pg.url();
-    let dir = scratch();
-    let root = dir.path();
-    let sender = SenderSide::new(root, "s");
-    let rx = receiver(root, &sender, &["x", "y"]);
-    let plan = image_plan(root, &rx, &["x", "y"], 2 << 20, "assume_frozen = true");
-    register(&db, &plan);
+    let (pg, db, root, sender, rx) = (&f.pg, f.db.as_str(), f.root(), &f.sender, &f.rx);
     let r = fleet(
-        &db,
+        db,
         &["schedule", "filer", "--at", &at_in(-1), "--window", "30s"],
     );
     assert_eq!(r.code, 0, "{}", r.context());
     let state = root.join("agent-state");
     let ag = agent(
-        &db,
-        &sender,
+        db,
+        sender,
         &state,
         "a1",
         &["--margin", "1000000", "--ready-interval", "1s"],
     );
     wait_value(
-        &pg,
+        pg,
         "SELECT count(*) >= 2 FROM nightpass.passes WHERE ok AND record->>'forecast_final_pass_s' IS NOT NULL",
         "t",
         Duration::from_secs(30),
@@ -303,13 +297,13 @@ fn a_night_that_is_not_ready_freezes_nothing_and_says_why() {
         night["reason"].as_str().unwrap().contains("not ready"),
         "{night}"
     );
-    let note = one(&pg, "SELECT night_note FROM nightpass.filers");
+    let note = one(pg, "SELECT night_note FROM nightpass.filers");
     assert!(note.contains("nothing frozen"), "{note}");
     ag.signal(libc::SIGTERM);
     assert_eq!(ag.finish(Duration::from_secs(30)).code, 0);
     assert_eq!(
         one(
-            &pg,
+            pg,
             "SELECT count(*) FROM nightpass.history WHERE to_state = 'cutting_over'"
         ),
         "0"
@@ -506,35 +500,26 @@ fn the_per_host_cap_holds_across_agents() {
 #[test]
 fn an_agent_ends_its_pass_on_sigterm_and_drops_it_on_a_second_sigint() {
     let test = "fleet_night::an_agent_ends_its_pass_on_sigterm";
-    let Some(pg) = Postgres::start(test) else {
+    let Some(f) = Setup::start(test, &["x"], 6 << 20, "assume_frozen = true") else {
         return;
     };
-    let db = pg.url();
-    let dir = scratch();
-    let root = dir.path();
-    let sender = SenderSide::new(root, "s");
-    let rx = receiver(root, &sender, &["x"]);
-    let plan = image_plan(root, &rx, &["x"], 6 << 20, "assume_frozen = true");
-    register(&db, &plan);
+    let (pg, db, root, sender) = (&f.pg, f.db.as_str(), f.root(), &f.sender);
     let slow = ["--bwlimit", "2M", "--jobs", "1"];
-    let a1 = agent(&db, &sender, &root.join("st1"), "a1", &slow);
+    let a1 = agent(db, sender, &root.join("st1"), "a1", &slow);
     a1.wait_for_event("pass_start", Duration::from_secs(20));
     a1.signal(libc::SIGTERM);
     let end = a1.finish(Duration::from_secs(30));
     assert_eq!(end.code, 0, "{}", end.context());
     assert_eq!(end.all("pass_end").len(), 1, "{}", end.context());
     assert_eq!(
-        query(&pg, "SELECT agent, ok::text FROM nightpass.passes"),
+        query(pg, "SELECT agent, ok::text FROM nightpass.passes"),
         vec![vec!["a1".to_string(), "true".to_string()]]
     );
-    assert_eq!(one(&pg, "SELECT count(*) FROM nightpass.leases"), "0");
-    assert_eq!(
-        one(&pg, "SELECT state FROM nightpass.volumes"),
-        "converging"
-    );
+    assert_eq!(one(pg, "SELECT count(*) FROM nightpass.leases"), "0");
+    assert_eq!(one(pg, "SELECT state FROM nightpass.volumes"), "converging");
     // The source changes all over: the next pass is long again.
     random_file(&root.join("x.img"), 6 << 20, 77);
-    let a2 = agent(&db, &sender, &root.join("st1"), "a2", &slow);
+    let a2 = agent(db, sender, &root.join("st1"), "a2", &slow);
     a2.wait_for_event("pass_start", Duration::from_secs(20));
     a2.signal(libc::SIGINT);
     std::thread::sleep(Duration::from_millis(300));
@@ -545,16 +530,13 @@ fn an_agent_ends_its_pass_on_sigterm_and_drops_it_on_a_second_sigint() {
     let err = end.event("error");
     assert_eq!(err["exit_code"], 130, "{err}");
     let row = query(
-        &pg,
+        pg,
         "SELECT ok::text, failure FROM nightpass.passes WHERE agent = 'a2'",
     );
     assert_eq!(row[0][0], "false", "{row:?}");
     assert!(row[0][1].contains("second signal"), "{row:?}");
-    assert_eq!(one(&pg, "SELECT count(*) FROM nightpass.leases"), "0");
-    assert_eq!(
-        one(&pg, "SELECT state FROM nightpass.volumes"),
-        "converging"
-    );
+    assert_eq!(one(pg, "SELECT count(*) FROM nightpass.leases"), "0");
+    assert_eq!(one(pg, "SELECT state FROM nightpass.volumes"), "converging");
 }
 
 /// A night whose freeze keeps failing is retried under the retry policy
@@ -563,37 +545,30 @@ fn an_agent_ends_its_pass_on_sigterm_and_drops_it_on_a_second_sigint() {
 #[test]
 fn a_failing_night_is_retried_with_backoff_then_waits() {
     let test = "fleet_night::a_failing_night_is_retried_with_backoff_then_waits";
-    let Some(pg) = Postgres::start(test) else {
-        return;
-    };
-    let db = pg.url();
-    let dir = scratch();
-    let root = dir.path();
-    let sender = SenderSide::new(root, "s");
-    let rx = receiver(root, &sender, &["x", "y"]);
-    let plan = image_plan(
-        root,
-        &rx,
+    let Some(f) = Setup::start(
+        test,
         &["x", "y"],
         1 << 20,
         "pre = \"exit 3\"\npost = \"true\"",
-    );
-    register(&db, &plan);
+    ) else {
+        return;
+    };
+    let (pg, db, root, sender) = (&f.pg, f.db.as_str(), f.root(), &f.sender);
     pg.sql("UPDATE nightpass.settings SET retry_after = interval '1 second', max_attempts = 2");
     let r = fleet(
-        &db,
+        db,
         &["schedule", "filer", "--at", &at_in(2), "--window", "10m"],
     );
     assert_eq!(r.code, 0, "{}", r.context());
     let ag = agent(
-        &db,
-        &sender,
+        db,
+        sender,
         &root.join("st"),
         "a1",
         &["--ready-interval", "1s"],
     );
     wait_value(
-        &pg,
+        pg,
         "SELECT night_failures FROM nightpass.filers",
         "2",
         Duration::from_secs(60),
@@ -603,15 +578,15 @@ fn a_failing_night_is_retried_with_backoff_then_waits() {
     // says the filer waits for the operator.
     std::thread::sleep(Duration::from_secs(6));
     let nights = "SELECT count(*) FROM nightpass.history WHERE to_state = 'cutting_over'";
-    assert_eq!(one(&pg, nights), "4");
-    let note = one(&pg, "SELECT night_note FROM nightpass.filers");
+    assert_eq!(one(pg, nights), "4");
+    let note = one(pg, "SELECT night_note FROM nightpass.filers");
     assert!(
         note.contains("gave up") && note.contains("fleet resume"),
         "{note}"
     );
     // One failed night counts once for the error threshold.
     let counted = one(
-        &pg,
+        pg,
         "SELECT count(*) FROM nightpass.passes WHERE kind = 'cutover' AND NOT ok AND NOT (record ? 'dropped')",
     );
     assert_eq!(counted, "2");
@@ -687,16 +662,10 @@ fn an_agent_whose_database_refuses_for_good_ends_at_once() {
 #[test]
 fn an_agents_pass_says_how_far_it_is() {
     let test = "fleet_night::an_agents_pass_says_how_far_it_is";
-    let Some(pg) = Postgres::start(test) else {
+    let Some(f) = Setup::start(test, &["x"], 6 << 20, "assume_frozen = true") else {
         return;
     };
-    let db = pg.url();
-    let dir = scratch();
-    let root = dir.path();
-    let sender = SenderSide::new(root, "s");
-    let rx = receiver(root, &sender, &["x"]);
-    let plan = image_plan(root, &rx, &["x"], 6 << 20, "assume_frozen = true");
-    register(&db, &plan);
+    let (db, root, sender) = (f.db.as_str(), f.root(), &f.sender);
     let mut c = Command::new(bin());
     c.args([
         "fleet",
@@ -711,7 +680,7 @@ fn an_agents_pass_says_how_far_it_is() {
     c.arg("--identity").arg(&sender.id.dir);
     c.arg("--state-dir").arg(root.join("st"));
     c.args(["--bwlimit", "2M", "--jobs", "1", "--poll", "300ms"]);
-    c.env("NIGHTPASS_DB", &db).env_remove("JOURNAL_STREAM");
+    c.env("NIGHTPASS_DB", db).env_remove("JOURNAL_STREAM");
     let ag = Spawned::start(c);
     assert!(
         wait_for(Duration::from_secs(20), || ag
@@ -737,20 +706,14 @@ fn an_agents_pass_says_how_far_it_is() {
 #[test]
 fn a_record_for_a_removed_filer_is_dropped_not_spooled() {
     let test = "fleet_night::a_record_for_a_removed_filer_is_dropped";
-    let Some(pg) = Postgres::start(test) else {
+    let Some(f) = Setup::start(test, &["x"], 6 << 20, "assume_frozen = true") else {
         return;
     };
-    let db = pg.url();
-    let dir = scratch();
-    let root = dir.path();
-    let sender = SenderSide::new(root, "s");
-    let rx = receiver(root, &sender, &["x"]);
-    let plan = image_plan(root, &rx, &["x"], 6 << 20, "assume_frozen = true");
-    register(&db, &plan);
+    let (db, root, sender) = (f.db.as_str(), f.root(), &f.sender);
     let state = root.join("st");
     let ag = agent(
-        &db,
-        &sender,
+        db,
+        sender,
         &state,
         "a1",
         &["--bwlimit", "1M", "--jobs", "1"],
@@ -759,7 +722,7 @@ fn a_record_for_a_removed_filer_is_dropped_not_spooled() {
     ag.signal(libc::SIGSTOP);
     // The lease (4 s) runs out; the filer can then be removed.
     let removed = wait_for(Duration::from_secs(20), || {
-        fleet(&db, &["remove", "filer"]).code == 0
+        fleet(db, &["remove", "filer"]).code == 0
     });
     ag.signal(libc::SIGCONT);
     assert!(removed, "fleet remove never succeeded");
@@ -965,5 +928,43 @@ impl Night {
             );
             assert_eq!(last["consistency_point"], point.as_str(), "{last}");
         }
+    }
+}
+
+/// A private PostgreSQL with the fleet's schema, a receiver exporting
+/// image volumes, and one filer of those volumes registered for host `h`:
+/// what most of these tests start from.
+struct Setup {
+    pg: Postgres,
+    db: String,
+    sender: SenderSide,
+    rx: Receiver,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    /// The fleet of filer `filer` (plan lines `lines`) with volumes
+    /// `names` of `size` random bytes; `None` after a loud skip without
+    /// PostgreSQL.
+    fn start(test: &str, names: &[&str], size: u64, lines: &str) -> Option<Setup> {
+        let pg = Postgres::start(test)?;
+        let db = pg.url();
+        let dir = scratch();
+        let sender = SenderSide::new(dir.path(), "s");
+        let rx = receiver(dir.path(), &sender, names);
+        let plan = image_plan(dir.path(), &rx, names, size, lines);
+        register(&db, &plan);
+        Some(Setup {
+            pg,
+            db,
+            sender,
+            rx,
+            dir,
+        })
+    }
+
+    /// The test's scratch directory.
+    fn root(&self) -> &Path {
+        self.dir.path()
     }
 }
